@@ -1,0 +1,346 @@
+"""Argument normalisation and validation for the public ops: the only place errors are raised.
+
+Every public function calls one ``*_args`` function here before anything is computed. Each
+returns the arrays made C-contiguous and batched, the normalised ``ConvGeometry`` and the
+array kind (``"numpy"`` or ``"cupy"``), so backends can trust what they receive.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._types import ConvGeometry
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Array kinds
+# ---------------------------------------------------------------------------------------------
+def array_kind(a: Any) -> str:
+    """Return ``"numpy"`` or ``"cupy"`` for an array, without importing CuPy."""
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    if type(a).__module__.split(".")[0] == "cupy":
+        return "cupy"
+    raise TypeError(
+        f"expected a NumPy or CuPy array, got {type(a).__module__}.{type(a).__name__}")
+
+
+def common_kind(named: dict[str, Any]) -> str:
+    """The array kind shared by all non-None arrays in ``named``; mixing kinds is an error."""
+    kinds = {name: array_kind(a) for name, a in named.items() if a is not None}
+    found = set(kinds.values())
+    if len(found) > 1:
+        desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
+        raise TypeError(f"arguments mix NumPy and CuPy arrays ({desc}); move them to one device")
+    return found.pop()
+
+
+def array_module(kind: str):
+    """The NumPy-like module for an array kind."""
+    if kind == "numpy":
+        return np
+    import cupy  # only reached with CuPy arrays, so CuPy is installed
+
+    return cupy
+
+
+def _float_dtype(named: dict[str, Any]) -> np.dtype:
+    """The common float dtype of the arrays in ``named`` (float32 or float64, all equal)."""
+    dtypes = {n: np.dtype(a.dtype) for n, a in named.items() if a is not None}
+    for name, dt in dtypes.items():
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {dt}; fastconv supports float32 and float64")
+    if len(set(dtypes.values())) > 1:
+        desc = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+        raise TypeError(f"arguments must share one dtype, got {desc}")
+    return next(iter(dtypes.values()))
+
+
+def _contiguous(xp, a):
+    return None if a is None else xp.ascontiguousarray(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalars, pairs and padding
+# ---------------------------------------------------------------------------------------------
+def _int(v: Any, name: str) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    return int(v)
+
+
+def pair(v: Any, name: str, *, minimum: int = 1) -> tuple[int, int]:
+    """Normalise an int or a pair of ints to ``(h, w)``, each at least ``minimum``."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+        out = (_int(v[0], name), _int(v[1], name))
+    else:
+        i = _int(v, name)
+        out = (i, i)
+    if min(out) < minimum:
+        word = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be {word}, got {v!r}")
+    return out
+
+
+def normalize_padding(padding: Any, hw: tuple[int, int], rs: tuple[int, int],
+                      stride: tuple[int, int],
+                      dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Normalise a padding spec to ``(top, bottom, left, right)``.
+
+    Accepts an int, a pair ``(ph, pw)``, ``((top, bottom), (left, right))``, ``"valid"`` or
+    ``"same"``. ``"same"`` gives an output of ``ceil(H / stride)`` for any stride, with the odd
+    extra pad at the bottom/right (TensorFlow's rule; PyTorch's for stride 1).
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            pads = []
+            for size, k, s, d in zip(hw, rs, stride, dilation):
+                total = max((math.ceil(size / s) - 1) * s + d * (k - 1) + 1 - size, 0)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)  # type: ignore[return-value]
+        raise ValueError(f"padding must be an int, a pair, ((top, bottom), (left, right)), "
+                         f"'valid' or 'same'; got the string {padding!r}")
+    if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
+            isinstance(p, (tuple, list)) for p in padding):
+        (t, b), (l, r) = (pair(p, "padding", minimum=0) for p in padding)
+        return (t, b, l, r)
+    ph, pw = pair(padding, "padding", minimum=0)
+    return (ph, ph, pw, pw)
+
+
+def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, padding: Any,
+                  dilation: Any, groups: Any) -> ConvGeometry:
+    """Validate a convolution's shapes and options and return its ``ConvGeometry``.
+
+    ``x_shape`` is ``(N, C, H, W)`` and ``w_shape`` is ``(K, C // groups, R, S)``.
+    """
+    N, C, H, W = (int(v) for v in x_shape)
+    K, Cg, R, S = (int(v) for v in w_shape)
+    groups = _int(groups, "groups")
+    if groups < 1:
+        raise ValueError(f"groups must be positive, got {groups}")
+    if C % groups:
+        raise ValueError(f"input channels C={C} are not divisible by groups={groups}")
+    if K % groups:
+        raise ValueError(f"weight has K={K} filters, not divisible by groups={groups}")
+    if Cg * groups != C:
+        raise ValueError(f"weight expects C/groups={Cg} input channels per group, but the input "
+                         f"has C={C} channels and groups={groups} (C/groups={C // groups})")
+    if min(K, R, S) < 1 or min(N, H, W) < 1:
+        raise ValueError(f"empty tensors are not supported: input {tuple(x_shape)}, "
+                         f"weight {tuple(w_shape)}")
+    sh_sw = pair(stride, "stride")
+    dh_dw = pair(dilation, "dilation")
+    pads = normalize_padding(padding, (H, W), (R, S), sh_sw, dh_dw)
+    Hp, Wp = H + pads[0] + pads[1], W + pads[2] + pads[3]
+    eff_r, eff_s = dh_dw[0] * (R - 1) + 1, dh_dw[1] * (S - 1) + 1
+    if eff_r > Hp or eff_s > Wp:
+        raise ValueError(f"the (dilated) kernel {eff_r}x{eff_s} is larger than the padded input "
+                         f"{Hp}x{Wp}")
+    P = (Hp - eff_r) // sh_sw[0] + 1
+    Q = (Wp - eff_s) // sh_sw[1] + 1
+    return ConvGeometry(N, C, H, W, K, R, S, P, Q, sh_sw, pads, dh_dw, groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution calls
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvCall:
+    """A validated convolution call: batched contiguous arrays plus geometry."""
+
+    kind: str
+    dtype: np.dtype
+    geom: ConvGeometry
+    batched: bool
+    arrays: dict
+
+    def unbatch(self, out):
+        """Drop the batch axis again when the user gave an unbatched ``(C, H, W)`` tensor."""
+        return out if self.batched else out[0]
+
+
+def _check_ndim(a: Any, name: str, ndims: tuple[int, ...], what: str) -> None:
+    if a.ndim not in ndims:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(a.shape)}")
+
+
+def _batched_shape(shape: Any, name: str) -> tuple[tuple[int, ...], bool]:
+    if not isinstance(shape, (tuple, list)) or len(shape) not in (3, 4):
+        raise ValueError(f"{name} must be (N, C, H, W) or (C, H, W), got {shape!r}")
+    shape = tuple(_int(v, name) for v in shape)
+    return (shape if len(shape) == 4 else (1,) + shape), len(shape) == 4
+
+
+def _finish(named: dict, geom: ConvGeometry, batched: bool) -> ConvCall:
+    kind = common_kind(named)
+    dtype = _float_dtype(named)
+    xp = array_module(kind)
+    arrays = {}
+    for name, a in named.items():
+        if a is not None and a.ndim == 3 and name in ("x", "grad_output"):
+            a = a[None]
+        arrays[name] = _contiguous(xp, a)
+    return ConvCall(kind, dtype, geom, batched, arrays)
+
+
+def _check_grad_output(grad_output: Any, geom: ConvGeometry) -> None:
+    got = tuple(grad_output.shape) if grad_output.ndim == 4 else (1,) + tuple(grad_output.shape)
+    if got != geom.output_shape:
+        raise ValueError(f"grad_output has shape {tuple(grad_output.shape)}, but this "
+                         f"convolution's output is {geom.output_shape} (N, K, P, Q)")
+
+
+def conv_forward_args(x, weight, bias, stride, padding, dilation, groups) -> ConvCall:
+    """Validate ``conv2d`` arguments: x ``(N, C, H, W)`` or ``(C, H, W)``, weight
+    ``(K, C/groups, R, S)``, bias ``(K,)`` or None."""
+    common_kind({"x": x, "weight": weight, "bias": bias})
+    _check_ndim(x, "x", (3, 4), "(N, C, H, W) or (C, H, W)")
+    _check_ndim(weight, "weight", (4,), "(K, C/groups, R, S)")
+    batched = x.ndim == 4
+    x_shape = x.shape if batched else (1,) + tuple(x.shape)
+    geom = conv_geometry(x_shape, weight.shape, stride, padding, dilation, groups)
+    if bias is not None and tuple(bias.shape) != (geom.K,):
+        raise ValueError(f"bias must have shape ({geom.K},), got {tuple(bias.shape)}")
+    return _finish({"x": x, "weight": weight, "bias": bias}, geom, batched)
+
+
+def conv_input_grad_args(input_shape, weight, grad_output, stride, padding, dilation,
+                         groups) -> ConvCall:
+    """Validate ``conv2d_input_grad`` arguments."""
+    common_kind({"weight": weight, "grad_output": grad_output})
+    shape, batched = _batched_shape(input_shape, "input_shape")
+    _check_ndim(weight, "weight", (4,), "(K, C/groups, R, S)")
+    _check_ndim(grad_output, "grad_output", (4,) if batched else (3,),
+                "(N, K, P, Q)" if batched else "(K, P, Q) for an unbatched input_shape")
+    geom = conv_geometry(shape, weight.shape, stride, padding, dilation, groups)
+    _check_grad_output(grad_output, geom)
+    return _finish({"weight": weight, "grad_output": grad_output}, geom, batched)
+
+
+def conv_weight_grad_args(x, weight_shape, grad_output, stride, padding, dilation,
+                          groups) -> ConvCall:
+    """Validate ``conv2d_weight_grad`` arguments."""
+    common_kind({"x": x, "grad_output": grad_output})
+    _check_ndim(x, "x", (3, 4), "(N, C, H, W) or (C, H, W)")
+    batched = x.ndim == 4
+    _check_ndim(grad_output, "grad_output", (x.ndim,),
+                "(N, K, P, Q)" if batched else "(K, P, Q) for an unbatched x")
+    if not isinstance(weight_shape, (tuple, list)) or len(weight_shape) != 4:
+        raise ValueError(f"weight_shape must be (K, C/groups, R, S), got {weight_shape!r}")
+    w_shape = tuple(_int(v, "weight_shape") for v in weight_shape)
+    x_shape = x.shape if batched else (1,) + tuple(x.shape)
+    geom = conv_geometry(x_shape, w_shape, stride, padding, dilation, groups)
+    _check_grad_output(grad_output, geom)
+    return _finish({"x": x, "grad_output": grad_output}, geom, batched)
+
+
+def conv_bias_grad_args(grad_output) -> ConvCall:
+    """Validate ``conv2d_bias_grad``: grad_output ``(N, K, P, Q)`` or ``(K, P, Q)``.
+
+    The geometry is that of a 1x1 convolution with ``C = K``, ``H = P`` and ``W = Q``: all the
+    bias gradient depends on.
+    """
+    common_kind({"grad_output": grad_output})
+    _check_ndim(grad_output, "grad_output", (3, 4), "(N, K, P, Q) or (K, P, Q)")
+    N, K, P, Q = grad_output.shape if grad_output.ndim == 4 else (1,) + tuple(grad_output.shape)
+    geom = ConvGeometry(N, K, P, Q, K, 1, 1, P, Q)
+    return _finish({"grad_output": grad_output}, geom, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hinge loss calls
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HingeCall:
+    """A validated hinge-loss call. ``scores`` is ``(N, C)``; ``row_scale`` is ``(1,)`` or
+    ``(N,)``: d(returned loss)/d(l_i) times the upstream gradient."""
+
+    kind: str
+    dtype: np.dtype
+    batched: bool
+    reduction: str
+    scores: Any
+    labels: Any
+    margin: float
+    p: int
+    class_weight: Any
+    row_scale: Any
+
+
+def _labels(labels: Any, kind: str, N: int, C: int, batched: bool):
+    xp = array_module(kind)
+    if isinstance(labels, numbers.Integral) and not isinstance(labels, (bool, np.bool_)):
+        labels = xp.asarray(labels)
+    elif array_kind(labels) != kind:
+        raise TypeError(f"labels is a {array_kind(labels)} array but scores is {kind}; "
+                        f"move them to one device")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+    want = (N,) if batched else ()
+    if tuple(labels.shape) != want:
+        raise ValueError(f"labels must have shape {want} to match scores, "
+                         f"got {tuple(labels.shape)}")
+    labels = xp.ascontiguousarray(labels.reshape(N), dtype=np.int64)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= C:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"labels must lie in [0, {C}) for {C} classes; found {bad}")
+    return labels
+
+
+def _row_scale(grad_loss: Any, reduction: str, N: int, batched: bool, kind: str, dtype):
+    xp = array_module(kind)
+    if reduction == "none" and not np.isscalar(grad_loss):
+        gl = grad_loss
+        if array_kind(gl) != kind:
+            raise TypeError(f"grad_loss is a {array_kind(gl)} array but scores is {kind}")
+        want = (N,) if batched else ()
+        if tuple(gl.shape) != want:
+            raise ValueError(f"grad_loss must be a scalar or have shape {want} for "
+                             f"reduction='none', got {tuple(gl.shape)}")
+        return xp.ascontiguousarray(gl.reshape(N), dtype=dtype)
+    if not isinstance(grad_loss, numbers.Real) and not (
+            hasattr(grad_loss, "shape") and tuple(grad_loss.shape) == ()):
+        raise TypeError(f"grad_loss must be a scalar for reduction={reduction!r}, "
+                        f"got {type(grad_loss).__name__}")
+    scale = float(grad_loss) / (N if reduction == "mean" else 1)
+    return xp.full((1,), scale, dtype=dtype)
+
+
+def hinge_args(scores, labels, margin, p, weight, reduction, grad_loss) -> HingeCall:
+    """Validate hinge-loss arguments: scores ``(N, C)`` or ``(C,)``, labels ``(N,)`` or a
+    0-d / int label, weight ``(C,)`` or None."""
+    kind = common_kind({"scores": scores, "weight": weight})
+    _check_ndim(scores, "scores", (1, 2), "(N, C) or (C,)")
+    batched = scores.ndim == 2
+    N, C = scores.shape if batched else (1, scores.shape[0])
+    if N < 1 or C < 1:
+        raise ValueError(f"scores must not be empty, got shape {tuple(scores.shape)}")
+    dtype = _float_dtype({"scores": scores, "weight": weight})
+    if isinstance(p, (bool, np.bool_)) or p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p!r}")
+    if not isinstance(margin, numbers.Real) or not math.isfinite(float(margin)):
+        raise ValueError(f"margin must be a finite real number, got {margin!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weight is not None and tuple(weight.shape) != (C,):
+        raise ValueError(f"weight must have shape ({C},) (one per class), "
+                         f"got {tuple(weight.shape)}")
+    xp = array_module(kind)
+    lab = _labels(labels, kind, N, C, batched)
+    cw = xp.ones(C, dtype=dtype) if weight is None else xp.ascontiguousarray(weight)
+    rs = _row_scale(grad_loss, reduction, N, batched, kind, dtype)
+    return HingeCall(kind, dtype, batched, reduction, xp.ascontiguousarray(scores.reshape(N, C)),
+                     lab, float(margin), int(p), cw, rs)
