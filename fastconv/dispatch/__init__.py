@@ -155,12 +155,12 @@ def select_backend(kind: str, backend: Optional[str] = None) -> tuple[str, str]:
                 return name, f"{what} arrays go to the best available backend, {name!r}"
         _require(_AUTO[kind][-1])
     _check_name(name)
-    _require(name)
     takes = _MODULES[name][1]
     if takes != kind:
         what = {"numpy": "NumPy", "cupy": "CuPy"}
         raise TypeError(f"backend {name!r} ({why}) takes {what[takes]} arrays, but the "
                         f"arguments are {what[kind]} arrays")
+    _require(name)
     return name, why
 
 
