@@ -302,7 +302,7 @@ def _labels(labels: Any, kind: str, N: int, C: int, batched: bool):
 
 def _row_scale(grad_loss: Any, reduction: str, N: int, batched: bool, kind: str, dtype):
     xp = array_module(kind)
-    if reduction == "none" and not np.isscalar(grad_loss):
+    if reduction == "none" and getattr(grad_loss, "ndim", 0) > 0:
         gl = grad_loss
         if array_kind(gl) != kind:
             raise TypeError(f"grad_loss is a {array_kind(gl)} array but scores is {kind}")
