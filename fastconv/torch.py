@@ -18,6 +18,7 @@ needed. Double backward raises PyTorch's error for functions marked once-differe
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -201,12 +202,14 @@ def replace_conv2d(model: torch.nn.Module) -> torch.nn.Module:
 # Multi-margin (hinge) loss
 # ---------------------------------------------------------------------------------------------
 def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:
-    """PyTorch's mapping of the deprecated ``size_average``/``reduce`` flags."""
+    """PyTorch's mapping of the deprecated ``size_average``/``reduce`` flags, with its
+    warning."""
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
-    if not reduce:
-        return "none"
-    return "mean" if size_average else "sum"
+    reduction = "none" if not reduce else ("mean" if size_average else "sum")
+    warnings.warn(f"size_average and reduce args will be deprecated, please use "
+                  f"reduction='{reduction}' instead.", stacklevel=3)
+    return reduction
 
 
 def _margin_shapes(input: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
