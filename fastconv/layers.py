@@ -10,6 +10,8 @@ Protocol shared by every layer:
 - ``forward(x)`` returns the output and keeps what ``backward`` needs;
 - ``backward(grad_output)`` returns ``grad_input`` and stores the parameter gradients
   (overwriting those of the previous step: there is no accumulation, so no ``zero_grad``);
+  ``backward(grad_output, input_grad=False)`` skips ``grad_input`` and returns ``None``, which
+  ``Sequential`` uses for its first layer when the input's gradient is not wanted;
 - ``parameters()`` and ``gradients()`` return lists in the same order, which ``SGD`` pairs up;
 - ``to("cuda")`` / ``to("cpu")`` moves the parameters between NumPy and CuPy arrays.
 
@@ -304,17 +306,19 @@ class Conv2d(Layer):
         self._saved = (conv_in, conv_padding, pads)
         return y
 
-    def backward(self, grad_output: Any) -> Any:
+    def backward(self, grad_output: Any, input_grad: bool = True) -> Any:
         """Given ``grad_output (N, K, P, Q)``, store ``grad_weight``/``grad_bias`` and return
-        ``grad_input (N, C, H, W)``."""
+        ``grad_input (N, C, H, W)`` (``None`` when ``input_grad`` is false)."""
         if self._saved is None:
             raise RuntimeError("Conv2d.backward called before forward")
         conv_in, conv_padding, pads = self._saved
         kw = self._conv_kwargs(conv_padding)
-        grad_input = conv2d_input_grad(tuple(conv_in.shape), self.weight, grad_output, **kw)
         self.grad_weight = conv2d_weight_grad(conv_in, self.weight.shape, grad_output, **kw)
         if self.bias is not None:
             self.grad_bias = conv2d_bias_grad(grad_output)
+        if not input_grad:
+            return None
+        grad_input = conv2d_input_grad(tuple(conv_in.shape), self.weight, grad_output, **kw)
         if pads is not None:
             grad_input = fold_padding_grad(grad_input, pads, self.padding_mode)
         return grad_input
@@ -366,14 +370,14 @@ class Linear(Layer):
         y = x @ self.weight.T
         return y if self.bias is None else y + self.bias
 
-    def backward(self, grad_output: Any) -> Any:
+    def backward(self, grad_output: Any, input_grad: bool = True) -> Any:
         """``grad_output (N, out_features)`` -> ``grad_input (N, in_features)``."""
         if self._x is None:
             raise RuntimeError("Linear.backward called before forward")
         self.grad_weight = grad_output.T @ self._x
         if self.bias is not None:
             self.grad_bias = grad_output.sum(axis=0)
-        return grad_output @ self.weight
+        return grad_output @ self.weight if input_grad else None
 
 
 class ReLU(Layer):
@@ -390,10 +394,10 @@ class ReLU(Layer):
         self._mask = x > 0
         return x * self._mask
 
-    def backward(self, grad_output: Any) -> Any:
+    def backward(self, grad_output: Any, input_grad: bool = True) -> Any:
         if self._mask is None:
             raise RuntimeError("ReLU.backward called before forward")
-        return grad_output * self._mask
+        return grad_output * self._mask if input_grad else None
 
 
 class Flatten(Layer):
@@ -407,10 +411,10 @@ class Flatten(Layer):
         self._shape = tuple(x.shape)
         return x.reshape(x.shape[0], -1)
 
-    def backward(self, grad_output: Any) -> Any:
+    def backward(self, grad_output: Any, input_grad: bool = True) -> Any:
         if self._shape is None:
             raise RuntimeError("Flatten.backward called before forward")
-        return grad_output.reshape(self._shape)
+        return grad_output.reshape(self._shape) if input_grad else None
 
 
 class Sequential(Layer):
@@ -425,9 +429,11 @@ class Sequential(Layer):
             x = layer.forward(x)
         return x
 
-    def backward(self, grad_output: Any) -> Any:
-        for layer in reversed(self.layers):
-            grad_output = layer.backward(grad_output)
+    def backward(self, grad_output: Any, input_grad: bool = True) -> Any:
+        """Backward through every layer; with ``input_grad=False`` the first layer skips its
+        input gradient (training on data needs none) and ``None`` is returned."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            grad_output = self.layers[i].backward(grad_output, input_grad=input_grad or i > 0)
         return grad_output
 
     def parameters(self) -> list[Any]:

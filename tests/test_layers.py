@@ -7,6 +7,7 @@ PyTorch.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,6 +296,11 @@ def test_chain_gradient_equals_finite_differences():
     assert rel_err(gx, _numeric_grad(f, x, 1e-6)) < 1e-6
     for p, g in zip(net.parameters(), grads):
         assert rel_err(g, _numeric_grad(f, p, 1e-6)) < 1e-6
+    # Training needs no gradient for the data: the first layer then skips it.
+    f()
+    assert net.backward(loss.backward(), input_grad=False) is None
+    for g, again in zip(grads, net.gradients()):
+        np.testing.assert_array_equal(g, again)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +355,21 @@ def test_network_trains():
         opt.step()
     assert losses[-1] < 0.2 * losses[0]
     assert np.mean(net(x).argmax(axis=1) == labels) > 0.9
+
+
+def test_digits_demo_reaches_95_percent(monkeypatch):
+    """bench/train_digits.py's fastconv run: two epochs already pass 95% test accuracy."""
+    pytest.importorskip("sklearn")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import train_digits as demo
+
+    args = demo.parse_args(["--epochs", "2", "--quiet"])
+    data = demo.load_digits(args.seed, args.dtype)
+    plan = demo.batches(len(data[0]), args.batch_size, args.epochs, args.seed)
+    run = demo.fastconv_run(data, plan, args, demo.build_model(args.dtype, args.seed),
+                            demo.ProgressBar("fastconv", args.epochs, enabled=False))
+    assert run.losses[1] < 0.2 * run.losses[0]
+    assert run.accuracies[-1] >= 0.95
 
 
 # ---------------------------------------------------------------------------------------------
