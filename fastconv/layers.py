@@ -20,6 +20,7 @@ import CuPy unless asked to move to ``"cuda"``.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -99,7 +100,7 @@ def _float_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
-class Layer:
+class Layer(abc.ABC):
     """Base of the layers: parameter bookkeeping and device moves.
 
     Subclasses list their parameter attribute names in ``_param_names``; the gradient of
@@ -111,11 +112,13 @@ class Layer:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Compute the output and keep what ``backward`` needs."""
 
-    def backward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def backward(self, *args: Any, **kwargs: Any) -> Any:
+        """Gradient w.r.t. the input; parameter gradients go to ``grad_<name>``."""
 
     def _present(self) -> list[str]:
         return [n for n in self._param_names if getattr(self, n) is not None]
