@@ -1,0 +1,166 @@
+"""Algorithm rules of the ``cuda`` backend: which kernel, which tile, which precision, and why.
+
+Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
+1. Depthwise (``groups == C``) when its input window fits 48 KiB of shared memory:
+   ``depthwise`` (direct kernels; exact FP32/FP64 whatever the precision setting).
+2. 1x1, stride 1, no padding, one group, strict precision: ``gemm_1x1``, a batched GEMM through
+   cuBLAS (``cupy.matmul``), strict FP32 as long as CuPy's own ``CUPY_TF32`` switch is off.
+3. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
+   with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
+   cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
+   time model (see `pick_tile`); the weight gradient also splits its long N*P*Q reduction into
+   slices so that about two blocks per multiprocessor run, within the workspace bound.
+``bias_grad`` is a fixed-order reduction; ``hinge`` picks the row layout of hinge.cu.
+
+Without a GPU (``explain`` on a machine without CuPy) the rules assume a 132-SM, sm_90 device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .._types import Algo, ConvGeometry
+from ..kernels import cuda_build, cuda_conv, cuda_hinge
+from ..kernels.cuda_conv import MODE_OF_OP, WGRAD, SimtTile, Tf32Tile
+
+ASSUMED_SM_COUNT = 132          # H100/H200 SXM, when no device can be asked
+ASSUMED_CAPABILITY = (9, 0)
+MIN_SLICE_TILES = 16            # a weight-gradient slice covers at least this many BK steps
+BLOCKS_PER_SM_TARGET = 2        # weight-gradient slices aim at this many blocks per SM
+
+
+def choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, *, precision: str,
+           workspace_bytes: int, scores_shape: Optional[tuple[int, int]] = None) -> Algo:
+    """The cuda backend's algorithm for ``op`` (see the module docstring)."""
+    dtype = np.dtype(dtype)
+    if op == "hinge":
+        return _hinge(scores_shape, dtype)
+    if op == "bias_grad":
+        return Algo("reduce", (("precision", _exact(dtype)),),
+                    "grad_output summed over P*Q, then over N, by CuPy reductions in a fixed "
+                    "order (no atomics)")
+    if op not in MODE_OF_OP:
+        raise ValueError(f"unknown op {op!r}")
+    device = cuda_build.device_info_or_none()
+    sm_count = device.sm_count if device else ASSUMED_SM_COUNT
+    capability = device.capability if device else ASSUMED_CAPABILITY
+    tf32, prec_why = _precision(precision, dtype, capability)
+
+    if cuda_conv.depthwise_fits(geom, dtype):
+        names = cuda_conv.depthwise_kernel_names(dtype)
+        tile = cuda_conv.DEPTHWISE_TILES[dtype.name]
+        return Algo("depthwise", (("kernel", names[op]),
+                                  ("tile", dataclasses.astuple(tile)),
+                                  ("precision", _exact(dtype))),
+                    "depthwise conv (groups == C): direct kernels of depthwise.cu in "
+                    f"{_exact(dtype)} FMAs" + ("; TF32 does not apply" if tf32 else ""))
+    if _plain_1x1(geom) and not tf32 and os.environ.get("CUPY_TF32", "0") != "1":
+        return Algo("gemm_1x1", (("kernel", "cupy.matmul"), ("precision", _exact(dtype))),
+                    "1x1, stride 1, no padding, one group: a batched GEMM through cuBLAS "
+                    f"(strict {_exact(dtype)})")
+
+    mode = MODE_OF_OP[op]
+    M, NG, KG = cuda_conv.gemm_shape(geom, mode)
+    tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.SIMT_TILES[dtype.name]
+    if mode == WGRAD:
+        tile = pick_tile(M, NG, geom.groups, tiles, sm_count=None)
+    else:
+        tile = pick_tile(M, NG, geom.groups, tiles, sm_count)
+    name = (cuda_conv.tf32_kernel_name(mode, tile) if tf32
+            else cuda_conv.simt_kernel_name(dtype, mode, tile))
+    params = [("kernel", name), ("tile", dataclasses.astuple(tile)),
+              ("precision", "tf32" if tf32 else _exact(dtype))]
+    blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * geom.groups
+    why = (f"implicit GEMM (M={M}, N={NG}, reduction={KG}, {geom.groups} group(s)), "
+           f"{tile.bm}x{tile.bn} block tile, {blocks} blocks; {prec_why}")
+    if mode == WGRAD:
+        splits = wgrad_splits(geom, tile, blocks, sm_count, workspace_bytes, dtype.itemsize)
+        slices, _ = cuda_conv.wgrad_split(KG, splits, tile.bk)
+        params += [("splits", slices),
+                   ("workspace_bytes", 0 if slices == 1 else
+                    slices * geom.K * (geom.C // geom.groups) * geom.R * geom.S * dtype.itemsize)]
+        why += (f"; the N*P*Q reduction cut into {slices} slice(s) summed in a fixed order"
+                if slices > 1 else "; one reduction slice")
+    name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
+    return Algo(name_algo, tuple(params), why)
+
+
+def _exact(dtype: np.dtype) -> str:
+    return "fp64" if dtype == np.float64 else "fp32"
+
+
+def _precision(precision: str, dtype: np.dtype, capability: tuple[int, int]) -> tuple[bool, str]:
+    """``(use_tf32, reason)``: TF32 only when asked for, on float32, on an sm_80+ device."""
+    if precision != "tf32":
+        return False, f"strict {_exact(dtype)} (precision={precision!r})"
+    if dtype != np.float32:
+        return False, "precision='tf32' asked, but float64 always computes in float64"
+    if tuple(capability) < (8, 0):
+        return False, (f"precision='tf32' asked, but this GPU (sm_{capability[0]}"
+                       f"{capability[1]}) has no TF32 tensor cores: strict fp32")
+    return True, "TF32 tensor cores (precision='tf32', opt-in), fp32 accumulation"
+
+
+def _plain_1x1(geom: ConvGeometry) -> bool:
+    return (geom.R == 1 and geom.S == 1 and tuple(geom.stride) == (1, 1)
+            and not any(geom.padding) and geom.groups == 1)
+
+
+def tile_efficiency(tile: SimtTile | Tf32Tile) -> float:
+    """Relative speed of a block tile when the device is full: its arithmetic intensity
+    ``BM*BN / (BM + BN)`` (operand loads per multiply-add) over that of a 128x128 tile."""
+    return (tile.bm * tile.bn / (tile.bm + tile.bn)) / 64.0
+
+
+def pick_tile(M: int, NG: int, groups: int, tiles: Sequence[SimtTile | Tf32Tile],
+              sm_count: Optional[int]) -> SimtTile | Tf32Tile:
+    """The tile with the least modelled time for an ``M x NG`` GEMM per group.
+
+    Model: every block of a tile costs ``BM*BN / tile_efficiency`` (tiles past the matrix edge
+    cost as much as full ones), and blocks run in waves of ``sm_count``: time is proportional
+    to ``ceil(blocks / sm_count) * BM*BN / efficiency``. With ``sm_count=None`` (the weight
+    gradient, whose reduction slices fill the device) the wave term is dropped. Ties go to the
+    earlier (larger) tile.
+    """
+    def cost(t):
+        blocks = math.ceil(M / t.bm) * math.ceil(NG / t.bn) * groups
+        waves = blocks if sm_count is None else math.ceil(blocks / sm_count)
+        return waves * t.bm * t.bn / tile_efficiency(t)
+
+    return min(tiles, key=cost)
+
+
+def wgrad_splits(geom: ConvGeometry, tile: SimtTile | Tf32Tile, blocks: int, sm_count: int,
+                 workspace_bytes: int, itemsize: int) -> int:
+    """How many slices the weight-gradient reduction is cut into.
+
+    Enough that about `BLOCKS_PER_SM_TARGET` blocks per SM run, no slice shorter than
+    `MIN_SLICE_TILES` BK steps, the partial results within ``workspace_bytes``, and the grid's
+    z extent (``groups * slices``) within CUDA's limit.
+    """
+    reduction = geom.N * geom.P * geom.Q
+    want = math.ceil(BLOCKS_PER_SM_TARGET * sm_count / max(blocks, 1))
+    by_length = max(1, reduction // (MIN_SLICE_TILES * tile.bk))
+    per_slice = geom.K * (geom.C // geom.groups) * geom.R * geom.S * itemsize
+    by_workspace = max(1, workspace_bytes // max(per_slice, 1))
+    by_grid = max(1, cuda_conv.GRID_YZ_LIMIT // geom.groups)
+    splits = max(1, min(want, by_length, by_workspace, by_grid))
+    return splits if splits > 1 else 1
+
+
+def _hinge(scores_shape: Optional[tuple[int, int]], dtype: np.dtype) -> Algo:
+    N, C = scores_shape
+    group, items = cuda_hinge.row_layout(C)
+    kernel = cuda_hinge.kernel_name(dtype, group, items)
+    if group == 32:
+        layout = f"a warp per row, {items} scores per lane in registers"
+    else:
+        layout = f"{group} lane(s) per row, {items} scores per lane in registers"
+    return Algo("hinge_rows", (("kernel", kernel), ("group", group), ("items", items),
+                               ("precision", _exact(dtype))),
+                f"fused loss and gradient in one pass over the scores ({N}x{C}): {layout}; "
+                "fixed-order shuffle reductions (deterministic)")

@@ -1,0 +1,202 @@
+"""The ``cuda`` backend: CuPy arrays in, CuPy arrays out, on CuPy's current stream.
+
+The five contract functions (see docs/backends.md) bind the GPU `Executor` to the generic
+implementations below, which only compose launches (``cuda_conv``, ``cuda_hinge``) and a few
+array-module calls. The generic functions take the array module and the launch runner as
+arguments so that the host emulation of the tests (NumPy arrays, kernels run on the CPU) drives
+exactly the same code.
+
+Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
+  ``implicit_gemm`` / ``implicit_gemm_tf32``  conv2d.cu, every geometry; the input gradient
+      gathers grad_output at the taps of the rotated kernel, the weight gradient sums
+      reduction slices in a fixed order.
+  ``depthwise``   depthwise.cu (groups == C).
+  ``gemm_1x1``    1x1, stride 1, no padding, one group: batched GEMM through cuBLAS
+      (``matmul``); strict FP32 unless CuPy itself was told to use TF32 (the rules avoid it then).
+  ``reduce``      bias gradient: grad_output summed over P*Q, then N.
+  ``hinge_rows``  hinge.cu, fused loss and gradient.
+Imports CuPy only when a function runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import cuda_build, cuda_conv, cuda_hinge
+from .cuda_build import Launch
+from .cuda_conv import DGRAD, FPROP, WGRAD, SimtTile, Tf32Tile
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where launches run and how arrays are made.
+
+    Attributes
+    ----------
+    xp : module
+        Array module of the arrays (``cupy``; ``numpy`` in the host emulation).
+    run : callable
+        ``run(launch)`` executes one `Launch`.
+    empty : callable
+        ``empty(shape, dtype)``: a new uninitialised array.
+    sm_count : int
+        Multiprocessors of the device (sizes grid-stride grids).
+    """
+
+    xp: Any
+    run: Callable[[Launch], None]
+    empty: Callable[[tuple, Any], Any]
+    sm_count: int
+
+
+_EXECUTORS: dict[int, Executor] = {}
+
+
+def _gpu() -> Executor:
+    """The `Executor` of CuPy's current device."""
+    import cupy  # noqa: PLC0415 -- lazy: importing fastconv never needs CuPy
+
+    dev = cuda_build.current_device()
+    ex = _EXECUTORS.get(dev.index)
+    if ex is None:
+        ex = Executor(cupy, cuda_build.launch, lambda shape, dtype: cupy.empty(shape, dtype),
+                      dev.sm_count)
+        _EXECUTORS[dev.index] = ex
+    return ex
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract functions
+# ---------------------------------------------------------------------------------------------
+def conv2d_forward(x, weight, bias, geom, algo):
+    """``y (N, K, P, Q)`` from ``x (N, C, H, W)``, ``weight (K, C/groups, R, S)``, ``bias (K,)``
+    or None."""
+    return forward(_gpu(), x, weight, bias, geom, algo)
+
+
+def conv2d_input_grad(weight, grad_output, geom, algo):
+    """``grad_input (N, C, H, W)`` from ``weight`` and ``grad_output (N, K, P, Q)``."""
+    return input_grad(_gpu(), weight, grad_output, geom, algo)
+
+
+def conv2d_weight_grad(x, grad_output, geom, algo):
+    """``grad_weight (K, C/groups, R, S)`` from ``x`` and ``grad_output``."""
+    return weight_grad(_gpu(), x, grad_output, geom, algo)
+
+
+def conv2d_bias_grad(grad_output, algo):
+    """``grad_bias (K,)``: ``grad_output`` summed over N, P and Q."""
+    return bias_grad(_gpu(), grad_output, algo)
+
+
+def hinge_loss_rows(scores, labels, margin, p, class_weight, row_scale, want_grad, algo):
+    """Per-row hinge losses ``(N,)`` and, if ``want_grad``, the scaled gradient ``(N, C)``."""
+    return hinge_rows(_gpu(), scores, labels, margin, p, class_weight, row_scale, want_grad,
+                      algo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic implementations
+# ---------------------------------------------------------------------------------------------
+def _tile(algo) -> SimtTile | Tf32Tile:
+    kind = Tf32Tile if algo.name == "implicit_gemm_tf32" else SimtTile
+    return kind(*algo.get("tile"))
+
+
+def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None:
+    """FPROP or DGRAD over batch chunks small enough for 32-bit row indices."""
+    tile = _tile(algo)
+    for n0, n1 in cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, mode)):
+        part = cuda_conv.with_batch(geom, n1 - n0)
+        ex.run(cuda_conv.implicit_gemm_launch(mode, a[n0:n1], b, bias, out[n0:n1], part, tile))
+
+
+def forward(ex: Executor, x, weight, bias, geom, algo):
+    y = ex.empty((geom.N, geom.K, geom.P, geom.Q), x.dtype)
+    if y.size == 0:
+        return y
+    if algo.name == "gemm_1x1":
+        N, K, C = geom.N, geom.K, geom.C
+        ex.xp.matmul(weight.reshape(K, C), x.reshape(N, C, -1), out=y.reshape(N, K, -1))
+        if bias is not None:
+            y += bias.reshape(1, K, 1, 1)
+    elif algo.name == "depthwise":
+        ex.run(cuda_conv.depthwise_forward_launch(x, weight, bias, y, geom))
+    else:
+        _implicit_gemm(ex, FPROP, x, weight, bias, y, geom, algo)
+    return y
+
+
+def input_grad(ex: Executor, weight, grad_output, geom, algo):
+    gx = ex.empty((geom.N, geom.C, geom.H, geom.W), grad_output.dtype)
+    if gx.size == 0:
+        return gx
+    if algo.name == "gemm_1x1":
+        N, K, C = geom.N, geom.K, geom.C
+        ex.xp.matmul(weight.reshape(K, C).T, grad_output.reshape(N, K, -1),
+                     out=gx.reshape(N, C, -1))
+    elif algo.name == "depthwise":
+        ex.run(cuda_conv.depthwise_input_grad_launch(weight, grad_output, gx, geom))
+    else:
+        _implicit_gemm(ex, DGRAD, grad_output, weight, None, gx, geom, algo)
+    return gx
+
+
+def weight_grad(ex: Executor, x, grad_output, geom, algo):
+    shape = (geom.K, geom.C // geom.groups, geom.R, geom.S)
+    gw = ex.empty(shape, x.dtype)
+    if gw.size == 0:
+        return gw
+    if geom.N * geom.P * geom.Q == 0:  # an empty reduction
+        gw[...] = 0
+        return gw
+    if algo.name == "gemm_1x1":
+        N, K, C = geom.N, geom.K, geom.C
+        per_image = ex.xp.matmul(grad_output.reshape(N, K, -1), x.reshape(N, C, -1).swapaxes(1, 2))
+        ex.xp.sum(per_image, axis=0, out=gw.reshape(K, C))
+    elif algo.name == "depthwise":
+        ex.run(cuda_conv.depthwise_weight_grad_launch(x, grad_output, gw, geom))
+    else:
+        _weight_grad_gemm(ex, x, grad_output, gw, geom, algo)
+    return gw
+
+
+def _weight_grad_gemm(ex: Executor, x, grad_output, gw, geom, algo) -> None:
+    """Implicit GEMM over reduction slices (and batch chunks), partial results summed in a
+    fixed order."""
+    tile = _tile(algo)
+    splits = int(algo.get("splits", 1))
+    chunks = cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, WGRAD))
+    parts = []
+    for n0, n1 in chunks:
+        part = cuda_conv.with_batch(geom, n1 - n0)
+        slices, _ = cuda_conv.wgrad_split(part.N * part.P * part.Q, splits, tile.bk)
+        parts.append((n0, n1, part, slices))
+    total = sum(p[3] for p in parts)
+    if total == 1:
+        ex.run(cuda_conv.implicit_gemm_launch(WGRAD, grad_output, x, None, gw, geom, tile))
+        return
+    work = ex.empty((total,) + gw.shape, gw.dtype)
+    at = 0
+    for n0, n1, part, slices in parts:
+        ex.run(cuda_conv.implicit_gemm_launch(WGRAD, grad_output[n0:n1], x[n0:n1], None,
+                                              work[at:at + slices], part, tile, splits))
+        at += slices
+    ex.xp.sum(work, axis=0, out=gw)
+
+
+def bias_grad(ex: Executor, grad_output, algo):
+    N, K = grad_output.shape[:2]
+    return grad_output.reshape(N, K, -1).sum(axis=2).sum(axis=0)
+
+
+def hinge_rows(ex: Executor, scores, labels, margin, p, class_weight, row_scale, want_grad,
+               algo):
+    N, C = scores.shape
+    losses = ex.empty((N,), scores.dtype)
+    grad = ex.empty((N, C), scores.dtype) if want_grad else None
+    if N > 0:
+        group, items = algo.get("group"), algo.get("items")
+        ex.run(cuda_hinge.hinge_launch(scores, labels, class_weight, row_scale, losses, grad,
+                                       margin, p, group, items, ex.sm_count))
+    return losses, grad

@@ -1,0 +1,287 @@
+"""Launchers of the convolution kernels (``conv2d.cu``, ``depthwise.cu``).
+
+Plain Python, no CuPy: each function turns a geometry, a tile choice and the arrays into a
+`Launch` (kernel instantiation, grid, block, shared memory, argument tuple), which
+``cuda_build.launch`` runs on the GPU and the tests inspect (or run in a host emulation)
+without one. Arrays are passed through untouched, so the same functions serve CuPy arrays on
+the GPU and NumPy arrays in tests.
+
+``geom`` is any object with the fields of ``fastconv._types.ConvGeometry`` (``N, C, H, W, K,
+R, S, P, Q, stride, padding, dilation, groups``); this module never imports ``fastconv``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from .cuda_build import NULL, Launch
+
+FPROP, DGRAD, WGRAD = 0, 1, 2
+MODE_OF_OP = {"forward": FPROP, "input_grad": DGRAD, "weight_grad": WGRAD}
+
+# GEMM row and reduction indices are 32-bit in the kernels; the batch is split so that they
+# stay below this (the margin covers a tile past the last row).
+ROW_LIMIT = 2**31 - 2**16
+# Grid y and z extents are limited to this by CUDA.
+GRID_YZ_LIMIT = 65535
+# Static/dynamic shared memory a block may use without opting in to more.
+SMEM_LIMIT = 48 * 1024
+
+
+@dataclass(frozen=True)
+class SimtTile:
+    """Block tile of ``conv_simt``: BM x BN outputs, BK reduction steps, TM x TN per thread."""
+
+    bm: int
+    bn: int
+    bk: int
+    tm: int
+    tn: int
+
+    @property
+    def threads(self) -> int:
+        return (self.bm // self.tm) * (self.bn // self.tn)
+
+
+@dataclass(frozen=True)
+class Tf32Tile:
+    """Block tile of ``conv_tf32``: BM x BN outputs, BK reduction steps, a WARPS_M x WARPS_N
+    grid of warps."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps_m: int
+    warps_n: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+
+@dataclass(frozen=True)
+class DepthwiseTile:
+    """Output tile of ``depthwise_fprop``: TP x TQ outputs, RPT rows per thread."""
+
+    tp: int
+    tq: int
+    rpt: int
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.tq, self.tp // self.rpt, 1)
+
+
+# The instantiations the launchers may request (tests/test_nvrtc.py compiles all of them).
+SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
+    "float32": (SimtTile(128, 128, 8, 8, 8), SimtTile(128, 64, 8, 8, 4),
+                SimtTile(128, 32, 8, 8, 4), SimtTile(64, 64, 8, 4, 4),
+                SimtTile(64, 32, 8, 4, 4), SimtTile(32, 32, 8, 4, 4)),
+    "float64": (SimtTile(64, 64, 8, 4, 4), SimtTile(64, 32, 8, 4, 2),
+                SimtTile(32, 32, 8, 2, 2)),
+}
+TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
+                                    Tf32Tile(64, 64, 16, 2, 2), Tf32Tile(64, 32, 16, 2, 2))
+DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2),
+                                             "float64": DepthwiseTile(16, 32, 2)}
+DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad
+
+
+def c_type(dtype: Any) -> str:
+    """The C++ element type of a float dtype."""
+    name = np.dtype(dtype).name
+    if name not in SIMT_TILES:
+        raise TypeError(f"the CUDA kernels take float32 or float64, got {name}")
+    return "float" if name == "float32" else "double"
+
+
+def simt_kernel_name(dtype: Any, mode: int, tile: SimtTile) -> str:
+    """Name expression of a ``conv_simt`` instantiation."""
+    t = tile
+    return f"fc::conv_simt<{c_type(dtype)}, {mode}, {t.bm}, {t.bn}, {t.bk}, {t.tm}, {t.tn}>"
+
+
+def tf32_kernel_name(mode: int, tile: Tf32Tile) -> str:
+    """Name expression of a ``conv_tf32`` instantiation."""
+    t = tile
+    return f"fc::conv_tf32<{mode}, {t.bm}, {t.bn}, {t.bk}, {t.warps_m}, {t.warps_n}>"
+
+
+def depthwise_kernel_names(dtype: Any) -> dict[str, str]:
+    """Name expressions of the three depthwise kernels for one dtype."""
+    t, ct = DEPTHWISE_TILES[np.dtype(dtype).name], c_type(dtype)
+    return {"forward": f"fc::depthwise_fprop<{ct}, {t.tp}, {t.tq}, {t.rpt}>",
+            "input_grad": f"fc::depthwise_dgrad<{ct}>",
+            "weight_grad": f"fc::depthwise_wgrad<{ct}, {DEPTHWISE_THREADS}>"}
+
+
+def all_kernel_names() -> dict[str, list[str]]:
+    """Every instantiation these launchers can request, per source file."""
+    conv = [simt_kernel_name(dt, mode, tile) for dt, tiles in SIMT_TILES.items()
+            for tile in tiles for mode in (FPROP, DGRAD, WGRAD)]
+    conv += [tf32_kernel_name(mode, tile) for tile in TF32_TILES for mode in (FPROP, DGRAD, WGRAD)]
+    dw = [name for dt in DEPTHWISE_TILES for name in depthwise_kernel_names(dt).values()]
+    return {"conv2d.cu": conv, "depthwise.cu": dw}
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+def gemm_shape(geom: Any, mode: int) -> tuple[int, int, int]:
+    """``(M, N_gemm, reduction)`` of one group's GEMM (see the table in conv2d.cu)."""
+    cg, kg, rs = geom.C // geom.groups, geom.K // geom.groups, geom.R * geom.S
+    if mode == FPROP:
+        return geom.N * geom.P * geom.Q, kg, cg * rs
+    if mode == DGRAD:
+        return geom.N * geom.H * geom.W, cg, kg * rs
+    if mode == WGRAD:
+        return kg, cg * rs, geom.N * geom.P * geom.Q
+    raise ValueError(f"unknown conv mode {mode!r}")
+
+
+def rows_per_image(geom: Any, mode: int) -> int:
+    """GEMM rows (FPROP, DGRAD) or reduction steps (WGRAD) contributed by one image."""
+    return geom.H * geom.W if mode == DGRAD else geom.P * geom.Q
+
+
+def batch_chunks(N: int, per_image: int, limit: int = ROW_LIMIT) -> list[tuple[int, int]]:
+    """Split ``range(N)`` into ``[n0, n1)`` chunks of at most ``limit // per_image`` images.
+
+    Raises
+    ------
+    ValueError
+        If a single image already has ``limit`` rows or more.
+    """
+    if per_image > limit:
+        raise ValueError(f"one image has {per_image} pixels; the CUDA kernels index at most "
+                         f"{limit} per launch")
+    step = max(1, limit // max(per_image, 1))
+    return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+
+
+def with_batch(geom: Any, n: int) -> Any:
+    """``geom`` for a batch of ``n`` images (same everything else)."""
+    return geom if geom.N == n else dataclasses.replace(geom, N=n)
+
+
+def wgrad_split(reduction: int, splits: int, bk: int) -> tuple[int, int]:
+    """``(slices, k_split)``: the weight-gradient reduction cut into slices of ``k_split``
+    steps (a multiple of ``bk``), at most ``splits`` of them, none empty."""
+    splits = max(1, min(splits, -(-reduction // bk)))
+    k_split = -(-reduction // splits)
+    k_split = -(-k_split // bk) * bk
+    return -(-reduction // k_split), k_split
+
+
+@lru_cache(maxsize=1024)
+def shape_args(geom: Any, k_split: int) -> tuple:
+    """The 17 int32 scalars after the pointers of every conv kernel, in kernel order."""
+    pt, _, pl, _ = geom.padding
+    vals = (geom.N, geom.C, geom.H, geom.W, geom.K, geom.R, geom.S, geom.P, geom.Q,
+            geom.stride[0], geom.stride[1], pt, pl, geom.dilation[0], geom.dilation[1],
+            geom.groups, k_split)
+    if any(abs(v) > 2**31 - 1 for v in vals):
+        raise ValueError(f"a conv dimension exceeds 32 bits: {vals}")
+    return tuple(np.int32(v) for v in vals)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------------
+def implicit_gemm_launch(mode: int, a: Any, b: Any, bias: Any, out: Any, geom: Any,
+                         tile: SimtTile | Tf32Tile, splits: int = 1) -> Launch:
+    """One launch of ``conv_simt`` (a `SimtTile`) or ``conv_tf32`` (a `Tf32Tile`).
+
+    Parameters
+    ----------
+    mode : FPROP, DGRAD or WGRAD
+    a, b : arrays
+        FPROP: ``x (N, C, H, W)``, ``weight (K, C/groups, R, S)``; DGRAD: ``grad_output
+        (N, K, P, Q)``, ``weight``; WGRAD: ``grad_output``, ``x``.
+    bias : array (K,) or None
+        FPROP only.
+    out : array
+        FPROP ``y (N, K, P, Q)``; DGRAD ``grad_input (N, C, H, W)``; WGRAD ``grad_weight`` or,
+        with more than one slice, a ``(slices, K, C/groups, R, S)`` workspace.
+    geom : ConvGeometry
+        Of this launch (its ``N`` is the images in ``a``).
+    tile : SimtTile or Tf32Tile
+    splits : int
+        WGRAD: requested reduction slices (see `wgrad_split`); ignored otherwise.
+
+    Returns
+    -------
+    Launch
+    """
+    M, NG, KG = gemm_shape(geom, mode)
+    if max(M, KG) > ROW_LIMIT:
+        raise ValueError(f"GEMM of {M} rows and {KG} reduction steps: split the batch first")
+    slices, k_split = wgrad_split(KG, splits, tile.bk) if mode == WGRAD else (1, KG)
+    grid = (_ceil(M, tile.bm), _ceil(NG, tile.bn), geom.groups * slices)
+    if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
+        raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
+    if isinstance(tile, Tf32Tile):
+        if np.dtype(a.dtype) != np.float32:
+            raise TypeError("the TF32 kernel takes float32 arrays")
+        name = tf32_kernel_name(mode, tile)
+    else:
+        name = simt_kernel_name(a.dtype, mode, tile)
+    args = (a, b, NULL if bias is None else bias, out) + shape_args(geom, k_split)
+    return Launch("conv2d.cu", name, grid, (tile.threads, 1, 1), 0, args)
+
+
+def depthwise_smem_bytes(geom: Any, dtype: Any) -> int:
+    """Dynamic shared memory of ``depthwise_fprop`` for this geometry: input window plus taps."""
+    t = DEPTHWISE_TILES[np.dtype(dtype).name]
+    ih = (t.tp - 1) * geom.stride[0] + (geom.R - 1) * geom.dilation[0] + 1
+    iw = (t.tq - 1) * geom.stride[1] + (geom.S - 1) * geom.dilation[1] + 1
+    return (ih * iw + geom.R * geom.S) * np.dtype(dtype).itemsize
+
+
+def is_depthwise(geom: Any) -> bool:
+    """One input channel per group (``groups == C``), any channel multiplier ``K / C``."""
+    return geom.groups == geom.C and geom.K % geom.C == 0
+
+
+def depthwise_fits(geom: Any, dtype: Any) -> bool:
+    """Whether the depthwise kernels can take this geometry (shared memory, grid limits)."""
+    t = DEPTHWISE_TILES[np.dtype(dtype).name]
+    return (is_depthwise(geom) and depthwise_smem_bytes(geom, dtype) <= SMEM_LIMIT
+            and geom.N * geom.K <= 2**31 - 1 and geom.K * geom.R * geom.S <= 2**31 - 1
+            and _ceil(geom.P, t.tp) <= GRID_YZ_LIMIT and _ceil(geom.Q, t.tq) <= GRID_YZ_LIMIT)
+
+
+def depthwise_forward_launch(x: Any, weight: Any, bias: Any, y: Any, geom: Any) -> Launch:
+    """``depthwise_fprop``: x (N, C, H, W), weight (K, 1, R, S), bias (K,) or None -> y."""
+    t = DEPTHWISE_TILES[np.dtype(x.dtype).name]
+    grid = (geom.N * geom.K, _ceil(geom.P, t.tp), _ceil(geom.Q, t.tq))
+    args = (x, weight, NULL if bias is None else bias, y) + shape_args(geom, 0)[:15]
+    return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["forward"], grid, t.block,
+                  depthwise_smem_bytes(geom, x.dtype), args)
+
+
+def depthwise_input_grad_launch(weight: Any, grad_output: Any, grad_input: Any,
+                                geom: Any) -> Launch:
+    """``depthwise_dgrad``: one thread per grad_input element, grid-stride."""
+    total = geom.N * geom.C * geom.H * geom.W
+    grid = (max(1, min(_ceil(total, DEPTHWISE_THREADS), 2**20)), 1, 1)
+    args = (grad_output, weight, grad_input) + shape_args(geom, 0)[:15]
+    return Launch("depthwise.cu", depthwise_kernel_names(weight.dtype)["input_grad"], grid,
+                  (DEPTHWISE_THREADS, 1, 1), 0, args)
+
+
+def depthwise_weight_grad_launch(x: Any, grad_output: Any, grad_weight: Any,
+                                 geom: Any) -> Launch:
+    """``depthwise_wgrad``: one block per weight element (k, r, s)."""
+    grid = (geom.K * geom.R * geom.S, 1, 1)
+    args = (x, grad_output, grad_weight) + shape_args(geom, 0)[:15]
+    return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["weight_grad"], grid,
+                  (DEPTHWISE_THREADS, 1, 1), 0, args)

@@ -1,0 +1,88 @@
+"""Launcher of the fused hinge-loss kernel (``hinge.cu``).
+
+Plain Python, no CuPy: `hinge_launch` prepares a `Launch` that ``cuda_build.launch`` runs on the
+GPU and the tests inspect (or run in a host emulation) without one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .cuda_build import NULL, Launch
+from .cuda_conv import c_type
+
+THREADS = 256
+BLOCKS_PER_SM = 8  # 2048 resident threads per SM on sm_80/sm_90 at 256 threads per block
+GROUPS = (1, 2, 4, 8, 16, 32)          # lanes per row
+SMALL_ITEMS = 4                        # registers per lane when GROUP < 32
+WARP_ITEMS = (4, 8, 16, 32)            # registers per lane when a warp owns a row
+# Every (GROUP, ITEMS) instantiation the launcher may request.
+LAYOUTS = tuple((g, SMALL_ITEMS) for g in GROUPS[:-1]) + tuple((32, i) for i in WARP_ITEMS)
+
+
+def row_layout(C: int) -> tuple[int, int]:
+    """``(GROUP, ITEMS)`` for rows of ``C`` classes: the fewest lanes that hold a row in at
+    most 4 registers each, up to a warp; then a warp with up to 32 registers per lane (rows
+    longer than 1024 keep their first 1024 scores in registers and re-read the rest).
+
+    Examples: C=3 -> (1, 4); C=10 -> (4, 4); C=100 -> (32, 4); C=1000 -> (32, 32).
+    """
+    for group in GROUPS[:-1]:
+        if C <= group * SMALL_ITEMS:
+            return group, SMALL_ITEMS
+    for items in WARP_ITEMS:
+        if C <= 32 * items:
+            return 32, items
+    return 32, WARP_ITEMS[-1]
+
+
+def kernel_name(dtype: Any, group: int, items: int) -> str:
+    """Name expression of a ``hinge_rows`` instantiation."""
+    return f"fc::hinge_rows<{c_type(dtype)}, {group}, {items}>"
+
+
+def all_kernel_names() -> dict[str, list[str]]:
+    """Every instantiation `hinge_launch` can request."""
+    return {"hinge.cu": [kernel_name(dt, g, i) for dt in ("float32", "float64")
+                         for g, i in LAYOUTS]}
+
+
+def hinge_grid(N: int, group: int, sm_count: int) -> tuple[int, int, int]:
+    """Enough blocks to cover the rows once, at most `BLOCKS_PER_SM` per SM (grid-stride)."""
+    rows_per_block = THREADS // group
+    return (max(1, min(-(-N // rows_per_block), BLOCKS_PER_SM * sm_count)), 1, 1)
+
+
+def hinge_launch(scores: Any, labels: Any, class_weight: Any, row_scale: Any, losses: Any,
+                 grad: Any, margin: float, p: int, group: int, items: int,
+                 sm_count: int) -> Launch:
+    """One launch of ``hinge_rows`` over all rows.
+
+    Parameters
+    ----------
+    scores : array (N, C)
+    labels : int64 array (N,)
+    class_weight : array (C,)
+    row_scale : array (1,) or (N,)
+    losses : array (N,), written
+    grad : array (N, C) or None
+        Written when given; ``None`` skips the gradient phase.
+    margin : float
+    p : {1, 2}
+    group, items : int
+        Row layout, normally `row_layout(C)` (the dispatch rules pass it in ``Algo.params``).
+    sm_count : int
+        Multiprocessors of the device, to size the grid.
+    """
+    N, C = scores.shape
+    dtype = np.dtype(scores.dtype)
+    if (group, items) not in LAYOUTS:
+        raise ValueError(f"no hinge_rows instantiation for GROUP={group}, ITEMS={items}")
+    if C > 2**31 - 1:
+        raise ValueError(f"{C} classes exceed the kernel's 32-bit column index")
+    args = (scores, labels, class_weight, row_scale,
+            np.int32(0 if row_scale.shape[0] == 1 else 1), dtype.type(margin), np.int32(p),
+            np.int64(N), np.int32(C), losses, NULL if grad is None else grad)
+    return Launch("hinge.cu", kernel_name(dtype, group, items), hinge_grid(N, group, sm_count),
+                  (THREADS, 1, 1), 0, args)

@@ -1,0 +1,103 @@
+// fc_common.cuh -- small device helpers shared by the fastconv CUDA kernels.
+//
+// kernels/cuda_build.py pastes this file in place of `#include "fc_common.cuh"` before NVRTC
+// sees a .cu source, so CuPy's on-disk cache key (a hash of the source text) covers it.
+// No system header is included: NVRTC compiles the kernels without any include path.
+//
+// Host emulation: tests/cuda_emu.h compiles the same kernel sources with a host C++ compiler
+// (FASTCONV_HOST_EMULATION defined) to run them on a CPU. Only the few intrinsics that need
+// inline PTX or dynamic shared memory differ under that macro; everything else is the code
+// the GPU runs.
+#pragma once
+
+namespace fc {
+
+// Multiply-add with one rounding, for both element types.
+__device__ __forceinline__ float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fmadd(double a, double b, double c) { return fma(a, b, c); }
+
+// 16-byte vectors: VEC<T> elements per access.
+template <typename T> struct Vec;
+template <> struct Vec<float> { static constexpr int N = 4; };
+template <> struct Vec<double> { static constexpr int N = 2; };
+
+// Copy one 16-byte vector from `src` (16-byte aligned) into registers d[0..N).
+__device__ __forceinline__ void load16(float* d, const float* src) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
+}
+__device__ __forceinline__ void load16(double* d, const double* src) {
+    const double2 v = *reinterpret_cast<const double2*>(src);
+    d[0] = v.x; d[1] = v.y;
+}
+
+// Store registers s[0..N) as one 16-byte vector to `dst` (16-byte aligned).
+__device__ __forceinline__ void store16(float* dst, const float* s) {
+    *reinterpret_cast<float4*>(dst) = make_float4(s[0], s[1], s[2], s[3]);
+}
+__device__ __forceinline__ void store16(double* dst, const double* s) {
+    *reinterpret_cast<double2*>(dst) = make_double2(s[0], s[1]);
+}
+
+// Round an fp32 value to TF32 (10-bit mantissa, round to nearest, ties away from zero), the
+// operand format of the tensor-core mma below. Needs sm_80; the dispatch rules never choose a
+// TF32 kernel on older devices.
+__device__ __forceinline__ float to_tf32(float x) {
+#if defined(FASTCONV_HOST_EMULATION)
+    return emu::to_tf32(x);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+    return x;
+#else
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return __uint_as_float(r);
+#endif
+}
+
+// d += A * B for one warp: A 16x8 (row-major), B 8x8 (column-major), TF32 operands held as
+// fp32 bit patterns, fp32 accumulators. Fragment ownership (PTX ISA, mma.m16n8k8 .tf32), with
+// g = lane / 4 and t = lane % 4:
+//   a[0] = A[g][t]  a[1] = A[g+8][t]  a[2] = A[g][t+4]  a[3] = A[g+8][t+4]
+//   b[0] = B[t][g]  b[1] = B[t+4][g]
+//   d[0] = D[g][2t] d[1] = D[g][2t+1] d[2] = D[g+8][2t] d[3] = D[g+8][2t+1]
+__device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], const unsigned (&a)[4],
+                                                const unsigned (&b)[2]) {
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::mma_tf32_16x8x8(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Sum of `v` over the block, returned to thread 0 (others get partial sums). The order of the
+// additions is fixed by the thread layout alone, so results repeat bit for bit. `scratch`
+// holds one value per warp; NT is a multiple of 32.
+template <typename T, int NT>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+    static_assert(NT % 32 == 0 && NT <= 1024, "block_sum: NT must be a multiple of 32");
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) scratch[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        v = scratch[0];
+        for (int w = 1; w < NT / 32; ++w) v += scratch[w];
+    }
+    return v;
+}
+
+}  // namespace fc
+
+// Dynamic shared memory as a byte array named `name`, 16-byte aligned.
+#if defined(FASTCONV_HOST_EMULATION)
+#define FC_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
+#else
+#define FC_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif

@@ -1,0 +1,112 @@
+// hinge.cu -- fused multiclass hinge loss and gradient, one pass over the scores.
+//
+// Layout
+//   scores (N, C) and grad (N, C) C-contiguous, labels (N,) int64, class_weight (C,),
+//   row_scale (1,) or (N,) (row_scale_stride 0 or 1), losses (N,); T is float or double.
+//   Per row i with y = labels[i], margins m_j = (s_j - s_y) + margin:
+//     losses[i] = w[y] * sum_{j != y} max(0, m_j)^p
+//     grad[i, j] = row_scale[i] * w[y] * p * max(0, m_j)^(p-1) * [m_j > 0]   (j != y)
+//     grad[i, y] = -sum_{j != y} grad[i, j]
+//   At the kink (m_j == 0) the subgradient 0 is used, as PyTorch does.
+//
+// Launch geometry (kernels/cuda_hinge.py computes it)
+//   block = 256 threads; a group of GROUP consecutive lanes (1..32, a power of two) owns one
+//   row; grid = min(ceil(N / (256/GROUP)), 8 * SMs), grid-stride over rows. Lane l of a group
+//   reads columns l, l + GROUP, ... (a warp reads 32 consecutive floats per load when GROUP is
+//   32); the first GROUP*ITEMS columns stay in registers between the loss and the gradient
+//   phase, so each score is read from memory once; columns past GROUP*ITEMS (C > 1024) are
+//   read again in the gradient phase, from cache.
+//   The group reduction is a fixed xor-butterfly of warp shuffles: every lane gets the same,
+//   bit-identical sum, and results repeat from run to run (no atomics). All 32 lanes of a warp
+//   always execute the shuffles (rows past N are masked, not skipped).
+//
+// Variants: hinge_rows<T, GROUP, ITEMS>; p (1 or 2) and want_grad (grad == nullptr) are run-time
+// arguments.
+//
+// Index arithmetic: row offsets (row * C) are 64-bit.
+//
+// Verification status: compiled by NVRTC for sm_80 and sm_90 in CI and executed on the CPU in
+// the host emulation of tests/test_cuda_emulated.py against the NumPy reference; not yet run
+// on a GPU when this was written (bandwidth unmeasured).
+
+#include "fc_common.cuh"
+
+namespace fc {
+
+template <typename T, int GROUP, int ITEMS>
+__global__ void __launch_bounds__(256)
+hinge_rows(const T* __restrict__ scores, const long long* __restrict__ labels,
+           const T* __restrict__ class_weight, const T* __restrict__ row_scale,
+           int row_scale_stride, T margin, int p, long long N, int C, T* __restrict__ losses,
+           T* __restrict__ grad) {
+    static_assert(GROUP >= 1 && GROUP <= 32 && (GROUP & (GROUP - 1)) == 0,
+                  "hinge_rows: GROUP must be a power of two up to 32");
+    constexpr int ROWS = 256 / GROUP;  // rows per block per pass
+    const int lane = threadIdx.x % GROUP;
+    const int slot = threadIdx.x / GROUP;
+
+    for (long long first = (long long)blockIdx.x * ROWS; first < N;
+         first += (long long)gridDim.x * ROWS) {
+        const long long row = first + slot;
+        const bool live = row < N;
+        const T* srow = scores + (live ? row : 0) * (long long)C;
+        long long y = 0;
+        T sy = T(0), wy = T(0);
+        if (live) {
+            y = labels[row];
+            sy = srow[y];
+            wy = class_weight[y];
+        }
+        T v[ITEMS];
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {  // all loads issued before any use
+            const int col = lane + GROUP * i;
+            v[i] = live && col < C ? srow[col] : T(0);
+        }
+        // Loss phase: sum of max(0, m)^p, and the slope of the label column: the number of
+        // active margins (p = 1) or their sum (p = 2).
+        T loss = T(0), slope = T(0);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int col = lane + GROUP * i;
+            const T m = (v[i] - sy) + margin;
+            const T h = live && col < C && col != y && m > T(0) ? m : T(0);
+            loss += p == 1 ? h : h * h;
+            slope += p == 1 ? (h > T(0) ? T(1) : T(0)) : h;
+        }
+        for (int col = lane + GROUP * ITEMS; live && col < C; col += GROUP) {
+            const T m = (srow[col] - sy) + margin;
+            const T h = col != y && m > T(0) ? m : T(0);
+            loss += p == 1 ? h : h * h;
+            slope += p == 1 ? (h > T(0) ? T(1) : T(0)) : h;
+        }
+#pragma unroll
+        for (int off = GROUP / 2; off > 0; off >>= 1) {
+            loss += __shfl_xor_sync(0xffffffffu, loss, off);
+            slope += __shfl_xor_sync(0xffffffffu, slope, off);
+        }
+        if (!live) continue;
+        if (lane == 0) losses[row] = wy * loss;
+        if (grad == nullptr) continue;
+
+        // Gradient phase, from the registers of the loss phase.
+        const T coef = row_scale[row_scale_stride ? row : 0] * wy * (p == 2 ? T(2) : T(1));
+        T* grow = grad + row * (long long)C;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int col = lane + GROUP * i;
+            if (col < C) {
+                const T m = (v[i] - sy) + margin;
+                const T d = m > T(0) ? (p == 1 ? T(1) : m) : T(0);
+                grow[col] = col == y ? -coef * slope : coef * d;
+            }
+        }
+        for (int col = lane + GROUP * ITEMS; col < C; col += GROUP) {
+            const T m = (srow[col] - sy) + margin;
+            const T d = m > T(0) ? (p == 1 ? T(1) : m) : T(0);
+            grow[col] = col == y ? -coef * slope : coef * d;
+        }
+    }
+}
+
+}  // namespace fc

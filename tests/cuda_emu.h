@@ -1,0 +1,261 @@
+// cuda_emu.h -- a host emulation of the part of CUDA the fastconv kernels use, so that the
+// very sources in kernels/*.cu run on a CPU in the tests (tests/test_cuda_emulated.py).
+//
+// Model: the blocks of a grid run one after another; the threads of a block run concurrently
+// as OS threads, so __syncthreads() is a real barrier and `__shared__` variables (function-local
+// statics here) are shared by the block. Warps are emulated for the warp-synchronous
+// intrinsics: __shfl_xor_sync and mma.sync exchange values through per-warp slots between two
+// warp barriers, so every lane of the warp must reach them, as on the GPU. A barrier that is
+// not reached by all its threads within a timeout marks the launch as failed (and releases
+// everyone) instead of hanging.
+//
+// The TF32 mma fragment layout below is written from the PTX ISA's description of
+// mma.m16n8k8 with .tf32 operands; it checks that the kernel is consistent with that reading.
+// Dynamic shared memory is filled with 0xFF bytes (NaN for floats) so reads of unwritten
+// shared memory show up.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define FASTCONV_HOST_EMULATION 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct float4 {
+    float x, y, z, w;
+};
+struct double2 {
+    double x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return {x, y}; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+using std::fma;
+using std::fmaf;
+
+namespace emu {
+
+// A reusable barrier whose wait gives up after a timeout and flags the launch as failed.
+class Barrier {
+public:
+    explicit Barrier(int count) : count_(count) {}
+    void wait();
+
+private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    int count_, arrived_ = 0;
+    unsigned long generation_ = 0;
+};
+
+struct Block {
+    int threads = 0;
+    std::unique_ptr<Barrier> barrier;
+    std::vector<std::unique_ptr<Barrier>> warp_barriers;
+    // Per-warp exchange slots: 32 lanes x 16 bytes (shuffles), and the mma operands.
+    std::vector<unsigned char> slots;
+    std::vector<float> mma_a, mma_b;
+};
+
+inline Block* g_block_state = nullptr;
+inline unsigned char* g_dynamic_smem = nullptr;
+inline bool g_failed = false;
+inline std::string g_error;
+inline std::mutex g_error_mu;
+inline dim3 g_block_idx, g_block_dim, g_grid_dim;
+inline thread_local dim3 t_thread_idx;
+inline thread_local int t_linear = 0;
+
+inline void fail(const std::string& why) {
+    std::lock_guard<std::mutex> lock(g_error_mu);
+    if (!g_failed) g_error = why;
+    g_failed = true;
+}
+
+inline void Barrier::wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (g_failed) return;
+    const unsigned long gen = generation_;
+    if (++arrived_ == count_) {
+        arrived_ = 0;
+        ++generation_;
+        cv_.notify_all();
+        return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(20),
+                      [&] { return generation_ != gen || g_failed; })) {
+        fail("deadlock: a barrier was not reached by all of its threads");
+        ++generation_;
+        cv_.notify_all();
+    }
+}
+
+inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
+
+inline int lane() { return t_linear % 32; }
+inline int warp() { return t_linear / 32; }
+inline void warp_sync() { g_block_state->warp_barriers[warp()]->wait(); }
+
+template <typename T>
+T shfl_xor(T v, int lane_mask, int width) {
+    static_assert(sizeof(T) <= 16, "shfl_xor: value too large");
+    unsigned char* slots = g_block_state->slots.data() + warp() * 32 * 16;
+    std::memcpy(slots + lane() * 16, &v, sizeof(T));
+    warp_sync();
+    const int base = lane() - lane() % width;
+    const int src = base + ((lane() % width) ^ lane_mask) % width;
+    T out;
+    std::memcpy(&out, slots + src * 16, sizeof(T));
+    warp_sync();
+    return out;
+}
+
+inline float bits_to_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned float_to_bits(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+// cvt.rna.tf32.f32: keep 10 mantissa bits, round to nearest with ties away from zero.
+inline float to_tf32(float x) {
+    if (!std::isfinite(x)) return x;
+    return bits_to_float((float_to_bits(x) + 0x1000u) & 0xFFFFE000u);
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for the calling lane's fragments.
+inline void mma_tf32_16x8x8(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    float* A = g_block_state->mma_a.data() + warp() * 128;  // A[16][8], row-major
+    float* B = g_block_state->mma_b.data() + warp() * 64;   // B[8][8], B[k][n]
+    const int g = lane() / 4, t = lane() % 4;
+    A[g * 8 + t] = bits_to_float(a[0]);
+    A[(g + 8) * 8 + t] = bits_to_float(a[1]);
+    A[g * 8 + t + 4] = bits_to_float(a[2]);
+    A[(g + 8) * 8 + t + 4] = bits_to_float(a[3]);
+    B[t * 8 + g] = bits_to_float(b[0]);
+    B[(t + 4) * 8 + g] = bits_to_float(b[1]);
+    warp_sync();
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r / 2), col = 2 * t + r % 2;
+        float acc = d[r];
+        for (int k = 0; k < 8; ++k) acc = std::fma(A[row * 8 + k], B[k * 8 + col], acc);
+        d[r] = acc;
+    }
+    warp_sync();
+}
+
+// Type codes of kernel parameters, checked against the arguments the launchers prepare.
+template <typename T> struct Code;
+template <> struct Code<int> { static constexpr char value = 'i'; };
+template <> struct Code<long long> { static constexpr char value = 'l'; };
+template <> struct Code<float> { static constexpr char value = 'f'; };
+template <> struct Code<double> { static constexpr char value = 'd'; };
+template <> struct Code<const float*> { static constexpr char value = 'F'; };
+template <> struct Code<float*> { static constexpr char value = 'F'; };
+template <> struct Code<const double*> { static constexpr char value = 'D'; };
+template <> struct Code<double*> { static constexpr char value = 'D'; };
+template <> struct Code<const long long*> { static constexpr char value = 'L'; };
+
+struct Entry {
+    std::string signature;
+    std::function<void(void**)> call;  // runs the kernel body for the current thread
+};
+
+template <typename... A, std::size_t... I>
+void call_with(void (*f)(A...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+
+template <typename... A>
+Entry entry(void (*f)(A...)) {
+    Entry e;
+    e.signature = std::string{Code<std::remove_cv_t<A>>::value...};
+    e.call = [f](void** args) { call_with(f, args, std::index_sequence_for<A...>{}); };
+    return e;
+}
+
+// Runs the grid block by block; returns 0, or 1 with g_error set.
+inline int run_grid(const Entry& e, dim3 grid, dim3 block, std::size_t smem, void** args) {
+    g_failed = false;
+    g_error.clear();
+    const int threads = int(block.x * block.y * block.z);
+    const int warps = (threads + 31) / 32;
+    std::vector<unsigned char> dyn(smem + 16, 0xFF);
+    g_dynamic_smem = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<std::uintptr_t>(dyn.data()) + 15) & ~std::uintptr_t(15));
+    g_grid_dim = grid;
+    g_block_dim = block;
+    for (unsigned bz = 0; bz < grid.z && !g_failed; ++bz)
+        for (unsigned by = 0; by < grid.y && !g_failed; ++by)
+            for (unsigned bx = 0; bx < grid.x && !g_failed; ++bx) {
+                Block state;
+                state.threads = threads;
+                state.barrier = std::make_unique<Barrier>(threads);
+                for (int w = 0; w < warps; ++w) {
+                    state.warp_barriers.push_back(
+                        std::make_unique<Barrier>(std::min(32, threads - 32 * w)));
+                }
+                state.slots.assign(std::size_t(warps) * 32 * 16, 0);
+                state.mma_a.assign(std::size_t(warps) * 128, 0.0f);
+                state.mma_b.assign(std::size_t(warps) * 64, 0.0f);
+                g_block_state = &state;
+                g_block_idx = dim3{bx, by, bz};
+                std::vector<std::thread> pool;
+                pool.reserve(threads);
+                for (int t = 0; t < threads; ++t) {
+                    pool.emplace_back([&, t] {
+                        t_linear = t;
+                        t_thread_idx = dim3{unsigned(t) % block.x,
+                                            (unsigned(t) / block.x) % block.y,
+                                            unsigned(t) / (block.x * block.y)};
+                        e.call(args);
+                    });
+                }
+                for (auto& th : pool) th.join();
+            }
+    g_block_state = nullptr;
+    return g_failed ? 1 : 0;
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::t_thread_idx)
+#define blockIdx (emu::g_block_idx)
+#define blockDim (emu::g_block_dim)
+#define gridDim (emu::g_grid_dim)
+
+inline void __syncthreads() { emu::g_block_state->barrier->wait(); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+    return emu::shfl_xor(v, lane_mask, width);
+}
+inline unsigned __float_as_uint(float f) { return emu::float_to_bits(f); }
+inline float __uint_as_float(unsigned u) { return emu::bits_to_float(u); }
+[[noreturn]] inline void __trap() { std::abort(); }
