@@ -1,0 +1,94 @@
+"""Algorithm rules of the ``cpu`` backend (``fastconv.kernels.cpu``).
+
+Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``):
+
+1. ``direct`` for depthwise and small-group layers (``G > 1`` and ``Cg * R * S <= 64``): a GEMM
+   would multiply matrices too thin to block; loops over the taps need no workspace.
+2. ``gemm1x1`` for 1x1 stride-1 unpadded layers: the input already is the GEMM operand.
+3. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
+   group, when its tiles save work: F(4x4, 3x3) does 4x fewer multiplies than a direct 3x3,
+   F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform points wins.
+   With fewer channels the tile transforms, not the GEMMs, dominate and im2col is faster.
+4. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
+   for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
+5. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
+   come from ``kernels/cpu_workspace``, the same functions the kernels plan their chunks
+   with); Winograd and the 1x1 GEMMs step aside for im2col when they do not fit.
+
+The input gradient of a layer is a correlation of ``grad_output`` with the rotated kernel, so
+rule 3 tiles the ``H x W`` input plane for it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .._types import Algo, ConvGeometry
+from ..kernels.cpu_workspace import fits, gemm1x1_bytes, im2col_bytes, winograd_bytes
+
+# Cg * R * S at or below which grouped layers use direct loops.
+DIRECT_MAX_REDUCTION = 64
+# Channels per group (in and out) from which Winograd's GEMMs outweigh its transforms.
+WINOGRAD_MIN_CHANNELS = 8
+# Output pixels per image from which one GEMM per image runs at full BLAS speed.
+PER_IMAGE_MIN_PIXELS = 2048
+# Preferred scratch per chunk: the packed operands stay in the caches between packing and GEMM.
+CHUNK_BYTES = 16 * 2**20
+
+
+def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[int]:
+    """The Winograd output tile size (2 or 4) for this op, or None if it does not apply.
+
+    The input gradient is a correlation of ``grad_output`` (``K`` channels) producing the
+    ``C``-channel ``H x W`` input, so the channel roles and the tiled plane change."""
+    if (geom.R, geom.S, geom.stride, geom.dilation) != (3, 3, (1, 1), (1, 1)):
+        return None
+    if min(geom.C, geom.K) // geom.groups < WINOGRAD_MIN_CHANNELS:
+        return None
+    rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
+    cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
+    m = min(cost, key=cost.get)
+    return m if cost[m] < 9 * rows * cols else None
+
+
+def _workspace_params(workspace_bytes: int) -> tuple:
+    return (("workspace_bytes", workspace_bytes),
+            ("chunk_bytes", min(CHUNK_BYTES, workspace_bytes)))
+
+
+def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int) -> Algo:
+    G = geom.groups
+    Cg = geom.C // G
+    if G > 1 and Cg * geom.R * geom.S <= DIRECT_MAX_REDUCTION:
+        kind = "depthwise" if Cg == 1 else f"grouped ({Cg} channels per group)"
+        return Algo("direct", (), f"{kind} layer: direct loops over the {geom.R}x{geom.S} taps, "
+                                  "a GEMM would be too thin")
+    if ((geom.R, geom.S, geom.stride, geom.padding) == (1, 1, (1, 1), (0, 0, 0, 0))
+            and fits(gemm1x1_bytes(op, geom, itemsize), workspace_bytes)):
+        return Algo("gemm1x1", _workspace_params(workspace_bytes),
+                    "1x1 stride-1 unpadded conv is a GEMM on the input as it lies (BLAS)")
+    m = _winograd_tile(op, geom)
+    if m is not None and fits(winograd_bytes(op, geom, m, itemsize), workspace_bytes):
+        return Algo("winograd", (("tile", m),) + _workspace_params(workspace_bytes),
+                    f"3x3 stride-1 layer: Winograd F({m}x{m}, 3x3), "
+                    f"{9 * m * m / (m + 2) ** 2:.2f}x fewer multiplies than direct, BLAS GEMMs")
+    layout = "per_image" if geom.P * geom.Q >= PER_IMAGE_MIN_PIXELS else "wide"
+    if not fits(im2col_bytes(op, geom, layout, itemsize), workspace_bytes):
+        return Algo("direct", (), f"one row of im2col needs more than the workspace bound of "
+                                  f"{workspace_bytes} bytes: direct loops need none")
+    how = "one GEMM per image" if layout == "per_image" else "images side by side in one GEMM"
+    return Algo("im2col", (("layout", layout),) + _workspace_params(workspace_bytes),
+                f"general conv: im2col in chunks, BLAS GEMM with {how}")
+
+
+def choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, *, precision: str,
+           workspace_bytes: int, scores_shape: Optional[tuple[int, int]] = None) -> Algo:
+    """The cpu algorithm for ``op`` on this geometry (``precision`` does not apply on the CPU;
+    it always computes in the input's dtype)."""
+    if op == "hinge":
+        return Algo("fused", (), "one parallel pass per row computes the loss and its gradient")
+    if op == "bias_grad":
+        return Algo("reduce", (), "grad_output summed over N, P, Q per filter, in parallel over "
+                                  "K, fixed order, float64 accumulators")
+    return _conv_rule(op, geom, np.dtype(dtype).itemsize, workspace_bytes)

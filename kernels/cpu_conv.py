@@ -1,0 +1,303 @@
+"""GEMM-based cpu conv kernels: 1x1 GEMMs and im2col/col2im with NumPy's BLAS ``matmul``.
+
+Layouts (``G`` groups, ``Kg = K / G``, ``Cg = C / G``, ``CgRS = Cg * R * S``):
+
+* ``col`` is the im2col matrix of one chunk (see ``cpu_workspace``), shape
+  ``(G, rows_g, J)`` with ``J = nc * rc * Q`` columns ordered ``(image, output row, q)`` and row
+  ``(cl * R + r) * S + s`` of group ``g`` holding ``xpad[n, g*Cg + cl, p*sh + r*dh, q*sw + s*dw]``.
+  In the forward pass ``rows_g = CgRS + 1`` when there is a bias: a row of ones that meets the
+  bias as an extra weight column, so the GEMM adds the bias for free.
+* ``wide`` matrices ``(K, J)`` hold a ``(N, K, P*Q)`` tensor's chunk with the images side by
+  side; ``per_image`` GEMMs write straight into the ``(N, K, P, Q)`` result instead.
+
+All Numba kernels run in parallel over independent outputs (rows of ``col``, or ``(n, c)``
+planes of the input gradient), so there are no atomics and results do not depend on thread
+timing. The weight gradient is summed over chunks in a fixed order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from numba import njit, prange
+
+from .cpu_workspace import (DEFAULT_CHUNK_BYTES, gemm1x1_bytes, im2col_bytes, plan_chunks,
+                            scratch, workspace_bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba kernels
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def valid_range(Q: int, W: int, sw: int, off: int) -> tuple[int, int]:
+    """The ``q`` range with ``0 <= q * sw + off < W``, clipped to ``[0, Q)``."""
+    q_lo = max(0, -(off // sw))
+    q_hi = min(Q, (W - 1 - off) // sw + 1)
+    return q_lo, max(q_lo, q_hi)
+
+
+@njit(parallel=True, cache=True)
+def im2col(x, col, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw, Cg, rows_g):
+    """Fill ``col (G * rows_g, nc * pc * Q)`` from ``x (N, C, H, W)`` for images
+    ``n0 .. n0 + nc`` and output rows ``p0 .. p0 + pc``; zero padding reads as 0."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    Q = col.shape[1] // (nc * pc)
+    RS = R * S
+    for task in prange(C * RS):
+        c = task // RS
+        rs = task - c * RS
+        r = rs // S
+        s = rs - r * S
+        g = c // Cg
+        row = g * rows_g + (c - g * Cg) * RS + rs
+        q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
+        w0 = q_lo * sw + s * dw - pl
+        for i in range(nc):
+            for pp in range(pc):
+                base = (i * pc + pp) * Q
+                h = (p0 + pp) * sh - pt + r * dh
+                if h < 0 or h >= H:
+                    for q in range(Q):
+                        col[row, base + q] = 0
+                    continue
+                for q in range(q_lo):
+                    col[row, base + q] = 0
+                for q in range(q_lo, q_hi):
+                    col[row, base + q] = x[n0 + i, c, h, w0 + (q - q_lo) * sw]
+                for q in range(q_hi, Q):
+                    col[row, base + q] = 0
+
+
+@njit(parallel=True, cache=True)
+def col2im(dcol, gx, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw):
+    """Add ``dcol (C * R * S, nc * pc * Q)`` back onto ``gx (N, C, H, W)``: the adjoint of
+    :func:`im2col`. One thread owns each ``(n, c)`` plane, so no two threads add to one pixel."""
+    C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
+    Q = dcol.shape[1] // (nc * pc)
+    for task in prange(nc * C):
+        i = task // C
+        c = task - i * C
+        for r in range(R):
+            for s in range(S):
+                row = (c * R + r) * S + s
+                q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
+                w0 = q_lo * sw + s * dw - pl
+                for pp in range(pc):
+                    h = (p0 + pp) * sh - pt + r * dh
+                    if h < 0 or h >= H:
+                        continue
+                    base = (i * pc + pp) * Q
+                    for q in range(q_lo, q_hi):
+                        gx[n0 + i, c, h, w0 + (q - q_lo) * sw] += dcol[row, base + q]
+
+
+@njit(parallel=True, cache=True)
+def wide_to_rows(wide, y3, n0, nc, j0, L):
+    """``y3[n0 + i, k, j0 : j0 + L] = wide[k, i * L : (i + 1) * L]`` for ``i < nc``."""
+    K = wide.shape[0]
+    for task in prange(nc * K):
+        i = task // K
+        k = task - i * K
+        for j in range(L):
+            y3[n0 + i, k, j0 + j] = wide[k, i * L + j]
+
+
+@njit(parallel=True, cache=True)
+def rows_to_wide(y3, wide, n0, nc, j0, L):
+    """The inverse of :func:`wide_to_rows`: gather a chunk of ``y3 (N, K, PQ)`` side by side."""
+    K = wide.shape[0]
+    for task in prange(nc * K):
+        i = task // K
+        k = task - i * K
+        for j in range(L):
+            wide[k, i * L + j] = y3[n0 + i, k, j0 + j]
+
+
+@njit(parallel=True, cache=True)
+def add_bias(y3, bias):
+    """``y3 (N, K, PQ) += bias[k]``."""
+    N, K, L = y3.shape
+    for task in prange(N * K):
+        k = task % K
+        b = bias[k]
+        for j in range(L):
+            y3[task // K, k, j] += b
+
+
+@njit(parallel=True, cache=True)
+def bias_grad(grad_output, out):
+    """``out[k] = sum_{n, p, q} grad_output[n, k, p, q]``, one thread per ``k``, summed in a
+    fixed order with a float64 accumulator (per ``q`` lane, so the loop vectorises)."""
+    N, K, P, Q = grad_output.shape
+    for k in prange(K):
+        lanes = np.zeros(Q)
+        for n in range(N):
+            for p in range(P):
+                for q in range(Q):
+                    lanes[q] += grad_output[n, k, p, q]
+        out[k] = lanes.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Drivers
+# ---------------------------------------------------------------------------------------------
+def _im2col_args(geom, chunk):
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    pt, pl = geom.padding[0], geom.padding[2]
+    return (chunk.n0, chunk.nc, chunk.r0, chunk.rc, geom.R, geom.S, sh, sw, pt, pl, dh, dw)
+
+
+def _chunks(op: str, geom, algo, layout: str, itemsize: int):
+    preferred = int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+    sizes = im2col_bytes(op, geom, layout, itemsize)
+    return list(plan_chunks(geom.N, geom.P, sizes, workspace_bound(algo), preferred))
+
+
+def _flat_views(chunks, Q: int, per_col: dict[str, int], dtype, bound: int) -> dict:
+    """One flat scratch buffer per name, sized for the largest chunk (``per_col`` elements per
+    column of the wide layout); chunks take views of it, so pages are touched once per call."""
+    J = max(c.nc * c.rc for c in chunks) * Q
+    return {name: scratch((n * J,), dtype, bound) for name, n in per_col.items() if n}
+
+
+def forward_im2col(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
+                   algo) -> np.ndarray:
+    """Conv forward by im2col + GEMM. x ``(N, C, H, W)``, weight ``(K, C/G, R, S)``, bias
+    ``(K,)`` or None; returns ``(N, K, P, Q)``. ``algo`` param ``layout``: ``"per_image"`` (one
+    GEMM per image, written in place) or ``"wide"`` (one GEMM per chunk, then scattered)."""
+    G, K, P, Q = geom.groups, geom.K, geom.P, geom.Q
+    Kg, Cg = K // G, geom.C // G
+    CgRS = Cg * geom.R * geom.S
+    rows_g = CgRS + (bias is not None)
+    wmat = weight.reshape(G, Kg, CgRS)
+    if bias is not None:
+        wmat = np.concatenate([wmat, bias.reshape(G, Kg, 1)], axis=2)
+    layout = algo.get("layout", "per_image")
+    wide = layout == "wide"
+    chunks = _chunks("forward", geom, algo, layout, x.dtype.itemsize)
+    bufs = _flat_views(chunks, Q, {"col": G * rows_g, "out": K if wide else 0}, x.dtype,
+                       workspace_bound(algo))
+    y = np.empty(geom.output_shape, dtype=x.dtype)
+    y3 = y.reshape(geom.N, K, P * Q)
+    for ch in chunks:
+        L = ch.rc * Q
+        J = ch.nc * L
+        col = bufs["col"][:G * rows_g * J].reshape(G, rows_g, J)
+        im2col(x, col.reshape(G * rows_g, J), *_im2col_args(geom, ch), Cg, rows_g)
+        if bias is not None:
+            col[:, CgRS, :] = 1
+        if wide and ch.nc > 1:
+            out = bufs["out"][:K * J].reshape(G, Kg, J)
+            np.matmul(wmat, col, out=out)
+            wide_to_rows(out.reshape(K, J), y3, ch.n0, ch.nc, ch.r0 * Q, L)
+            continue
+        for i in range(ch.nc):
+            dst = y3[ch.n0 + i, :, ch.r0 * Q:ch.r0 * Q + L].reshape(G, Kg, L)
+            np.matmul(wmat, col[:, :, i * L:(i + 1) * L], out=dst)
+    return y
+
+
+def input_grad_col2im(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
+    """Input gradient ``(N, C, H, W)`` as col2im of ``W^T dY``: the GEMM gives the gradient of
+    every im2col entry, and col2im adds each back onto the pixel it was copied from."""
+    G, K, P, Q = geom.groups, geom.K, geom.P, geom.Q
+    Kg, CgRS = K // G, (geom.C // G) * geom.R * geom.S
+    w_t = weight.reshape(G, Kg, CgRS).transpose(0, 2, 1)
+    layout = algo.get("layout", "per_image")
+    wide = layout == "wide"
+    dtype = grad_output.dtype
+    chunks = _chunks("input_grad", geom, algo, layout, dtype.itemsize)
+    bufs = _flat_views(chunks, Q, {"dcol": G * CgRS, "dyw": K if wide else 0}, dtype,
+                       workspace_bound(algo))
+    gx = np.zeros(geom.input_shape, dtype=dtype)
+    dy3 = grad_output.reshape(geom.N, K, P * Q)
+    for ch in chunks:
+        L = ch.rc * Q
+        J = ch.nc * L
+        dcol = bufs["dcol"][:G * CgRS * J].reshape(G, CgRS, J)
+        if wide and ch.nc > 1:
+            dyw = bufs["dyw"][:K * J].reshape(K, J)
+            rows_to_wide(dy3, dyw, ch.n0, ch.nc, ch.r0 * Q, L)
+            np.matmul(w_t, dyw.reshape(G, Kg, J), out=dcol)
+        else:
+            for i in range(ch.nc):
+                src = dy3[ch.n0 + i, :, ch.r0 * Q:ch.r0 * Q + L].reshape(G, Kg, L)
+                np.matmul(w_t, src, out=dcol[:, :, i * L:(i + 1) * L])
+        col2im(dcol.reshape(G * CgRS, J), gx, *_im2col_args(geom, ch))
+    return gx
+
+
+def weight_grad_im2col(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
+    """Weight gradient ``(K, C/G, R, S)`` as ``dY @ col^T`` per chunk, chunks summed in order.
+    Chunks put images side by side, so each GEMM's inner dimension spans the whole chunk."""
+    G, K, P, Q = geom.groups, geom.K, geom.P, geom.Q
+    Kg, Cg = K // G, geom.C // G
+    CgRS = Cg * geom.R * geom.S
+    bound = workspace_bound(algo)
+    chunks = _chunks("weight_grad", geom, algo, "wide", x.dtype.itemsize)
+    bufs = _flat_views(chunks, Q, {"col": G * CgRS, "dyw": K}, x.dtype, bound)
+    gw = np.zeros((G, Kg, CgRS), dtype=x.dtype)
+    part = scratch((G, Kg, CgRS), x.dtype, bound) if len(chunks) > 1 else gw
+    dy3 = grad_output.reshape(geom.N, K, P * Q)
+    for ch in chunks:
+        L = ch.rc * Q
+        J = ch.nc * L
+        col = bufs["col"][:G * CgRS * J].reshape(G, CgRS, J)
+        im2col(x, col.reshape(G * CgRS, J), *_im2col_args(geom, ch), Cg, CgRS)
+        if ch.nc == 1:
+            dyw = dy3[ch.n0, :, ch.r0 * Q:ch.r0 * Q + L]
+        else:
+            dyw = bufs["dyw"][:K * J].reshape(K, J)
+            rows_to_wide(dy3, dyw, ch.n0, ch.nc, ch.r0 * Q, L)
+        np.matmul(dyw.reshape(G, Kg, J), col.transpose(0, 2, 1), out=part)
+        if part is not gw:
+            gw += part
+    return gw.reshape(geom.weight_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1x1, stride 1, no padding: the conv is a GEMM on the input as it lies in memory
+# ---------------------------------------------------------------------------------------------
+def _split(a: np.ndarray, G: int) -> np.ndarray:
+    """``(N, G * X, H, W) -> (N, G, X, H * W)`` as a view."""
+    N, GX, H, W = a.shape
+    return a.reshape(N, G, GX // G, H * W)
+
+
+def forward_gemm1x1(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
+                    algo) -> np.ndarray:
+    """1x1 stride-1 unpadded conv: ``y[n] = W @ x[n]`` per group, no workspace."""
+    G = geom.groups
+    y = np.empty(geom.output_shape, dtype=x.dtype)
+    np.matmul(weight.reshape(G, geom.K // G, geom.C // G), _split(x, G), out=_split(y, G))
+    if bias is not None:
+        add_bias(y.reshape(geom.N, geom.K, geom.P * geom.Q), bias)
+    return y
+
+
+def input_grad_gemm1x1(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
+    """1x1 stride-1 unpadded conv input gradient: ``gx[n] = W^T @ dY[n]`` per group."""
+    G = geom.groups
+    gx = np.empty(geom.input_shape, dtype=grad_output.dtype)
+    w_t = weight.reshape(G, geom.K // G, geom.C // G).transpose(0, 2, 1)
+    np.matmul(w_t, _split(grad_output, G), out=_split(gx, G))
+    return gx
+
+
+def weight_grad_gemm1x1(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
+    """1x1 stride-1 unpadded conv weight gradient: ``sum_n dY[n] @ x[n]^T``, in image order."""
+    G = geom.groups
+    gw = np.zeros((G, geom.K // G, geom.C // G), dtype=x.dtype)
+    part = scratch(gw.shape, x.dtype, workspace_bound(algo))
+    xs, dys = _split(x, G), _split(grad_output, G)
+    for n in range(geom.N):
+        np.matmul(dys[n], xs[n].transpose(0, 2, 1), out=part)
+        gw += part
+    return gw.reshape(geom.weight_shape)
+
+
+def bias_grad_reduce(grad_output: np.ndarray, algo) -> np.ndarray:
+    """Bias gradient ``(K,)``: ``grad_output`` summed over N, P, Q."""
+    out = np.empty(grad_output.shape[1], dtype=np.float64)
+    bias_grad(grad_output, out)
+    return out.astype(grad_output.dtype)

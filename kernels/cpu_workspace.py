@@ -1,0 +1,139 @@
+"""Scratch memory of the cpu conv kernels: chunk planning under a byte bound, and allocation.
+
+Every algorithm that needs a workspace (im2col columns, Winograd tiles, packed gradients)
+processes the batch in chunks whose scratch fits ``workspace_bytes``. The unit of work is one
+*row* of one image (an output row for im2col, a row of output tiles for Winograd): a chunk is
+either several whole images, or a run of rows of one image when a single image does not fit.
+
+All scratch buffers come from :func:`scratch`, which refuses any buffer above the bound and
+records the largest one handed out, so tests can check the bound is honoured. The ``*_bytes``
+functions below are the one statement of what each algorithm needs, ``(fixed, per_row)``: the
+kernels plan their chunks with them and the dispatch rules use them to decide what fits. This
+module imports nothing but NumPy, so the rules can use it without loading Numba.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+# Past a few MiB of scratch per chunk the packed data falls out of the caches between the
+# packing pass and the GEMM; this size kept the im2col and Winograd chunks cache friendly.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+
+_largest = [0]
+
+
+class Chunk(NamedTuple):
+    """Images ``n0 .. n0 + nc`` and rows ``r0 .. r0 + rc`` of each (all rows when nc > 1)."""
+
+    n0: int
+    nc: int
+    r0: int
+    rc: int
+
+
+def scratch(shape: tuple[int, ...], dtype: np.dtype, bound: int) -> np.ndarray:
+    """An uninitialised scratch buffer of ``shape``; raises if it would exceed ``bound`` bytes.
+
+    Exceeding the bound is a planning bug (the dispatch rules pick an algorithm whose smallest
+    chunk fits), hence an exception rather than a silent allocation.
+    """
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes > bound:
+        raise MemoryError(f"scratch buffer of {nbytes} bytes exceeds the workspace bound of "
+                          f"{bound} bytes; the chunk planner should have prevented this")
+    _largest[0] = max(_largest[0], nbytes)
+    return np.empty(shape, dtype=dtype)
+
+
+def largest_scratch_bytes(reset: bool = False) -> int:
+    """The largest scratch buffer handed out since the last reset (for tests)."""
+    value = _largest[0]
+    if reset:
+        _largest[0] = 0
+    return value
+
+
+def workspace_bound(algo) -> int:
+    """The workspace bound an ``Algo`` carries (the default when it carries none)."""
+    return int(algo.get("workspace_bytes", DEFAULT_WORKSPACE_BYTES))
+
+
+def im2col_bytes(op: str, geom, layout: str, itemsize: int) -> tuple[int, int]:
+    """Workspace of im2col for ``op``: fixed (weights with the bias column; the weight
+    gradient's partial sum) and per output row (the im2col rows, plus a packed ``(K, Q)`` row
+    for the wide layout and the weight gradient)."""
+    G, K, Q = geom.groups, geom.K, geom.Q
+    CgRS = geom.C // G * geom.R * geom.S
+    if op == "forward":
+        rows, fixed = geom.C * geom.R * geom.S + G, K * (CgRS + 1)
+    else:
+        rows, fixed = geom.C * geom.R * geom.S, K * CgRS if op == "weight_grad" else 0
+    packed = K if (layout == "wide" or op == "weight_grad") else 0
+    return fixed * itemsize, (rows + packed) * Q * itemsize
+
+
+def winograd_bytes(op: str, geom, m: int, itemsize: int) -> tuple[int, int]:
+    """Workspace of Winograd F(m x m, 3 x 3) for ``op`` (see :func:`winograd_tile_bytes`); the
+    input gradient tiles the ``H x W`` input instead of the ``P x Q`` output."""
+    tiles_per_row = -(-(geom.W if op == "input_grad" else geom.Q) // m)
+    return winograd_tile_bytes(m, tiles_per_row, geom.C + geom.K,
+                               geom.K * (geom.C // geom.groups), op == "weight_grad", itemsize)
+
+
+def winograd_tile_bytes(m: int, tiles_per_row: int, channels: int, filter_elems: int,
+                        weight_grad: bool, itemsize: int) -> tuple[int, int]:
+    """Fixed: the transformed filters (and for the weight gradient their gradient and its
+    partial sum). Per row of tiles: the transformed input and output tiles of all ``channels``
+    (in plus out) and two per-thread transform temporaries, counted for two threads."""
+    A2 = (m + 2) ** 2
+    fixed = A2 * filter_elems * (2 if weight_grad else 1)
+    return fixed * itemsize, A2 * tiles_per_row * (channels + 4) * itemsize
+
+
+def gemm1x1_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:
+    """Workspace of the 1x1 GEMMs: the weight gradient's partial sum only."""
+    fixed = geom.K * (geom.C // geom.groups) if op == "weight_grad" else 0
+    return fixed * itemsize, 0
+
+
+def fits(sizes: tuple[int, int], bound: int) -> bool:
+    """Whether the fixed workspace plus one row fit ``bound`` (the smallest possible chunk)."""
+    return sum(sizes) <= bound
+
+
+def rows_per_chunk(rows: int, bytes_per_row: int, bound: int, preferred: int) -> int:
+    """How many rows fit in one chunk: up to ``preferred`` bytes, never above ``bound``.
+
+    At least one row; the caller's dispatch rules guarantee one row fits ``bound``.
+    """
+    budget = min(bound, preferred)
+    if bytes_per_row > bound:
+        raise MemoryError(f"one row needs {bytes_per_row} bytes of workspace, above the bound "
+                          f"of {bound} bytes")
+    return max(1, min(rows, budget // max(bytes_per_row, 1)))
+
+
+def plan_chunks(N: int, rows: int, sizes: tuple[int, int], bound: int,
+                preferred: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    """Split ``N`` images of ``rows`` rows each into chunks of at most ``preferred`` bytes of
+    per-row workspace, with ``sizes = (fixed, per_row)`` keeping the total under ``bound``.
+
+    Whole images are grouped while one image fits; otherwise each image is cut into runs of
+    rows. The order is fixed, so results accumulated over chunks are reproducible.
+    """
+    fixed, bytes_per_row = sizes
+    bound -= fixed
+    image_bytes = rows * bytes_per_row
+    if image_bytes <= min(bound, preferred):
+        per = max(1, min(N, min(bound, preferred) // max(image_bytes, 1)))
+        for n0 in range(0, N, per):
+            yield Chunk(n0, min(per, N - n0), 0, rows)
+        return
+    rc = rows_per_chunk(rows, bytes_per_row, bound, preferred)
+    for n0 in range(N):
+        for r0 in range(0, rows, rc):
+            yield Chunk(n0, 1, r0, min(rc, rows - r0))
