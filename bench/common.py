@@ -112,7 +112,8 @@ def measure(
         Keep adding rounds beyond ``repeats`` until this many seconds of samples exist for the
         slowest candidate (useful for very short calls).
     max_time : float
-        Stop adding rounds once this many seconds have been spent timing (at least 3 rounds).
+        Stop adding rounds once this many seconds have been spent timing, after at least
+        ``min(3, repeats)`` rounds.
     timer : callable
         ``timer(fn) -> seconds`` runs ``fn`` once and measures it; `wall_timer` by default.
 
@@ -133,7 +134,7 @@ def measure(
         rounds += 1
         slowest = max(sum(t.samples) for t in timings.values())
         elapsed = time.perf_counter() - started
-        if rounds >= 3 and elapsed >= max_time:
+        if rounds >= min(3, repeats) and elapsed >= max_time:
             break
         if rounds >= repeats and slowest >= min_time:
             break
@@ -351,6 +352,18 @@ def import_torch() -> Any | None:
     except ImportError:
         return None
     return torch
+
+
+def setup(args: argparse.Namespace) -> tuple[Any | None, int]:
+    """Prepare a run from the common options: import PyTorch (unless ``--no-torch``), then
+    apply ``--threads`` to Numba, PyTorch and BLAS alike.
+
+    Returns
+    -------
+    (torch module or None, thread count in effect)
+    """
+    torch = None if getattr(args, "no_torch", False) else import_torch()
+    return torch, set_threads(getattr(args, "threads", None))
 
 
 def _cpu_model() -> str:

@@ -11,7 +11,7 @@ feeds the loss term and the gradient entry, and ``g_iy`` is the negated running 
 entries just written. Rows run in parallel (``prange``); each row is reduced by one thread in a
 fixed order, so results are identical from run to run and for any thread count.
 
-Algorithm (``Algo("fused_rows", (("accumulate", ...),))``, chosen by the cpu dispatch rules):
+Algorithm (``Algo("fused", (("accumulate", ...),))``, chosen by the cpu dispatch rules):
 the row sums run in the scores' dtype (``"native"``) or in float64 (``"float64"``). LLVM
 vectorises the native sum into 32 partial sums; for float32 its rounding error grows with
 ``C / 32`` (about 4e-7 relative at C = 2048, 3e-6 at C = 10^4 on constant rows), so long
@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-ALGORITHM = "fused_rows"
+ALGORITHM = "fused"
 ACCUMULATORS = ("native", "float64")
 
 # Reassociation lets LLVM vectorise the sums; no flags that assume finite values.
@@ -108,8 +108,8 @@ def hinge_loss_rows(
     want_grad : bool
         Also compute the gradient.
     algo : Algo
-        ``Algo("fused_rows", (("accumulate", "native" | "float64"),))``: the type the row
-        sums run in (see the module docstring).
+        ``Algo("fused", (("accumulate", "native" | "float64"),))``: the type the row
+        sums run in (see the module docstring); without the param, float64 (always accurate).
 
     Returns
     -------

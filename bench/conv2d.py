@@ -1,0 +1,255 @@
+"""CPU conv2d benchmark: fastconv's backend vs the NumPy reference and PyTorch (issue 3 suite).
+
+Two modes per layer: ``forward`` (``fastconv.conv2d``) and ``fwd+bwd`` (forward, then the input,
+weight and bias gradients, as a training step needs). For every case the fastconv result is
+first checked against the ``reference`` backend (relative error within the float32 bound),
+then fastconv, the reference and ``torch.nn.functional.conv2d`` (forward, or forward +
+``autograd.grad`` for x, w and b) are timed interleaved in this process with the same thread
+count. GFLOP/s counts the direct algorithm's multiply-adds (x2), three times that for
+fwd+bwd, whatever algorithm actually ran (Winograd does fewer). Usage::
+
+    python bench/conv2d.py [--quick] [--json PATH] [--threads N] [--backend NAME]
+                           [--cases NAME,...] [--mode forward|fwd+bwd|both]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+import common
+
+# Targets of issue 3 (CPU, 2 threads, OPENBLAS_CORETYPE unset), as geometric-mean speedups
+# over PyTorch: forward >= 1.2x; fwd+bwd >= 1.5x with no case below 0.8x.
+TARGETS = {"forward": (1.2, None), "fwd+bwd": (1.5, 0.8)}
+MODES = ("forward", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One layer of the suite: NCHW float32 input, ``K`` filters of ``kernel x kernel``."""
+
+    name: str
+    N: int
+    C: int
+    HW: int
+    K: int
+    kernel: int
+    stride: int
+    pad: int
+    groups: int = 1
+
+    @property
+    def P(self) -> int:
+        return (self.HW + 2 * self.pad - self.kernel) // self.stride + 1
+
+    @property
+    def flops(self) -> int:
+        """2 x multiply-adds of the direct forward algorithm."""
+        return (2 * self.N * self.K * self.P * self.P * (self.C // self.groups)
+                * self.kernel * self.kernel)
+
+    @property
+    def kwargs(self) -> dict[str, int]:
+        return {"stride": self.stride, "padding": self.pad, "groups": self.groups}
+
+    def arrays(self, dtype: Any = np.float32, seed: int = 0):
+        """Seeded ``x (N, C, H, W)``, ``weight (K, C/groups, R, S)``, ``bias (K,)`` and a
+        ``grad_output (N, K, P, Q)``."""
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((self.N, self.C, self.HW, self.HW), dtype=np.float32)
+        w = rng.standard_normal((self.K, self.C // self.groups, self.kernel, self.kernel),
+                                dtype=np.float32)
+        w *= np.float32(1.0 / np.sqrt(w[0].size))  # unit-scale outputs, like a real layer
+        b = rng.standard_normal(self.K, dtype=np.float32)
+        gy = rng.standard_normal((self.N, self.K, self.P, self.P), dtype=np.float32)
+        return tuple(a.astype(dtype, copy=False) for a in (x, w, b, gy))
+
+
+CASES = [
+    ConvCase("stem7x7s2", 8, 3, 224, 64, 7, 2, 3),
+    ConvCase("r3x3_56", 8, 64, 56, 64, 3, 1, 1),
+    ConvCase("r1x1_56", 8, 256, 56, 64, 1, 1, 0),
+    ConvCase("r3x3_14", 8, 256, 14, 256, 3, 1, 1),
+    ConvCase("r3x3s2_28", 8, 128, 28, 256, 3, 2, 1),
+    ConvCase("cifar3x3", 64, 3, 32, 32, 3, 1, 1),
+    ConvCase("dw3x3_28", 8, 144, 28, 144, 3, 1, 1, groups=144),
+]
+# --quick: one layer per algorithm family (1x1 GEMM, 3x3, depthwise), under a minute in all.
+QUICK = ("r1x1_56", "r3x3_14", "cifar3x3", "dw3x3_28")
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates: each returns the outputs it computed, so the check uses the same calls it times
+# --------------------------------------------------------------------------------------------
+def fastconv_step(case: ConvCase, mode: str, backend: str, x, w, b, gy) -> Callable[[], tuple]:
+    """A zero-argument call running ``mode`` through fastconv on ``backend``."""
+    import fastconv
+
+    kw = dict(case.kwargs, backend=backend)
+
+    def forward():
+        return (fastconv.conv2d(x, w, b, **kw),)
+
+    def train_step():
+        y = fastconv.conv2d(x, w, b, **kw)
+        gx = fastconv.conv2d_input_grad(x.shape, w, gy, **kw)
+        gw = fastconv.conv2d_weight_grad(x, w.shape, gy, **kw)
+        gb = fastconv.conv2d_bias_grad(gy, backend=backend)
+        return y, gx, gw, gb
+
+    return forward if mode == "forward" else train_step
+
+
+def torch_step(torch: Any, case: ConvCase, mode: str, x, w, b, gy) -> Callable[[], tuple]:
+    """The same work in PyTorch: ``F.conv2d`` (+ ``autograd.grad`` for x, w and b)."""
+    F = torch.nn.functional
+    needs_grad = mode != "forward"
+    tx, tw, tb = (torch.from_numpy(a).requires_grad_(needs_grad) for a in (x, w, b))
+    tgy = torch.from_numpy(gy)
+
+    def forward():
+        with torch.no_grad():
+            return (F.conv2d(tx, tw, tb, **case.kwargs),)
+
+    def train_step():
+        y = F.conv2d(tx, tw, tb, **case.kwargs)
+        gx, gw, gb = torch.autograd.grad(y, (tx, tw, tb), tgy)
+        return y.detach(), gx, gw, gb
+
+    return forward if mode == "forward" else train_step
+
+
+def max_rel_error(outs: tuple, refs: tuple) -> float:
+    """Largest relative error over matching outputs (NumPy or torch tensors)."""
+    as_np = (lambda a: a.detach().numpy() if hasattr(a, "detach") else a)
+    return max(common.rel_error(as_np(o), as_np(r)) for o, r in zip(outs, refs))
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------
+def bench_case(case: ConvCase, mode: str, *, backend: str | None, torch: Any, repeats: int,
+               max_time: float) -> dict[str, Any]:
+    """Check, then time one case in one mode; returns a table row (times in ms)."""
+    import fastconv
+
+    dtype = np.float32
+    x, w, b, gy = case.arrays(dtype)
+    plan = fastconv.explain(fastconv.conv2d, x, w, b, **case.kwargs, backend=backend)
+    fast = fastconv_step(case, mode, plan.backend, x, w, b, gy)
+    reference = fastconv_step(case, mode, "reference", x, w, b, gy)
+    ref_out = reference()
+    err = max_rel_error(fast(), ref_out)
+    row: dict[str, Any] = {"case": case.name, "mode": mode, "backend": plan.backend,
+                           "algo": plan.algo.name, "err": err,
+                           "check": "ok" if err < common.tolerance(dtype) else "FAIL"}
+    if row["check"] != "ok":
+        return row  # a wrong result is not timed
+    candidates: dict[str, Callable] = {"fastconv": fast}
+    if plan.backend != "reference":
+        candidates["reference"] = reference
+    if torch is not None:
+        candidates["torch"] = torch_step(torch, case, mode, x, w, b, gy)
+        row["err_torch"] = max_rel_error(candidates["torch"](), ref_out)
+    timings = common.measure(candidates, repeats=repeats, warmup=1, max_time=max_time)
+    secs = {name: t.median for name, t in timings.items()}
+    secs.setdefault("reference", secs["fastconv"])
+    flops = case.flops * (1 if mode == "forward" else 3)
+    row.update({
+        "ms": secs["fastconv"] * 1e3,
+        "GFLOP/s": common.gflops(flops, secs["fastconv"]),
+        "spread": timings["fastconv"].spread,
+        "ref_ms": secs["reference"] * 1e3,
+        "vs_ref": common.speedup(secs["reference"], secs["fastconv"]),
+        "torch_ms": secs["torch"] * 1e3 if "torch" in secs else None,
+        "torch_GFLOP/s": common.gflops(flops, secs["torch"]) if "torch" in secs else None,
+        "vs_torch": common.speedup(secs["torch"], secs["fastconv"]) if "torch" in secs else None,
+    })
+    return row
+
+
+COLUMNS = ["case", "mode", "algo", "ms", "GFLOP/s", "ref_ms", "vs_ref", "torch_ms",
+           "torch_GFLOP/s", "vs_torch", "err", "check"]
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Geometric-mean speedups per mode, against the issue's targets when PyTorch ran."""
+    lines = [f"{r['case']} {r['mode']}: result off the reference by {r['err']:.2e}, not timed"
+             for r in rows if r["check"] != "ok"]
+    for mode in MODES:
+        sel = [r for r in rows if r["mode"] == mode and r["check"] == "ok"]
+        if not sel:
+            continue
+        line = f"{mode}: geomean {common.geomean(r['vs_ref'] for r in sel):.2f}x vs reference"
+        vs_torch = [r["vs_torch"] for r in sel if r.get("vs_torch") is not None]
+        if vs_torch:
+            gm, worst = common.geomean(vs_torch), min(vs_torch)
+            want_gm, want_min = TARGETS[mode]
+            ok = gm >= want_gm and (want_min is None or worst >= want_min)
+            line += (f", {gm:.2f}x vs PyTorch (worst {worst:.2f}x; target >= {want_gm:g}"
+                     f"{f', none below {want_min:g}' if want_min else ''}): "
+                     f"{'met' if ok else 'NOT met'}")
+        lines.append(line)
+    return lines
+
+
+def select_cases(args: argparse.Namespace) -> list[ConvCase]:
+    """The cases named by ``--cases``, else the ``--quick`` subset, else all."""
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = set(wanted) - {c.name for c in CASES}
+        if unknown:
+            raise SystemExit(f"unknown case(s) {sorted(unknown)}; "
+                             f"choose from {[c.name for c in CASES]}")
+        return [c for c in CASES if c.name in wanted]
+    return [c for c in CASES if c.name in QUICK] if args.quick else list(CASES)
+
+
+def run(args: argparse.Namespace, torch: Any, threads: int) -> dict[str, Any]:
+    """Run the conv suite (after `common.setup`); prints the table, returns the results."""
+    cases = select_cases(args)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    repeats = args.repeats or (3 if args.quick else 10)
+    max_time = 2.0 if args.quick else 20.0
+    progress = common.Progress(len(cases) * len(modes), "conv2d ", enabled=not args.quiet)
+    rows = []
+    for mode in modes:
+        for case in cases:
+            progress.step(f"{case.name} {mode}")
+            rows.append(bench_case(case, mode, backend=args.backend, torch=torch,
+                                   repeats=repeats, max_time=max_time))
+    progress.done()
+    common.print_table(rows, COLUMNS, title=f"conv2d, NCHW float32, {threads} threads "
+                                            "(ms: median; vs_*: speedup of fastconv)")
+    for line in summary(rows):
+        print(line)
+    return {"suite": "conv2d", "threads": threads, "results": rows}
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """This suite's own options (on top of `common.add_common_args`)."""
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated case names (default: all, or the --quick set)")
+    parser.add_argument("--mode", choices=MODES + ("both",), default="both",
+                        help="forward alone, forward + all gradients, or both (default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    args = add_args(common.add_common_args(parser)).parse_args(argv)
+    torch, threads = common.setup(args)
+    env = common.environment()
+    print(common.format_environment(env))
+    result = run(args, torch, threads)
+    if args.json:
+        common.write_json(args.json, {"environment": env, **result})
+    return 0 if all(r["check"] == "ok" for r in result["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The fused Numba hinge kernel (``fastconv.kernels.cpu_hinge``) called directly.
+
+Checked against a plain per-element loop written here in float64, for every option of the
+backend contract: p, margin, class weights, broadcast and per-row ``row_scale``, loss only or
+loss + gradient, both accumulators, float32 and float64, short and long rows. The public ops
+are tested on every backend elsewhere (tests/test_hinge.py); this file pins down the kernel
+itself, including determinism across thread counts and the accuracy of long rows.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastconv._types import Algo
+from fastconv.kernels.cpu_hinge import ACCUMULATORS, ALGORITHM, hinge_loss_rows
+
+TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-11}
+DTYPES = (np.float32, np.float64)
+
+
+def _algo(accumulate: str) -> Algo:
+    return Algo(ALGORITHM, (("accumulate", accumulate),), "test")
+
+
+def loop_hinge(scores, labels, margin, p, class_weight, row_scale):
+    """Losses (N,) and gradient (N, C) one element at a time, in float64."""
+    N, C = scores.shape
+    losses, grad = np.zeros(N), np.zeros((N, C))
+    for i in range(N):
+        y = int(labels[i])
+        wy = float(class_weight[y])
+        scale = float(row_scale[i if row_scale.shape[0] == N else 0])
+        for j in range(C):
+            if j == y:
+                continue
+            m = float(scores[i, j]) - float(scores[i, y]) + margin
+            if m > 0:
+                losses[i] += wy * m ** p
+                grad[i, j] = scale * wy * p * m ** (p - 1)
+                grad[i, y] -= grad[i, j]
+    return losses, grad
+
+
+def rel_error(out, ref) -> float:
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
+def make_problem(N, C, dtype, *, weighted, per_row_scale, seed=0):
+    """Random scores, labels, class weights and row scales of one dtype."""
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((N, C)).astype(dtype)
+    labels = rng.integers(0, C, N).astype(np.int64)
+    class_weight = (rng.uniform(0.5, 2.0, C) if weighted else np.ones(C)).astype(dtype)
+    row_scale = (rng.uniform(-1.0, 1.0, N) if per_row_scale else np.array([0.25])).astype(dtype)
+    return scores, labels, class_weight, row_scale
+
+
+def check(scores, labels, margin, p, class_weight, row_scale, accumulate):
+    """Run the kernel with and without the gradient and compare both to the loop."""
+    dtype = scores.dtype
+    want_losses, want_grad = loop_hinge(scores, labels, margin, p, class_weight, row_scale)
+    losses, grad = hinge_loss_rows(scores, labels, margin, p, class_weight, row_scale, True,
+                                   _algo(accumulate))
+    losses_only, no_grad = hinge_loss_rows(scores, labels, margin, p, class_weight, row_scale,
+                                           False, _algo(accumulate))
+    assert no_grad is None
+    for got in (losses, grad, losses_only):
+        assert got.dtype == dtype
+        assert np.all(np.isfinite(got))
+    assert losses.shape == want_losses.shape and grad.shape == want_grad.shape
+    assert rel_error(losses, want_losses) < TOLERANCE[dtype]
+    assert rel_error(losses_only, want_losses) < TOLERANCE[dtype]
+    assert rel_error(grad, want_grad) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", ACCUMULATORS)
+def test_lecture_notes_example(dtype, accumulate):
+    # Notes 7.1: s = (-3, 1.0, 0.5, -1.0, -0.4), y = 2: margins 1.5 and 0.1 are active.
+    scores = np.array([[-3.0, 1.0, 0.5, -1.0, -0.4]], dtype=dtype)
+    ones = np.ones(5, dtype=dtype)
+    losses, grad = hinge_loss_rows(scores, np.array([2]), 1.0, 1, ones,
+                                   np.ones(1, dtype=dtype), True, _algo(accumulate))
+    np.testing.assert_allclose(losses, [1.6], rtol=TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_array_equal(grad, [[0.0, 1.0, -2.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", ACCUMULATORS)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("per_row_scale", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 3), (33, 10), (9, 45), (4, 300)])
+def test_matches_loop(dtype, accumulate, p, weighted, per_row_scale, shape):
+    scores, labels, class_weight, row_scale = make_problem(
+        *shape, dtype, weighted=weighted, per_row_scale=per_row_scale)
+    check(scores, labels, 1.0, p, class_weight, row_scale, accumulate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("margin", [0.0, 0.3, 2.5, -0.5])
+@pytest.mark.parametrize("p", [1, 2])
+def test_margins(dtype, margin, p):
+    scores, labels, class_weight, row_scale = make_problem(
+        16, 12, dtype, weighted=True, per_row_scale=True, seed=3)
+    check(scores, labels, margin, p, class_weight, row_scale, "native")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [1, 2])
+def test_kink_and_label_column(dtype, p):
+    # Row 0: s_0 - s_1 + 1 == 0 exactly (a kink: subgradient 0). Row 1: only the label's own
+    # column would be "active" (its margin is the margin itself), and it must not count.
+    scores = np.array([[0.0, 1.0, -5.0], [0.0, 0.0, 0.0]], dtype=dtype)
+    labels = np.array([1, 2])
+    ones = np.ones(3, dtype=dtype)
+    losses, grad = hinge_loss_rows(scores, labels, 1.0, p, ones, np.ones(1, dtype=dtype),
+                                   True, _algo("native"))
+    np.testing.assert_array_equal(losses, [0.0, 2.0])
+    np.testing.assert_array_equal(grad[0], [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(grad[1], [p, p, -2 * p])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", ACCUMULATORS)
+def test_labels_at_row_ends(dtype, accumulate):
+    # The label's column is masked inside the vectorised loop; check it in the vector body,
+    # at both ends and in the scalar remainder of rows of 41 columns.
+    N, C = 41, 41
+    scores, _, class_weight, row_scale = make_problem(N, C, dtype, weighted=True,
+                                                      per_row_scale=True, seed=5)
+    labels = np.arange(N, dtype=np.int64) % C
+    for p in (1, 2):
+        check(scores, labels, 0.7, p, class_weight, row_scale, accumulate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_across_runs_and_threads(dtype):
+    scores, labels, class_weight, row_scale = make_problem(
+        2000, 301, dtype, weighted=True, per_row_scale=True, seed=7)
+    args = (scores, labels, 1.0, 2, class_weight, row_scale, True, _algo("native"))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one_thread = hinge_loss_rows(*args)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        first, second = hinge_loss_rows(*args), hinge_loss_rows(*args)
+    finally:
+        numba.set_num_threads(before)
+    for got in (first, second):
+        np.testing.assert_array_equal(got[0], one_thread[0])
+        np.testing.assert_array_equal(got[1], one_thread[1])
+
+
+def test_float64_accumulator_keeps_long_float32_rows_accurate():
+    # Equal margins are the worst case for a float32 running sum (the rounding error grows
+    # with C / 32); the float64 accumulator must stay within float32 rounding of the truth.
+    N, C = 2, 200_000
+    scores = np.full((N, C), 0.1, dtype=np.float32)
+    labels = np.array([0, C - 1])
+    scores[np.arange(N), labels] = 0.0
+    ones = np.ones(C, dtype=np.float32)
+    losses, grad = hinge_loss_rows(scores, labels, 1.0, 1, ones, np.ones(1, dtype=np.float32),
+                                   True, _algo("float64"))
+    exact = (C - 1) * np.float64(np.float32(0.1) + np.float32(1.0))  # m_j in float32
+    np.testing.assert_allclose(losses, [exact, exact], rtol=1e-6)
+    assert grad[0, 0] == grad[1, C - 1] == -(C - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(N=st.integers(1, 12), C=st.integers(1, 70), p=st.sampled_from([1, 2]),
+       margin=st.floats(-1.0, 3.0), dtype=st.sampled_from(DTYPES),
+       accumulate=st.sampled_from(ACCUMULATORS), weighted=st.booleans(),
+       per_row_scale=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_problems_match_loop(N, C, p, margin, dtype, accumulate, weighted,
+                                    per_row_scale, seed):
+    scores, labels, class_weight, row_scale = make_problem(
+        N, C, dtype, weighted=weighted, per_row_scale=per_row_scale, seed=seed)
+    check(scores, labels, margin, p, class_weight, row_scale, accumulate)
