@@ -1,0 +1,316 @@
+"""Kernel-level tests of the cpu conv backend: every algorithm, forced on every shape of the
+shared case list it supports, against the float64 reference; chunking under tiny workspace
+bounds; run-to-run determinism; the dispatch rules; and the threading set-up."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import reference
+from fastconv._args import conv_geometry
+from fastconv._types import Algo
+from fastconv.dispatch import cpu as rules
+from fastconv.kernels import cpu, cpu_workspace, cpu_winograd
+
+from conftest import CASE_IDS, CASES, ConvCase, assert_close
+
+# Every code path of the backend: (algorithm name, params); chunk_bytes=1 forces one row (of
+# output pixels or of Winograd tiles) per chunk, the most chunked a computation can get.
+VARIANTS = {
+    "gemm1x1": ("gemm1x1", ()),
+    "im2col": ("im2col", (("layout", "per_image"),)),
+    "im2col_wide": ("im2col", (("layout", "wide"),)),
+    "im2col_rows": ("im2col", (("layout", "wide"), ("chunk_bytes", 1))),
+    "winograd2": ("winograd", (("tile", 2),)),
+    "winograd4": ("winograd", (("tile", 4),)),
+    "winograd4_rows": ("winograd", (("tile", 4), ("chunk_bytes", 1))),
+    "direct": ("direct", ()),
+}
+
+EXTRA_CASES = [
+    ConvCase("wino_groups2", 2, 16, 9, 11, 16, 3, 3, padding=((0, 2), (1, 2)), groups=2),
+    ConvCase("wino_big_pad", 1, 8, 6, 7, 8, 3, 3, padding=((3, 1), (2, 4))),
+    ConvCase("1x1_groups4", 2, 8, 5, 6, 12, 1, 1, groups=4),
+    ConvCase("wide_strided", 3, 5, 12, 10, 7, 3, 2, stride=(3, 2), padding=((2, 0), (1, 1)),
+             dilation=(2, 1)),
+]
+ALL_CASES = CASES + EXTRA_CASES
+ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
+
+
+def _supports(algo_name: str, geom) -> bool:
+    if algo_name == "gemm1x1":
+        return (geom.R, geom.S, geom.stride, geom.padding) == (1, 1, (1, 1), (0, 0, 0, 0))
+    if algo_name == "winograd":
+        return (geom.R, geom.S, geom.stride, geom.dilation) == (3, 3, (1, 1), (1, 1))
+    return True
+
+
+def _case_geometry(case: ConvCase):
+    return conv_geometry(case.x_shape, case.w_shape, case.stride, case.padding, case.dilation,
+                         case.groups)
+
+
+def _problem(case: ConvCase, dtype, seed: int = 0):
+    x, w, b = case.arrays(dtype, seed)
+    geom = _case_geometry(case)
+    gy = np.random.default_rng(seed + 1).standard_normal(geom.output_shape).astype(dtype)
+    return x, w, b, gy, geom
+
+
+def _algo(variant: str, **extra) -> Algo:
+    name, params = VARIANTS[variant]
+    return Algo(name, params + tuple(extra.items()), "forced by the test")
+
+
+FORCED = [pytest.param(variant, case, id=f"{variant}-{case.name}")
+          for variant, (name, _) in VARIANTS.items() for case in ALL_CASES
+          if _supports(name, _case_geometry(case))]
+
+
+@pytest.mark.parametrize("variant,case", FORCED)
+def test_forced_algorithm_matches_reference(variant, case, dtype):
+    x, w, b, gy, geom = _problem(case, dtype)
+    algo = _algo(variant)
+    y = cpu.conv2d_forward(x, w, b, geom, algo)
+    gx = cpu.conv2d_input_grad(w, gy, geom, algo)
+    gw = cpu.conv2d_weight_grad(x, gy, geom, algo)
+    for out, shape in ((y, geom.output_shape), (gx, geom.input_shape), (gw, geom.weight_shape)):
+        assert out.shape == shape and out.dtype == dtype
+    assert_close(y, reference.conv2d_forward(x, w, b, geom))
+    assert_close(gx, reference.conv2d_input_grad(w, gy, geom))
+    assert_close(gw, reference.conv2d_weight_grad(x, gy, geom))
+
+
+def test_every_variant_is_exercised():
+    assert {v for v, *_ in (p.values for p in FORCED)} == set(VARIANTS)
+
+
+def test_bias_grad_reduce(dtype):
+    gy = np.random.default_rng(0).standard_normal((3, 5, 7, 9)).astype(dtype)
+    out = cpu.conv2d_bias_grad(gy, Algo("reduce"))
+    assert out.shape == (5,) and out.dtype == dtype
+    assert_close(out, gy.astype(np.float64).sum(axis=(0, 2, 3)), dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Workspace bound
+# --------------------------------------------------------------------------------------------
+CHUNKED = [
+    (ConvCase("rows_im2col", 3, 6, 20, 17, 8, 3, 3, stride=(2, 1), padding=1), "im2col_wide"),
+    (ConvCase("rows_im2col_pi", 2, 4, 30, 30, 5, 5, 5, padding=2), "im2col"),
+    (ConvCase("rows_winograd4", 2, 16, 24, 19, 16, 3, 3, padding=1), "winograd4"),
+    (ConvCase("rows_winograd2", 2, 16, 24, 19, 16, 3, 3, padding=1), "winograd2"),
+]
+
+
+def _smallest_bound(variant: str, geom, itemsize: int) -> int:
+    """The least workspace bound under which every op of ``variant`` still runs: its fixed
+    workspace plus one row, from the same size functions the kernels plan with."""
+    name, params = VARIANTS[variant]
+    p = dict(params)
+    if name == "im2col":
+        sizes = [cpu_workspace.im2col_bytes(op, geom, p["layout"], itemsize)
+                 for op in ("forward", "input_grad", "weight_grad")]
+    else:
+        sizes = [cpu_workspace.winograd_bytes(op, geom, p["tile"], itemsize)
+                 for op in ("forward", "input_grad", "weight_grad")]
+    return max(sum(s) for s in sizes)
+
+
+@pytest.mark.parametrize("case,variant", CHUNKED, ids=[c[0].name for c in CHUNKED])
+def test_chunking_under_a_tiny_workspace_bound(case, variant, dtype):
+    x, w, b, gy, geom = _problem(case, dtype)
+    bound = _smallest_bound(variant, geom, dtype.itemsize)
+    algo = _algo(variant, workspace_bytes=bound)
+    cpu_workspace.largest_scratch_bytes(reset=True)
+    outs = (cpu.conv2d_forward(x, w, b, geom, algo), cpu.conv2d_input_grad(w, gy, geom, algo),
+            cpu.conv2d_weight_grad(x, gy, geom, algo))
+    largest = cpu_workspace.largest_scratch_bytes(reset=True)
+    assert 0 < largest <= bound
+    cpu.conv2d_forward(x, w, b, geom, _algo(variant))
+    assert cpu_workspace.largest_scratch_bytes() > bound, "the bound did not force chunking"
+    refs = (reference.conv2d_forward(x, w, b, geom), reference.conv2d_input_grad(w, gy, geom),
+            reference.conv2d_weight_grad(x, gy, geom))
+    for out, ref in zip(outs, refs):
+        assert_close(out, ref)
+
+
+def test_plan_chunks_covers_every_row_once():
+    for N, rows, per_row, bound, preferred in [(5, 7, 100, 10_000, 10_000),
+                                               (5, 7, 100, 350, 10_000),
+                                               (3, 10, 64, 10**9, 1), (1, 1, 8, 8, 8)]:
+        seen = np.zeros((N, rows), dtype=int)
+        for ch in cpu_workspace.plan_chunks(N, rows, (0, per_row), bound, preferred):
+            assert ch.nc * ch.rc * per_row <= max(min(bound, preferred), per_row)
+            assert ch.nc == 1 or ch.rc == rows
+            seen[ch.n0:ch.n0 + ch.nc, ch.r0:ch.r0 + ch.rc] += 1
+        assert np.all(seen == 1)
+
+
+def test_scratch_refuses_buffers_above_the_bound():
+    with pytest.raises(MemoryError, match="exceeds the workspace bound"):
+        cpu_workspace.scratch((1000,), np.float32, 3999)
+    assert cpu_workspace.scratch((1000,), np.float32, 4000).nbytes == 4000
+
+
+def test_rules_fall_back_to_direct_when_no_row_fits():
+    geom = conv_geometry((2, 64, 40, 40), (64, 64, 5, 5), 1, 2, 1, 1)
+    assert rules.choose("forward", geom, np.float32, precision="fp32",
+                        workspace_bytes=256 * 2**20).name == "im2col"
+    algo = rules.choose("forward", geom, np.float32, precision="fp32", workspace_bytes=4096)
+    assert algo.name == "direct" and "workspace" in algo.reason
+    wino = conv_geometry((2, 64, 40, 40), (64, 64, 3, 3), 1, 1, 1, 1)
+    assert rules.choose("forward", wino, np.float32, precision="fp32",
+                        workspace_bytes=4096).name == "direct"
+
+
+def test_public_api_honours_the_environment_bound(monkeypatch):
+    case = CHUNKED[0][0]
+    x, w, b, gy, geom = _problem(case, np.float32)
+    monkeypatch.setenv("FASTCONV_WORKSPACE_MB", str(20_000 / 2**20))
+    plan = fastconv.explain("conv2d", x, w, b, **case.kwargs, backend="cpu")
+    assert plan.algo.get("workspace_bytes") == int(20_000 / 2**20 * 2**20)
+    cpu_workspace.largest_scratch_bytes(reset=True)
+    y = fastconv.conv2d(x, w, b, **case.kwargs, backend="cpu")
+    assert cpu_workspace.largest_scratch_bytes() <= 20_000
+    assert_close(y, reference.conv2d_forward(x, w, b, geom))
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch rules
+# --------------------------------------------------------------------------------------------
+SUITE = {
+    # name: (N, C, H=W, K, kernel, stride, pad, groups) -> expected forward algorithm
+    "stem7x7s2": ((8, 3, 224, 64, 7, 2, 3, 1), "im2col"),
+    "r3x3_56": ((8, 64, 56, 64, 3, 1, 1, 1), "winograd"),
+    "r1x1_56": ((8, 256, 56, 64, 1, 1, 0, 1), "gemm1x1"),
+    "r3x3_14": ((8, 256, 14, 256, 3, 1, 1, 1), "winograd"),
+    "r3x3s2_28": ((8, 128, 28, 256, 3, 2, 1, 1), "im2col"),
+    "cifar3x3": ((64, 3, 32, 32, 3, 1, 1, 1), "im2col"),
+    "dw3x3_28": ((8, 144, 28, 144, 3, 1, 1, 144), "direct"),
+}
+
+
+@pytest.mark.parametrize("name", list(SUITE))
+def test_rules_on_the_benchmark_suite(name):
+    (N, C, H, K, k, s, p, g), expected = SUITE[name]
+    geom = conv_geometry((N, C, H, H), (K, C // g, k, k), s, p, 1, g)
+    for op in ("forward", "input_grad", "weight_grad"):
+        algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=256 * 2**20)
+        assert algo.name == expected and algo.name in cpu.ALGORITHMS and algo.reason
+    assert rules.choose("bias_grad", geom, np.float32, precision="fp32",
+                        workspace_bytes=256 * 2**20).name == "reduce"
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=ALL_IDS)
+def test_rules_pick_an_algorithm_that_supports_the_shape(case):
+    x, w, b, gy, geom = _problem(case, np.float32)
+    for op in ("forward", "input_grad", "weight_grad"):
+        algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
+        assert _supports(algo.name, geom), (op, algo)
+
+
+def test_winograd_tile_choice():
+    big = conv_geometry((1, 16, 28, 28), (16, 16, 3, 3), 1, 1, 1, 1)
+    algo = rules.choose("forward", big, np.float32, precision="fp32", workspace_bytes=2**28)
+    assert (algo.name, algo.get("tile")) == ("winograd", 4)
+    # a 2x2 output: one F(2x2) tile (16 points) beats one F(4x4) tile (36 points)
+    tiny = conv_geometry((1, 16, 4, 4), (16, 16, 3, 3), 1, 0, 1, 1)
+    algo = rules.choose("forward", tiny, np.float32, precision="fp32", workspace_bytes=2**28)
+    assert (algo.name, algo.get("tile")) == ("winograd", 2)
+    few = conv_geometry((1, 3, 28, 28), (16, 3, 3, 3), 1, 1, 1, 1)
+    assert rules.choose("forward", few, np.float32, precision="fp32",
+                        workspace_bytes=2**28).name == "im2col"
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy at realistic sizes, determinism, non-contiguous inputs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tile", cpu_winograd.TILE_SIZES)
+def test_winograd_accuracy_at_layer_size(tile):
+    """F(4x4) amplifies rounding most; at a ResNet-like size it stays well inside 1e-5."""
+    case = ConvCase("layer", 2, 128, 28, 28, 64, 3, 3, padding=1)
+    x, w, b, gy, geom = _problem(case, np.float32)
+    algo = Algo("winograd", (("tile", tile),))
+    assert_close(cpu.conv2d_forward(x, w, b, geom, algo),
+                 reference.conv2d_forward(x, w, b, geom), factor=0.5)
+    assert_close(cpu.conv2d_input_grad(w, gy, geom, algo),
+                 reference.conv2d_input_grad(w, gy, geom), factor=0.5)
+    assert_close(cpu.conv2d_weight_grad(x, gy, geom, algo),
+                 reference.conv2d_weight_grad(x, gy, geom), factor=0.5)
+
+
+DETERMINISM = [
+    (ConvCase("det_im2col", 4, 6, 21, 19, 8, 3, 3, stride=2, padding=1), "im2col_rows"),
+    (ConvCase("det_im2col_pi", 3, 6, 50, 50, 8, 3, 3, padding=1), "im2col"),
+    (ConvCase("det_wino", 4, 16, 21, 19, 16, 3, 3, padding=1), "winograd4_rows"),
+    (ConvCase("det_1x1", 4, 32, 21, 19, 16, 1, 1), "gemm1x1"),
+    (ConvCase("det_direct", 4, 8, 21, 19, 8, 3, 3, padding=1, groups=8), "direct"),
+]
+
+
+@pytest.mark.parametrize("case,variant", DETERMINISM, ids=[c[0].name for c in DETERMINISM])
+def test_identical_results_run_to_run(case, variant):
+    x, w, b, gy, geom = _problem(case, np.float32)
+    algo = _algo(variant)
+
+    def run():
+        return (cpu.conv2d_forward(x, w, b, geom, algo), cpu.conv2d_input_grad(w, gy, geom, algo),
+                cpu.conv2d_weight_grad(x, gy, geom, algo), cpu.conv2d_bias_grad(gy, algo))
+
+    first = run()
+    for _ in range(3):
+        for a, b_ in zip(first, run()):
+            assert np.array_equal(a, b_)
+
+
+def test_non_contiguous_inputs_are_handled_upstream():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 20, 13, 16)).astype(np.float32).transpose(0, 1, 3, 2)[:, ::2]
+    w = rng.standard_normal((3, 3, 10, 12)).astype(np.float32).transpose(3, 2, 0, 1)
+    b = rng.standard_normal(24).astype(np.float32)[::2]
+    assert not (x.flags.c_contiguous or w.flags.c_contiguous or b.flags.c_contiguous)
+    y = fastconv.conv2d(x, w, b, padding=1, backend="cpu")
+    assert_close(y, fastconv.conv2d(np.ascontiguousarray(x), np.ascontiguousarray(w),
+                                    np.ascontiguousarray(b), padding=1, backend="reference"))
+    gy = rng.standard_normal(y.shape[::-1]).astype(np.float32).T
+    gx = fastconv.conv2d_input_grad(x.shape, w, gy, padding=1, backend="cpu")
+    gw = fastconv.conv2d_weight_grad(x, w.shape, gy, padding=1, backend="cpu")
+    assert_close(gx, fastconv.conv2d_input_grad(x.shape, w, gy, padding=1, backend="reference"))
+    assert_close(gw, fastconv.conv2d_weight_grad(x, w.shape, gy, padding=1, backend="reference"))
+
+
+# --------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------
+def test_fresh_process_uses_sleeping_workers_and_serialises_threads():
+    """In a fresh process the backend selects Numba's workqueue layer (see kernels/cpu.py), and
+    calls from several Python threads at once still work (the layer itself would abort)."""
+    script = textwrap.dedent("""
+        import threading, numpy as np, numba, fastconv
+        x = np.random.default_rng(0).standard_normal((2, 16, 20, 20)).astype(np.float32)
+        w = np.random.default_rng(1).standard_normal((16, 16, 3, 3)).astype(np.float32)
+        ref = fastconv.conv2d(x, w, padding=1, backend="cpu")
+        assert numba.threading_layer() == "workqueue", numba.threading_layer()
+        bad = []
+        def work():
+            for _ in range(20):
+                if not np.array_equal(fastconv.conv2d(x, w, padding=1, backend="cpu"), ref):
+                    bad.append(1)
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        assert not bad
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
