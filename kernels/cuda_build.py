@@ -146,12 +146,20 @@ def current_device() -> DeviceInfo:
     return info
 
 
+_NO_CUPY: list[bool] = []  # set once CuPy failed to import (it will not appear later)
+
+
 def device_info_or_none() -> DeviceInfo | None:
     """`current_device()` where CuPy and a GPU are usable, else ``None`` (rules then assume a
     typical device)."""
+    if _NO_CUPY:
+        return None
     try:
         return current_device()
-    except Exception:  # no CuPy, no driver, no device: the caller falls back to defaults
+    except ImportError:
+        _NO_CUPY.append(True)
+        return None
+    except Exception:  # no driver or no device: the caller falls back to defaults
         return None
 
 

@@ -148,14 +148,16 @@ def rows_per_image(geom: Any, mode: int) -> int:
     return geom.H * geom.W if mode == DGRAD else geom.P * geom.Q
 
 
-def batch_chunks(N: int, per_image: int, limit: int = ROW_LIMIT) -> list[tuple[int, int]]:
-    """Split ``range(N)`` into ``[n0, n1)`` chunks of at most ``limit // per_image`` images.
+def batch_chunks(N: int, per_image: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """Split ``range(N)`` into ``[n0, n1)`` chunks of at most ``limit // per_image`` images
+    (``limit`` defaults to `ROW_LIMIT`).
 
     Raises
     ------
     ValueError
         If a single image already has ``limit`` rows or more.
     """
+    limit = ROW_LIMIT if limit is None else limit
     if per_image > limit:
         raise ValueError(f"one image has {per_image} pixels; the CUDA kernels index at most "
                          f"{limit} per launch")

@@ -15,6 +15,7 @@
 // shared memory show up.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -58,17 +59,22 @@ using std::fmaf;
 
 namespace emu {
 
-// A reusable barrier whose wait gives up after a timeout and flags the launch as failed.
+// A reusable barrier (futex waits through C++20 std::atomic::wait). A watchdog releases every
+// barrier and flags the launch as failed when no barrier completes for a while (a deadlock:
+// some thread of the block never arrives), instead of hanging the test run.
 class Barrier {
 public:
     explicit Barrier(int count) : count_(count) {}
     void wait();
+    void release() {
+        generation_.fetch_add(1, std::memory_order_acq_rel);
+        generation_.notify_all();
+    }
 
 private:
-    std::mutex mu_;
-    std::condition_variable cv_;
-    int count_, arrived_ = 0;
-    unsigned long generation_ = 0;
+    const int count_;
+    std::atomic<int> arrived_{0};
+    std::atomic<unsigned> generation_{0};
 };
 
 struct Block {
@@ -82,7 +88,7 @@ struct Block {
 
 inline Block* g_block_state = nullptr;
 inline unsigned char* g_dynamic_smem = nullptr;
-inline bool g_failed = false;
+inline std::atomic<bool> g_failed{false};
 inline std::string g_error;
 inline std::mutex g_error_mu;
 inline dim3 g_block_idx, g_block_dim, g_grid_dim;
@@ -95,22 +101,18 @@ inline void fail(const std::string& why) {
     g_failed = true;
 }
 
+inline std::atomic<unsigned long> g_progress{0};
+
 inline void Barrier::wait() {
-    std::unique_lock<std::mutex> lock(mu_);
     if (g_failed) return;
-    const unsigned long gen = generation_;
-    if (++arrived_ == count_) {
-        arrived_ = 0;
-        ++generation_;
-        cv_.notify_all();
+    const unsigned gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == count_) {
+        arrived_.store(0, std::memory_order_relaxed);
+        g_progress.fetch_add(1, std::memory_order_relaxed);
+        release();
         return;
     }
-    if (!cv_.wait_for(lock, std::chrono::seconds(20),
-                      [&] { return generation_ != gen || g_failed; })) {
-        fail("deadlock: a barrier was not reached by all of its threads");
-        ++generation_;
-        cv_.notify_all();
-    }
+    while (generation_.load(std::memory_order_acquire) == gen) generation_.wait(gen);
 }
 
 inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
@@ -201,6 +203,55 @@ Entry entry(void (*f)(A...)) {
     return e;
 }
 
+// Worker threads, created once and reused by every launch (creating a few hundred threads
+// per block would dominate the run time). Leaked on purpose: never joined at exit.
+class Pool {
+public:
+    // Runs fn(t) for t in [0, threads) on distinct workers and waits for all of them.
+    void run(int threads, const std::function<void(int)>& fn) {
+        std::unique_lock<std::mutex> lock(mu_);
+        while (int(workers_.size()) < threads) {
+            const int t = int(workers_.size());
+            workers_.emplace_back([this, t] { loop(t); });
+        }
+        job_ = &fn;
+        job_threads_ = threads;
+        active_ = threads;
+        ++generation_;
+        start_.notify_all();
+        done_.wait(lock, [&] { return active_ == 0; });
+        job_ = nullptr;
+    }
+
+private:
+    void loop(int t) {
+        unsigned long seen = 0;
+        std::unique_lock<std::mutex> lock(mu_);
+        for (;;) {
+            start_.wait(lock, [&] { return generation_ != seen; });
+            seen = generation_;
+            if (t >= job_threads_) continue;
+            const std::function<void(int)>* fn = job_;
+            lock.unlock();
+            (*fn)(t);
+            lock.lock();
+            if (--active_ == 0) done_.notify_all();
+        }
+    }
+
+    std::mutex mu_;
+    std::condition_variable start_, done_;
+    std::vector<std::thread> workers_;
+    const std::function<void(int)>* job_ = nullptr;
+    int job_threads_ = 0, active_ = 0;
+    unsigned long generation_ = 0;
+};
+
+inline Pool& pool() {
+    static Pool* p = new Pool;
+    return *p;
+}
+
 // Runs the grid block by block; returns 0, or 1 with g_error set.
 inline int run_grid(const Entry& e, dim3 grid, dim3 block, std::size_t smem, void** args) {
     g_failed = false;
@@ -212,34 +263,51 @@ inline int run_grid(const Entry& e, dim3 grid, dim3 block, std::size_t smem, voi
         (reinterpret_cast<std::uintptr_t>(dyn.data()) + 15) & ~std::uintptr_t(15));
     g_grid_dim = grid;
     g_block_dim = block;
-    for (unsigned bz = 0; bz < grid.z && !g_failed; ++bz)
-        for (unsigned by = 0; by < grid.y && !g_failed; ++by)
-            for (unsigned bx = 0; bx < grid.x && !g_failed; ++bx) {
-                Block state;
-                state.threads = threads;
-                state.barrier = std::make_unique<Barrier>(threads);
-                for (int w = 0; w < warps; ++w) {
-                    state.warp_barriers.push_back(
-                        std::make_unique<Barrier>(std::min(32, threads - 32 * w)));
-                }
-                state.slots.assign(std::size_t(warps) * 32 * 16, 0);
-                state.mma_a.assign(std::size_t(warps) * 128, 0.0f);
-                state.mma_b.assign(std::size_t(warps) * 64, 0.0f);
-                g_block_state = &state;
-                g_block_idx = dim3{bx, by, bz};
-                std::vector<std::thread> pool;
-                pool.reserve(threads);
-                for (int t = 0; t < threads; ++t) {
-                    pool.emplace_back([&, t] {
-                        t_linear = t;
-                        t_thread_idx = dim3{unsigned(t) % block.x,
-                                            (unsigned(t) / block.x) % block.y,
-                                            unsigned(t) / (block.x * block.y)};
-                        e.call(args);
-                    });
-                }
-                for (auto& th : pool) th.join();
+    Block state;
+    state.threads = threads;
+    state.barrier = std::make_unique<Barrier>(threads);
+    for (int w = 0; w < warps; ++w) {
+        state.warp_barriers.push_back(std::make_unique<Barrier>(std::min(32, threads - 32 * w)));
+    }
+    state.slots.assign(std::size_t(warps) * 32 * 16, 0);
+    state.mma_a.assign(std::size_t(warps) * 128, 0.0f);
+    state.mma_b.assign(std::size_t(warps) * 64, 0.0f);
+    g_block_state = &state;
+    const long long blocks = (long long)grid.x * grid.y * grid.z;
+    std::atomic<bool> finished{false};
+    std::thread watchdog([&] {
+        unsigned long last = g_progress.load();
+        auto since = std::chrono::steady_clock::now();
+        while (!finished.load()) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+            const unsigned long now = g_progress.load();
+            if (now != last) {
+                last = now;
+                since = std::chrono::steady_clock::now();
+            } else if (std::chrono::steady_clock::now() - since > std::chrono::seconds(20)) {
+                fail("deadlock: a barrier was not reached by all of its threads");
+                state.barrier->release();
+                for (auto& wb : state.warp_barriers) wb->release();
+                since = std::chrono::steady_clock::now();
             }
+        }
+    });
+    pool().run(threads, [&](int t) {
+        t_linear = t;
+        t_thread_idx = dim3{unsigned(t) % block.x, (unsigned(t) / block.x) % block.y,
+                            unsigned(t) / (block.x * block.y)};
+        for (long long b = 0; b < blocks && !g_failed; ++b) {
+            if (t == 0) {  // the end barrier of the previous block has been passed by all
+                g_block_idx = dim3{unsigned(b % grid.x), unsigned((b / grid.x) % grid.y),
+                                   unsigned(b / ((long long)grid.x * grid.y))};
+            }
+            state.barrier->wait();  // block start: everyone sees the new blockIdx
+            e.call(args);
+            state.barrier->wait();  // block end
+        }
+    });
+    finished = true;
+    watchdog.join();
     g_block_state = nullptr;
     return g_failed ? 1 : 0;
 }

@@ -25,7 +25,7 @@ from fastconv.kernels.cuda import Executor
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("conv2d.cu", "depthwise.cu", "hinge.cu")
-CXX_FLAGS = ("-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", "-w")
+CXX_FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w")
 
 # NumPy dtype -> C++ parameter code (see emu::Code).
 _SCALAR_CODES = {np.dtype(np.int32): "i", np.dtype(np.int64): "l",

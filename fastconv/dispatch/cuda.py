@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
@@ -35,8 +36,25 @@ BLOCKS_PER_SM_TARGET = 2        # weight-gradient slices aim at this many blocks
 
 def choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, *, precision: str,
            workspace_bytes: int, scores_shape: Optional[tuple[int, int]] = None) -> Algo:
-    """The cuda backend's algorithm for ``op`` (see the module docstring)."""
-    dtype = np.dtype(dtype)
+    """The cuda backend's algorithm for ``op`` (see the module docstring).
+
+    The answer depends only on the arguments, the current device's SM count and compute
+    capability, and CuPy's ``CUPY_TF32`` switch; it is memoised on all of them, so repeated
+    calls cost a dictionary lookup.
+    """
+    device = cuda_build.device_info_or_none()
+    sm_count = device.sm_count if device else ASSUMED_SM_COUNT
+    capability = device.capability if device else ASSUMED_CAPABILITY
+    cupy_tf32 = os.environ.get("CUPY_TF32", "0") == "1"
+    return _choose(op, geom, np.dtype(dtype), precision, workspace_bytes,
+                   None if scores_shape is None else tuple(scores_shape), sm_count,
+                   tuple(capability), cupy_tf32)
+
+
+@lru_cache(maxsize=4096)
+def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: str,
+            workspace_bytes: int, scores_shape: Optional[tuple[int, int]], sm_count: int,
+            capability: tuple[int, int], cupy_tf32: bool) -> Algo:
     if op == "hinge":
         return _hinge(scores_shape, dtype)
     if op == "bias_grad":
@@ -45,9 +63,6 @@ def choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, *, precision:
                     "order (no atomics)")
     if op not in MODE_OF_OP:
         raise ValueError(f"unknown op {op!r}")
-    device = cuda_build.device_info_or_none()
-    sm_count = device.sm_count if device else ASSUMED_SM_COUNT
-    capability = device.capability if device else ASSUMED_CAPABILITY
     tf32, prec_why = _precision(precision, dtype, capability)
 
     if cuda_conv.depthwise_fits(geom, dtype):
@@ -58,7 +73,7 @@ def choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, *, precision:
                                   ("precision", _exact(dtype))),
                     "depthwise conv (groups == C): direct kernels of depthwise.cu in "
                     f"{_exact(dtype)} FMAs" + ("; TF32 does not apply" if tf32 else ""))
-    if _plain_1x1(geom) and not tf32 and os.environ.get("CUPY_TF32", "0") != "1":
+    if _plain_1x1(geom) and not tf32 and not cupy_tf32:
         return Algo("gemm_1x1", (("kernel", "cupy.matmul"), ("precision", _exact(dtype))),
                     "1x1, stride 1, no padding, one group: a batched GEMM through cuBLAS "
                     f"(strict {_exact(dtype)})")

@@ -1,0 +1,273 @@
+"""The CUDA kernels executed on the CPU through a host emulation, against the NumPy reference.
+
+No GPU here: ``cuda_emu.h`` compiles the very sources of ``kernels/*.cu`` with the host C++
+compiler (blocks run one after another, the threads of a block as OS threads with real
+barriers, warp shuffles and the documented mma.sync fragment layout emulated). The launches
+come from the real launchers and the real backend functions of ``fastconv.kernels.cuda`` with
+NumPy arrays; every kernel argument is checked against the C++ parameter type, and outputs
+start as NaN so that an element the kernels never write fails the comparison.
+
+What this does not check: real GPU timing, memory-model subtleties beyond barriers, and the
+hardware's own mma.sync layout (the emulation encodes the PTX ISA's description of it).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fastconv import reference
+from fastconv._args import conv_geometry
+from fastconv._types import Algo
+from fastconv.dispatch import cuda as rules
+from fastconv.kernels import cuda as backend
+from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge
+from fastconv.kernels.cuda_conv import DGRAD, FPROP, WGRAD, SimtTile, Tf32Tile
+
+from conftest import CASES, CASE_IDS, TOLERANCE, rel_err
+
+cuda_emu = pytest.importorskip("cuda_emu")
+TF32_TOLERANCE = 5e-3
+
+
+@pytest.fixture(scope="module")
+def ex():
+    if cuda_emu.compiler() is None:
+        pytest.skip("no C++ compiler for the host emulation")
+    cuda_emu.build()
+    return cuda_emu.executor()
+
+
+@pytest.fixture(autouse=True)
+def _no_device(monkeypatch):
+    """The rules see the typical device they assume without a GPU."""
+    monkeypatch.setattr(cuda_build, "device_info_or_none", lambda: None)
+
+
+def _tol(dtype, precision="fp32"):
+    return TF32_TOLERANCE if precision == "tf32" else TOLERANCE[np.dtype(dtype)]
+
+
+def _problem(geom, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((geom.N, geom.C, geom.H, geom.W)).astype(dtype)
+    w = rng.standard_normal((geom.K, geom.C // geom.groups, geom.R, geom.S)).astype(dtype)
+    b = rng.standard_normal(geom.K).astype(dtype)
+    gy = rng.standard_normal((geom.N, geom.K, geom.P, geom.Q)).astype(dtype)
+    return x, w, b, gy
+
+
+def _run(ex, op, geom, algo, x, w, b, gy):
+    if op == "forward":
+        return backend.forward(ex, x, w, b, geom, algo), reference.conv2d_forward(x, w, b, geom)
+    if op == "input_grad":
+        return (backend.input_grad(ex, w, gy, geom, algo),
+                reference.conv2d_input_grad(w, gy, geom))
+    return (backend.weight_grad(ex, x, gy, geom, algo),
+            reference.conv2d_weight_grad(x, gy, geom))
+
+
+OPS = ("forward", "input_grad", "weight_grad")
+PRECISIONS = [pytest.param(np.float32, "fp32", id="f32"),
+              pytest.param(np.float32, "tf32", id="tf32"),
+              pytest.param(np.float64, "fp32", id="f64")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared case list, through the rules and the backend functions
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype,precision", PRECISIONS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list(ex, case, dtype, precision, op):
+    x, w, b = case.arrays(dtype)
+    geom = conv_geometry(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
+    _, _, _, gy = _problem(geom, dtype, seed=1)
+    algo = rules.choose(op, geom, np.dtype(dtype), precision=precision,
+                        workspace_bytes=256 * 2**20)
+    out, ref = _run(ex, op, geom, algo, x, w, b if case.bias else None, gy)
+    assert out.dtype == dtype
+    tf32 = algo.name == "implicit_gemm_tf32"
+    assert rel_err(out, ref) < _tol(dtype, "tf32" if tf32 else "fp32"), algo
+
+
+# ---------------------------------------------------------------------------------------------
+# Every instantiated tile, in every mode, on problems spanning several tiles in each direction
+# ---------------------------------------------------------------------------------------------
+# Pixel planes a multiple of 4 (vector stores) and not (scalar stores); partial tiles in M, N
+# and the reduction; groups, stride, dilation and asymmetric padding.
+TILE_GEOMS = {
+    "plain": conv_geometry((2, 12, 13, 12), (40, 12, 3, 3), 1, 1, 1, 1),
+    "mixed": conv_geometry((3, 12, 11, 9), (18, 6, 3, 2), (2, 1), ((1, 2), (0, 1)), (1, 2), 2),
+}
+TILES = ([pytest.param(np.float32, t, id=f"f32-{t.bm}x{t.bn}")
+          for t in cuda_conv.SIMT_TILES["float32"]]
+         + [pytest.param(np.float64, t, id=f"f64-{t.bm}x{t.bn}")
+            for t in cuda_conv.SIMT_TILES["float64"]]
+         + [pytest.param(np.float32, t, id=f"tf32-{t.bm}x{t.bn}") for t in cuda_conv.TF32_TILES])
+
+
+@pytest.mark.parametrize("geom_name", list(TILE_GEOMS))
+@pytest.mark.parametrize("dtype,tile", TILES)
+def test_every_tile(ex, dtype, tile, geom_name):
+    geom = TILE_GEOMS[geom_name]
+    x, w, b, gy = _problem(geom, dtype)
+    name = "implicit_gemm_tf32" if isinstance(tile, Tf32Tile) else "implicit_gemm"
+    tol = _tol(dtype, "tf32" if isinstance(tile, Tf32Tile) else "fp32")
+    for op in OPS:
+        algo = Algo(name, (("tile", dataclasses.astuple(tile)), ("splits", 3)))
+        out, ref = _run(ex, op, geom, algo, x, w, b, gy)
+        assert rel_err(out, ref) < tol, (op, tile)
+
+
+def test_weight_grad_slices_are_summed(ex):
+    """Many reduction slices (more than the problem's tiles), uneven last slice."""
+    geom = TILE_GEOMS["plain"]
+    x, _, _, gy = _problem(geom, np.float64)
+    ref = reference.conv2d_weight_grad(x, gy, geom)
+    for splits in (1, 3, 13):
+        algo = Algo("implicit_gemm", (("tile", (32, 32, 8, 2, 2)), ("splits", splits)))
+        assert rel_err(backend.weight_grad(ex, x, gy, geom, algo), ref) < 1e-11, splits
+
+
+def test_batch_chunks_for_32bit_indices(ex, monkeypatch):
+    """Batches are cut so that GEMM rows stay 32-bit; here the limit is lowered to force it."""
+    geom = conv_geometry((5, 6, 10, 9), (8, 6, 3, 3), 1, 1, 1, 1)
+    monkeypatch.setattr(cuda_conv, "ROW_LIMIT", 2 * 90 + 7)  # two images per chunk
+    assert len(cuda_conv.batch_chunks(geom.N, 90)) == 3
+    x, w, b, gy = _problem(geom, np.float64)
+    for tile, name in ((SimtTile(32, 32, 8, 2, 2), "implicit_gemm"),):
+        for op in OPS:
+            algo = Algo(name, (("tile", dataclasses.astuple(tile)), ("splits", 2)))
+            out, ref = _run(ex, op, geom, algo, x, w, b, gy)
+            assert rel_err(out, ref) < 1e-11, op
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise and 1x1 paths
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_depthwise_multi_tile(ex, dtype):
+    geom = conv_geometry((2, 3, 40, 70), (6, 1, 3, 5), (2, 1), ((2, 1), (1, 3)), (1, 2), 3)
+    assert cuda_conv.depthwise_fits(geom, dtype)
+    x, w, b, gy = _problem(geom, dtype)
+    algo = Algo("depthwise")
+    for op in OPS:
+        out, ref = _run(ex, op, geom, algo, x, w, b, gy)
+        assert rel_err(out, ref) < _tol(dtype), op
+
+
+def test_1x1_gemm_path(ex):
+    geom = conv_geometry((3, 7, 5, 6), (4, 7, 1, 1), 1, 0, 1, 1)
+    x, w, b, gy = _problem(geom, np.float64)
+    for op in OPS:
+        out, ref = _run(ex, op, geom, Algo("gemm_1x1"), x, w, b, gy)
+        assert rel_err(out, ref) < 1e-11, op
+
+
+def test_bias_grad(ex):
+    gy = np.random.default_rng(0).standard_normal((3, 5, 4, 7))
+    out = backend.bias_grad(ex, gy, Algo("reduce"))
+    assert rel_err(out, gy.sum(axis=(0, 2, 3))) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Hinge
+# ---------------------------------------------------------------------------------------------
+def _hinge_problem(N, C, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((N, C)).astype(dtype)
+    labels = rng.integers(0, C, N).astype(np.int64)
+    cw = rng.uniform(0.5, 2.0, C).astype(dtype)
+    rs = rng.uniform(0.5, 2.0, N).astype(dtype)
+    return scores, labels, cw, rs
+
+
+@pytest.mark.parametrize("layout", cuda_hinge.LAYOUTS, ids=[f"g{g}i{i}" for g, i in
+                                                          cuda_hinge.LAYOUTS])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_hinge_every_layout(ex, layout, dtype):
+    group, items = layout
+    # fill the layout's registers, leave some lanes empty, and (for the widest) go past them
+    C = max(1, group * items - 1) if (group, items) != (32, 32) else 1500
+    N = 2 * 256 // group + 3  # more rows than one block pass; sm_count 2 makes it wrap
+    scores, labels, cw, rs = _hinge_problem(N, C, dtype)
+    algo = Algo("hinge_rows", (("group", group), ("items", items)))
+    for p in (1, 2):
+        for scale in (rs, rs[:1]):
+            losses, grad = backend.hinge_rows(ex, scores, labels, 0.75, p, cw, scale, True, algo)
+            ref_l, ref_g = reference.hinge_loss_rows(scores, labels, 0.75, p, cw,
+                                                     np.broadcast_to(scale, (N,)), True)
+            assert rel_err(losses, ref_l) < _tol(dtype) and rel_err(grad, ref_g) < _tol(dtype)
+        only, none = backend.hinge_rows(ex, scores, labels, 0.75, p, cw, rs, False, algo)
+        assert none is None and rel_err(only, ref_l) < _tol(dtype)
+
+
+def test_hinge_kink_takes_zero_subgradient(ex):
+    scores = np.array([[0.0, 1.0, 2.0], [3.0, 2.0, 2.0]], np.float32)
+    labels = np.array([2, 1], np.int64)  # margins of row 0: -1, 0 (kink); row 1: 2, (0 kink)
+    algo = rules.choose("hinge", None, np.dtype(np.float32), precision="fp32",
+                        workspace_bytes=0, scores_shape=scores.shape)
+    ones = np.ones(3, np.float32)
+    losses, grad = backend.hinge_rows(ex, scores, labels, 1.0, 1, ones, np.ones(1, np.float32),
+                                      True, algo)
+    ref_l, ref_g = reference.hinge_loss_rows(scores, labels, 1.0, 1, ones, np.ones(2), True)
+    np.testing.assert_array_equal(losses, ref_l)
+    np.testing.assert_array_equal(grad, ref_g)
+
+
+def test_hinge_lecture_example(ex):
+    """Lecture notes 7.1: s = (-3, 1.0, 0.5, -1.0, -0.4), y = 2 gives 1.6."""
+    s = np.array([[-3.0, 1.0, 0.5, -1.0, -0.4]])
+    algo = rules.choose("hinge", None, np.dtype(np.float64), precision="fp32",
+                        workspace_bytes=0, scores_shape=s.shape)
+    losses, _ = backend.hinge_rows(ex, s, np.array([2]), 1.0, 1, np.ones(5), np.ones(1), False,
+                                   algo)
+    assert losses[0] == pytest.approx(1.6, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulation's own checks can fail
+# ---------------------------------------------------------------------------------------------
+def test_argument_types_are_checked(ex):
+    scores, labels, cw, rs = _hinge_problem(4, 10, np.float32)
+    losses = np.zeros(4, np.float32)
+    good = cuda_hinge.hinge_launch(scores, labels, cw, rs, losses, None, 1.0, 1, 4, 4, 2)
+    cuda_emu.run(good)
+    bad_labels = dataclasses.replace(good, args=(scores, labels.astype(np.int32)) + good.args[2:])
+    with pytest.raises(TypeError, match="argument 1"):
+        cuda_emu.run(bad_labels)
+    bad_margin = dataclasses.replace(good, args=good.args[:5] + (np.float64(1.0),)
+                                     + good.args[6:])
+    with pytest.raises(TypeError, match="argument 5"):
+        cuda_emu.run(bad_margin)
+    with pytest.raises(TypeError, match="arguments"):
+        cuda_emu.run(dataclasses.replace(good, args=good.args[:-1]))
+
+
+def test_unwritten_outputs_fail(ex):
+    """A grid one block short leaves NaN behind, which the comparison rejects."""
+    geom = TILE_GEOMS["plain"]
+    x, w, b, _ = _problem(geom, np.float32)
+    y = np.full((geom.N, geom.K, geom.P, geom.Q), np.nan, np.float32)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, geom, SimtTile(64, 32, 8, 4, 4))
+    short = dataclasses.replace(spec, grid=(spec.grid[0] - 1,) + spec.grid[1:])
+    cuda_emu.run(short)
+    assert np.isnan(y).any()
+    cuda_emu.run(spec)
+    assert rel_err(y, reference.conv2d_forward(x, w, b, geom)) < 1e-5
+
+
+def test_modes_read_the_right_operands(ex):
+    """DGRAD and WGRAD launches built by hand agree with the backend functions."""
+    geom = TILE_GEOMS["mixed"]
+    x, w, _, gy = _problem(geom, np.float64)
+    gx = np.full(x.shape, np.nan)
+    cuda_emu.run(cuda_conv.implicit_gemm_launch(DGRAD, gy, w, None, gx, geom,
+                                                SimtTile(64, 64, 8, 4, 4)))
+    assert rel_err(gx, reference.conv2d_input_grad(w, gy, geom)) < 1e-11
+    gw = np.full(w.shape, np.nan)
+    cuda_emu.run(cuda_conv.implicit_gemm_launch(WGRAD, gy, x, None, gw, geom,
+                                                SimtTile(64, 64, 8, 4, 4)))
+    assert rel_err(gw, reference.conv2d_weight_grad(x, gy, geom)) < 1e-11

@@ -1,0 +1,402 @@
+"""Launch geometry, argument preparation and algorithm rules of the cuda backend, without a GPU.
+
+The launchers are plain Python: these tests check grids, blocks, shared memory, the kernel
+instantiation and every argument's type and value, and the dispatch rules that pick them.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastconv._args import conv_geometry
+from fastconv._types import Algo
+from fastconv.dispatch import cuda as rules
+from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge
+from fastconv.kernels.cuda_conv import DGRAD, FPROP, WGRAD, SimtTile, Tf32Tile
+
+from conftest import CASES
+
+
+def _geom(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1):
+    return conv_geometry(x_shape, w_shape, stride, padding, dilation, groups)
+
+
+def _arrays(geom, dtype=np.float32):
+    x = np.zeros((geom.N, geom.C, geom.H, geom.W), dtype)
+    w = np.zeros((geom.K, geom.C // geom.groups, geom.R, geom.S), dtype)
+    y = np.zeros((geom.N, geom.K, geom.P, geom.Q), dtype)
+    return x, w, np.zeros(geom.K, dtype), y
+
+
+R3 = _geom((8, 64, 56, 56), (64, 64, 3, 3), padding=1)
+MIXED = _geom((2, 4, 9, 11), (6, 2, 2, 3), stride=(2, 1), padding=((0, 1), (2, 1)),
+              dilation=(1, 2), groups=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles and instantiations
+# ---------------------------------------------------------------------------------------------
+def _simt_ok(t: SimtTile, vec: int) -> bool:
+    """The static_asserts of conv2d.cu, mirrored: every tile loader divides evenly."""
+    nt = t.threads
+    return (t.tm % vec == 0 and t.tn % vec == 0 and nt % t.bk == 0 and nt <= 1024
+            and t.bm % (nt // t.bk) == 0 and t.bn % (nt // t.bk) == 0
+            and t.bm % t.tm == 0 and t.bn % t.tn == 0)
+
+
+def test_simt_tiles_satisfy_kernel_constraints():
+    for dtype, tiles in cuda_conv.SIMT_TILES.items():
+        vec = 4 if dtype == "float32" else 2
+        for t in tiles:
+            assert _simt_ok(t, vec), (dtype, t)
+            # two stages of both tiles stay under the static shared-memory limit
+            item = np.dtype(dtype).itemsize
+            assert 2 * t.bk * (t.bm + t.bn + 2 * vec) * item <= cuda_conv.SMEM_LIMIT
+
+
+def test_tf32_tiles_satisfy_kernel_constraints():
+    for t in cuda_conv.TF32_TILES:
+        nt = t.threads
+        assert (t.bm // t.warps_m) % 16 == 0 and (t.bn // t.warps_n) % 8 == 0, t
+        assert t.bk % 8 == 0 and nt % t.bk == 0
+        assert t.bm % (nt // t.bk) == 0 and t.bn % (nt // t.bk) == 0
+        assert 2 * t.bk * (t.bm + t.bn + 16) * 4 <= cuda_conv.SMEM_LIMIT
+
+
+def test_kernel_names_cover_every_tile_mode_and_dtype():
+    names = cuda_conv.all_kernel_names()["conv2d.cu"]
+    n_simt = sum(len(t) for t in cuda_conv.SIMT_TILES.values())
+    assert len(names) == len(set(names)) == 3 * (n_simt + len(cuda_conv.TF32_TILES))
+    assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 4>" in names
+    assert "fc::conv_simt<double, 2, 64, 64, 8, 4, 4>" in names
+    assert "fc::conv_tf32<1, 128, 64, 16, 4, 2>" in names
+    dw = cuda_conv.all_kernel_names()["depthwise.cu"]
+    assert "fc::depthwise_fprop<float, 16, 32, 2>" in dw and "fc::depthwise_dgrad<double>" in dw
+
+
+def test_c_type_rejects_other_dtypes():
+    assert cuda_conv.c_type(np.float32) == "float" and cuda_conv.c_type("float64") == "double"
+    with pytest.raises(TypeError):
+        cuda_conv.c_type(np.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv geometry
+# ---------------------------------------------------------------------------------------------
+def test_gemm_shape_per_mode():
+    g = MIXED  # Cg = 2, Kg = 3, R*S = 6
+    assert cuda_conv.gemm_shape(g, FPROP) == (g.N * g.P * g.Q, 3, 12)
+    assert cuda_conv.gemm_shape(g, DGRAD) == (g.N * g.H * g.W, 2, 18)
+    assert cuda_conv.gemm_shape(g, WGRAD) == (3, 12, g.N * g.P * g.Q)
+    with pytest.raises(ValueError):
+        cuda_conv.gemm_shape(g, 7)
+
+
+def test_shape_args_order_and_types():
+    args = cuda_conv.shape_args(MIXED, 40)
+    assert all(type(a) is np.int32 for a in args)
+    g = MIXED
+    assert [int(a) for a in args] == [g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, 2, 1, 0, 2,
+                                      1, 2, 2, 40]
+
+
+def test_forward_launch():
+    x, w, b, y = _arrays(R3)
+    tile = SimtTile(128, 64, 8, 8, 4)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, tile)
+    assert spec.source == "conv2d.cu"
+    assert spec.kernel == "fc::conv_simt<float, 0, 128, 64, 8, 8, 4>"
+    assert spec.grid == (math.ceil(8 * 56 * 56 / 128), 1, 1)
+    assert spec.block == (256, 1, 1) and spec.shared_mem == 0
+    assert spec.args[0] is x and spec.args[1] is w and spec.args[2] is b and spec.args[3] is y
+    assert len(spec.args) == 4 + 17 and int(spec.args[-1]) == 64 * 9  # whole reduction
+
+
+def test_forward_launch_without_bias_passes_null():
+    x, w, _, y = _arrays(R3)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, None, y, R3, SimtTile(64, 64, 8, 4, 4))
+    assert spec.args[2] is cuda_build.NULL and spec.args[2].dtype == np.uint64
+    assert int(spec.args[2]) == 0
+
+
+def test_input_grad_launch_grid_spans_input_pixels_and_channels():
+    g = _geom((2, 10, 9, 7), (12, 5, 3, 3), stride=2, groups=2)
+    x, w, _, y = _arrays(g)
+    spec = cuda_conv.implicit_gemm_launch(DGRAD, y, w, None, x, g, SimtTile(32, 32, 8, 4, 4))
+    assert spec.grid == (math.ceil(2 * 9 * 7 / 32), 1, 2)
+    assert spec.kernel == "fc::conv_simt<float, 1, 32, 32, 8, 4, 4>"
+    assert spec.block == (64, 1, 1)
+
+
+def test_weight_grad_launch_slices_the_reduction():
+    x, w, _, y = _arrays(R3)
+    tile = SimtTile(64, 64, 8, 4, 4)
+    reduction = 8 * 56 * 56
+    slices, k_split = cuda_conv.wgrad_split(reduction, 30, tile.bk)
+    work = np.zeros((slices,) + w.shape, np.float32)
+    spec = cuda_conv.implicit_gemm_launch(WGRAD, y, x, None, work, R3, tile, splits=30)
+    assert spec.grid == (1, 9, slices)
+    assert int(spec.args[-1]) == k_split and k_split % tile.bk == 0
+    assert (slices - 1) * k_split < reduction <= slices * k_split
+
+
+def test_tf32_launch_needs_float32():
+    x, w, b, y = _arrays(R3)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, Tf32Tile(128, 64, 16, 4, 2))
+    assert spec.kernel == "fc::conv_tf32<0, 128, 64, 16, 4, 2>" and spec.block == (256, 1, 1)
+    x64, w64, b64, y64 = _arrays(R3, np.float64)
+    with pytest.raises(TypeError):
+        cuda_conv.implicit_gemm_launch(FPROP, x64, w64, b64, y64, R3, Tf32Tile(128, 64, 16, 4, 2))
+
+
+def test_launch_refuses_rows_past_32_bits():
+    g = _geom((70000, 1, 200, 200), (1, 1, 1, 1))
+    x = np.zeros((1, 1, 1, 1), np.float32)  # never read: the geometry check comes first
+    with pytest.raises(ValueError, match="split the batch"):
+        cuda_conv.implicit_gemm_launch(FPROP, x, x, None, x, g, SimtTile(64, 64, 8, 4, 4))
+
+
+@given(st.integers(1, 10**6), st.integers(1, 10**5))
+def test_batch_chunks_cover_the_batch_within_the_limit(N, per_image):
+    limit = 10**7
+    chunks = cuda_conv.batch_chunks(N, per_image, limit)
+    assert chunks[0][0] == 0 and chunks[-1][1] == N
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all((n1 - n0) * per_image <= limit and n1 > n0 for n0, n1 in chunks)
+
+
+def test_batch_chunks_refuse_a_giant_image():
+    with pytest.raises(ValueError):
+        cuda_conv.batch_chunks(2, 100, limit=50)
+
+
+@given(st.integers(1, 10**7), st.integers(1, 4096), st.sampled_from([8, 16]))
+def test_wgrad_split_covers_the_reduction_without_empty_slices(reduction, splits, bk):
+    slices, k_split = cuda_conv.wgrad_split(reduction, splits, bk)
+    assert 1 <= slices <= splits and k_split % bk == 0
+    assert (slices - 1) * k_split < reduction <= slices * k_split
+
+
+def test_rows_per_image():
+    assert cuda_conv.rows_per_image(MIXED, FPROP) == MIXED.P * MIXED.Q
+    assert cuda_conv.rows_per_image(MIXED, DGRAD) == MIXED.H * MIXED.W
+    assert cuda_conv.rows_per_image(MIXED, WGRAD) == MIXED.P * MIXED.Q
+
+
+def test_with_batch_keeps_everything_else():
+    part = cuda_conv.with_batch(MIXED, 1)
+    assert part.N == 1 and part.stride == MIXED.stride and part.padding == MIXED.padding
+    assert cuda_conv.with_batch(MIXED, MIXED.N) is MIXED
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise
+# ---------------------------------------------------------------------------------------------
+def test_depthwise_launches():
+    g = _geom((3, 8, 30, 70), (16, 1, 3, 5), stride=(1, 2), padding=2, dilation=(2, 1),
+              groups=8)
+    x, w, b, y = _arrays(g)
+    spec = cuda_conv.depthwise_forward_launch(x, w, b, y, g)
+    assert spec.kernel == "fc::depthwise_fprop<float, 16, 32, 2>"
+    assert spec.grid == (3 * 16, math.ceil(g.P / 16), math.ceil(g.Q / 32))
+    assert spec.block == (32, 8, 1)
+    ih = 15 * 1 + 2 * 2 + 1
+    iw = 31 * 2 + 4 * 1 + 1
+    assert spec.shared_mem == (ih * iw + 15) * 4
+    assert len(spec.args) == 4 + 15
+    spec = cuda_conv.depthwise_input_grad_launch(w, y, x, g)
+    assert spec.kernel == "fc::depthwise_dgrad<float>" and spec.args[:3] == (y, w, x)
+    assert spec.grid[0] * spec.block[0] >= min(x.size, 2**20 * 256)
+    spec = cuda_conv.depthwise_weight_grad_launch(x, y, w, g)
+    assert spec.grid == (16 * 15, 1, 1) and spec.block == (cuda_conv.DEPTHWISE_THREADS, 1, 1)
+
+
+def test_depthwise_fits():
+    assert cuda_conv.depthwise_fits(_geom((1, 4, 9, 9), (8, 1, 3, 3), groups=4), np.float32)
+    assert not cuda_conv.depthwise_fits(_geom((1, 4, 9, 9), (8, 2, 3, 3), groups=2),
+                                        np.float32)
+    big = _geom((1, 2, 400, 400), (2, 1, 31, 31), stride=3, dilation=3, groups=2)
+    assert cuda_conv.depthwise_smem_bytes(big, np.float64) > cuda_conv.SMEM_LIMIT
+    assert not cuda_conv.depthwise_fits(big, np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hinge
+# ---------------------------------------------------------------------------------------------
+@given(st.integers(1, 5000))
+def test_hinge_row_layout_is_instantiated_and_holds_the_row(C):
+    group, items = cuda_hinge.row_layout(C)
+    assert (group, items) in cuda_hinge.LAYOUTS
+    assert group * items >= min(C, 1024)
+    if group < 32:
+        assert group == 1 or C > (group // 2) * items  # the fewest lanes
+
+
+def test_hinge_row_layout_examples():
+    assert cuda_hinge.row_layout(3) == (1, 4)
+    assert cuda_hinge.row_layout(10) == (4, 4)
+    assert cuda_hinge.row_layout(100) == (32, 4)
+    assert cuda_hinge.row_layout(1000) == (32, 32)
+    assert cuda_hinge.row_layout(5000) == (32, 32)
+
+
+def test_hinge_launch_arguments():
+    N, C = 1000, 10
+    scores = np.zeros((N, C), np.float32)
+    labels = np.zeros(N, np.int64)
+    cw = np.ones(C, np.float32)
+    rs = np.ones(1, np.float32)
+    losses = np.zeros(N, np.float32)
+    spec = cuda_hinge.hinge_launch(scores, labels, cw, rs, losses, None, 0.5, 2, 4, 4, 132)
+    assert spec.kernel == "fc::hinge_rows<float, 4, 4>"
+    assert spec.grid == (math.ceil(N / 64), 1, 1) and spec.block == (256, 1, 1)
+    a = spec.args
+    assert a[0] is scores and a[1] is labels and a[2] is cw and a[3] is rs and a[9] is losses
+    assert type(a[4]) is np.int32 and int(a[4]) == 0          # row_scale broadcast
+    assert type(a[5]) is np.float32 and float(a[5]) == 0.5    # margin in the scores' dtype
+    assert type(a[6]) is np.int32 and int(a[6]) == 2
+    assert type(a[7]) is np.int64 and int(a[7]) == N
+    assert type(a[8]) is np.int32 and int(a[8]) == C
+    assert a[10] is cuda_build.NULL
+    spec = cuda_hinge.hinge_launch(scores.astype(np.float64), labels, cw, np.ones(N), losses,
+                                   scores, 1.0, 1, 4, 4, 132)
+    assert type(spec.args[5]) is np.float64 and int(spec.args[4]) == 1 and spec.args[10] is scores
+    with pytest.raises(ValueError):
+        cuda_hinge.hinge_launch(scores, labels, cw, rs, losses, None, 1.0, 1, 8, 8, 132)
+
+
+def test_hinge_grid_is_capped_per_sm():
+    assert cuda_hinge.hinge_grid(10**7, 32, 132) == (8 * 132, 1, 1)
+    assert cuda_hinge.hinge_grid(5, 32, 132) == (1, 1, 1)
+    assert cuda_hinge.hinge_grid(0, 1, 132) == (1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch rules
+# ---------------------------------------------------------------------------------------------
+def _choose(op, geom, dtype=np.float32, precision="fp32", workspace=256 * 2**20):
+    return rules.choose(op, geom, np.dtype(dtype), precision=precision,
+                        workspace_bytes=workspace)
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """Pretend a device is present (SM count, capability) for the rules."""
+    def set_device(sm_count=132, capability=(9, 0)):
+        info = cuda_build.DeviceInfo(0, sm_count, capability)
+        monkeypatch.setattr(cuda_build, "device_info_or_none", lambda: info)
+    set_device()
+    return set_device
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_rules_pick_instantiated_kernels_whose_launch_matches(case, precision, device):
+    for dtype in (np.float32, np.float64):
+        x, w, b = case.arrays(dtype)
+        geom = _geom(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
+        y = np.zeros((geom.N, geom.K, geom.P, geom.Q), dtype)
+        for op in ("forward", "input_grad", "weight_grad"):
+            algo = _choose(op, geom, dtype, precision)
+            assert algo.reason
+            if algo.name == "gemm_1x1":
+                assert geom.R == geom.S == 1
+                assert not (precision == "tf32" and dtype == np.float32)
+                continue
+            if algo.name == "depthwise":
+                assert algo.get("kernel") == cuda_conv.depthwise_kernel_names(dtype)[op]
+                continue
+            tf32 = algo.name == "implicit_gemm_tf32"
+            assert tf32 == (precision == "tf32" and dtype == np.float32)
+            tile = (Tf32Tile if tf32 else SimtTile)(*algo.get("tile"))
+            mode = cuda_conv.MODE_OF_OP[op]
+            a_src, b_src = {FPROP: (x, w), DGRAD: (y, w), WGRAD: (y, x)}[mode]
+            spec = cuda_conv.implicit_gemm_launch(mode, a_src, b_src, None, y, geom, tile,
+                                                  algo.get("splits", 1))
+            assert spec.kernel == algo.get("kernel")
+            assert spec.kernel in cuda_conv.all_kernel_names()["conv2d.cu"]
+            assert algo.get("precision") == ("tf32" if tf32 else
+                                              "fp64" if dtype == np.float64 else "fp32")
+
+
+def test_rules_strict_by_default_tf32_only_on_request(device):
+    assert _choose("forward", R3).name == "implicit_gemm"
+    tf32 = _choose("forward", R3, precision="tf32")
+    assert tf32.name == "implicit_gemm_tf32" and "opt-in" in tf32.reason
+    f64 = _choose("forward", R3, np.float64, precision="tf32")
+    assert f64.name == "implicit_gemm" and "float64" in f64.reason
+
+
+def test_rules_tf32_falls_back_loudly_before_sm80(device):
+    device(capability=(7, 5))
+    algo = _choose("forward", R3, precision="tf32")
+    assert algo.name == "implicit_gemm" and "sm_75" in algo.reason
+
+
+def test_rules_1x1_uses_cublas_unless_cupy_tf32(device, monkeypatch):
+    g = _geom((8, 256, 56, 56), (64, 256, 1, 1))
+    assert _choose("forward", g).name == "gemm_1x1"
+    assert _choose("forward", g, precision="tf32").name == "implicit_gemm_tf32"
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert _choose("forward", g).name == "implicit_gemm"  # strict must stay strict
+    strided = _geom((8, 256, 56, 56), (64, 256, 1, 1), stride=2)
+    monkeypatch.delenv("CUPY_TF32")
+    assert _choose("forward", strided).name == "implicit_gemm"
+
+
+def test_rules_depthwise(device):
+    g = _geom((8, 144, 28, 28), (144, 1, 3, 3), padding=1, groups=144)
+    for op in ("forward", "input_grad", "weight_grad"):
+        assert _choose(op, g).name == "depthwise"
+    big = _geom((1, 2, 400, 400), (2, 1, 31, 31), stride=3, dilation=3, groups=2)
+    assert _choose("forward", big, np.float64).name == "implicit_gemm"
+
+
+def test_rules_tile_model():
+    """Large problems get the largest tile; narrow or small ones smaller tiles."""
+    tiles = cuda_conv.SIMT_TILES["float32"]
+    assert rules.pick_tile(10**6, 512, 1, tiles, 132) == SimtTile(128, 128, 8, 8, 8)
+    assert rules.pick_tile(200704, 64, 1, tiles, 132) == SimtTile(128, 64, 8, 8, 4)
+    assert rules.pick_tile(524288, 32, 1, tiles, 132) == SimtTile(128, 32, 8, 8, 4)
+    assert rules.pick_tile(84, 4, 1, tiles, 132) == SimtTile(32, 32, 8, 4, 4)
+
+
+def test_rules_weight_grad_slices_within_workspace(device):
+    algo = _choose("weight_grad", R3)
+    slices = algo.get("splits")
+    assert slices > 1 and algo.get("workspace_bytes") == slices * 64 * 64 * 9 * 4
+    small = _choose("weight_grad", R3, workspace=3 * 64 * 64 * 9 * 4)
+    assert small.get("splits") <= 3 and small.get("workspace_bytes") <= 3 * 64 * 64 * 9 * 4
+    none = _choose("weight_grad", R3, workspace=1)
+    assert none.get("splits") == 1 and none.get("workspace_bytes") == 0
+
+
+def test_rules_bias_grad_and_hinge(device):
+    assert _choose("bias_grad", R3).name == "reduce"
+    algo = rules.choose("hinge", None, np.dtype(np.float32), precision="fp32",
+                        workspace_bytes=0, scores_shape=(65536, 1000))
+    assert algo.name == "hinge_rows" and (algo.get("group"), algo.get("items")) == (32, 32)
+    assert algo.get("kernel") == "fc::hinge_rows<float, 32, 32>"
+    algo = rules.choose("hinge", None, np.dtype(np.float64), precision="tf32",
+                        workspace_bytes=0, scores_shape=(1048576, 10))
+    assert (algo.get("group"), algo.get("items")) == (4, 4) and algo.get("precision") == "fp64"
+
+
+def test_rules_without_a_device_assume_a_typical_one(monkeypatch):
+    monkeypatch.setattr(cuda_build, "device_info_or_none", lambda: None)
+    algo = _choose("forward", R3, precision="tf32")
+    assert algo.name == "implicit_gemm_tf32"
+    assert isinstance(algo, Algo)
+
+
+def test_importing_the_backend_needs_no_cupy():
+    """fastconv and its cuda modules import without CuPy; nothing imports it eagerly."""
+    code = ("import sys; import fastconv, fastconv.kernels.cuda, fastconv.dispatch.cuda; "
+            "assert 'cupy' not in sys.modules, 'cupy imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
