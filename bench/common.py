@@ -378,6 +378,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _numba_threading_layer() -> str:
+    """The layer Numba's parallel loops run on: the one in use once a parallel loop ran, else
+    the configured choice (``default`` lets Numba pick at the first launch)."""
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel launch yet in this process
+        return f"{numba.config.THREADING_LAYER} (not started)"
+
+
 def blas_info() -> list[dict[str, Any]]:
     """NumPy's BLAS libraries as ``threadpoolctl`` sees them (empty list without it)."""
     try:
@@ -395,15 +406,24 @@ def environment() -> dict[str, Any]:
     Returns
     -------
     dict
-        ``python``, ``numpy``, ``numba``, ``torch`` (or ``None``), ``fastconv`` backends,
-        ``cpu`` model, ``cores``, ``numba_threads``, ``torch_threads``, ``blas`` (list from
+        ``python``, ``numpy``, ``numba``, ``torch`` (or ``None``), ``fastconv_backends``,
+        ``cpu`` model, ``cores``, ``numba_threads``, ``numba_threading_layer``,
+        ``torch_threads``, ``blas`` (list from
         threadpoolctl: library, version, threads, architecture) and ``env`` (the variables in
         `REPORTED_ENV` that are set, e.g. ``OPENBLAS_CORETYPE``).
     """
     import numba
 
+    # First: probing the cpu backend imports its kernels, which may pick Numba's layer.
+    try:
+        import fastconv
+
+        backends = list(fastconv.available_backends())
+    except (ImportError, AttributeError):
+        backends = None
     torch = sys.modules.get("torch")
     info: dict[str, Any] = {
+        "fastconv_backends": backends,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numba": numba.__version__,
@@ -411,16 +431,11 @@ def environment() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "numba_threads": numba.get_num_threads(),
+        "numba_threading_layer": _numba_threading_layer(),
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "blas": blas_info(),
         "env": {k: os.environ[k] for k in REPORTED_ENV if k in os.environ},
     }
-    try:
-        import fastconv
-
-        info["fastconv_backends"] = list(fastconv.available_backends())
-    except (ImportError, AttributeError):
-        info["fastconv_backends"] = None
     return info
 
 
@@ -434,7 +449,8 @@ def format_environment(info: Mapping[str, Any]) -> str:
         f"cpu: {info['cpu']} ({info['cores']} cores)",
         f"python {info['python']}, numpy {info['numpy']}, numba {info['numba']}, "
         f"torch {info['torch'] or 'not installed'}",
-        f"threads: numba {info['numba_threads']}, torch {info['torch_threads'] or '-'}",
+        f"threads: numba {info['numba_threads']} ({info['numba_threading_layer']} layer), "
+        f"torch {info['torch_threads'] or '-'}",
         f"blas: {blas}",
         f"env: {env}",
         f"fastconv backends: {info.get('fastconv_backends')}",
