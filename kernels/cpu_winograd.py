@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 from numba import njit, prange
 
+from .cpu_conv import valid_range
 from .cpu_workspace import (DEFAULT_CHUNK_BYTES, plan_chunks, scratch, winograd_tile_bytes,
                             workspace_bound)
 
@@ -70,144 +71,244 @@ _AT = {
 TILE_SIZES = (2, 4)
 
 
-def transforms(m: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(BT (A, A), G (A, 3), AT (m, A))`` of F(m x m, 3 x 3); ``G`` stays float64."""
-    return (np.array(_BT[m], dtype=dtype), np.array(_G[m], dtype=np.float64),
-            np.array(_AT[m], dtype=dtype))
-
-
 def tile_grid(P: int, Q: int, m: int) -> tuple[int, int]:
     """Tile rows and columns covering a ``P x Q`` output with ``m x m`` tiles."""
     return -(-P // m), -(-Q // m)
 
 
+def _table(entries: list[list[tuple[int, int, float]]], dtype) -> tuple:
+    """Sparse rows of a transform for :func:`_lincomb`: output ``i`` is the sum of
+    ``coef * src[row, off + e]`` over its ``(row, off, coef)`` entries. Each row is padded
+    with zero terms to a multiple of four, the number of sources one pass reads."""
+    Z = 4 * -(-max(len(e) for e in entries) // 4)
+    rows = np.zeros((len(entries), Z), dtype=np.int64)
+    offs = np.zeros((len(entries), Z), dtype=np.int64)
+    coefs = np.zeros((len(entries), Z), dtype=dtype)
+    count = np.array([4 * -(-len(e) // 4) for e in entries], dtype=np.int64)
+    for i, terms in enumerate(entries):
+        for z, (row, off, coef) in enumerate(terms):
+            rows[i, z], offs[i, z], coefs[i, z] = row, off, coef
+    return rows, offs, coefs, count
+
+
+def input_tables(m: int, tw: int, dtype) -> tuple[tuple, tuple]:
+    """Terms of the input transform ``BT d BT^T`` on the polyphase planes of
+    :func:`input_transform`: along rows (output ``b * m + hp`` from plane ``hp * m + j % m``
+    shifted by ``j // m`` tiles) and along columns (output ``a * A + b`` from row-pass output
+    ``b * m + ii % m`` shifted by ``ii // m`` tile rows of ``tw + 1``)."""
+    BT = np.array(_BT[m], dtype=np.float64)
+    A = m + 2
+    rows = [[(hp * m + j % m, j // m, BT[b, j]) for j in range(A) if BT[b, j]]
+            for b in range(A) for hp in range(m)]
+    cols = [[(b * m + ii % m, (ii // m) * (tw + 1), BT[a, ii]) for ii in range(A) if BT[a, ii]]
+            for a in range(A) for b in range(A)]
+    return _table(rows, dtype), _table(cols, dtype)
+
+
+def output_tables(m: int, dtype) -> tuple[tuple, tuple]:
+    """Terms of ``AT M AT^T``: ``Z[u*A + b] = sum_a AT[u, a] M[a*A + b]``, then
+    ``Y[u*m + v] = sum_b AT[v, b] Z[u*A + b]``."""
+    AT = np.array(_AT[m], dtype=np.float64)
+    A = m + 2
+    first = [[(a * A + b, 0, AT[u, a]) for a in range(A) if AT[u, a]]
+             for u in range(m) for b in range(A)]
+    second = [[(u * A + b, 0, AT[v, b]) for b in range(A) if AT[v, b]]
+              for u in range(m) for v in range(m)]
+    return _table(first, dtype), _table(second, dtype)
+
+
+def grad_output_tables(m: int, dtype) -> tuple[tuple, tuple]:
+    """Terms of ``AT^T D AT`` (the adjoint of :func:`output_tables`):
+    ``Z[u*A + b] = sum_v AT[v, b] D[u*m + v]``, then
+    ``Mg[a*A + b] = sum_u AT[u, a] Z[u*A + b]``."""
+    AT = np.array(_AT[m], dtype=np.float64)
+    A = m + 2
+    first = [[(u * m + v, 0, AT[v, b]) for v in range(m) if AT[v, b]]
+             for u in range(m) for b in range(A)]
+    second = [[(u * A + b, 0, AT[u, a]) for u in range(m) if AT[u, a]]
+              for a in range(A) for b in range(A)]
+    return _table(first, dtype), _table(second, dtype)
+
+
 # ---------------------------------------------------------------------------------------------
-# Numba kernels: one thread per (image, channel) plane; every inner loop runs over the
-# contiguous tiles of that plane, so it vectorises.
+# Numba kernels. A task is one image and a block of channels (about BLOCK tiles), whose tiles
+# are laid out flat, so every transform pass is one long vectorisable loop. Strided accesses
+# (splitting the input into its m x m polyphase planes, merging the output back) use unsigned
+# flat indices: Numba then skips its negative-index check and the loops stay tight.
 # ---------------------------------------------------------------------------------------------
+BLOCK = 256
+
+
 @njit(cache=True, inline="always")
-def _apply_rows(T, src, dst, A, L):
-    """``dst[i, b, l] = sum_j T[b, j] * src[i, j, l]`` for ``src``, ``dst`` of shape
-    ``(I, J * L)`` / ``(I, B * L)`` flattened per ``i``: a 1-D transform along the second axis."""
-    for i in range(src.shape[0]):
-        for b in range(T.shape[0]):
-            o = b * L
-            for l in range(L):
-                dst[i, o + l] = 0
-            for j in range(A):
-                coef = T[b, j]
-                if coef != 0:
-                    s = j * L
-                    for l in range(L):
-                        dst[i, o + l] += coef * src[i, s + l]
+def _lincomb(dst, src, tab, i, L):
+    """``dst[e] = sum_z coefs[i, z] * src[rows[i, z], offs[i, z] + e]`` for ``e < L``; four
+    sources per pass (see :func:`_table`), so ``dst`` is written once per four terms."""
+    rows, offs, coefs, count = tab
+    for z in range(0, count[i], 4):
+        s0 = src[rows[i, z], offs[i, z]:offs[i, z] + L]
+        s1 = src[rows[i, z + 1], offs[i, z + 1]:offs[i, z + 1] + L]
+        s2 = src[rows[i, z + 2], offs[i, z + 2]:offs[i, z + 2] + L]
+        s3 = src[rows[i, z + 3], offs[i, z + 3]:offs[i, z + 3] + L]
+        c0, c1, c2, c3 = coefs[i, z], coefs[i, z + 1], coefs[i, z + 2], coefs[i, z + 3]
+        if z == 0:
+            for e in range(L):
+                dst[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
+        else:
+            for e in range(L):
+                dst[e] += c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
 
 
 @njit(parallel=True, cache=True)
-def input_transform(x, BT, V, n0, nc, t0, tc, tw, m, off_h, off_w):
+def input_transform(x, V, n0, nc, t0, tc, tw, m, off_h, off_w, row_tab, col_tab):
     """``V[a*A + b, c, tile] = (BT d BT^T)[a, b]`` for the input tile ``d`` of each tile
     ``(n, t, tj)`` with ``n`` in ``n0 .. n0 + nc``, ``t`` in ``t0 .. t0 + tc``: rows
-    ``t*m + off_h + [0, A)``, columns ``tj*m + off_w + [0, A)`` of ``x``, zero outside."""
+    ``t*m + off_h + [0, A)``, columns ``tj*m + off_w + [0, A)`` of ``x``, zero outside.
+
+    Per channel the padded input is split into ``m x m`` polyphase planes of ``(tc + 1) x
+    (tw + 1)`` (the extra row and column hold the tiles' overlap), so both 1-D transforms
+    read whole planes at tile-sized shifts."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    A = BT.shape[0]
-    L = tc * tw
-    for task in prange(nc * C):
-        i = task // C
-        c = task - i * C
-        n = n0 + i
-        # patches[ii, j * L + l]: pixel (ii, j) of tile l, gathered once with zero fill
-        patches = np.zeros((A, A * L), dtype=V.dtype)
-        for t in range(tc):
-            for ii in range(A):
-                h = (t0 + t) * m + off_h + ii
+    T = V.shape[2]
+    A = m + 2
+    Fr = (tc + 1) * (tw + 1)
+    cb = max(1, BLOCK // Fr)
+    nblocks = (C + cb - 1) // cb
+    xf = x.reshape(x.size)
+    Vf = V.reshape(V.size)
+    mm, uW, uT = np.uint64(m), np.uint64(W), np.uint64(T)
+    for task in prange(nc * nblocks):
+        i = task // nblocks
+        c0 = (task - i * nblocks) * cb
+        cbb = min(cb, C - c0)
+        F = cbb * Fr
+        Lr = F + tw + 2                      # row-pass length: the column pass shifts by tw+1
+        planes = np.zeros((m * m, Lr + 1), dtype=V.dtype)
+        pf = planes.reshape(planes.size)
+        for cc in range(cbb):
+            x0 = np.uint64(((n0 + i) * C + c0 + cc) * H) * uW
+            for r in range((tc + 1) * m):
+                h = t0 * m + off_h + r
                 if h < 0 or h >= H:
                     continue
-                for tj in range(tw):
-                    for j in range(A):
-                        w = tj * m + off_w + j
-                        if 0 <= w < W:
-                            patches[ii, j * L + t * tw + tj] = x[n, c, h, w]
-        rows = np.empty((A, A * L), dtype=V.dtype)
-        _apply_rows(BT, patches, rows, A, L)          # rows[ii, b, l] = (d BT^T)[ii, b]
-        base = i * L
-        for a in range(A):
-            for b in range(A):
-                xi = a * A + b
-                for l in range(L):
-                    V[xi, c, base + l] = 0
-                for ii in range(A):
-                    coef = BT[a, ii]
-                    if coef != 0:
-                        for l in range(L):
-                            V[xi, c, base + l] += coef * rows[ii, b * L + l]
+                hp, tq = r % m, r // m
+                for wp in range(m):
+                    lo, hi = valid_range(tw + 1, W, m, off_w + wp)
+                    d0 = np.uint64((hp * m + wp) * (Lr + 1) + cc * Fr + tq * (tw + 1) + lo)
+                    s0 = x0 + np.uint64(h * W + lo * m + off_w + wp)
+                    for e in range(np.uint64(hi - lo)):
+                        pf[d0 + e] = xf[s0 + e * mm]
+        rows = np.empty((A * m, Lr), dtype=V.dtype)
+        for o in range(A * m):
+            _lincomb(rows[o], planes, row_tab, o, Lr)
+        tiles = np.empty((A * A, F), dtype=V.dtype)
+        for o in range(A * A):
+            _lincomb(tiles[o], rows, col_tab, o, F)
+        tf = tiles.reshape(tiles.size)
+        for xi in range(A * A):
+            for cc in range(cbb):
+                dst = (np.uint64(xi * C + c0 + cc) * uT + np.uint64(i * tc * tw))
+                src = np.uint64(xi * F + cc * Fr)
+                for t in range(np.uint64(tc)):
+                    for e in range(np.uint64(tw)):
+                        Vf[dst + t * np.uint64(tw) + e] = tf[src + t * np.uint64(tw + 1) + e]
 
 
 @njit(parallel=True, cache=True)
-def output_transform(M, AT, bias, y, n0, nc, t0, tc, tw, m):
+def output_transform(M, y, bias, n0, nc, t0, tc, tw, m, first_tab, second_tab):
     """``y[n, k, tile] = AT M[:, k, tile] AT^T + bias[k]`` for the tiles of
-    :func:`input_transform`, clipped to ``y``'s ``P x Q``; ``bias (K,)``."""
+    :func:`input_transform` (``M (A*A, K, nc * tc * tw)``), clipped to ``y``'s ``P x Q``."""
     K, P, Q = y.shape[1], y.shape[2], y.shape[3]
-    A = AT.shape[1]
+    T = M.shape[2]
+    A = m + 2
     L = tc * tw
-    for task in prange(nc * K):
-        i = task // K
-        k = task - i * K
-        base = i * L
-        # cols[u, b, l] = sum_a AT[u, a] M[a*A + b, k, l]
-        cols = np.zeros((m, A * L), dtype=M.dtype)
-        for u in range(m):
-            for a in range(A):
-                coef = AT[u, a]
-                if coef != 0:
-                    for b in range(A):
-                        o = b * L
-                        for l in range(L):
-                            cols[u, o + l] += coef * M[a * A + b, k, base + l]
-        out = np.empty((m, m * L), dtype=M.dtype)   # out[u, v, l]
-        _apply_rows(AT, cols, out, A, L)
-        b_k = bias[k]
-        for t in range(tc):
-            for u in range(m):
-                p = (t0 + t) * m + u
-                if p >= P:
-                    break
-                for q in range(Q):
-                    tj = q // m
-                    y[n0 + i, k, p, q] = out[u, (q - tj * m) * L + t * tw + tj] + b_k
+    kb = max(1, BLOCK // L)
+    nblocks = (K + kb - 1) // kb
+    Mf = M.reshape(M.size)
+    yf = y.reshape(y.size)
+    mm, uL, uT = np.uint64(m), np.uint64(L), np.uint64(T)
+    for task in prange(nc * nblocks):
+        i = task // nblocks
+        k0 = (task - i * nblocks) * kb
+        kbb = min(kb, K - k0)
+        F = kbb * L
+        tiles = np.empty((A * A, F), dtype=M.dtype)
+        tf = tiles.reshape(tiles.size)
+        for xi in range(A * A):
+            for kk in range(kbb):
+                src = np.uint64(xi * K + k0 + kk) * uT + np.uint64(i) * uL
+                dst = np.uint64(xi * F + kk * L)
+                for e in range(uL):
+                    tf[dst + e] = Mf[src + e]
+        half = np.empty((m * A, F), dtype=M.dtype)
+        for o in range(m * A):
+            _lincomb(half[o], tiles, first_tab, o, F)
+        out = np.empty((m * m, F), dtype=M.dtype)
+        for o in range(m * m):
+            _lincomb(out[o], half, second_tab, o, F)
+        of = out.reshape(out.size)
+        for kk in range(kbb):
+            k = k0 + kk
+            b_k = bias[k]
+            y0 = np.uint64(((n0 + i) * K + k) * P) * np.uint64(Q)
+            for t in range(tc):
+                for u in range(m):
+                    p = (t0 + t) * m + u
+                    if p >= P:
+                        break
+                    for v in range(m):
+                        hi = valid_range(tw, Q, m, v)[1]
+                        src = np.uint64((u * m + v) * F + kk * L + t * tw)
+                        dst = y0 + np.uint64(p * Q + v)
+                        for e in range(np.uint64(hi)):
+                            yf[dst + e * mm] = of[src + e] + b_k
 
 
 @njit(parallel=True, cache=True)
-def grad_output_transform(dy, AT, Mg, n0, nc, t0, tc, tw, m):
-    """``Mg[a*A + b, k, tile] = (AT^T e AT)[a, b]`` for the ``m x m`` tile ``e`` of
+def grad_output_transform(dy, Mg, n0, nc, t0, tc, tw, m, first_tab, second_tab):
+    """``Mg[a*A + b, k, tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
     ``dy (N, K, P, Q)`` (zero beyond ``P x Q``): the adjoint of :func:`output_transform`."""
     K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
-    A = AT.shape[1]
+    T = Mg.shape[2]
+    A = m + 2
     L = tc * tw
-    ATt = np.ascontiguousarray(AT.T)
-    for task in prange(nc * K):
-        i = task // K
-        k = task - i * K
-        patches = np.zeros((m, m * L), dtype=Mg.dtype)   # patches[u, v, l]
-        for t in range(tc):
-            for u in range(m):
-                p = (t0 + t) * m + u
-                if p >= P:
-                    break
-                for q in range(Q):
-                    tj = q // m
-                    patches[u, (q - tj * m) * L + t * tw + tj] = dy[n0 + i, k, p, q]
-        rows = np.empty((m, A * L), dtype=Mg.dtype)      # rows[u, b, l]
-        _apply_rows(ATt, patches, rows, m, L)
-        base = i * L
-        for a in range(A):
-            for b in range(A):
-                xi = a * A + b
-                for l in range(L):
-                    Mg[xi, k, base + l] = 0
+    kb = max(1, BLOCK // L)
+    nblocks = (K + kb - 1) // kb
+    dyf = dy.reshape(dy.size)
+    Mf = Mg.reshape(Mg.size)
+    mm, uL, uT = np.uint64(m), np.uint64(L), np.uint64(T)
+    for task in prange(nc * nblocks):
+        i = task // nblocks
+        k0 = (task - i * nblocks) * kb
+        kbb = min(kb, K - k0)
+        F = kbb * L
+        planes = np.zeros((m * m, F), dtype=Mg.dtype)     # planes[u*m + v]: pixel (u, v)
+        pf = planes.reshape(planes.size)
+        for kk in range(kbb):
+            d0 = np.uint64(((n0 + i) * K + k0 + kk) * P) * np.uint64(Q)
+            for t in range(tc):
                 for u in range(m):
-                    coef = AT[u, a]
-                    if coef != 0:
-                        for l in range(L):
-                            Mg[xi, k, base + l] += coef * rows[u, b * L + l]
+                    p = (t0 + t) * m + u
+                    if p >= P:
+                        break
+                    for v in range(m):
+                        hi = valid_range(tw, Q, m, v)[1]
+                        dst = np.uint64((u * m + v) * F + kk * L + t * tw)
+                        src = d0 + np.uint64(p * Q + v)
+                        for e in range(np.uint64(hi)):
+                            pf[dst + e] = dyf[src + e * mm]
+        half = np.empty((m * A, F), dtype=Mg.dtype)
+        for o in range(m * A):
+            _lincomb(half[o], planes, first_tab, o, F)
+        tiles = np.empty((A * A, F), dtype=Mg.dtype)
+        for o in range(A * A):
+            _lincomb(tiles[o], half, second_tab, o, F)
+        tf = tiles.reshape(tiles.size)
+        for xi in range(A * A):
+            for kk in range(kbb):
+                dst = np.uint64(xi * K + k0 + kk) * uT + np.uint64(i) * uL
+                src = np.uint64(xi * F + kk * L)
+                for e in range(uL):
+                    Mf[dst + e] = tf[src + e]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +322,73 @@ def _chunks(N: int, th: int, tw: int, m: int, channels: int, filter_elems: int,
     return list(plan_chunks(N, th, sizes, workspace_bound(algo), preferred))
 
 
+@njit(parallel=True, cache=True)
+def _filter_transform(w9, G, U):
+    """``U[a*A + b, kc] = sum_{r, s} G[a, r] w9[r*3 + s, kc] G[b, s]``, in float64, separably
+    and with ``kc`` innermost so the loops vectorise."""
+    A, KC = G.shape[0], w9.shape[1]
+    for blk in prange((KC + BLOCK - 1) // BLOCK):
+        k0 = blk * BLOCK
+        n = min(KC, k0 + BLOCK) - k0
+        half = np.zeros((A * 3, BLOCK))              # (G w)[a, s]
+        for a in range(A):
+            for s in range(3):
+                for r in range(3):
+                    g = G[a, r]
+                    for e in range(n):
+                        half[a * 3 + s, e] += g * w9[r * 3 + s, k0 + e]
+        for a in range(A):
+            for b in range(A):
+                g0, g1, g2 = G[b, 0], G[b, 1], G[b, 2]
+                for e in range(n):
+                    U[a * A + b, k0 + e] = (half[a * 3, e] * g0 + half[a * 3 + 1, e] * g1
+                                            + half[a * 3 + 2, e] * g2)
+
+
+@njit(parallel=True, cache=True)
+def _filter_transform_adjoint(dU, G, gw9):
+    """``gw9[r*3 + s, kc] = sum_{a, b} G[a, r] dU[a*A + b, kc] G[b, s]`` in float64."""
+    A, KC = G.shape[0], gw9.shape[1]
+    for blk in prange((KC + BLOCK - 1) // BLOCK):
+        k0 = blk * BLOCK
+        n = min(KC, k0 + BLOCK) - k0
+        half = np.zeros((3 * A, BLOCK))              # (G^T dU)[r, b]
+        for r in range(3):
+            for b in range(A):
+                for a in range(A):
+                    g = G[a, r]
+                    if g != 0:
+                        for e in range(n):
+                            half[r * A + b, e] += g * dU[a * A + b, k0 + e]
+        for r in range(3):
+            for s in range(3):
+                for e in range(n):
+                    gw9[r * 3 + s, k0 + e] = 0
+                for b in range(A):
+                    g = G[b, s]
+                    if g != 0:
+                        for e in range(n):
+                            gw9[r * 3 + s, k0 + e] += half[r * A + b, e] * g
+
+
 def filter_transform(weight: np.ndarray, G: np.ndarray, groups: int, dtype) -> np.ndarray:
-    """``U (A*A, groups, Kg, Cg) = G w G^T`` per filter, computed in float64."""
+    """``U (A*A, groups, Kg, Cg) = G w G^T`` per filter (computed in float64)."""
     K, Cg = weight.shape[:2]
     A = G.shape[0]
-    u = np.einsum("ar,kcrs,bs->abkc", G, weight.astype(np.float64), G, optimize=True)
-    return np.ascontiguousarray(u.reshape(A * A, groups, K // groups, Cg), dtype=dtype)
+    U = np.empty((A * A, K * Cg), dtype=dtype)
+    w9 = np.ascontiguousarray(weight.reshape(K * Cg, 9).T)
+    _filter_transform(w9, G, U)
+    return U.reshape(A * A, groups, K // groups, Cg)
+
+
+def filter_transform_adjoint(dU: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """``gw (K*Cg, 3, 3)`` in float64 from ``dU (A*A, ...)``: the adjoint of
+    :func:`filter_transform`."""
+    A = G.shape[0]
+    KC = dU[0].size
+    gw9 = np.empty((9, KC))
+    _filter_transform_adjoint(dU.reshape(A * A, KC), G, gw9)
+    return gw9.T.reshape(KC, 3, 3)
 
 
 def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
@@ -239,11 +401,13 @@ def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
     K = weight.shape[0]
     P, Q = out_hw
     m = int(algo.get("tile", 4))
-    BT, Gm, AT = transforms(m, x.dtype)
+    Gm = np.array(_G[m], dtype=np.float64)
     A2 = (m + 2) ** 2
     th, tw = tile_grid(P, Q, m)
     U = filter_transform(weight, Gm, groups, x.dtype)
-    chunks = _chunks(N, th, tw, m, C + K, weight.shape[0] * weight.shape[1], False, x.dtype.itemsize, algo)
+    in_tabs, out_tabs = input_tables(m, tw, x.dtype), output_tables(m, x.dtype)
+    chunks = _chunks(N, th, tw, m, C + K, weight.shape[0] * weight.shape[1], False,
+                     x.dtype.itemsize, algo)
     J = max(c.nc * c.rc for c in chunks) * tw
     bound = workspace_bound(algo)
     v_buf = scratch((A2 * C * J,), x.dtype, bound)
@@ -254,10 +418,10 @@ def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
         T = ch.nc * ch.rc * tw
         V = v_buf[:A2 * C * T].reshape(A2, C, T)
         M = m_buf[:A2 * K * T].reshape(A2, K, T)
-        input_transform(x, BT, V, ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *offsets)
+        input_transform(x, V, ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *offsets, *in_tabs)
         np.matmul(U, V.reshape(A2, groups, C // groups, T),
                   out=M.reshape(A2, groups, K // groups, T))
-        output_transform(M, AT, b, y, ch.n0, ch.nc, ch.r0, ch.rc, tw, m)
+        output_transform(M, y, b, ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *out_tabs)
     return y
 
 
@@ -283,9 +447,10 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarra
     reduce over the tiles of a chunk, chunks are summed in order."""
     N, C, K, G = geom.N, geom.C, geom.K, geom.groups
     m = int(algo.get("tile", 4))
-    BT, Gm, AT = transforms(m, x.dtype)
-    A, A2 = m + 2, (m + 2) ** 2
+    Gm = np.array(_G[m], dtype=np.float64)
+    A2 = (m + 2) ** 2
     th, tw = tile_grid(geom.P, geom.Q, m)
+    in_tabs, grad_tabs = input_tables(m, tw, x.dtype), grad_output_tables(m, x.dtype)
     chunks = _chunks(N, th, tw, m, C + K, K * (C // G), True, x.dtype.itemsize, algo)
     J = max(c.nc * c.rc for c in chunks) * tw
     bound = workspace_bound(algo)
@@ -298,13 +463,11 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarra
         T = ch.nc * ch.rc * tw
         V = v_buf[:A2 * C * T].reshape(A2, G, C // G, T)
         Mg = m_buf[:A2 * K * T].reshape(A2, K, T)
-        input_transform(x, BT, V.reshape(A2, C, T), ch.n0, ch.nc, ch.r0, ch.rc, tw, m,
-                        *offsets)
-        grad_output_transform(grad_output, AT, Mg, ch.n0, ch.nc, ch.r0, ch.rc, tw, m)
+        input_transform(x, V.reshape(A2, C, T), ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *offsets,
+                        *in_tabs)
+        grad_output_transform(grad_output, Mg, ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *grad_tabs)
         np.matmul(Mg.reshape(A2, G, K // G, T), V.transpose(0, 1, 3, 2), out=part)
         if part is not dU:
             dU += part
-    # gw[k, c, r, s] = sum_{a, b} G[a, r] dU[a, b, k, c] G[b, s], in float64
-    dU64 = dU.astype(np.float64).reshape(A, A, K, C // G)
-    gw = np.einsum("ar,abkc,bs->kcrs", Gm, dU64, Gm, optimize=True)
-    return gw.astype(x.dtype)
+    gw = filter_transform_adjoint(dU, Gm)
+    return gw.reshape(geom.weight_shape).astype(x.dtype)
