@@ -39,33 +39,41 @@ def valid_range(Q: int, W: int, sw: int, off: int) -> tuple[int, int]:
 @njit(parallel=True, cache=True)
 def im2col(x, col, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw, Cg, rows_g):
     """Fill ``col (G * rows_g, nc * pc * Q)`` from ``x (N, C, H, W)`` for images
-    ``n0 .. n0 + nc`` and output rows ``p0 .. p0 + pc``; zero padding reads as 0."""
+    ``n0 .. n0 + nc`` and output rows ``p0 .. p0 + pc``; zero padding reads as 0.
+
+    Flat unsigned indices: Numba then skips its negative-index check, which would otherwise
+    keep the strided copies from vectorising."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    Q = col.shape[1] // (nc * pc)
+    J = col.shape[1]
+    Q = J // (nc * pc)
     RS = R * S
+    xf = x.reshape(x.size)
+    cf = col.reshape(col.size)
+    usw = np.uint64(sw)
     for task in prange(C * RS):
         c = task // RS
         rs = task - c * RS
         r = rs // S
         s = rs - r * S
         g = c // Cg
-        row = g * rows_g + (c - g * Cg) * RS + rs
+        row = np.uint64((g * rows_g + (c - g * Cg) * RS + rs) * J)
         q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
         w0 = q_lo * sw + s * dw - pl
         for i in range(nc):
             for pp in range(pc):
-                base = (i * pc + pp) * Q
+                dst = row + np.uint64((i * pc + pp) * Q)
                 h = (p0 + pp) * sh - pt + r * dh
                 if h < 0 or h >= H:
-                    for q in range(Q):
-                        col[row, base + q] = 0
+                    for q in range(np.uint64(Q)):
+                        cf[dst + q] = 0
                     continue
-                for q in range(q_lo):
-                    col[row, base + q] = 0
-                for q in range(q_lo, q_hi):
-                    col[row, base + q] = x[n0 + i, c, h, w0 + (q - q_lo) * sw]
-                for q in range(q_hi, Q):
-                    col[row, base + q] = 0
+                src = np.uint64((((n0 + i) * C + c) * H + h) * W + w0)
+                for q in range(np.uint64(q_lo)):
+                    cf[dst + q] = 0
+                for q in range(np.uint64(q_hi - q_lo)):
+                    cf[dst + np.uint64(q_lo) + q] = xf[src + q * usw]
+                for q in range(np.uint64(q_hi), np.uint64(Q)):
+                    cf[dst + q] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -73,22 +81,28 @@ def col2im(dcol, gx, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw):
     """Add ``dcol (C * R * S, nc * pc * Q)`` back onto ``gx (N, C, H, W)``: the adjoint of
     :func:`im2col`. One thread owns each ``(n, c)`` plane, so no two threads add to one pixel."""
     C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
-    Q = dcol.shape[1] // (nc * pc)
+    J = dcol.shape[1]
+    Q = J // (nc * pc)
+    df = dcol.reshape(dcol.size)
+    gf = gx.reshape(gx.size)
+    usw = np.uint64(sw)
     for task in prange(nc * C):
         i = task // C
         c = task - i * C
+        plane = np.uint64(((n0 + i) * C + c) * H * W)
         for r in range(R):
             for s in range(S):
-                row = (c * R + r) * S + s
+                row = np.uint64(((c * R + r) * S + s) * J)
                 q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
                 w0 = q_lo * sw + s * dw - pl
                 for pp in range(pc):
                     h = (p0 + pp) * sh - pt + r * dh
                     if h < 0 or h >= H:
                         continue
-                    base = (i * pc + pp) * Q
-                    for q in range(q_lo, q_hi):
-                        gx[n0 + i, c, h, w0 + (q - q_lo) * sw] += dcol[row, base + q]
+                    src = row + np.uint64((i * pc + pp) * Q + q_lo)
+                    dst = plane + np.uint64(h * W + w0)
+                    for q in range(np.uint64(q_hi - q_lo)):
+                        gf[dst + q * usw] += df[src + q]
 
 
 @njit(parallel=True, cache=True)

@@ -2,7 +2,8 @@
 
 With few input channels per group (``C / groups`` of 1 for depthwise) a GEMM has nothing to
 multiply; each output plane is instead a sum of ``Cg * R * S`` shifted, scaled input rows.
-The loops run over whole rows, so for stride 1 they vectorise. Being workspace-free, these
+The loops run over whole rows with flat unsigned indices (no negative-index checks), so for
+stride 1 they vectorise. Being workspace-free, these
 kernels are also the fallback when not even one row of an im2col chunk fits the bound.
 
 Parallel over output planes (forward), input planes (input gradient: each thread scatters
@@ -25,24 +26,28 @@ def _forward(x, weight, bias, y, sh, sw, pt, pl, dh, dw):
     K, Cg, R, S = weight.shape
     P, Q = y.shape[2], y.shape[3]
     Kg = K // (C // Cg)
+    xf, yf = x.reshape(x.size), y.reshape(y.size)
+    usw = np.uint64(sw)
     for task in prange(N * K):
         n = task // K
         k = task - n * K
         c0 = (k // Kg) * Cg
-        for p in range(P):
-            for q in range(Q):
-                y[n, k, p, q] = bias[k]
+        out = np.uint64(task * P * Q)
+        for e in range(np.uint64(P * Q)):
+            yf[out + e] = bias[k]
         for cl in range(Cg):
+            plane = np.uint64((n * C + c0 + cl) * H * W)
             for r in range(R):
                 for s in range(S):
                     wv = weight[k, cl, r, s]
                     q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
-                    w0 = q_lo * sw + s * dw - pl
                     for p in range(P):
                         h = p * sh - pt + r * dh
                         if 0 <= h < H:
-                            for q in range(q_lo, q_hi):
-                                y[n, k, p, q] += wv * x[n, c0 + cl, h, w0 + (q - q_lo) * sw]
+                            dst = out + np.uint64(p * Q + q_lo)
+                            src = plane + np.uint64(h * W + q_lo * sw + s * dw - pl)
+                            for q in range(np.uint64(q_hi - q_lo)):
+                                yf[dst + q] += wv * xf[src + q * usw]
 
 
 @njit(parallel=True, cache=True)
@@ -51,26 +56,30 @@ def _input_grad(weight, grad_output, gx, sh, sw, pt, pl, dh, dw):
     K, Cg, R, S = weight.shape
     P, Q = grad_output.shape[2], grad_output.shape[3]
     Kg = K // (C // Cg)
+    gf, dyf = gx.reshape(gx.size), grad_output.reshape(grad_output.size)
+    usw = np.uint64(sw)
     for task in prange(N * C):
         n = task // C
         c = task - n * C
         g = c // Cg
         cl = c - g * Cg
-        for h in range(H):
-            for w in range(W):
-                gx[n, c, h, w] = 0
+        plane = np.uint64(task * H * W)
+        for e in range(np.uint64(H * W)):
+            gf[plane + e] = 0
         for kl in range(Kg):
             k = g * Kg + kl
+            out = np.uint64((n * K + k) * P * Q)
             for r in range(R):
                 for s in range(S):
                     wv = weight[k, cl, r, s]
                     q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
-                    w0 = q_lo * sw + s * dw - pl
                     for p in range(P):
                         h = p * sh - pt + r * dh
                         if 0 <= h < H:
-                            for q in range(q_lo, q_hi):
-                                gx[n, c, h, w0 + (q - q_lo) * sw] += wv * grad_output[n, k, p, q]
+                            src = out + np.uint64(p * Q + q_lo)
+                            dst = plane + np.uint64(h * W + q_lo * sw + s * dw - pl)
+                            for q in range(np.uint64(q_hi - q_lo)):
+                                gf[dst + q * usw] += wv * dyf[src + q]
 
 
 @njit(parallel=True, cache=True)
@@ -79,6 +88,8 @@ def _weight_grad(x, grad_output, gw, sh, sw, pt, pl, dh, dw):
     K, Cg, R, S = gw.shape
     P, Q = grad_output.shape[2], grad_output.shape[3]
     Kg = K // (C // Cg)
+    xf, dyf = x.reshape(x.size), grad_output.reshape(grad_output.size)
+    usw = np.uint64(sw)
     for task in prange(K * Cg):
         k = task // Cg
         cl = task - k * Cg
@@ -87,15 +98,17 @@ def _weight_grad(x, grad_output, gw, sh, sw, pt, pl, dh, dw):
         for r in range(R):
             for s in range(S):
                 q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
-                w0 = q_lo * sw + s * dw - pl
                 lanes[:] = 0
                 for n in range(N):
+                    out = np.uint64((n * K + k) * P * Q)
+                    plane = np.uint64((n * C + c) * H * W)
                     for p in range(P):
                         h = p * sh - pt + r * dh
                         if 0 <= h < H:
-                            for q in range(q_lo, q_hi):
-                                lanes[q] += (grad_output[n, k, p, q]
-                                             * x[n, c, h, w0 + (q - q_lo) * sw])
+                            src_dy = out + np.uint64(p * Q + q_lo)
+                            src_x = plane + np.uint64(h * W + q_lo * sw + s * dw - pl)
+                            for q in range(np.uint64(q_hi - q_lo)):
+                                lanes[q] += dyf[src_dy + q] * xf[src_x + q * usw]
                 gw[k, cl, r, s] = lanes.sum()
 
 
