@@ -1,0 +1,196 @@
+"""The cuda backend on a real GPU, against the NumPy reference (skipped without CuPy and a GPU).
+
+Every output the backend allocates starts as NaN (the executor's ``empty`` is swapped for a
+NaN fill), so an element a kernel never writes fails the comparison instead of passing on
+leftovers of CuPy's memory pool. Covers the shared case list for all conv ops and dtypes, the
+TF32 path, the GPU benchmark's layer shapes at a small batch, the hinge loss, repeatability,
+CuPy's current stream and what ``explain`` reports.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import dispatch, reference
+from fastconv._args import conv_geometry
+
+from conftest import CASES, CASE_IDS, assert_close, rel_err, to_host
+
+pytestmark = pytest.mark.gpu
+TF32_TOLERANCE = 5e-3
+
+
+@pytest.fixture(autouse=True)
+def cupy():
+    ok, why = dispatch.availability("cuda")
+    if not ok:
+        pytest.skip(f"cuda backend unavailable: {why}")
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(autouse=True)
+def poisoned(cupy, monkeypatch):
+    """Outputs of the cuda backend start as NaN."""
+    from fastconv.kernels import cuda as backend
+
+    real = backend._gpu()
+    fake = backend.Executor(cupy, real.run,
+                            lambda shape, dtype: cupy.full(shape, np.nan, dtype=dtype),
+                            real.sm_count)
+    monkeypatch.setattr(backend, "_gpu", lambda: fake)
+
+
+def _all_ops(case, x, w, b, gy, refs=None):
+    """(name, cuda result, reference) for the four conv ops (``refs``: known references)."""
+    kw = case.kwargs
+    geom = conv_geometry(x.shape, w.shape, kw["stride"], kw["padding"], kw["dilation"],
+                         kw["groups"])
+    import cupy
+
+    d = cupy.asarray
+    outs = [
+        ("forward", fastconv.conv2d(d(x), d(w), None if b is None else d(b), **kw,
+                                    backend="cuda")),
+        ("input_grad", fastconv.conv2d_input_grad(x.shape, d(w), d(gy), **kw, backend="cuda")),
+        ("weight_grad", fastconv.conv2d_weight_grad(d(x), w.shape, d(gy), **kw,
+                                                    backend="cuda")),
+        ("bias_grad", fastconv.conv2d_bias_grad(d(gy), backend="cuda")),
+    ]
+    if refs is None:
+        refs = [reference.conv2d_forward(x, w, b, geom), reference.conv2d_input_grad(w, gy, geom),
+                reference.conv2d_weight_grad(x, gy, geom),
+                gy.astype(np.float64).sum(axis=(0, 2, 3))]
+    return [(name, out, ref) for (name, out), ref in zip(outs, refs)]
+
+
+def _grad_output(case, x, w, dtype, seed=1):
+    kw = case.kwargs
+    geom = conv_geometry(x.shape, w.shape, kw["stride"], kw["padding"], kw["dilation"],
+                         kw["groups"])
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((geom.N, geom.K, geom.P, geom.Q)).astype(dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list(case, dtype):
+    x, w, b = case.arrays(dtype)
+    gy = _grad_output(case, x, w, dtype)
+    for name, out, ref in _all_ops(case, x, w, b, gy):
+        assert out.dtype == dtype, name
+        assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list_tf32(case):
+    fastconv.set_precision("tf32")
+    x, w, b = case.arrays(np.float32)
+    gy = _grad_output(case, x, w, np.float32)
+    for name, out, ref in _all_ops(case, x, w, b, gy):
+        assert rel_err(out, ref) < TF32_TOLERANCE, name
+
+
+class Layer:
+    """A layer of the GPU benchmark at a small batch (same C, H, K, kernel, stride, pad)."""
+
+    def __init__(self, name, N, C, H, K, R, stride, pad):
+        self.name, self.N, self.C, self.H, self.K, self.R = name, N, C, H, K, R
+        self.kwargs = dict(stride=stride, padding=pad, dilation=1, groups=1)
+
+    def arrays(self, dtype, seed=0):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((self.N, self.C, self.H, self.H)).astype(dtype)
+        w = rng.standard_normal((self.K, self.C, self.R, self.R)).astype(dtype)
+        return x, w, rng.standard_normal(self.K).astype(dtype)
+
+
+LAYERS = [Layer("stem7x7s2", 2, 3, 224, 64, 7, 2, 3), Layer("r3x3_56", 2, 64, 56, 64, 3, 1, 1),
+          Layer("r1x1_56", 2, 256, 56, 64, 1, 1, 0), Layer("r3x3_14", 2, 256, 14, 256, 3, 1, 1),
+          Layer("r3x3s2_28", 2, 128, 28, 256, 3, 2, 1), Layer("r3x3_7", 4, 512, 7, 512, 3, 1, 1),
+          Layer("cifar3x3", 16, 3, 32, 32, 3, 1, 1)]
+
+
+_LAYER_REFERENCES: dict = {}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("layer", LAYERS, ids=[la.name for la in LAYERS])
+def test_benchmark_layers(layer, precision):
+    """Many blocks, full and partial tiles, long reductions, split weight gradients."""
+    fastconv.set_precision(precision)
+    x, w, b = layer.arrays(np.float32)
+    gy = _grad_output(layer, x, w, np.float32)
+    tol = TF32_TOLERANCE if precision == "tf32" else 1e-5
+    results = _all_ops(layer, x, w, b, gy, _LAYER_REFERENCES.get(layer.name))
+    _LAYER_REFERENCES[layer.name] = [ref for _, _, ref in results]  # same data both precisions
+    for name, out, ref in results:
+        assert rel_err(out, ref) < tol, name
+
+
+@pytest.mark.parametrize("shape", [(1000, 10), (300, 1000), (50, 3000), (7, 1), (4097, 37)])
+@pytest.mark.parametrize("p", [1, 2])
+def test_hinge(cupy, shape, p, dtype):
+    N, C = shape
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal(shape).astype(dtype)
+    y = rng.integers(0, C, N)
+    wt = rng.uniform(0.5, 2.0, C).astype(dtype)
+    for reduction in ("mean", "sum", "none"):
+        grad_loss = rng.uniform(0.5, 2.0, N).astype(dtype) if reduction == "none" else 1.5
+        loss, grad = fastconv.hinge_loss_and_grad(
+            cupy.asarray(s), cupy.asarray(y), 0.8, p, cupy.asarray(wt), reduction,
+            cupy.asarray(grad_loss) if reduction == "none" else grad_loss, backend="cuda")
+        ref_loss, ref_grad = fastconv.hinge_loss_and_grad(s, y, 0.8, p, wt, reduction,
+                                                          grad_loss, backend="reference")
+        assert_close(loss, ref_loss, dtype)
+        assert_close(grad, ref_grad, dtype)
+
+
+def test_repeatable_bit_for_bit(cupy):
+    """Split weight gradients and the hinge reductions repeat exactly (no atomics)."""
+    layer = LAYERS[1]
+    x, w, _ = (cupy.asarray(a) for a in layer.arrays(np.float32))
+    gy = cupy.asarray(_grad_output(layer, to_host(x), to_host(w), np.float32))
+    runs = [to_host(fastconv.conv2d_weight_grad(x, w.shape, gy, padding=1, backend="cuda"))
+            for _ in range(3)]
+    assert all(np.array_equal(runs[0], r) for r in runs[1:])
+    s = cupy.asarray(np.random.default_rng(1).standard_normal((4096, 1000)).astype(np.float32))
+    y = cupy.asarray(np.random.default_rng(2).integers(0, 1000, 4096))
+    h = [tuple(map(to_host, fastconv.hinge_loss_and_grad(s, y, backend="cuda")))
+         for _ in range(3)]
+    assert all(np.array_equal(h[0][0], r[0]) and np.array_equal(h[0][1], r[1]) for r in h[1:])
+
+
+def test_runs_on_the_current_stream(cupy):
+    layer = LAYERS[3]
+    x, w, b = layer.arrays(np.float32)
+    geom = conv_geometry(x.shape, w.shape, 1, 1, 1, 1)
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        y = fastconv.conv2d(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), padding=1,
+                            backend="cuda")
+        stream.synchronize()
+    assert_close(y, reference.conv2d_forward(x, w, b, geom), np.float32)
+
+
+def test_explain_reports_kernel_tile_and_precision(cupy):
+    x = cupy.zeros((8, 64, 56, 56), cupy.float32)
+    w = cupy.zeros((64, 64, 3, 3), cupy.float32)
+    plan = fastconv.explain("conv2d", x, w, padding=1)
+    assert plan.backend == "cuda"
+    assert plan.algo.get("kernel").startswith("fc::conv_simt<float, 0")
+    assert len(plan.algo.get("tile")) == 5 and plan.algo.get("precision") == "fp32"
+    fastconv.set_precision("tf32")
+    plan = fastconv.explain("conv2d", x, w, padding=1)
+    assert plan.algo.name == "implicit_gemm_tf32" and plan.algo.get("precision") == "tf32"
+
+
+def test_kernels_are_cached_per_device(cupy):
+    from fastconv.kernels import cuda_build
+
+    name = "fc::hinge_rows<float, 32, 4>"
+    first = cuda_build.get_kernel("hinge.cu", name)
+    assert cuda_build.get_kernel("hinge.cu", name) is first
+    dev = cupy.cuda.runtime.getDevice()
+    assert (dev, "hinge.cu", name) in cuda_build._KERNELS
