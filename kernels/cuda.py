@@ -20,6 +20,7 @@ Imports CuPy only when a function runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
 from . import cuda_build, cuda_conv, cuda_hinge
@@ -98,6 +99,7 @@ def hinge_loss_rows(scores, labels, margin, p, class_weight, row_scale, want_gra
 # ---------------------------------------------------------------------------------------------
 # Generic implementations
 # ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=256)
 def _tile(algo) -> SimtTile | Tf32Tile:
     kind = Tf32Tile if algo.name == "implicit_gemm_tf32" else SimtTile
     return kind(*algo.get("tile"))
@@ -106,7 +108,11 @@ def _tile(algo) -> SimtTile | Tf32Tile:
 def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None:
     """FPROP or DGRAD over batch chunks small enough for 32-bit row indices."""
     tile = _tile(algo)
-    for n0, n1 in cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, mode)):
+    chunks = cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, mode))
+    if len(chunks) == 1:  # the usual case: no views to make
+        ex.run(cuda_conv.implicit_gemm_launch(mode, a, b, bias, out, geom, tile))
+        return
+    for n0, n1 in chunks:
         part = cuda_conv.with_batch(geom, n1 - n0)
         ex.run(cuda_conv.implicit_gemm_launch(mode, a[n0:n1], b, bias, out[n0:n1], part, tile))
 

@@ -223,21 +223,30 @@ def implicit_gemm_launch(mode: int, a: Any, b: Any, bias: Any, out: Any, geom: A
     -------
     Launch
     """
+    name, grid, scalars = _gemm_plan(mode, geom, tile, splits, np.dtype(a.dtype), ROW_LIMIT)
+    args = (a, b, NULL if bias is None else bias, out) + scalars
+    return Launch("conv2d.cu", name, grid, (tile.threads, 1, 1), 0, args)
+
+
+@lru_cache(maxsize=1024)
+def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dtype: np.dtype,
+               row_limit: int) -> tuple[str, tuple[int, int, int], tuple]:
+    """Kernel name, grid and scalar arguments of `implicit_gemm_launch` (memoised: repeated
+    calls on one shape cost a dictionary lookup)."""
     M, NG, KG = gemm_shape(geom, mode)
-    if max(M, KG) > ROW_LIMIT:
+    if max(M, KG) > row_limit:
         raise ValueError(f"GEMM of {M} rows and {KG} reduction steps: split the batch first")
     slices, k_split = wgrad_split(KG, splits, tile.bk) if mode == WGRAD else (1, KG)
     grid = (_ceil(M, tile.bm), _ceil(NG, tile.bn), geom.groups * slices)
     if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
         raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
     if isinstance(tile, Tf32Tile):
-        if np.dtype(a.dtype) != np.float32:
+        if dtype != np.float32:
             raise TypeError("the TF32 kernel takes float32 arrays")
         name = tf32_kernel_name(mode, tile)
     else:
-        name = simt_kernel_name(a.dtype, mode, tile)
-    args = (a, b, NULL if bias is None else bias, out) + shape_args(geom, k_split)
-    return Launch("conv2d.cu", name, grid, (tile.threads, 1, 1), 0, args)
+        name = simt_kernel_name(dtype, mode, tile)
+    return name, grid, shape_args(geom, k_split)
 
 
 def depthwise_smem_bytes(geom: Any, dtype: Any) -> int:

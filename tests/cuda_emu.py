@@ -42,6 +42,25 @@ def compiler() -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def compiler_problem() -> str | None:
+    """Why the host emulation cannot be built here (no compiler, no C++20 std::atomic::wait),
+    or ``None`` when it can."""
+    cxx = compiler()
+    if cxx is None:
+        return "no C++ compiler on PATH"
+    probe = ("#include <atomic>\n#include <thread>\nint main() { std::atomic<unsigned> a{0}; "
+             "std::thread t([&] { a.store(1); a.notify_all(); }); a.wait(0); t.join(); }\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text(probe)
+        proc = subprocess.run([cxx, "-std=c++20", "-pthread", str(src), "-o",
+                               str(Path(tmp) / "probe")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"{cxx} cannot build C++20 std::atomic::wait: {proc.stderr[-300:]}"
+    return None
+
+
 def all_names() -> dict[str, list[str]]:
     return {**cuda_conv.all_kernel_names(), **cuda_hinge.all_kernel_names()}
 

@@ -33,8 +33,9 @@ TF32_TOLERANCE = 5e-3
 
 @pytest.fixture(scope="module")
 def ex():
-    if cuda_emu.compiler() is None:
-        pytest.skip("no C++ compiler for the host emulation")
+    problem = cuda_emu.compiler_problem()
+    if problem is not None:
+        pytest.skip(f"host emulation unavailable: {problem}")
     cuda_emu.build()
     return cuda_emu.executor()
 
