@@ -137,18 +137,34 @@ def grad_output_tables(m: int, dtype) -> tuple[tuple, tuple]:
 # flat indices: Numba then skips its negative-index check and the loops stay tight.
 # ---------------------------------------------------------------------------------------------
 BLOCK = 256
+# From this many tiles per tile row, V and M rows carry one padding tile per tile row (width
+# tw + 1, the width of the polyphase planes): the transforms then read and write them as flat
+# runs, at the price of 1 / tw more GEMM work. Below it the padding would cost more than the
+# copies it saves.
+PAD_MIN_TILES = 8
+# From this many tiles per image, the output transform reads M in place instead of copying a
+# block of channels together first.
+DIRECT_MIN_TILES = 64
+
+
+def row_width(tw: int) -> int:
+    """Tiles per tile row in ``V`` and ``M``: ``tw``, or ``tw + 1`` with a padding tile."""
+    return tw + 1 if tw >= PAD_MIN_TILES else tw
 
 
 @njit(cache=True, inline="always")
-def _lincomb(dst, src, tab, i, L):
-    """``dst[e] = sum_z coefs[i, z] * src[rows[i, z], offs[i, z] + e]`` for ``e < L``; four
-    sources per pass (see :func:`_table`), so ``dst`` is written once per four terms."""
+def _lincomb(dst, src, tab, i, rscale, radd, cbase, L):
+    """``dst[e] = sum_z coefs[i, z] * src[rows[i, z] * rscale + radd, cbase + offs[i, z] + e]``
+    for ``e < L``; four sources per pass (see :func:`_table`), so ``dst`` is written once per
+    four terms."""
     rows, offs, coefs, count = tab
     for z in range(0, count[i], 4):
-        s0 = src[rows[i, z], offs[i, z]:offs[i, z] + L]
-        s1 = src[rows[i, z + 1], offs[i, z + 1]:offs[i, z + 1] + L]
-        s2 = src[rows[i, z + 2], offs[i, z + 2]:offs[i, z + 2] + L]
-        s3 = src[rows[i, z + 3], offs[i, z + 3]:offs[i, z + 3] + L]
+        o0, o1 = cbase + offs[i, z], cbase + offs[i, z + 1]
+        o2, o3 = cbase + offs[i, z + 2], cbase + offs[i, z + 3]
+        s0 = src[rows[i, z] * rscale + radd, o0:o0 + L]
+        s1 = src[rows[i, z + 1] * rscale + radd, o1:o1 + L]
+        s2 = src[rows[i, z + 2] * rscale + radd, o2:o2 + L]
+        s3 = src[rows[i, z + 3] * rscale + radd, o3:o3 + L]
         c0, c1, c2, c3 = coefs[i, z], coefs[i, z + 1], coefs[i, z + 2], coefs[i, z + 3]
         if z == 0:
             for e in range(L):
@@ -163,19 +179,21 @@ def input_transform(x, V, n0, nc, t0, tc, tw, m, off_h, off_w, row_tab, col_tab)
     """``V[a*A + b, c, tile] = (BT d BT^T)[a, b]`` for the input tile ``d`` of each tile
     ``(n, t, tj)`` with ``n`` in ``n0 .. n0 + nc``, ``t`` in ``t0 .. t0 + tc``: rows
     ``t*m + off_h + [0, A)``, columns ``tj*m + off_w + [0, A)`` of ``x``, zero outside.
+    Tile ``(i, t, tj)`` of the chunk is column ``(i * tc + t) * vw + tj`` of ``V`` (see
+    :func:`row_width`).
 
     Per channel the padded input is split into ``m x m`` polyphase planes of ``(tc + 1) x
     (tw + 1)`` (the extra row and column hold the tiles' overlap), so both 1-D transforms
     read whole planes at tile-sized shifts."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    T = V.shape[2]
     A = m + 2
+    vw = tw + 1 if tw >= PAD_MIN_TILES else tw
     Fr = (tc + 1) * (tw + 1)
     cb = max(1, BLOCK // Fr)
     nblocks = (C + cb - 1) // cb
     xf = x.reshape(x.size)
-    Vf = V.reshape(V.size)
-    mm, uW, uT = np.uint64(m), np.uint64(W), np.uint64(T)
+    V2 = V.reshape(A * A * C, V.shape[2])
+    mm, uW = np.uint64(m), np.uint64(W)
     for task in prange(nc * nblocks):
         i = task // nblocks
         c0 = (task - i * nblocks) * cb
@@ -199,52 +217,62 @@ def input_transform(x, V, n0, nc, t0, tc, tw, m, off_h, off_w, row_tab, col_tab)
                         pf[d0 + e] = xf[s0 + e * mm]
         rows = np.empty((A * m, Lr), dtype=V.dtype)
         for o in range(A * m):
-            _lincomb(rows[o], planes, row_tab, o, Lr)
+            _lincomb(rows[o], planes, row_tab, o, 1, 0, 0, Lr)
+        base = i * tc * vw
+        if vw == tw + 1:                     # padded rows: the column pass writes V directly
+            for xi in range(A * A):
+                for cc in range(cbb):
+                    dst = V2[xi * C + c0 + cc, base:base + tc * vw]
+                    _lincomb(dst, rows, col_tab, xi, 1, 0, cc * Fr, tc * vw)
+            continue
         tiles = np.empty((A * A, F), dtype=V.dtype)
-        for o in range(A * A):
-            _lincomb(tiles[o], rows, col_tab, o, F)
-        tf = tiles.reshape(tiles.size)
+        for xi in range(A * A):
+            _lincomb(tiles[xi], rows, col_tab, xi, 1, 0, 0, F)
         for xi in range(A * A):
             for cc in range(cbb):
-                dst = (np.uint64(xi * C + c0 + cc) * uT + np.uint64(i * tc * tw))
-                src = np.uint64(xi * F + cc * Fr)
-                for t in range(np.uint64(tc)):
-                    for e in range(np.uint64(tw)):
-                        Vf[dst + t * np.uint64(tw) + e] = tf[src + t * np.uint64(tw + 1) + e]
+                dst = V2[xi * C + c0 + cc]
+                for t in range(tc):
+                    src = tiles[xi, cc * Fr + t * (tw + 1):]
+                    for e in range(tw):
+                        dst[base + t * tw + e] = src[e]
 
 
 @njit(parallel=True, cache=True)
 def output_transform(M, y, bias, n0, nc, t0, tc, tw, m, first_tab, second_tab):
     """``y[n, k, tile] = AT M[:, k, tile] AT^T + bias[k]`` for the tiles of
-    :func:`input_transform` (``M (A*A, K, nc * tc * tw)``), clipped to ``y``'s ``P x Q``."""
+    :func:`input_transform` (``M (A*A, K, T)``, same tile columns), clipped to ``y``'s
+    ``P x Q``."""
     K, P, Q = y.shape[1], y.shape[2], y.shape[3]
-    T = M.shape[2]
     A = m + 2
-    L = tc * tw
-    kb = max(1, BLOCK // L)
+    vw = tw + 1 if tw >= PAD_MIN_TILES else tw
+    L = tc * vw
+    kb = 1 if L >= DIRECT_MIN_TILES else max(1, BLOCK // L)
     nblocks = (K + kb - 1) // kb
-    Mf = M.reshape(M.size)
+    M2 = M.reshape(A * A * K, M.shape[2])
     yf = y.reshape(y.size)
-    mm, uL, uT = np.uint64(m), np.uint64(L), np.uint64(T)
+    mm = np.uint64(m)
     for task in prange(nc * nblocks):
         i = task // nblocks
         k0 = (task - i * nblocks) * kb
         kbb = min(kb, K - k0)
         F = kbb * L
-        tiles = np.empty((A * A, F), dtype=M.dtype)
-        tf = tiles.reshape(tiles.size)
-        for xi in range(A * A):
-            for kk in range(kbb):
-                src = np.uint64(xi * K + k0 + kk) * uT + np.uint64(i) * uL
-                dst = np.uint64(xi * F + kk * L)
-                for e in range(uL):
-                    tf[dst + e] = Mf[src + e]
         half = np.empty((m * A, F), dtype=M.dtype)
-        for o in range(m * A):
-            _lincomb(half[o], tiles, first_tab, o, F)
+        if kb == 1:                          # long runs: read M in place
+            for o in range(m * A):
+                _lincomb(half[o], M2, first_tab, o, K, k0, i * L, L)
+        else:
+            tiles = np.empty((A * A, F), dtype=M.dtype)
+            for xi in range(A * A):
+                for kk in range(kbb):
+                    src = M2[xi * K + k0 + kk, i * L:]
+                    dst = tiles[xi, kk * L:]
+                    for e in range(L):
+                        dst[e] = src[e]
+            for o in range(m * A):
+                _lincomb(half[o], tiles, first_tab, o, 1, 0, 0, F)
         out = np.empty((m * m, F), dtype=M.dtype)
         for o in range(m * m):
-            _lincomb(out[o], half, second_tab, o, F)
+            _lincomb(out[o], half, second_tab, o, 1, 0, 0, F)
         of = out.reshape(out.size)
         for kk in range(kbb):
             k = k0 + kk
@@ -257,7 +285,7 @@ def output_transform(M, y, bias, n0, nc, t0, tc, tw, m, first_tab, second_tab):
                         break
                     for v in range(m):
                         hi = valid_range(tw, Q, m, v)[1]
-                        src = np.uint64((u * m + v) * F + kk * L + t * tw)
+                        src = np.uint64((u * m + v) * F + kk * L + t * vw)
                         dst = y0 + np.uint64(p * Q + v)
                         for e in range(np.uint64(hi)):
                             yf[dst + e * mm] = of[src + e] + b_k
@@ -266,16 +294,17 @@ def output_transform(M, y, bias, n0, nc, t0, tc, tw, m, first_tab, second_tab):
 @njit(parallel=True, cache=True)
 def grad_output_transform(dy, Mg, n0, nc, t0, tc, tw, m, first_tab, second_tab):
     """``Mg[a*A + b, k, tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
-    ``dy (N, K, P, Q)`` (zero beyond ``P x Q``): the adjoint of :func:`output_transform`."""
+    ``dy (N, K, P, Q)`` (zero beyond ``P x Q``, and zero in padding tiles, which therefore add
+    nothing to the weight gradient): the adjoint of :func:`output_transform`."""
     K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
-    T = Mg.shape[2]
     A = m + 2
-    L = tc * tw
-    kb = max(1, BLOCK // L)
+    vw = tw + 1 if tw >= PAD_MIN_TILES else tw
+    L = tc * vw
+    kb = 1 if L >= DIRECT_MIN_TILES else max(1, BLOCK // L)
     nblocks = (K + kb - 1) // kb
     dyf = dy.reshape(dy.size)
-    Mf = Mg.reshape(Mg.size)
-    mm, uL, uT = np.uint64(m), np.uint64(L), np.uint64(T)
+    M2 = Mg.reshape(A * A * K, Mg.shape[2])
+    mm = np.uint64(m)
     for task in prange(nc * nblocks):
         i = task // nblocks
         k0 = (task - i * nblocks) * kb
@@ -292,23 +321,26 @@ def grad_output_transform(dy, Mg, n0, nc, t0, tc, tw, m, first_tab, second_tab):
                         break
                     for v in range(m):
                         hi = valid_range(tw, Q, m, v)[1]
-                        dst = np.uint64((u * m + v) * F + kk * L + t * tw)
+                        dst = np.uint64((u * m + v) * F + kk * L + t * vw)
                         src = d0 + np.uint64(p * Q + v)
                         for e in range(np.uint64(hi)):
                             pf[dst + e] = dyf[src + e * mm]
         half = np.empty((m * A, F), dtype=Mg.dtype)
         for o in range(m * A):
-            _lincomb(half[o], planes, first_tab, o, F)
+            _lincomb(half[o], planes, first_tab, o, 1, 0, 0, F)
+        if kb == 1:                          # long runs: write Mg in place
+            for xi in range(A * A):
+                _lincomb(M2[xi * K + k0, i * L:i * L + L], half, second_tab, xi, 1, 0, 0, L)
+            continue
         tiles = np.empty((A * A, F), dtype=Mg.dtype)
-        for o in range(A * A):
-            _lincomb(tiles[o], half, second_tab, o, F)
-        tf = tiles.reshape(tiles.size)
+        for xi in range(A * A):
+            _lincomb(tiles[xi], half, second_tab, xi, 1, 0, 0, F)
         for xi in range(A * A):
             for kk in range(kbb):
-                dst = np.uint64(xi * K + k0 + kk) * uT + np.uint64(i) * uL
-                src = np.uint64(xi * F + kk * L)
-                for e in range(uL):
-                    Mf[dst + e] = tf[src + e]
+                dst = M2[xi * K + k0 + kk, i * L:]
+                src = tiles[xi, kk * L:]
+                for e in range(L):
+                    dst[e] = src[e]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +348,8 @@ def grad_output_transform(dy, Mg, n0, nc, t0, tc, tw, m, first_tab, second_tab):
 # ---------------------------------------------------------------------------------------------
 def _chunks(N: int, th: int, tw: int, m: int, channels: int, filter_elems: int,
             weight_grad: bool, itemsize: int, algo):
-    """Chunks of tile rows under the workspace bound (sizes from ``cpu_workspace``)."""
+    """Chunks of tile rows under the workspace bound (sizes from ``cpu_workspace``, which
+    counts ``tw + 1`` tiles per row: at least :func:`row_width`)."""
     sizes = winograd_tile_bytes(m, tw, channels, filter_elems, weight_grad, itemsize)
     preferred = int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     return list(plan_chunks(N, th, sizes, workspace_bound(algo), preferred))
@@ -408,14 +441,15 @@ def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
     in_tabs, out_tabs = input_tables(m, tw, x.dtype), output_tables(m, x.dtype)
     chunks = _chunks(N, th, tw, m, C + K, weight.shape[0] * weight.shape[1], False,
                      x.dtype.itemsize, algo)
-    J = max(c.nc * c.rc for c in chunks) * tw
+    vw = row_width(tw)
+    J = max(c.nc * c.rc for c in chunks) * vw
     bound = workspace_bound(algo)
     v_buf = scratch((A2 * C * J,), x.dtype, bound)
     m_buf = scratch((A2 * K * J,), x.dtype, bound)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     b = bias if bias is not None else np.zeros(K, dtype=x.dtype)
     for ch in chunks:
-        T = ch.nc * ch.rc * tw
+        T = ch.nc * ch.rc * vw
         V = v_buf[:A2 * C * T].reshape(A2, C, T)
         M = m_buf[:A2 * K * T].reshape(A2, K, T)
         input_transform(x, V, ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *offsets, *in_tabs)
@@ -452,7 +486,8 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarra
     th, tw = tile_grid(geom.P, geom.Q, m)
     in_tabs, grad_tabs = input_tables(m, tw, x.dtype), grad_output_tables(m, x.dtype)
     chunks = _chunks(N, th, tw, m, C + K, K * (C // G), True, x.dtype.itemsize, algo)
-    J = max(c.nc * c.rc for c in chunks) * tw
+    vw = row_width(tw)
+    J = max(c.nc * c.rc for c in chunks) * vw
     bound = workspace_bound(algo)
     v_buf = scratch((A2 * C * J,), x.dtype, bound)
     m_buf = scratch((A2 * K * J,), x.dtype, bound)
@@ -460,7 +495,7 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarra
     part = scratch(dU.shape, x.dtype, bound) if len(chunks) > 1 else dU
     offsets = (-geom.padding[0], -geom.padding[2])
     for ch in chunks:
-        T = ch.nc * ch.rc * tw
+        T = ch.nc * ch.rc * vw
         V = v_buf[:A2 * C * T].reshape(A2, G, C // G, T)
         Mg = m_buf[:A2 * K * T].reshape(A2, K, T)
         input_transform(x, V.reshape(A2, C, T), ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *offsets,

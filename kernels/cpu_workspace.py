@@ -88,10 +88,11 @@ def winograd_tile_bytes(m: int, tiles_per_row: int, channels: int, filter_elems:
                         weight_grad: bool, itemsize: int) -> tuple[int, int]:
     """Fixed: the transformed filters (and for the weight gradient their gradient and its
     partial sum). Per row of tiles: the transformed input and output tiles of all ``channels``
-    (in plus out) and two per-thread transform temporaries, counted for two threads."""
+    (in plus out; rows may carry one padding tile) and two per-thread transform temporaries,
+    counted for two threads."""
     A2 = (m + 2) ** 2
     fixed = A2 * filter_elems * (2 if weight_grad else 1)
-    return fixed * itemsize, A2 * tiles_per_row * (channels + 4) * itemsize
+    return fixed * itemsize, A2 * (tiles_per_row + 1) * (channels + 4) * itemsize
 
 
 def gemm1x1_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:

@@ -39,6 +39,9 @@ EXTRA_CASES = [
     ConvCase("1x1_groups4", 2, 8, 5, 6, 12, 1, 1, groups=4),
     ConvCase("wide_strided", 3, 5, 12, 10, 7, 3, 2, stride=(3, 2), padding=((2, 0), (1, 1)),
              dilation=(2, 1)),
+    # Winograd rows of >= 8 tiles carry a padding tile; >= 64 tiles per image are read in place
+    ConvCase("wino_wide_rows", 2, 8, 10, 37, 6, 3, 3, padding=1),
+    ConvCase("wino_many_tiles", 1, 5, 34, 35, 7, 3, 3, padding=((0, 2), (1, 1))),
 ]
 ALL_CASES = CASES + EXTRA_CASES
 ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
@@ -107,6 +110,7 @@ CHUNKED = [
     (ConvCase("rows_im2col_pi", 2, 4, 30, 30, 5, 5, 5, padding=2), "im2col"),
     (ConvCase("rows_winograd4", 2, 16, 24, 19, 16, 3, 3, padding=1), "winograd4"),
     (ConvCase("rows_winograd2", 2, 16, 24, 19, 16, 3, 3, padding=1), "winograd2"),
+    (ConvCase("rows_winograd_wide", 2, 16, 20, 41, 16, 3, 3, padding=1), "winograd4"),
 ]
 
 
@@ -251,6 +255,7 @@ DETERMINISM = [
     (ConvCase("det_im2col", 4, 6, 21, 19, 8, 3, 3, stride=2, padding=1), "im2col_rows"),
     (ConvCase("det_im2col_pi", 3, 6, 50, 50, 8, 3, 3, padding=1), "im2col"),
     (ConvCase("det_wino", 4, 16, 21, 19, 16, 3, 3, padding=1), "winograd4_rows"),
+    (ConvCase("det_wino_wide", 2, 16, 36, 40, 16, 3, 3, padding=1), "winograd4"),
     (ConvCase("det_1x1", 4, 32, 21, 19, 16, 1, 1), "gemm1x1"),
     (ConvCase("det_direct", 4, 8, 21, 19, 8, 3, 3, padding=1, groups=8), "direct"),
 ]
