@@ -9,6 +9,7 @@ from .dispatch import (BackendUnavailableError, available_backends, get_backend,
                        get_precision, set_backend, set_precision)
 from .explain import explain
 from .hinge import hinge_loss, hinge_loss_and_grad, hinge_loss_grad
+from .layers import SGD, Conv2d, Flatten, Linear, MultiClassHingeLoss, ReLU, Sequential
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "hinge_loss", "hinge_loss_grad", "hinge_loss_and_grad",
     "set_backend", "get_backend", "available_backends", "set_precision", "get_precision",
     "explain", "BackendUnavailableError", "Algo", "ConvGeometry",
+    "Conv2d", "MultiClassHingeLoss", "ReLU", "Linear", "Flatten", "Sequential", "SGD",
 ]
