@@ -60,9 +60,35 @@ enum Mode { FPROP = 0, DGRAD = 1, WGRAD = 2 };
 // bounds checks reject it.
 constexpr int FAR = -(1 << 30);
 
+// Division of 0 <= n < 2^31 by a run-time divisor d >= 1 as a multiply and a shift
+// (Granlund & Montgomery, round-up method): n / d == (n * mul) >> shift with
+// shift = 31 + ceil(log2 d) and mul = ceil(2^shift / d) < 2^32, computed by the launcher
+// (kernels/cuda_conv.py, fast_divisor). Kernel parameters live in the constant bank, so this
+// costs no registers and about three instructions instead of an integer-division sequence.
+struct FastDiv {
+    unsigned mul;
+    int shift;
+
+    __device__ __forceinline__ int operator()(int n) const {
+        return (int)(((unsigned long long)(unsigned)n * mul) >> shift);
+    }
+};
+
 struct ConvShape {
     int N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups;
+    // Divisors of the index arithmetic: R*S, S, P*Q, Q, the output pixel plane (P*Q for FPROP,
+    // H*W for DGRAD), sh and sw.
+    FastDiv by_rs, by_s, by_pq, by_q, by_plane, by_sh, by_sw;
 };
+
+// The divisor parameters every conv kernel takes after k_split, in ConvShape's order.
+#define FC_FASTDIV_PARAMS                                                                    \
+    unsigned mul_rs, int shift_rs, unsigned mul_s, int shift_s, unsigned mul_pq,            \
+        int shift_pq, unsigned mul_q, int shift_q, unsigned mul_plane, int shift_plane,     \
+        unsigned mul_sh, int shift_sh, unsigned mul_sw, int shift_sw
+#define FC_FASTDIVS                                                                          \
+    {mul_rs, shift_rs}, {mul_s, shift_s}, {mul_pq, shift_pq}, {mul_q, shift_q},             \
+        {mul_plane, shift_plane}, {mul_sh, shift_sh}, {mul_sw, shift_sw}
 
 // GEMM sizes of one group for a mode: rows M, columns NG, reduction length KG.
 template <int MODE>
@@ -80,8 +106,9 @@ __device__ __forceinline__ T smem_value(T v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile loaders: gather one BK x EXTENT tile of a GEMM operand into registers (`load`), then
-// write it to shared memory laid out [kk][col] with row stride LD (`store`).
+// Tile loaders: gather one BK x EXTENT tile of a GEMM operand into registers (`load`, which
+// then moves the loader on by BK reduction steps), and write it to shared memory laid out
+// [kk][col] with row stride LD (`store`). `init` places the loader at reduction step k_begin.
 // ---------------------------------------------------------------------------------------------
 
 // A of FPROP (x windows) and DGRAD (grad_output taps). A warp reads one reduction row of
@@ -94,16 +121,17 @@ struct PixelGather {
     static_assert(NT % BK == 0 && BM % TPR == 0, "PixelGather: tile does not split evenly");
 
     const T* src;
-    long long img[PER];  // offset of (n, first channel of the group) in src
+    long long img[PER];    // offset of (n, first channel of the group) in src
     int bh[PER], bw[PER];  // FPROP: p*sh - pt, q*sw - pl; DGRAD: h + pt, w + pl
-    int kk, lane;
+    int kk, lane, kidx;
     T v[PER];
 
     __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g, int m0,
-                                         int tid) {
+                                         int k_begin, int tid) {
         src = src_;
         kk = tid / TPR;
         lane = tid % TPR;
+        kidx = k_begin + kk;
         // Source tensor: x (N, C, H, W) for FPROP, grad_output (N, K, P, Q) for DGRAD. Pixel
         // space of the rows: output (P, Q) for FPROP, input (H, W) for DGRAD.
         const int chans = MODE == FPROP ? s.C : s.K;
@@ -132,20 +160,14 @@ struct PixelGather {
         }
     }
 
-    __device__ __forceinline__ void load(const ConvShape& s, int k0, int k_end) {
-        const int kidx = k0 + kk;
+    __device__ __forceinline__ void load(const ConvShape& s, int k_end) {
         const bool kval = kidx < k_end;
-        const int RS = s.R * s.S;
-        int c = 0, r = 0, t = 0;
-        if (kval) {
-            c = kidx / RS;
-            const int rs = kidx - c * RS;
-            r = rs / s.S;
-            t = rs - r * s.S;
-        }
+        const int c = s.by_rs(kidx);  // tap (c, r, t) of this thread's reduction row
+        const int rs = kidx - c * s.R * s.S;
+        const int r = s.by_s(rs);
+        const int dr = r * s.dh, ds = (rs - r * s.S) * s.dw;
         if (MODE == FPROP) {
             const long long coff = (long long)c * s.H * s.W;
-            const int dr = r * s.dh, ds = t * s.dw;
 #pragma unroll
             for (int i = 0; i < PER; ++i) {
                 const int ih = bh[i] + dr, iw = bw[i] + ds;
@@ -155,20 +177,20 @@ struct PixelGather {
             }
         } else {
             const long long coff = (long long)c * s.P * s.Q;
-            const int dr = r * s.dh, ds = t * s.dw;
 #pragma unroll
             for (int i = 0; i < PER; ++i) {
                 const int nh = bh[i] - dr, nw = bw[i] - ds;
                 bool ok = kval && nh >= 0 && nw >= 0;
                 int p = 0, q = 0;
                 if (ok) {
-                    p = nh / s.sh;
-                    q = nw / s.sw;
+                    p = s.by_sh(nh);
+                    q = s.by_sw(nw);
                     ok = p * s.sh == nh && q * s.sw == nw && p < s.P && q < s.Q;
                 }
                 v[i] = ok ? src[img[i] + coff + (long long)p * s.Q + q] : T(0);
             }
         }
+        kidx += BK;
     }
 
     template <bool TF32, int LD>
@@ -187,16 +209,18 @@ struct WeightTile {
 
     const T* src;
     long long col[PER];  // FPROP: filter row offset; DGRAD: channel offset c*R*S; -1: none
-    int kk, c0, g;
+    long long kbase;     // DGRAD: offset of the group's first filter, (g*Kg) * Cg*R*S
+    int kk, c0, kidx;
     T v[PER];
 
-    __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g_, int n0,
-                                         int tid) {
+    __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g, int n0,
+                                         int k_begin, int tid) {
         src = src_;
-        g = g_;
         kk = tid % BK;
         c0 = tid / BK;
+        kidx = k_begin + kk;
         const int Cg = s.C / s.groups, Kg = s.K / s.groups, RS = s.R * s.S;
+        kbase = (long long)g * Kg * Cg * RS;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             const int j = n0 + c0 + CPT * i;
@@ -205,21 +229,20 @@ struct WeightTile {
         }
     }
 
-    __device__ __forceinline__ void load(const ConvShape& s, int k0, int k_end) {
-        const int kidx = k0 + kk;
+    __device__ __forceinline__ void load(const ConvShape& s, int k_end) {
         const bool kval = kidx < k_end;
         long long koff = kidx;  // FPROP: (c, r, s) is the contiguous tail of a filter
         if (MODE == DGRAD) {
             // (k, r, s): weight[g*Kg + k, c, r, s] = ((g*Kg + k) * Cg + c) * RS + rs
             const int RS = s.R * s.S;
-            const int k = kval ? kidx / RS : 0;
-            const int rs = kidx - k * RS;
-            koff = (long long)(g * (s.K / s.groups) + k) * (s.C / s.groups) * RS + rs;
+            const int k = s.by_rs(kidx);
+            koff = kbase + (long long)k * (s.C / s.groups) * RS + (kidx - k * RS);
         }
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             v[i] = kval && col[i] >= 0 ? src[col[i] + koff] : T(0);
         }
+        kidx += BK;
     }
 
     template <bool TF32, int LD>
@@ -239,14 +262,15 @@ struct WgradOutGrad {
 
     const T* src;
     long long chan[PER];  // (g*Kg + i) * P*Q, or -1 past the last filter
-    int kk, c0;
+    int kk, c0, t;
     T v[PER];
 
     __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g, int m0,
-                                         int tid) {
+                                         int k_begin, int tid) {
         src = src_;
         kk = tid % BK;
         c0 = tid / BK;
+        t = k_begin + kk;
         const int Kg = s.K / s.groups;
         const long long PQ = (long long)s.P * s.Q;
 #pragma unroll
@@ -256,23 +280,19 @@ struct WgradOutGrad {
         }
     }
 
-    __device__ __forceinline__ void load(const ConvShape& s, int k0, int k_end) {
-        const int t = k0 + kk;
+    __device__ __forceinline__ void load(const ConvShape& s, int k_end) {
         const bool kval = t < k_end;
-        const int PQ = s.P * s.Q;
-        const int n = kval ? t / PQ : 0;
-        const int pq = t - n * PQ;
-        const long long base = (long long)n * s.K * PQ + pq;
+        const int n = s.by_pq(t);
+        const long long base = (long long)n * s.K * s.P * s.Q + (t - n * s.P * s.Q);
 #pragma unroll
         for (int i = 0; i < PER; ++i) v[i] = kval && chan[i] >= 0 ? src[base + chan[i]] : T(0);
+        t += BK;
     }
 
     template <bool TF32, int LD>
     __device__ __forceinline__ void store(T* tile) const {
 #pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            tile[kk * LD + c0 + CPT * i] = smem_value<TF32>(v[i]);
-        }
+        for (int i = 0; i < PER; ++i) tile[kk * LD + c0 + CPT * i] = smem_value<TF32>(v[i]);
     }
 };
 
@@ -284,16 +304,17 @@ struct WgradInput {
     static_assert(NT % BK == 0 && BN % CPT == 0, "WgradInput: tile does not split evenly");
 
     const T* src;
-    long long chan[PER];  // (g*Cg + c) * H*W, or -1 past the last column
+    long long chan[PER];   // (g*Cg + c) * H*W, or -1 past the last column
     int dr[PER], ds[PER];  // r*dh, s*dw
-    int kk, c0;
+    int kk, c0, t;
     T v[PER];
 
     __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g, int n0,
-                                         int tid) {
+                                         int k_begin, int tid) {
         src = src_;
         kk = tid % BK;
         c0 = tid / BK;
+        t = k_begin + kk;
         const int Cg = s.C / s.groups, RS = s.R * s.S;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
@@ -313,16 +334,13 @@ struct WgradInput {
         }
     }
 
-    __device__ __forceinline__ void load(const ConvShape& s, int k0, int k_end) {
-        const int t = k0 + kk;
+    __device__ __forceinline__ void load(const ConvShape& s, int k_end) {
         const bool kval = t < k_end;
-        const int PQ = s.P * s.Q;
-        const int n = kval ? t / PQ : 0;
-        const int pq = t - n * PQ;
-        const int p = pq / s.Q;
-        const int q = pq - p * s.Q;
+        const int n = s.by_pq(t);
+        const int pq = t - n * s.P * s.Q;
+        const int p = s.by_q(pq);
         const int h0 = kval ? p * s.sh - s.pt : FAR;
-        const int w0 = q * s.sw - s.pl;
+        const int w0 = (pq - p * s.Q) * s.sw - s.pl;
         const long long img = (long long)n * s.C * s.H * s.W;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
@@ -331,14 +349,13 @@ struct WgradInput {
                             && (unsigned)iw < (unsigned)s.W;
             v[i] = ok ? src[img + chan[i] + (long long)ih * s.W + iw] : T(0);
         }
+        t += BK;
     }
 
     template <bool TF32, int LD>
     __device__ __forceinline__ void store(T* tile) const {
 #pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            tile[kk * LD + c0 + CPT * i] = smem_value<TF32>(v[i]);
-        }
+        for (int i = 0; i < PER; ++i) tile[kk * LD + c0 + CPT * i] = smem_value<TF32>(v[i]);
     }
 };
 
@@ -368,8 +385,8 @@ template <bool TF32, int LDA, int LDB, int BK, typename T, class LA, class LB, c
 __device__ __forceinline__ void mainloop(const ConvShape& s, LA& la, LB& lb, T* As, T* Bs,
                                          int k_begin, int k_end, F&& compute) {
     constexpr int SA = BK * LDA, SB = BK * LDB;  // stage sizes
-    la.load(s, k_begin, k_end);
-    lb.load(s, k_begin, k_end);
+    la.load(s, k_end);
+    lb.load(s, k_end);
     la.template store<TF32, LDA>(As);
     lb.template store<TF32, LDB>(Bs);
     __syncthreads();
@@ -377,8 +394,8 @@ __device__ __forceinline__ void mainloop(const ConvShape& s, LA& la, LB& lb, T* 
     for (int k0 = k_begin; k0 < k_end; k0 += BK) {
         const bool next = k0 + BK < k_end;
         if (next) {  // global reads of the next tile overlap the arithmetic below
-            la.load(s, k0 + BK, k_end);
-            lb.load(s, k0 + BK, k_end);
+            la.load(s, k_end);
+            lb.load(s, k_end);
         }
         compute(As + stage * SA, Bs + stage * SB);
         if (next) {
@@ -421,9 +438,9 @@ struct OutIndex {
     }
 
     // Offset of GEMM element (m, 0); element (m, j) is at row(m) + j * jstride.
-    __device__ __forceinline__ long long row(int m) const {
+    __device__ __forceinline__ long long row(int m, const ConvShape& s) const {
         if (MODE == WGRAD) return base + (long long)m * img;
-        const int n = m / plane;
+        const int n = s.by_plane(m);
         return base + (long long)n * img + (m - n * plane);
     }
 };
@@ -431,11 +448,15 @@ struct OutIndex {
 // ---------------------------------------------------------------------------------------------
 // Strict-precision kernel: CUDA-core FMAs, TM x TN register blocking.
 // ---------------------------------------------------------------------------------------------
+// Both kernels cap registers at 128 per thread (__launch_bounds__ with 512 / threads resident
+// blocks): two 256-thread blocks per SM, 16 warps to hide the latency of the register-staged
+// global loads. ptxas reports no spills for the listed SIMT tiles at this cap.
 template <typename T, int MODE, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+__global__ void __launch_bounds__((BM / TM) * (BN / TN), 512 / ((BM / TM) * (BN / TN)))
 conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __restrict__ bias,
           T* __restrict__ out, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
-          int sh, int sw, int pt, int pl, int dh, int dw, int groups, int k_split) {
+          int sh, int sw, int pt, int pl, int dh, int dw, int groups, int k_split,
+          FC_FASTDIV_PARAMS) {
     constexpr int V = Vec<T>::N;
     constexpr int TY = BM / TM, TX = BN / TN, NT = TY * TX;
     // PAD keeps every row 16-byte aligned and spreads the column-wise stores of the loaders
@@ -445,7 +466,7 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
     __shared__ __align__(16) T As[2 * BK * LDA];
     __shared__ __align__(16) T Bs[2 * BK * LDB];
 
-    const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups};
+    const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups, FC_FASTDIVS};
     const int tid = threadIdx.x;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int g = blockIdx.z % groups, split = blockIdx.z / groups;
@@ -459,8 +480,8 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 
     typename Operands<T, MODE, BM, BN, BK, NT>::A la;
     typename Operands<T, MODE, BM, BN, BK, NT>::B lb;
-    la.init(s, a_src, g, m0, tid);
-    lb.init(s, b_src, g, n0, tid);
+    la.init(s, a_src, g, m0, k_begin, tid);
+    lb.init(s, b_src, g, n0, k_begin, tid);
 
     const int ty = tid % TY, tx = tid / TY;  // ty fastest: a warp spans pixels (coalesced out)
     T acc[TM][TN];
@@ -502,12 +523,12 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
                 T run[V];
 #pragma unroll
                 for (int v = 0; v < V; ++v) run[v] = acc[i0 + v][j] + b;
-                store16(out + oi.row(mrun) + col * oi.jstride, run);
+                store16(out + oi.row(mrun, s) + col * oi.jstride, run);
             } else {
 #pragma unroll
                 for (int v = 0; v < V; ++v) {
                     if (mrun + v < M) {
-                        out[oi.row(mrun + v) + col * oi.jstride] =
+                        out[oi.row(mrun + v, s) + col * oi.jstride] =
                             acc[i0 + v][j] + b;
                     }
                 }
@@ -520,11 +541,11 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 // TF32 tensor-core kernel (opt-in precision "tf32"): mma.sync m16n8k8, fp32 accumulation.
 // ---------------------------------------------------------------------------------------------
 template <int MODE, int BM, int BN, int BK, int WARPS_M, int WARPS_N>
-__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 16 / (WARPS_M * WARPS_N))
 conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
           const float* __restrict__ bias, float* __restrict__ out, int N, int C, int H, int W,
           int K, int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
-          int groups, int k_split) {
+          int groups, int k_split, FC_FASTDIV_PARAMS) {
     constexpr int NT = 32 * WARPS_M * WARPS_N;
     constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
     constexpr int MI = WTM / 16, NI = WTN / 8;             // mma tiles per warp
@@ -534,7 +555,7 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     __shared__ __align__(16) float As[2 * BK * LDA];
     __shared__ __align__(16) float Bs[2 * BK * LDB];
 
-    const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups};
+    const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups, FC_FASTDIVS};
     const int tid = threadIdx.x;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int g = blockIdx.z % groups, split = blockIdx.z / groups;
@@ -548,8 +569,8 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
 
     typename Operands<float, MODE, BM, BN, BK, NT>::A la;
     typename Operands<float, MODE, BM, BN, BK, NT>::B lb;
-    la.init(s, a_src, g, m0, tid);
-    lb.init(s, b_src, g, n0, tid);
+    la.init(s, a_src, g, m0, k_begin, tid);
+    lb.init(s, b_src, g, n0, k_begin, tid);
 
     const int lane = tid % 32, warp = tid / 32;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;
@@ -596,7 +617,7 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
         for (int h = 0; h < 2; ++h) {
             const int m = m0 + wm * WTM + i * 16 + gq + 8 * h;
             if (m >= M) continue;
-            const long long rowoff = oi.row(m);
+            const long long rowoff = oi.row(m, s);
 #pragma unroll
             for (int j = 0; j < NI; ++j) {
 #pragma unroll

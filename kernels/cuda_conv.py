@@ -84,8 +84,10 @@ SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
     "float64": (SimtTile(64, 64, 8, 4, 4), SimtTile(64, 32, 8, 4, 2),
                 SimtTile(32, 32, 8, 2, 2)),
 }
-TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
-                                    Tf32Tile(64, 64, 16, 2, 2), Tf32Tile(64, 32, 16, 2, 2))
+# BK = 8 (one mma k-step per stage) keeps the per-thread index state small enough for the
+# 128-register cap of the kernels (BK = 16 spilled at 128x128).
+TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 8, 2, 4), Tf32Tile(128, 64, 8, 4, 2),
+                                    Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
 DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2),
                                              "float64": DepthwiseTile(16, 32, 2)}
 DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad
@@ -179,6 +181,30 @@ def wgrad_split(reduction: int, splits: int, bk: int) -> tuple[int, int]:
     return -(-reduction // k_split), k_split
 
 
+def fast_divisor(d: int) -> tuple[int, int]:
+    """``(mul, shift)`` with ``n // d == (n * mul) >> shift`` for every ``0 <= n < 2**31``.
+
+    Granlund & Montgomery's round-up method: ``shift = 31 + ceil(log2 d)``,
+    ``mul = ceil(2**shift / d)``, which is below ``2**32`` (``FastDiv`` in conv2d.cu).
+    """
+    if not 1 <= d < 2**31:
+        raise ValueError(f"divisor {d} outside [1, 2**31)")
+    shift = 31 + (d - 1).bit_length()
+    return -(-(1 << shift) // d), shift
+
+
+def divisor_args(geom: Any, mode: int) -> tuple:
+    """The 14 scalars after ``k_split``: ``(mul, shift)`` of R*S, S, P*Q, Q, the output pixel
+    plane (P*Q for FPROP, H*W for DGRAD, unused by WGRAD), sh and sw."""
+    plane = geom.H * geom.W if mode == DGRAD else geom.P * geom.Q
+    out = []
+    for d in (geom.R * geom.S, geom.S, geom.P * geom.Q, geom.Q, max(plane, 1), geom.stride[0],
+              geom.stride[1]):
+        mul, shift = fast_divisor(d)
+        out += [np.uint32(mul), np.int32(shift)]
+    return tuple(out)
+
+
 @lru_cache(maxsize=1024)
 def shape_args(geom: Any, k_split: int) -> tuple:
     """The 17 int32 scalars after the pointers of every conv kernel, in kernel order."""
@@ -246,7 +272,7 @@ def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dty
         name = tf32_kernel_name(mode, tile)
     else:
         name = simt_kernel_name(dtype, mode, tile)
-    return name, grid, shape_args(geom, k_split)
+    return name, grid, shape_args(geom, k_split) + divisor_args(geom, mode)
 
 
 def depthwise_smem_bytes(geom: Any, dtype: Any) -> int:

@@ -31,12 +31,25 @@ __device__ __forceinline__ void load16(double* d, const double* src) {
     d[0] = v.x; d[1] = v.y;
 }
 
-// Store registers s[0..N) as one 16-byte vector to `dst` (16-byte aligned).
+// Store registers s[0..N) as one 16-byte vector to global memory at `dst` (16-byte aligned).
+// Written in PTX: NVVM splits a plain float4 store into four scalar stores when it cannot
+// prove the alignment of a computed address (seen in conv_simt's epilogue).
 __device__ __forceinline__ void store16(float* dst, const float* s) {
+#if defined(FASTCONV_HOST_EMULATION)
     *reinterpret_cast<float4*>(dst) = make_float4(s[0], s[1], s[2], s[3]);
+#else
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};"
+                 :: "l"(__cvta_generic_to_global(dst)), "f"(s[0]), "f"(s[1]), "f"(s[2]),
+                    "f"(s[3]) : "memory");
+#endif
 }
 __device__ __forceinline__ void store16(double* dst, const double* s) {
+#if defined(FASTCONV_HOST_EMULATION)
     *reinterpret_cast<double2*>(dst) = make_double2(s[0], s[1]);
+#else
+    asm volatile("st.global.v2.f64 [%0], {%1, %2};"
+                 :: "l"(__cvta_generic_to_global(dst)), "d"(s[0]), "d"(s[1]) : "memory");
+#endif
 }
 
 // Round an fp32 value to TF32 (10-bit mantissa, round to nearest, ties away from zero), the

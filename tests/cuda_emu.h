@@ -176,6 +176,7 @@ inline void mma_tf32_16x8x8(float (&d)[4], const unsigned (&a)[4], const unsigne
 // Type codes of kernel parameters, checked against the arguments the launchers prepare.
 template <typename T> struct Code;
 template <> struct Code<int> { static constexpr char value = 'i'; };
+template <> struct Code<unsigned> { static constexpr char value = 'I'; };
 template <> struct Code<long long> { static constexpr char value = 'l'; };
 template <> struct Code<float> { static constexpr char value = 'f'; };
 template <> struct Code<double> { static constexpr char value = 'd'; };

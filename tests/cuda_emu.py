@@ -28,7 +28,7 @@ SOURCES = ("conv2d.cu", "depthwise.cu", "hinge.cu")
 CXX_FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w")
 
 # NumPy dtype -> C++ parameter code (see emu::Code).
-_SCALAR_CODES = {np.dtype(np.int32): "i", np.dtype(np.int64): "l",
+_SCALAR_CODES = {np.dtype(np.int32): "i", np.dtype(np.uint32): "I", np.dtype(np.int64): "l",
                  np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
 _POINTER_CODES = {np.dtype(np.float32): "F", np.dtype(np.float64): "D",
                   np.dtype(np.int64): "L"}

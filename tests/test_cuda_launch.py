@@ -75,7 +75,7 @@ def test_kernel_names_cover_every_tile_mode_and_dtype():
     assert len(names) == len(set(names)) == 3 * (n_simt + len(cuda_conv.TF32_TILES))
     assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 4>" in names
     assert "fc::conv_simt<double, 2, 64, 64, 8, 4, 4>" in names
-    assert "fc::conv_tf32<1, 128, 64, 16, 4, 2>" in names
+    assert "fc::conv_tf32<1, 128, 64, 8, 4, 2>" in names
     dw = cuda_conv.all_kernel_names()["depthwise.cu"]
     assert "fc::depthwise_fprop<float, 16, 32, 2>" in dw and "fc::depthwise_dgrad<double>" in dw
 
@@ -115,7 +115,9 @@ def test_forward_launch():
     assert spec.grid == (math.ceil(8 * 56 * 56 / 128), 1, 1)
     assert spec.block == (256, 1, 1) and spec.shared_mem == 0
     assert spec.args[0] is x and spec.args[1] is w and spec.args[2] is b and spec.args[3] is y
-    assert len(spec.args) == 4 + 17 and int(spec.args[-1]) == 64 * 9  # whole reduction
+    assert len(spec.args) == 4 + 17 + 14
+    assert int(spec.args[4 + 16]) == 64 * 9  # k_split: the whole reduction
+    assert spec.args[4 + 17:] == cuda_conv.divisor_args(R3, FPROP)
 
 
 def test_forward_launch_without_bias_passes_null():
@@ -142,17 +144,17 @@ def test_weight_grad_launch_slices_the_reduction():
     work = np.zeros((slices,) + w.shape, np.float32)
     spec = cuda_conv.implicit_gemm_launch(WGRAD, y, x, None, work, R3, tile, splits=30)
     assert spec.grid == (1, 9, slices)
-    assert int(spec.args[-1]) == k_split and k_split % tile.bk == 0
+    assert int(spec.args[4 + 16]) == k_split and k_split % tile.bk == 0
     assert (slices - 1) * k_split < reduction <= slices * k_split
 
 
 def test_tf32_launch_needs_float32():
     x, w, b, y = _arrays(R3)
-    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, Tf32Tile(128, 64, 16, 4, 2))
-    assert spec.kernel == "fc::conv_tf32<0, 128, 64, 16, 4, 2>" and spec.block == (256, 1, 1)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, Tf32Tile(128, 64, 8, 4, 2))
+    assert spec.kernel == "fc::conv_tf32<0, 128, 64, 8, 4, 2>" and spec.block == (256, 1, 1)
     x64, w64, b64, y64 = _arrays(R3, np.float64)
     with pytest.raises(TypeError):
-        cuda_conv.implicit_gemm_launch(FPROP, x64, w64, b64, y64, R3, Tf32Tile(128, 64, 16, 4, 2))
+        cuda_conv.implicit_gemm_launch(FPROP, x64, w64, b64, y64, R3, Tf32Tile(128, 64, 8, 4, 2))
 
 
 def test_launch_refuses_rows_past_32_bits():
@@ -160,6 +162,39 @@ def test_launch_refuses_rows_past_32_bits():
     x = np.zeros((1, 1, 1, 1), np.float32)  # never read: the geometry check comes first
     with pytest.raises(ValueError, match="split the batch"):
         cuda_conv.implicit_gemm_launch(FPROP, x, x, None, x, g, SimtTile(64, 64, 8, 4, 4))
+
+
+@given(st.integers(1, 2**31 - 1), st.data())
+def test_fast_divisor_divides_every_31bit_dividend(d, data):
+    mul, shift = cuda_conv.fast_divisor(d)
+    assert 0 < mul < 2**32 and 31 <= shift <= 62
+    edges = [0, 1, d - 1, d, d + 1, 2**31 - 1, (2**31 - 1) // d * d, (2**31 - 1) // d * d - 1]
+    for n in edges + [data.draw(st.integers(0, 2**31 - 1)) for _ in range(20)]:
+        if 0 <= n < 2**31:
+            assert (n * mul) >> shift == n // d, (n, d)
+
+
+def test_fast_divisor_small_divisors_exhaustively_near_multiples():
+    for d in range(1, 600):
+        mul, shift = cuda_conv.fast_divisor(d)
+        for k in (0, 1, 2, 1000, (2**31 - 1) // d):
+            for n in (k * d - 1, k * d, k * d + d - 1):
+                if 0 <= n < 2**31:
+                    assert (n * mul) >> shift == n // d
+    with pytest.raises(ValueError):
+        cuda_conv.fast_divisor(0)
+
+
+def test_divisor_args_order_and_types():
+    args = cuda_conv.divisor_args(MIXED, DGRAD)
+    assert len(args) == 14
+    assert all(type(a) is np.uint32 for a in args[0::2])
+    assert all(type(a) is np.int32 for a in args[1::2])
+    g = MIXED
+    divisors = (g.R * g.S, g.S, g.P * g.Q, g.Q, g.H * g.W, 2, 1)
+    assert [cuda_conv.fast_divisor(d) for d in divisors] == [
+        (int(args[i]), int(args[i + 1])) for i in range(0, 14, 2)]
+    assert cuda_conv.divisor_args(MIXED, FPROP)[8] == cuda_conv.fast_divisor(g.P * g.Q)[0]
 
 
 @given(st.integers(1, 10**6), st.integers(1, 10**5))
