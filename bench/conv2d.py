@@ -133,7 +133,7 @@ def max_rel_error(outs: tuple, refs: tuple) -> float:
 # One case
 # --------------------------------------------------------------------------------------------
 def bench_case(case: ConvCase, mode: str, *, backend: str | None, torch: Any, repeats: int,
-               max_time: float) -> dict[str, Any]:
+               max_time: float, warmup: int = 1) -> dict[str, Any]:
     """Check, then time one case in one mode; returns a table row (times in ms)."""
     import fastconv
 
@@ -155,7 +155,7 @@ def bench_case(case: ConvCase, mode: str, *, backend: str | None, torch: Any, re
     if torch is not None:
         candidates["torch"] = torch_step(torch, case, mode, x, w, b, gy)
         row["err_torch"] = max_rel_error(candidates["torch"](), ref_out)
-    timings = common.measure(candidates, repeats=repeats, warmup=1, max_time=max_time)
+    timings = common.measure(candidates, repeats=repeats, warmup=warmup, max_time=max_time)
     secs = {name: t.median for name, t in timings.items()}
     secs.setdefault("reference", secs["fastconv"])
     flops = case.flops * (1 if mode == "forward" else 3)
@@ -215,13 +215,14 @@ def run(args: argparse.Namespace, torch: Any, threads: int) -> dict[str, Any]:
     modes = MODES if args.mode == "both" else (args.mode,)
     repeats = args.repeats or (3 if args.quick else 10)
     max_time = 2.0 if args.quick else 20.0
+    warmup = 0 if args.quick else 1  # the check already ran every candidate once
     progress = common.Progress(len(cases) * len(modes), "conv2d ", enabled=not args.quiet)
     rows = []
     for mode in modes:
         for case in cases:
             progress.step(f"{case.name} {mode}")
             rows.append(bench_case(case, mode, backend=args.backend, torch=torch,
-                                   repeats=repeats, max_time=max_time))
+                                   repeats=repeats, max_time=max_time, warmup=warmup))
     progress.done()
     common.print_table(rows, COLUMNS, title=f"conv2d, NCHW float32, {threads} threads "
                                             "(ms: median; vs_*: speedup of fastconv)")

@@ -98,7 +98,7 @@ def check(fast: Callable, reference: Callable, torch_result: Callable | None,
 
 
 def bench_case(case: HingeCase, *, backend: str | None, torch: Any, repeats: int,
-               max_time: float) -> dict[str, Any]:
+               max_time: float, warmup: int = 1) -> dict[str, Any]:
     """Check and time one case; returns one table row (times in ms)."""
     import fastconv
 
@@ -124,7 +124,7 @@ def bench_case(case: HingeCase, *, backend: str | None, torch: Any, repeats: int
         candidates["reference"] = reference
     if torch_run is not None:
         candidates["torch"] = torch_run
-    timings = common.measure(candidates, repeats=repeats, warmup=2, min_time=0.2,
+    timings = common.measure(candidates, repeats=repeats, warmup=warmup, min_time=0.2,
                              max_time=max_time)
     secs = {name: t.median for name, t in timings.items()}
     secs.setdefault("reference", secs["fastconv"])
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace, torch: Any, threads: int) -> dict[str, Any]:
     for case in CASES:
         progress.step(f"{case.name} {case.label}")
         rows.append(bench_case(case, backend=args.backend, torch=torch, repeats=repeats,
-                               max_time=max_time))
+                               max_time=max_time, warmup=1 if args.quick else 3))
     progress.done()
     common.print_table(rows, COLUMNS, title=f"hinge loss + gradient, float32, {threads} threads "
                                             "(ms: median; vs_*: speedup of fastconv)")
