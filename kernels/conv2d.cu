@@ -26,12 +26,16 @@
 //   grid  = (ceil(M / BM), ceil(N_gemm / BN), groups * splits), block = (threads, 1, 1)
 //   conv_simt: threads = (BM/TM) * (BN/TN); each thread owns a TM x TN block of the output
 //     tile, spread in 16-byte vectors so shared-memory reads are vector loads: row i of a
-//     thread is m = (i / V) * (BM/TM) * V + ty * V + i % V (V = 4 floats or 2 doubles).
+//     thread is m = (i / V) * (BM/TM) * V + ty * V + i % V (V = 4 floats or 2 doubles), with
+//     ty fastest across a warp so the epilogue's 16-byte stores run along the pixels.
 //   conv_tf32: threads = 32 * WARPS_M * WARPS_N; warp (wm, wn) owns a (BM/WARPS_M) x
 //     (BN/WARPS_N) sub-tile made of 16x8 mma.sync tiles.
 //   Static shared memory: two stages of (BK x (BM + PAD)) + (BK x (BN + PAD)) elements; the
 //   next tile is fetched into registers while the current one is multiplied (one barrier per
-//   BK step).
+//   BK step). At most 128 registers per thread (two 256-thread blocks per SM).
+//   Arguments: a, b, bias (or null), out, then N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh,
+//   dw, groups, k_split (int32), then (mul, shift) of the divisors R*S, S, P*Q, Q, output
+//   plane, sh, sw (uint32, int32; see FastDiv).
 //
 // Variants (template parameters; the launcher requests only the instantiations it lists)
 //   conv_simt<T, MODE, BM, BN, BK, TM, TN>: strict FP32 / FP64, one fused multiply-add per
@@ -43,12 +47,14 @@
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
 // N*P*Q and N*H*W stay below 2^31.
 //
-// Verification status: compiled by NVRTC for sm_80 and sm_90 in CI (tests/test_nvrtc.py) and
-// executed on the CPU through a host emulation of the CUDA execution model
-// (tests/test_cuda_emulated.py: blocks, threads, barriers, warp shuffles, the mma fragment
-// layout as the PTX ISA documents it) against the NumPy reference. Not yet run on a GPU when
-// this was written: speed and the real mma.sync fragment layout are unverified there;
-// bench/device_check.sh runs the GPU tests and benchmark.
+// Verification status (when this was written): compiled by NVRTC for sm_80 and sm_90 in CI
+// (tests/test_nvrtc.py); ptxas (nvcc 13.0, sm_90) reports 63-128 registers and no spills for
+// every listed instantiation except conv_tf32<0, 128, 128, 8, 2, 4> (4 bytes). Executed on the
+// CPU through a host emulation of the CUDA execution model (tests/test_cuda_emulated.py:
+// blocks, threads, barriers, warp shuffles, the mma fragment layout as the PTX ISA documents
+// it) against the NumPy reference, for every tile and mode. Not yet run on a GPU: speed and
+// the hardware's own mma.sync layout are unverified; bench/device_check.sh runs the GPU tests
+// and benchmark.
 
 #include "fc_common.cuh"
 
