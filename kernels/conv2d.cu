@@ -18,9 +18,12 @@
 // rotated, channel-swapped kernel (lecture notes 7.5) without building either: the tap
 // (k, r, s) of input pixel (h, w) reads grad_output[n, k, (h + pt - r*dh)/sh, (w + pl - s*dw)/sw]
 // when both divisions are exact and in range, which is where the zero-inserted copy would hold
-// a real value. WGRAD splits its long reduction over gridDim.z / groups slices of `k_split`
-// pixels each; slice z writes its own partial result at out + z * K*Cg*R*S, and the launcher
-// sums the slices in a fixed order (no atomics, so results repeat bit for bit).
+// a real value.
+// Reduction slices: the reduction may be cut into gridDim.z / groups slices of `k_split` steps
+// (always for a long WGRAD reduction; for FPROP/DGRAD when the GEMM has too few tiles to fill
+// the device). Slice z writes its own partial result at out + z * (size of the result), bias
+// in slice 0 only, and the launcher sums the slices in a fixed order (no atomics, so results
+// repeat bit for bit). With one slice, out is the result itself.
 //
 // Launch geometry (kernels/cuda_conv.py computes it)
 //   grid  = (ceil(M / BM), ceil(N_gemm / BN), groups * splits), block = (threads, 1, 1)
@@ -414,7 +417,7 @@ __device__ __forceinline__ void mainloop(const ConvShape& s, LA& la, LB& lb, T* 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Epilogue: where GEMM element (m, j) of group g (and WGRAD slice `split`) lives in `out`.
+// Epilogue: where GEMM element (m, j) of group g and reduction slice `split` lives in `out`.
 // ---------------------------------------------------------------------------------------------
 template <int MODE>
 struct OutIndex {
@@ -425,15 +428,15 @@ struct OutIndex {
 
     __device__ __forceinline__ OutIndex(const ConvShape& s, int g, int split) {
         const int Cg = s.C / s.groups, Kg = s.K / s.groups;
-        if (MODE == FPROP) {  // y (N, K, P, Q); columns are filters
+        if (MODE == FPROP) {  // slice of y (N, K, P, Q); columns are filters
             plane = s.P * s.Q;
             img = (long long)s.K * plane;
-            base = (long long)g * Kg * plane;
+            base = (long long)split * s.N * img + (long long)g * Kg * plane;
             jstride = plane;
-        } else if (MODE == DGRAD) {  // grad_input (N, C, H, W); columns are channels
+        } else if (MODE == DGRAD) {  // slice of grad_input (N, C, H, W); columns are channels
             plane = s.H * s.W;
             img = (long long)s.C * plane;
-            base = (long long)g * Cg * plane;
+            base = (long long)split * s.N * img + (long long)g * Cg * plane;
             jstride = plane;
         } else {  // slice `split` of grad_weight (K, Cg*R*S); rows are filters
             plane = 1;
@@ -478,11 +481,8 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
     const int g = blockIdx.z % groups, split = blockIdx.z / groups;
     int M, NG, KG;
     gemm_dims<MODE>(s, M, NG, KG);
-    int k_begin = 0, k_end = KG;
-    if (MODE == WGRAD) {
-        k_begin = split * k_split;
-        k_end = min(KG, k_begin + k_split);
-    }
+    const int k_begin = split * k_split;
+    const int k_end = min(KG, k_begin + k_split);
 
     typename Operands<T, MODE, BM, BN, BK, NT>::A la;
     typename Operands<T, MODE, BM, BN, BK, NT>::B lb;
@@ -524,7 +524,8 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
         for (int j = 0; j < TN; ++j) {
             const int col = n0 + ((j / V) * TX + tx) * V + j % V;
             if (col >= NG) continue;
-            const T b = (MODE == FPROP && bias != nullptr) ? bias[g * NG + col] : T(0);
+            const T b = (MODE == FPROP && bias != nullptr && split == 0) ? bias[g * NG + col]
+                                                                         : T(0);
             if (vector_rows) {
                 T run[V];
 #pragma unroll
@@ -567,11 +568,8 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     const int g = blockIdx.z % groups, split = blockIdx.z / groups;
     int M, NG, KG;
     gemm_dims<MODE>(s, M, NG, KG);
-    int k_begin = 0, k_end = KG;
-    if (MODE == WGRAD) {
-        k_begin = split * k_split;
-        k_end = min(KG, k_begin + k_split);
-    }
+    const int k_begin = split * k_split;
+    const int k_end = min(KG, k_begin + k_split);
 
     typename Operands<float, MODE, BM, BN, BK, NT>::A la;
     typename Operands<float, MODE, BM, BN, BK, NT>::B lb;
@@ -630,8 +628,8 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
                 for (int e = 0; e < 2; ++e) {
                     const int col = n0 + wn * WTN + j * 8 + 2 * tq + e;
                     if (col >= NG) continue;
-                    const float b =
-                        (MODE == FPROP && bias != nullptr) ? bias[g * NG + col] : 0.0f;
+                    const float b = (MODE == FPROP && bias != nullptr && split == 0)
+                                        ? bias[g * NG + col] : 0.0f;
                     out[rowoff + col * oi.jstride] = acc[i][j][2 * h + e] + b;
                 }
             }

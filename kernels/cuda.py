@@ -8,8 +8,9 @@ exactly the same code.
 
 Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
   ``implicit_gemm`` / ``implicit_gemm_tf32``  conv2d.cu, every geometry; the input gradient
-      gathers grad_output at the taps of the rotated kernel, the weight gradient sums
-      reduction slices in a fixed order.
+      gathers grad_output at the taps of the rotated kernel; reduction slices (always for the
+      weight gradient's long N*P*Q reduction, for the others when their GEMM is small) are
+      summed in a fixed order.
   ``depthwise``   depthwise.cu (groups == C).
   ``gemm_1x1``    1x1, stride 1, no padding, one group: batched GEMM through cuBLAS
       (``matmul``); strict FP32 unless CuPy itself was told to use TF32 (the rules avoid it then).
@@ -106,11 +107,21 @@ def _tile(algo) -> SimtTile | Tf32Tile:
 
 
 def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None:
-    """FPROP or DGRAD over batch chunks small enough for 32-bit row indices."""
+    """FPROP or DGRAD: in reduction slices summed in a fixed order when the rules ask for
+    them, over batch chunks when 32-bit row indices need it (then without slices: a GEMM that
+    large fills the device anyway)."""
     tile = _tile(algo)
     chunks = cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, mode))
     if len(chunks) == 1:  # the usual case: no views to make
-        ex.run(cuda_conv.implicit_gemm_launch(mode, a, b, bias, out, geom, tile))
+        reduction = cuda_conv.gemm_shape(geom, mode)[2]
+        splits = int(algo.get("splits", 1))
+        slices, _ = cuda_conv.split_reduction(reduction, splits, tile.bk)
+        if slices == 1:
+            ex.run(cuda_conv.implicit_gemm_launch(mode, a, b, bias, out, geom, tile))
+            return
+        work = ex.empty((slices,) + tuple(out.shape), out.dtype)
+        ex.run(cuda_conv.implicit_gemm_launch(mode, a, b, bias, work, geom, tile, splits))
+        ex.xp.sum(work, axis=0, out=out)
         return
     for n0, n1 in chunks:
         part = cuda_conv.with_batch(geom, n1 - n0)
@@ -176,7 +187,7 @@ def _weight_grad_gemm(ex: Executor, x, grad_output, gw, geom, algo) -> None:
     parts = []
     for n0, n1 in chunks:
         part = cuda_conv.with_batch(geom, n1 - n0)
-        slices, _ = cuda_conv.wgrad_split(part.N * part.P * part.Q, splits, tile.bk)
+        slices, _ = cuda_conv.split_reduction(part.N * part.P * part.Q, splits, tile.bk)
         parts.append((n0, n1, part, slices))
     total = sum(p[3] for p in parts)
     if total == 1:

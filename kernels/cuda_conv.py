@@ -172,9 +172,9 @@ def with_batch(geom: Any, n: int) -> Any:
     return geom if geom.N == n else dataclasses.replace(geom, N=n)
 
 
-def wgrad_split(reduction: int, splits: int, bk: int) -> tuple[int, int]:
-    """``(slices, k_split)``: the weight-gradient reduction cut into slices of ``k_split``
-    steps (a multiple of ``bk``), at most ``splits`` of them, none empty."""
+def split_reduction(reduction: int, splits: int, bk: int) -> tuple[int, int]:
+    """``(slices, k_split)``: a GEMM reduction cut into slices of ``k_split`` steps (a multiple
+    of ``bk``), at most ``splits`` of them, none empty."""
     splits = max(1, min(splits, -(-reduction // bk)))
     k_split = -(-reduction // splits)
     k_split = -(-k_split // bk) * bk
@@ -237,13 +237,14 @@ def implicit_gemm_launch(mode: int, a: Any, b: Any, bias: Any, out: Any, geom: A
     bias : array (K,) or None
         FPROP only.
     out : array
-        FPROP ``y (N, K, P, Q)``; DGRAD ``grad_input (N, C, H, W)``; WGRAD ``grad_weight`` or,
-        with more than one slice, a ``(slices, K, C/groups, R, S)`` workspace.
+        FPROP ``y (N, K, P, Q)``; DGRAD ``grad_input (N, C, H, W)``; WGRAD ``grad_weight``;
+        with more than one reduction slice, a workspace of ``slices`` such results (the
+        caller sums them; FPROP's bias is in slice 0).
     geom : ConvGeometry
         Of this launch (its ``N`` is the images in ``a``).
     tile : SimtTile or Tf32Tile
     splits : int
-        WGRAD: requested reduction slices (see `wgrad_split`); ignored otherwise.
+        Requested reduction slices (see `split_reduction`).
 
     Returns
     -------
@@ -262,7 +263,7 @@ def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dty
     M, NG, KG = gemm_shape(geom, mode)
     if max(M, KG) > row_limit:
         raise ValueError(f"GEMM of {M} rows and {KG} reduction steps: split the batch first")
-    slices, k_split = wgrad_split(KG, splits, tile.bk) if mode == WGRAD else (1, KG)
+    slices, k_split = split_reduction(KG, splits, tile.bk)
     grid = (_ceil(M, tile.bm), _ceil(NG, tile.bn), geom.groups * slices)
     if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
         raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")

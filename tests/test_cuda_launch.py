@@ -140,7 +140,7 @@ def test_weight_grad_launch_slices_the_reduction():
     x, w, _, y = _arrays(R3)
     tile = SimtTile(64, 64, 8, 4, 4)
     reduction = 8 * 56 * 56
-    slices, k_split = cuda_conv.wgrad_split(reduction, 30, tile.bk)
+    slices, k_split = cuda_conv.split_reduction(reduction, 30, tile.bk)
     work = np.zeros((slices,) + w.shape, np.float32)
     spec = cuda_conv.implicit_gemm_launch(WGRAD, y, x, None, work, R3, tile, splits=30)
     assert spec.grid == (1, 9, slices)
@@ -212,8 +212,8 @@ def test_batch_chunks_refuse_a_giant_image():
 
 
 @given(st.integers(1, 10**7), st.integers(1, 4096), st.sampled_from([8, 16]))
-def test_wgrad_split_covers_the_reduction_without_empty_slices(reduction, splits, bk):
-    slices, k_split = cuda_conv.wgrad_split(reduction, splits, bk)
+def test_split_reduction_covers_the_reduction_without_empty_slices(reduction, splits, bk):
+    slices, k_split = cuda_conv.split_reduction(reduction, splits, bk)
     assert 1 <= slices <= splits and k_split % bk == 0
     assert (slices - 1) * k_split < reduction <= slices * k_split
 
@@ -410,6 +410,24 @@ def test_rules_weight_grad_slices_within_workspace(device):
     assert small.get("splits") <= 3 and small.get("workspace_bytes") <= 3 * 64 * 64 * 9 * 4
     none = _choose("weight_grad", R3, workspace=1)
     assert none.get("splits") == 1 and none.get("workspace_bytes") == 0
+
+
+def test_rules_slice_small_forward_gemms(device):
+    """A GEMM with too few tiles for the device gets reduction slices; big ones do not."""
+    small = _geom((64, 512, 7, 7), (512, 512, 3, 3), padding=1)      # 100 tiles of 128x128
+    for op in ("forward", "input_grad"):
+        algo = _choose(op, small)
+        assert algo.get("splits") > 1 and "slices" in algo.reason
+        out_bytes = 64 * 512 * 7 * 7 * 4
+        assert algo.get("workspace_bytes") == algo.get("splits") * out_bytes
+        assert _choose(op, small, workspace=out_bytes).get("splits") == 1
+    assert _choose("forward", R3).get("splits") == 1                   # 1568 tiles
+    strided = _geom((64, 128, 28, 28), (256, 128, 3, 3), stride=2, padding=1)
+    assert _choose("forward", strided).get("splits") == 1  # short reduction: traffic wins
+    tile = SimtTile(128, 128, 8, 8, 8)
+    assert rules.gemm_splits(100, 4608, tile, 132, 1, 6_422_528, 2**28) > 1
+    assert rules.gemm_splits(100, 4608, tile, 132, 65535, 6_422_528, 2**28) == 1  # grid z
+    assert rules.gemm_splits(1000, 4608, tile, 132, 1, 6_422_528, 2**28) == 1
 
 
 def test_rules_bias_grad_and_hinge(device):

@@ -9,7 +9,9 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
    cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
    time model (see `pick_tile`); the weight gradient also splits its long N*P*Q reduction into
-   slices so that about two blocks per multiprocessor run, within the workspace bound.
+   slices so that about two blocks per multiprocessor run, and a forward or input-gradient GEMM
+   with too few tiles for the device splits its reduction too (`gemm_splits`), within the
+   workspace bound.
 ``bias_grad`` is a fixed-order reduction; ``hinge`` picks the row layout of hinge.cu.
 
 Without a GPU (``explain`` on a machine without CuPy) the rules assume a 132-SM, sm_90 device.
@@ -92,14 +94,20 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
     blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * geom.groups
     why = (f"implicit GEMM (M={M}, N={NG}, reduction={KG}, {geom.groups} group(s)), "
            f"{tile.bm}x{tile.bn} block tile, {blocks} blocks; {prec_why}")
+    result_bytes = dtype.itemsize * (
+        geom.K * (geom.C // geom.groups) * geom.R * geom.S if mode == WGRAD
+        else geom.N * geom.K * geom.P * geom.Q if op == "forward"
+        else geom.N * geom.C * geom.H * geom.W)
     if mode == WGRAD:
         splits = wgrad_splits(geom, tile, blocks, sm_count, workspace_bytes, dtype.itemsize)
-        slices, _ = cuda_conv.wgrad_split(KG, splits, tile.bk)
-        params += [("splits", slices),
-                   ("workspace_bytes", 0 if slices == 1 else
-                    slices * geom.K * (geom.C // geom.groups) * geom.R * geom.S * dtype.itemsize)]
-        why += (f"; the N*P*Q reduction cut into {slices} slice(s) summed in a fixed order"
-                if slices > 1 else "; one reduction slice")
+    else:
+        splits = gemm_splits(blocks, KG, tile, sm_count, geom.groups, result_bytes,
+                             workspace_bytes)
+    slices, _ = cuda_conv.split_reduction(KG, splits, tile.bk)
+    params += [("splits", slices),
+               ("workspace_bytes", 0 if slices == 1 else slices * result_bytes)]
+    if slices > 1:
+        why += f"; the reduction cut into {slices} slices summed in a fixed order"
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
     return Algo(name_algo, tuple(params), why)
 
@@ -165,6 +173,43 @@ def wgrad_splits(geom: ConvGeometry, tile: SimtTile | Tf32Tile, blocks: int, sm_
     by_grid = max(1, cuda_conv.GRID_YZ_LIMIT // geom.groups)
     splits = max(1, min(want, by_length, by_workspace, by_grid))
     return splits if splits > 1 else 1
+
+
+MAX_GEMM_SLICES = 8  # forward / input gradient: at most this many reduction slices
+# Rough rates of an H100/H200-class device for the slicing model (not measured here): FP32 FMA
+# throughput of one resident block (two share an SM) and memory bandwidth.
+ASSUMED_BLOCK_FLOPS = 2e11
+ASSUMED_BANDWIDTH = 3e12
+
+
+def gemm_splits(blocks: int, reduction: int, tile: SimtTile | Tf32Tile, sm_count: int,
+                groups: int, result_bytes: int, workspace_bytes: int) -> int:
+    """Reduction slices for a forward or input-gradient GEMM whose tiles do not fill the device.
+
+    With ``512 / threads`` resident blocks per SM (the kernels' register cap), ``slots`` blocks
+    run at once. Modelled time of s slices: ``ceil(blocks * s / slots)`` waves of blocks doing
+    ``1/s`` of a tile's multiply-adds at `ASSUMED_BLOCK_FLOPS`, plus writing and reading the
+    s partial results at `ASSUMED_BANDWIDTH`. Slices are used only when the model saves at
+    least 15%, each keeps `MIN_SLICE_TILES` BK steps, and they fit the workspace bound.
+    """
+    slots = sm_count * max(1, 512 // tile.threads)
+    if blocks >= slots:
+        return 1
+    tile_flops = 2.0 * tile.bm * tile.bn * reduction
+
+    def seconds(s: int) -> float:
+        waves = math.ceil(blocks * s / slots)
+        extra = 2 * s * result_bytes / ASSUMED_BANDWIDTH if s > 1 else 0.0
+        return waves * tile_flops / s / ASSUMED_BLOCK_FLOPS + extra
+
+    best, best_time = 1, seconds(1)
+    for s in range(2, MAX_GEMM_SLICES + 1):
+        if (reduction < s * MIN_SLICE_TILES * tile.bk or s * result_bytes > workspace_bytes
+                or groups * s > cuda_conv.GRID_YZ_LIMIT):
+            break
+        if seconds(s) < best_time:
+            best, best_time = s, seconds(s)
+    return best if best_time < 0.85 * seconds(1) else 1
 
 
 def _hinge(scores_shape: Optional[tuple[int, int]], dtype: np.dtype) -> Algo:
