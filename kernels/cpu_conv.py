@@ -105,6 +105,8 @@ def col2im(dcol, gx, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw):
                         gf[dst + q * usw] += df[src + q]
 
 
+# The helpers below index slices with the bare loop variable: computed indices would make
+# Numba check each for being negative, and the loops would not vectorise.
 @njit(parallel=True, cache=True)
 def wide_to_rows(wide, y3, n0, nc, j0, L):
     """``y3[n0 + i, k, j0 : j0 + L] = wide[k, i * L : (i + 1) * L]`` for ``i < nc``."""
@@ -112,8 +114,9 @@ def wide_to_rows(wide, y3, n0, nc, j0, L):
     for task in prange(nc * K):
         i = task // K
         k = task - i * K
+        dst, src = y3[n0 + i, k, j0:j0 + L], wide[k, i * L:(i + 1) * L]
         for j in range(L):
-            y3[n0 + i, k, j0 + j] = wide[k, i * L + j]
+            dst[j] = src[j]
 
 
 @njit(parallel=True, cache=True)
@@ -123,8 +126,9 @@ def rows_to_wide(y3, wide, n0, nc, j0, L):
     for task in prange(nc * K):
         i = task // K
         k = task - i * K
+        dst, src = wide[k, i * L:(i + 1) * L], y3[n0 + i, k, j0:j0 + L]
         for j in range(L):
-            wide[k, i * L + j] = y3[n0 + i, k, j0 + j]
+            dst[j] = src[j]
 
 
 @njit(parallel=True, cache=True)
@@ -132,23 +136,24 @@ def add_bias(y3, bias):
     """``y3 (N, K, PQ) += bias[k]``."""
     N, K, L = y3.shape
     for task in prange(N * K):
-        k = task % K
-        b = bias[k]
+        b = bias[task % K]
+        row = y3[task // K, task % K]
         for j in range(L):
-            y3[task // K, k, j] += b
+            row[j] += b
 
 
 @njit(parallel=True, cache=True)
 def bias_grad(grad_output, out):
     """``out[k] = sum_{n, p, q} grad_output[n, k, p, q]``, one thread per ``k``, summed in a
-    fixed order with a float64 accumulator (per ``q`` lane, so the loop vectorises)."""
+    fixed order with float64 accumulators (one per pixel of a plane, so the loop vectorises)."""
     N, K, P, Q = grad_output.shape
+    g3 = grad_output.reshape(N, K, P * Q)
     for k in prange(K):
-        lanes = np.zeros(Q)
+        lanes = np.zeros(P * Q)
         for n in range(N):
-            for p in range(P):
-                for q in range(Q):
-                    lanes[q] += grad_output[n, k, p, q]
+            row = g3[n, k]
+            for j in range(P * Q):
+                lanes[j] += row[j]
         out[k] = lanes.sum()
 
 

@@ -112,9 +112,131 @@ def _weight_grad(x, grad_output, gw, sh, sw, pt, pl, dh, dw):
                 gw[k, cl, r, s] = lanes.sum()
 
 
+# ---------------------------------------------------------------------------------------------
+# Stride 1: zero-padded copies of one plane give every kernel tap the same flat offset, so
+# each tap is one long loop over the whole plane (the output keeps the padded row stride;
+# its extra columns are never copied out). Same summation order as the row loops above.
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _pad_plane(src, s0, H, W, dst, Hd, Wd, top, left):
+    """``dst[hh * Wd + j] = src[s0 + (hh - top) * W + (j - left)]``, zero outside ``H x W``."""
+    dst[:] = 0
+    for hh in range(max(0, top), min(Hd, H + top)):
+        j_lo, j_hi = max(0, left), min(Wd, W + left)
+        d = np.uint64(hh * Wd)
+        so = np.uint64(s0 + (hh - top) * W - left)
+        for j in range(np.uint64(j_lo), np.uint64(j_hi)):
+            dst[d + j] = src[so + j]
+
+
+@njit(parallel=True, cache=True)
+def _forward_s1(x, weight, bias, y, pt, pl, dh, dw):
+    N, C, H, W = x.shape
+    K, Cg, R, S = weight.shape
+    P, Q = y.shape[2], y.shape[3]
+    Kg = K // (C // Cg)
+    Hp, Wp = P + (R - 1) * dh, Q + (S - 1) * dw
+    L = P * Wp
+    xf = x.reshape(x.size)
+    for task in prange(N * K):
+        n = task // K
+        k = task - n * K
+        c0 = (k // Kg) * Cg
+        xp = np.empty(Hp * Wp + (S - 1) * dw, dtype=x.dtype)
+        acc = np.empty(L, dtype=y.dtype)
+        acc[:] = bias[k]
+        for cl in range(Cg):
+            _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
+            for r in range(R):
+                for s in range(S):
+                    wv = weight[k, cl, r, s]
+                    src = xp[r * dh * Wp + s * dw:]
+                    for f in range(L):
+                        acc[f] += wv * src[f]
+        for p in range(P):
+            dst, src = y[n, k, p], acc[p * Wp:p * Wp + Q]
+            for q in range(Q):
+                dst[q] = src[q]
+
+
+@njit(parallel=True, cache=True)
+def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw):
+    N, C, H, W = gx.shape
+    K, Cg, R, S = weight.shape
+    P, Q = grad_output.shape[2], grad_output.shape[3]
+    Kg = K // (C // Cg)
+    # gx[h, w] = sum w[R-1-r, S-1-s] * dyp[h + r*dh, w + s*dw], dyp = dy shifted by the
+    # dilated kernel extent minus the forward padding (lecture notes 7.5)
+    Hq, Wq = H + (R - 1) * dh, W + (S - 1) * dw
+    top, left = (R - 1) * dh - pt, (S - 1) * dw - pl
+    L = H * Wq
+    dyf = grad_output.reshape(grad_output.size)
+    for task in prange(N * C):
+        n = task // C
+        c = task - n * C
+        g = c // Cg
+        cl = c - g * Cg
+        dyp = np.empty(Hq * Wq + (S - 1) * dw, dtype=gx.dtype)
+        acc = np.zeros(L, dtype=gx.dtype)
+        for kl in range(Kg):
+            k = g * Kg + kl
+            _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
+            for r in range(R):
+                for s in range(S):
+                    wv = weight[k, cl, R - 1 - r, S - 1 - s]
+                    src = dyp[r * dh * Wq + s * dw:]
+                    for f in range(L):
+                        acc[f] += wv * src[f]
+        for h in range(H):
+            dst, src = gx[n, c, h], acc[h * Wq:h * Wq + W]
+            for w in range(W):
+                dst[w] = src[w]
+
+
+LANES = 256
+
+
+@njit(parallel=True, cache=True)
+def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw):
+    N, C, H, W = x.shape
+    K, Cg, R, S = gw.shape
+    P, Q = grad_output.shape[2], grad_output.shape[3]
+    Kg = K // (C // Cg)
+    Hp, Wp = P + (R - 1) * dh, Q + (S - 1) * dw
+    L = P * Wp
+    xf, dyf = x.reshape(x.size), grad_output.reshape(grad_output.size)
+    for task in prange(K * Cg):
+        k = task // Cg
+        cl = task - k * Cg
+        c = (k // Kg) * Cg + cl
+        xp = np.empty(Hp * Wp + (S - 1) * dw, dtype=x.dtype)
+        dyp = np.empty(L, dtype=x.dtype)         # grad_output with x's padded row stride
+        lanes = np.zeros((R * S, LANES))         # float64, fixed order: reproducible
+        for n in range(N):
+            _pad_plane(xf, (n * C + c) * H * W, H, W, xp, Hp, Wp, pt, pl)
+            _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, P, Wp, 0, 0)
+            for r in range(R):
+                for s in range(S):
+                    off = r * dh * Wp + s * dw
+                    acc = lanes[r * S + s]
+                    for b0 in range(0, L, LANES):
+                        n_e = min(LANES, L - b0)
+                        # slices indexed by the bare loop variable: the loop vectorises
+                        d, v = dyp[b0:b0 + n_e], xp[off + b0:off + b0 + n_e]
+                        for e in range(n_e):
+                            acc[e] += d[e] * v[e]
+        for r in range(R):
+            for s in range(S):
+                gw[k, cl, r, s] = lanes[r * S + s].sum()
+
+
 def _geometry_args(geom) -> tuple[int, ...]:
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     return sh, sw, geom.padding[0], geom.padding[2], dh, dw
+
+
+def _stride1(geom) -> bool:
+    return geom.stride == (1, 1)
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
@@ -122,19 +244,31 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
     """Direct conv forward: x ``(N, C, H, W)``, weight ``(K, C/G, R, S)``; ``(N, K, P, Q)``."""
     y = np.empty(geom.output_shape, dtype=x.dtype)
     b = bias if bias is not None else np.zeros(geom.K, dtype=x.dtype)
-    _forward(x, weight, b, y, *_geometry_args(geom))
+    if _stride1(geom):
+        pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
+        _forward_s1(x, weight, b, y, pt, pl, dh, dw)
+    else:
+        _forward(x, weight, b, y, *_geometry_args(geom))
     return y
 
 
 def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Direct input gradient ``(N, C, H, W)``."""
     gx = np.empty(geom.input_shape, dtype=grad_output.dtype)
-    _input_grad(weight, grad_output, gx, *_geometry_args(geom))
+    if _stride1(geom):
+        pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
+        _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw)
+    else:
+        _input_grad(weight, grad_output, gx, *_geometry_args(geom))
     return gx
 
 
 def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Direct weight gradient ``(K, C/G, R, S)``."""
     gw = np.empty(geom.weight_shape, dtype=x.dtype)
-    _weight_grad(x, grad_output, gw, *_geometry_args(geom))
+    if _stride1(geom):
+        pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
+        _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw)
+    else:
+        _weight_grad(x, grad_output, gw, *_geometry_args(geom))
     return gw

@@ -230,11 +230,11 @@ def input_transform(x, V, n0, nc, t0, tc, tw, m, off_h, off_w, row_tab, col_tab)
             _lincomb(tiles[xi], rows, col_tab, xi, 1, 0, 0, F)
         for xi in range(A * A):
             for cc in range(cbb):
-                dst = V2[xi * C + c0 + cc]
                 for t in range(tc):
                     src = tiles[xi, cc * Fr + t * (tw + 1):]
+                    dst = V2[xi * C + c0 + cc, base + t * tw:base + (t + 1) * tw]
                     for e in range(tw):
-                        dst[base + t * tw + e] = src[e]
+                        dst[e] = src[e]
 
 
 @njit(parallel=True, cache=True)
@@ -358,24 +358,26 @@ def _chunks(N: int, th: int, tw: int, m: int, channels: int, filter_elems: int,
 @njit(parallel=True, cache=True)
 def _filter_transform(w9, G, U):
     """``U[a*A + b, kc] = sum_{r, s} G[a, r] w9[r*3 + s, kc] G[b, s]``, separably and with
-    ``kc`` innermost so the loops vectorise."""
+    ``kc`` innermost (slices indexed by the loop variable) so the loops vectorise."""
     A, KC = G.shape[0], w9.shape[1]
     for blk in prange((KC + BLOCK - 1) // BLOCK):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
-        half = np.empty((A * 3, BLOCK), dtype=U.dtype)      # (G w)[a, s]
+        w = w9[:, k0:k0 + n]
+        half = np.empty((A * 3, n), dtype=U.dtype)          # (G w)[a, s]
         for a in range(A):
             g0, g1, g2 = G[a, 0], G[a, 1], G[a, 2]
             for s in range(3):
+                h, w0, w1, w2 = half[a * 3 + s], w[s], w[3 + s], w[6 + s]
                 for e in range(n):
-                    half[a * 3 + s, e] = (g0 * w9[s, k0 + e] + g1 * w9[3 + s, k0 + e]
-                                          + g2 * w9[6 + s, k0 + e])
+                    h[e] = g0 * w0[e] + g1 * w1[e] + g2 * w2[e]
         for a in range(A):
+            h0, h1, h2 = half[a * 3], half[a * 3 + 1], half[a * 3 + 2]
             for b in range(A):
                 g0, g1, g2 = G[b, 0], G[b, 1], G[b, 2]
+                u = U[a * A + b, k0:k0 + n]
                 for e in range(n):
-                    U[a * A + b, k0 + e] = (half[a * 3, e] * g0 + half[a * 3 + 1, e] * g1
-                                            + half[a * 3 + 2, e] * g2)
+                    u[e] = h0[e] * g0 + h1[e] * g1 + h2[e] * g2
 
 
 @njit(parallel=True, cache=True)
@@ -385,24 +387,26 @@ def _filter_transform_adjoint(dU, G, gw9):
     for blk in prange((KC + BLOCK - 1) // BLOCK):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
-        half = np.zeros((3 * A, BLOCK), dtype=gw9.dtype)   # (G^T dU)[r, b]
+        half = np.zeros((3 * A, n), dtype=gw9.dtype)       # (G^T dU)[r, b]
         for a in range(A):
             g0, g1, g2 = G[a, 0], G[a, 1], G[a, 2]
             for b in range(A):
+                d = dU[a * A + b, k0:k0 + n]
+                h0, h1, h2 = half[b], half[A + b], half[2 * A + b]
                 for e in range(n):
-                    d = dU[a * A + b, k0 + e]
-                    half[b, e] += g0 * d
-                    half[A + b, e] += g1 * d
-                    half[2 * A + b, e] += g2 * d
+                    h0[e] += g0 * d[e]
+                    h1[e] += g1 * d[e]
+                    h2[e] += g2 * d[e]
         for r in range(3):
             for s in range(3):
-                for e in range(n):
-                    gw9[r * 3 + s, k0 + e] = 0
+                out = gw9[r * 3 + s, k0:k0 + n]
+                out[:] = 0
                 for b in range(A):
                     g = G[b, s]
                     if g != 0:
+                        h = half[r * A + b]
                         for e in range(n):
-                            gw9[r * 3 + s, k0 + e] += half[r * A + b, e] * g
+                            out[e] += h[e] * g
 
 
 def filter_transform(weight: np.ndarray, G: np.ndarray, groups: int, dtype) -> np.ndarray:
