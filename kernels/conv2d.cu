@@ -51,9 +51,10 @@
 // N*P*Q and N*H*W stay below 2^31.
 //
 // Verification status (when this was written): compiled by NVRTC for sm_80 and sm_90 in CI
-// (tests/test_nvrtc.py); ptxas (nvcc 13.0, sm_90) reports 63-128 registers and no spills for
-// every listed instantiation except conv_tf32<0, 128, 128, 8, 2, 4> (4 bytes). Executed on the
-// CPU through a host emulation of the CUDA execution model (tests/test_cuda_emulated.py:
+// (tests/test_nvrtc.py); ptxas (nvcc 13.0) reports 77-128 registers and no spills for every
+// instantiation the launcher requests, for sm_80 and sm_90 (DGRAD float 128x128 spilled on
+// sm_90 and is not requested: cuda_conv.SIMT_EXCLUDED). Executed on the CPU through a host
+// emulation of the CUDA execution model (tests/test_cuda_emulated.py:
 // blocks, threads, barriers, warp shuffles, the mma fragment layout as the PTX ISA documents
 // it) against the NumPy reference, for every tile and mode. Not yet run on a GPU: speed and
 // the hardware's own mma.sync layout are unverified; bench/device_check.sh runs the GPU tests
@@ -459,7 +460,7 @@ struct OutIndex {
 // ---------------------------------------------------------------------------------------------
 // Both kernels cap registers at 128 per thread (__launch_bounds__ with 512 / threads resident
 // blocks): two 256-thread blocks per SM, 16 warps to hide the latency of the register-staged
-// global loads. ptxas reports no spills for the listed SIMT tiles at this cap.
+// global loads. ptxas reports no spills for the requested instantiations at this cap.
 template <typename T, int MODE, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN), 512 / ((BM / TM) * (BN / TN)))
 conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __restrict__ bias,
@@ -478,10 +479,10 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
     const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups, FC_FASTDIVS};
     const int tid = threadIdx.x;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    const int g = blockIdx.z % groups, split = blockIdx.z / groups;
+    const int g = blockIdx.z % groups;
     int M, NG, KG;
     gemm_dims<MODE>(s, M, NG, KG);
-    const int k_begin = split * k_split;
+    const int k_begin = (blockIdx.z / groups) * k_split;  // reduction slice blockIdx.z / groups
     const int k_end = min(KG, k_begin + k_split);
 
     typename Operands<T, MODE, BM, BN, BK, NT>::A la;
@@ -514,6 +515,8 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 
     // Epilogue: bias (FPROP), then stores. Rows come in V-runs of consecutive pixels; when the
     // pixel plane is a multiple of V a run never crosses an image and is 16-byte aligned.
+    // The slice index is recomputed here rather than kept live through the main loop.
+    const int split = blockIdx.z / groups;
     const OutIndex<MODE> oi(s, g, split);
     const bool vector_rows = MODE != WGRAD && oi.plane % V == 0;
 #pragma unroll
@@ -565,10 +568,10 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups, FC_FASTDIVS};
     const int tid = threadIdx.x;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    const int g = blockIdx.z % groups, split = blockIdx.z / groups;
+    const int g = blockIdx.z % groups;
     int M, NG, KG;
     gemm_dims<MODE>(s, M, NG, KG);
-    const int k_begin = split * k_split;
+    const int k_begin = (blockIdx.z / groups) * k_split;  // reduction slice blockIdx.z / groups
     const int k_end = min(KG, k_begin + k_split);
 
     typename Operands<float, MODE, BM, BN, BK, NT>::A la;
@@ -614,6 +617,8 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     });
 
     // Epilogue: for a fixed register, a warp writes 4 runs of 8 consecutive pixels.
+    // The slice index is recomputed here rather than kept live through the main loop.
+    const int split = blockIdx.z / groups;
     const OutIndex<MODE> oi(s, g, split);
 #pragma unroll
     for (int i = 0; i < MI; ++i) {

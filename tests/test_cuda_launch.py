@@ -71,9 +71,15 @@ def test_tf32_tiles_satisfy_kernel_constraints():
 
 def test_kernel_names_cover_every_tile_mode_and_dtype():
     names = cuda_conv.all_kernel_names()["conv2d.cu"]
-    n_simt = sum(len(t) for t in cuda_conv.SIMT_TILES.values())
-    assert len(names) == len(set(names)) == 3 * (n_simt + len(cuda_conv.TF32_TILES))
+    n_simt = sum(len(cuda_conv.simt_tiles(dt, mode)) for dt in cuda_conv.SIMT_TILES
+                 for mode in (FPROP, DGRAD, WGRAD))
+    assert n_simt == 3 * sum(len(t) for t in cuda_conv.SIMT_TILES.values()) - len(
+        cuda_conv.SIMT_EXCLUDED)
+    assert len(names) == len(set(names)) == n_simt + 3 * len(cuda_conv.TF32_TILES)
+    for dt, mode, tile in cuda_conv.SIMT_EXCLUDED:
+        assert cuda_conv.simt_kernel_name(dt, mode, tile) not in names
     assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 4>" in names
+    assert "fc::conv_simt<float, 1, 128, 128, 8, 8, 8>" not in names  # spills on sm_90
     assert "fc::conv_simt<double, 2, 64, 64, 8, 4, 4>" in names
     assert "fc::conv_tf32<1, 128, 64, 8, 4, 2>" in names
     dw = cuda_conv.all_kernel_names()["depthwise.cu"]
@@ -415,12 +421,14 @@ def test_rules_weight_grad_slices_within_workspace(device):
 def test_rules_slice_small_forward_gemms(device):
     """A GEMM with too few tiles for the device gets reduction slices; big ones do not."""
     small = _geom((64, 512, 7, 7), (512, 512, 3, 3), padding=1)      # 100 tiles of 128x128
-    for op in ("forward", "input_grad"):
-        algo = _choose(op, small)
-        assert algo.get("splits") > 1 and "slices" in algo.reason
-        out_bytes = 64 * 512 * 7 * 7 * 4
-        assert algo.get("workspace_bytes") == algo.get("splits") * out_bytes
-        assert _choose(op, small, workspace=out_bytes).get("splits") == 1
+    algo = _choose("forward", small)
+    assert algo.get("splits") > 1 and "slices" in algo.reason
+    out_bytes = 64 * 512 * 7 * 7 * 4
+    assert algo.get("workspace_bytes") == algo.get("splits") * out_bytes
+    assert _choose("forward", small, workspace=out_bytes).get("splits") == 1
+    grad = _choose("input_grad", small)  # 128x128 is not offered for DGRAD: 200 tiles
+    assert grad.get("workspace_bytes") == (0 if grad.get("splits") == 1
+                                           else grad.get("splits") * out_bytes)
     assert _choose("forward", R3).get("splits") == 1                   # 1568 tiles
     strided = _geom((64, 128, 28, 28), (256, 128, 3, 3), stride=2, padding=1)
     assert _choose("forward", strided).get("splits") == 1  # short reduction: traffic wins

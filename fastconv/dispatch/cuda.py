@@ -82,7 +82,7 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
 
     mode = MODE_OF_OP[op]
     M, NG, KG = cuda_conv.gemm_shape(geom, mode)
-    tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.SIMT_TILES[dtype.name]
+    tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, mode)
     if mode == WGRAD:
         tile = pick_tile(M, NG, geom.groups, tiles, sm_count=None)
     else:
