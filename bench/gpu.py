@@ -137,6 +137,19 @@ class ConvCase:
         return errs
 
 
+def kernel_resources(algo) -> dict | None:
+    """Registers and local-memory (spill) bytes per thread of an Algo's compiled kernel."""
+    name = algo.get("kernel", "")
+    if not name.startswith("fc::"):
+        return None  # cuBLAS
+    from fastconv.kernels import cuda_build
+
+    source = "hinge.cu" if "hinge" in name else ("depthwise.cu" if "depthwise" in name
+                                                 else "conv2d.cu")
+    kernel = cuda_build.get_kernel(source, name)
+    return {"num_regs": kernel.num_regs, "local_size_bytes": kernel.local_size_bytes}
+
+
 def bench_conv(args, fastconv, cupy, torch, progress) -> list[dict]:
     rows = []
     timer = event_timer(cupy, inner=1 if args.quick else 3)
@@ -147,12 +160,12 @@ def bench_conv(args, fastconv, cupy, torch, progress) -> list[dict]:
         errs = case.check(fastconv, cupy)
         row = {"case": case.name, "err_fp32": errs["fp32"], "err_tf32": errs["tf32"],
                "ok": errs["fp32"] < 1e-5 and errs["tf32"] < TF32_TOLERANCE}
-        fastconv.set_precision("fp32")
-        row["algo_fp32"] = fastconv.explain("conv2d", case.x, case.w, case.b, case.stride,
-                                            case.pad).algo.get("kernel")
-        fastconv.set_precision("tf32")
-        row["algo_tf32"] = fastconv.explain("conv2d", case.x, case.w, case.b, case.stride,
-                                            case.pad).algo.get("kernel")
+        for precision in ("fp32", "tf32"):
+            fastconv.set_precision(precision)
+            algo = fastconv.explain("conv2d", case.x, case.w, case.b, case.stride,
+                                    case.pad).algo
+            row[f"algo_{precision}"] = f"{algo.get('kernel')} splits={algo.get('splits', 1)}"
+            row[f"regs_{precision}"] = kernel_resources(algo)
         cands = {"fc_fp32": case.fastconv_forward(fastconv, "fp32"),
                  "fc_tf32": case.fastconv_forward(fastconv, "tf32")}
         if torch is not None:
