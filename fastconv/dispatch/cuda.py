@@ -32,7 +32,7 @@ from ..kernels.cuda_conv import MODE_OF_OP, WGRAD, SimtTile, Tf32Tile
 
 ASSUMED_SM_COUNT = 132          # H100/H200 SXM, when no device can be asked
 ASSUMED_CAPABILITY = (9, 0)
-MIN_SLICE_TILES = 16            # a weight-gradient slice covers at least this many BK steps
+MIN_SLICE_TILES = 16            # a reduction slice covers at least this many BK steps
 BLOCKS_PER_SM_TARGET = 2        # weight-gradient slices aim at this many blocks per SM
 
 
