@@ -183,3 +183,16 @@ def test_random_problems_match_loop(N, C, p, margin, dtype, accumulate, weighted
     scores, labels, class_weight, row_scale = make_problem(
         N, C, dtype, weighted=weighted, per_row_scale=per_row_scale, seed=seed)
     check(scores, labels, margin, p, class_weight, row_scale, accumulate)
+
+
+@pytest.mark.parametrize("dtype, C, accumulate", [
+    (np.float32, 10, "native"), (np.float32, 2048, "native"), (np.float32, 2049, "float64"),
+    (np.float64, 100_000, "native")])
+def test_cpu_rule_picks_the_accumulator(dtype, C, accumulate):
+    # Short float32 rows sum in float32 (fast); long ones need float64 (see the test above).
+    from fastconv.dispatch import cpu as cpu_rules
+
+    algo = cpu_rules.choose("hinge", None, np.dtype(dtype), precision="fp32",
+                            workspace_bytes=2**28, scores_shape=(3, C))
+    assert algo.name == ALGORITHM
+    assert algo.get("accumulate") == accumulate
