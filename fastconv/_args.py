@@ -6,6 +6,7 @@ array kind (``"numpy"`` or ``"cupy"``), so backends can trust what they receive.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -125,6 +126,21 @@ def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, p
 
     ``x_shape`` is ``(N, C, H, W)`` and ``w_shape`` is ``(K, C // groups, R, S)``.
     """
+    args = (tuple(x_shape), tuple(w_shape), stride, padding, dilation, groups)
+    if all(_plain(v) for v in args[2:]):
+        return _cached_geometry(*args)
+    return _geometry(*args)
+
+
+def _plain(v: Any) -> bool:
+    """Whether an option value may key the geometry cache: ints, strings and tuples of them.
+    Bools, floats and lists are validated afresh every time (``True == 1`` and ``1.0 == 1``
+    as dict keys, but both must still be rejected)."""
+    t = type(v)
+    return t is int or t is str or (t is tuple and all(_plain(i) for i in v))
+
+
+def _geometry(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeometry:
     N, C, H, W = (int(v) for v in x_shape)
     K, Cg, R, S = (int(v) for v in w_shape)
     groups = _int(groups, "groups")
@@ -151,6 +167,11 @@ def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, p
     P = (Hp - eff_r) // sh_sw[0] + 1
     Q = (Wp - eff_s) // sh_sw[1] + 1
     return ConvGeometry(N, C, H, W, K, R, S, P, Q, sh_sw, pads, dh_dw, groups)
+
+
+# Training repeats the same few geometries every step; only valid ones are cached (an invalid
+# call raises before anything is stored), so every error is still raised on every call.
+_cached_geometry = functools.lru_cache(maxsize=1024)(_geometry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +314,10 @@ def _labels(labels: Any, kind: str, N: int, C: int, batched: bool):
         raise ValueError(f"labels must have shape {want} to match scores, "
                          f"got {tuple(labels.shape)}")
     labels = xp.ascontiguousarray(labels.reshape(N), dtype=np.int64)
-    lo, hi = int(labels.min()), int(labels.max())
+    if kind == "numpy":
+        lo, hi = int(labels.min()), int(labels.max())
+    else:  # one device-to-host sync, not two
+        lo, hi = xp.stack((labels.min(), labels.max())).tolist()
     if lo < 0 or hi >= C:
         bad = lo if lo < 0 else hi
         raise ValueError(f"labels must lie in [0, {C}) for {C} classes; found {bad}")

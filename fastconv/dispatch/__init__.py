@@ -7,6 +7,7 @@ Algorithm: each backend's rules in ``fastconv/dispatch/<backend>.py`` (``choose(
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ def select_backend(kind: str, backend: Optional[str] = None) -> tuple[str, str]:
     return name, why
 
 
+@functools.lru_cache(maxsize=None)
 def backend_module(name: str):
     """The module implementing backend ``name`` (imported on first use)."""
     return importlib.import_module(_MODULES[name][0])
@@ -172,9 +174,18 @@ def backend_module(name: str):
 def choose_algorithm(name: str, op: str, geom: Optional[ConvGeometry], dtype: np.dtype,
                      scores_shape: Optional[tuple[int, int]] = None) -> Algo:
     """Ask backend ``name``'s rules which algorithm runs ``op`` on this shape."""
+    return _choose(name, op, geom, np.dtype(dtype), get_precision(), workspace_bytes(),
+                   scores_shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(name: str, op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: str,
+            workspace: int, scores_shape: Optional[tuple[int, int]]) -> Algo:
+    # The rules are pure functions of these arguments, so a call repeated with the same shapes
+    # (every training step) skips them: the per-call host overhead matters for small GPU calls.
     rules = importlib.import_module(f"fastconv.dispatch.{name}")
-    return rules.choose(op, geom, np.dtype(dtype), precision=get_precision(),
-                        workspace_bytes=workspace_bytes(), scores_shape=scores_shape)
+    return rules.choose(op, geom, dtype, precision=precision, workspace_bytes=workspace,
+                        scores_shape=scores_shape)
 
 
 @dataclass(frozen=True)
