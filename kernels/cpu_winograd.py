@@ -11,7 +11,11 @@ so the ``m * m * 9`` multiplies of a direct tile become ``A * A`` (F(2x2): 2.25x
     M[xi] (K, T) = U[xi] (K, C) @ V[xi] (C, T)        xi = a * A + b, T = tiles
 
 Layouts: ``V (A*A, C, T)``, ``M (A*A, K, T)`` with tiles ordered ``(image, tile row, tile
-column)``. Groups split ``C`` and ``K`` into ``G`` blocks and the GEMMs are batched over them.
+column)``; rows of 8 or more tiles carry one padding tile (see :func:`row_width`). Groups
+split ``C`` and ``K`` into ``G`` blocks and the GEMMs are batched over them (NumPy's BLAS).
+The transforms (Numba) work on polyphase planes so that every pass is a flat loop, with the
+sparse transform matrices turned into tables of shifted rows (:func:`_table`): F(2x2) and
+F(4x4) share all kernels.
 
 The same transforms give the three conv ops of these layers:
 

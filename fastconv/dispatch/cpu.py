@@ -6,9 +6,11 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    would multiply matrices too thin to block; loops over the taps need no workspace.
 2. ``gemm1x1`` for 1x1 stride-1 unpadded layers: the input already is the GEMM operand.
 3. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
-   group, when its tiles save work: F(4x4, 3x3) does 4x fewer multiplies than a direct 3x3,
-   F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform points wins.
-   With fewer channels the tile transforms, not the GEMMs, dominate and im2col is faster.
+   group and an output plane of at least 32x32: F(4x4, 3x3) does 4x fewer multiplies than a
+   direct 3x3, F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform
+   points wins. With fewer channels the tile transforms dominate; on small planes (ResNet's
+   14x14) the transformed filters (4x the weights) cost more than the multiplies saved, and
+   im2col measured faster (2 cores: 27 against 32 ms for forward and both gradients).
 4. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
 5. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
@@ -31,8 +33,11 @@ from ..kernels.cpu_workspace import fits, gemm1x1_bytes, im2col_bytes, winograd_
 DIRECT_MAX_REDUCTION = 64
 # Channels per group (in and out) from which Winograd's GEMMs outweigh its transforms.
 WINOGRAD_MIN_CHANNELS = 8
-# Output pixels per image from which one GEMM per image runs at full BLAS speed.
-PER_IMAGE_MIN_PIXELS = 2048
+# Pixels of the tiled plane from which Winograd beats im2col (see rule 3).
+WINOGRAD_MIN_PIXELS = 1024
+# Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
+# (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
+PER_IMAGE_MIN_PIXELS = 1024
 # Preferred scratch per chunk: the packed operands stay in the caches between packing and GEMM.
 CHUNK_BYTES = 16 * 2**20
 
@@ -47,6 +52,8 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[int]:
     if min(geom.C, geom.K) // geom.groups < WINOGRAD_MIN_CHANNELS:
         return None
     rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
+    if rows * cols < WINOGRAD_MIN_PIXELS:
+        return None
     cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
     m = min(cost, key=cost.get)
     return m if cost[m] < 9 * rows * cols else None
