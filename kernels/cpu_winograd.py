@@ -156,7 +156,7 @@ def row_width(tw: int) -> int:
     return tw + 1 if tw >= PAD_MIN_TILES else tw
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)     # a call, not Numba-level inlining: ~5% slower, 7 s less to compile
 def _lincomb(dst, src, tab, i, rscale, radd, cbase, L):
     """``dst[e] = sum_z coefs[i, z] * src[rows[i, z] * rscale + radd, cbase + offs[i, z] + e]``
     for ``e < L``; four sources per pass (see :func:`_table`), so ``dst`` is written once per
