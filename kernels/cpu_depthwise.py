@@ -1,10 +1,11 @@
-"""Direct-loop cpu conv kernels for depthwise and grouped layers (any geometry, no workspace).
+"""Direct-loop cpu conv kernels for depthwise and grouped layers (any geometry).
 
 With few input channels per group (``C / groups`` of 1 for depthwise) a GEMM has nothing to
 multiply; each output plane is instead a sum of ``Cg * R * S`` shifted, scaled input rows.
-The loops run over whole rows with flat unsigned indices (no negative-index checks), so for
-stride 1 they vectorise. Being workspace-free, these
-kernels are also the fallback when not even one row of an im2col chunk fits the bound.
+The row loops use flat unsigned indices (no negative-index checks), so they vectorise, and
+need no workspace: they are also the fallback when not even one row of an im2col chunk fits
+the bound. For stride 1, zero-padded copies of one plane per thread (when they fit the bound)
+turn each kernel tap into a single flat loop over the plane.
 
 Parallel over output planes (forward), input planes (input gradient: each thread scatters
 only into the ``(n, c)`` plane it owns, so there are no atomics) and filters (weight gradient,
@@ -18,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import valid_range
+from .cpu_workspace import DIRECT_LANES as LANES, direct_plane_bytes, workspace_bound
 
 
 @njit(parallel=True, cache=True)
@@ -193,9 +195,6 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw):
                 dst[w] = src[w]
 
 
-LANES = 256
-
-
 @njit(parallel=True, cache=True)
 def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw):
     N, C, H, W = x.shape
@@ -235,8 +234,10 @@ def _geometry_args(geom) -> tuple[int, ...]:
     return sh, sw, geom.padding[0], geom.padding[2], dh, dw
 
 
-def _stride1(geom) -> bool:
-    return geom.stride == (1, 1)
+def _stride1(geom, itemsize: int, algo) -> bool:
+    """Whether the padded-plane kernels apply: stride 1, and their planes fit the bound."""
+    return (geom.stride == (1, 1)
+            and direct_plane_bytes(geom, itemsize) <= workspace_bound(algo))
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
@@ -244,7 +245,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
     """Direct conv forward: x ``(N, C, H, W)``, weight ``(K, C/G, R, S)``; ``(N, K, P, Q)``."""
     y = np.empty(geom.output_shape, dtype=x.dtype)
     b = bias if bias is not None else np.zeros(geom.K, dtype=x.dtype)
-    if _stride1(geom):
+    if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         _forward_s1(x, weight, b, y, pt, pl, dh, dw)
     else:
@@ -255,7 +256,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
 def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Direct input gradient ``(N, C, H, W)``."""
     gx = np.empty(geom.input_shape, dtype=grad_output.dtype)
-    if _stride1(geom):
+    if _stride1(geom, gx.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw)
     else:
@@ -266,7 +267,7 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
 def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Direct weight gradient ``(K, C/G, R, S)``."""
     gw = np.empty(geom.weight_shape, dtype=x.dtype)
-    if _stride1(geom):
+    if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw)
     else:

@@ -31,6 +31,7 @@ VARIANTS = {
     "winograd4": ("winograd", (("tile", 4),)),
     "winograd4_rows": ("winograd", (("tile", 4), ("chunk_bytes", 1))),
     "direct": ("direct", ()),
+    "direct_rows": ("direct", (("workspace_bytes", 1),)),   # no room for padded planes
 }
 
 EXTRA_CASES = [

@@ -69,8 +69,9 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
     Cg = geom.C // G
     if G > 1 and Cg * geom.R * geom.S <= DIRECT_MAX_REDUCTION:
         kind = "depthwise" if Cg == 1 else f"grouped ({Cg} channels per group)"
-        return Algo("direct", (), f"{kind} layer: direct loops over the {geom.R}x{geom.S} taps, "
-                                  "a GEMM would be too thin")
+        return Algo("direct", _workspace_params(workspace_bytes),
+                    f"{kind} layer: direct loops over the {geom.R}x{geom.S} taps, a GEMM would "
+                    "be too thin")
     if ((geom.R, geom.S, geom.stride, geom.padding) == (1, 1, (1, 1), (0, 0, 0, 0))
             and fits(gemm1x1_bytes(op, geom, itemsize), workspace_bytes)):
         return Algo("gemm1x1", _workspace_params(workspace_bytes),
@@ -82,8 +83,9 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
                     f"{9 * m * m / (m + 2) ** 2:.2f}x fewer multiplies than direct, BLAS GEMMs")
     layout = "per_image" if geom.P * geom.Q >= PER_IMAGE_MIN_PIXELS else "wide"
     if not fits(im2col_bytes(op, geom, layout, itemsize), workspace_bytes):
-        return Algo("direct", (), f"one row of im2col needs more than the workspace bound of "
-                                  f"{workspace_bytes} bytes: direct loops need none")
+        return Algo("direct", _workspace_params(workspace_bytes),
+                    f"one row of im2col needs more than the workspace bound of "
+                    f"{workspace_bytes} bytes: direct row loops need none")
     how = "one GEMM per image" if layout == "per_image" else "images side by side in one GEMM"
     return Algo("im2col", (("layout", layout),) + _workspace_params(workspace_bytes),
                 f"general conv: im2col in chunks, BLAS GEMM with {how}")
