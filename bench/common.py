@@ -96,6 +96,7 @@ def measure(
     min_time: float = 0.0,
     max_time: float = math.inf,
     timer: Timer = wall_timer,
+    settle: float = 0.0,
 ) -> dict[str, Timing]:
     """Time several candidates interleaved and return their timings.
 
@@ -116,6 +117,13 @@ def measure(
         ``min(3, repeats)`` rounds.
     timer : callable
         ``timer(fn) -> seconds`` runs ``fn`` once and measures it; `wall_timer` by default.
+    settle : float
+        If positive, before each timed call: sleep this long, then make one untimed call of
+        the same candidate. On a CPU the thread pools of the previous candidate (PyTorch's
+        OpenMP, OpenBLAS) keep spinning for up to ~0.1 s after it returns and would steal the
+        cores from the next one, while a pool that has gone to sleep is slow to wake. Users
+        call one library back to back, so each timed call follows a call of its own kind on
+        cores the other candidates have left.
 
     Returns
     -------
@@ -130,6 +138,9 @@ def measure(
     rounds = 0
     while True:
         for name, fn in candidates.items():
+            if settle:
+                time.sleep(settle)
+                fn()  # untimed: wakes this candidate's own pools, as in back-to-back use
             timings[name].samples.append(timer(fn))
         rounds += 1
         slowest = max(sum(t.samples) for t in timings.values())

@@ -22,6 +22,9 @@ import numpy as np
 
 import common
 
+# Untimed pause before each timed call: lets the previous candidate's thread pools go idle.
+SETTLE_S = 0.15
+
 # Targets of issue 3 (CPU, 2 threads, OPENBLAS_CORETYPE unset), as geometric-mean speedups
 # over PyTorch: forward >= 1.2x; fwd+bwd >= 1.5x with no case below 0.8x.
 TARGETS = {"forward": (1.2, None), "fwd+bwd": (1.5, 0.8)}
@@ -155,7 +158,8 @@ def bench_case(case: ConvCase, mode: str, *, backend: str | None, torch: Any, re
     if torch is not None:
         candidates["torch"] = torch_step(torch, case, mode, x, w, b, gy)
         row["err_torch"] = max_rel_error(candidates["torch"](), ref_out)
-    timings = common.measure(candidates, repeats=repeats, warmup=warmup, max_time=max_time)
+    timings = common.measure(candidates, repeats=repeats, warmup=warmup, max_time=max_time,
+                             settle=SETTLE_S)
     secs = {name: t.median for name, t in timings.items()}
     secs.setdefault("reference", secs["fastconv"])
     flops = case.flops * (1 if mode == "forward" else 3)

@@ -27,6 +27,9 @@ import numpy as np
 
 import common
 
+# Untimed pause before each timed call: lets the previous candidate's thread pools go idle.
+SETTLE_S = 0.15
+
 # Targets of issue 3 (CPU, 2 threads): loss + gradient at least 10x PyTorch, and no slower
 # than twice a plain copy of the scores.
 TARGET_VS_TORCH = 10.0
@@ -125,7 +128,7 @@ def bench_case(case: HingeCase, *, backend: str | None, torch: Any, repeats: int
     if torch_run is not None:
         candidates["torch"] = torch_run
     timings = common.measure(candidates, repeats=repeats, warmup=warmup, min_time=0.2,
-                             max_time=max_time)
+                             max_time=max_time, settle=SETTLE_S)
     secs = {name: t.median for name, t in timings.items()}
     secs.setdefault("reference", secs["fastconv"])
     nbytes = 2 * scores.nbytes
