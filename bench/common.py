@@ -496,3 +496,23 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     return parser
+
+
+def suite_main(run: Callable, description: str, argv: Sequence[str] | None = None,
+               add_args: Callable | None = None) -> int:
+    """Command-line entry of one CPU suite: parse the common options (and the suite's own),
+    print the environment, run the suite, write ``--json``; exit status 1 if a check failed.
+
+    ``run(args, torch, threads)`` returns ``{"results": [rows with "check"], ...}``.
+    """
+    parser = add_common_args(argparse.ArgumentParser(description=description))
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_args(argv)
+    torch, threads = setup(args)
+    env = environment()
+    print(format_environment(env))
+    result = run(args, torch, threads)
+    if args.json:
+        write_json(args.json, {"environment": env, **result})
+    return 0 if all(r["check"] == "ok" for r in result["results"]) else 1

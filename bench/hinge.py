@@ -187,15 +187,7 @@ def run(args: argparse.Namespace, torch: Any, threads: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    args = parser.parse_args(argv)
-    torch, threads = common.setup(args)
-    env = common.environment()
-    print(common.format_environment(env))
-    result = run(args, torch, threads)
-    if args.json:
-        common.write_json(args.json, {"environment": env, **result})
-    return 0 if all(r["check"] == "ok" for r in result["results"]) else 1
+    return common.suite_main(run, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":
