@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 from numba import njit, prange
 
-from .cpu_workspace import (DEFAULT_CHUNK_BYTES, gemm1x1_bytes, im2col_bytes, plan_chunks,
+from .cpu_workspace import (DEFAULT_CHUNK_BYTES, im2col_bytes, plan_chunks,
                             scratch, workspace_bound)
 
 

@@ -1,6 +1,6 @@
 """The fused Numba hinge kernel (``fastconv.kernels.cpu_hinge``) called directly.
 
-Checked against a plain per-element loop written here in float64, for every option of the
+Checked against the plain per-element loop of tests/loops.py in float64, for every option of the
 backend contract: p, margin, class weights, broadcast and per-row ``row_scale``, loss only or
 loss + gradient, both accumulators, float32 and float64, short and long rows. The public ops
 are tested on every backend elsewhere (tests/test_hinge.py); this file pins down the kernel
@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from fastconv._types import Algo
 from fastconv.kernels.cpu_hinge import ACCUMULATORS, ALGORITHM, hinge_loss_rows
 
+import loops
+
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-11}
 DTYPES = (np.float32, np.float64)
 
@@ -26,22 +28,11 @@ def _algo(accumulate: str) -> Algo:
 
 
 def loop_hinge(scores, labels, margin, p, class_weight, row_scale):
-    """Losses (N,) and gradient (N, C) one element at a time, in float64."""
-    N, C = scores.shape
-    losses, grad = np.zeros(N), np.zeros((N, C))
-    for i in range(N):
-        y = int(labels[i])
-        wy = float(class_weight[y])
-        scale = float(row_scale[i if row_scale.shape[0] == N else 0])
-        for j in range(C):
-            if j == y:
-                continue
-            m = float(scores[i, j]) - float(scores[i, y]) + margin
-            if m > 0:
-                losses[i] += wy * m ** p
-                grad[i, j] = scale * wy * p * m ** (p - 1)
-                grad[i, y] -= grad[i, j]
-    return losses, grad
+    """Losses (N,) and row-scaled gradient (N, C) from the shared loop oracle, in float64."""
+    losses, grad = loops.hinge_rows(scores.astype(np.float64), labels, margin, p,
+                                    class_weight.astype(np.float64))
+    scale = np.broadcast_to(row_scale.astype(np.float64), (scores.shape[0],))
+    return losses, grad * scale[:, None]
 
 
 def rel_error(out, ref) -> float:

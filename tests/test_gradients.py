@@ -9,7 +9,7 @@ import pytest
 
 import fastconv
 
-from conftest import CASES, assert_close, to_backend, to_host
+from conftest import CASES, to_backend, to_host
 
 FD_CASES = [c for c in CASES if c.name in ("stride2", "dilation2", "groups2", "depthwise_x2",
                                            "mixed", "same_s2", "1x1_s2", "wino3x3_valid")]
