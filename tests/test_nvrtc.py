@@ -9,13 +9,19 @@ Needs ``cuda-bindings`` and the ``nvidia-cuda-nvrtc`` wheel (no driver); skipped
 """
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
 from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge
 
-nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
+if os.environ.get("CI"):
+    # CI installs NVRTC (the test extra): there a missing compiler fails instead of skipping.
+    from cuda.bindings import nvrtc
+else:
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc",
+                                reason="cuda-bindings (NVRTC) not installed")
 
 ARCHS = ("sm_80", "sm_90")
 NAMES = {**cuda_conv.all_kernel_names(), **cuda_hinge.all_kernel_names()}
