@@ -174,15 +174,20 @@ def backend_module(name: str):
 def choose_algorithm(name: str, op: str, geom: Optional[ConvGeometry], dtype: np.dtype,
                      scores_shape: Optional[tuple[int, int]] = None) -> Algo:
     """Ask backend ``name``'s rules which algorithm runs ``op`` on this shape."""
+    # The cuda rules read the current device (multiprocessors, compute capability), so the
+    # device is part of the cache key: two different GPUs in one process get their own choice.
+    device = importlib.import_module("cupy").cuda.Device().id if name == "cuda" else None
     return _choose(name, op, geom, np.dtype(dtype), get_precision(), workspace_bytes(),
-                   scores_shape)
+                   scores_shape, device)
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose(name: str, op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: str,
-            workspace: int, scores_shape: Optional[tuple[int, int]]) -> Algo:
-    # The rules are pure functions of these arguments, so a call repeated with the same shapes
-    # (every training step) skips them: the per-call host overhead matters for small GPU calls.
+            workspace: int, scores_shape: Optional[tuple[int, int]],
+            device: Optional[int]) -> Algo:
+    # The rules are pure functions of these arguments (and of the device), so a call repeated
+    # with the same shapes (every training step) skips them: the per-call host overhead
+    # matters for small GPU calls.
     rules = importlib.import_module(f"fastconv.dispatch.{name}")
     return rules.choose(op, geom, dtype, precision=precision, workspace_bytes=workspace,
                         scores_shape=scores_shape)
