@@ -102,6 +102,17 @@ def assert_close(out: Any, ref: Any, dtype=None, factor: float = 1.0) -> None:
     assert err < TOLERANCE[dt] * factor, f"relative error {err:.3g} >= {TOLERANCE[dt] * factor}"
 
 
+def central_difference(f, a: np.ndarray, index, eps: float = 1e-6) -> float:
+    """``(f() - f())/(2 eps)`` with ``a[index]`` moved by ``+-eps`` in place (then restored)."""
+    old = a[index]
+    a[index] = old + eps
+    hi = f()
+    a[index] = old - eps
+    lo = f()
+    a[index] = old
+    return (hi - lo) / (2 * eps)
+
+
 def to_host(a: Any) -> Any:
     """A NumPy copy of a NumPy or CuPy array (other values pass through)."""
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a

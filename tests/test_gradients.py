@@ -9,7 +9,7 @@ import pytest
 
 import fastconv
 
-from conftest import CASES, to_backend, to_host
+from conftest import CASES, central_difference, to_backend, to_host
 
 FD_CASES = [c for c in CASES if c.name in ("stride2", "dilation2", "groups2", "depthwise_x2",
                                            "mixed", "same_s2", "1x1_s2", "wino3x3_valid")]
@@ -17,16 +17,6 @@ FD_CASES = [c for c in CASES if c.name in ("stride2", "dilation2", "groups2", "d
 
 def _d(backend):
     return lambda a: to_backend(a, backend)
-
-
-def _central_difference(f, a, index, eps=1e-6):
-    old = a[index]
-    a[index] = old + eps
-    hi = f()
-    a[index] = old - eps
-    lo = f()
-    a[index] = old
-    return (hi - lo) / (2 * eps)
 
 
 @pytest.mark.parametrize("case", FD_CASES, ids=[c.name for c in FD_CASES])
@@ -49,7 +39,7 @@ def test_finite_differences(backend, case):
     for name, arr in (("x", x), ("w", w), ("b", b)):
         for flat in rng.choice(arr.size, size=min(arr.size, 12), replace=False):
             idx = np.unravel_index(flat, arr.shape)
-            fd = _central_difference(loss, arr, idx)
+            fd = central_difference(loss, arr, idx)
             assert abs(fd - grads[name][idx]) <= 1e-6 * max(1.0, abs(fd)), (name, idx)
 
 
@@ -152,5 +142,5 @@ def test_chain_rule_two_layer_network(backend):
         arr = getattr(net, name)
         for flat in rng.choice(arr.size, size=min(arr.size, 8), replace=False):
             idx = np.unravel_index(flat, arr.shape)
-            fd = _central_difference(net.forward, arr, idx)
+            fd = central_difference(net.forward, arr, idx)
             assert abs(fd - g[idx]) <= 1e-6 * max(1.0, abs(fd)), (name, idx, fd, g[idx])

@@ -17,7 +17,7 @@ from fastconv import dispatch
 from fastconv.layers import (SGD, Conv2d, Flatten, Linear, MultiClassHingeLoss, ReLU,
                              Sequential, fold_padding_grad, pad_input)
 
-from conftest import CASES, assert_close, rel_err
+from conftest import CASES, assert_close, central_difference, rel_err
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 NP_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -31,14 +31,21 @@ def _numeric_grad(f, a: np.ndarray, eps: float) -> np.ndarray:
     """Central differences of the scalar ``f()`` w.r.t. every element of ``a`` (in place)."""
     grad = np.zeros_like(a)
     for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + eps
-        up = f()
-        a[i] = old - eps
-        down = f()
-        a[i] = old
-        grad[i] = (up - down) / (2 * eps)
+        grad[i] = central_difference(f, a, i, eps)
     return grad
+
+
+def _assert_exact_linear_grads(layer, x: np.ndarray, u: np.ndarray) -> None:
+    """For ``loss = sum(layer(x) * u)``, linear in x, weight and bias, central differences are
+    exact up to rounding: backward's gradients must match them to 1e-12."""
+    def loss() -> float:
+        return float(np.sum(layer.forward(x) * u))
+
+    layer.forward(x)
+    gx = layer.backward(u)
+    assert rel_err(gx, _numeric_grad(loss, x, 1.0)) < 1e-12
+    assert rel_err(layer.grad_weight, _numeric_grad(loss, layer.weight, 1.0)) < 1e-12
+    assert rel_err(layer.grad_bias, _numeric_grad(loss, layer.bias, 1.0)) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,16 +147,7 @@ def test_padding_mode_gradients_equal_finite_differences(mode):
                    padding_mode=mode, dtype=np.float64, seed=1)
     x = _rng(2).standard_normal((1, 2, 5, 4))
     u = _rng(3).standard_normal(layer(x).shape)
-
-    def loss() -> float:
-        return float(np.sum(layer.forward(x) * u))
-
-    layer.forward(x)
-    gx = layer.backward(u)
-    # The loss is linear in x and in w, so central differences are exact up to rounding.
-    assert rel_err(gx, _numeric_grad(loss, x, 1.0)) < 1e-12
-    assert rel_err(layer.grad_weight, _numeric_grad(loss, layer.weight, 1.0)) < 1e-12
-    assert rel_err(layer.grad_bias, _numeric_grad(loss, layer.bias, 1.0)) < 1e-12
+    _assert_exact_linear_grads(layer, x, u)
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
@@ -262,15 +260,7 @@ def test_linear_gradients_equal_finite_differences():
     layer = Linear(5, 3, dtype=np.float64, seed=2)
     x = _rng(10).standard_normal((4, 5))
     u = _rng(11).standard_normal((4, 3))
-
-    def loss() -> float:
-        return float(np.sum(layer.forward(x) * u))
-
-    layer.forward(x)
-    gx = layer.backward(u)
-    assert rel_err(gx, _numeric_grad(loss, x, 1.0)) < 1e-12
-    assert rel_err(layer.grad_weight, _numeric_grad(loss, layer.weight, 1.0)) < 1e-12
-    assert rel_err(layer.grad_bias, _numeric_grad(loss, layer.bias, 1.0)) < 1e-12
+    _assert_exact_linear_grads(layer, x, u)
 
 
 def _small_net(dtype=np.float64, mode: str = "zeros") -> Sequential:
