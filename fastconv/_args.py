@@ -204,8 +204,7 @@ def _batched_shape(shape: Any, name: str) -> tuple[tuple[int, ...], bool]:
     return (shape if len(shape) == 4 else (1,) + shape), len(shape) == 4
 
 
-def _finish(named: dict, geom: ConvGeometry, batched: bool) -> ConvCall:
-    kind = common_kind(named)
+def _finish(kind: str, named: dict, geom: ConvGeometry, batched: bool) -> ConvCall:
     dtype = _float_dtype(named)
     xp = array_module(kind)
     arrays = {}
@@ -226,7 +225,7 @@ def _check_grad_output(grad_output: Any, geom: ConvGeometry) -> None:
 def conv_forward_args(x, weight, bias, stride, padding, dilation, groups) -> ConvCall:
     """Validate ``conv2d`` arguments: x ``(N, C, H, W)`` or ``(C, H, W)``, weight
     ``(K, C/groups, R, S)``, bias ``(K,)`` or None."""
-    common_kind({"x": x, "weight": weight, "bias": bias})
+    kind = common_kind({"x": x, "weight": weight, "bias": bias})
     _check_ndim(x, "x", (3, 4), "(N, C, H, W) or (C, H, W)")
     _check_ndim(weight, "weight", (4,), "(K, C/groups, R, S)")
     batched = x.ndim == 4
@@ -234,26 +233,26 @@ def conv_forward_args(x, weight, bias, stride, padding, dilation, groups) -> Con
     geom = conv_geometry(x_shape, weight.shape, stride, padding, dilation, groups)
     if bias is not None and tuple(bias.shape) != (geom.K,):
         raise ValueError(f"bias must have shape ({geom.K},), got {tuple(bias.shape)}")
-    return _finish({"x": x, "weight": weight, "bias": bias}, geom, batched)
+    return _finish(kind, {"x": x, "weight": weight, "bias": bias}, geom, batched)
 
 
 def conv_input_grad_args(input_shape, weight, grad_output, stride, padding, dilation,
                          groups) -> ConvCall:
     """Validate ``conv2d_input_grad`` arguments."""
-    common_kind({"weight": weight, "grad_output": grad_output})
+    kind = common_kind({"weight": weight, "grad_output": grad_output})
     shape, batched = _batched_shape(input_shape, "input_shape")
     _check_ndim(weight, "weight", (4,), "(K, C/groups, R, S)")
     _check_ndim(grad_output, "grad_output", (4,) if batched else (3,),
                 "(N, K, P, Q)" if batched else "(K, P, Q) for an unbatched input_shape")
     geom = conv_geometry(shape, weight.shape, stride, padding, dilation, groups)
     _check_grad_output(grad_output, geom)
-    return _finish({"weight": weight, "grad_output": grad_output}, geom, batched)
+    return _finish(kind, {"weight": weight, "grad_output": grad_output}, geom, batched)
 
 
 def conv_weight_grad_args(x, weight_shape, grad_output, stride, padding, dilation,
                           groups) -> ConvCall:
     """Validate ``conv2d_weight_grad`` arguments."""
-    common_kind({"x": x, "grad_output": grad_output})
+    kind = common_kind({"x": x, "grad_output": grad_output})
     _check_ndim(x, "x", (3, 4), "(N, C, H, W) or (C, H, W)")
     batched = x.ndim == 4
     _check_ndim(grad_output, "grad_output", (x.ndim,),
@@ -264,7 +263,7 @@ def conv_weight_grad_args(x, weight_shape, grad_output, stride, padding, dilatio
     x_shape = x.shape if batched else (1,) + tuple(x.shape)
     geom = conv_geometry(x_shape, w_shape, stride, padding, dilation, groups)
     _check_grad_output(grad_output, geom)
-    return _finish({"x": x, "grad_output": grad_output}, geom, batched)
+    return _finish(kind, {"x": x, "grad_output": grad_output}, geom, batched)
 
 
 def conv_bias_grad_args(grad_output) -> ConvCall:
@@ -273,11 +272,11 @@ def conv_bias_grad_args(grad_output) -> ConvCall:
     The geometry is that of a 1x1 convolution with ``C = K``, ``H = P`` and ``W = Q``: all the
     bias gradient depends on.
     """
-    common_kind({"grad_output": grad_output})
+    kind = common_kind({"grad_output": grad_output})
     _check_ndim(grad_output, "grad_output", (3, 4), "(N, K, P, Q) or (K, P, Q)")
     N, K, P, Q = grad_output.shape if grad_output.ndim == 4 else (1,) + tuple(grad_output.shape)
     geom = ConvGeometry(N, K, P, Q, K, 1, 1, P, Q)
-    return _finish({"grad_output": grad_output}, geom, True)
+    return _finish(kind, {"grad_output": grad_output}, geom, True)
 
 
 # ---------------------------------------------------------------------------------------------
