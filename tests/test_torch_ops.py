@@ -282,3 +282,49 @@ def test_strided_same_with_padding_modes_matches_explicit_pad():
     x = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=gen)
     want = F.conv2d(F.pad(x, (0, 1, 1, 1), mode="reflect"), module.weight, module.bias, 2)
     assert_close(module(x).detach().numpy(), want.detach().numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA tensors (DLPack to CuPy on PyTorch's current stream)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_ops_match_cpu_to_second_order():
+    from fastconv import dispatch
+
+    ok, why = dispatch.availability("cuda")
+    if not ok or not torch.cuda.is_available():
+        pytest.skip(f"needs a GPU, CuPy and a CUDA build of PyTorch ({why})")
+    gen = torch.Generator().manual_seed(12)
+    x, w, b, gy = (t.detach() for t in _conv_operands(gen))
+    up_w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen)
+    scores, target = torch.randn(5, 4, dtype=torch.float64, generator=gen), \
+        torch.tensor([0, 3, 1, 1, 2])
+    results, halves = [], []
+    for device in ("cpu", "cuda"):
+        xx, ww, bb, uw, ss = (t.to(device).requires_grad_() for t in (x, w, b, up_w, scores))
+        tt = target.to(device)
+        y = ft.conv2d(xx.to(memory_format=torch.channels_last), ww, bb, (2, 1),
+                      ((1, 0), (2, 1)), (1, 2), 2)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        up = ft.conv_transpose2d(xx, uw, stride=2, padding=1, output_padding=1)
+        loss = y.square().sum() + up.sin().sum() + ft.multi_margin_loss(ss, tt, p=2)
+        grads = torch.autograd.grad(loss, (xx, ww, bb, uw, ss), create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        second = torch.autograd.grad(penalty, (xx, ww, uw, ss))
+        empty = ft.conv2d(xx[:0], ww, bb, groups=2)
+        half = ft.conv2d(xx.float().bfloat16(), ww.float().bfloat16(), groups=2)
+        torch.cuda.synchronize()
+        results.append([t.detach().cpu() for t in (y, up, loss, *grads, *second)])
+        halves.append(half.cpu())
+        assert empty.shape[0] == 0 and empty.device.type == device
+    for got, want in zip(results[1], results[0]):
+        assert_close(got.numpy(), want.numpy(), np.float64, factor=1e3)
+    assert halves[1].dtype == torch.bfloat16
+    assert_close(halves[1].double().numpy(), halves[0].double().numpy(), np.float32,
+                 factor=1e3)  # float32 sums rounded once to bfloat16 (8 bits)
+    for op, args in (("conv2d", (x, w, b, *CONV)),
+                     ("multi_margin_loss", (scores, target, 2, 0.7, None, "mean"))):
+        cuda_args = tuple(a.cuda().requires_grad_(a.is_floating_point())
+                          if isinstance(a, torch.Tensor) else a for a in args)
+        result = torch.library.opcheck(getattr(ops, op).default, cuda_args)
+        assert set(result.values()) == {"SUCCESS"}, result
