@@ -113,12 +113,11 @@ class _Bridge(contextlib.ExitStack):
         return t.numpy()
 
     def tensor(self, a: Any) -> Tensor:
-        """A tensor viewing the NumPy or CuPy array ``a`` (a NumPy scalar becomes 0-d)."""
+        """A contiguous tensor holding the NumPy or CuPy array ``a`` (a view when ``a`` is
+        C-contiguous, which the fake implementations promise; a NumPy scalar becomes 0-d)."""
         if self.cuda:
-            return torch.from_dlpack(a)
-        a = np.asarray(a)
-        if any(s < 0 for s in a.strides):  # torch.from_numpy rejects negative strides
-            a = a.copy()
+            return torch.from_dlpack(a).contiguous()
+        a = np.ascontiguousarray(a)  # also drops negative strides, which from_numpy rejects
         return torch.from_numpy(a)
 
 

@@ -49,6 +49,30 @@ def test_opcheck(op):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("shapes", [
+    ((1, 8, 32, 32), (8, 8, 3, 3), 1),    # winograd (its weight gradient comes transposed)
+    ((2, 16, 10, 10), (16, 16, 3, 3), 2),  # im2col
+    ((2, 16, 8, 8), (8, 16, 1, 1), 1),     # gemm1x1
+    ((2, 4, 6, 6), (4, 1, 3, 3), 1),       # depthwise direct
+], ids=["winograd", "im2col", "gemm1x1", "direct"])
+def test_op_outputs_are_contiguous_as_the_fakes_say(shapes):
+    """torch.compile trusts the fake's strides (inductor asserts them): every algorithm's
+    result must come back C-contiguous."""
+    x_shape, w_shape, stride = shapes
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(x_shape, generator=gen)
+    w = torch.randn(w_shape, generator=gen)
+    conv = ([stride, stride], [w_shape[2] // 2] * 4, [1, 1], x_shape[1] // w_shape[1])
+    y = ops.conv2d(x, w, None, *conv)
+    gx = ops.conv2d_input_grad(list(x.shape), w, y, *conv)
+    gw = ops.conv2d_weight_grad(x, list(w.shape), y, *conv)
+    for t in (y, gx, gw):
+        assert t.is_contiguous(), t.stride()
+    assert torch.library.opcheck(ops.conv2d_weight_grad.default,
+                                 (x, list(w.shape), y, *conv),
+                                 test_utils=("test_faketensor",))["test_faketensor"] == "SUCCESS"
+
+
 # ---------------------------------------------------------------------------------------------
 # Double backward
 # ---------------------------------------------------------------------------------------------
