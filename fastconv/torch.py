@@ -117,7 +117,9 @@ class _Bridge(contextlib.ExitStack):
         C-contiguous, which the fake implementations promise; a NumPy scalar becomes 0-d)."""
         if self.cuda:
             return torch.from_dlpack(a).contiguous()
-        a = np.ascontiguousarray(a)  # also drops negative strides, which from_numpy rejects
+        a = np.asarray(a)
+        if not a.flags.c_contiguous:  # also negative strides, which from_numpy rejects
+            a = np.ascontiguousarray(a)  # (ndim >= 1 here: 0-d arrays are contiguous)
         return torch.from_numpy(a)
 
 
