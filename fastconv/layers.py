@@ -1,5 +1,5 @@
-"""Framework-free layers built on fastconv's ops: Conv2d, ConvTranspose2d, MultiClassHingeLoss, ReLU, Linear,
-Flatten, Sequential and a minimal SGD.
+"""Framework-free layers built on fastconv's ops: Conv2d, ConvTranspose2d, MultiClassHingeLoss,
+ReLU, Linear, Flatten, Sequential and a minimal SGD.
 
 Chainer style: a layer holds its parameters and calls the public ops (``fastconv.conv2d`` and
 its gradients, ``fastconv.hinge_loss_and_grad``); its backward pass is built from ops as well,
