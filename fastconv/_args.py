@@ -393,3 +393,80 @@ def hinge_args(scores, labels, margin, p, weight, reduction, grad_loss) -> Hinge
     rs = _row_scale(grad_loss, reduction, N, batched, kind, dtype)
     return HingeCall(kind, dtype, batched, reduction, xp.ascontiguousarray(scores.reshape(N, C)),
                      lab, float(margin), int(p), cw, rs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transposed convolution
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransposeGeometry:
+    """A validated transposed convolution of an input ``(N, C_in, H, W)`` by a weight
+    ``(C_in, C_out/groups, R, S)``, viewed as the input gradient of the convolution from the
+    output ``(N, C_out, H_out, W_out)`` back to ``(N, C_in, H, W)``.
+
+    When ``output_padding < stride`` on both axes (``direct``) the transposed convolution *is*
+    ``conv2d_input_grad`` of that convolution with ``padding``; otherwise (possible when the
+    dilation exceeds the stride) it is the input gradient of the unpadded convolution from
+    ``full_hw`` (every row/column some tap reaches), cropped at ``(top, left)`` to
+    ``out_hw`` with zeros beyond ``full_hw``.
+    """
+
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+    output_padding: tuple[int, int]
+    out_channels: int
+    out_hw: tuple[int, int]
+    full_hw: tuple[int, int]
+
+    @property
+    def direct(self) -> bool:
+        """Whether ``conv2d_input_grad`` with ``padding`` gives the output as it is."""
+        return all(o < s for o, s in zip(self.output_padding, self.stride))
+
+
+def output_padding_pair(output_padding: Any, stride: tuple[int, int],
+                        dilation: tuple[int, int]) -> tuple[int, int]:
+    """Validate ``output_padding`` of a transposed convolution: an int or a pair of ints,
+    each ``>= 0`` and smaller than the stride or the dilation of its axis (PyTorch's rule)."""
+    op = pair(output_padding, "output_padding", minimum=0)
+    for o, s, d, axis in zip(op, stride, dilation, ("height", "width")):
+        if o >= max(s, d):
+            raise ValueError(f"output_padding must be smaller than the stride or the dilation "
+                             f"of its axis; got {o} on the {axis} with stride {s} and "
+                             f"dilation {d}")
+    return op
+
+
+def conv_transpose_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: Any,
+                            padding: Any, output_padding: Any, dilation: Any,
+                            groups: Any) -> TransposeGeometry:
+    """Validate a transposed convolution: ``x_shape (N, C_in, H, W)``, ``w_shape
+    (C_in, C_out/groups, R, S)``; ``padding`` an int, a pair or ``((top, bottom), (left,
+    right))`` (strings are refused: they have no meaning for the transposed op)."""
+    _, C, H, W = x_shape
+    Cin, Cout_g, R, S = (int(v) for v in w_shape)
+    groups = _int(groups, "groups")
+    if groups < 1:
+        raise ValueError(f"groups must be positive, got {groups}")
+    if Cin != C:
+        raise ValueError(f"weight is (C_in={Cin}, C_out/groups, R, S) but the input has "
+                         f"C={C} channels")
+    if Cin % groups:
+        raise ValueError(f"input channels C={C} are not divisible by groups={groups}")
+    if min(Cout_g, R, S) < 1:
+        raise ValueError(f"weight must not be empty, got shape {tuple(w_shape)}")
+    st = pair(stride, "stride")
+    dl = pair(dilation, "dilation")
+    if isinstance(padding, str):
+        raise ValueError(f"padding of a transposed convolution must be an int, a pair or "
+                         f"((top, bottom), (left, right)), got {padding!r}")
+    pads = normalize_padding(padding, (1, 1), (R, S), st, dl)
+    op = output_padding_pair(output_padding, st, dl)
+    full = ((H - 1) * st[0] + dl[0] * (R - 1) + 1, (W - 1) * st[1] + dl[1] * (S - 1) + 1)
+    out = (full[0] - pads[0] - pads[1] + op[0], full[1] - pads[2] - pads[3] + op[1])
+    if min(out) < 1:
+        raise ValueError(f"the padding {pads} (top, bottom, left, right) leaves no output: "
+                         f"the output would be {out[0]}x{out[1]}")
+    return TransposeGeometry(st, pads, dl, groups, op, Cout_g * groups, out, full)
