@@ -224,6 +224,14 @@ def conv_transpose2d(x: Any, weight: Any, bias: Any = None, stride: Pair = 1,
     -------
     array, shape (N, C_out, H_out, W_out) (or unbatched), with
     ``H_out = (H - 1) * sh - top - bottom + dh * (R - 1) + output_padding_h + 1``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> x = np.ones((2, 8, 14, 14), np.float32)
+    >>> w = np.ones((8, 3, 3, 3), np.float32)
+    >>> fastconv.conv_transpose2d(x, w, stride=2, padding=1, output_padding=1).shape
+    (2, 3, 28, 28)
     """
     kind = _args.common_kind({"x": x, "weight": weight, "bias": bias})
     _args._check_ndim(x, "x", (3, 4), "(N, C_in, H, W) or (C_in, H, W)")
@@ -260,6 +268,15 @@ def conv_transpose2d_input_grad(input_shape: Sequence[int], weight: Any, grad_ou
     Returns
     -------
     array, shape ``input_shape``
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> w = np.ones((8, 3, 3, 3), np.float32)
+    >>> gy = np.ones((2, 3, 28, 28), np.float32)
+    >>> fastconv.conv_transpose2d_input_grad((2, 8, 14, 14), w, gy, stride=2, padding=1,
+    ...                                      output_padding=1).shape
+    (2, 8, 14, 14)
     """
     shape, batched = _args._batched_shape(input_shape, "input_shape")
     _args._check_ndim(weight, "weight", (4,), "(C_in, C_out/groups, R, S)")
@@ -287,6 +304,15 @@ def conv_transpose2d_weight_grad(x: Any, weight_shape: Sequence[int], grad_outpu
     Returns
     -------
     array, shape (C_in, C_out/groups, R, S). The bias gradient is ``conv2d_bias_grad``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> x = np.ones((2, 8, 14, 14), np.float32)
+    >>> gy = np.ones((2, 3, 28, 28), np.float32)
+    >>> fastconv.conv_transpose2d_weight_grad(x, (8, 3, 3, 3), gy, stride=2, padding=1,
+    ...                                       output_padding=1).shape
+    (8, 3, 3, 3)
     """
     _args._check_ndim(x, "x", (3, 4), "(N, C_in, H, W) or (C_in, H, W)")
     _args._check_ndim(grad_output, "grad_output", (x.ndim,),
