@@ -310,16 +310,9 @@ _conv2d_weight_grad_op.register_autograd(_weight_grad_backward,
 # ---------------------------------------------------------------------------------------------
 def _pads(padding: Any, hw: Sequence[Any], rs: Sequence[int], stride: tuple[int, int],
           dilation: tuple[int, int]) -> list:
-    """``[top, bottom, left, right]`` from any padding spec (``"same"`` in integer arithmetic,
-    so symbolic sizes under ``torch.compile`` work too)."""
-    if isinstance(padding, str) and padding == "same":
-        pads = []
-        for size, k, s, d in zip(hw, rs, stride, dilation):
-            total = ((size + s - 1) // s - 1) * s + d * (k - 1) + 1 - size
-            total = total if total > 0 else 0
-            pads += [total // 2, total - total // 2]
-        return pads
-    return list(_args.normalize_padding(padding, (1, 1), tuple(rs), stride, dilation))
+    """``[top, bottom, left, right]`` from any padding spec (``hw`` may be symbolic sizes
+    under ``torch.compile``; only ``"same"`` reads them)."""
+    return list(_args.normalize_padding(padding, tuple(hw), tuple(rs), stride, dilation))
 
 
 def _autocast(device_type: str, tensors: Sequence[Optional[Tensor]],
