@@ -101,6 +101,20 @@ def _float_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
+def _init_weight_bias(layer: "Layer", weight_shape: tuple[int, ...], n_bias: int, fan_in: int,
+                      bias: bool, dtype: Any, seed: Optional[int], device: str) -> None:
+    """Give ``layer`` PyTorch's initialisation (Kaiming-uniform ``weight``, uniform ``bias`` of
+    ``n_bias`` values or None) from ``fan_in``, empty gradients, and move it to ``device``."""
+    dt = _float_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    layer.weight = _kaiming_uniform(rng, weight_shape, fan_in, dt)
+    layer.bias = _bias_uniform(rng, n_bias, fan_in, dt) if bias else None
+    layer.grad_weight = layer.grad_bias = None
+    layer.device = "cpu"
+    if device != "cpu":
+        layer.to(device)
+
+
 class Layer(abc.ABC):
     """Base of the layers: parameter bookkeeping and device moves.
 
@@ -275,18 +289,10 @@ class Conv2d(Layer):
         self.stride = _args.pair(stride, "stride")
         self.dilation = _args.pair(dilation, "dilation")
         self.padding, self.groups, self.padding_mode = padding, groups, padding_mode
-        dt = _float_dtype(dtype)
-        rng = np.random.default_rng(seed)
         R, S = self.kernel_size
-        fan_in = in_channels // groups * R * S
-        self.weight = _kaiming_uniform(rng, (out_channels, in_channels // groups, R, S),
-                                       fan_in, dt)
-        self.bias = _bias_uniform(rng, out_channels, fan_in, dt) if bias else None
-        self.grad_weight = self.grad_bias = None
         self._saved: Optional[tuple] = None
-        self.device = "cpu"
-        if device != "cpu":
-            self.to(device)
+        _init_weight_bias(self, (out_channels, in_channels // groups, R, S), out_channels,
+                          in_channels // groups * R * S, bias, dtype, seed, device)
 
     def _clear_saved(self) -> None:
         self._saved = None
@@ -374,18 +380,11 @@ class ConvTranspose2d(Layer):
         self.output_padding = _args.output_padding_pair(output_padding, self.stride,
                                                         self.dilation)
         self.padding, self.groups = padding, groups
-        dt = _float_dtype(dtype)
-        rng = np.random.default_rng(seed)
         R, S = self.kernel_size
-        fan_in = out_channels // groups * R * S  # PyTorch's fan-in of a (C_in, C_out/g, R, S)
-        self.weight = _kaiming_uniform(rng, (in_channels, out_channels // groups, R, S),
-                                       fan_in, dt)
-        self.bias = _bias_uniform(rng, out_channels, fan_in, dt) if bias else None
-        self.grad_weight = self.grad_bias = None
         self._x = None
-        self.device = "cpu"
-        if device != "cpu":
-            self.to(device)
+        # PyTorch's fan-in of a (C_in, C_out/groups, R, S) weight: C_out/groups * R * S.
+        _init_weight_bias(self, (in_channels, out_channels // groups, R, S), out_channels,
+                          out_channels // groups * R * S, bias, dtype, seed, device)
 
     def _clear_saved(self) -> None:
         self._x = None
@@ -443,15 +442,9 @@ class Linear(Layer):
                  dtype: Any = np.float32, device: str = "cpu",
                  seed: Optional[int] = None) -> None:
         self.in_features, self.out_features = in_features, out_features
-        dt = _float_dtype(dtype)
-        rng = np.random.default_rng(seed)
-        self.weight = _kaiming_uniform(rng, (out_features, in_features), in_features, dt)
-        self.bias = _bias_uniform(rng, out_features, in_features, dt) if bias else None
-        self.grad_weight = self.grad_bias = None
         self._x = None
-        self.device = "cpu"
-        if device != "cpu":
-            self.to(device)
+        _init_weight_bias(self, (out_features, in_features), out_features, in_features, bias,
+                          dtype, seed, device)
 
     def _clear_saved(self) -> None:
         self._x = None
