@@ -101,6 +101,18 @@ def _float_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
+def _conv_options(layer: "Layer", in_channels: int, out_channels: int, kernel_size: Pair,
+                  stride: Pair, dilation: Pair, groups: int) -> None:
+    """Check the channel counts against ``groups`` and store a conv layer's options."""
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must "
+                         f"be divisible by groups={groups}")
+    layer.in_channels, layer.out_channels, layer.groups = in_channels, out_channels, groups
+    layer.kernel_size = _args.pair(kernel_size, "kernel_size")
+    layer.stride = _args.pair(stride, "stride")
+    layer.dilation = _args.pair(dilation, "dilation")
+
+
 def _init_weight_bias(layer: "Layer", weight_shape: tuple[int, ...], n_bias: int, fan_in: int,
                       bias: bool, dtype: Any, seed: Optional[int], device: str) -> None:
     """Give ``layer`` PyTorch's initialisation (Kaiming-uniform ``weight``, uniform ``bias`` of
@@ -281,14 +293,8 @@ class Conv2d(Layer):
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {tuple(PADDING_MODES)}, "
                              f"got {padding_mode!r}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must "
-                             f"be divisible by groups={groups}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _args.pair(kernel_size, "kernel_size")
-        self.stride = _args.pair(stride, "stride")
-        self.dilation = _args.pair(dilation, "dilation")
-        self.padding, self.groups, self.padding_mode = padding, groups, padding_mode
+        _conv_options(self, in_channels, out_channels, kernel_size, stride, dilation, groups)
+        self.padding, self.padding_mode = padding, padding_mode
         R, S = self.kernel_size
         self._saved: Optional[tuple] = None
         _init_weight_bias(self, (out_channels, in_channels // groups, R, S), out_channels,
@@ -370,16 +376,10 @@ class ConvTranspose2d(Layer):
                  padding: Any = 0, output_padding: Pair = 0, groups: int = 1, bias: bool = True,
                  dilation: Pair = 1, dtype: Any = np.float32, device: str = "cpu",
                  seed: Optional[int] = None) -> None:
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must "
-                             f"be divisible by groups={groups}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _args.pair(kernel_size, "kernel_size")
-        self.stride = _args.pair(stride, "stride")
-        self.dilation = _args.pair(dilation, "dilation")
+        _conv_options(self, in_channels, out_channels, kernel_size, stride, dilation, groups)
         self.output_padding = _args.output_padding_pair(output_padding, self.stride,
                                                         self.dilation)
-        self.padding, self.groups = padding, groups
+        self.padding = padding
         R, S = self.kernel_size
         self._x = None
         # PyTorch's fan-in of a (C_in, C_out/groups, R, S) weight: C_out/groups * R * S.
