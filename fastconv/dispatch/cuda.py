@@ -5,7 +5,12 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
    ``depthwise`` (direct kernels; exact FP32/FP64 whatever the precision setting).
 2. 1x1, stride 1, no padding, one group, strict precision: ``gemm_1x1``, a batched GEMM through
    cuBLAS (``cupy.matmul``), strict FP32 as long as CuPy's own ``CUPY_TF32`` switch is off.
-3. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
+3. 3x3, stride 1, undilated, float32, strict precision, at least `WINOGRAD_MIN_CHANNELS`
+   channels in and out per group, forward or input gradient: ``winograd``, the fused
+   F(4x4, 3x3) or F(2x2, 3x3) of winograd.cu (`winograd_rule`), when it saves at least
+   `WINOGRAD_MIN_RATIO` of the multiplies on this plane and its transformed filter fits the
+   workspace bound.
+4. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
    cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
    time model (see `pick_tile`); the weight gradient also splits its long N*P*Q reduction into
@@ -27,7 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .._types import Algo, ConvGeometry
-from ..kernels import cuda_build, cuda_conv, cuda_hinge
+from ..kernels import cuda_build, cuda_conv, cuda_hinge, cuda_winograd
 from ..kernels.cuda_conv import MODE_OF_OP, WGRAD, SimtTile, Tf32Tile
 
 ASSUMED_SM_COUNT = 132          # H100/H200 SXM, when no device can be asked
@@ -80,6 +85,10 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
                     "1x1, stride 1, no padding, one group: a batched GEMM through cuBLAS "
                     f"(strict {_exact(dtype)})")
 
+    winograd = winograd_rule(op, geom, dtype, tf32, prec_why, workspace_bytes)
+    if winograd is not None:
+        return winograd
+
     mode = MODE_OF_OP[op]
     M, NG, KG = cuda_conv.gemm_shape(geom, mode)
     tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, mode)
@@ -131,6 +140,51 @@ def _precision(precision: str, dtype: np.dtype, capability: tuple[int, int]) -> 
 def _plain_1x1(geom: ConvGeometry) -> bool:
     return (geom.R == 1 and geom.S == 1 and tuple(geom.stride) == (1, 1)
             and not any(geom.padding) and geom.groups == 1)
+
+
+# Channels per group (in and out) from which Winograd's GEMMs outweigh its transforms: the
+# input transform of a (tile, channel) patch is redone for every 32 output channels and the
+# inverse transform of a (tile, channel) for every input-channel sum. A guess, not measured.
+WINOGRAD_MIN_CHANNELS = 32
+# Direct multiplies over Winograd multiplies (partial tiles counted whole) below which the
+# transforms are not worth it (F(4x4) saves 4x on planes that are multiples of 4, 3.06x on
+# 7x7 and 14x14; F(2x2) 2.25x at best).
+WINOGRAD_MIN_RATIO = 2.0
+
+
+def winograd_rule(op: str, geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why: str,
+                  workspace_bytes: int) -> Optional[Algo]:
+    """``winograd`` with the output tile m (4 or 2) that saves the most multiplies on this
+    plane (ties to 2, the smaller error), or None where it does not apply or pay (see the
+    module docstring, rule 3). TF32 keeps the tensor-core implicit GEMM; float64 and the
+    weight gradient keep the direct kernels."""
+    if op not in ("forward", "input_grad") or dtype != np.float32 or tf32:
+        return None
+    if not cuda_winograd.applies(geom):
+        return None
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    if min(cg, kg) < WINOGRAD_MIN_CHANNELS:
+        return None
+    mode = MODE_OF_OP[op]
+    m = max(cuda_winograd.TILE_SIZES,
+            key=lambda t: cuda_winograd.multiply_ratio(geom, mode, t))
+    ratio = cuda_winograd.multiply_ratio(geom, mode, m)
+    tile = cuda_winograd.TILES[m]
+    ws = cuda_winograd.workspace_bytes(geom, mode, m)
+    if (ratio < WINOGRAD_MIN_RATIO or ws > workspace_bytes
+            or not cuda_winograd.fits(geom, mode, tile)):
+        return None
+    bound = cuda_winograd.ERROR_BOUND[m]
+    return Algo("winograd",
+                (("kernel", cuda_winograd.conv_kernel_name(tile)),
+                 ("filter_kernel", cuda_winograd.filter_kernel_name(m, mode)), ("m", m),
+                 ("tile", dataclasses.astuple(tile)), ("precision", "fp32"),
+                 ("workspace_bytes", ws), ("error_bound", bound)),
+                f"3x3 stride-1 layer, {cg} -> {kg} channels per group: fused Winograd "
+                f"F({m}x{m}, 3x3), {ratio:.2f}x fewer multiplies than direct on this plane; "
+                f"filter transformed once per call ({ws} bytes), input tiles transformed in "
+                f"shared memory, strict fp32 transform-point GEMMs, inverse transform and bias "
+                f"in the epilogue; relative error bound {bound:g}; {prec_why}")
 
 
 def tile_efficiency(tile: SimtTile | Tf32Tile) -> float:

@@ -1,0 +1,405 @@
+// winograd.cu -- fused Winograd F(m x m, 3 x 3) convolution (m = 2 or 4) for 3x3, stride-1,
+// undilated layers: forward and input gradient, strict FP32.
+//
+// Algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). An
+// output tile of m x m pixels comes from an A x A input patch d (A = m + 2):
+//     Y = AT [ U (.) V ] AT^T,   U = G f G^T (filter),   V = BT d BT^T (input)   (.) elementwise
+// and summed over the input channels each of the A*A transform points xi is one GEMM:
+//     M[xi](tiles, out channels) = sum_c V[xi](tiles, c) * U[xi](c, out channels)
+// F(2x2): 16 multiplies per 4 outputs instead of 36 (2.25x fewer); F(4x4): 36 per 16 (4x).
+//
+// Layout and the two ops (one kernel, different arguments):
+//   winograd_conv computes  out[n, g*Cog + k, y, x] = bias[g*Cog + k]
+//       + sum_{c < Cig, r, s < 3} in[n, g*Cig + c, y - ph + r, x - pw + s] * f_{g,c,k}[r, s]
+//   with in (N, Ci, Hi, Wi), out (N, Co, Ho, Wo), C-contiguous float; Cig = Ci / groups,
+//   Cog = Co / groups; pixels outside `in` read as zero.
+//     FPROP: in = x (N, C, H, W), out = y (N, K, P, Q), (ph, pw) = (pt, pl),
+//            f_{g,c,k}[r, s] = weight[g*Kg + k, c, r, s].
+//     DGRAD: in = grad_output (N, K, P, Q), out = grad_input (N, C, H, W),
+//            (ph, pw) = (2 - pt, 2 - pl), f_{g,k,c}[r, s] = weight[g*Kg + k, c, 2 - r, 2 - s]
+//            (the input gradient of a stride-1 layer is a correlation with the 180-degree
+//            rotated, channel-transposed kernel; lecture notes 7.5), no bias.
+//   winograd_filter<M, MODE> writes U once per call into a workspace laid out
+//     u[g][xi][c][k]   (groups, A*A, Cig, Cog), k contiguous,
+//   so that a block's filter tile is read with coalesced loads.
+//
+// Launch geometry (kernels/cuda_winograd.py computes it)
+//   winograd_filter: grid (ceil(groups*Cig*Cog / 256), 1, 1), block (256, 1, 1); one thread
+//     per (g, c, k), k fastest.
+//   winograd_conv<M, BC, TY, TX, TM, TN>: block tile of BT = TY*TM output tiles (tiles
+//     ordered (image, tile row, tile column)) by BK = TX*TN output channels of one group;
+//     grid (ceil(N*ceil(Ho/M)*ceil(Wo/M) / BT), ceil(Cog / BK), groups), block (NT, 1, 1) with
+//     NT = A*A*TY*TX: thread (xi, ty, tx) owns a TM x TN register block of the transform
+//     point xi's GEMM, tiles ((i/4)*TY + ty)*4 + i%4, channels ((j/4)*TX + tx)*4 + j%4
+//     (16-byte shared-memory reads).
+//   Main loop over the input channels in chunks of BC: every thread reads its share of the
+//   next chunk's U tile into registers (16-byte loads) while the current chunk is multiplied,
+//   then gathers its (tile, channel) patches (plain bounds-checked loads, zero outside the
+//   image; in flight while the other warps finish their FMAs), transforms them and stores V
+//   and U to shared memory (two barriers per chunk). Prefetching the patches too spilled
+//   registers (F(2x2) on sm_80 at the 128-register cap, F(4x4) at its 168).
+//   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the main
+//   loop's buffer), then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the
+//   bias and writes the m x m pixels that lie inside the output.
+//   Static shared memory: max(A*A*BC*(BT + BK), A*A*4*TX*BT) floats (32 KiB for F(2x2),
+//   36 KiB for F(4x4) with the launcher's tiles). Arguments: in, u, bias (or null), out, then
+//   N, Ci, Hi, Wi, Co, Ho, Wo, ph, pw, groups (int32). Offsets are 64-bit; tile indices are
+//   32-bit (the launcher splits the batch to keep N * tiles per image below 2^31).
+//
+// Numerics: every product is one FP32 fused multiply-add, channels summed in ascending order
+// in each thread (results repeat bit for bit). Error against the float64 reference (relative
+// Frobenius norm, standard-normal data; tests/test_cuda_winograd.py checks it in the host
+// emulation): F(2x2) about 2e-7, F(4x4) a few 1e-7 to 1e-6 (its points +-2 bring
+// coefficients up to 8 into AT and 1/24 into G); the documented bound is 1e-5 for both, the
+// library's float32 tolerance. float64 never takes this path (the direct kernels keep it).
+//
+// Versions: 1 (this file): strict FP32 SIMT transform-point GEMMs, forward and input gradient.
+// Not done: TF32 mma.sync GEMMs, the weight gradient, F(6x6, 3x3), cp.async pipelining.
+//
+// Verification status (when this was written): compiled by NVRTC for sm_80 and sm_90
+// (tests/test_nvrtc.py); ptxas register and spill counts in kernels/cuda_winograd.py;
+// executed through the host emulation of tests/cuda_emu.h against the NumPy reference
+// (tests/test_cuda_winograd.py). Never run on a GPU: speed is unmeasured.
+
+#include "fc_common.cuh"
+
+namespace fc {
+
+// The 1-D transforms of F(m, 3): input (BT, A -> A), filter (G, 3 -> A), output (AT, A -> m),
+// written out so that no multiply by 0 or 1 is executed. `d` and `o` are read and written
+// with strides SD and SO, so the same code does the rows and the columns of a 2-D transform.
+template <int M> struct Wino;
+
+template <> struct Wino<2> {
+    static constexpr int A = 4;
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void input(const T* d, T* o) {
+        o[0 * SO] = d[0 * SD] - d[2 * SD];
+        o[1 * SO] = d[1 * SD] + d[2 * SD];
+        o[2 * SO] = d[2 * SD] - d[1 * SD];
+        o[3 * SO] = d[1 * SD] - d[3 * SD];
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void filter(const T* g, T* o) {
+        const T even = T(0.5) * (g[0] + g[2 * SD]), odd = T(0.5) * g[1 * SD];
+        o[0 * SO] = g[0];
+        o[1 * SO] = even + odd;
+        o[2 * SO] = even - odd;
+        o[3 * SO] = g[2 * SD];
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void output(const T* m, T* o) {
+        o[0 * SO] = m[0] + m[1 * SD] + m[2 * SD];
+        o[1 * SO] = m[1 * SD] - m[2 * SD] - m[3 * SD];
+    }
+};
+
+template <> struct Wino<4> {
+    static constexpr int A = 6;
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void input(const T* d, T* o) {
+        const T d0 = d[0], d1 = d[SD], d2 = d[2 * SD], d3 = d[3 * SD], d4 = d[4 * SD],
+                d5 = d[5 * SD];
+        const T a = d4 - T(4) * d2, b = d3 - T(4) * d1;  // rows 1, 2: a -+ b
+        const T c = d4 - d2, e = T(2) * (d3 - d1);       // rows 3, 4: c +- e
+        o[0 * SO] = T(4) * d0 - T(5) * d2 + d4;
+        o[1 * SO] = a + b;
+        o[2 * SO] = a - b;
+        o[3 * SO] = c + e;
+        o[4 * SO] = c - e;
+        o[5 * SO] = T(4) * d1 - T(5) * d3 + d5;
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void filter(const T* g, T* o) {
+        const T g0 = g[0], g1 = g[SD], g2 = g[2 * SD];
+        const T a = T(-1.0 / 6.0) * (g0 + g2), b = T(1.0 / 6.0) * g1;
+        const T c = T(1.0 / 24.0) * g0 + T(1.0 / 6.0) * g2, e = T(1.0 / 12.0) * g1;
+        o[0 * SO] = T(0.25) * g0;
+        o[1 * SO] = a - b;
+        o[2 * SO] = a + b;
+        o[3 * SO] = c + e;
+        o[4 * SO] = c - e;
+        o[5 * SO] = g2;
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void output(const T* m, T* o) {
+        const T m1 = m[SD], m2 = m[2 * SD], m3 = m[3 * SD], m4 = m[4 * SD];
+        const T s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
+        o[0 * SO] = m[0] + s12 + s34;
+        o[1 * SO] = d12 + T(2) * d34;
+        o[2 * SO] = s12 + T(4) * s34;
+        o[3 * SO] = d12 + T(8) * d34 + m[5 * SD];
+    }
+};
+
+enum WinogradMode { WINO_FPROP = 0, WINO_DGRAD = 1 };
+
+// ---------------------------------------------------------------------------------------------
+// Filter transform: u[g][xi][c][k] = (G f_{g,c,k} G^T)[xi], once per call.
+// ---------------------------------------------------------------------------------------------
+template <int M, int MODE>
+__global__ void __launch_bounds__(256)
+winograd_filter(const float* __restrict__ weight, float* __restrict__ u, int K, int Cg,
+                int groups) {
+    constexpr int A = M + 2;
+    const int Kg = K / groups;
+    const int cig = MODE == WINO_FPROP ? Cg : Kg;  // reduction channels per group
+    const int cog = MODE == WINO_FPROP ? Kg : Cg;  // output channels per group
+    const int cogp = (cog + 3) / 4 * 4;            // k padded to whole 16-byte vectors
+    const long long per_group = (long long)cig * cogp;
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= per_group * groups) return;
+    const int g = (int)(e / per_group);
+    const long long rem = e - g * per_group;
+    const int c = (int)(rem / cogp), k = (int)(rem - (long long)c * cogp);
+    float* dst = u + (long long)g * A * A * per_group + rem;
+    if (k >= cog) {  // padding: zero filters
+#pragma unroll
+        for (int xi = 0; xi < A * A; ++xi) dst[xi * per_group] = 0.0f;
+        return;
+    }
+    // f[r][s] of this (c, k) pair, read from weight (K, Cg, 3, 3).
+    float f[9];
+    if (MODE == WINO_FPROP) {
+        const float* src = weight + ((long long)(g * Kg + k) * Cg + c) * 9;
+#pragma unroll
+        for (int i = 0; i < 9; ++i) f[i] = src[i];
+    } else {
+        const float* src = weight + ((long long)(g * Kg + c) * Cg + k) * 9;
+#pragma unroll
+        for (int i = 0; i < 9; ++i) f[i] = src[8 - i];  // 180-degree rotation
+    }
+    float t[A * 3], v[A * A];
+#pragma unroll
+    for (int s = 0; s < 3; ++s) Wino<M>::template filter<3, 3>(f + s, t + s);  // columns
+#pragma unroll
+    for (int i = 0; i < A; ++i) Wino<M>::template filter<1, 1>(t + 3 * i, v + A * i);  // rows
+#pragma unroll
+    for (int xi = 0; xi < A * A; ++xi) dst[xi * per_group] = v[xi];
+}
+
+// Gathers one chunk of BC input channels into registers: this thread's (tile, channel)
+// patches (`load_patches`), pair tid + NT*j being tile (pair % BT) and channel (pair / BT) of
+// every chunk, and its 16-byte vectors of the U tile (`load_u`). `store` transforms the patches
+// (V = BT d BT^T) and writes V and U to shared memory. Everything that does not change from
+// chunk to chunk (patch origins, which rows and columns of a patch lie inside the image, the
+// U vector's (xi, c, k) position) is decoded once in `init`.
+template <int M, int BC, int BT, int BK, int NT>
+struct WinoLoader {
+    static constexpr int A = M + 2, AA = A * A, V = 4;
+    static constexpr int PATCHES = BT * BC, PPT = (PATCHES + NT - 1) / NT;
+    // U tile [xi][c][k] in 16-byte vectors: thread tid takes vectors tid + NT*j, which all
+    // share (c, k) and step xi by XI_STEP.
+    static constexpr int UVEC = AA * BC * BK / V, UPT = UVEC / NT, XI_STEP = NT * V / (BC * BK);
+    static_assert(BK % V == 0 && UVEC % NT == 0 && (NT * V) % (BC * BK) == 0,
+                  "WinoLoader: the U tile does not split evenly into 16-byte vectors");
+
+    long long poff[PPT];   // offset of (n, channel g*Cig, py, px) in `in` (may be negative)
+    unsigned pmask[PPT];   // bit a: patch row a inside the image; bit 8 + b: column b;
+                           // 0 for tiles past the end (zero patches) and unused pairs
+    int pc[PPT];           // channel of the patch within a chunk
+    const float* up;       // U vector of chunk 0 (xi0, c, k), or null past the channels
+    long long ustep;       // distance between the xi of consecutive vectors of this thread
+    int uc, tid;
+    float d[PPT][AA];      // raw patches of the chunk being gathered
+    float uv[UPT][V];      // U vectors of the next chunk
+
+    __device__ __forceinline__ void init(int tid_, int g, int t0, int k0, int Ci, int Hi,
+                                         int Wi, int cig, int cogp, int tiles, int tiles_img,
+                                         int tiles_w, int ph, int pw, const float* u) {
+        tid = tid_;
+        const long long in_plane = (long long)Hi * Wi;
+#pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            const int pair = tid + NT * j;
+            const int t = t0 + pair % BT;
+            pc[j] = pair / BT;
+            poff[j] = 0;
+            pmask[j] = 0;
+            if (pair < PATCHES && t < tiles) {
+                const int n = t / tiles_img, r = t - n * tiles_img;
+                const int th = r / tiles_w, tw = r - th * tiles_w;
+                const int py = th * M - ph, px = tw * M - pw;
+                poff[j] = ((long long)n * Ci + (long long)g * cig) * in_plane
+                          + (long long)py * Wi + px;
+#pragma unroll
+                for (int a = 0; a < A; ++a) {
+                    if ((unsigned)(py + a) < (unsigned)Hi) pmask[j] |= 1u << a;
+                    if ((unsigned)(px + a) < (unsigned)Wi) pmask[j] |= 1u << (8 + a);
+                }
+            }
+        }
+        const int e = tid * V;  // first element of this thread's first vector
+        const int kk = e % BK, cc = (e / BK) % BC, xi = e / (BK * BC);
+        uc = cc;
+        ustep = (long long)XI_STEP * cig * cogp;
+        up = u + (((long long)g * AA + xi) * cig + cc) * cogp + k0 + kk;
+    }
+
+    // The patches of chunk c0 (read just before they are transformed).
+    __device__ __forceinline__ void load_patches(const float* __restrict__ in, int c0, int cig,
+                                                 long long in_plane, int Wi) {
+#pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            const bool ok = pmask[j] != 0 && c0 + pc[j] < cig;
+            const long long off = poff[j] + (long long)(c0 + pc[j]) * in_plane;
+#pragma unroll
+            for (int a = 0; a < A; ++a) {
+#pragma unroll
+                for (int b = 0; b < A; ++b) {
+                    const bool inside = ok && ((pmask[j] >> a) & (pmask[j] >> (8 + b)) & 1u);
+                    d[j][a * A + b] = inside ? in[off + (long long)a * Wi + b] : 0.0f;
+                }
+            }
+        }
+    }
+
+    // The U vectors of chunk c0 (prefetched one chunk ahead). kvalid: this thread's k vector
+    // lies inside the (padded) output channels.
+    __device__ __forceinline__ void load_u(int c0, int cig, int cogp, bool kvalid) {
+        const bool ok = kvalid && c0 + uc < cig;
+        const float* src = up + (long long)c0 * cogp;
+#pragma unroll
+        for (int j = 0; j < UPT; ++j) {
+            if (ok) {
+                load16(uv[j], src + j * ustep);
+            } else {
+#pragma unroll
+                for (int v = 0; v < V; ++v) uv[j][v] = 0.0f;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void store(float* Vs, float* Us) const {
+#pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            const int pair = tid + NT * j;
+            if (pair >= PATCHES) continue;
+            float t[AA], v[AA];
+#pragma unroll
+            for (int b = 0; b < A; ++b) Wino<M>::template input<A, A>(d[j] + b, t + b);
+#pragma unroll
+            for (int a = 0; a < A; ++a) Wino<M>::template input<1, 1>(t + A * a, v + A * a);
+            float* dst = Vs + pc[j] * BT + pair % BT;
+#pragma unroll
+            for (int xi = 0; xi < AA; ++xi) dst[xi * BC * BT] = v[xi];
+        }
+#pragma unroll
+        for (int j = 0; j < UPT; ++j) {  // vector tid + NT*j: elements (xi*BC + c)*BK + k
+            float* dst = Us + (tid + NT * j) * V;
+            *reinterpret_cast<float4*>(dst) = make_float4(uv[j][0], uv[j][1], uv[j][2],
+                                                          uv[j][3]);
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fused kernel: input transform into shared memory, transform-point GEMMs, inverse transform
+// and bias in the epilogue.
+// ---------------------------------------------------------------------------------------------
+template <int M, int BC, int TY, int TX, int TM, int TN>
+__global__ void __launch_bounds__((M + 2) * (M + 2) * TY * TX,
+                                  (M + 2) * (M + 2) * TY * TX <= 256 ? 2 : 1)
+winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
+              const float* __restrict__ bias, float* __restrict__ out, int N, int Ci, int Hi,
+              int Wi, int Co, int Ho, int Wo, int ph, int pw, int groups) {
+    constexpr int A = M + 2, AA = A * A, V = 4;
+    constexpr int BT = TY * TM, BK = TX * TN, NT = AA * TY * TX;
+    constexpr int KP = TX * V;                  // output channels per epilogue pass
+    constexpr int SV = AA * BC * BT, SU = AA * BC * BK, SMO = AA * KP * BT;
+    constexpr int SMEM = SV + SU > SMO ? SV + SU : SMO;
+    static_assert(TM % V == 0 && TN % V == 0, "winograd_conv: TM and TN must be multiples of 4");
+    __shared__ __align__(16) float smem[SMEM];
+    float* const Vs = smem;       // [xi][c][tile]
+    float* const Us = smem + SV;  // [xi][c][k]
+    float* const Ms = smem;       // epilogue: [xi][k][tile]
+
+    const int tid = threadIdx.x;
+    const int g = blockIdx.z;
+    const int cig = Ci / groups, cog = Co / groups;
+    const int tiles_w = (Wo + M - 1) / M, tiles_img = ((Ho + M - 1) / M) * tiles_w;
+    const int tiles = N * tiles_img;
+    const int t0 = blockIdx.x * BT, k0 = blockIdx.y * BK;
+
+    const int cogp = (cog + V - 1) / V * V;  // U's k axis is padded to whole vectors
+    const long long in_plane = (long long)Hi * Wi;
+    WinoLoader<M, BC, BT, BK, NT> ld;
+    ld.init(tid, g, t0, k0, Ci, Hi, Wi, cig, cogp, tiles, tiles_img, tiles_w, ph, pw, u);
+    const bool kvalid = k0 + (tid * V) % BK < cogp;
+
+    const int xi = tid / (TY * TX);
+    const int ty = tid % TY, tx = (tid / TY) % TX;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    ld.load_u(0, cig, cogp, kvalid);
+    for (int c0 = 0; c0 < cig; c0 += BC) {
+        ld.load_patches(in, c0, cig, in_plane, Wi);  // in flight while other warps finish
+        __syncthreads();  // the previous chunk's multiplications are done with Vs and Us
+        ld.store(Vs, Us);
+        __syncthreads();
+        if (c0 + BC < cig) ld.load_u(c0 + BC, cig, cogp, kvalid);  // in flight during the FMAs
+        const float* vs = Vs + xi * BC * BT;
+        const float* us = Us + xi * BC * BK;
+#pragma unroll
+        for (int cc = 0; cc < BC; ++cc) {
+            float a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM / V; ++i) load16(&a[i * V], vs + cc * BT + (i * TY + ty) * V);
+#pragma unroll
+            for (int j = 0; j < TN / V; ++j) load16(&b[j * V], us + cc * BK + (j * TX + tx) * V);
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i][j] = fmadd(a[i], b[j], acc[i][j]);
+        }
+    }
+
+    // Epilogue, pass p: channels k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
+    const long long out_plane = (long long)Ho * Wo;
+#pragma unroll
+    for (int p = 0; p < TN / V; ++p) {
+        __syncthreads();  // the main loop (or the previous pass) is done with shared memory
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            float* dst = Ms + (xi * KP + tx * V + v) * BT + ty * V;
+#pragma unroll
+            for (int i = 0; i < TM; i += V) {
+                *reinterpret_cast<float4*>(dst + (i / V) * TY * V) =
+                    make_float4(acc[i][p * V + v], acc[i + 1][p * V + v],
+                                acc[i + 2][p * V + v], acc[i + 3][p * V + v]);
+            }
+        }
+        __syncthreads();
+        for (int e = tid; e < KP * BT; e += NT) {
+            const int tl = e % BT, kq = e / BT;
+            const int t = t0 + tl, k = k0 + p * KP + kq;
+            if (t >= tiles || k >= cog) continue;
+            float mv[AA], w[A * M], y[M * M];
+#pragma unroll
+            for (int q = 0; q < AA; ++q) mv[q] = Ms[(q * KP + kq) * BT + tl];
+#pragma unroll
+            for (int b = 0; b < A; ++b) Wino<M>::template output<A, A>(mv + b, w + b);
+#pragma unroll
+            for (int a = 0; a < M; ++a) Wino<M>::template output<1, 1>(w + A * a, y + M * a);
+            const float bk = bias != nullptr ? bias[g * cog + k] : 0.0f;
+            const int n = t / tiles_img, r = t - n * tiles_img;
+            const int th = r / tiles_w, tw = r - th * tiles_w;
+            float* dst = out + ((long long)n * Co + (long long)g * cog + k) * out_plane;
+#pragma unroll
+            for (int a = 0; a < M; ++a) {
+                const int oy = th * M + a;
+#pragma unroll
+                for (int b = 0; b < M; ++b) {
+                    const int ox = tw * M + b;
+                    if (oy < Ho && ox < Wo) dst[(long long)oy * Wo + ox] = y[a * M + b] + bk;
+                }
+            }
+        }
+    }
+}
+
+}  // namespace fc
