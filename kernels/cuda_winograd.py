@@ -71,7 +71,9 @@ class WinogradTile:
 
 
 # The instantiations the launcher may request (tests/test_nvrtc.py compiles all of them).
-# ptxas (nvcc 13.0, -arch=sm_80 and sm_90, NVRTC's options): see REGISTERS.
+# ptxas (NVRTC 13.5, sm_80 and sm_90): 128 registers for F(2x2) (its cap at two 256-thread
+# blocks per SM), 168 for F(4x4) (one 288-thread block), no spills
+# (tests/test_cuda_winograd.py::test_no_spills).
 TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
                                   4: WinogradTile(4, 4, 2, 4, 8, 8)}
 TILE_SIZES = tuple(TILES)

