@@ -14,6 +14,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastconv import reference
 from fastconv._args import conv_geometry
@@ -122,6 +124,27 @@ def test_multi_block(ex, op, m):
     assert grid[0] > 1 and grid[1] > 1 and grid[2] == 2, grid
     out, ref = _run(ex, op, MULTI, _algo(m), x, w, b if op == "forward" else None, gy)
     assert rel_err(out, ref) < ERROR_BOUND[m]
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_geometries(ex, data):
+    """Random shapes, paddings (0 to 3 per side, so DGRAD offsets 2 - pad go negative) and
+    groups through both ops and both tile sizes."""
+    groups = data.draw(st.integers(1, 3), "groups")
+    cg, kg = data.draw(st.integers(1, 11), "cg"), data.draw(st.integers(1, 11), "kg")
+    n, h, w = (data.draw(st.integers(1, 2), "N"), data.draw(st.integers(1, 12), "H"),
+               data.draw(st.integers(1, 12), "W"))
+    pad = tuple(tuple(data.draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
+    if h + sum(pad[0]) < 3 or w + sum(pad[1]) < 3:
+        return  # the kernel does not fit the padded input (rejected by the argument checks)
+    geom = conv_geometry((n, cg * groups, h, w), (kg * groups, cg, 3, 3), 1, pad, 1, groups)
+    x, wt, b, gy = _problem(geom, seed=data.draw(st.integers(0, 99), "seed"))
+    m = data.draw(st.sampled_from(cuda_winograd.TILE_SIZES), "m")
+    for op in OPS:
+        out, ref = _run(ex, op, geom, _algo(m), x, wt, b, gy)
+        assert rel_err(out, ref) < ERROR_BOUND[m], (op, geom)
 
 
 @pytest.mark.parametrize("m", cuda_winograd.TILE_SIZES)
