@@ -370,6 +370,10 @@ def test_rules_pick_the_tile_by_multiplies():
     assert _choose("forward", tiny).get("m") == 2
     seven = conv_geometry((4, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1)
     assert _choose("forward", seven).get("m") == 4  # 3.06x vs F(2x2)'s 1.72x
+    # F(4x4)'s error grows with the channels summed: long reductions take F(2x2)
+    deep = conv_geometry((4, 2048, 8, 8), (64, 2048, 3, 3), 1, 1, 1, 1)
+    assert _choose("forward", deep).get("m") == 2
+    assert _choose("input_grad", deep).get("m") == 4  # sums over the 64 filters
 
 
 @pytest.mark.parametrize("why,op,geom,dtype,precision,workspace", [

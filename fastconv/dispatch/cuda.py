@@ -150,12 +150,18 @@ WINOGRAD_MIN_CHANNELS = 32
 # transforms are not worth it (F(4x4) saves 4x on planes that are multiples of 4, 3.06x on
 # 7x7 and 14x14; F(2x2) 2.25x at best).
 WINOGRAD_MIN_RATIO = 2.0
+# F(4x4)'s float32 error grows with the reduction length (channels summed per transform point):
+# a float32 model of the kernel's arithmetic (sequential sums, standard-normal data) gives
+# 3.6e-6 at 256 channels, 6.1e-6 at 1024, 9.8e-6 at 2048, 1.6e-5 at 4096 (F(2x2): 5e-7,
+# 1.4e-6, 1.8e-6 at 4096). Longer reductions take F(2x2), keeping the 1e-5 bound.
+WINOGRAD_F4_MAX_CHANNELS = 1024
 
 
 def winograd_rule(op: str, geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why: str,
                   workspace_bytes: int) -> Optional[Algo]:
     """``winograd`` with the output tile m (4 or 2) that saves the most multiplies on this
-    plane (ties to 2, the smaller error), or None where it does not apply or pay (see the
+    plane (ties to 2, the smaller error; F(4x4) only for reductions of up to
+    `WINOGRAD_F4_MAX_CHANNELS` channels), or None where it does not apply or pay (see the
     module docstring, rule 3). TF32 keeps the tensor-core implicit GEMM; float64 and the
     weight gradient keep the direct kernels."""
     if op not in ("forward", "input_grad") or dtype != np.float32 or tf32:
@@ -166,8 +172,10 @@ def winograd_rule(op: str, geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec
     if min(cg, kg) < WINOGRAD_MIN_CHANNELS:
         return None
     mode = MODE_OF_OP[op]
-    m = max(cuda_winograd.TILE_SIZES,
-            key=lambda t: cuda_winograd.multiply_ratio(geom, mode, t))
+    reduction = cg if op == "forward" else kg
+    sizes = [t for t in cuda_winograd.TILE_SIZES
+             if t == 2 or reduction <= WINOGRAD_F4_MAX_CHANNELS]
+    m = max(sizes, key=lambda t: cuda_winograd.multiply_ratio(geom, mode, t))
     ratio = cuda_winograd.multiply_ratio(geom, mode, m)
     tile = cuda_winograd.TILES[m]
     ws = cuda_winograd.workspace_bytes(geom, mode, m)
