@@ -20,11 +20,12 @@
 //            (the input gradient of a stride-1 layer is a correlation with the 180-degree
 //            rotated, channel-transposed kernel; lecture notes 7.5), no bias.
 //   winograd_filter<M, MODE> writes U once per call into a workspace laid out
-//     u[g][xi][c][k]   (groups, A*A, Cig, Cog), k contiguous,
-//   so that a block's filter tile is read with coalesced loads.
+//     u[g][xi][c][k]   (groups, A*A, Cig, Cogp), k contiguous, Cogp = Cog rounded up to a
+//   multiple of 4 (zero filters in the padding), so that a block's filter tile is read with
+//   coalesced, 16-byte aligned vector loads.
 //
 // Launch geometry (kernels/cuda_winograd.py computes it)
-//   winograd_filter: grid (ceil(groups*Cig*Cog / 256), 1, 1), block (256, 1, 1); one thread
+//   winograd_filter: grid (ceil(groups*Cig*Cogp / 256), 1, 1), block (256, 1, 1); one thread
 //     per (g, c, k), k fastest.
 //   winograd_conv<M, BC, TY, TX, TM, TN>: block tile of BT = TY*TM output tiles (tiles
 //     ordered (image, tile row, tile column)) by BK = TX*TN output channels of one group;
@@ -33,11 +34,13 @@
 //     point xi's GEMM, tiles ((i/4)*TY + ty)*4 + i%4, channels ((j/4)*TX + tx)*4 + j%4
 //     (16-byte shared-memory reads).
 //   Main loop over the input channels in chunks of BC: every thread reads its share of the
-//   next chunk's U tile into registers (16-byte loads) while the current chunk is multiplied,
-//   then gathers its (tile, channel) patches (plain bounds-checked loads, zero outside the
-//   image; in flight while the other warps finish their FMAs), transforms them and stores V
-//   and U to shared memory (two barriers per chunk). Prefetching the patches too spilled
-//   registers (F(2x2) on sm_80 at the 128-register cap, F(4x4) at its 168).
+//   U tile (16-byte loads) and gathers its (tile, channel) patches (plain bounds-checked
+//   loads, zero outside the image), transforms the patches and stores V and U to shared
+//   memory (two barriers per chunk), then multiplies. One operand is read a chunk ahead into
+//   registers (in flight during the FMAs), the other just before the barrier: the patches
+//   ahead for F(4x4), whose 288-thread block fills an SM alone, the U tile ahead for F(2x2)
+//   (two blocks per SM overlap each other's loads). Both ahead spilled registers (F(2x2) on
+//   sm_80 at its 128-register cap, F(4x4) at its 168).
 //   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the main
 //   loop's buffer), then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the
 //   bias and writes the m x m pixels that lie inside the output.
@@ -319,6 +322,7 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
     constexpr int KP = TX * V;                  // output channels per epilogue pass
     constexpr int SV = AA * BC * BT, SU = AA * BC * BK, SMO = AA * KP * BT;
     constexpr int SMEM = SV + SU > SMO ? SV + SU : SMO;
+    constexpr bool PREFETCH = NT > 256;
     static_assert(TM % V == 0 && TN % V == 0, "winograd_conv: TM and TN must be multiples of 4");
     __shared__ __align__(16) float smem[SMEM];
     float* const Vs = smem;       // [xi][c][tile]
@@ -346,13 +350,22 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
-    ld.load_u(0, cig, cogp, kvalid);
+    // Of the two operands, one is read a chunk ahead (its loads in flight during the FMAs),
+    // the other just before the barrier (in flight while the other warps finish): the
+    // patches when one block fills the SM (F(4x4): nothing else hides their latency), else
+    // the U tile (registers allow only one of them).
+    if (PREFETCH) ld.load_patches(in, 0, cig, in_plane, Wi);
+    else ld.load_u(0, cig, cogp, kvalid);
     for (int c0 = 0; c0 < cig; c0 += BC) {
-        ld.load_patches(in, c0, cig, in_plane, Wi);  // in flight while other warps finish
+        if (PREFETCH) ld.load_u(c0, cig, cogp, kvalid);
+        else ld.load_patches(in, c0, cig, in_plane, Wi);
         __syncthreads();  // the previous chunk's multiplications are done with Vs and Us
         ld.store(Vs, Us);
         __syncthreads();
-        if (c0 + BC < cig) ld.load_u(c0 + BC, cig, cogp, kvalid);  // in flight during the FMAs
+        if (c0 + BC < cig) {
+            if (PREFETCH) ld.load_patches(in, c0 + BC, cig, in_plane, Wi);
+            else ld.load_u(c0 + BC, cig, cogp, kvalid);
+        }
         const float* vs = Vs + xi * BC * BT;
         const float* us = Us + xi * BC * BK;
 #pragma unroll
