@@ -12,7 +12,8 @@ Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
       weight gradient's long N*P*Q reduction, for the others when their GEMM is small) are
       summed in a fixed order.
   ``depthwise``   depthwise.cu (groups == C).
-  ``winograd``    winograd.cu (cuda_winograd), 3x3 stride-1 forward and input gradient.
+  ``winograd``    winograd.cu (cuda_winograd), 3x3 stride-1 layers, all three conv ops (the
+      weight gradient in tile-reduction slices summed in a fixed order).
   ``gemm_1x1``    1x1, stride 1, no padding, one group: batched GEMM through cuBLAS
       (``matmul``); strict FP32 unless CuPy itself was told to use TF32 (the rules avoid it then).
   ``reduce``      bias gradient: grad_output summed over P*Q, then N.
@@ -178,6 +179,9 @@ def weight_grad(ex: Executor, x, grad_output, geom, algo):
         ex.xp.sum(per_image, axis=0, out=gw.reshape(K, C))
     elif algo.name == "depthwise":
         ex.run(cuda_conv.depthwise_weight_grad_launch(x, grad_output, gw, geom))
+    elif algo.name == "winograd":
+        cuda_winograd.run_wgrad(ex, x, grad_output, gw, geom, algo.get("m"),
+                                int(algo.get("splits", 1)))
     else:
         _weight_grad_gemm(ex, x, grad_output, gw, geom, algo)
     return gw

@@ -22,7 +22,8 @@ import numpy as np
 
 from .cuda_build import NULL, Launch
 from . import cuda_conv
-from .cuda_conv import DGRAD, FPROP, GRID_YZ_LIMIT, SMEM_LIMIT, batch_chunks, with_batch
+from .cuda_conv import (DGRAD, FPROP, GRID_YZ_LIMIT, SMEM_LIMIT, WGRAD, batch_chunks,
+                        split_reduction, with_batch)
 
 SOURCE = "winograd.cu"
 FILTER_THREADS = 256  # block size of winograd_filter
@@ -70,6 +71,46 @@ class WinogradTile:
         return ITEMSIZE * max(main, epilogue)
 
 
+@dataclass(frozen=True)
+class WgradTile:
+    """Block tile of ``winograd_wgrad<M, BR, TY, TX, TM, TN>``: ``TY*TM`` channels by
+    ``TX*TN`` filters of one group, the tile reduction in chunks of ``BR`` tiles; each of the
+    ``(m+2)**2`` transform points has ``TY x TX`` threads of ``TM x TN`` accumulators."""
+
+    m: int
+    br: int
+    ty: int
+    tx: int
+    tm: int
+    tn: int
+
+    @property
+    def alpha(self) -> int:
+        return self.m + 2
+
+    @property
+    def threads(self) -> int:
+        return self.alpha ** 2 * self.ty * self.tx
+
+    @property
+    def channels(self) -> int:
+        """Input channels per block (BC)."""
+        return self.ty * self.tm
+
+    @property
+    def filters(self) -> int:
+        """Filters per block (BK)."""
+        return self.tx * self.tn
+
+    @property
+    def smem_bytes(self) -> int:
+        """Static shared memory of the instantiation (``SMEM`` in winograd_wgrad)."""
+        aa = self.alpha ** 2
+        main = aa * self.br * (self.channels + self.filters)
+        epilogue = aa * 4 * self.tx * self.channels
+        return ITEMSIZE * max(main, epilogue)
+
+
 # The instantiations the launcher may request (tests/test_nvrtc.py compiles all of them).
 # ptxas (NVRTC 13.5, sm_80 and sm_90): 128 registers for F(2x2) (its cap at two 256-thread
 # blocks per SM), 168 for F(4x4) (one 288-thread block), no spills
@@ -77,6 +118,8 @@ class WinogradTile:
 TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
                                   4: WinogradTile(4, 4, 2, 4, 8, 8)}
 TILE_SIZES = tuple(TILES)
+WGRAD_TILES: dict[int, WgradTile] = {2: WgradTile(2, 8, 4, 4, 8, 8),
+                                     4: WgradTile(4, 4, 2, 4, 8, 8)}
 # Documented relative error bound (||out - ref|| / ||ref||, float32 against the float64
 # reference) per output tile size, checked by tests/test_cuda_winograd.py in the host emulation.
 # F(4x4) keeps it for reductions of up to 1024 channels (the dispatch rules' limit; measured
@@ -90,6 +133,12 @@ def conv_kernel_name(tile: WinogradTile) -> str:
     return f"fc::winograd_conv<{t.m}, {t.bc}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
 
 
+def wgrad_kernel_name(tile: WgradTile) -> str:
+    """Name expression of a ``winograd_wgrad`` instantiation."""
+    t = tile
+    return f"fc::winograd_wgrad<{t.m}, {t.br}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
+
+
 def filter_kernel_name(m: int, mode: int) -> str:
     """Name expression of the ``winograd_filter`` instantiation for F(m x m) and a mode."""
     return f"fc::winograd_filter<{m}, {mode}>"
@@ -99,6 +148,7 @@ def all_kernel_names() -> dict[str, list[str]]:
     """Every instantiation this launcher can request, per source file."""
     names = [conv_kernel_name(t) for t in TILES.values()]
     names += [filter_kernel_name(m, mode) for m in TILES for mode in (FPROP, DGRAD)]
+    names += [wgrad_kernel_name(t) for t in WGRAD_TILES.values()]
     return {SOURCE: names}
 
 
@@ -127,13 +177,15 @@ class Plane:
 
 
 def plane(geom: Any, mode: int) -> Plane:
-    """The kernel's view of ``geom`` for FPROP (x -> y) or DGRAD (grad_output -> grad_input)."""
+    """The kernel's view of ``geom`` for FPROP (x -> y) or DGRAD (grad_output -> grad_input);
+    WGRAD tiles the output plane as FPROP does."""
     pt, _, pl, _ = geom.padding
-    if mode == FPROP:
+    if mode in (FPROP, WGRAD):
         return Plane(geom.C, geom.H, geom.W, geom.K, geom.P, geom.Q, pt, pl)
     if mode == DGRAD:
         return Plane(geom.K, geom.P, geom.Q, geom.C, geom.H, geom.W, 2 - pt, 2 - pl)
-    raise ValueError(f"Winograd computes FPROP ({FPROP}) and DGRAD ({DGRAD}), not mode {mode!r}")
+    raise ValueError(f"Winograd computes FPROP ({FPROP}), DGRAD ({DGRAD}) and WGRAD ({WGRAD}), "
+                     f"not mode {mode!r}")
 
 
 def tile_grid(ho: int, wo: int, m: int) -> tuple[int, int]:
@@ -250,3 +302,79 @@ def run(ex: Any, mode: int, src: Any, weight: Any, bias: Any, out: Any, geom: An
     for n0, n1 in batch_chunks(geom.N, th * tw):
         part = with_batch(geom, n1 - n0)
         ex.run(conv_launch(mode, src[n0:n1], u, bias, out[n0:n1], part, tile))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight gradient
+# ---------------------------------------------------------------------------------------------
+def tiles_per_image(geom: Any, m: int) -> int:
+    """Output tiles of one image: the weight gradient's reduction is over ``N`` times this."""
+    th, tw = tile_grid(geom.P, geom.Q, m)
+    return th * tw
+
+
+def wgrad_fits(geom: Any, tile: WgradTile) -> bool:
+    """Whether ``winograd_wgrad`` can take this geometry (grid limits, 32-bit counts)."""
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    return (-(-kg // tile.filters) <= GRID_YZ_LIMIT and geom.groups <= GRID_YZ_LIMIT
+            and 0 < tiles_per_image(geom, tile.m) <= cuda_conv.ROW_LIMIT
+            and max(geom.C, geom.K, geom.H, geom.W, geom.P, geom.Q) < 2**31
+            and cg * geom.K * 9 < 2**31 and tile.smem_bytes <= SMEM_LIMIT)
+
+
+def wgrad_launch(x: Any, grad_output: Any, out: Any, geom: Any, tile: WgradTile,
+                 splits: int = 1) -> Launch:
+    """``winograd_wgrad`` for one batch: the ``N * tiles_per_image`` tile reduction cut into
+    at most ``splits`` slices of whole ``BR``-tile chunks (`split_reduction`).
+
+    Parameters
+    ----------
+    x : array (N, C, H, W)
+    grad_output : array (N, K, P, Q)
+    out : array
+        ``grad_weight (K, C/groups, 3, 3)`` for one slice, else a workspace of ``slices`` of
+        them (the caller sums them).
+    geom : ConvGeometry
+    tile : WgradTile
+    splits : int
+
+    Returns
+    -------
+    Launch
+    """
+    tiles = geom.N * tiles_per_image(geom, tile.m)
+    if tiles > cuda_conv.ROW_LIMIT:
+        raise ValueError(f"{tiles} Winograd tiles in one launch: split the batch first")
+    slices, t_split = split_reduction(tiles, splits, tile.br)
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    grid = (-(-cg // tile.channels), -(-kg // tile.filters), geom.groups * slices)
+    if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
+        raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
+    pt, _, pl, _ = geom.padding
+    scalars = tuple(np.int32(v) for v in (geom.N, geom.C, geom.H, geom.W, geom.K, geom.P,
+                                          geom.Q, pt, pl, geom.groups, t_split))
+    return Launch(SOURCE, wgrad_kernel_name(tile), grid, (tile.threads, 1, 1), 0,
+                  (x, grad_output, out) + scalars)
+
+
+def run_wgrad(ex: Any, x: Any, grad_output: Any, grad_weight: Any, geom: Any, m: int,
+              splits: int) -> None:
+    """The Winograd weight gradient: slices (and batch chunks) of the tile reduction, their
+    partial results summed in a fixed order."""
+    tile = WGRAD_TILES[m]
+    parts = []
+    for n0, n1 in batch_chunks(geom.N, tiles_per_image(geom, m)):
+        part = with_batch(geom, n1 - n0)
+        slices, _ = split_reduction(part.N * tiles_per_image(geom, m), splits, tile.br)
+        parts.append((n0, n1, part, slices))
+    total = sum(p[3] for p in parts)
+    if total == 1:
+        ex.run(wgrad_launch(x, grad_output, grad_weight, geom, tile))
+        return
+    work = ex.empty((total,) + tuple(grad_weight.shape), grad_weight.dtype)
+    at = 0
+    for n0, n1, part, slices in parts:
+        ex.run(wgrad_launch(x[n0:n1], grad_output[n0:n1], work[at:at + slices], part, tile,
+                            splits))
+        at += slices
+    ex.xp.sum(work, axis=0, out=grad_weight)

@@ -106,6 +106,22 @@ template <> struct Wino<2> {
         o[0 * SO] = m[0] + m[1 * SD] + m[2 * SD];
         o[1 * SO] = m[1 * SD] - m[2 * SD] - m[3 * SD];
     }
+    // Adjoints for the weight gradient: AT^T (m -> A) and G^T (A -> 3).
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void output_t(const T* y, T* o) {
+        const T y0 = y[0], y1 = y[SD];
+        o[0 * SO] = y0;
+        o[1 * SO] = y0 + y1;
+        o[2 * SO] = y0 - y1;
+        o[3 * SO] = -y1;
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void filter_t(const T* u, T* o) {
+        const T s = T(0.5) * (u[SD] + u[2 * SD]);
+        o[0 * SO] = u[0] + s;
+        o[1 * SO] = T(0.5) * (u[SD] - u[2 * SD]);
+        o[2 * SO] = s + u[3 * SD];
+    }
 };
 
 template <> struct Wino<4> {
@@ -143,6 +159,27 @@ template <> struct Wino<4> {
         o[1 * SO] = d12 + T(2) * d34;
         o[2 * SO] = s12 + T(4) * s34;
         o[3 * SO] = d12 + T(8) * d34 + m[5 * SD];
+    }
+    // Adjoints for the weight gradient: AT^T (m -> A) and G^T (A -> 3).
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void output_t(const T* y, T* o) {
+        const T y0 = y[0], y1 = y[SD], y2 = y[2 * SD], y3 = y[3 * SD];
+        const T e1 = y0 + y2, o1 = y1 + y3;              // points +-1
+        const T e2 = y0 + T(4) * y2, o2 = T(2) * y1 + T(8) * y3;  // points +-2
+        o[0 * SO] = y0;
+        o[1 * SO] = e1 + o1;
+        o[2 * SO] = e1 - o1;
+        o[3 * SO] = e2 + o2;
+        o[4 * SO] = e2 - o2;
+        o[5 * SO] = y3;
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void filter_t(const T* u, T* o) {
+        const T u1 = u[SD], u2 = u[2 * SD], u3 = u[3 * SD], u4 = u[4 * SD];
+        const T s12 = T(1.0 / 6.0) * (u1 + u2), s34 = u3 + u4;
+        o[0 * SO] = T(0.25) * u[0] - s12 + T(1.0 / 24.0) * s34;
+        o[1 * SO] = T(1.0 / 6.0) * (u2 - u1) + T(1.0 / 12.0) * (u3 - u4);
+        o[2 * SO] = T(1.0 / 6.0) * s34 - s12 + u[5 * SD];
     }
 };
 
@@ -422,6 +459,180 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
                     if (oy < Ho && ox < Wo) dst[(long long)oy * Wo + ox] = y[a * M + b] + bk;
                 }
             }
+        }
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient: the adjoint of the forward formula. With dM = AT^T dy AT (the output
+// gradient of a tile taken to the transform points) and V = BT d BT^T (the input patch),
+//     dU[xi](c, k) = sum_tiles V[xi](tile, c) * dM[xi](tile, k),    grad_weight = G^T dU G.
+// Block: BC = TY*TM channels by BK = TX*TN filters of one group, over the tiles
+// [slice * t_split, (slice + 1) * t_split) in chunks of BR tiles; thread (xi, ty, tx) owns a
+// TM x TN block of dU[xi]. Each slice writes its partial grad_weight at out + slice * K*Cg*9
+// (the launcher sums the slices in a fixed order).
+// ---------------------------------------------------------------------------------------------
+template <int M, int BR, int TY, int TX, int TM, int TN>
+__global__ void __launch_bounds__((M + 2) * (M + 2) * TY * TX,
+                                  (M + 2) * (M + 2) * TY * TX <= 256 ? 2 : 1)
+winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_output,
+               float* __restrict__ out, int N, int C, int H, int W, int K, int P, int Q,
+               int pt, int pl, int groups, int t_split) {
+    constexpr int A = M + 2, AA = A * A, V = 4;
+    constexpr int BC = TY * TM, BK = TX * TN, NT = AA * TY * TX;
+    constexpr int XP = BR * BC, XPT = (XP + NT - 1) / NT;  // input patches per chunk
+    constexpr int YP = BR * BK, YPT = (YP + NT - 1) / NT;  // output-gradient tiles per chunk
+    constexpr int KP = TX * V;                              // filters per epilogue pass
+    constexpr int SV = AA * BR * BC, SW = AA * BR * BK, SMO = AA * KP * BC;
+    constexpr int SMEM = SV + SW > SMO ? SV + SW : SMO;
+    static_assert(TM % V == 0 && TN % V == 0, "winograd_wgrad: TM and TN must be multiples of 4");
+    __shared__ __align__(16) float smem[SMEM];
+    float* const Vs = smem;       // [xi][tile][c]
+    float* const Ws = smem + SV;  // [xi][tile][k]
+    float* const Ms = smem;       // epilogue: [xi][k][c]
+
+    const int tid = threadIdx.x;
+    const int g = blockIdx.z % groups, slice = blockIdx.z / groups;
+    const int Cg = C / groups, Kg = K / groups;
+    const int c0 = blockIdx.x * BC, k0 = blockIdx.y * BK;
+    const int tiles_w = (Q + M - 1) / M, tiles_img = ((P + M - 1) / M) * tiles_w;
+    const int t_begin = slice * t_split;
+    const int t_end = min(N * tiles_img, t_begin + t_split);
+    const long long xplane = (long long)H * W, yplane = (long long)P * Q;
+
+    const int xi = tid / (TY * TX);
+    const int ty = tid % TY, tx = (tid / TY) % TX;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    for (int tb = t_begin; tb < t_end; tb += BR) {
+        // Gather: input patch (tile tb + pair / BC, channel c0 + pair % BC) and output-gradient
+        // tile (tile tb + pair / BK, filter k0 + pair % BK), zero outside the planes.
+        float d[XPT][AA], dy[YPT][M * M];
+#pragma unroll
+        for (int j = 0; j < XPT; ++j) {
+            const int pair = tid + NT * j;
+            const int t = tb + pair / BC, c = c0 + pair % BC;
+            const bool ok = pair < XP && t < t_end && c < Cg;
+            int n = 0, y0 = 0, x0 = 0;
+            if (ok) {
+                n = t / tiles_img;
+                const int r = t - n * tiles_img, th = r / tiles_w;
+                y0 = th * M - pt;
+                x0 = (r - th * tiles_w) * M - pl;
+            }
+            const float* src = x + ((long long)n * C + (long long)g * Cg + c) * xplane;
+#pragma unroll
+            for (int a = 0; a < A; ++a) {
+                const bool oky = ok && (unsigned)(y0 + a) < (unsigned)H;
+#pragma unroll
+                for (int b = 0; b < A; ++b) {
+                    d[j][a * A + b] = oky && (unsigned)(x0 + b) < (unsigned)W
+                                          ? src[(long long)(y0 + a) * W + x0 + b] : 0.0f;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < YPT; ++j) {
+            const int pair = tid + NT * j;
+            const int t = tb + pair / BK, k = k0 + pair % BK;
+            const bool ok = pair < YP && t < t_end && k < Kg;
+            int n = 0, y0 = 0, x0 = 0;
+            if (ok) {
+                n = t / tiles_img;
+                const int r = t - n * tiles_img, th = r / tiles_w;
+                y0 = th * M;
+                x0 = (r - th * tiles_w) * M;
+            }
+            const float* src = grad_output + ((long long)n * K + (long long)g * Kg + k) * yplane;
+#pragma unroll
+            for (int a = 0; a < M; ++a) {
+                const bool oky = ok && y0 + a < P;
+#pragma unroll
+                for (int b = 0; b < M; ++b) {
+                    dy[j][a * M + b] = oky && x0 + b < Q ? src[(long long)(y0 + a) * Q + x0 + b]
+                                                         : 0.0f;
+                }
+            }
+        }
+        __syncthreads();  // the previous chunk's multiplications are done with Vs and Ws
+#pragma unroll
+        for (int j = 0; j < XPT; ++j) {
+            const int pair = tid + NT * j;
+            if (pair >= XP) continue;
+            float t[AA], v[AA];
+#pragma unroll
+            for (int b = 0; b < A; ++b) Wino<M>::template input<A, A>(d[j] + b, t + b);
+#pragma unroll
+            for (int a = 0; a < A; ++a) Wino<M>::template input<1, 1>(t + A * a, v + A * a);
+            float* dst = Vs + pair;  // (tile, c) = (pair / BC, pair % BC)
+#pragma unroll
+            for (int q = 0; q < AA; ++q) dst[q * BR * BC] = v[q];
+        }
+#pragma unroll
+        for (int j = 0; j < YPT; ++j) {
+            const int pair = tid + NT * j;
+            if (pair >= YP) continue;
+            float t[A * M], v[AA];
+#pragma unroll
+            for (int b = 0; b < M; ++b) Wino<M>::template output_t<M, M>(dy[j] + b, t + b);
+#pragma unroll
+            for (int a = 0; a < A; ++a) Wino<M>::template output_t<1, 1>(t + M * a, v + A * a);
+            float* dst = Ws + pair;  // (tile, k) = (pair / BK, pair % BK)
+#pragma unroll
+            for (int q = 0; q < AA; ++q) dst[q * BR * BK] = v[q];
+        }
+        __syncthreads();
+        const float* vs = Vs + xi * BR * BC;
+        const float* ws = Ws + xi * BR * BK;
+#pragma unroll
+        for (int tt = 0; tt < BR; ++tt) {
+            float a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM / V; ++i) load16(&a[i * V], vs + tt * BC + (i * TY + ty) * V);
+#pragma unroll
+            for (int j = 0; j < TN / V; ++j) load16(&b[j * V], ws + tt * BK + (j * TX + tx) * V);
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i][j] = fmadd(a[i], b[j], acc[i][j]);
+        }
+    }
+
+    // Epilogue, pass p: filters k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
+    float* const dst0 = out + (long long)slice * K * Cg * 9;
+#pragma unroll
+    for (int p = 0; p < TN / V; ++p) {
+        __syncthreads();  // the main loop (or the previous pass) is done with shared memory
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            float* dst = Ms + (xi * KP + tx * V + v) * BC + ty * V;
+#pragma unroll
+            for (int i = 0; i < TM; i += V) {
+                *reinterpret_cast<float4*>(dst + (i / V) * TY * V) =
+                    make_float4(acc[i][p * V + v], acc[i + 1][p * V + v],
+                                acc[i + 2][p * V + v], acc[i + 3][p * V + v]);
+            }
+        }
+        __syncthreads();
+        for (int e = tid; e < KP * BC; e += NT) {
+            const int cl = e % BC, kq = e / BC;
+            const int c = c0 + cl, k = k0 + p * KP + kq;
+            if (c >= Cg || k >= Kg) continue;
+            float mv[AA], t[3 * A], gw[9];
+#pragma unroll
+            for (int q = 0; q < AA; ++q) mv[q] = Ms[(q * KP + kq) * BC + cl];
+#pragma unroll
+            for (int b = 0; b < A; ++b) Wino<M>::template filter_t<A, A>(mv + b, t + b);
+#pragma unroll
+            for (int r = 0; r < 3; ++r) Wino<M>::template filter_t<1, 1>(t + A * r, gw + 3 * r);
+            float* dst = dst0 + ((long long)(g * Kg + k) * Cg + c) * 9;
+#pragma unroll
+            for (int q = 0; q < 9; ++q) dst[q] = gw[q];
         }
     }
 }

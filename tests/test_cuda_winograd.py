@@ -24,7 +24,7 @@ from fastconv.dispatch import cuda as rules
 from fastconv.kernels import cuda as backend
 from fastconv.kernels import cuda_build, cuda_conv, cuda_winograd
 from fastconv.kernels.cuda_conv import DGRAD, FPROP
-from fastconv.kernels.cuda_winograd import ERROR_BOUND, TILES, WinogradTile
+from fastconv.kernels.cuda_winograd import ERROR_BOUND, TILES, WGRAD_TILES
 
 from conftest import CASES, rel_err
 
@@ -32,10 +32,11 @@ F32 = np.dtype(np.float32)
 # The shared case list's 3x3, stride-1, undilated cases: the layers these kernels compute.
 WINO_CASES = [c for c in CASES if c.R == 3 and c.S == 3 and c.stride == 1 and c.dilation == 1]
 OPS = ("forward", "input_grad")
+ALL_OPS = OPS + ("weight_grad",)
 
 
-def _algo(m: int) -> Algo:
-    return Algo("winograd", (("m", m),))
+def _algo(m: int, splits: int = 3) -> Algo:
+    return Algo("winograd", (("m", m), ("splits", splits)))
 
 
 def _problem(geom, dtype=np.float32, seed=0):
@@ -51,7 +52,10 @@ def _run(ex, op, geom, algo, x, w, b, gy):
     """(backend result, float64 reference) of one op."""
     if op == "forward":
         return backend.forward(ex, x, w, b, geom, algo), reference.conv2d_forward(x, w, b, geom)
-    return backend.input_grad(ex, w, gy, geom, algo), reference.conv2d_input_grad(w, gy, geom)
+    if op == "input_grad":
+        return (backend.input_grad(ex, w, gy, geom, algo),
+                reference.conv2d_input_grad(w, gy, geom))
+    return backend.weight_grad(ex, x, gy, geom, algo), reference.conv2d_weight_grad(x, gy, geom)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,10 +98,11 @@ def _no_device(monkeypatch):
 
 
 @pytest.mark.parametrize("m", cuda_winograd.TILE_SIZES)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("case", WINO_CASES, ids=[c.name for c in WINO_CASES])
 def test_case_list(ex, case, op, m):
-    """Every 3x3 stride-1 case of the shared list, both tile sizes, both ops."""
+    """Every 3x3 stride-1 case of the shared list, both tile sizes, the three conv ops (the
+    weight gradient in up to 3 reduction slices)."""
     x, w, b = case.arrays(np.float32)
     geom = conv_geometry(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
     gy = _problem(geom, seed=1)[3]
@@ -114,14 +119,17 @@ MULTI = conv_geometry((2, 2 * 35, 11, 10), (2 * 37, 35, 3, 3), 1, ((3, 1), (0, 2
 
 
 @pytest.mark.parametrize("m", cuda_winograd.TILE_SIZES)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", ALL_OPS)
 def test_multi_block(ex, op, m):
     x, w, b, gy = _problem(MULTI)
-    tile = TILES[m]
-    mode = FPROP if op == "forward" else DGRAD
-    grid = cuda_winograd.conv_launch(mode, x if mode == FPROP else gy, None, b, None, MULTI,
-                                     tile).grid
-    assert grid[0] > 1 and grid[1] > 1 and grid[2] == 2, grid
+    if op == "weight_grad":
+        grid = cuda_winograd.wgrad_launch(x, gy, None, MULTI, WGRAD_TILES[m], 3).grid
+        assert grid[0] > 1 and grid[1] > 1 and grid[2] == 2 * 3, grid
+    else:
+        mode = FPROP if op == "forward" else DGRAD
+        grid = cuda_winograd.conv_launch(mode, x if mode == FPROP else gy, None, b, None,
+                                         MULTI, TILES[m]).grid
+        assert grid[0] > 1 and grid[1] > 1 and grid[2] == 2, grid
     out, ref = _run(ex, op, MULTI, _algo(m), x, w, b if op == "forward" else None, gy)
     assert rel_err(out, ref) < ERROR_BOUND[m]
 
@@ -130,8 +138,8 @@ def test_multi_block(ex, op, m):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_geometries(ex, data):
-    """Random shapes, paddings (0 to 3 per side, so DGRAD offsets 2 - pad go negative) and
-    groups through both ops and both tile sizes."""
+    """Random shapes, paddings (0 to 3 per side, so DGRAD offsets 2 - pad go negative),
+    groups and weight-gradient slices through the three ops and both tile sizes."""
     groups = data.draw(st.integers(1, 3), "groups")
     cg, kg = data.draw(st.integers(1, 11), "cg"), data.draw(st.integers(1, 11), "kg")
     n, h, w = (data.draw(st.integers(1, 2), "N"), data.draw(st.integers(1, 12), "H"),
@@ -142,8 +150,9 @@ def test_random_geometries(ex, data):
     geom = conv_geometry((n, cg * groups, h, w), (kg * groups, cg, 3, 3), 1, pad, 1, groups)
     x, wt, b, gy = _problem(geom, seed=data.draw(st.integers(0, 99), "seed"))
     m = data.draw(st.sampled_from(cuda_winograd.TILE_SIZES), "m")
-    for op in OPS:
-        out, ref = _run(ex, op, geom, _algo(m), x, wt, b, gy)
+    splits = data.draw(st.integers(1, 4), "splits")
+    for op in ALL_OPS:
+        out, ref = _run(ex, op, geom, _algo(m, splits), x, wt, b, gy)
         assert rel_err(out, ref) < ERROR_BOUND[m], (op, geom)
 
 
@@ -161,11 +170,22 @@ def test_error_bound_at_layer_depth(ex, m):
         assert err < (1e-6 if m == 2 else 5e-6), (op, err)
 
 
+@pytest.mark.parametrize("m", cuda_winograd.TILE_SIZES)
+def test_weight_grad_long_reduction(ex, m):
+    """The weight gradient sums over N * tiles: many chunks per slice, several slices."""
+    geom = conv_geometry((6, 8, 20, 20), (8, 8, 3, 3), 1, 1, 1, 1)  # 600 / 150 tiles
+    x, w, b, gy = _problem(geom, seed=4)
+    ref = reference.conv2d_weight_grad(x, gy, geom)
+    for splits in (1, 5):
+        out = backend.weight_grad(ex, x, gy, geom, _algo(m, splits))
+        assert rel_err(out, ref) < ERROR_BOUND[m], splits
+
+
 def test_bit_identical_repeats(ex):
     geom = conv_geometry((1, 20, 9, 9), (12, 20, 3, 3), 1, 1, 1, 1)
     x, w, b, gy = _problem(geom)
     for m in cuda_winograd.TILE_SIZES:
-        for op in OPS:
+        for op in ALL_OPS:
             a = _run(ex, op, geom, _algo(m), x, w, b, gy)[0]
             c = _run(ex, op, geom, _algo(m), x, w, b, gy)[0]
             np.testing.assert_array_equal(a, c)
@@ -183,6 +203,11 @@ def test_batch_chunks_for_32bit_tile_indices(ex, monkeypatch):
     assert rel_err(out, ref) < ERROR_BOUND[2]
     convs = [s for s in launches if "winograd_conv" in s.kernel]
     assert [int(s.args[4]) for s in convs] == [2, 2, 1]  # N of each launch
+    launches.clear()
+    out, ref = _run(counting, "weight_grad", geom, _algo(2, 2), x, w, b, gy)
+    assert rel_err(out, ref) < ERROR_BOUND[2]
+    assert [int(s.args[3]) for s in launches] == [2, 2, 1]
+    assert [s.grid[2] for s in launches] == [2, 2, 2]  # 24 and 12 tiles, 8-tile chunks
 
 
 def test_unwritten_outputs_fail(ex, emu):
@@ -236,6 +261,10 @@ def test_tiles_satisfy_kernel_constraints(m):
     uvec = t.alpha ** 2 * t.bc * t.channels // 4
     assert uvec % t.threads == 0 and (t.threads * 4) % (t.bc * t.channels) == 0
     assert t.smem_bytes <= cuda_conv.SMEM_LIMIT
+    wt = WGRAD_TILES[m]
+    assert wt.m == m and wt.tm % 4 == 0 and wt.tn % 4 == 0
+    assert wt.threads <= 1024 and wt.threads % 32 == 0
+    assert wt.smem_bytes <= cuda_conv.SMEM_LIMIT
 
 
 def test_kernel_names():
@@ -243,6 +272,8 @@ def test_kernel_names():
     assert "fc::winograd_conv<2, 8, 4, 4, 8, 8>" in names
     assert "fc::winograd_conv<4, 4, 2, 4, 8, 8>" in names
     assert {f"fc::winograd_filter<{m}, {mode}>" for m in (2, 4) for mode in (0, 1)} <= set(names)
+    assert "fc::winograd_wgrad<2, 8, 4, 4, 8, 8>" in names
+    assert "fc::winograd_wgrad<4, 4, 2, 4, 8, 8>" in names
 
 
 def test_conv_launch_geometry_and_arguments():
@@ -282,8 +313,10 @@ def test_launch_rejects_what_it_cannot_index(monkeypatch):
     monkeypatch.setattr(cuda_conv, "ROW_LIMIT", 10)
     with pytest.raises(ValueError, match="split the batch"):
         cuda_winograd.conv_launch(FPROP, None, None, None, None, geom, TILES[2])
+    with pytest.raises(ValueError, match="split the batch"):
+        cuda_winograd.wgrad_launch(None, None, None, geom, WGRAD_TILES[2])
     with pytest.raises(ValueError, match="mode"):
-        cuda_winograd.plane(geom, cuda_conv.WGRAD)
+        cuda_winograd.plane(geom, 7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +361,8 @@ def test_no_spills(arch):
     for entry, (regs, stack, spill) in report.items():
         assert spill == 0 and stack == 0, (entry, regs, stack, spill)
         # the register cap of __launch_bounds__: 2 blocks/SM up to 256 threads, else 1
-        threads = next((t.threads for t in TILES.values()
-                        if f"winograd_convILi{t.m}E" in entry), 256)
+        threads = next((t.threads for t in (*TILES.values(), *WGRAD_TILES.values())
+                        if f"ILi{t.m}E" in entry and "filter" not in entry), 256)
         cap = 65536 // (threads * (2 if threads <= 256 else 1))
         assert regs <= min(255, cap), (entry, regs)
 
