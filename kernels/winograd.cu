@@ -1,5 +1,5 @@
 // winograd.cu -- fused Winograd F(m x m, 3 x 3) convolution (m = 2 or 4) for 3x3, stride-1,
-// undilated layers: forward and input gradient, strict FP32.
+// undilated layers: forward, input gradient and weight gradient, strict FP32.
 //
 // Algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). An
 // output tile of m x m pixels comes from an A x A input patch d (A = m + 2):
@@ -44,6 +44,8 @@
 //   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the main
 //   loop's buffer), then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the
 //   bias and writes the m x m pixels that lie inside the output.
+//   winograd_wgrad<M, BR, TY, TX, TM, TN>: grid (ceil(Cg / (TY*TM)), ceil(Kg / (TX*TN)),
+//     groups * slices), block (A*A*TY*TX, 1, 1); see the comment above the kernel.
 //   Static shared memory: max(A*A*BC*(BT + BK), A*A*4*TX*BT) floats (32 KiB for F(2x2),
 //   36 KiB for F(4x4) with the launcher's tiles). Arguments: in, u, bias (or null), out, then
 //   N, Ci, Hi, Wi, Co, Ho, Wo, ph, pw, groups (int32). Offsets are 64-bit; tile indices are
@@ -58,21 +60,25 @@
 // 6.1e-6 at 1024 channels, 9.8e-6 at 2048, 1.6e-5 at 4096; F(2x2) 1.8e-6 at 4096. F(4x4)'s
 // points +-2 bring coefficients up to 8 into AT and 1/24 into G; computing the filter
 // transform in float64 did not help (3.35e-6), so it stays in float32. Documented bound:
-// 1e-5 (the library's float32 tolerance; cuda_winograd.ERROR_BOUND) for F(2x2), and for
-// F(4x4) on reductions of up to 1024 channels, the longest the dispatch rules give it;
+// 1e-5 (the library's float32 tolerance; cuda_winograd.ERROR_BOUND) for F(2x2) on sums of up
+// to 8192 terms and F(4x4) on up to 1024, the longest the dispatch rules give them;
 // checked by tests/test_cuda_winograd.py. F(6x6, 3x3) (points 0, +-1, +-2, +-1/2): 6.5e-6 at
 // 256 channels, 1.3e-5 at 1024 in the model, and fewer multiplies than F(4x4) only on large
-// planes (56x56: 4.4x vs 4x; 14x14 and 7x7: none), so it is not provided. float64 never takes
-// this path (the direct kernels keep it).
+// planes (56x56: 4.4x vs 4x; 14x14 and 7x7: none), so it is not provided. The weight
+// gradient sums over tiles instead of channels, with the same growth (emulation, one slice:
+// F(4x4) 3.3e-6 over 256 tiles, 8.9e-6 over 2048; F(2x2) 9.7e-7 over 1024, 2.7e-6 over 8192);
+// the dispatch rules cut its reduction into slices of at most 1024 (F(4x4)) or 8192 (F(2x2))
+// tiles. float64 never takes this path (the direct kernels keep it).
 //
-// Versions: 1 (this file): strict FP32 SIMT transform-point GEMMs, forward and input gradient.
-// Not done: TF32 mma.sync GEMMs, the weight gradient, F(6x6, 3x3), cp.async pipelining.
+// Versions: 1 (this file): strict FP32 SIMT transform-point GEMMs; forward and input gradient
+// (winograd_conv), weight gradient (winograd_wgrad, below). Not done: TF32 mma.sync GEMMs,
+// F(6x6, 3x3), cp.async pipelining.
 //
 // Verification status (when this was written): compiled by NVRTC 13.5 for sm_80 and sm_90
 // (tests/test_nvrtc.py); ptxas through NVRTC (tests/test_cuda_winograd.py::test_no_spills)
 // reports 0 bytes of stack and spills for every instantiation on both: winograd_conv F(2x2)
-// 128 registers (its cap: two 256-thread blocks per SM), F(4x4) 168 (one 288-thread block),
-// winograd_filter 32. Executed through the host emulation of tests/cuda_emu.h against the
+// 128 registers (its cap: two 256-thread blocks per SM), F(4x4) 168 (one 288-thread block);
+// winograd_wgrad F(2x2) 128 / 123 (sm_80 / sm_90), F(4x4) 168 / 167; winograd_filter 32. Executed through the host emulation of tests/cuda_emu.h against the
 // NumPy reference (tests/test_cuda_winograd.py). Never run on a GPU: speed is unmeasured.
 
 #include "fc_common.cuh"

@@ -414,12 +414,12 @@ def test_rules_tile_model():
 
 
 def test_rules_weight_grad_slices_within_workspace(device):
-    algo = _choose("weight_grad", R3)
+    algo = _choose("weight_grad", R3_DIL)
     slices = algo.get("splits")
     assert slices > 1 and algo.get("workspace_bytes") == slices * 64 * 64 * 9 * 4
-    small = _choose("weight_grad", R3, workspace=3 * 64 * 64 * 9 * 4)
+    small = _choose("weight_grad", R3_DIL, workspace=3 * 64 * 64 * 9 * 4)
     assert small.get("splits") <= 3 and small.get("workspace_bytes") <= 3 * 64 * 64 * 9 * 4
-    none = _choose("weight_grad", R3, workspace=1)
+    none = _choose("weight_grad", R3_DIL, workspace=1)
     assert none.get("splits") == 1 and none.get("workspace_bytes") == 0
 
 

@@ -160,7 +160,7 @@ def test_random_geometries(ex, data):
 def test_error_bound_at_layer_depth(ex, m):
     """A 256-channel reduction (rounding grows with it) stays inside the documented bound,
     with the margin measured when the kernel was written (F(2x2) up to 7e-7, F(4x4) up to
-    3.4e-6)."""
+    3.4e-6); likewise the weight gradient's sum over tiles."""
     geom = conv_geometry((1, 256, 8, 8), (32, 256, 3, 3), 1, 1, 1, 1)
     x, w, b, gy = _problem(geom, seed=3)
     for op in OPS:
@@ -168,6 +168,12 @@ def test_error_bound_at_layer_depth(ex, m):
         err = rel_err(out, ref)
         assert err < ERROR_BOUND[m], (op, err)
         assert err < (1e-6 if m == 2 else 5e-6), (op, err)
+    # the weight gradient sums over tiles: 1024 tiles (F(2x2)) or 256 (F(4x4)) in one slice
+    geom = conv_geometry((4, 16, 32, 32), (32, 16, 3, 3), 1, 1, 1, 1)
+    x, w, b, gy = _problem(geom, seed=3)
+    out, ref = _run(ex, "weight_grad", geom, _algo(m, 1), x, w, b, gy)
+    err = rel_err(out, ref)
+    assert err < ERROR_BOUND[m] and err < (2e-6 if m == 2 else 5e-6), err  # 9.7e-7, 3.3e-6
 
 
 @pytest.mark.parametrize("m", cuda_winograd.TILE_SIZES)
@@ -391,6 +397,27 @@ def test_rules_choose_winograd_for_3x3_stride1(geom, op):
     assert algo.get("workspace_bytes") == cuda_winograd.workspace_bytes(geom, mode, 4)
 
 
+@pytest.mark.parametrize("geom", [R3X3_14, R3X3_56], ids=["r3x3_14", "r3x3_56"])
+def test_rules_weight_grad_slices(geom):
+    algo = _choose("weight_grad", geom)
+    assert algo.name == "winograd" and algo.get("m") == 4
+    tile = WGRAD_TILES[4]
+    assert algo.get("kernel") == cuda_winograd.wgrad_kernel_name(tile)
+    tiles = geom.N * cuda_winograd.tiles_per_image(geom, 4)
+    slices = algo.get("splits")
+    # no slice sums more than WINOGRAD_MAX_SUM tiles (the error bound); about two blocks per SM
+    slices_made, t_split = cuda_conv.split_reduction(tiles, slices, tile.br)
+    assert slices_made == slices and t_split <= rules.WINOGRAD_MAX_SUM[4]
+    blocks = -(-geom.C // tile.channels) * -(-geom.K // tile.filters)
+    assert blocks * slices >= rules.ASSUMED_SM_COUNT
+    assert algo.get("workspace_bytes") == slices * geom.K * geom.C * 9 * 4
+    assert f"in {slices} slices" in algo.reason
+    # a workspace too small for the slices the error bound needs: F(2x2), then the direct kernel
+    need4 = -(-tiles // rules.WINOGRAD_MAX_SUM[4])
+    small = _choose("weight_grad", geom, workspace=need4 * geom.K * geom.C * 9 * 4 - 1)
+    assert small.name != "winograd" or small.get("m") == 2
+
+
 def test_rules_tf32_before_sm80_falls_back_to_strict_winograd(monkeypatch):
     device = cuda_build.DeviceInfo(0, 46, (7, 5))
     monkeypatch.setattr(cuda_build, "device_info_or_none", lambda: device)
@@ -407,10 +434,13 @@ def test_rules_pick_the_tile_by_multiplies():
     deep = conv_geometry((4, 2048, 8, 8), (64, 2048, 3, 3), 1, 1, 1, 1)
     assert _choose("forward", deep).get("m") == 2
     assert _choose("input_grad", deep).get("m") == 4  # sums over the 64 filters
+    assert _choose("forward", conv_geometry((1, 9000, 8, 8), (64, 9000, 3, 3), 1, 1, 1, 1)
+                   ).name == "implicit_gemm"  # over WINOGRAD_MAX_SUM even for F(2x2)
 
 
 @pytest.mark.parametrize("why,op,geom,dtype,precision,workspace", [
-    ("weight gradient", "weight_grad", R3X3_14, F32, "fp32", 2**28),
+    ("weight gradient, float64", "weight_grad", R3X3_14, np.float64, "fp32", 2**28),
+    ("weight gradient, tf32", "weight_grad", R3X3_14, F32, "tf32", 2**28),
     ("float64", "forward", R3X3_14, np.float64, "fp32", 2**28),
     ("tf32", "forward", R3X3_14, F32, "tf32", 2**28),
     ("stride 2", "forward", conv_geometry((8, 64, 56, 56), (64, 64, 3, 3), 2, 1, 1, 1), F32,
