@@ -78,8 +78,9 @@
 // (tests/test_nvrtc.py); ptxas through NVRTC (tests/test_cuda_winograd.py::test_no_spills)
 // reports 0 bytes of stack and spills for every instantiation on both: winograd_conv F(2x2)
 // 128 registers (its cap: two 256-thread blocks per SM), F(4x4) 168 (one 288-thread block);
-// winograd_wgrad F(2x2) 128 / 123 (sm_80 / sm_90), F(4x4) 168 / 167; winograd_filter 32. Executed through the host emulation of tests/cuda_emu.h against the
-// NumPy reference (tests/test_cuda_winograd.py). Never run on a GPU: speed is unmeasured.
+// winograd_wgrad F(2x2) 128 / 123 (sm_80 / sm_90), F(4x4) 168 / 167; winograd_filter 32.
+// Executed through the host emulation of tests/cuda_emu.h against the NumPy reference
+// (tests/test_cuda_winograd.py). Never run on a GPU: speed is unmeasured.
 
 #include "fc_common.cuh"
 
@@ -189,6 +190,86 @@ template <> struct Wino<4> {
     }
 };
 
+// The 2-D transforms, columns then rows, on row-major arrays: V = BT d BT^T (A x A -> A x A),
+// U = G f G^T (3 x 3 -> A x A), Y = AT M AT^T (A x A -> m x m) and the weight gradient's
+// adjoints dM = AT^T dy AT (m x m -> A x A), dg = G^T dU G (A x A -> 3 x 3).
+template <int M>
+struct Wino2D {
+    static constexpr int A = M + 2;
+    __device__ __forceinline__ static void input(const float* d, float* v) {
+        float t[A * A];
+#pragma unroll
+        for (int b = 0; b < A; ++b) Wino<M>::template input<A, A>(d + b, t + b);
+#pragma unroll
+        for (int a = 0; a < A; ++a) Wino<M>::template input<1, 1>(t + A * a, v + A * a);
+    }
+    __device__ __forceinline__ static void filter(const float* f, float* u) {
+        float t[A * 3];
+#pragma unroll
+        for (int s = 0; s < 3; ++s) Wino<M>::template filter<3, 3>(f + s, t + s);
+#pragma unroll
+        for (int i = 0; i < A; ++i) Wino<M>::template filter<1, 1>(t + 3 * i, u + A * i);
+    }
+    __device__ __forceinline__ static void output(const float* m, float* y) {
+        float t[M * A];
+#pragma unroll
+        for (int b = 0; b < A; ++b) Wino<M>::template output<A, A>(m + b, t + b);
+#pragma unroll
+        for (int a = 0; a < M; ++a) Wino<M>::template output<1, 1>(t + A * a, y + M * a);
+    }
+    __device__ __forceinline__ static void output_t(const float* dy, float* dm) {
+        float t[A * M];
+#pragma unroll
+        for (int b = 0; b < M; ++b) Wino<M>::template output_t<M, M>(dy + b, t + b);
+#pragma unroll
+        for (int a = 0; a < A; ++a) Wino<M>::template output_t<1, 1>(t + M * a, dm + A * a);
+    }
+    __device__ __forceinline__ static void filter_t(const float* du, float* dg) {
+        float t[3 * A];
+#pragma unroll
+        for (int b = 0; b < A; ++b) Wino<M>::template filter_t<A, A>(du + b, t + b);
+#pragma unroll
+        for (int r = 0; r < 3; ++r) Wino<M>::template filter_t<1, 1>(t + A * r, dg + 3 * r);
+    }
+};
+
+// One transform point's register-blocked GEMM step over R reduction rows: acc[i][j] +=
+// a_r[row i] * b_r[column j] with rows of `as` (stride LA) and `bs` (stride LB) in shared
+// memory; row i is ((i/4)*TY + ty)*4 + i%4, column j ((j/4)*TX + tx)*4 + j%4 (16-byte reads).
+template <int R, int TY, int TX, int TM, int TN, int LA, int LB>
+__device__ __forceinline__ void point_gemm(float (&acc)[TM][TN], const float* as, const float* bs,
+                                           int ty, int tx) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float a[TM], b[TN];
+#pragma unroll
+        for (int i = 0; i < TM / 4; ++i) load16(&a[i * 4], as + r * LA + (i * TY + ty) * 4);
+#pragma unroll
+        for (int j = 0; j < TN / 4; ++j) load16(&b[j * 4], bs + r * LB + (j * TX + tx) * 4);
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = fmadd(a[i], b[j], acc[i][j]);
+    }
+}
+
+// Epilogue pass p: the accumulator columns j = p*4 + v (v < 4) of point xi go to
+// ms[(xi*4*TX + tx*4 + v) * ROWS + row i] (16-byte stores along the rows).
+template <int TY, int TX, int TM, int TN, int ROWS>
+__device__ __forceinline__ void stage_pass(float* ms, const float (&acc)[TM][TN], int p, int xi,
+                                           int ty, int tx) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        float* dst = ms + (xi * 4 * TX + tx * 4 + v) * ROWS + ty * 4;
+#pragma unroll
+        for (int i = 0; i < TM; i += 4) {
+            *reinterpret_cast<float4*>(dst + (i / 4) * TY * 4) =
+                make_float4(acc[i][p * 4 + v], acc[i + 1][p * 4 + v], acc[i + 2][p * 4 + v],
+                            acc[i + 3][p * 4 + v]);
+        }
+    }
+}
+
 enum WinogradMode { WINO_FPROP = 0, WINO_DGRAD = 1 };
 
 // ---------------------------------------------------------------------------------------------
@@ -226,11 +307,8 @@ winograd_filter(const float* __restrict__ weight, float* __restrict__ u, int K, 
 #pragma unroll
         for (int i = 0; i < 9; ++i) f[i] = src[8 - i];  // 180-degree rotation
     }
-    float t[A * 3], v[A * A];
-#pragma unroll
-    for (int s = 0; s < 3; ++s) Wino<M>::template filter<3, 3>(f + s, t + s);  // columns
-#pragma unroll
-    for (int i = 0; i < A; ++i) Wino<M>::template filter<1, 1>(t + 3 * i, v + A * i);  // rows
+    float v[A * A];
+    Wino2D<M>::filter(f, v);
 #pragma unroll
     for (int xi = 0; xi < A * A; ++xi) dst[xi * per_group] = v[xi];
 }
@@ -332,11 +410,8 @@ struct WinoLoader {
         for (int j = 0; j < PPT; ++j) {
             const int pair = tid + NT * j;
             if (pair >= PATCHES) continue;
-            float t[AA], v[AA];
-#pragma unroll
-            for (int b = 0; b < A; ++b) Wino<M>::template input<A, A>(d[j] + b, t + b);
-#pragma unroll
-            for (int a = 0; a < A; ++a) Wino<M>::template input<1, 1>(t + A * a, v + A * a);
+            float v[AA];
+            Wino2D<M>::input(d[j], v);
             float* dst = Vs + pc[j] * BT + pair % BT;
 #pragma unroll
             for (int xi = 0; xi < AA; ++xi) dst[xi * BC * BT] = v[xi];
@@ -409,20 +484,7 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
             if (PREFETCH) ld.load_patches(in, c0 + BC, cig, in_plane, Wi);
             else ld.load_u(c0 + BC, cig, cogp, kvalid);
         }
-        const float* vs = Vs + xi * BC * BT;
-        const float* us = Us + xi * BC * BK;
-#pragma unroll
-        for (int cc = 0; cc < BC; ++cc) {
-            float a[TM], b[TN];
-#pragma unroll
-            for (int i = 0; i < TM / V; ++i) load16(&a[i * V], vs + cc * BT + (i * TY + ty) * V);
-#pragma unroll
-            for (int j = 0; j < TN / V; ++j) load16(&b[j * V], us + cc * BK + (j * TX + tx) * V);
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmadd(a[i], b[j], acc[i][j]);
-        }
+        point_gemm<BC, TY, TX, TM, TN, BT, BK>(acc, Vs + xi * BC * BT, Us + xi * BC * BK, ty, tx);
     }
 
     // Epilogue, pass p: channels k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
@@ -430,28 +492,16 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
 #pragma unroll
     for (int p = 0; p < TN / V; ++p) {
         __syncthreads();  // the main loop (or the previous pass) is done with shared memory
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-            float* dst = Ms + (xi * KP + tx * V + v) * BT + ty * V;
-#pragma unroll
-            for (int i = 0; i < TM; i += V) {
-                *reinterpret_cast<float4*>(dst + (i / V) * TY * V) =
-                    make_float4(acc[i][p * V + v], acc[i + 1][p * V + v],
-                                acc[i + 2][p * V + v], acc[i + 3][p * V + v]);
-            }
-        }
+        stage_pass<TY, TX, TM, TN, BT>(Ms, acc, p, xi, ty, tx);
         __syncthreads();
         for (int e = tid; e < KP * BT; e += NT) {
             const int tl = e % BT, kq = e / BT;
             const int t = t0 + tl, k = k0 + p * KP + kq;
             if (t >= tiles || k >= cog) continue;
-            float mv[AA], w[A * M], y[M * M];
+            float mv[AA], y[M * M];
 #pragma unroll
             for (int q = 0; q < AA; ++q) mv[q] = Ms[(q * KP + kq) * BT + tl];
-#pragma unroll
-            for (int b = 0; b < A; ++b) Wino<M>::template output<A, A>(mv + b, w + b);
-#pragma unroll
-            for (int a = 0; a < M; ++a) Wino<M>::template output<1, 1>(w + A * a, y + M * a);
+            Wino2D<M>::output(mv, y);
             const float bk = bias != nullptr ? bias[g * cog + k] : 0.0f;
             const int n = t / tiles_img, r = t - n * tiles_img;
             const int th = r / tiles_w, tw = r - th * tiles_w;
@@ -570,11 +620,8 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
         for (int j = 0; j < XPT; ++j) {
             const int pair = tid + NT * j;
             if (pair >= XP) continue;
-            float t[AA], v[AA];
-#pragma unroll
-            for (int b = 0; b < A; ++b) Wino<M>::template input<A, A>(d[j] + b, t + b);
-#pragma unroll
-            for (int a = 0; a < A; ++a) Wino<M>::template input<1, 1>(t + A * a, v + A * a);
+            float v[AA];
+            Wino2D<M>::input(d[j], v);
             float* dst = Vs + pair;  // (tile, c) = (pair / BC, pair % BC)
 #pragma unroll
             for (int q = 0; q < AA; ++q) dst[q * BR * BC] = v[q];
@@ -583,30 +630,14 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
         for (int j = 0; j < YPT; ++j) {
             const int pair = tid + NT * j;
             if (pair >= YP) continue;
-            float t[A * M], v[AA];
-#pragma unroll
-            for (int b = 0; b < M; ++b) Wino<M>::template output_t<M, M>(dy[j] + b, t + b);
-#pragma unroll
-            for (int a = 0; a < A; ++a) Wino<M>::template output_t<1, 1>(t + M * a, v + A * a);
+            float v[AA];
+            Wino2D<M>::output_t(dy[j], v);
             float* dst = Ws + pair;  // (tile, k) = (pair / BK, pair % BK)
 #pragma unroll
             for (int q = 0; q < AA; ++q) dst[q * BR * BK] = v[q];
         }
         __syncthreads();
-        const float* vs = Vs + xi * BR * BC;
-        const float* ws = Ws + xi * BR * BK;
-#pragma unroll
-        for (int tt = 0; tt < BR; ++tt) {
-            float a[TM], b[TN];
-#pragma unroll
-            for (int i = 0; i < TM / V; ++i) load16(&a[i * V], vs + tt * BC + (i * TY + ty) * V);
-#pragma unroll
-            for (int j = 0; j < TN / V; ++j) load16(&b[j * V], ws + tt * BK + (j * TX + tx) * V);
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmadd(a[i], b[j], acc[i][j]);
-        }
+        point_gemm<BR, TY, TX, TM, TN, BC, BK>(acc, Vs + xi * BR * BC, Ws + xi * BR * BK, ty, tx);
     }
 
     // Epilogue, pass p: filters k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
@@ -614,28 +645,16 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
 #pragma unroll
     for (int p = 0; p < TN / V; ++p) {
         __syncthreads();  // the main loop (or the previous pass) is done with shared memory
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-            float* dst = Ms + (xi * KP + tx * V + v) * BC + ty * V;
-#pragma unroll
-            for (int i = 0; i < TM; i += V) {
-                *reinterpret_cast<float4*>(dst + (i / V) * TY * V) =
-                    make_float4(acc[i][p * V + v], acc[i + 1][p * V + v],
-                                acc[i + 2][p * V + v], acc[i + 3][p * V + v]);
-            }
-        }
+        stage_pass<TY, TX, TM, TN, BC>(Ms, acc, p, xi, ty, tx);
         __syncthreads();
         for (int e = tid; e < KP * BC; e += NT) {
             const int cl = e % BC, kq = e / BC;
             const int c = c0 + cl, k = k0 + p * KP + kq;
             if (c >= Cg || k >= Kg) continue;
-            float mv[AA], t[3 * A], gw[9];
+            float mv[AA], gw[9];
 #pragma unroll
             for (int q = 0; q < AA; ++q) mv[q] = Ms[(q * KP + kq) * BC + cl];
-#pragma unroll
-            for (int b = 0; b < A; ++b) Wino<M>::template filter_t<A, A>(mv + b, t + b);
-#pragma unroll
-            for (int r = 0; r < 3; ++r) Wino<M>::template filter_t<1, 1>(t + A * r, gw + 3 * r);
+            Wino2D<M>::filter_t(mv, gw);
             float* dst = dst0 + ((long long)(g * Kg + k) * Cg + c) * 9;
 #pragma unroll
             for (int q = 0; q < 9; ++q) dst[q] = gw[q];
