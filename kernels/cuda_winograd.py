@@ -32,12 +32,18 @@ ITEMSIZE = 4          # float32 only: float64 keeps the direct kernels
 
 @dataclass(frozen=True)
 class WinogradTile:
-    """Block tile of ``winograd_conv<M, BC, TY, TX, TM, TN>``: ``TY*TM`` output tiles of
-    ``m x m`` pixels by ``TX*TN`` output channels, input channels in chunks of ``BC``; each of
-    the ``(m+2)**2`` transform points has ``TY x TX`` threads of ``TM x TN`` accumulators."""
+    """Block tile of ``winograd_conv`` and ``winograd_wgrad`` (template parameters
+    ``<M, CHUNK, TY, TX, TM, TN>``): each of the ``(m+2)**2`` transform points has ``TY x TX``
+    threads of ``TM x TN`` accumulators, so a block computes ``rows x cols`` per point and
+    consumes its reduction ``chunk`` steps at a time.
+
+    ``winograd_conv``: rows are output tiles (BT), columns output channels (BK), the chunk
+    counts input channels (BC). ``winograd_wgrad``: rows are input channels (BC), columns
+    filters (BK), the chunk counts tiles (BR).
+    """
 
     m: int
-    bc: int
+    chunk: int
     ty: int
     tx: int
     tm: int
@@ -53,62 +59,20 @@ class WinogradTile:
         return self.alpha ** 2 * self.ty * self.tx
 
     @property
-    def tiles(self) -> int:
-        """Output tiles per block (BT)."""
+    def rows(self) -> int:
         return self.ty * self.tm
 
     @property
-    def channels(self) -> int:
-        """Output channels per block (BK)."""
+    def cols(self) -> int:
         return self.tx * self.tn
 
     @property
     def smem_bytes(self) -> int:
-        """Static shared memory of the instantiation (``SMEM`` in winograd.cu)."""
+        """Static shared memory of either kernel: the chunk's two operand tiles, or the
+        epilogue's staging of 4*TX columns, whichever is larger."""
         aa = self.alpha ** 2
-        main = aa * self.bc * (self.tiles + self.channels)
-        epilogue = aa * 4 * self.tx * self.tiles
-        return ITEMSIZE * max(main, epilogue)
-
-
-@dataclass(frozen=True)
-class WgradTile:
-    """Block tile of ``winograd_wgrad<M, BR, TY, TX, TM, TN>``: ``TY*TM`` channels by
-    ``TX*TN`` filters of one group, the tile reduction in chunks of ``BR`` tiles; each of the
-    ``(m+2)**2`` transform points has ``TY x TX`` threads of ``TM x TN`` accumulators."""
-
-    m: int
-    br: int
-    ty: int
-    tx: int
-    tm: int
-    tn: int
-
-    @property
-    def alpha(self) -> int:
-        return self.m + 2
-
-    @property
-    def threads(self) -> int:
-        return self.alpha ** 2 * self.ty * self.tx
-
-    @property
-    def channels(self) -> int:
-        """Input channels per block (BC)."""
-        return self.ty * self.tm
-
-    @property
-    def filters(self) -> int:
-        """Filters per block (BK)."""
-        return self.tx * self.tn
-
-    @property
-    def smem_bytes(self) -> int:
-        """Static shared memory of the instantiation (``SMEM`` in winograd_wgrad)."""
-        aa = self.alpha ** 2
-        main = aa * self.br * (self.channels + self.filters)
-        epilogue = aa * 4 * self.tx * self.channels
-        return ITEMSIZE * max(main, epilogue)
+        return ITEMSIZE * max(aa * self.chunk * (self.rows + self.cols),
+                              aa * 4 * self.tx * self.rows)
 
 
 # The instantiations the launcher may request (tests/test_nvrtc.py compiles all of them).
@@ -118,8 +82,8 @@ class WgradTile:
 TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
                                   4: WinogradTile(4, 4, 2, 4, 8, 8)}
 TILE_SIZES = tuple(TILES)
-WGRAD_TILES: dict[int, WgradTile] = {2: WgradTile(2, 8, 4, 4, 8, 8),
-                                     4: WgradTile(4, 4, 2, 4, 8, 8)}
+WGRAD_TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
+                                        4: WinogradTile(4, 4, 2, 4, 8, 8)}
 # Documented relative error bound (||out - ref|| / ||ref||, float32 against the float64
 # reference) per output tile size, checked by tests/test_cuda_winograd.py in the host emulation.
 # F(4x4) keeps it for reductions of up to 1024 channels (the dispatch rules' limit; measured
@@ -130,13 +94,13 @@ ERROR_BOUND: dict[int, float] = {2: 1e-5, 4: 1e-5}
 def conv_kernel_name(tile: WinogradTile) -> str:
     """Name expression of a ``winograd_conv`` instantiation."""
     t = tile
-    return f"fc::winograd_conv<{t.m}, {t.bc}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
+    return f"fc::winograd_conv<{t.m}, {t.chunk}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
 
 
-def wgrad_kernel_name(tile: WgradTile) -> str:
+def wgrad_kernel_name(tile: WinogradTile) -> str:
     """Name expression of a ``winograd_wgrad`` instantiation."""
     t = tile
-    return f"fc::winograd_wgrad<{t.m}, {t.br}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
+    return f"fc::winograd_wgrad<{t.m}, {t.chunk}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
 
 
 def filter_kernel_name(m: int, mode: int) -> str:
@@ -222,7 +186,7 @@ def fits(geom: Any, mode: int, tile: WinogradTile) -> bool:
     p = plane(geom, mode)
     th, tw = tile_grid(p.ho, p.wo, tile.m)
     return (geom.groups <= GRID_YZ_LIMIT
-            and -(-(p.co // geom.groups) // tile.channels) <= GRID_YZ_LIMIT
+            and -(-(p.co // geom.groups) // tile.cols) <= GRID_YZ_LIMIT
             and 0 < th * tw <= cuda_conv.ROW_LIMIT
             and int(np.prod(u_shape(geom, mode, tile.m))) < 2**31
             and max(p.ci, p.co, p.hi, p.wi, p.ho, p.wo) < 2**31
@@ -269,7 +233,7 @@ def conv_launch(mode: int, src: Any, u: Any, bias: Any, out: Any, geom: Any,
     tiles = geom.N * th * tw
     if tiles > cuda_conv.ROW_LIMIT:
         raise ValueError(f"{tiles} Winograd tiles in one launch: split the batch first")
-    grid = (-(-tiles // tile.tiles), -(-(p.co // geom.groups) // tile.channels), geom.groups)
+    grid = (-(-tiles // tile.rows), -(-(p.co // geom.groups) // tile.cols), geom.groups)
     if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
         raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
     scalars = tuple(np.int32(v) for v in (geom.N, p.ci, p.hi, p.wi, p.co, p.ho, p.wo, p.ph,
@@ -313,19 +277,19 @@ def tiles_per_image(geom: Any, m: int) -> int:
     return th * tw
 
 
-def wgrad_fits(geom: Any, tile: WgradTile) -> bool:
+def wgrad_fits(geom: Any, tile: WinogradTile) -> bool:
     """Whether ``winograd_wgrad`` can take this geometry (grid limits, 32-bit counts)."""
     cg, kg = geom.C // geom.groups, geom.K // geom.groups
-    return (-(-kg // tile.filters) <= GRID_YZ_LIMIT and geom.groups <= GRID_YZ_LIMIT
+    return (-(-kg // tile.cols) <= GRID_YZ_LIMIT and geom.groups <= GRID_YZ_LIMIT
             and 0 < tiles_per_image(geom, tile.m) <= cuda_conv.ROW_LIMIT
             and max(geom.C, geom.K, geom.H, geom.W, geom.P, geom.Q) < 2**31
             and cg * geom.K * 9 < 2**31 and tile.smem_bytes <= SMEM_LIMIT)
 
 
-def wgrad_launch(x: Any, grad_output: Any, out: Any, geom: Any, tile: WgradTile,
+def wgrad_launch(x: Any, grad_output: Any, out: Any, geom: Any, tile: WinogradTile,
                  splits: int = 1) -> Launch:
     """``winograd_wgrad`` for one batch: the ``N * tiles_per_image`` tile reduction cut into
-    at most ``splits`` slices of whole ``BR``-tile chunks (`split_reduction`).
+    at most ``splits`` slices of whole ``chunk``-tile steps (`split_reduction`).
 
     Parameters
     ----------
@@ -335,7 +299,7 @@ def wgrad_launch(x: Any, grad_output: Any, out: Any, geom: Any, tile: WgradTile,
         ``grad_weight (K, C/groups, 3, 3)`` for one slice, else a workspace of ``slices`` of
         them (the caller sums them).
     geom : ConvGeometry
-    tile : WgradTile
+    tile : WinogradTile
     splits : int
 
     Returns
@@ -345,9 +309,9 @@ def wgrad_launch(x: Any, grad_output: Any, out: Any, geom: Any, tile: WgradTile,
     tiles = geom.N * tiles_per_image(geom, tile.m)
     if tiles > cuda_conv.ROW_LIMIT:
         raise ValueError(f"{tiles} Winograd tiles in one launch: split the batch first")
-    slices, t_split = split_reduction(tiles, splits, tile.br)
+    slices, t_split = split_reduction(tiles, splits, tile.chunk)
     cg, kg = geom.C // geom.groups, geom.K // geom.groups
-    grid = (-(-cg // tile.channels), -(-kg // tile.filters), geom.groups * slices)
+    grid = (-(-cg // tile.rows), -(-kg // tile.cols), geom.groups * slices)
     if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
         raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
     pt, _, pl, _ = geom.padding
@@ -365,7 +329,7 @@ def run_wgrad(ex: Any, x: Any, grad_output: Any, grad_weight: Any, geom: Any, m:
     parts = []
     for n0, n1 in batch_chunks(geom.N, tiles_per_image(geom, m)):
         part = with_batch(geom, n1 - n0)
-        slices, _ = split_reduction(part.N * tiles_per_image(geom, m), splits, tile.br)
+        slices, _ = split_reduction(part.N * tiles_per_image(geom, m), splits, tile.chunk)
         parts.append((n0, n1, part, slices))
     total = sum(p[3] for p in parts)
     if total == 1:

@@ -27,6 +27,8 @@ from fastconv.kernels.cuda_conv import DGRAD, FPROP
 from fastconv.kernels.cuda_winograd import ERROR_BOUND, TILES, WGRAD_TILES
 
 from conftest import CASES, rel_err
+from test_cuda_emulated import _problem as _emu_problem
+from test_cuda_emulated import _run  # (backend result, float64 reference) of one op
 
 F32 = np.dtype(np.float32)
 # The shared case list's 3x3, stride-1, undilated cases: the layers these kernels compute.
@@ -39,23 +41,9 @@ def _algo(m: int, splits: int = 3) -> Algo:
     return Algo("winograd", (("m", m), ("splits", splits)))
 
 
-def _problem(geom, dtype=np.float32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((geom.N, geom.C, geom.H, geom.W)).astype(dtype)
-    w = rng.standard_normal((geom.K, geom.C // geom.groups, geom.R, geom.S)).astype(dtype)
-    b = rng.standard_normal(geom.K).astype(dtype)
-    gy = rng.standard_normal((geom.N, geom.K, geom.P, geom.Q)).astype(dtype)
-    return x, w, b, gy
-
-
-def _run(ex, op, geom, algo, x, w, b, gy):
-    """(backend result, float64 reference) of one op."""
-    if op == "forward":
-        return backend.forward(ex, x, w, b, geom, algo), reference.conv2d_forward(x, w, b, geom)
-    if op == "input_grad":
-        return (backend.input_grad(ex, w, gy, geom, algo),
-                reference.conv2d_input_grad(w, gy, geom))
-    return backend.weight_grad(ex, x, gy, geom, algo), reference.conv2d_weight_grad(x, gy, geom)
+def _problem(geom, seed=0):
+    """Seeded float32 ``x, weight, bias, grad_output`` (test_cuda_emulated's helper)."""
+    return _emu_problem(geom, np.float32, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +252,8 @@ def test_tiles_satisfy_kernel_constraints(m):
     t = TILES[m]
     assert t.m == m and t.tm % 4 == 0 and t.tn % 4 == 0
     assert t.threads <= 1024 and t.threads % 32 == 0
-    uvec = t.alpha ** 2 * t.bc * t.channels // 4
-    assert uvec % t.threads == 0 and (t.threads * 4) % (t.bc * t.channels) == 0
+    uvec = t.alpha ** 2 * t.chunk * t.cols // 4
+    assert uvec % t.threads == 0 and (t.threads * 4) % (t.chunk * t.cols) == 0
     assert t.smem_bytes <= cuda_conv.SMEM_LIMIT
     wt = WGRAD_TILES[m]
     assert wt.m == m and wt.tm % 4 == 0 and wt.tn % 4 == 0
@@ -406,9 +394,9 @@ def test_rules_weight_grad_slices(geom):
     tiles = geom.N * cuda_winograd.tiles_per_image(geom, 4)
     slices = algo.get("splits")
     # no slice sums more than WINOGRAD_MAX_SUM tiles (the error bound); about two blocks per SM
-    slices_made, t_split = cuda_conv.split_reduction(tiles, slices, tile.br)
+    slices_made, t_split = cuda_conv.split_reduction(tiles, slices, tile.chunk)
     assert slices_made == slices and t_split <= rules.WINOGRAD_MAX_SUM[4]
-    blocks = -(-geom.C // tile.channels) * -(-geom.K // tile.filters)
+    blocks = -(-geom.C // tile.rows) * -(-geom.K // tile.cols)
     assert blocks * slices >= rules.ASSUMED_SM_COUNT
     assert algo.get("workspace_bytes") == slices * geom.K * geom.C * 9 * 4
     assert f"in {slices} slices" in algo.reason

@@ -227,9 +227,9 @@ def winograd_wgrad_splits(geom: ConvGeometry, m: int, sm_count: int,
     tile = cuda_winograd.WGRAD_TILES[m]
     cg, kg = geom.C // geom.groups, geom.K // geom.groups
     tiles = geom.N * cuda_winograd.tiles_per_image(geom, m)
-    blocks = math.ceil(cg / tile.channels) * math.ceil(kg / tile.filters) * geom.groups
+    blocks = math.ceil(cg / tile.rows) * math.ceil(kg / tile.cols) * geom.groups
     want = math.ceil(BLOCKS_PER_SM_TARGET * sm_count / blocks)
-    by_length = max(1, tiles // (MIN_SLICE_TILES * tile.br))
+    by_length = max(1, tiles // (MIN_SLICE_TILES * tile.chunk))
     need = math.ceil(tiles / WINOGRAD_MAX_SUM[m])
     splits = max(need, min(want, by_length))
     if splits > 1:
