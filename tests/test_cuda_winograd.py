@@ -487,21 +487,26 @@ GPU_GEOMS = [conv_geometry((2, 64, 14, 14), (64, 64, 3, 3), 1, 1, 1, 1),
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", cuda_winograd.TILE_SIZES)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("geom", GPU_GEOMS, ids=["r3x3", "groups_pad", "tiny"])
 def test_gpu_against_reference(cupy, geom, op, m):
+    """The real kernels through CuPy, outputs NaN-poisoned, twice (bit-identical)."""
     x, w, b, gy = _problem(geom)
     d = cupy.asarray
-    if op == "forward":
-        out = backend.conv2d_forward(d(x), d(w), d(b), geom, _algo(m))
-        ref = reference.conv2d_forward(x, w, b, geom)
-    else:
-        out = backend.conv2d_input_grad(d(w), d(gy), geom, _algo(m))
-        ref = reference.conv2d_input_grad(w, gy, geom)
-    assert rel_err(cupy.asnumpy(out), ref) < ERROR_BOUND[m]
-    again = (backend.conv2d_forward(d(x), d(w), d(b), geom, _algo(m)) if op == "forward"
-             else backend.conv2d_input_grad(d(w), d(gy), geom, _algo(m)))
-    np.testing.assert_array_equal(cupy.asnumpy(out), cupy.asnumpy(again))
+
+    def run():
+        if op == "forward":
+            return backend.conv2d_forward(d(x), d(w), d(b), geom, _algo(m))
+        if op == "input_grad":
+            return backend.conv2d_input_grad(d(w), d(gy), geom, _algo(m))
+        return backend.conv2d_weight_grad(d(x), d(gy), geom, _algo(m))
+
+    out = cupy.asnumpy(run())
+    ref = {"forward": lambda: reference.conv2d_forward(x, w, b, geom),
+           "input_grad": lambda: reference.conv2d_input_grad(w, gy, geom),
+           "weight_grad": lambda: reference.conv2d_weight_grad(x, gy, geom)}[op]()
+    assert rel_err(out, ref) < ERROR_BOUND[m]
+    np.testing.assert_array_equal(out, cupy.asnumpy(run()))
 
 
 @pytest.mark.gpu
@@ -518,4 +523,9 @@ def test_gpu_public_api_takes_winograd(cupy):
     assert rel_err(cupy.asnumpy(y), reference.conv2d_forward(x, w, b, geom)) < ERROR_BOUND[4]
     gx = fastconv.conv2d_input_grad(x.shape, d(w), d(gy), padding=1)
     assert rel_err(cupy.asnumpy(gx), reference.conv2d_input_grad(w, gy, geom)) \
+        < ERROR_BOUND[4]
+    gw = fastconv.conv2d_weight_grad(d(x), w.shape, d(gy), padding=1)
+    assert fastconv.explain("conv2d_weight_grad", d(x), w.shape, d(gy), padding=1).algo.name \
+        == "winograd"
+    assert rel_err(cupy.asnumpy(gw), reference.conv2d_weight_grad(x, gy, geom)) \
         < ERROR_BOUND[4]
