@@ -313,7 +313,10 @@ def test_hinge_launch_arguments():
 
 
 def test_hinge_grid_is_capped_per_sm():
-    assert cuda_hinge.hinge_grid(10**7, 32, 132) == (8 * 132, 1, 1)
+    assert cuda_hinge.hinge_grid(10**7, 32, 132) == (4 * 132, 1, 1)
+    assert cuda_hinge.hinge_grid(10**7, 32, 132, 2) == (2 * 132, 1, 1)
+    assert cuda_hinge.blocks_per_sm("float64", 32, 32) == 2
+    assert cuda_hinge.blocks_per_sm("float32", 32, 16) == 4
     assert cuda_hinge.hinge_grid(5, 32, 132) == (1, 1, 1)
     assert cuda_hinge.hinge_grid(0, 1, 132) == (1, 1, 1)
 
