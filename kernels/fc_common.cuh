@@ -89,6 +89,61 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], const unsigned (&
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// Asynchronous global -> shared copies (cp.async, sm_80+) and ldmatrix. The host emulation
+// (tests/cuda_emu.h) implements the same PTX semantics.
+// ---------------------------------------------------------------------------------------------
+// Copy BYTES (4, 8 or 16) from global `src` to shared `dst`, both aligned to BYTES, through L1
+// (.ca); when `valid` is false nothing is read and `dst` is zero-filled (src-size 0), so `src`
+// may then point anywhere (pass a valid base pointer all the same).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp_async: 4, 8 or 16 bytes");
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::cp_async(dst, src, BYTES, valid ? BYTES : 0);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
+                 :: "r"(d), "l"(__cvta_generic_to_global(src)), "n"(BYTES), "r"(valid ? BYTES : 0) : "memory");
+#endif
+}
+
+// Close this thread's outstanding cp.async copies into one group.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::cp_async_commit_group();
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most N of this thread's most recent groups are pending. The copies of the
+// other threads become visible after a following __syncthreads().
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::cp_async_wait_group(N);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 pass the row addresses of matrix i
+// (16 bytes per row, 16-byte aligned); lane l gets word l % 4 of row l / 4 of matrix i in r[i].
+// For 32-bit elements (TF32) that is element (l / 4, l % 4) of an 8 x 4 matrix: the A fragment
+// of mma.m16n8k8 from a row-major [m][k] tile.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::ldmatrix<4>(r, row, false);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#endif
+}
+
 // Sum of `v` over the block, returned to thread 0 (others get partial sums). The order of the
 // additions is fixed by the thread layout alone, so results repeat bit for bit. `scratch`
 // holds one value per warp; NT is a multiple of 32.

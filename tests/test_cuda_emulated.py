@@ -268,6 +268,33 @@ def test_hinge_lecture_example(ex):
 
 
 # ---------------------------------------------------------------------------------------------
+# The emulated cp.async and ldmatrix (tests/emu_selftest.cu) behave as the PTX ISA says
+# ---------------------------------------------------------------------------------------------
+def test_emu_cp_async_groups(ex):
+    src = np.arange(1, 161, dtype=np.float32)
+    out = np.full(160, 7.0, np.float32)
+    cuda_emu.run(cuda_build.Launch("emu", "fc_test::cp_async_groups", (1, 1, 1), (32, 1, 1), 0,
+                                   (src, out)))
+    lane = np.arange(32)
+    np.testing.assert_array_equal(out[:32], src[:32])                        # group 0 done
+    np.testing.assert_array_equal(out[32:64], np.where(lane % 2 == 0, src[32:64], 0))  # zfill
+    assert np.isnan(out[64:96]).all()                                        # still pending
+    np.testing.assert_array_equal(out[96:128], src[64:96])                   # after wait 0
+    assert np.isnan(out[128:160]).all()                                      # never committed
+
+
+def test_emu_ldmatrix_gives_the_mma_a_fragment(ex):
+    a = np.arange(128, dtype=np.float32).reshape(16, 8)
+    out = np.full(128, np.nan, np.float32)
+    cuda_emu.run(cuda_build.Launch("emu", "fc_test::ldmatrix_a_fragment", (1, 1, 1),
+                                   (32, 1, 1), 0, (a, out)))
+    frag = out.reshape(32, 4)
+    for lane in range(32):  # PTX ISA, mma.m16n8k8 .tf32: a0..a3 of lane (g, t)
+        g, t = lane // 4, lane % 4
+        assert list(frag[lane]) == [a[g, t], a[g + 8, t], a[g, t + 4], a[g + 8, t + 4]]
+
+
+# ---------------------------------------------------------------------------------------------
 # The emulation's own checks can fail
 # ---------------------------------------------------------------------------------------------
 def test_argument_types_are_checked(ex):
