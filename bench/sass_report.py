@@ -61,8 +61,8 @@ class Device:
 DEVICES = {"sm_80": Device("A100", 108, 164 * 1024), "sm_90": Device("H100/H200", 132, 228 * 1024)}
 
 # Kernels whose main loop must stream through cp.async (LDGSTS in the SASS); regex on the
-# C++ name. Empty until a kernel family is pipelined.
-PIPELINED: tuple[str, ...] = ()
+# C++ name: every implicit-GEMM conv kernel (kernels/conv2d.cu, mainloop).
+PIPELINED: tuple[str, ...] = (r"^fc::conv_(simt|tf32)<",)
 # TF32 kernels: their main loop must contain HMMA.
 TF32 = (r"^fc::conv_tf32<",)
 

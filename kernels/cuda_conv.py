@@ -203,11 +203,13 @@ def fast_divisor(d: int) -> tuple[int, int]:
 
 
 def divisor_args(geom: Any, mode: int) -> tuple:
-    """The 14 scalars after ``k_split``: ``(mul, shift)`` of R*S, S, P*Q, Q, the output pixel
-    plane (P*Q for FPROP, H*W for DGRAD, unused by WGRAD), sh and sw."""
+    """The 14 scalars after ``k_split``: ``(mul, shift)`` of R*S, S, P*Q, the row and the plane
+    of the GEMM-row pixel space (row: W for DGRAD, else Q; plane: H*W for DGRAD, else P*Q;
+    WGRAD uses the row only), sh and sw."""
     plane = geom.H * geom.W if mode == DGRAD else geom.P * geom.Q
+    row = geom.W if mode == DGRAD else geom.Q
     out = []
-    for d in (geom.R * geom.S, geom.S, geom.P * geom.Q, geom.Q, max(plane, 1), geom.stride[0],
+    for d in (geom.R * geom.S, geom.S, geom.P * geom.Q, row, max(plane, 1), geom.stride[0],
               geom.stride[1]):
         mul, shift = fast_divisor(d)
         out += [np.uint32(mul), np.int32(shift)]

@@ -31,6 +31,12 @@ __device__ __forceinline__ void load16(double* d, const double* src) {
     d[0] = v.x; d[1] = v.y;
 }
 
+// Copy two floats from `src` (8-byte aligned) into d[0], d[1].
+__device__ __forceinline__ void load8(float* d, const float* src) {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    d[0] = v.x; d[1] = v.y;
+}
+
 // Store registers s[0..N) as one 16-byte vector to global memory at `dst` (16-byte aligned).
 // Written in PTX: NVVM splits a plain float4 store into four scalar stores when it cannot
 // prove the alignment of a computed address (seen in conv_simt's epilogue).

@@ -59,6 +59,9 @@
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
+struct float2 {
+    float x, y;
+};
 struct float4 {
     float x, y, z, w;
 };

@@ -197,10 +197,11 @@ def test_divisor_args_order_and_types():
     assert all(type(a) is np.uint32 for a in args[0::2])
     assert all(type(a) is np.int32 for a in args[1::2])
     g = MIXED
-    divisors = (g.R * g.S, g.S, g.P * g.Q, g.Q, g.H * g.W, 2, 1)
+    divisors = (g.R * g.S, g.S, g.P * g.Q, g.W, g.H * g.W, 2, 1)  # DGRAD rows are (H, W)
     assert [cuda_conv.fast_divisor(d) for d in divisors] == [
         (int(args[i]), int(args[i + 1])) for i in range(0, 14, 2)]
     assert cuda_conv.divisor_args(MIXED, FPROP)[8] == cuda_conv.fast_divisor(g.P * g.Q)[0]
+    assert cuda_conv.divisor_args(MIXED, FPROP)[6] == cuda_conv.fast_divisor(g.Q)[0]
 
 
 @given(st.integers(1, 10**6), st.integers(1, 10**5))
