@@ -20,7 +20,8 @@ registers, the static shared memory and the block size the launcher uses (dynami
 used only by ``depthwise_fprop`` and sized per geometry, is not included).
 
 ``--check`` exits with status 1 on a spill, local memory, a TF32 kernel without HMMA in its
-main loop, or a pipelined kernel (see `PIPELINED`) whose main loop has no LDGSTS; the test
+main loop, a pipelined kernel (see `PIPELINED`) whose main loop has no LDGSTS, or a CALL (the
+integer-division routine) in a conv or depthwise kernel (`NO_CALLS`); the test
 ``tests/test_sass_report.py`` runs it so in CI. Where cuda-bindings/NVRTC or cuobjdump are
 absent the report says so and exits with status 2 (the test skips, or fails under ``CI``).
 Numbers depend on the NVRTC version: the ``test`` extra of pyproject.toml pins it.
@@ -65,6 +66,9 @@ DEVICES = {"sm_80": Device("A100", 108, 164 * 1024), "sm_90": Device("H100/H200"
 PIPELINED: tuple[str, ...] = (r"^fc::conv_(simt|tf32)<",)
 # TF32 kernels: their main loop must contain HMMA.
 TF32 = (r"^fc::conv_tf32<",)
+# Kernels that must not call a subroutine (the 64-bit integer division routine, a CALL in the
+# SASS): their divisions are FastDiv multiply-shifts.
+NO_CALLS = (r"^fc::conv_", r"^fc::depthwise_")
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Kernel:
     spill_loads: int = 0
     blocks_per_sm: int = 0
     occupancy: float = 0.0
+    calls: int = 0                              # CALL instructions in the whole kernel
     loop: dict = field(default_factory=dict)   # instruction counts of the main loop
     problems: list = field(default_factory=list)
 
@@ -259,6 +264,23 @@ def main_loop(insns: list[tuple[int, str, str]]) -> dict[str, int]:
     return counts
 
 
+def subroutine_calls(insns: list[tuple[int, str, str]]) -> int:
+    """CALL instructions into a subroutine (such as the integer-division routine): ptxas
+    places subroutines after the kernel's last EXIT. A CALL.REL.NOINC to a nearby address
+    inside the kernel body is a control-flow idiom ptxas uses for loop exits on sm_80, not a
+    call, and is not counted."""
+    exits = [addr for addr, op, _ in insns if op.split(".")[0] == "EXIT"]
+    last_exit = max(exits) if exits else -1
+    count = 0
+    for _, op, operands in insns:
+        if not op.startswith("CALL"):
+            continue
+        m = re.search(r"0x([0-9a-f]+)", operands)
+        if m is None or int(m.group(1), 16) > last_exit:
+            count += 1
+    return count
+
+
 def occupancy(dev: Device, threads: int, registers: int, smem: int) -> tuple[int, float]:
     """(resident blocks per SM, warps resident / max warps) in the CUDA occupancy model."""
     warps = -(-threads // 32)
@@ -334,6 +356,7 @@ def report(archs=ARCHS, sources: tuple[str, ...] | None = None) -> tuple[list[Ke
                     k.blocks_per_sm, k.occupancy = occupancy(DEVICES[arch], threads,
                                                              k.registers, k.smem)
                     k.loop = main_loop(sass.get(mangled, []))
+                    k.calls = subroutine_calls(sass.get(mangled, []))
                     k.problems += check(k)
                     kernels.append(k)
     return kernels, problems
@@ -356,6 +379,8 @@ def check(k: Kernel) -> list[str]:
         out.append("TF32 kernel without HMMA in its main loop")
     if any(re.search(p, k.name) for p in PIPELINED) and not k.loop.get("LDGSTS"):
         out.append("pipelined kernel without LDGSTS in its main loop")
+    if any(re.search(p, k.name) for p in NO_CALLS) and k.calls:
+        out.append(f"{k.calls} CALL (integer division routine?)")
     return out
 
 
@@ -363,7 +388,7 @@ def table(kernels: list[Kernel]) -> str:
     """A fixed-width table, one line per kernel and architecture."""
     head = (f"{'kernel':<52} {'arch':<5} {'thr':>4} {'reg':>4} {'smem':>6} {'blk':>3} "
             f"{'occ':>4} {'loop':>5} {'mix':>10} {'LDGSTS':>6} {'LDS128':>6} {'LDSM':>4} "
-            f"{'LDG128':>6} {'LDG':>4}  problems")
+            f"{'LDG128':>6} {'LDG':>4} {'CALL':>4}  problems")
     lines = [head, "-" * len(head)]
     for k in kernels:
         c = k.loop
@@ -371,7 +396,7 @@ def table(kernels: list[Kernel]) -> str:
             f"{k.name[4:]:<52} {k.arch:<5} {k.threads:>4} {k.registers:>4} {k.smem:>6} "
             f"{k.blocks_per_sm:>3} {100 * k.occupancy:>3.0f}% {c.get('total', 0):>5} "
             f"{k.mix():>10} {c.get('LDGSTS', 0):>6} {c.get('LDS.128', 0):>6} "
-            f"{c.get('LDSM', 0):>4} {c.get('LDG.128', 0):>6} {c.get('LDG', 0):>4}  "
+            f"{c.get('LDSM', 0):>4} {c.get('LDG.128', 0):>6} {c.get('LDG', 0):>4} {k.calls:>4}  "
             f"{'; '.join(k.problems)}")
     return "\n".join(lines)
 

@@ -73,20 +73,6 @@ constexpr int CONV_STAGES = 4;
 // bounds checks reject it.
 constexpr int FAR = -(1 << 30);
 
-// Division of 0 <= n < 2^31 by a run-time divisor d >= 1 as a multiply and a shift
-// (Granlund & Montgomery, round-up method): n / d == (n * mul) >> shift with
-// shift = 31 + ceil(log2 d) and mul = ceil(2^shift / d) < 2^32, computed by the launcher
-// (kernels/cuda_conv.py, fast_divisor). Kernel parameters live in the constant bank, so this
-// costs no registers and about three instructions instead of an integer-division sequence.
-struct FastDiv {
-    unsigned mul;
-    int shift;
-
-    __device__ __forceinline__ int operator()(int n) const {
-        return (int)(((unsigned long long)(unsigned)n * mul) >> shift);
-    }
-};
-
 struct ConvShape {
     int N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups;
     // Divisors of the index arithmetic: R*S, S, P*Q, the row and plane sizes of the GEMM-row

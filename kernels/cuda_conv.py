@@ -305,24 +305,42 @@ def depthwise_fits(geom: Any, dtype: Any) -> bool:
     t = DEPTHWISE_TILES[np.dtype(dtype).name]
     return (is_depthwise(geom) and depthwise_smem_bytes(geom, dtype) <= SMEM_LIMIT
             and geom.N * geom.K <= 2**31 - 1 and geom.K * geom.R * geom.S <= 2**31 - 1
+            and geom.N * geom.C * geom.H * _ceil(geom.W, 32) <= 2**31 - 1
+            and geom.H * geom.W <= 2**31 - 1 and geom.P * geom.Q <= 2**31 - 1
             and _ceil(geom.P, t.tp) <= GRID_YZ_LIMIT and _ceil(geom.Q, t.tq) <= GRID_YZ_LIMIT)
+
+
+def depthwise_divisor_args(geom: Any, dtype: Any) -> tuple:
+    """The 16 scalars after ``dw`` of every depthwise kernel: ``(mul, shift)`` of W, H, C, sh,
+    sw, Q, ceil(W / 32) (runs of a row in ``depthwise_dgrad``) and the input-window width IW of
+    ``depthwise_fprop``'s tile (see depthwise.cu)."""
+    t = DEPTHWISE_TILES[np.dtype(dtype).name]
+    iw = (t.tq - 1) * geom.stride[1] + (geom.S - 1) * geom.dilation[1] + 1
+    out = []
+    for d in (geom.W, geom.H, geom.C, geom.stride[0], geom.stride[1], geom.Q, _ceil(geom.W, 32),
+              iw):
+        mul, shift = fast_divisor(max(d, 1))
+        out += [np.uint32(mul), np.int32(shift)]
+    return tuple(out)
 
 
 def depthwise_forward_launch(x: Any, weight: Any, bias: Any, y: Any, geom: Any) -> Launch:
     """``depthwise_fprop``: x (N, C, H, W), weight (K, 1, R, S), bias (K,) or None -> y."""
     t = DEPTHWISE_TILES[np.dtype(x.dtype).name]
     grid = (geom.N * geom.K, _ceil(geom.P, t.tp), _ceil(geom.Q, t.tq))
-    args = (x, weight, NULL if bias is None else bias, y) + shape_args(geom, 0)[:15]
+    args = ((x, weight, NULL if bias is None else bias, y) + shape_args(geom, 0)[:15]
+            + depthwise_divisor_args(geom, x.dtype))
     return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["forward"], grid, t.block,
                   depthwise_smem_bytes(geom, x.dtype), args)
 
 
 def depthwise_input_grad_launch(weight: Any, grad_output: Any, grad_input: Any,
                                 geom: Any) -> Launch:
-    """``depthwise_dgrad``: one thread per grad_input element, grid-stride."""
-    total = geom.N * geom.C * geom.H * geom.W
-    grid = (max(1, min(_ceil(total, DEPTHWISE_THREADS), 2**20)), 1, 1)
-    args = (grad_output, weight, grad_input) + shape_args(geom, 0)[:15]
+    """``depthwise_dgrad``: a warp per run of 32 pixels of a grad_input row, grid-stride."""
+    items = geom.N * geom.C * geom.H * _ceil(geom.W, 32)
+    grid = (max(1, min(_ceil(items, DEPTHWISE_THREADS // 32), 2**20)), 1, 1)
+    args = ((grad_output, weight, grad_input) + shape_args(geom, 0)[:15]
+            + depthwise_divisor_args(geom, weight.dtype))
     return Launch("depthwise.cu", depthwise_kernel_names(weight.dtype)["input_grad"], grid,
                   (DEPTHWISE_THREADS, 1, 1), 0, args)
 
@@ -331,6 +349,7 @@ def depthwise_weight_grad_launch(x: Any, grad_output: Any, grad_weight: Any,
                                  geom: Any) -> Launch:
     """``depthwise_wgrad``: one block per weight element (k, r, s)."""
     grid = (geom.K * geom.R * geom.S, 1, 1)
-    args = (x, grad_output, grad_weight) + shape_args(geom, 0)[:15]
+    args = ((x, grad_output, grad_weight) + shape_args(geom, 0)[:15]
+            + depthwise_divisor_args(geom, x.dtype))
     return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["weight_grad"], grid,
                   (DEPTHWISE_THREADS, 1, 1), 0, args)

@@ -16,6 +16,20 @@ namespace fc {
 __device__ __forceinline__ float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double fmadd(double a, double b, double c) { return fma(a, b, c); }
 
+// Division of 0 <= n < 2^31 by a run-time divisor d >= 1 as a multiply and a shift
+// (Granlund & Montgomery, round-up method): n / d == (n * mul) >> shift with
+// shift = 31 + ceil(log2 d) and mul = ceil(2^shift / d) < 2^32, computed by the launcher
+// (kernels/cuda_conv.py, fast_divisor). Kernel parameters live in the constant bank, so this
+// costs no registers and about three instructions instead of an integer-division sequence.
+struct FastDiv {
+    unsigned mul;
+    int shift;
+
+    __device__ __forceinline__ int operator()(int n) const {
+        return (int)(((unsigned long long)(unsigned)n * mul) >> shift);
+    }
+};
+
 // 16-byte vectors: VEC<T> elements per access.
 template <typename T> struct Vec;
 template <> struct Vec<float> { static constexpr int N = 4; };

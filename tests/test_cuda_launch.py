@@ -251,10 +251,14 @@ def test_depthwise_launches():
     ih = 15 * 1 + 2 * 2 + 1
     iw = 31 * 2 + 4 * 1 + 1
     assert spec.shared_mem == (ih * iw + 15) * 4
-    assert len(spec.args) == 4 + 15
+    assert len(spec.args) == 4 + 15 + 16
+    divs = spec.args[4 + 15:]
+    assert [(int(divs[i]), int(divs[i + 1])) for i in range(0, 16, 2)] == [
+        cuda_conv.fast_divisor(d) for d in (g.W, g.H, g.C, 1, 2, g.Q, math.ceil(g.W / 32), iw)]
     spec = cuda_conv.depthwise_input_grad_launch(w, y, x, g)
     assert spec.kernel == "fc::depthwise_dgrad<float>" and spec.args[:3] == (y, w, x)
-    assert spec.grid[0] * spec.block[0] >= min(x.size, 2**20 * 256)
+    # a warp per run of 32 pixels of a row, 8 warps per block: every run is covered
+    assert spec.grid[0] * 8 >= min(g.N * g.C * g.H * math.ceil(g.W / 32), 2**20 * 8)
     spec = cuda_conv.depthwise_weight_grad_launch(x, y, w, g)
     assert spec.grid == (16 * 15, 1, 1) and spec.block == (cuda_conv.DEPTHWISE_THREADS, 1, 1)
 
