@@ -96,6 +96,17 @@ DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2)
 DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad
 
 
+def resident_blocks(tile: SimtTile | Tf32Tile, mode: int) -> int:
+    """Blocks per SM the kernel's ``__launch_bounds__`` make room for (``simt_min_blocks`` and
+    ``tf32_min_blocks`` in conv2d.cu): ``512 / threads`` (at most 128 registers per thread),
+    except 1 for the 128x128 SIMT tile and the 128x128 TF32 input gradient. The compiled
+    kernels are checked to allow at least this many (tests/test_sass_report.py)."""
+    big = tile.bm * tile.bn >= 128 * 128
+    if isinstance(tile, Tf32Tile):
+        return 1 if big and mode == DGRAD else max(1, 512 // tile.threads)
+    return 1 if big else max(1, 512 // tile.threads)
+
+
 def c_type(dtype: Any) -> str:
     """The C++ element type of a float dtype."""
     name = np.dtype(dtype).name

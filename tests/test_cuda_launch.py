@@ -416,6 +416,22 @@ def test_rules_tile_model():
     assert rules.pick_tile(84, 4, 1, tiles, 132) == SimtTile(32, 32, 8, 4, 4)
 
 
+def test_rules_wave_quantisation():
+    """Blocks per SM come in waves of the tile's resident count; a partial wave is slower per
+    block (rules.PARTIAL_WAVE_EFFICIENCY)."""
+    eff = rules.PARTIAL_WAVE_EFFICIENCY
+    assert rules.wave_units(196, 132, 2) == 2          # r3x3s2_28 at 128x128: B = 2, one wave
+    assert rules.wave_units(264, 132, 2) == 2
+    assert rules.wave_units(100, 132, 2) == pytest.approx(1 / eff)   # one block on an SM
+    assert rules.wave_units(265, 132, 2) == pytest.approx(2 + 1 / eff)
+    assert rules.wave_units(265, 132, 1) == 3
+    assert cuda_conv.resident_blocks(SimtTile(128, 128, 8, 8, 8), FPROP) == 1
+    assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 4), FPROP) == 2
+    assert cuda_conv.resident_blocks(SimtTile(32, 32, 8, 4, 4), FPROP) == 8
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), DGRAD) == 1
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), FPROP) == 2
+
+
 def test_rules_weight_grad_slices_within_workspace(device):
     algo = _choose("weight_grad", R3)
     slices = algo.get("splits")

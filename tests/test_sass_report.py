@@ -34,6 +34,10 @@ def report(tmp_path_factory):
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 
+def _data(report):
+    return report[1]
+
+
 def test_gates_pass(report):
     """No spill, no local memory, HMMA in every TF32 main loop, LDGSTS in every pipelined one."""
     proc, data = report
@@ -66,3 +70,26 @@ def test_hinge_grid_matches_occupancy(report):
         assumed = cuda_hinge.blocks_per_sm(dtype, int(group), int(items))
         assert assumed <= k["blocks_per_sm"], (k["name"], k["arch"], assumed,
                                                k["blocks_per_sm"])
+
+
+def test_conv_resident_blocks_match_occupancy(report):
+    """The dispatch rules' wave model assumes ``cuda_conv.resident_blocks`` blocks per SM; the
+    compiled kernels must allow at least that many on both architectures."""
+    from fastconv.kernels import cuda_conv  # noqa: PLC0415
+
+    expected = {}
+    for dt in cuda_conv.SIMT_TILES:
+        for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD):
+            for tile in cuda_conv.simt_tiles(dt, mode):
+                expected[cuda_conv.simt_kernel_name(dt, mode, tile)] = (
+                    cuda_conv.resident_blocks(tile, mode))
+    for tile in cuda_conv.TF32_TILES:
+        for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD):
+            expected[cuda_conv.tf32_kernel_name(mode, tile)] = cuda_conv.resident_blocks(tile,
+                                                                                         mode)
+    seen = 0
+    for k in _data(report)["kernels"]:
+        if k["name"] in expected:
+            seen += 1
+            assert expected[k["name"]] <= k["blocks_per_sm"], (k["name"], k["arch"])
+    assert seen == 2 * len(expected)
