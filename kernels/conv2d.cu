@@ -8,8 +8,9 @@
 //   with Cg = C / groups, Kg = K / groups. Bottom/right padding is implied by P and Q.
 //
 // One GEMM per group (blockIdx.z), never materialised: tiles of the virtual matrices are
-// gathered from the tensors straight into shared memory (zero where the window leaves the
-// image), then multiplied from shared memory with register blocking.
+// copied from the tensors straight into shared memory by cp.async (zero-filled, nothing read,
+// where the window leaves the image), in a 4-stage ring, then multiplied from shared memory
+// with register blocking.
 //   mode    GEMM M (rows)   GEMM N (cols)   reduction        A (red. x M)   B (red. x N)
 //   FPROP   N*P*Q pixels    Kg filters      Cg*R*S taps      x windows      weight
 //   DGRAD   N*H*W pixels    Cg channels     Kg*R*S taps      grad_output    weight
@@ -34,8 +35,10 @@
 //   conv_tf32: threads = 32 * WARPS_M * WARPS_N; warp (wm, wn) owns a (BM/WARPS_M) x
 //     (BN/WARPS_N) sub-tile made of 16x8 mma.sync tiles.
 //   Static shared memory: CONV_STAGES (4) stages of (BK x (BM + PAD)) + (BK x (BN + PAD))
-//   elements, filled by cp.async (sm_80+) three stages ahead of the arithmetic (see mainloop;
-//   one barrier per BK step). At most 128 registers per thread (two 256-thread blocks per SM).
+//   elements (at most 35 KiB), filled by cp.async (sm_80+; a plain copy on older devices)
+//   three stages ahead of the arithmetic (see mainloop; one barrier per BK step). At most 128
+//   registers per thread (two 256-thread blocks per SM), except the 128x128 SIMT tiles and the
+//   128x128 TF32 input gradient (one block per SM; cuda_conv.resident_blocks mirrors this).
 //   Arguments: a, b, bias (or null), out, then N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh,
 //   dw, groups, k_split (int32), then (mul, shift) of the divisors R*S, S, P*Q, row, output
 //   plane, sh, sw (uint32, int32; see FastDiv).
@@ -44,21 +47,24 @@
 //   conv_simt<T, MODE, BM, BN, BK, TM, TN>: strict FP32 / FP64, one fused multiply-add per
 //     product, the reduction in the order of the tiles.
 //   conv_tf32<MODE, BM, BN, BK, WARPS_M, WARPS_N>: opt-in TF32 tensor cores (sm_80+): operands
-//     rounded to TF32 when stored to shared memory, fp32 accumulation. About 1e-3 relative error.
+//     rounded to TF32 (cvt.rna) once, in shared memory, by the thread that copied them, before
+//     the tile is published; fragments read with 16-byte (or 8-byte) shared loads from a
+//     permuted row layout (place<Q>); fp32 accumulation. About 1e-3 relative error.
 //
 // Index arithmetic: tensor offsets are 64-bit (a tensor may exceed 2^31 elements); GEMM row
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
 // N*P*Q and N*H*W stay below 2^31.
 //
-// Verification status (when this was written): compiled by NVRTC for sm_80 and sm_90 in CI
-// (tests/test_nvrtc.py); ptxas (nvcc 13.0) reports 77-128 registers and no spills for every
-// instantiation the launcher requests, for sm_80 and sm_90 (DGRAD float 128x128 spilled on
-// sm_90 and is not requested: cuda_conv.SIMT_EXCLUDED). Executed on the CPU through a host
-// emulation of the CUDA execution model (tests/test_cuda_emulated.py:
-// blocks, threads, barriers, warp shuffles, the mma fragment layout as the PTX ISA documents
-// it) against the NumPy reference, for every tile and mode. Not yet run on a GPU: speed and
-// the hardware's own mma.sync layout are unverified; bench/device_check.sh runs the GPU tests
-// and benchmark.
+// Verification status (issue 11, no GPU available): compiled by NVRTC 13.5 for sm_80 and sm_90
+// in CI with ptxas warnings for spills and local memory treated as failures
+// (tests/test_nvrtc.py); bench/sass_report.py (run by tests/test_sass_report.py) reports per
+// instantiation registers, shared memory, occupancy and the main loop's instruction mix, and
+// checks LDGSTS (cp.async) in every conv main loop and HMMA in every TF32 one. Executed on the
+// CPU through the host emulation of tests/cuda_emu.h (blocks, threads, barriers, warp
+// shuffles, cp.async groups with zero-fill and poisoned pending destinations, the mma fragment
+// layout as the PTX ISA documents it) against the NumPy reference, for every tile and mode.
+// Not yet run on a GPU: speed and the hardware's own mma.sync layout are unverified;
+// bench/device_check.sh runs the GPU tests and benchmark.
 
 #include "fc_common.cuh"
 

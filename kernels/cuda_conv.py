@@ -87,8 +87,9 @@ SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
 # (dtype, mode, tile) combinations never requested: ptxas (nvcc 13.0, sm_90) spills registers
 # for them at the kernels' 128-register cap.
 SIMT_EXCLUDED: frozenset = frozenset({("float32", DGRAD, SimtTile(128, 128, 8, 8, 8))})
-# BK = 8 (one mma k-step per stage) keeps the per-thread index state small enough for the
-# 128-register cap of the kernels (BK = 16 spilled at 128x128).
+# BK = 8 (one mma k-step per stage): four cp.async stages of a 128x128 tile then take 35 KiB of
+# static shared memory; BK = 16 would need 70 KiB (dynamic shared memory with an opt-in the
+# launcher does not make yet).
 TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 8, 2, 4), Tf32Tile(128, 64, 8, 4, 2),
                                     Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
 DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2),

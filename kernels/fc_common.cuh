@@ -115,14 +115,23 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], const unsigned (&
 // ---------------------------------------------------------------------------------------------
 // Copy BYTES (4, 8 or 16) from global `src` to shared `dst`, both aligned to BYTES, through L1
 // (.ca); when `valid` is false nothing is read and `dst` is zero-filled (src-size 0), so `src`
-// may then point anywhere (pass a valid base pointer all the same).
+// may then point anywhere (outside the tensor, for a tap outside the image).
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
     static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp_async: 4, 8 or 16 bytes");
 #if defined(FASTCONV_HOST_EMULATION)
     emu::cp_async(dst, src, BYTES, valid ? BYTES : 0);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();
+    // No cp.async before sm_80: an ordinary (synchronous) copy; commit and wait do nothing and
+    // the barrier after the wait publishes the tile as usual.
+    if constexpr (BYTES == 4) {
+        *static_cast<float*>(dst) = valid ? *static_cast<const float*>(src) : 0.0f;
+    } else if constexpr (BYTES == 8) {
+        *static_cast<double*>(dst) = valid ? *static_cast<const double*>(src) : 0.0;
+    } else {
+        *static_cast<float4*>(dst) = valid ? *static_cast<const float4*>(src)
+                                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
 #else
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
@@ -157,6 +166,8 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
 #if defined(FASTCONV_HOST_EMULATION)
     emu::ldmatrix<4>(r, row, false);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 750
+    __trap();
 #else
     const unsigned a = (unsigned)__cvta_generic_to_shared(row);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
