@@ -144,8 +144,8 @@ def kernel_resources(algo) -> dict | None:
         return None  # cuBLAS
     from fastconv.kernels import cuda_build
 
-    source = "hinge.cu" if "hinge" in name else ("depthwise.cu" if "depthwise" in name
-                                                 else "conv2d.cu")
+    source = ("hinge.cu" if "hinge" in name else "depthwise.cu" if "depthwise" in name
+              else "winograd.cu" if "winograd" in name else "conv2d.cu")
     kernel = cuda_build.get_kernel(source, name)
     return {"num_regs": kernel.num_regs, "local_size_bytes": kernel.local_size_bytes}
 

@@ -3,8 +3,8 @@
     python bench/sass_report.py [--arch sm_80 --arch sm_90] [--source conv2d.cu] [--json PATH]
                                 [--check]
 
-No GPU needed. Every instantiation the launchers can request (``cuda_conv.all_kernel_names``,
-``cuda_hinge.all_kernel_names``) is compiled by NVRTC exactly as at run time
+No GPU needed. Every instantiation the launchers can request (``all_kernel_names`` of
+``cuda_conv``, ``cuda_hinge`` and ``cuda_winograd``) is compiled by NVRTC exactly as at run time
 (``cuda_build.NVRTC_OPTIONS`` + what CuPy adds + the architecture) plus ``-Xptxas=-v`` and
 ``-Xptxas=--warn-on-spills``; the ptxas log gives registers, static shared memory, stack frame
 and spills. The cubin is disassembled with ``cuobjdump -sass`` (the ``nvidia-cuda-cuobjdump``
@@ -40,7 +40,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge
+from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge, cuda_winograd
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -312,9 +312,16 @@ def instantiations() -> list[tuple[str, str, int]]:
         threads[names["weight_grad"]] = cuda_conv.DEPTHWISE_THREADS
     for name in cuda_hinge.all_kernel_names()["hinge.cu"]:
         threads[name] = cuda_hinge.THREADS
+    for tile in cuda_winograd.TILES.values():
+        threads[cuda_winograd.conv_kernel_name(tile)] = tile.threads
+    for tile in cuda_winograd.WGRAD_TILES.values():
+        threads[cuda_winograd.wgrad_kernel_name(tile)] = tile.threads
+    for m in cuda_winograd.TILES:
+        for mode in (cuda_conv.FPROP, cuda_conv.DGRAD):
+            threads[cuda_winograd.filter_kernel_name(m, mode)] = cuda_winograd.FILTER_THREADS
     out = []
-    for source, names in {**cuda_conv.all_kernel_names(),
-                          **cuda_hinge.all_kernel_names()}.items():
+    for source, names in {**cuda_conv.all_kernel_names(), **cuda_hinge.all_kernel_names(),
+                          **cuda_winograd.all_kernel_names()}.items():
         for name in names:
             out.append((source, name, threads[name]))
     return out

@@ -18,24 +18,37 @@ from ._types import ConvGeometry
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 REDUCTIONS = ("mean", "sum", "none")
+# Strides, dilations and paddings beyond this cannot index anything a kernel can hold (the
+# kernels use 64-bit offsets, but no tensor of 2**31 rows fits in memory either).
+MAX_OPTION = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
 # Array kinds
 # ---------------------------------------------------------------------------------------------
-def array_kind(a: Any) -> str:
-    """Return ``"numpy"`` or ``"cupy"`` for an array, without importing CuPy."""
+def array_kind(a: Any, name: str = "argument") -> str:
+    """Return ``"numpy"`` or ``"cupy"`` for an array, without importing CuPy.
+
+    Anything else (a list, a NumPy scalar, a torch tensor, ...) is a ``TypeError`` naming the
+    argument ``name``.
+    """
     if isinstance(a, np.ndarray):
         return "numpy"
-    if type(a).__module__.split(".")[0] == "cupy":
+    module = type(a).__module__.split(".")[0]
+    if module == "cupy":
         return "cupy"
-    raise TypeError(
-        f"expected a NumPy or CuPy array, got {type(a).__module__}.{type(a).__name__}")
+    hint = ""
+    if module == "torch":
+        hint = "; for torch tensors use fastconv.torch (or pass tensor.numpy())"
+    elif isinstance(a, (list, tuple, numbers.Number, np.generic)):
+        hint = "; wrap it with numpy.asarray(...)"
+    raise TypeError(f"{name} must be a NumPy or CuPy array, got "
+                    f"{type(a).__module__}.{type(a).__name__}{hint}")
 
 
 def common_kind(named: dict[str, Any]) -> str:
     """The array kind shared by all non-None arrays in ``named``; mixing kinds is an error."""
-    kinds = {name: array_kind(a) for name, a in named.items() if a is not None}
+    kinds = {name: array_kind(a, name) for name, a in named.items() if a is not None}
     found = set(kinds.values())
     if len(found) > 1:
         desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
@@ -78,7 +91,7 @@ def _int(v: Any, name: str) -> int:
 
 
 def pair(v: Any, name: str, *, minimum: int = 1) -> tuple[int, int]:
-    """Normalise an int or a pair of ints to ``(h, w)``, each at least ``minimum``."""
+    """Normalise an int or a pair of ints to ``(h, w)``, each in ``[minimum, MAX_OPTION]``."""
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
@@ -89,6 +102,8 @@ def pair(v: Any, name: str, *, minimum: int = 1) -> tuple[int, int]:
     if min(out) < minimum:
         word = "positive" if minimum == 1 else f">= {minimum}"
         raise ValueError(f"{name} must be {word}, got {v!r}")
+    if max(out) > MAX_OPTION:
+        raise ValueError(f"{name} must be at most 2**31 - 1, got {v!r}")
     return out
 
 
@@ -153,9 +168,16 @@ def _geometry(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeomet
     if Cg * groups != C:
         raise ValueError(f"weight expects C/groups={Cg} input channels per group, but the input "
                          f"has C={C} channels and groups={groups} (C/groups={C // groups})")
-    if min(K, R, S) < 1 or min(N, H, W) < 1:
-        raise ValueError(f"empty tensors are not supported: input {tuple(x_shape)}, "
-                         f"weight {tuple(w_shape)}")
+    # N = 0 (an empty batch) and C = 0 (a sum over no channels) have well-defined results;
+    # the dispatch gives them to the "empty" algorithm. No filter, no kernel tap or no pixel
+    # leaves nothing to convolve: PyTorch refuses those too.
+    if K < 1:
+        raise ValueError(f"weight has K={K} filters; a convolution needs at least one "
+                         f"(weight {tuple(w_shape)})")
+    if min(R, S) < 1:
+        raise ValueError(f"weight must have a non-empty R x S kernel, got {tuple(w_shape)}")
+    if min(H, W) < 1:
+        raise ValueError(f"input must have non-empty H x W planes, got {tuple(x_shape)}")
     sh_sw = pair(stride, "stride")
     dh_dw = pair(dilation, "dilation")
     pads = normalize_padding(padding, (H, W), (R, S), sh_sw, dh_dw)
@@ -303,7 +325,7 @@ def _labels(labels: Any, kind: str, N: int, C: int, batched: bool):
     xp = array_module(kind)
     if isinstance(labels, numbers.Integral) and not isinstance(labels, (bool, np.bool_)):
         labels = xp.asarray(labels)
-    elif array_kind(labels) != kind:
+    elif array_kind(labels, "labels") != kind:
         raise TypeError(f"labels is a {array_kind(labels)} array but scores is {kind}; "
                         f"move them to one device")
     if labels.dtype.kind not in "iu":
@@ -312,22 +334,24 @@ def _labels(labels: Any, kind: str, N: int, C: int, batched: bool):
     if tuple(labels.shape) != want:
         raise ValueError(f"labels must have shape {want} to match scores, "
                          f"got {tuple(labels.shape)}")
-    labels = xp.ascontiguousarray(labels.reshape(N), dtype=np.int64)
+    labels = labels.reshape(N)
+    # The range is checked in the labels' own dtype: a uint64 label of 2**63 + 5 cast to int64
+    # first would be reported as a negative number.
     if kind == "numpy":
         lo, hi = int(labels.min()), int(labels.max())
     else:  # one device-to-host sync, not two
-        lo, hi = xp.stack((labels.min(), labels.max())).tolist()
+        lo, hi = (int(v) for v in xp.stack((labels.min(), labels.max())).tolist())
     if lo < 0 or hi >= C:
         bad = lo if lo < 0 else hi
         raise ValueError(f"labels must lie in [0, {C}) for {C} classes; found {bad}")
-    return labels
+    return xp.ascontiguousarray(labels, dtype=np.int64)
 
 
 def _row_scale(grad_loss: Any, reduction: str, N: int, batched: bool, kind: str, dtype):
     xp = array_module(kind)
     if reduction == "none" and getattr(grad_loss, "ndim", 0) > 0:
         gl = grad_loss
-        if array_kind(gl) != kind:
+        if array_kind(gl, "grad_loss") != kind:
             raise TypeError(f"grad_loss is a {array_kind(gl)} array but scores is {kind}")
         want = (N,) if batched else ()
         if tuple(gl.shape) != want:
@@ -356,6 +380,8 @@ def hinge_args(scores, labels, margin, p, weight, reduction, grad_loss) -> Hinge
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     if not isinstance(margin, numbers.Real) or not math.isfinite(float(margin)):
         raise ValueError(f"margin must be a finite real number, got {margin!r}")
+    if abs(float(margin)) > float(np.finfo(dtype).max):
+        raise ValueError(f"margin={margin!r} overflows the scores' dtype {dtype}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if weight is not None and tuple(weight.shape) != (C,):
@@ -367,3 +393,80 @@ def hinge_args(scores, labels, margin, p, weight, reduction, grad_loss) -> Hinge
     rs = _row_scale(grad_loss, reduction, N, batched, kind, dtype)
     return HingeCall(kind, dtype, batched, reduction, xp.ascontiguousarray(scores.reshape(N, C)),
                      lab, float(margin), int(p), cw, rs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transposed convolution
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransposeGeometry:
+    """A validated transposed convolution of an input ``(N, C_in, H, W)`` by a weight
+    ``(C_in, C_out/groups, R, S)``, viewed as the input gradient of the convolution from the
+    output ``(N, C_out, H_out, W_out)`` back to ``(N, C_in, H, W)``.
+
+    When ``output_padding < stride`` on both axes (``direct``) the transposed convolution *is*
+    ``conv2d_input_grad`` of that convolution with ``padding``; otherwise (possible when the
+    dilation exceeds the stride) it is the input gradient of the unpadded convolution from
+    ``full_hw`` (every row/column some tap reaches), cropped at ``(top, left)`` to
+    ``out_hw`` with zeros beyond ``full_hw``.
+    """
+
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+    output_padding: tuple[int, int]
+    out_channels: int
+    out_hw: tuple[int, int]
+    full_hw: tuple[int, int]
+
+    @property
+    def direct(self) -> bool:
+        """Whether ``conv2d_input_grad`` with ``padding`` gives the output as it is."""
+        return all(o < s for o, s in zip(self.output_padding, self.stride))
+
+
+def output_padding_pair(output_padding: Any, stride: tuple[int, int],
+                        dilation: tuple[int, int]) -> tuple[int, int]:
+    """Validate ``output_padding`` of a transposed convolution: an int or a pair of ints,
+    each ``>= 0`` and smaller than the stride or the dilation of its axis (PyTorch's rule)."""
+    op = pair(output_padding, "output_padding", minimum=0)
+    for o, s, d, axis in zip(op, stride, dilation, ("height", "width")):
+        if o >= max(s, d):
+            raise ValueError(f"output_padding must be smaller than the stride or the dilation "
+                             f"of its axis; got {o} on the {axis} with stride {s} and "
+                             f"dilation {d}")
+    return op
+
+
+def conv_transpose_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: Any,
+                            padding: Any, output_padding: Any, dilation: Any,
+                            groups: Any) -> TransposeGeometry:
+    """Validate a transposed convolution: ``x_shape (N, C_in, H, W)``, ``w_shape
+    (C_in, C_out/groups, R, S)``; ``padding`` an int, a pair or ``((top, bottom), (left,
+    right))`` (strings are refused: they have no meaning for the transposed op)."""
+    _, C, H, W = x_shape
+    Cin, Cout_g, R, S = (int(v) for v in w_shape)
+    groups = _int(groups, "groups")
+    if groups < 1:
+        raise ValueError(f"groups must be positive, got {groups}")
+    if Cin != C:
+        raise ValueError(f"weight is (C_in={Cin}, C_out/groups, R, S) but the input has "
+                         f"C={C} channels")
+    if Cin % groups:
+        raise ValueError(f"input channels C={C} are not divisible by groups={groups}")
+    if min(Cout_g, R, S) < 1:
+        raise ValueError(f"weight must not be empty, got shape {tuple(w_shape)}")
+    st = pair(stride, "stride")
+    dl = pair(dilation, "dilation")
+    if isinstance(padding, str):
+        raise ValueError(f"padding of a transposed convolution must be an int, a pair or "
+                         f"((top, bottom), (left, right)), got {padding!r}")
+    pads = normalize_padding(padding, (1, 1), (R, S), st, dl)
+    op = output_padding_pair(output_padding, st, dl)
+    full = ((H - 1) * st[0] + dl[0] * (R - 1) + 1, (W - 1) * st[1] + dl[1] * (S - 1) + 1)
+    out = (full[0] - pads[0] - pads[1] + op[0], full[1] - pads[2] - pads[3] + op[1])
+    if min(out) < 1:
+        raise ValueError(f"the padding {pads} (top, bottom, left, right) leaves no output: "
+                         f"the output would be {out[0]}x{out[1]}")
+    return TransposeGeometry(st, pads, dl, groups, op, Cout_g * groups, out, full)

@@ -52,6 +52,17 @@ def hinge_loss(scores: Any, labels: Any, margin: float = 1.0, p: int = 1, weight
     Returns
     -------
     scalar (0-d) for "mean"/"sum", array (N,) for "none".
+        A row with a NaN score has a NaN loss (and a NaN gradient row); PyTorch's
+        ``MultiMarginLoss`` lets a NaN in a wrong class's score drop out of the gradient.
+
+    Examples
+    --------
+    The lecture notes' example: scores of one sample, true class 2.
+
+    >>> import numpy as np, fastconv
+    >>> s = np.array([-3.0, 1.0, 0.5, -1.0, -0.4])
+    >>> round(float(fastconv.hinge_loss(s, 2)), 6)
+    1.6
     """
     return _run(scores, labels, margin, p, weight, reduction, 1.0, False, backend)[0]
 

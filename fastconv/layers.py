@@ -1,5 +1,5 @@
-"""Framework-free layers built on fastconv's ops: Conv2d, MultiClassHingeLoss, ReLU, Linear,
-Flatten, Sequential and a minimal SGD.
+"""Framework-free layers built on fastconv's ops: Conv2d, ConvTranspose2d, MultiClassHingeLoss,
+ReLU, Linear, Flatten, Sequential and a minimal SGD.
 
 Chainer style: a layer holds its parameters and calls the public ops (``fastconv.conv2d`` and
 its gradients, ``fastconv.hinge_loss_and_grad``); its backward pass is built from ops as well,
@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _args
 from .conv import conv2d, conv2d_bias_grad, conv2d_input_grad, conv2d_weight_grad
+from .conv import conv_transpose2d, conv_transpose2d_input_grad, conv_transpose2d_weight_grad
 from .dispatch import BackendUnavailableError, availability
 from .hinge import hinge_loss_and_grad
 
@@ -98,6 +99,32 @@ def _float_dtype(dtype: Any) -> np.dtype:
     if dt not in _args.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     return dt
+
+
+def _conv_options(layer: "Layer", in_channels: int, out_channels: int, kernel_size: Pair,
+                  stride: Pair, dilation: Pair, groups: int) -> None:
+    """Check the channel counts against ``groups`` and store a conv layer's options."""
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must "
+                         f"be divisible by groups={groups}")
+    layer.in_channels, layer.out_channels, layer.groups = in_channels, out_channels, groups
+    layer.kernel_size = _args.pair(kernel_size, "kernel_size")
+    layer.stride = _args.pair(stride, "stride")
+    layer.dilation = _args.pair(dilation, "dilation")
+
+
+def _init_weight_bias(layer: "Layer", weight_shape: tuple[int, ...], n_bias: int, fan_in: int,
+                      bias: bool, dtype: Any, seed: Optional[int], device: str) -> None:
+    """Give ``layer`` PyTorch's initialisation (Kaiming-uniform ``weight``, uniform ``bias`` of
+    ``n_bias`` values or None) from ``fan_in``, empty gradients, and move it to ``device``."""
+    dt = _float_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    layer.weight = _kaiming_uniform(rng, weight_shape, fan_in, dt)
+    layer.bias = _bias_uniform(rng, n_bias, fan_in, dt) if bias else None
+    layer.grad_weight = layer.grad_bias = None
+    layer.device = "cpu"
+    if device != "cpu":
+        layer.to(device)
 
 
 class Layer(abc.ABC):
@@ -266,26 +293,12 @@ class Conv2d(Layer):
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {tuple(PADDING_MODES)}, "
                              f"got {padding_mode!r}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must "
-                             f"be divisible by groups={groups}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _args.pair(kernel_size, "kernel_size")
-        self.stride = _args.pair(stride, "stride")
-        self.dilation = _args.pair(dilation, "dilation")
-        self.padding, self.groups, self.padding_mode = padding, groups, padding_mode
-        dt = _float_dtype(dtype)
-        rng = np.random.default_rng(seed)
+        _conv_options(self, in_channels, out_channels, kernel_size, stride, dilation, groups)
+        self.padding, self.padding_mode = padding, padding_mode
         R, S = self.kernel_size
-        fan_in = in_channels // groups * R * S
-        self.weight = _kaiming_uniform(rng, (out_channels, in_channels // groups, R, S),
-                                       fan_in, dt)
-        self.bias = _bias_uniform(rng, out_channels, fan_in, dt) if bias else None
-        self.grad_weight = self.grad_bias = None
         self._saved: Optional[tuple] = None
-        self.device = "cpu"
-        if device != "cpu":
-            self.to(device)
+        _init_weight_bias(self, (out_channels, in_channels // groups, R, S), out_channels,
+                          in_channels // groups * R * S, bias, dtype, seed, device)
 
     def _clear_saved(self) -> None:
         self._saved = None
@@ -333,6 +346,81 @@ class Conv2d(Layer):
                 f"bias={self.bias is not None}, padding_mode={self.padding_mode!r})")
 
 
+class ConvTranspose2d(Layer):
+    """Transposed 2-D convolution layer with ``torch.nn.ConvTranspose2d``'s constructor,
+    shapes and initialisation (argument order included: ``groups`` before ``dilation``).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        ``C_in`` and ``C_out``.
+    kernel_size, stride, dilation : int or (int, int)
+    padding : int, (int, int) or ((top, bottom), (left, right))
+    output_padding : int or (int, int)
+        Each smaller than the stride or the dilation of its axis.
+    groups : int
+    bias : bool
+    dtype, device, seed : as for ``Conv2d``.
+
+    Attributes
+    ----------
+    weight : array, shape (C_in, C_out/groups, R, S)
+        Kaiming-uniform with ``a=sqrt(5)`` and PyTorch's fan-in ``C_out/groups * R * S``.
+    bias : array, shape (C_out,) or None
+    grad_weight, grad_bias : arrays set by ``backward``.
+    """
+
+    _param_names = ("weight", "bias")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Pair, stride: Pair = 1,
+                 padding: Any = 0, output_padding: Pair = 0, groups: int = 1, bias: bool = True,
+                 dilation: Pair = 1, dtype: Any = np.float32, device: str = "cpu",
+                 seed: Optional[int] = None) -> None:
+        _conv_options(self, in_channels, out_channels, kernel_size, stride, dilation, groups)
+        self.output_padding = _args.output_padding_pair(output_padding, self.stride,
+                                                        self.dilation)
+        self.padding = padding
+        R, S = self.kernel_size
+        self._x = None
+        # PyTorch's fan-in of a (C_in, C_out/groups, R, S) weight: C_out/groups * R * S.
+        _init_weight_bias(self, (in_channels, out_channels // groups, R, S), out_channels,
+                          out_channels // groups * R * S, bias, dtype, seed, device)
+
+    def _clear_saved(self) -> None:
+        self._x = None
+
+    def _kwargs(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding,
+                    output_padding=self.output_padding, groups=self.groups,
+                    dilation=self.dilation)
+
+    def forward(self, x: Any) -> Any:
+        """``x (N, C_in, H, W)`` (or unbatched) -> ``(N, C_out, H_out, W_out)``."""
+        y = conv_transpose2d(x, self.weight, self.bias, **self._kwargs())
+        self._x = x
+        return y
+
+    def backward(self, grad_output: Any, input_grad: bool = True) -> Any:
+        """Given ``grad_output (N, C_out, H_out, W_out)``, store ``grad_weight``/``grad_bias``
+        and return ``grad_input (N, C_in, H, W)`` (``None`` when ``input_grad`` is false)."""
+        if self._x is None:
+            raise RuntimeError("ConvTranspose2d.backward called before forward")
+        x, kw = self._x, self._kwargs()
+        self.grad_weight = conv_transpose2d_weight_grad(x, self.weight.shape, grad_output, **kw)
+        if self.bias is not None:
+            self.grad_bias = conv2d_bias_grad(grad_output)
+        if not input_grad:
+            return None
+        return conv_transpose2d_input_grad(tuple(x.shape), self.weight, grad_output, **kw)
+
+    def __repr__(self) -> str:
+        return (f"ConvTranspose2d({self.in_channels}, {self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding!r}, output_padding={self.output_padding}, "
+                f"groups={self.groups}, bias={self.bias is not None}, "
+                f"dilation={self.dilation})")
+
+
 class Linear(Layer):
     """Fully connected layer ``y = x @ weight.T + bias``, initialised as ``torch.nn.Linear``.
 
@@ -354,15 +442,9 @@ class Linear(Layer):
                  dtype: Any = np.float32, device: str = "cpu",
                  seed: Optional[int] = None) -> None:
         self.in_features, self.out_features = in_features, out_features
-        dt = _float_dtype(dtype)
-        rng = np.random.default_rng(seed)
-        self.weight = _kaiming_uniform(rng, (out_features, in_features), in_features, dt)
-        self.bias = _bias_uniform(rng, out_features, in_features, dt) if bias else None
-        self.grad_weight = self.grad_bias = None
         self._x = None
-        self.device = "cpu"
-        if device != "cpu":
-            self.to(device)
+        _init_weight_bias(self, (out_features, in_features), out_features, in_features, bias,
+                          dtype, seed, device)
 
     def _clear_saved(self) -> None:
         self._x = None

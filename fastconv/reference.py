@@ -119,18 +119,22 @@ def hinge_loss_rows(scores: np.ndarray, labels: np.ndarray, margin: float, p: in
 
     ``l_i = w[y_i] * sum_{j != y_i} max(0, s_ij - s_{i y_i} + margin) ** p``; scores
     ``(N, C)``, labels ``(N,)``; returns ``(losses (N,), grad (N, C) or None)``. At the kink
-    the subgradient 0 is taken.
+    the subgradient 0 is taken. A row with a NaN score has a NaN loss and a NaN gradient row
+    (the rule of every backend); infinities follow IEEE arithmetic.
     """
     s = scores.astype(np.float64)
+    nan_rows = np.isnan(s).any(axis=1)
     rows = np.arange(s.shape[0])
     m = s - s[rows, labels][:, None] + margin                           # margins (N, C)
     m[rows, labels] = 0.0                                               # j == y_i does not count
     h = np.maximum(m, 0.0)
     wy = class_weight.astype(np.float64)[labels]                        # (N,)
     losses = wy * (h if p == 1 else h * h).sum(axis=1)
+    losses[nan_rows] = np.nan
     if not want_grad:
         return losses.astype(scores.dtype), None
     d = (m > 0).astype(np.float64) if p == 1 else 2.0 * h               # d l_i / d s_ij, j != y
     d[rows, labels] = -d.sum(axis=1)
     grad = d * (wy * row_scale.astype(np.float64))[:, None]
+    grad[nan_rows] = np.nan
     return losses.astype(scores.dtype), grad.astype(scores.dtype)

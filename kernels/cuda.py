@@ -12,6 +12,8 @@ Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
       weight gradient's long N*P*Q reduction, for the others when their GEMM is small) are
       summed in a fixed order.
   ``depthwise``   depthwise.cu (groups == C).
+  ``winograd``    winograd.cu (cuda_winograd), 3x3 stride-1 layers, all three conv ops (the
+      weight gradient in tile-reduction slices summed in a fixed order).
   ``gemm_1x1``    1x1, stride 1, no padding, one group: batched GEMM through cuBLAS
       (``matmul``); strict FP32 unless CuPy itself was told to use TF32 (the rules avoid it then).
   ``reduce``      bias gradient: grad_output summed over P*Q, then N.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-from . import cuda_build, cuda_conv, cuda_hinge
+from . import cuda_build, cuda_conv, cuda_hinge, cuda_winograd
 from .cuda_build import Launch
 from .cuda_conv import DGRAD, FPROP, WGRAD, SimtTile, Tf32Tile
 
@@ -139,6 +141,8 @@ def forward(ex: Executor, x, weight, bias, geom, algo):
             y += bias.reshape(1, K, 1, 1)
     elif algo.name == "depthwise":
         ex.run(cuda_conv.depthwise_forward_launch(x, weight, bias, y, geom))
+    elif algo.name == "winograd":
+        cuda_winograd.run(ex, FPROP, x, weight, bias, y, geom, algo.get("m"))
     else:
         _implicit_gemm(ex, FPROP, x, weight, bias, y, geom, algo)
     return y
@@ -154,6 +158,8 @@ def input_grad(ex: Executor, weight, grad_output, geom, algo):
                      out=gx.reshape(N, C, -1))
     elif algo.name == "depthwise":
         ex.run(cuda_conv.depthwise_input_grad_launch(weight, grad_output, gx, geom))
+    elif algo.name == "winograd":
+        cuda_winograd.run(ex, DGRAD, grad_output, weight, None, gx, geom, algo.get("m"))
     else:
         _implicit_gemm(ex, DGRAD, grad_output, weight, None, gx, geom, algo)
     return gx
@@ -173,6 +179,9 @@ def weight_grad(ex: Executor, x, grad_output, geom, algo):
         ex.xp.sum(per_image, axis=0, out=gw.reshape(K, C))
     elif algo.name == "depthwise":
         ex.run(cuda_conv.depthwise_weight_grad_launch(x, grad_output, gw, geom))
+    elif algo.name == "winograd":
+        cuda_winograd.run_wgrad(ex, x, grad_output, gw, geom, algo.get("m"),
+                                int(algo.get("splits", 1)))
     else:
         _weight_grad_gemm(ex, x, grad_output, gw, geom, algo)
     return gw

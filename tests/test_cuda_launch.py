@@ -374,8 +374,13 @@ def test_rules_pick_instantiated_kernels_whose_launch_matches(case, precision, d
                                               "fp64" if dtype == np.float64 else "fp32")
 
 
+# The GEMM shape of R3, dilated: the strict float32 R3 itself goes to Winograd (rules and tests
+# in tests/test_cuda_winograd.py), these tests are about the implicit GEMM's rules.
+R3_DIL = _geom((8, 64, 56, 56), (64, 64, 3, 3), padding=2, dilation=2)
+
+
 def test_rules_strict_by_default_tf32_only_on_request(device):
-    assert _choose("forward", R3).name == "implicit_gemm"
+    assert _choose("forward", R3_DIL).name == "implicit_gemm"
     tf32 = _choose("forward", R3, precision="tf32")
     assert tf32.name == "implicit_gemm_tf32" and "opt-in" in tf32.reason
     f64 = _choose("forward", R3, np.float64, precision="tf32")
@@ -384,7 +389,7 @@ def test_rules_strict_by_default_tf32_only_on_request(device):
 
 def test_rules_tf32_falls_back_loudly_before_sm80(device):
     device(capability=(7, 5))
-    algo = _choose("forward", R3, precision="tf32")
+    algo = _choose("forward", R3_DIL, precision="tf32")
     assert algo.name == "implicit_gemm" and "sm_75" in algo.reason
 
 
@@ -433,18 +438,18 @@ def test_rules_wave_quantisation():
 
 
 def test_rules_weight_grad_slices_within_workspace(device):
-    algo = _choose("weight_grad", R3)
+    algo = _choose("weight_grad", R3_DIL)
     slices = algo.get("splits")
     assert slices > 1 and algo.get("workspace_bytes") == slices * 64 * 64 * 9 * 4
-    small = _choose("weight_grad", R3, workspace=3 * 64 * 64 * 9 * 4)
+    small = _choose("weight_grad", R3_DIL, workspace=3 * 64 * 64 * 9 * 4)
     assert small.get("splits") <= 3 and small.get("workspace_bytes") <= 3 * 64 * 64 * 9 * 4
-    none = _choose("weight_grad", R3, workspace=1)
+    none = _choose("weight_grad", R3_DIL, workspace=1)
     assert none.get("splits") == 1 and none.get("workspace_bytes") == 0
 
 
 def test_rules_slice_small_forward_gemms(device):
     """A GEMM with too few tiles for the device gets reduction slices; big ones do not."""
-    small = _geom((64, 512, 7, 7), (512, 512, 3, 3), padding=1)      # 100 tiles of 128x128
+    small = _geom((64, 512, 7, 7), (512, 512, 3, 3), padding=2, dilation=2)  # 100 128x128 tiles
     algo = _choose("forward", small)
     assert algo.get("splits") > 1 and "slices" in algo.reason
     out_bytes = 64 * 512 * 7 * 7 * 4
@@ -453,7 +458,7 @@ def test_rules_slice_small_forward_gemms(device):
     grad = _choose("input_grad", small)  # 128x128 is not offered for DGRAD: 200 tiles
     assert grad.get("workspace_bytes") == (0 if grad.get("splits") == 1
                                            else grad.get("splits") * out_bytes)
-    assert _choose("forward", R3).get("splits") == 1                   # 1568 tiles
+    assert _choose("forward", R3_DIL).get("splits") == 1               # 1568 tiles
     strided = _geom((64, 128, 28, 28), (256, 128, 3, 3), stride=2, padding=1)
     assert _choose("forward", strided).get("splits") == 1  # short reduction: traffic wins
     tile = SimtTile(128, 128, 8, 8, 8)

@@ -43,7 +43,15 @@ CONV_ERRORS = [
     (dict(x=X.astype(np.int32)), TypeError, "x has dtype int32"),
     (dict(x=X.astype(np.float16), w=W.astype(np.float16)), TypeError, "float16"),
     (dict(w=W.astype(np.float64)), TypeError, "share one dtype"),
-    (dict(x=X.tolist()), TypeError, "expected a NumPy or CuPy array"),
+    (dict(x=X.tolist()), TypeError, "x must be a NumPy or CuPy array, got builtins.list"),
+    (dict(w=W.tolist()), TypeError, "weight must be a NumPy or CuPy array"),
+    (dict(b=np.float32(1.0)), TypeError, "bias must be a NumPy or CuPy array.*numpy.asarray"),
+    (dict(stride=10**30), ValueError, "stride must be at most 2\\*\\*31 - 1"),
+    (dict(dilation=(1, 2**31)), ValueError, "dilation must be at most"),
+    (dict(padding=10**30), ValueError, "padding must be at most"),
+    (dict(w=np.zeros((0, 2, 3, 3), np.float32)), ValueError, "K=0 filters"),
+    (dict(w=np.zeros((6, 2, 0, 3), np.float32)), ValueError, "non-empty R x S"),
+    (dict(x=np.zeros((2, 4, 0, 8), np.float32)), ValueError, "non-empty H x W"),
     (dict(w=FakeCupyArray()), TypeError, "mix NumPy and CuPy"),
     (dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
 ]
@@ -96,6 +104,10 @@ HINGE_ERRORS = [
     (dict(p=True), ValueError, "p must be 1 or 2"),
     (dict(margin=float("nan")), ValueError, "margin must be a finite"),
     (dict(margin="1"), ValueError, "margin must be a finite"),
+    (dict(margin=1e39), ValueError, "margin=1e\\+39 overflows the scores' dtype float32"),
+    (dict(scores=S.tolist()), TypeError, "scores must be a NumPy or CuPy array"),
+    (dict(labels=[0, 4, 2]), TypeError, "labels must be a NumPy or CuPy array"),
+    (dict(labels=np.array([0, 2**63 + 5, 1], np.uint64)), ValueError, "found 9223372036854775813"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(weight=np.ones(4, np.float32)), ValueError, "weight must have shape \\(5,\\)"),
     (dict(weight=np.ones(5, np.float64)), TypeError, "share one dtype"),
@@ -118,3 +130,16 @@ def test_hinge_errors(bad, exc, msg):
 def test_unbatched_scores_need_scalar_label():
     with pytest.raises(ValueError, match="labels must have shape \\(\\)"):
         fastconv.hinge_loss(S[0], np.array([1]))
+
+
+def test_torch_tensor_named_with_hint():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="x must be a NumPy or CuPy array.*fastconv.torch"):
+        fastconv.conv2d(torch.zeros(2, 4, 8, 8), W, groups=2)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "0", "-3", "lots"])
+def test_workspace_variable_named(monkeypatch, raw):
+    monkeypatch.setenv("FASTCONV_WORKSPACE_MB", raw)
+    with pytest.raises(ValueError, match="FASTCONV_WORKSPACE_MB must be"):
+        fastconv.conv2d(X, W, groups=2)

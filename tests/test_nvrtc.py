@@ -1,8 +1,8 @@
 """Every CUDA kernel compiles with NVRTC for sm_80 and sm_90, without a GPU.
 
 Each ``.cu`` file is compiled once per architecture with every template instantiation the
-launchers can request (``cuda_conv.all_kernel_names``, ``cuda_hinge.all_kernel_names``), from
-the same pasted source (``cuda_build.load_source``) and with the same options that reach NVRTC
+launchers can request (``all_kernel_names`` of ``cuda_conv``, ``cuda_hinge`` and
+``cuda_winograd``), from the same pasted source (``cuda_build.load_source``) and with the same options that reach NVRTC
 at run time: ``cuda_build.NVRTC_OPTIONS``, what CuPy appends (``CUPY_ADDED_OPTIONS``) and the
 architecture. Compiling to ``sm_XY`` produces machine code, so the PTX assembler runs too.
 Needs ``cuda-bindings`` and the ``nvidia-cuda-nvrtc`` wheel (no driver); skipped without them.
@@ -19,7 +19,7 @@ import re
 
 import pytest
 
-from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge
+from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge, cuda_winograd
 
 if os.environ.get("CI"):
     # CI installs NVRTC (the test extra): there a missing compiler fails instead of skipping.
@@ -31,7 +31,8 @@ else:
 ARCHS = ("sm_80", "sm_90")
 # Spills and local memory become log warnings, which the test rejects.
 GATE_OPTIONS = ("-Xptxas=--warn-on-spills", "-Xptxas=--warn-on-local-memory-usage")
-NAMES = {**cuda_conv.all_kernel_names(), **cuda_hinge.all_kernel_names()}
+NAMES = {**cuda_conv.all_kernel_names(), **cuda_hinge.all_kernel_names(),
+         **cuda_winograd.all_kernel_names()}
 
 
 def _ok(result):

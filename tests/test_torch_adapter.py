@@ -1,5 +1,6 @@
 """The PyTorch adapter against PyTorch itself: conv module and functional, multi-margin loss,
-gradcheck, state dicts, a swapped model's training curve, and the CUDA path where present."""
+gradcheck, double backward, state dicts, replace_conv2d (hooks, identity, warnings), a swapped
+model's training curve, and the CUDA path where present (``gpu`` mark)."""
 from __future__ import annotations
 
 import contextlib
@@ -144,22 +145,30 @@ def test_state_dict_loads_both_ways():
     assert set(nobias.state_dict()) == set(torch.nn.Conv2d(3, 5, 1, bias=False).state_dict())
 
 
-def test_double_backward_raises_clearly():
+def test_double_backward_matches_torch():
+    """Once silently wrong (once_differentiable): the gradient of a gradient penalty."""
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    gx, = torch.autograd.grad(ft.conv2d(x, w).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+    results = []
+    for conv in (ft.conv2d, F.conv2d):
+        gx, = torch.autograd.grad(conv(x, w).square().sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), (x, w)))
+    for got, want in zip(*results):
+        assert_close(got.numpy(), want.numpy())
 
 
 def test_conv2d_rejects_what_fastconv_cannot_run():
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
-    with pytest.raises(TypeError, match="float16"):
-        ft.conv2d(x.half(), w.half())
-    with pytest.raises(TypeError, match="meta"):
-        ft.conv2d(x.to("meta"), w.to("meta"))
+    with pytest.raises(TypeError, match="dtype"):
+        ft.conv2d(x.double(), w)
+    with pytest.raises(TypeError, match="dtype"):
+        ft.conv2d(x.int(), w.int())
     with pytest.raises(ValueError, match="groups"):
         ft.conv2d(x, w, groups=2)
+    with pytest.raises(ValueError, match="stride"):
+        ft.conv2d(x, w, stride=0)
+    with pytest.raises(ValueError, match="input must be"):
+        ft.conv2d(x[0, 0], w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +273,8 @@ def _train(model, loss_fn, x, y, steps=6):
 def test_swapped_model_trains_to_the_same_loss_curve():
     torch.manual_seed(0)
     model = _model()
-    swapped = ft.replace_conv2d(copy.deepcopy(model))
+    swapped = copy.deepcopy(model)
+    assert ft.replace_conv2d(swapped) == ["0", "2"]
     assert sum(isinstance(m, ft.Conv2d) for m in swapped.modules()) == 2
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)
@@ -276,10 +286,61 @@ def test_swapped_model_trains_to_the_same_loss_curve():
         np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_replace_shares_parameters():
-    conv = torch.nn.Conv2d(2, 3, 3)
-    new = ft.replace_conv2d(conv)
-    assert isinstance(new, ft.Conv2d) and new.weight is conv.weight and new.bias is conv.bias
+def test_replace_keeps_identity_hooks_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(),
+                                torch.nn.ConvTranspose2d(3, 2, 3, stride=2))
+    conv, up = model[0], model[2]
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(("fwd", type(m).__name__)))
+    conv.register_full_backward_hook(lambda m, gi, go: seen.append(("bwd", type(m).__name__)))
+    x = torch.randn(2, 2, 6, 6, requires_grad=True)
+    before = model(x)
+    assert ft.replace_conv2d(model) == ["0", "2"]
+    assert model[0] is conv and model[2] is up  # the same modules, now computing with fastconv
+    assert isinstance(conv, ft.Conv2d) and isinstance(up, ft.ConvTranspose2d)
+    assert all(p is q for p, q in zip(model.parameters(), params))
+    assert repr(conv).startswith("fastconv.Conv2d(2, 3") and "fastconv.ConvTranspose2d" in \
+        repr(model)
+    seen.clear()
+    after = model(x)
+    assert_close(after.detach().numpy(), before.detach().numpy(), np.float32)
+    after.square().sum().backward()
+    assert seen == [("fwd", "Conv2d"), ("bwd", "Conv2d")]
+    old = conv.weight.detach().clone()
+    opt.step()  # the optimiser built before the swap trains the swapped model
+    assert not torch.equal(conv.weight, old)
+    assert ft.replace_conv2d(model) == []  # nothing left to swap, no warning
+
+
+def test_replace_root_module_and_spectral_norm():
+    torch.manual_seed(1)
+    conv = torch.nn.utils.spectral_norm(torch.nn.Conv2d(2, 4, 3, padding=1))
+    ref = copy.deepcopy(conv)
+    assert ft.replace_conv2d(conv) == [""]
+    assert isinstance(conv, ft.Conv2d)
+    x = torch.randn(1, 2, 5, 5)
+    conv.eval(), ref.eval()
+    assert_close(conv(x).detach().numpy(), ref(x).detach().numpy(), np.float32)
+
+
+def test_replace_warns_naming_what_it_skipped():
+    class MyConv(torch.nn.Conv2d):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), MyConv(2, 2, 3),
+                                torch.nn.LazyConv2d(2, 3), torch.nn.Conv2d(2, 2, 1))
+    torch.nn.utils.parametrize.register_parametrization(model[3], "weight",
+                                                         torch.nn.Identity())
+    with pytest.warns(UserWarning) as record:
+        assert ft.replace_conv2d(model) == ["0"]
+    message = str(record[0].message)
+    assert "1 (MyConv): a subclass" in message
+    assert "2 (LazyConv2d): lazy module" in message
+    assert "3 (ParametrizedConv2d): parametrized" in message
+    assert type(model[1]) is MyConv and type(model[2]) is torch.nn.LazyConv2d
 
 
 # ---------------------------------------------------------------------------------------------

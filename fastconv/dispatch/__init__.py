@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from .. import _empty
 from .._types import Algo, ConvGeometry
 
 BACKENDS = ("reference", "cpu", "cuda")
@@ -125,8 +127,9 @@ def workspace_bytes() -> int:
         mb = float(raw) if raw else DEFAULT_WORKSPACE_MB
     except ValueError:
         raise ValueError(f"FASTCONV_WORKSPACE_MB must be a number, got {raw!r}") from None
-    if mb <= 0:
-        raise ValueError(f"FASTCONV_WORKSPACE_MB must be positive, got {raw!r}")
+    if not math.isfinite(mb) or mb <= 0:
+        raise ValueError(f"FASTCONV_WORKSPACE_MB must be a positive finite number of MiB, "
+                         f"got {raw!r}")
     return int(mb * 2**20)
 
 
@@ -174,11 +177,22 @@ def backend_module(name: str):
 def choose_algorithm(name: str, op: str, geom: Optional[ConvGeometry], dtype: np.dtype,
                      scores_shape: Optional[tuple[int, int]] = None) -> Algo:
     """Ask backend ``name``'s rules which algorithm runs ``op`` on this shape."""
+    if _is_empty(op, geom):
+        return Algo("empty", (), "nothing to compute (N = 0 or C = 0 or an empty grad_output): "
+                    "the result is the bias broadcast, zeros or empty, the same on every backend")
     # The cuda rules read the current device (multiprocessors, compute capability), so the
     # device is part of the cache key: two different GPUs in one process get their own choice.
     device = importlib.import_module("cupy").cuda.Device().id if name == "cuda" else None
     return _choose(name, op, geom, np.dtype(dtype), get_precision(), workspace_bytes(),
                    scores_shape, device)
+
+
+def _is_empty(op: str, geom: Optional[ConvGeometry]) -> bool:
+    if geom is None:
+        return False
+    if op == "bias_grad":  # its geometry is grad_output's: (N, K, P, Q) as (N, C, H, W)
+        return 0 in geom.input_shape
+    return _empty.is_empty(geom)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -204,7 +218,8 @@ class Plan:
 
     @property
     def module(self):
-        return backend_module(self.backend)
+        # The "empty" algorithm is one module for every backend (fastconv/_empty.py).
+        return _empty if self.algo.name == "empty" else backend_module(self.backend)
 
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.algo.params)

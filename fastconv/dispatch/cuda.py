@@ -5,7 +5,13 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
    ``depthwise`` (direct kernels; exact FP32/FP64 whatever the precision setting).
 2. 1x1, stride 1, no padding, one group, strict precision: ``gemm_1x1``, a batched GEMM through
    cuBLAS (``cupy.matmul``), strict FP32 as long as CuPy's own ``CUPY_TF32`` switch is off.
-3. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
+3. 3x3, stride 1, undilated, float32, strict precision, at least `WINOGRAD_MIN_CHANNELS`
+   channels in and out per group: ``winograd``, the fused F(4x4, 3x3) or F(2x2, 3x3) of
+   winograd.cu (`winograd_rule`) for all three conv ops, when it saves at least
+   `WINOGRAD_MIN_RATIO` of the multiplies on this plane, no transform point sums more than
+   `WINOGRAD_MAX_SUM` terms (the float32 error bound), and its workspace (transformed filter;
+   weight-gradient slices) fits the bound.
+4. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
    cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
    time model with wave quantisation (see `pick_tile`, `wave_units`); the weight gradient also splits its long N*P*Q reduction into
@@ -27,8 +33,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .._types import Algo, ConvGeometry
-from ..kernels import cuda_build, cuda_conv, cuda_hinge
-from ..kernels.cuda_conv import MODE_OF_OP, WGRAD, SimtTile, Tf32Tile
+from ..kernels import cuda_build, cuda_conv, cuda_hinge, cuda_winograd
+from ..kernels.cuda_conv import FPROP, MODE_OF_OP, WGRAD, SimtTile, Tf32Tile
 
 ASSUMED_SM_COUNT = 132          # H100/H200 SXM, when no device can be asked
 ASSUMED_CAPABILITY = (9, 0)
@@ -79,6 +85,10 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
         return Algo("gemm_1x1", (("kernel", "cupy.matmul"), ("precision", _exact(dtype))),
                     "1x1, stride 1, no padding, one group: a batched GEMM through cuBLAS "
                     f"(strict {_exact(dtype)})")
+
+    winograd = winograd_rule(op, geom, dtype, tf32, prec_why, workspace_bytes, sm_count)
+    if winograd is not None:
+        return winograd
 
     mode = MODE_OF_OP[op]
     M, NG, KG = cuda_conv.gemm_shape(geom, mode)
@@ -131,6 +141,104 @@ def _precision(precision: str, dtype: np.dtype, capability: tuple[int, int]) -> 
 def _plain_1x1(geom: ConvGeometry) -> bool:
     return (geom.R == 1 and geom.S == 1 and tuple(geom.stride) == (1, 1)
             and not any(geom.padding) and geom.groups == 1)
+
+
+# Channels per group (in and out) from which Winograd's GEMMs outweigh its transforms: the
+# input transform of a (tile, channel) patch is redone for every 32 output channels and the
+# inverse transform of a (tile, channel) for every input-channel sum. A guess, not measured.
+WINOGRAD_MIN_CHANNELS = 32
+# Direct multiplies over Winograd multiplies (partial tiles counted whole) below which the
+# transforms are not worth it (F(4x4) saves 4x on planes that are multiples of 4, 3.06x on
+# 7x7 and 14x14; F(2x2) 2.25x at best).
+WINOGRAD_MIN_RATIO = 2.0
+# The float32 error of Winograd grows with the number of terms summed per transform point
+# (input channels for the forward pass, filters for the input gradient, tiles of a slice for
+# the weight gradient). A float32 model of the kernel's arithmetic (sequential sums,
+# standard-normal data) gives for F(4x4) 3.6e-6 at 256 terms, 6.1e-6 at 1024, 9.8e-6 at 2048,
+# 1.6e-5 at 4096; for F(2x2) 5e-7, 1.4e-6 and 1.8e-6 at 4096. These limits keep the 1e-5 bound.
+WINOGRAD_MAX_SUM = {4: 1024, 2: 8192}
+
+
+def winograd_rule(op: str, geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why: str,
+                  workspace_bytes: int, sm_count: int) -> Optional[Algo]:
+    """``winograd`` with the output tile m (4 or 2) that saves the most multiplies on this
+    plane (ties to 2, the smaller error) within `WINOGRAD_MAX_SUM`, or None where it does not
+    apply or pay (see the module docstring, rule 3). TF32 keeps the tensor-core implicit GEMM,
+    float64 the direct kernels."""
+    if op not in MODE_OF_OP or dtype != np.float32 or tf32 or not cuda_winograd.applies(geom):
+        return None
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    if min(cg, kg) < WINOGRAD_MIN_CHANNELS:
+        return None
+    mode = MODE_OF_OP[op]
+    best = None
+    for m in cuda_winograd.TILE_SIZES:  # ties go to the first, F(2x2)
+        ratio = cuda_winograd.multiply_ratio(geom, mode, m)
+        if best is not None and ratio <= best[1]:
+            continue
+        if mode == WGRAD:
+            splits = winograd_wgrad_splits(geom, m, sm_count, workspace_bytes)
+            if splits is None or not cuda_winograd.wgrad_fits(geom, cuda_winograd.WGRAD_TILES[m]):
+                continue
+            ws = 0 if splits == 1 else splits * geom.K * cg * 9 * dtype.itemsize
+        else:
+            if (cg if mode == FPROP else kg) > WINOGRAD_MAX_SUM[m]:
+                continue
+            ws, splits = cuda_winograd.workspace_bytes(geom, mode, m), 1
+            if ws > workspace_bytes or not cuda_winograd.fits(geom, mode,
+                                                              cuda_winograd.TILES[m]):
+                continue
+        best = (m, ratio, ws, splits)
+    if best is None or best[1] < WINOGRAD_MIN_RATIO:
+        return None
+    m, ratio, ws, splits = best
+    bound = cuda_winograd.ERROR_BOUND[m]
+    head = (f"3x3 stride-1 layer, {cg} -> {kg} channels per group: fused Winograd "
+            f"F({m}x{m}, 3x3), {ratio:.2f}x fewer multiplies than direct on this plane; ")
+    tail = f"strict fp32 FMAs; relative error bound {bound:g}; {prec_why}"
+    if mode == WGRAD:
+        tile = cuda_winograd.WGRAD_TILES[m]
+        tiles = geom.N * cuda_winograd.tiles_per_image(geom, m)
+        params = (("kernel", cuda_winograd.wgrad_kernel_name(tile)), ("m", m),
+                  ("tile", dataclasses.astuple(tile)), ("splits", splits),
+                  ("precision", "fp32"), ("workspace_bytes", ws), ("error_bound", bound))
+        why = (head + f"input patches and output-gradient tiles transformed in shared memory, "
+               f"transform-point GEMMs over {tiles} tiles"
+               + (f" in {splits} slices summed in a fixed order" if splits > 1 else "")
+               + ", filter-gradient transform in the epilogue; " + tail)
+        return Algo("winograd", params, why)
+    tile = cuda_winograd.TILES[m]
+    params = (("kernel", cuda_winograd.conv_kernel_name(tile)),
+              ("filter_kernel", cuda_winograd.filter_kernel_name(m, mode)), ("m", m),
+              ("tile", dataclasses.astuple(tile)), ("precision", "fp32"),
+              ("workspace_bytes", ws), ("error_bound", bound))
+    why = (head + f"filter transformed once per call ({ws} bytes), input tiles transformed in "
+           "shared memory, transform-point GEMMs, inverse transform and bias in the "
+           "epilogue; " + tail)
+    return Algo("winograd", params, why)
+
+
+def winograd_wgrad_splits(geom: ConvGeometry, m: int, sm_count: int,
+                          workspace_bytes: int) -> Optional[int]:
+    """Slices of the Winograd weight gradient's tile reduction: enough that about
+    `BLOCKS_PER_SM_TARGET` blocks per SM run (each slice at least `MIN_SLICE_TILES` chunks),
+    and at least enough that no slice sums more than `WINOGRAD_MAX_SUM` tiles; None when the
+    workspace bound or the grid cannot hold those."""
+    tile = cuda_winograd.WGRAD_TILES[m]
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    tiles = geom.N * cuda_winograd.tiles_per_image(geom, m)
+    blocks = math.ceil(cg / tile.rows) * math.ceil(kg / tile.cols) * geom.groups
+    want = math.ceil(BLOCKS_PER_SM_TARGET * sm_count / blocks)
+    by_length = max(1, tiles // (MIN_SLICE_TILES * tile.chunk))
+    need = math.ceil(tiles / WINOGRAD_MAX_SUM[m])
+    splits = max(need, min(want, by_length))
+    if splits > 1:
+        limit = min(workspace_bytes // (geom.K * cg * 9 * 4),
+                    cuda_conv.GRID_YZ_LIMIT // geom.groups)
+        if need > limit:
+            return None
+        splits = min(splits, limit)
+    return splits
 
 
 def tile_efficiency(tile: SimtTile | Tf32Tile) -> float:

@@ -1,0 +1,344 @@
+"""Launcher of the fused Winograd kernels (``winograd.cu``): 3x3, stride-1, undilated layers.
+
+Plain Python, no CuPy: the functions turn a geometry and the arrays into `Launch` objects
+(``cuda_build.launch`` runs them on the GPU, the tests inspect them or run them in the host
+emulation), and `run` composes them for one conv op given an executor (``kernels.cuda``'s
+``Executor``: array module, launch runner, allocator). ``geom`` is any object with the fields of
+``fastconv._types.ConvGeometry``; this module never imports ``fastconv``.
+
+One op is two launches: ``winograd_filter`` transforms the weight into the workspace
+``U (groups, A*A, Cig, Cogp)`` (A = m + 2; ``Cig`` reduction channels and ``Cog`` output
+channels per group, the latter padded with zero filters to ``Cogp``, a multiple of 4, for
+16-byte loads), then ``winograd_conv`` runs the fused input transform, transform-point
+GEMMs, inverse transform and bias. The input gradient is the same kernel on ``grad_output``
+with the rotated, channel-transposed filter and padding ``2 - pt``, ``2 - pl``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .cuda_build import NULL, Launch
+from . import cuda_conv
+from .cuda_conv import (DGRAD, FPROP, GRID_YZ_LIMIT, SMEM_LIMIT, WGRAD, batch_chunks,
+                        split_reduction, with_batch)
+
+SOURCE = "winograd.cu"
+FILTER_THREADS = 256  # block size of winograd_filter
+ITEMSIZE = 4          # float32 only: float64 keeps the direct kernels
+
+
+@dataclass(frozen=True)
+class WinogradTile:
+    """Block tile of ``winograd_conv`` and ``winograd_wgrad`` (template parameters
+    ``<M, CHUNK, TY, TX, TM, TN>``): each of the ``(m+2)**2`` transform points has ``TY x TX``
+    threads of ``TM x TN`` accumulators, so a block computes ``rows x cols`` per point and
+    consumes its reduction ``chunk`` steps at a time.
+
+    ``winograd_conv``: rows are output tiles (BT), columns output channels (BK), the chunk
+    counts input channels (BC). ``winograd_wgrad``: rows are input channels (BC), columns
+    filters (BK), the chunk counts tiles (BR).
+    """
+
+    m: int
+    chunk: int
+    ty: int
+    tx: int
+    tm: int
+    tn: int
+
+    @property
+    def alpha(self) -> int:
+        """Side ``A = m + 2`` of an input patch (and of the transform-point grid)."""
+        return self.m + 2
+
+    @property
+    def threads(self) -> int:
+        return self.alpha ** 2 * self.ty * self.tx
+
+    @property
+    def rows(self) -> int:
+        return self.ty * self.tm
+
+    @property
+    def cols(self) -> int:
+        return self.tx * self.tn
+
+    @property
+    def smem_bytes(self) -> int:
+        """Static shared memory of either kernel: the chunk's two operand tiles, or the
+        epilogue's staging of 4*TX columns, whichever is larger."""
+        aa = self.alpha ** 2
+        return ITEMSIZE * max(aa * self.chunk * (self.rows + self.cols),
+                              aa * 4 * self.tx * self.rows)
+
+
+# The instantiations the launcher may request (tests/test_nvrtc.py compiles all of them).
+# ptxas (NVRTC 13.5, sm_80 and sm_90): 128 registers for F(2x2) (its cap at two 256-thread
+# blocks per SM), 168 for F(4x4) (one 288-thread block), no spills
+# (tests/test_cuda_winograd.py::test_no_spills).
+TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
+                                  4: WinogradTile(4, 4, 2, 4, 8, 8)}
+TILE_SIZES = tuple(TILES)
+WGRAD_TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
+                                        4: WinogradTile(4, 4, 2, 4, 8, 8)}
+# Documented relative error bound (||out - ref|| / ||ref||, float32 against the float64
+# reference) per output tile size, checked by tests/test_cuda_winograd.py in the host emulation.
+# F(4x4) keeps it for reductions of up to 1024 channels (the dispatch rules' limit; measured
+# figures in winograd.cu's header).
+ERROR_BOUND: dict[int, float] = {2: 1e-5, 4: 1e-5}
+
+
+def conv_kernel_name(tile: WinogradTile) -> str:
+    """Name expression of a ``winograd_conv`` instantiation."""
+    t = tile
+    return f"fc::winograd_conv<{t.m}, {t.chunk}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
+
+
+def wgrad_kernel_name(tile: WinogradTile) -> str:
+    """Name expression of a ``winograd_wgrad`` instantiation."""
+    t = tile
+    return f"fc::winograd_wgrad<{t.m}, {t.chunk}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
+
+
+def filter_kernel_name(m: int, mode: int) -> str:
+    """Name expression of the ``winograd_filter`` instantiation for F(m x m) and a mode."""
+    return f"fc::winograd_filter<{m}, {mode}>"
+
+
+def all_kernel_names() -> dict[str, list[str]]:
+    """Every instantiation this launcher can request, per source file."""
+    names = [conv_kernel_name(t) for t in TILES.values()]
+    names += [filter_kernel_name(m, mode) for m in TILES for mode in (FPROP, DGRAD)]
+    names += [wgrad_kernel_name(t) for t in WGRAD_TILES.values()]
+    return {SOURCE: names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+def applies(geom: Any) -> bool:
+    """3x3, stride 1, undilated: the layers these kernels compute (any padding, any groups)."""
+    return (geom.R == 3 and geom.S == 3 and tuple(geom.stride) == (1, 1)
+            and tuple(geom.dilation) == (1, 1))
+
+
+@dataclass(frozen=True)
+class Plane:
+    """What ``winograd_conv`` sees for one op: ``in (N, ci, hi, wi)`` -> ``out (N, co, ho,
+    wo)`` with ``out[y, x] = sum in[y - ph + r, x - pw + s] * f[r, s]``."""
+
+    ci: int
+    hi: int
+    wi: int
+    co: int
+    ho: int
+    wo: int
+    ph: int
+    pw: int
+
+
+def plane(geom: Any, mode: int) -> Plane:
+    """The kernel's view of ``geom`` for FPROP (x -> y) or DGRAD (grad_output -> grad_input);
+    WGRAD tiles the output plane as FPROP does."""
+    pt, _, pl, _ = geom.padding
+    if mode in (FPROP, WGRAD):
+        return Plane(geom.C, geom.H, geom.W, geom.K, geom.P, geom.Q, pt, pl)
+    if mode == DGRAD:
+        return Plane(geom.K, geom.P, geom.Q, geom.C, geom.H, geom.W, 2 - pt, 2 - pl)
+    raise ValueError(f"Winograd computes FPROP ({FPROP}), DGRAD ({DGRAD}) and WGRAD ({WGRAD}), "
+                     f"not mode {mode!r}")
+
+
+def tile_grid(ho: int, wo: int, m: int) -> tuple[int, int]:
+    """Tile rows and columns covering an ``ho x wo`` output with ``m x m`` tiles."""
+    return -(-ho // m), -(-wo // m)
+
+
+def _pad4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def u_shape(geom: Any, mode: int, m: int) -> tuple[int, int, int, int]:
+    """Shape ``(groups, (m+2)**2, Cig, Cogp)`` of the transformed filter of a mode."""
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    cig, cog = (cg, kg) if mode == FPROP else (kg, cg)
+    return geom.groups, (m + 2) ** 2, cig, _pad4(cog)
+
+
+def workspace_bytes(geom: Any, mode: int, m: int) -> int:
+    """Bytes of the transformed filter ``U`` (`u_shape`)."""
+    return int(np.prod(u_shape(geom, mode, m))) * ITEMSIZE
+
+
+def multiply_ratio(geom: Any, mode: int, m: int) -> float:
+    """Direct multiplies over Winograd multiplies for this op: ``9 * ho * wo`` over
+    ``(m+2)**2`` per tile, tiles rounded up (partial tiles cost as much as full ones)."""
+    p = plane(geom, mode)
+    th, tw = tile_grid(p.ho, p.wo, m)
+    return 9.0 * p.ho * p.wo / ((m + 2) ** 2 * th * tw)
+
+
+def fits(geom: Any, mode: int, tile: WinogradTile) -> bool:
+    """Whether one launch of ``tile`` can take this geometry (grid limits, 32-bit counts)."""
+    p = plane(geom, mode)
+    th, tw = tile_grid(p.ho, p.wo, tile.m)
+    return (geom.groups <= GRID_YZ_LIMIT
+            and -(-(p.co // geom.groups) // tile.cols) <= GRID_YZ_LIMIT
+            and 0 < th * tw <= cuda_conv.ROW_LIMIT
+            and int(np.prod(u_shape(geom, mode, tile.m))) < 2**31
+            and max(p.ci, p.co, p.hi, p.wi, p.ho, p.wo) < 2**31
+            and tile.smem_bytes <= SMEM_LIMIT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------------
+def filter_launch(weight: Any, u: Any, geom: Any, m: int, mode: int) -> Launch:
+    """``winograd_filter``: ``weight (K, C/groups, 3, 3)`` -> ``u`` of shape `u_shape`."""
+    groups, _, cig, cogp = u_shape(geom, mode, m)
+    total = groups * cig * cogp
+    grid = (max(1, -(-total // FILTER_THREADS)), 1, 1)
+    args = (weight, u, np.int32(geom.K), np.int32(geom.C // geom.groups),
+            np.int32(geom.groups))
+    return Launch(SOURCE, filter_kernel_name(m, mode), grid, (FILTER_THREADS, 1, 1), 0, args)
+
+
+def conv_launch(mode: int, src: Any, u: Any, bias: Any, out: Any, geom: Any,
+                tile: WinogradTile) -> Launch:
+    """``winograd_conv`` for one batch (``geom.N`` images).
+
+    Parameters
+    ----------
+    mode : FPROP or DGRAD
+    src : array
+        FPROP: ``x (N, C, H, W)``; DGRAD: ``grad_output (N, K, P, Q)``.
+    u : array
+        The transformed filter of `filter_launch` for the same mode.
+    bias : array (K,) or None
+        FPROP only.
+    out : array
+        FPROP: ``y (N, K, P, Q)``; DGRAD: ``grad_input (N, C, H, W)``.
+    geom : ConvGeometry
+    tile : WinogradTile
+
+    Returns
+    -------
+    Launch
+    """
+    p = plane(geom, mode)
+    th, tw = tile_grid(p.ho, p.wo, tile.m)
+    tiles = geom.N * th * tw
+    if tiles > cuda_conv.ROW_LIMIT:
+        raise ValueError(f"{tiles} Winograd tiles in one launch: split the batch first")
+    grid = (-(-tiles // tile.rows), -(-(p.co // geom.groups) // tile.cols), geom.groups)
+    if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
+        raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
+    scalars = tuple(np.int32(v) for v in (geom.N, p.ci, p.hi, p.wi, p.co, p.ho, p.wo, p.ph,
+                                          p.pw, geom.groups))
+    args = (src, u, NULL if bias is None else bias, out) + scalars
+    return Launch(SOURCE, conv_kernel_name(tile), grid, (tile.threads, 1, 1), 0, args)
+
+
+def run(ex: Any, mode: int, src: Any, weight: Any, bias: Any, out: Any, geom: Any,
+        m: int) -> None:
+    """One Winograd op: the filter transform into a workspace, then the fused kernel over
+    batch chunks that keep tile indices 32-bit.
+
+    Parameters
+    ----------
+    ex : Executor
+        ``run(launch)`` and ``empty(shape, dtype)`` of ``fastconv.kernels.cuda``.
+    mode : FPROP or DGRAD
+    src, weight, bias, out : arrays
+        As in `conv_launch`; ``weight (K, C/groups, 3, 3)``.
+    geom : ConvGeometry
+    m : 2 or 4
+        Output tile side of F(m x m, 3 x 3).
+    """
+    tile = TILES[m]
+    u = ex.empty(u_shape(geom, mode, m), weight.dtype)
+    ex.run(filter_launch(weight, u, geom, m, mode))
+    p = plane(geom, mode)
+    th, tw = tile_grid(p.ho, p.wo, m)
+    for n0, n1 in batch_chunks(geom.N, th * tw):
+        part = with_batch(geom, n1 - n0)
+        ex.run(conv_launch(mode, src[n0:n1], u, bias, out[n0:n1], part, tile))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight gradient
+# ---------------------------------------------------------------------------------------------
+def tiles_per_image(geom: Any, m: int) -> int:
+    """Output tiles of one image: the weight gradient's reduction is over ``N`` times this."""
+    th, tw = tile_grid(geom.P, geom.Q, m)
+    return th * tw
+
+
+def wgrad_fits(geom: Any, tile: WinogradTile) -> bool:
+    """Whether ``winograd_wgrad`` can take this geometry (grid limits, 32-bit counts)."""
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    return (-(-kg // tile.cols) <= GRID_YZ_LIMIT and geom.groups <= GRID_YZ_LIMIT
+            and 0 < tiles_per_image(geom, tile.m) <= cuda_conv.ROW_LIMIT
+            and max(geom.C, geom.K, geom.H, geom.W, geom.P, geom.Q) < 2**31
+            and cg * geom.K * 9 < 2**31 and tile.smem_bytes <= SMEM_LIMIT)
+
+
+def wgrad_launch(x: Any, grad_output: Any, out: Any, geom: Any, tile: WinogradTile,
+                 splits: int = 1) -> Launch:
+    """``winograd_wgrad`` for one batch: the ``N * tiles_per_image`` tile reduction cut into
+    at most ``splits`` slices of whole ``chunk``-tile steps (`split_reduction`).
+
+    Parameters
+    ----------
+    x : array (N, C, H, W)
+    grad_output : array (N, K, P, Q)
+    out : array
+        ``grad_weight (K, C/groups, 3, 3)`` for one slice, else a workspace of ``slices`` of
+        them (the caller sums them).
+    geom : ConvGeometry
+    tile : WinogradTile
+    splits : int
+
+    Returns
+    -------
+    Launch
+    """
+    tiles = geom.N * tiles_per_image(geom, tile.m)
+    if tiles > cuda_conv.ROW_LIMIT:
+        raise ValueError(f"{tiles} Winograd tiles in one launch: split the batch first")
+    slices, t_split = split_reduction(tiles, splits, tile.chunk)
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    grid = (-(-cg // tile.rows), -(-kg // tile.cols), geom.groups * slices)
+    if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
+        raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
+    pt, _, pl, _ = geom.padding
+    scalars = tuple(np.int32(v) for v in (geom.N, geom.C, geom.H, geom.W, geom.K, geom.P,
+                                          geom.Q, pt, pl, geom.groups, t_split))
+    return Launch(SOURCE, wgrad_kernel_name(tile), grid, (tile.threads, 1, 1), 0,
+                  (x, grad_output, out) + scalars)
+
+
+def run_wgrad(ex: Any, x: Any, grad_output: Any, grad_weight: Any, geom: Any, m: int,
+              splits: int) -> None:
+    """The Winograd weight gradient: slices (and batch chunks) of the tile reduction, their
+    partial results summed in a fixed order."""
+    tile = WGRAD_TILES[m]
+    parts = []
+    for n0, n1 in batch_chunks(geom.N, tiles_per_image(geom, m)):
+        part = with_batch(geom, n1 - n0)
+        slices, _ = split_reduction(part.N * tiles_per_image(geom, m), splits, tile.chunk)
+        parts.append((n0, n1, part, slices))
+    total = sum(p[3] for p in parts)
+    if total == 1:
+        ex.run(wgrad_launch(x, grad_output, grad_weight, geom, tile))
+        return
+    work = ex.empty((total,) + tuple(grad_weight.shape), grad_weight.dtype)
+    at = 0
+    for n0, n1, part, slices in parts:
+        ex.run(wgrad_launch(x[n0:n1], grad_output[n0:n1], work[at:at + slices], part, tile,
+                            splits))
+        at += slices
+    ex.xp.sum(work, axis=0, out=grad_weight)

@@ -1,0 +1,665 @@
+// winograd.cu -- fused Winograd F(m x m, 3 x 3) convolution (m = 2 or 4) for 3x3, stride-1,
+// undilated layers: forward, input gradient and weight gradient, strict FP32.
+//
+// Algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). An
+// output tile of m x m pixels comes from an A x A input patch d (A = m + 2):
+//     Y = AT [ U (.) V ] AT^T,   U = G f G^T (filter),   V = BT d BT^T (input)   (.) elementwise
+// and summed over the input channels each of the A*A transform points xi is one GEMM:
+//     M[xi](tiles, out channels) = sum_c V[xi](tiles, c) * U[xi](c, out channels)
+// F(2x2): 16 multiplies per 4 outputs instead of 36 (2.25x fewer); F(4x4): 36 per 16 (4x).
+//
+// Layout and the two ops (one kernel, different arguments):
+//   winograd_conv computes  out[n, g*Cog + k, y, x] = bias[g*Cog + k]
+//       + sum_{c < Cig, r, s < 3} in[n, g*Cig + c, y - ph + r, x - pw + s] * f_{g,c,k}[r, s]
+//   with in (N, Ci, Hi, Wi), out (N, Co, Ho, Wo), C-contiguous float; Cig = Ci / groups,
+//   Cog = Co / groups; pixels outside `in` read as zero.
+//     FPROP: in = x (N, C, H, W), out = y (N, K, P, Q), (ph, pw) = (pt, pl),
+//            f_{g,c,k}[r, s] = weight[g*Kg + k, c, r, s].
+//     DGRAD: in = grad_output (N, K, P, Q), out = grad_input (N, C, H, W),
+//            (ph, pw) = (2 - pt, 2 - pl), f_{g,k,c}[r, s] = weight[g*Kg + k, c, 2 - r, 2 - s]
+//            (the input gradient of a stride-1 layer is a correlation with the 180-degree
+//            rotated, channel-transposed kernel; lecture notes 7.5), no bias.
+//   winograd_filter<M, MODE> writes U once per call into a workspace laid out
+//     u[g][xi][c][k]   (groups, A*A, Cig, Cogp), k contiguous, Cogp = Cog rounded up to a
+//   multiple of 4 (zero filters in the padding), so that a block's filter tile is read with
+//   coalesced, 16-byte aligned vector loads.
+//
+// Launch geometry (kernels/cuda_winograd.py computes it)
+//   winograd_filter: grid (ceil(groups*Cig*Cogp / 256), 1, 1), block (256, 1, 1); one thread
+//     per (g, c, k), k fastest.
+//   winograd_conv<M, BC, TY, TX, TM, TN>: block tile of BT = TY*TM output tiles (tiles
+//     ordered (image, tile row, tile column)) by BK = TX*TN output channels of one group;
+//     grid (ceil(N*ceil(Ho/M)*ceil(Wo/M) / BT), ceil(Cog / BK), groups), block (NT, 1, 1) with
+//     NT = A*A*TY*TX: thread (xi, ty, tx) owns a TM x TN register block of the transform
+//     point xi's GEMM, tiles ((i/4)*TY + ty)*4 + i%4, channels ((j/4)*TX + tx)*4 + j%4
+//     (16-byte shared-memory reads).
+//   Main loop over the input channels in chunks of BC: every thread reads its share of the
+//   U tile (16-byte loads) and gathers its (tile, channel) patches (plain bounds-checked
+//   loads, zero outside the image), transforms the patches and stores V and U to shared
+//   memory (two barriers per chunk), then multiplies. One operand is read a chunk ahead into
+//   registers (in flight during the FMAs), the other just before the barrier: the patches
+//   ahead for F(4x4), whose 288-thread block fills an SM alone, the U tile ahead for F(2x2)
+//   (two blocks per SM overlap each other's loads). Both ahead spilled registers (F(2x2) on
+//   sm_80 at its 128-register cap, F(4x4) at its 168).
+//   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the main
+//   loop's buffer), then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the
+//   bias and writes the m x m pixels that lie inside the output.
+//   winograd_wgrad<M, BR, TY, TX, TM, TN>: grid (ceil(Cg / (TY*TM)), ceil(Kg / (TX*TN)),
+//     groups * slices), block (A*A*TY*TX, 1, 1); see the comment above the kernel.
+//   Static shared memory: max(A*A*BC*(BT + BK), A*A*4*TX*BT) floats (32 KiB for F(2x2),
+//   36 KiB for F(4x4) with the launcher's tiles). Arguments: in, u, bias (or null), out, then
+//   N, Ci, Hi, Wi, Co, Ho, Wo, ph, pw, groups (int32). Offsets are 64-bit; tile indices are
+//   32-bit (the launcher splits the batch to keep N * tiles per image below 2^31).
+//
+// Numerics: every product is one FP32 fused multiply-add, channels summed in ascending order
+// in each thread (results repeat bit for bit). Error against the float64 reference (relative
+// Frobenius norm, standard-normal data, measured in the host emulation): F(2x2) 2e-7 to 7e-7,
+// F(4x4) 6e-7 to 3.4e-6, growing with the reduction length (256- and 512-channel sums: 3.4e-6
+// forward, 1.3e-6 input gradient over 32 channels). A float32 NumPy model of the same
+// arithmetic agrees (F(2x2) 5.0e-7, F(4x4) 3.6e-6 at 256 channels) and extends it: F(4x4)
+// 6.1e-6 at 1024 channels, 9.8e-6 at 2048, 1.6e-5 at 4096; F(2x2) 1.8e-6 at 4096. F(4x4)'s
+// points +-2 bring coefficients up to 8 into AT and 1/24 into G; computing the filter
+// transform in float64 did not help (3.35e-6), so it stays in float32. Documented bound:
+// 1e-5 (the library's float32 tolerance; cuda_winograd.ERROR_BOUND) for F(2x2) on sums of up
+// to 8192 terms and F(4x4) on up to 1024, the longest the dispatch rules give them;
+// checked by tests/test_cuda_winograd.py. F(6x6, 3x3) (points 0, +-1, +-2, +-1/2): 6.5e-6 at
+// 256 channels, 1.3e-5 at 1024 in the model, and fewer multiplies than F(4x4) only on large
+// planes (56x56: 4.4x vs 4x; 14x14 and 7x7: none), so it is not provided. The weight
+// gradient sums over tiles instead of channels, with the same growth (emulation, one slice:
+// F(4x4) 3.3e-6 over 256 tiles, 8.9e-6 over 2048; F(2x2) 9.7e-7 over 1024, 2.7e-6 over 8192);
+// the dispatch rules cut its reduction into slices of at most 1024 (F(4x4)) or 8192 (F(2x2))
+// tiles. float64 never takes this path (the direct kernels keep it).
+//
+// Versions: 1 (this file): strict FP32 SIMT transform-point GEMMs; forward and input gradient
+// (winograd_conv), weight gradient (winograd_wgrad, below). Not done: TF32 mma.sync GEMMs,
+// F(6x6, 3x3), cp.async pipelining.
+//
+// Verification status (when this was written): compiled by NVRTC 13.5 for sm_80 and sm_90
+// (tests/test_nvrtc.py); ptxas through NVRTC (tests/test_cuda_winograd.py::test_no_spills)
+// reports 0 bytes of stack and spills for every instantiation on both: winograd_conv F(2x2)
+// 128 registers (its cap: two 256-thread blocks per SM), F(4x4) 168 (one 288-thread block);
+// winograd_wgrad F(2x2) 128 / 123 (sm_80 / sm_90), F(4x4) 168 / 167; winograd_filter 32.
+// Executed through the host emulation of tests/cuda_emu.h against the NumPy reference
+// (tests/test_cuda_winograd.py). Never run on a GPU: speed is unmeasured.
+
+#include "fc_common.cuh"
+
+namespace fc {
+
+// The 1-D transforms of F(m, 3): input (BT, A -> A), filter (G, 3 -> A), output (AT, A -> m),
+// written out so that no multiply by 0 or 1 is executed. `d` and `o` are read and written
+// with strides SD and SO, so the same code does the rows and the columns of a 2-D transform.
+template <int M> struct Wino;
+
+template <> struct Wino<2> {
+    static constexpr int A = 4;
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void input(const T* d, T* o) {
+        o[0 * SO] = d[0 * SD] - d[2 * SD];
+        o[1 * SO] = d[1 * SD] + d[2 * SD];
+        o[2 * SO] = d[2 * SD] - d[1 * SD];
+        o[3 * SO] = d[1 * SD] - d[3 * SD];
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void filter(const T* g, T* o) {
+        const T even = T(0.5) * (g[0] + g[2 * SD]), odd = T(0.5) * g[1 * SD];
+        o[0 * SO] = g[0];
+        o[1 * SO] = even + odd;
+        o[2 * SO] = even - odd;
+        o[3 * SO] = g[2 * SD];
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void output(const T* m, T* o) {
+        o[0 * SO] = m[0] + m[1 * SD] + m[2 * SD];
+        o[1 * SO] = m[1 * SD] - m[2 * SD] - m[3 * SD];
+    }
+    // Adjoints for the weight gradient: AT^T (m -> A) and G^T (A -> 3).
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void output_t(const T* y, T* o) {
+        const T y0 = y[0], y1 = y[SD];
+        o[0 * SO] = y0;
+        o[1 * SO] = y0 + y1;
+        o[2 * SO] = y0 - y1;
+        o[3 * SO] = -y1;
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void filter_t(const T* u, T* o) {
+        const T s = T(0.5) * (u[SD] + u[2 * SD]);
+        o[0 * SO] = u[0] + s;
+        o[1 * SO] = T(0.5) * (u[SD] - u[2 * SD]);
+        o[2 * SO] = s + u[3 * SD];
+    }
+};
+
+template <> struct Wino<4> {
+    static constexpr int A = 6;
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void input(const T* d, T* o) {
+        const T d0 = d[0], d1 = d[SD], d2 = d[2 * SD], d3 = d[3 * SD], d4 = d[4 * SD],
+                d5 = d[5 * SD];
+        const T a = d4 - T(4) * d2, b = d3 - T(4) * d1;  // rows 1, 2: a -+ b
+        const T c = d4 - d2, e = T(2) * (d3 - d1);       // rows 3, 4: c +- e
+        o[0 * SO] = T(4) * d0 - T(5) * d2 + d4;
+        o[1 * SO] = a + b;
+        o[2 * SO] = a - b;
+        o[3 * SO] = c + e;
+        o[4 * SO] = c - e;
+        o[5 * SO] = T(4) * d1 - T(5) * d3 + d5;
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void filter(const T* g, T* o) {
+        const T g0 = g[0], g1 = g[SD], g2 = g[2 * SD];
+        const T a = T(-1.0 / 6.0) * (g0 + g2), b = T(1.0 / 6.0) * g1;
+        const T c = T(1.0 / 24.0) * g0 + T(1.0 / 6.0) * g2, e = T(1.0 / 12.0) * g1;
+        o[0 * SO] = T(0.25) * g0;
+        o[1 * SO] = a - b;
+        o[2 * SO] = a + b;
+        o[3 * SO] = c + e;
+        o[4 * SO] = c - e;
+        o[5 * SO] = g2;
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void output(const T* m, T* o) {
+        const T m1 = m[SD], m2 = m[2 * SD], m3 = m[3 * SD], m4 = m[4 * SD];
+        const T s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
+        o[0 * SO] = m[0] + s12 + s34;
+        o[1 * SO] = d12 + T(2) * d34;
+        o[2 * SO] = s12 + T(4) * s34;
+        o[3 * SO] = d12 + T(8) * d34 + m[5 * SD];
+    }
+    // Adjoints for the weight gradient: AT^T (m -> A) and G^T (A -> 3).
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void output_t(const T* y, T* o) {
+        const T y0 = y[0], y1 = y[SD], y2 = y[2 * SD], y3 = y[3 * SD];
+        const T e1 = y0 + y2, o1 = y1 + y3;              // points +-1
+        const T e2 = y0 + T(4) * y2, o2 = T(2) * y1 + T(8) * y3;  // points +-2
+        o[0 * SO] = y0;
+        o[1 * SO] = e1 + o1;
+        o[2 * SO] = e1 - o1;
+        o[3 * SO] = e2 + o2;
+        o[4 * SO] = e2 - o2;
+        o[5 * SO] = y3;
+    }
+    template <int SD, int SO, typename T>
+    __device__ __forceinline__ static void filter_t(const T* u, T* o) {
+        const T u1 = u[SD], u2 = u[2 * SD], u3 = u[3 * SD], u4 = u[4 * SD];
+        const T s12 = T(1.0 / 6.0) * (u1 + u2), s34 = u3 + u4;
+        o[0 * SO] = T(0.25) * u[0] - s12 + T(1.0 / 24.0) * s34;
+        o[1 * SO] = T(1.0 / 6.0) * (u2 - u1) + T(1.0 / 12.0) * (u3 - u4);
+        o[2 * SO] = T(1.0 / 6.0) * s34 - s12 + u[5 * SD];
+    }
+};
+
+// The 2-D transforms, columns then rows, on row-major arrays: V = BT d BT^T (A x A -> A x A),
+// U = G f G^T (3 x 3 -> A x A), Y = AT M AT^T (A x A -> m x m) and the weight gradient's
+// adjoints dM = AT^T dy AT (m x m -> A x A), dg = G^T dU G (A x A -> 3 x 3).
+template <int M>
+struct Wino2D {
+    static constexpr int A = M + 2;
+    __device__ __forceinline__ static void input(const float* d, float* v) {
+        float t[A * A];
+#pragma unroll
+        for (int b = 0; b < A; ++b) Wino<M>::template input<A, A>(d + b, t + b);
+#pragma unroll
+        for (int a = 0; a < A; ++a) Wino<M>::template input<1, 1>(t + A * a, v + A * a);
+    }
+    __device__ __forceinline__ static void filter(const float* f, float* u) {
+        float t[A * 3];
+#pragma unroll
+        for (int s = 0; s < 3; ++s) Wino<M>::template filter<3, 3>(f + s, t + s);
+#pragma unroll
+        for (int i = 0; i < A; ++i) Wino<M>::template filter<1, 1>(t + 3 * i, u + A * i);
+    }
+    __device__ __forceinline__ static void output(const float* m, float* y) {
+        float t[M * A];
+#pragma unroll
+        for (int b = 0; b < A; ++b) Wino<M>::template output<A, A>(m + b, t + b);
+#pragma unroll
+        for (int a = 0; a < M; ++a) Wino<M>::template output<1, 1>(t + A * a, y + M * a);
+    }
+    __device__ __forceinline__ static void output_t(const float* dy, float* dm) {
+        float t[A * M];
+#pragma unroll
+        for (int b = 0; b < M; ++b) Wino<M>::template output_t<M, M>(dy + b, t + b);
+#pragma unroll
+        for (int a = 0; a < A; ++a) Wino<M>::template output_t<1, 1>(t + M * a, dm + A * a);
+    }
+    __device__ __forceinline__ static void filter_t(const float* du, float* dg) {
+        float t[3 * A];
+#pragma unroll
+        for (int b = 0; b < A; ++b) Wino<M>::template filter_t<A, A>(du + b, t + b);
+#pragma unroll
+        for (int r = 0; r < 3; ++r) Wino<M>::template filter_t<1, 1>(t + A * r, dg + 3 * r);
+    }
+};
+
+// One transform point's register-blocked GEMM step over R reduction rows: acc[i][j] +=
+// a_r[row i] * b_r[column j] with rows of `as` (stride LA) and `bs` (stride LB) in shared
+// memory; row i is ((i/4)*TY + ty)*4 + i%4, column j ((j/4)*TX + tx)*4 + j%4 (16-byte reads).
+template <int R, int TY, int TX, int TM, int TN, int LA, int LB>
+__device__ __forceinline__ void point_gemm(float (&acc)[TM][TN], const float* as, const float* bs,
+                                           int ty, int tx) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float a[TM], b[TN];
+#pragma unroll
+        for (int i = 0; i < TM / 4; ++i) load16(&a[i * 4], as + r * LA + (i * TY + ty) * 4);
+#pragma unroll
+        for (int j = 0; j < TN / 4; ++j) load16(&b[j * 4], bs + r * LB + (j * TX + tx) * 4);
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = fmadd(a[i], b[j], acc[i][j]);
+    }
+}
+
+// Epilogue pass p: the accumulator columns j = p*4 + v (v < 4) of point xi go to
+// ms[(xi*4*TX + tx*4 + v) * ROWS + row i] (16-byte stores along the rows).
+template <int TY, int TX, int TM, int TN, int ROWS>
+__device__ __forceinline__ void stage_pass(float* ms, const float (&acc)[TM][TN], int p, int xi,
+                                           int ty, int tx) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        float* dst = ms + (xi * 4 * TX + tx * 4 + v) * ROWS + ty * 4;
+#pragma unroll
+        for (int i = 0; i < TM; i += 4) {
+            *reinterpret_cast<float4*>(dst + (i / 4) * TY * 4) =
+                make_float4(acc[i][p * 4 + v], acc[i + 1][p * 4 + v], acc[i + 2][p * 4 + v],
+                            acc[i + 3][p * 4 + v]);
+        }
+    }
+}
+
+enum WinogradMode { WINO_FPROP = 0, WINO_DGRAD = 1 };
+
+// ---------------------------------------------------------------------------------------------
+// Filter transform: u[g][xi][c][k] = (G f_{g,c,k} G^T)[xi], once per call.
+// ---------------------------------------------------------------------------------------------
+template <int M, int MODE>
+__global__ void __launch_bounds__(256)
+winograd_filter(const float* __restrict__ weight, float* __restrict__ u, int K, int Cg,
+                int groups) {
+    constexpr int A = M + 2;
+    const int Kg = K / groups;
+    const int cig = MODE == WINO_FPROP ? Cg : Kg;  // reduction channels per group
+    const int cog = MODE == WINO_FPROP ? Kg : Cg;  // output channels per group
+    const int cogp = (cog + 3) / 4 * 4;            // k padded to whole 16-byte vectors
+    const long long per_group = (long long)cig * cogp;
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= per_group * groups) return;
+    const int g = (int)(e / per_group);
+    const long long rem = e - g * per_group;
+    const int c = (int)(rem / cogp), k = (int)(rem - (long long)c * cogp);
+    float* dst = u + (long long)g * A * A * per_group + rem;
+    if (k >= cog) {  // padding: zero filters
+#pragma unroll
+        for (int xi = 0; xi < A * A; ++xi) dst[xi * per_group] = 0.0f;
+        return;
+    }
+    // f[r][s] of this (c, k) pair, read from weight (K, Cg, 3, 3).
+    float f[9];
+    if (MODE == WINO_FPROP) {
+        const float* src = weight + ((long long)(g * Kg + k) * Cg + c) * 9;
+#pragma unroll
+        for (int i = 0; i < 9; ++i) f[i] = src[i];
+    } else {
+        const float* src = weight + ((long long)(g * Kg + c) * Cg + k) * 9;
+#pragma unroll
+        for (int i = 0; i < 9; ++i) f[i] = src[8 - i];  // 180-degree rotation
+    }
+    float v[A * A];
+    Wino2D<M>::filter(f, v);
+#pragma unroll
+    for (int xi = 0; xi < A * A; ++xi) dst[xi * per_group] = v[xi];
+}
+
+// Gathers one chunk of BC input channels into registers: this thread's (tile, channel)
+// patches (`load_patches`), pair tid + NT*j being tile (pair % BT) and channel (pair / BT) of
+// every chunk, and its 16-byte vectors of the U tile (`load_u`). `store` transforms the patches
+// (V = BT d BT^T) and writes V and U to shared memory. Everything that does not change from
+// chunk to chunk (patch origins, which rows and columns of a patch lie inside the image, the
+// U vector's (xi, c, k) position) is decoded once in `init`.
+template <int M, int BC, int BT, int BK, int NT>
+struct WinoLoader {
+    static constexpr int A = M + 2, AA = A * A, V = 4;
+    static constexpr int PATCHES = BT * BC, PPT = (PATCHES + NT - 1) / NT;
+    // U tile [xi][c][k] in 16-byte vectors: thread tid takes vectors tid + NT*j, which all
+    // share (c, k) and step xi by XI_STEP.
+    static constexpr int UVEC = AA * BC * BK / V, UPT = UVEC / NT, XI_STEP = NT * V / (BC * BK);
+    static_assert(BK % V == 0 && UVEC % NT == 0 && (NT * V) % (BC * BK) == 0,
+                  "WinoLoader: the U tile does not split evenly into 16-byte vectors");
+
+    long long poff[PPT];   // offset of (n, channel g*Cig, py, px) in `in` (may be negative)
+    unsigned pmask[PPT];   // bit a: patch row a inside the image; bit 8 + b: column b;
+                           // 0 for tiles past the end (zero patches) and unused pairs
+    int pc[PPT];           // channel of the patch within a chunk
+    const float* up;       // U vector of chunk 0 (xi0, c, k), or null past the channels
+    long long ustep;       // distance between the xi of consecutive vectors of this thread
+    int uc, tid;
+    float d[PPT][AA];      // raw patches of the chunk being gathered
+    float uv[UPT][V];      // U vectors of the next chunk
+
+    __device__ __forceinline__ void init(int tid_, int g, int t0, int k0, int Ci, int Hi,
+                                         int Wi, int cig, int cogp, int tiles, int tiles_img,
+                                         int tiles_w, int ph, int pw, const float* u) {
+        tid = tid_;
+        const long long in_plane = (long long)Hi * Wi;
+#pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            const int pair = tid + NT * j;
+            const int t = t0 + pair % BT;
+            pc[j] = pair / BT;
+            poff[j] = 0;
+            pmask[j] = 0;
+            if (pair < PATCHES && t < tiles) {
+                const int n = t / tiles_img, r = t - n * tiles_img;
+                const int th = r / tiles_w, tw = r - th * tiles_w;
+                const int py = th * M - ph, px = tw * M - pw;
+                poff[j] = ((long long)n * Ci + (long long)g * cig) * in_plane
+                          + (long long)py * Wi + px;
+#pragma unroll
+                for (int a = 0; a < A; ++a) {
+                    if ((unsigned)(py + a) < (unsigned)Hi) pmask[j] |= 1u << a;
+                    if ((unsigned)(px + a) < (unsigned)Wi) pmask[j] |= 1u << (8 + a);
+                }
+            }
+        }
+        const int e = tid * V;  // first element of this thread's first vector
+        const int kk = e % BK, cc = (e / BK) % BC, xi = e / (BK * BC);
+        uc = cc;
+        ustep = (long long)XI_STEP * cig * cogp;
+        up = u + (((long long)g * AA + xi) * cig + cc) * cogp + k0 + kk;
+    }
+
+    // The patches of chunk c0 (read just before they are transformed).
+    __device__ __forceinline__ void load_patches(const float* __restrict__ in, int c0, int cig,
+                                                 long long in_plane, int Wi) {
+#pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            const bool ok = pmask[j] != 0 && c0 + pc[j] < cig;
+            const long long off = poff[j] + (long long)(c0 + pc[j]) * in_plane;
+#pragma unroll
+            for (int a = 0; a < A; ++a) {
+#pragma unroll
+                for (int b = 0; b < A; ++b) {
+                    const bool inside = ok && ((pmask[j] >> a) & (pmask[j] >> (8 + b)) & 1u);
+                    d[j][a * A + b] = inside ? in[off + (long long)a * Wi + b] : 0.0f;
+                }
+            }
+        }
+    }
+
+    // The U vectors of chunk c0 (prefetched one chunk ahead). kvalid: this thread's k vector
+    // lies inside the (padded) output channels.
+    __device__ __forceinline__ void load_u(int c0, int cig, int cogp, bool kvalid) {
+        const bool ok = kvalid && c0 + uc < cig;
+        const float* src = up + (long long)c0 * cogp;
+#pragma unroll
+        for (int j = 0; j < UPT; ++j) {
+            if (ok) {
+                load16(uv[j], src + j * ustep);
+            } else {
+#pragma unroll
+                for (int v = 0; v < V; ++v) uv[j][v] = 0.0f;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void store(float* Vs, float* Us) const {
+#pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            const int pair = tid + NT * j;
+            if (pair >= PATCHES) continue;
+            float v[AA];
+            Wino2D<M>::input(d[j], v);
+            float* dst = Vs + pc[j] * BT + pair % BT;
+#pragma unroll
+            for (int xi = 0; xi < AA; ++xi) dst[xi * BC * BT] = v[xi];
+        }
+#pragma unroll
+        for (int j = 0; j < UPT; ++j) {  // vector tid + NT*j: elements (xi*BC + c)*BK + k
+            float* dst = Us + (tid + NT * j) * V;
+            *reinterpret_cast<float4*>(dst) = make_float4(uv[j][0], uv[j][1], uv[j][2],
+                                                          uv[j][3]);
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fused kernel: input transform into shared memory, transform-point GEMMs, inverse transform
+// and bias in the epilogue.
+// ---------------------------------------------------------------------------------------------
+template <int M, int BC, int TY, int TX, int TM, int TN>
+__global__ void __launch_bounds__((M + 2) * (M + 2) * TY * TX,
+                                  (M + 2) * (M + 2) * TY * TX <= 256 ? 2 : 1)
+winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
+              const float* __restrict__ bias, float* __restrict__ out, int N, int Ci, int Hi,
+              int Wi, int Co, int Ho, int Wo, int ph, int pw, int groups) {
+    constexpr int A = M + 2, AA = A * A, V = 4;
+    constexpr int BT = TY * TM, BK = TX * TN, NT = AA * TY * TX;
+    constexpr int KP = TX * V;                  // output channels per epilogue pass
+    constexpr int SV = AA * BC * BT, SU = AA * BC * BK, SMO = AA * KP * BT;
+    constexpr int SMEM = SV + SU > SMO ? SV + SU : SMO;
+    constexpr bool PREFETCH = NT > 256;
+    static_assert(TM % V == 0 && TN % V == 0, "winograd_conv: TM and TN must be multiples of 4");
+    __shared__ __align__(16) float smem[SMEM];
+    float* const Vs = smem;       // [xi][c][tile]
+    float* const Us = smem + SV;  // [xi][c][k]
+    float* const Ms = smem;       // epilogue: [xi][k][tile]
+
+    const int tid = threadIdx.x;
+    const int g = blockIdx.z;
+    const int cig = Ci / groups, cog = Co / groups;
+    const int tiles_w = (Wo + M - 1) / M, tiles_img = ((Ho + M - 1) / M) * tiles_w;
+    const int tiles = N * tiles_img;
+    const int t0 = blockIdx.x * BT, k0 = blockIdx.y * BK;
+
+    const int cogp = (cog + V - 1) / V * V;  // U's k axis is padded to whole vectors
+    const long long in_plane = (long long)Hi * Wi;
+    WinoLoader<M, BC, BT, BK, NT> ld;
+    ld.init(tid, g, t0, k0, Ci, Hi, Wi, cig, cogp, tiles, tiles_img, tiles_w, ph, pw, u);
+    const bool kvalid = k0 + (tid * V) % BK < cogp;
+
+    const int xi = tid / (TY * TX);
+    const int ty = tid % TY, tx = (tid / TY) % TX;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    // Of the two operands, one is read a chunk ahead (its loads in flight during the FMAs),
+    // the other just before the barrier (in flight while the other warps finish): the
+    // patches when one block fills the SM (F(4x4): nothing else hides their latency), else
+    // the U tile (registers allow only one of them).
+    if (PREFETCH) ld.load_patches(in, 0, cig, in_plane, Wi);
+    else ld.load_u(0, cig, cogp, kvalid);
+    for (int c0 = 0; c0 < cig; c0 += BC) {
+        if (PREFETCH) ld.load_u(c0, cig, cogp, kvalid);
+        else ld.load_patches(in, c0, cig, in_plane, Wi);
+        __syncthreads();  // the previous chunk's multiplications are done with Vs and Us
+        ld.store(Vs, Us);
+        __syncthreads();
+        if (c0 + BC < cig) {
+            if (PREFETCH) ld.load_patches(in, c0 + BC, cig, in_plane, Wi);
+            else ld.load_u(c0 + BC, cig, cogp, kvalid);
+        }
+        point_gemm<BC, TY, TX, TM, TN, BT, BK>(acc, Vs + xi * BC * BT, Us + xi * BC * BK, ty, tx);
+    }
+
+    // Epilogue, pass p: channels k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
+    const long long out_plane = (long long)Ho * Wo;
+#pragma unroll
+    for (int p = 0; p < TN / V; ++p) {
+        __syncthreads();  // the main loop (or the previous pass) is done with shared memory
+        stage_pass<TY, TX, TM, TN, BT>(Ms, acc, p, xi, ty, tx);
+        __syncthreads();
+        for (int e = tid; e < KP * BT; e += NT) {
+            const int tl = e % BT, kq = e / BT;
+            const int t = t0 + tl, k = k0 + p * KP + kq;
+            if (t >= tiles || k >= cog) continue;
+            float mv[AA], y[M * M];
+#pragma unroll
+            for (int q = 0; q < AA; ++q) mv[q] = Ms[(q * KP + kq) * BT + tl];
+            Wino2D<M>::output(mv, y);
+            const float bk = bias != nullptr ? bias[g * cog + k] : 0.0f;
+            const int n = t / tiles_img, r = t - n * tiles_img;
+            const int th = r / tiles_w, tw = r - th * tiles_w;
+            float* dst = out + ((long long)n * Co + (long long)g * cog + k) * out_plane;
+#pragma unroll
+            for (int a = 0; a < M; ++a) {
+                const int oy = th * M + a;
+#pragma unroll
+                for (int b = 0; b < M; ++b) {
+                    const int ox = tw * M + b;
+                    if (oy < Ho && ox < Wo) dst[(long long)oy * Wo + ox] = y[a * M + b] + bk;
+                }
+            }
+        }
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient: the adjoint of the forward formula. With dM = AT^T dy AT (the output
+// gradient of a tile taken to the transform points) and V = BT d BT^T (the input patch),
+//     dU[xi](c, k) = sum_tiles V[xi](tile, c) * dM[xi](tile, k),    grad_weight = G^T dU G.
+// Block: BC = TY*TM channels by BK = TX*TN filters of one group, over the tiles
+// [slice * t_split, (slice + 1) * t_split) in chunks of BR tiles; thread (xi, ty, tx) owns a
+// TM x TN block of dU[xi]. Each slice writes its partial grad_weight at out + slice * K*Cg*9
+// (the launcher sums the slices in a fixed order).
+// ---------------------------------------------------------------------------------------------
+template <int M, int BR, int TY, int TX, int TM, int TN>
+__global__ void __launch_bounds__((M + 2) * (M + 2) * TY * TX,
+                                  (M + 2) * (M + 2) * TY * TX <= 256 ? 2 : 1)
+winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_output,
+               float* __restrict__ out, int N, int C, int H, int W, int K, int P, int Q,
+               int pt, int pl, int groups, int t_split) {
+    constexpr int A = M + 2, AA = A * A, V = 4;
+    constexpr int BC = TY * TM, BK = TX * TN, NT = AA * TY * TX;
+    constexpr int XP = BR * BC, XPT = (XP + NT - 1) / NT;  // input patches per chunk
+    constexpr int YP = BR * BK, YPT = (YP + NT - 1) / NT;  // output-gradient tiles per chunk
+    constexpr int KP = TX * V;                              // filters per epilogue pass
+    constexpr int SV = AA * BR * BC, SW = AA * BR * BK, SMO = AA * KP * BC;
+    constexpr int SMEM = SV + SW > SMO ? SV + SW : SMO;
+    static_assert(TM % V == 0 && TN % V == 0, "winograd_wgrad: TM and TN must be multiples of 4");
+    __shared__ __align__(16) float smem[SMEM];
+    float* const Vs = smem;       // [xi][tile][c]
+    float* const Ws = smem + SV;  // [xi][tile][k]
+    float* const Ms = smem;       // epilogue: [xi][k][c]
+
+    const int tid = threadIdx.x;
+    const int g = blockIdx.z % groups, slice = blockIdx.z / groups;
+    const int Cg = C / groups, Kg = K / groups;
+    const int c0 = blockIdx.x * BC, k0 = blockIdx.y * BK;
+    const int tiles_w = (Q + M - 1) / M, tiles_img = ((P + M - 1) / M) * tiles_w;
+    const int t_begin = slice * t_split;
+    const int t_end = min(N * tiles_img, t_begin + t_split);
+    const long long xplane = (long long)H * W, yplane = (long long)P * Q;
+
+    const int xi = tid / (TY * TX);
+    const int ty = tid % TY, tx = (tid / TY) % TX;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    for (int tb = t_begin; tb < t_end; tb += BR) {
+        // Gather: input patch (tile tb + pair / BC, channel c0 + pair % BC) and output-gradient
+        // tile (tile tb + pair / BK, filter k0 + pair % BK), zero outside the planes.
+        float d[XPT][AA], dy[YPT][M * M];
+#pragma unroll
+        for (int j = 0; j < XPT; ++j) {
+            const int pair = tid + NT * j;
+            const int t = tb + pair / BC, c = c0 + pair % BC;
+            const bool ok = pair < XP && t < t_end && c < Cg;
+            int n = 0, y0 = 0, x0 = 0;
+            if (ok) {
+                n = t / tiles_img;
+                const int r = t - n * tiles_img, th = r / tiles_w;
+                y0 = th * M - pt;
+                x0 = (r - th * tiles_w) * M - pl;
+            }
+            const float* src = x + ((long long)n * C + (long long)g * Cg + c) * xplane;
+#pragma unroll
+            for (int a = 0; a < A; ++a) {
+                const bool oky = ok && (unsigned)(y0 + a) < (unsigned)H;
+#pragma unroll
+                for (int b = 0; b < A; ++b) {
+                    d[j][a * A + b] = oky && (unsigned)(x0 + b) < (unsigned)W
+                                          ? src[(long long)(y0 + a) * W + x0 + b] : 0.0f;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < YPT; ++j) {
+            const int pair = tid + NT * j;
+            const int t = tb + pair / BK, k = k0 + pair % BK;
+            const bool ok = pair < YP && t < t_end && k < Kg;
+            int n = 0, y0 = 0, x0 = 0;
+            if (ok) {
+                n = t / tiles_img;
+                const int r = t - n * tiles_img, th = r / tiles_w;
+                y0 = th * M;
+                x0 = (r - th * tiles_w) * M;
+            }
+            const float* src = grad_output + ((long long)n * K + (long long)g * Kg + k) * yplane;
+#pragma unroll
+            for (int a = 0; a < M; ++a) {
+                const bool oky = ok && y0 + a < P;
+#pragma unroll
+                for (int b = 0; b < M; ++b) {
+                    dy[j][a * M + b] = oky && x0 + b < Q ? src[(long long)(y0 + a) * Q + x0 + b]
+                                                         : 0.0f;
+                }
+            }
+        }
+        __syncthreads();  // the previous chunk's multiplications are done with Vs and Ws
+#pragma unroll
+        for (int j = 0; j < XPT; ++j) {
+            const int pair = tid + NT * j;
+            if (pair >= XP) continue;
+            float v[AA];
+            Wino2D<M>::input(d[j], v);
+            float* dst = Vs + pair;  // (tile, c) = (pair / BC, pair % BC)
+#pragma unroll
+            for (int q = 0; q < AA; ++q) dst[q * BR * BC] = v[q];
+        }
+#pragma unroll
+        for (int j = 0; j < YPT; ++j) {
+            const int pair = tid + NT * j;
+            if (pair >= YP) continue;
+            float v[AA];
+            Wino2D<M>::output_t(dy[j], v);
+            float* dst = Ws + pair;  // (tile, k) = (pair / BK, pair % BK)
+#pragma unroll
+            for (int q = 0; q < AA; ++q) dst[q * BR * BK] = v[q];
+        }
+        __syncthreads();
+        point_gemm<BR, TY, TX, TM, TN, BC, BK>(acc, Vs + xi * BR * BC, Ws + xi * BR * BK, ty, tx);
+    }
+
+    // Epilogue, pass p: filters k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
+    float* const dst0 = out + (long long)slice * K * Cg * 9;
+#pragma unroll
+    for (int p = 0; p < TN / V; ++p) {
+        __syncthreads();  // the main loop (or the previous pass) is done with shared memory
+        stage_pass<TY, TX, TM, TN, BC>(Ms, acc, p, xi, ty, tx);
+        __syncthreads();
+        for (int e = tid; e < KP * BC; e += NT) {
+            const int cl = e % BC, kq = e / BC;
+            const int c = c0 + cl, k = k0 + p * KP + kq;
+            if (c >= Cg || k >= Kg) continue;
+            float mv[AA], gw[9];
+#pragma unroll
+            for (int q = 0; q < AA; ++q) mv[q] = Ms[(q * KP + kq) * BC + cl];
+            Wino2D<M>::filter_t(mv, gw);
+            float* dst = dst0 + ((long long)(g * Kg + k) * Cg + c) * 9;
+#pragma unroll
+            for (int q = 0; q < 9; ++q) dst[q] = gw[q];
+        }
+    }
+}
+
+}  // namespace fc
