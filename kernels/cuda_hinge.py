@@ -93,5 +93,5 @@ def hinge_launch(scores: Any, labels: Any, class_weight: Any, row_scale: Any, lo
     args = (scores, labels, class_weight, row_scale,
             np.int32(0 if row_scale.shape[0] == 1 else 1), dtype.type(margin), np.int32(p),
             np.int64(N), np.int32(C), losses, NULL if grad is None else grad)
-    return Launch("hinge.cu", kernel_name(dtype, group, items), hinge_grid(N, group, sm_count, blocks_per_sm(dtype, group, items)),
-                  (THREADS, 1, 1), 0, args)
+    grid = hinge_grid(N, group, sm_count, blocks_per_sm(dtype, group, items))
+    return Launch("hinge.cu", kernel_name(dtype, group, items), grid, (THREADS, 1, 1), 0, args)

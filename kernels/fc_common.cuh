@@ -135,7 +135,9 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid)
 #else
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
-                 :: "r"(d), "l"(__cvta_generic_to_global(src)), "n"(BYTES), "r"(valid ? BYTES : 0) : "memory");
+                 :: "r"(d), "l"(__cvta_generic_to_global(src)), "n"(BYTES),
+                    "r"(valid ? BYTES : 0)
+                 : "memory");
 #endif
 }
 

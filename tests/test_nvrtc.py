@@ -2,9 +2,10 @@
 
 Each ``.cu`` file is compiled once per architecture with every template instantiation the
 launchers can request (``all_kernel_names`` of ``cuda_conv``, ``cuda_hinge`` and
-``cuda_winograd``), from the same pasted source (``cuda_build.load_source``) and with the same options that reach NVRTC
-at run time: ``cuda_build.NVRTC_OPTIONS``, what CuPy appends (``CUPY_ADDED_OPTIONS``) and the
-architecture. Compiling to ``sm_XY`` produces machine code, so the PTX assembler runs too.
+``cuda_winograd``), from the same pasted source (``cuda_build.load_source``) and with the same
+options that reach NVRTC at run time: ``cuda_build.NVRTC_OPTIONS``, what CuPy appends
+(``CUPY_ADDED_OPTIONS``) and the architecture. Compiling to ``sm_XY`` produces machine code,
+so the PTX assembler runs too.
 Needs ``cuda-bindings`` and the ``nvidia-cuda-nvrtc`` wheel (no driver); skipped without them.
 
 ptxas is asked to warn on register spills and on any local-memory use (`GATE_OPTIONS`), and the

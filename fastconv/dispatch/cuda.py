@@ -14,10 +14,10 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
 4. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
    cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
-   time model with wave quantisation (see `pick_tile`, `wave_units`); the weight gradient also splits its long N*P*Q reduction into
-   slices so that about two blocks per multiprocessor run, and a forward or input-gradient GEMM
-   with too few tiles for the device splits its reduction too (`gemm_splits`), within the
-   workspace bound.
+   time model with wave quantisation (see `pick_tile`, `wave_units`); the weight gradient also
+   splits its long N*P*Q reduction into slices so that about two blocks per multiprocessor
+   run, and a forward or input-gradient GEMM with too few tiles for the device splits its
+   reduction too (`gemm_splits`), within the workspace bound.
 ``bias_grad`` is a fixed-order reduction; ``hinge`` picks the row layout of hinge.cu.
 
 Without a GPU (``explain`` on a machine without CuPy) the rules assume a 132-SM, sm_90 device.
@@ -315,9 +315,10 @@ def gemm_splits(blocks: int, reduction: int, tile: SimtTile | Tf32Tile, sm_count
     """Reduction slices for a forward or input-gradient GEMM whose tiles do not fill the device.
 
     With ``resident`` blocks per SM (``cuda_conv.resident_blocks``; default ``512 / threads``,
-    the kernels' usual register cap), ``slots`` blocks run at once. Modelled time of s slices: ``ceil(blocks * s / slots)`` waves of blocks doing
-    ``1/s`` of a tile's multiply-adds at `ASSUMED_BLOCK_FLOPS`, plus writing and reading the
-    s partial results at `ASSUMED_BANDWIDTH`. Slices are used only when the model saves at
+    the kernels' usual register cap), ``slots`` blocks run at once. Modelled time of s slices:
+    ``ceil(blocks * s / slots)`` waves of blocks doing ``1/s`` of a tile's multiply-adds at
+    `ASSUMED_BLOCK_FLOPS`, plus writing and reading the s partial results at
+    `ASSUMED_BANDWIDTH`. Slices are used only when the model saves at
     least 15%, each keeps `MIN_SLICE_TILES` BK steps, and they fit the workspace bound.
     """
     slots = sm_count * (resident if resident is not None else max(1, 512 // tile.threads))
