@@ -8,8 +8,9 @@
 //   with Cg = C / groups, Kg = K / groups. Bottom/right padding is implied by P and Q.
 //
 // One GEMM per group (blockIdx.z), never materialised: tiles of the virtual matrices are
-// gathered from the tensors straight into shared memory (zero where the window leaves the
-// image), then multiplied from shared memory with register blocking.
+// copied from the tensors straight into shared memory by cp.async (zero-filled, nothing read,
+// where the window leaves the image), in a 4-stage ring, then multiplied from shared memory
+// with register blocking.
 //   mode    GEMM M (rows)   GEMM N (cols)   reduction        A (red. x M)   B (red. x N)
 //   FPROP   N*P*Q pixels    Kg filters      Cg*R*S taps      x windows      weight
 //   DGRAD   N*H*W pixels    Cg channels     Kg*R*S taps      grad_output    weight
@@ -33,32 +34,37 @@
 //     ty fastest across a warp so the epilogue's 16-byte stores run along the pixels.
 //   conv_tf32: threads = 32 * WARPS_M * WARPS_N; warp (wm, wn) owns a (BM/WARPS_M) x
 //     (BN/WARPS_N) sub-tile made of 16x8 mma.sync tiles.
-//   Static shared memory: two stages of (BK x (BM + PAD)) + (BK x (BN + PAD)) elements; the
-//   next tile is fetched into registers while the current one is multiplied (one barrier per
-//   BK step). At most 128 registers per thread (two 256-thread blocks per SM).
+//   Static shared memory: CONV_STAGES (4) stages of (BK x (BM + PAD)) + (BK x (BN + PAD))
+//   elements (at most 35 KiB), filled by cp.async (sm_80+; a plain copy on older devices)
+//   three stages ahead of the arithmetic (see mainloop; one barrier per BK step). At most 128
+//   registers per thread (two 256-thread blocks per SM), except the 128x128 SIMT tiles and the
+//   128x128 TF32 input gradient (one block per SM; cuda_conv.resident_blocks mirrors this).
 //   Arguments: a, b, bias (or null), out, then N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh,
-//   dw, groups, k_split (int32), then (mul, shift) of the divisors R*S, S, P*Q, Q, output
+//   dw, groups, k_split (int32), then (mul, shift) of the divisors R*S, S, P*Q, row, output
 //   plane, sh, sw (uint32, int32; see FastDiv).
 //
 // Variants (template parameters; the launcher requests only the instantiations it lists)
 //   conv_simt<T, MODE, BM, BN, BK, TM, TN>: strict FP32 / FP64, one fused multiply-add per
 //     product, the reduction in the order of the tiles.
 //   conv_tf32<MODE, BM, BN, BK, WARPS_M, WARPS_N>: opt-in TF32 tensor cores (sm_80+): operands
-//     rounded to TF32 when stored to shared memory, fp32 accumulation. About 1e-3 relative error.
+//     rounded to TF32 (cvt.rna) once, in shared memory, by the thread that copied them, before
+//     the tile is published; fragments read with 16-byte (or 8-byte) shared loads from a
+//     permuted row layout (place<Q>); fp32 accumulation. About 1e-3 relative error.
 //
 // Index arithmetic: tensor offsets are 64-bit (a tensor may exceed 2^31 elements); GEMM row
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
 // N*P*Q and N*H*W stay below 2^31.
 //
-// Verification status (when this was written): compiled by NVRTC for sm_80 and sm_90 in CI
-// (tests/test_nvrtc.py); ptxas (nvcc 13.0) reports 77-128 registers and no spills for every
-// instantiation the launcher requests, for sm_80 and sm_90 (DGRAD float 128x128 spilled on
-// sm_90 and is not requested: cuda_conv.SIMT_EXCLUDED). Executed on the CPU through a host
-// emulation of the CUDA execution model (tests/test_cuda_emulated.py:
-// blocks, threads, barriers, warp shuffles, the mma fragment layout as the PTX ISA documents
-// it) against the NumPy reference, for every tile and mode. Not yet run on a GPU: speed and
-// the hardware's own mma.sync layout are unverified; bench/device_check.sh runs the GPU tests
-// and benchmark.
+// Verification status (issue 11, no GPU available): compiled by NVRTC 13.5 for sm_80 and sm_90
+// in CI with ptxas warnings for spills and local memory treated as failures
+// (tests/test_nvrtc.py); bench/sass_report.py (run by tests/test_sass_report.py) reports per
+// instantiation registers, shared memory, occupancy and the main loop's instruction mix, and
+// checks LDGSTS (cp.async) in every conv main loop and HMMA in every TF32 one. Executed on the
+// CPU through the host emulation of tests/cuda_emu.h (blocks, threads, barriers, warp
+// shuffles, cp.async groups with zero-fill and poisoned pending destinations, the mma fragment
+// layout as the PTX ISA documents it) against the NumPy reference, for every tile and mode.
+// Not yet run on a GPU: speed and the hardware's own mma.sync layout are unverified;
+// bench/device_check.sh runs the GPU tests and benchmark.
 
 #include "fc_common.cuh"
 
@@ -66,38 +72,28 @@ namespace fc {
 
 enum Mode { FPROP = 0, DGRAD = 1, WGRAD = 2 };
 
+// Depth of the cp.async shared-memory ring of every conv kernel (see mainloop).
+constexpr int CONV_STAGES = 4;
+
 // Coordinate of rows past the end: adding any kernel offset keeps it negative, so the ordinary
 // bounds checks reject it.
 constexpr int FAR = -(1 << 30);
 
-// Division of 0 <= n < 2^31 by a run-time divisor d >= 1 as a multiply and a shift
-// (Granlund & Montgomery, round-up method): n / d == (n * mul) >> shift with
-// shift = 31 + ceil(log2 d) and mul = ceil(2^shift / d) < 2^32, computed by the launcher
-// (kernels/cuda_conv.py, fast_divisor). Kernel parameters live in the constant bank, so this
-// costs no registers and about three instructions instead of an integer-division sequence.
-struct FastDiv {
-    unsigned mul;
-    int shift;
-
-    __device__ __forceinline__ int operator()(int n) const {
-        return (int)(((unsigned long long)(unsigned)n * mul) >> shift);
-    }
-};
-
 struct ConvShape {
     int N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups;
-    // Divisors of the index arithmetic: R*S, S, P*Q, Q, the output pixel plane (P*Q for FPROP,
+    // Divisors of the index arithmetic: R*S, S, P*Q, the row and plane sizes of the GEMM-row
+    // pixel space (row: W for DGRAD, else Q; plane: P*Q for FPROP,
     // H*W for DGRAD), sh and sw.
-    FastDiv by_rs, by_s, by_pq, by_q, by_plane, by_sh, by_sw;
+    FastDiv by_rs, by_s, by_pq, by_row, by_plane, by_sh, by_sw;
 };
 
 // The divisor parameters every conv kernel takes after k_split, in ConvShape's order.
 #define FC_FASTDIV_PARAMS                                                                    \
     unsigned mul_rs, int shift_rs, unsigned mul_s, int shift_s, unsigned mul_pq,            \
-        int shift_pq, unsigned mul_q, int shift_q, unsigned mul_plane, int shift_plane,     \
+        int shift_pq, unsigned mul_row, int shift_row, unsigned mul_plane, int shift_plane,     \
         unsigned mul_sh, int shift_sh, unsigned mul_sw, int shift_sw
 #define FC_FASTDIVS                                                                          \
-    {mul_rs, shift_rs}, {mul_s, shift_s}, {mul_pq, shift_pq}, {mul_q, shift_q},             \
+    {mul_rs, shift_rs}, {mul_s, shift_s}, {mul_pq, shift_pq}, {mul_row, shift_row},             \
         {mul_plane, shift_plane}, {mul_sh, shift_sh}, {mul_sw, shift_sw}
 
 // GEMM sizes of one group for a mode: rows M, columns NG, reduction length KG.
@@ -109,41 +105,64 @@ __device__ __forceinline__ void gemm_dims(const ConvShape& s, int& M, int& NG, i
     if (MODE == WGRAD) { M = Kg; NG = Cg * RS; KG = s.N * s.P * s.Q; }
 }
 
-template <bool TF32, typename T>
-__device__ __forceinline__ T smem_value(T v) {
-    if constexpr (TF32) return to_tf32(v);
-    else return v;
+// Where GEMM column c of an operand tile lives in its shared-memory row. Q = 1: in place.
+// Q = 2 or 4 (the TF32 kernel): within each block of 8Q columns, column 8j + g is stored at
+// Q g + j, so the Q columns g, g + 8, ... that one lane needs for Q mma tiles sit side by side
+// and are read with one 8- or 16-byte shared-memory load. For c0 < STEP with STEP a multiple
+// of 8, place(c0 + STEP i) = place(c0) + place(STEP i): the loaders keep place(c0) and add
+// compile-time offsets.
+template <int Q>
+__device__ __forceinline__ int place(int c) {
+    if constexpr (Q == 1) return c;
+    else return (c / (8 * Q)) * (8 * Q) + (c % 8) * Q + (c % (8 * Q)) / 8;
+}
+
+// Round, in place, the PER elements this thread copied into one tile row (at `first`, then
+// columns STEP apart, placed by place<Q>) to TF32: once per element, after they landed and
+// before the barrier that publishes the tile.
+template <int PER, int STEP, int Q, typename T>
+__device__ __forceinline__ void round_own(T* first) {
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        T& e = first[place<Q>(STEP * i)];
+        e = to_tf32(e);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile loaders: gather one BK x EXTENT tile of a GEMM operand into registers (`load`, which
-// then moves the loader on by BK reduction steps), and write it to shared memory laid out
-// [kk][col] with row stride LD (`store`). `init` places the loader at reduction step k_begin.
+// Tile loaders: `fetch<LD, Q>` starts the asynchronous copies (cp.async, zero-fill for taps
+// outside the image or past the reduction) of one BK x EXTENT tile of a GEMM operand into
+// shared memory laid out [kk][place<Q>(col)] with row stride LD, then moves the loader on by BK
+// reduction steps; `round<LD, Q>` rounds this thread's own elements of a landed tile to TF32.
+// `init` places the loader at reduction step k_begin. Every thread copies the same (kk, col)
+// pattern in every stage.
 // ---------------------------------------------------------------------------------------------
 
 // A of FPROP (x windows) and DGRAD (grad_output taps). A warp reads one reduction row of
-// consecutive pixels, so global reads are coalesced along W; each thread keeps the decoded
-// coordinates of its PER pixels for the whole reduction.
+// consecutive pixels, so global reads are coalesced along W; each thread keeps, for its PER
+// pixels, a pointer to the pixel's window origin and the origin's coordinates (for the bounds
+// checks), for the whole reduction. A tap then costs one 64-bit add per element.
 template <typename T, int MODE, int BM, int BK, int NT>
 struct PixelGather {
     static constexpr int TPR = NT / BK;   // threads per reduction row
     static constexpr int PER = BM / TPR;  // pixels per thread
-    static_assert(NT % BK == 0 && BM % TPR == 0, "PixelGather: tile does not split evenly");
+    static_assert(NT % BK == 0 && BM % TPR == 0 && TPR % 8 == 0,
+                  "PixelGather: tile does not split evenly");
 
-    const T* src;
-    long long img[PER];    // offset of (n, first channel of the group) in src
-    int bh[PER], bw[PER];  // FPROP: p*sh - pt, q*sw - pl; DGRAD: h + pt, w + pl
-    int kk, lane, kidx;
-    T v[PER];
+    const T* org[PER];     // FPROP: &x[n, g*Cg, bh, bw]; DGRAD: &grad_output[n, g*Kg, 0, 0]
+    int bh[PER], bw[PER];  // FPROP: p*sh - pt, q*sw - pl; DGRAD: h + pt, w + pl (FAR: no row)
+    int kk, col, kidx;     // reduction row, place<Q> of the first column, reduction index
 
-    __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g, int m0,
+    template <int Q>
+    __device__ __forceinline__ void init(const ConvShape& s, const T* src, int g, int m0,
                                          int k_begin, int tid) {
-        src = src_;
         kk = tid / TPR;
-        lane = tid % TPR;
+        const int lane = tid % TPR;
+        col = place<Q>(lane);
         kidx = k_begin + kk;
         // Source tensor: x (N, C, H, W) for FPROP, grad_output (N, K, P, Q) for DGRAD. Pixel
-        // space of the rows: output (P, Q) for FPROP, input (H, W) for DGRAD.
+        // space of the rows: output (P, Q) for FPROP, input (H, W) for DGRAD (s.by_plane and
+        // s.by_row divide by its plane and row sizes).
         const int chans = MODE == FPROP ? s.C : s.K;
         const int cg = chans / s.groups;
         const long long src_plane = MODE == FPROP ? (long long)s.H * s.W
@@ -155,35 +174,39 @@ struct PixelGather {
         for (int i = 0; i < PER; ++i) {
             const int m = m0 + lane + TPR * i;
             if (m < M) {
-                const int n = m / plane;
+                const int n = s.by_plane(m);
                 const int rem = m - n * plane;
-                const int oh = rem / rows_w;
+                const int oh = s.by_row(rem);
                 const int ow = rem - oh * rows_w;
-                img[i] = ((long long)n * chans + (long long)g * cg) * src_plane;
                 bh[i] = MODE == FPROP ? oh * s.sh - s.pt : oh + s.pt;
                 bw[i] = MODE == FPROP ? ow * s.sw - s.pl : ow + s.pl;
+                long long off = ((long long)n * chans + (long long)g * cg) * src_plane;
+                if (MODE == FPROP) off += (long long)bh[i] * s.W + bw[i];
+                org[i] = src + off;
             } else {
-                img[i] = 0;
+                org[i] = src;
                 bh[i] = FAR;
                 bw[i] = FAR;
             }
         }
     }
 
-    __device__ __forceinline__ void load(const ConvShape& s, int k_end) {
+    template <int LD, int Q>
+    __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
+        T* row = tile + kk * LD + col;
         const bool kval = kidx < k_end;
         const int c = s.by_rs(kidx);  // tap (c, r, t) of this thread's reduction row
         const int rs = kidx - c * s.R * s.S;
         const int r = s.by_s(rs);
         const int dr = r * s.dh, ds = (rs - r * s.S) * s.dw;
         if (MODE == FPROP) {
-            const long long coff = (long long)c * s.H * s.W;
+            const long long tap = (long long)c * s.H * s.W + (long long)dr * s.W + ds;
 #pragma unroll
             for (int i = 0; i < PER; ++i) {
                 const int ih = bh[i] + dr, iw = bw[i] + ds;
                 const bool ok = kval && (unsigned)ih < (unsigned)s.H
                                 && (unsigned)iw < (unsigned)s.W;
-                v[i] = ok ? src[img[i] + coff + (long long)ih * s.W + iw] : T(0);
+                cp_async<sizeof(T)>(row + place<Q>(TPR * i), org[i] + tap, ok);
             }
         } else {
             const long long coff = (long long)c * s.P * s.Q;
@@ -197,16 +220,15 @@ struct PixelGather {
                     q = s.by_sw(nw);
                     ok = p * s.sh == nh && q * s.sw == nw && p < s.P && q < s.Q;
                 }
-                v[i] = ok ? src[img[i] + coff + (long long)p * s.Q + q] : T(0);
+                cp_async<sizeof(T)>(row + place<Q>(TPR * i), org[i] + coff + p * s.Q + q, ok);
             }
         }
         kidx += BK;
     }
 
-    template <bool TF32, int LD>
-    __device__ __forceinline__ void store(T* tile) const {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) tile[kk * LD + lane + TPR * i] = smem_value<TF32>(v[i]);
+    template <int LD, int Q>
+    __device__ __forceinline__ void round(T* tile) const {
+        round_own<PER, TPR, Q>(tile + kk * LD + col);
     }
 };
 
@@ -215,50 +237,56 @@ template <typename T, int MODE, int BN, int BK, int NT>
 struct WeightTile {
     static constexpr int CPT = NT / BK;   // columns per pass
     static constexpr int PER = BN / CPT;  // columns per thread
-    static_assert(NT % BK == 0 && BN % CPT == 0, "WeightTile: tile does not split evenly");
+    static_assert(NT % BK == 0 && BN % CPT == 0 && CPT % 8 == 0,
+                  "WeightTile: tile does not split evenly");
 
-    const T* src;
-    long long col[PER];  // FPROP: filter row offset; DGRAD: channel offset c*R*S; -1: none
-    long long kbase;     // DGRAD: offset of the group's first filter, (g*Kg) * Cg*R*S
-    int kk, c0, kidx;
-    T v[PER];
+    const T* org;      // FPROP: first filter row of this thread; DGRAD: group's first filter
+    long long stride;  // between this thread's columns: CPT filter rows or CPT channels
+    int live;          // columns of this thread inside the GEMM (i < live)
+    int kk, col, kidx;
 
-    __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g, int n0,
+    template <int Q>
+    __device__ __forceinline__ void init(const ConvShape& s, const T* src, int g, int n0,
                                          int k_begin, int tid) {
-        src = src_;
         kk = tid % BK;
-        c0 = tid / BK;
+        const int c0 = tid / BK;
+        col = place<Q>(c0);
         kidx = k_begin + kk;
         const int Cg = s.C / s.groups, Kg = s.K / s.groups, RS = s.R * s.S;
-        kbase = (long long)g * Kg * Cg * RS;
-#pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            const int j = n0 + c0 + CPT * i;
-            if (MODE == FPROP) col[i] = j < Kg ? (long long)(g * Kg + j) * Cg * RS : -1;
-            else col[i] = j < Cg ? (long long)j * RS : -1;
+        const int j0 = n0 + c0, cols = MODE == FPROP ? Kg : Cg;
+        live = j0 < cols ? (cols - j0 + CPT - 1) / CPT : 0;
+        if (MODE == FPROP) {
+            org = src + (long long)(g * Kg + j0) * Cg * RS;
+            stride = (long long)CPT * Cg * RS;
+        } else {
+            org = src + (long long)g * Kg * Cg * RS + (long long)j0 * RS;
+            stride = (long long)CPT * RS;
         }
     }
 
-    __device__ __forceinline__ void load(const ConvShape& s, int k_end) {
+    template <int LD, int Q>
+    __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
+        T* row = tile + kk * LD + col;
         const bool kval = kidx < k_end;
         long long koff = kidx;  // FPROP: (c, r, s) is the contiguous tail of a filter
         if (MODE == DGRAD) {
             // (k, r, s): weight[g*Kg + k, c, r, s] = ((g*Kg + k) * Cg + c) * RS + rs
             const int RS = s.R * s.S;
             const int k = s.by_rs(kidx);
-            koff = kbase + (long long)k * (s.C / s.groups) * RS + (kidx - k * RS);
+            koff = (long long)k * (s.C / s.groups) * RS + (kidx - k * RS);
         }
+        const T* p = org + koff;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
-            v[i] = kval && col[i] >= 0 ? src[col[i] + koff] : T(0);
+            cp_async<sizeof(T)>(row + place<Q>(CPT * i), p, kval && i < live);
+            p += stride;
         }
         kidx += BK;
     }
 
-    template <bool TF32, int LD>
-    __device__ __forceinline__ void store(T* tile) const {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) tile[kk * LD + c0 + CPT * i] = smem_value<TF32>(v[i]);
+    template <int LD, int Q>
+    __device__ __forceinline__ void round(T* tile) const {
+        round_own<PER, CPT, Q>(tile + kk * LD + col);
     }
 };
 
@@ -268,41 +296,44 @@ template <typename T, int BM, int BK, int NT>
 struct WgradOutGrad {
     static constexpr int CPT = NT / BK;
     static constexpr int PER = BM / CPT;
-    static_assert(NT % BK == 0 && BM % CPT == 0, "WgradOutGrad: tile does not split evenly");
+    static_assert(NT % BK == 0 && BM % CPT == 0 && CPT % 8 == 0,
+                  "WgradOutGrad: tile does not split evenly");
 
-    const T* src;
-    long long chan[PER];  // (g*Kg + i) * P*Q, or -1 past the last filter
-    int kk, c0, t;
-    T v[PER];
+    const T* org;      // &grad_output[0, g*Kg + m0 + c0, 0, 0]
+    long long stride;  // CPT filters
+    int live, kk, col, t;
 
-    __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g, int m0,
+    template <int Q>
+    __device__ __forceinline__ void init(const ConvShape& s, const T* src, int g, int m0,
                                          int k_begin, int tid) {
-        src = src_;
         kk = tid % BK;
-        c0 = tid / BK;
+        const int c0 = tid / BK;
+        col = place<Q>(c0);
         t = k_begin + kk;
-        const int Kg = s.K / s.groups;
+        const int Kg = s.K / s.groups, j0 = m0 + c0;
         const long long PQ = (long long)s.P * s.Q;
-#pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            const int j = m0 + c0 + CPT * i;
-            chan[i] = j < Kg ? (long long)(g * Kg + j) * PQ : -1;
-        }
+        live = j0 < Kg ? (Kg - j0 + CPT - 1) / CPT : 0;
+        org = src + (long long)(g * Kg + j0) * PQ;
+        stride = CPT * PQ;
     }
 
-    __device__ __forceinline__ void load(const ConvShape& s, int k_end) {
+    template <int LD, int Q>
+    __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
+        T* row = tile + kk * LD + col;
         const bool kval = t < k_end;
         const int n = s.by_pq(t);
-        const long long base = (long long)n * s.K * s.P * s.Q + (t - n * s.P * s.Q);
+        const T* p = org + (long long)n * s.K * s.P * s.Q + (t - n * s.P * s.Q);
 #pragma unroll
-        for (int i = 0; i < PER; ++i) v[i] = kval && chan[i] >= 0 ? src[base + chan[i]] : T(0);
+        for (int i = 0; i < PER; ++i) {
+            cp_async<sizeof(T)>(row + place<Q>(CPT * i), p, kval && i < live);
+            p += stride;
+        }
         t += BK;
     }
 
-    template <bool TF32, int LD>
-    __device__ __forceinline__ void store(T* tile) const {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) tile[kk * LD + c0 + CPT * i] = smem_value<TF32>(v[i]);
+    template <int LD, int Q>
+    __device__ __forceinline__ void round(T* tile) const {
+        round_own<PER, CPT, Q>(tile + kk * LD + col);
     }
 };
 
@@ -311,61 +342,62 @@ template <typename T, int BN, int BK, int NT>
 struct WgradInput {
     static constexpr int CPT = NT / BK;
     static constexpr int PER = BN / CPT;
-    static_assert(NT % BK == 0 && BN % CPT == 0, "WgradInput: tile does not split evenly");
+    static_assert(NT % BK == 0 && BN % CPT == 0 && CPT % 8 == 0,
+                  "WgradInput: tile does not split evenly");
 
-    const T* src;
-    long long chan[PER];   // (g*Cg + c) * H*W, or -1 past the last column
-    int dr[PER], ds[PER];  // r*dh, s*dw
-    int kk, c0, t;
-    T v[PER];
+    const T* org[PER];     // &x[0, g*Cg + c, r*dh, s*dw] of column j
+    int dr[PER], ds[PER];  // r*dh, s*dw; dr = FAR past the last column
+    int kk, col, t;
 
-    __device__ __forceinline__ void init(const ConvShape& s, const T* src_, int g, int n0,
+    template <int Q>
+    __device__ __forceinline__ void init(const ConvShape& s, const T* src, int g, int n0,
                                          int k_begin, int tid) {
-        src = src_;
         kk = tid % BK;
-        c0 = tid / BK;
+        const int c0 = tid / BK;
+        col = place<Q>(c0);
         t = k_begin + kk;
         const int Cg = s.C / s.groups, RS = s.R * s.S;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             const int j = n0 + c0 + CPT * i;
             if (j < Cg * RS) {
-                const int c = j / RS;
+                const int c = s.by_rs(j);
                 const int rs = j - c * RS;
-                const int r = rs / s.S;
-                chan[i] = (long long)(g * Cg + c) * s.H * s.W;
+                const int r = s.by_s(rs);
                 dr[i] = r * s.dh;
                 ds[i] = (rs - r * s.S) * s.dw;
+                org[i] = src + (long long)(g * Cg + c) * s.H * s.W + (long long)dr[i] * s.W
+                         + ds[i];
             } else {
-                chan[i] = -1;
-                dr[i] = 0;
+                org[i] = src;
+                dr[i] = FAR;
                 ds[i] = 0;
             }
         }
     }
 
-    __device__ __forceinline__ void load(const ConvShape& s, int k_end) {
+    template <int LD, int Q>
+    __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
+        T* row = tile + kk * LD + col;
         const bool kval = t < k_end;
         const int n = s.by_pq(t);
         const int pq = t - n * s.P * s.Q;
-        const int p = s.by_q(pq);
+        const int p = s.by_row(pq);
         const int h0 = kval ? p * s.sh - s.pt : FAR;
         const int w0 = (pq - p * s.Q) * s.sw - s.pl;
-        const long long img = (long long)n * s.C * s.H * s.W;
+        const long long pix = (long long)n * s.C * s.H * s.W + (long long)h0 * s.W + w0;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             const int ih = h0 + dr[i], iw = w0 + ds[i];
-            const bool ok = chan[i] >= 0 && (unsigned)ih < (unsigned)s.H
-                            && (unsigned)iw < (unsigned)s.W;
-            v[i] = ok ? src[img + chan[i] + (long long)ih * s.W + iw] : T(0);
+            const bool ok = (unsigned)ih < (unsigned)s.H && (unsigned)iw < (unsigned)s.W;
+            cp_async<sizeof(T)>(row + place<Q>(CPT * i), org[i] + pix, ok);
         }
         t += BK;
     }
 
-    template <bool TF32, int LD>
-    __device__ __forceinline__ void store(T* tile) const {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) tile[kk * LD + c0 + CPT * i] = smem_value<TF32>(v[i]);
+    template <int LD, int Q>
+    __device__ __forceinline__ void round(T* tile) const {
+        round_own<PER, CPT, Q>(tile + kk * LD + col);
     }
 };
 
@@ -388,33 +420,52 @@ struct Operands<T, WGRAD, BM, BN, BK, NT> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Main loop: double-buffered shared-memory tiles, one barrier per BK step. `compute(as, bs)`
-// multiplies the tiles of one stage.
+// Main loop: a STAGES-deep ring of shared-memory tiles filled by cp.async, one barrier per BK
+// step. Stage j of the reduction is copied as commit group j; at step j the thread waits until
+// at most STAGES - 2 groups are pending (so group j has landed), rounds its own elements to
+// TF32 when asked, and the barrier publishes the stage to the block and frees the ring slot
+// read in step j - 1, which is then refilled with stage j + STAGES - 1 while `compute(as, bs)`
+// multiplies stage j. The global loads never wait on the arithmetic, whatever order the
+// scheduler picks. Empty groups are committed past the end so the wait count stays fixed.
 // ---------------------------------------------------------------------------------------------
-template <bool TF32, int LDA, int LDB, int BK, typename T, class LA, class LB, class F>
+template <int STAGES, bool TF32, int LDA, int LDB, int BK, int QA, int QB, typename T, class LA,
+          class LB, class F>
 __device__ __forceinline__ void mainloop(const ConvShape& s, LA& la, LB& lb, T* As, T* Bs,
                                          int k_begin, int k_end, F&& compute) {
+    static_assert(STAGES >= 2, "mainloop: at least two stages");
     constexpr int SA = BK * LDA, SB = BK * LDB;  // stage sizes
-    la.load(s, k_end);
-    lb.load(s, k_end);
-    la.template store<TF32, LDA>(As);
-    lb.template store<TF32, LDB>(Bs);
-    __syncthreads();
-    int stage = 0;
-    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-        const bool next = k0 + BK < k_end;
-        if (next) {  // global reads of the next tile overlap the arithmetic below
-            la.load(s, k_end);
-            lb.load(s, k_end);
+    const int steps = (k_end - k_begin + BK - 1) / BK;
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < steps) {
+            la.template fetch<LDA, QA>(s, k_end, As + st * SA);
+            lb.template fetch<LDB, QB>(s, k_end, Bs + st * SB);
         }
-        compute(As + stage * SA, Bs + stage * SB);
-        if (next) {
-            la.template store<TF32, LDA>(As + (stage ^ 1) * SA);
-            lb.template store<TF32, LDB>(Bs + (stage ^ 1) * SB);
-        }
-        __syncthreads();
-        stage ^= 1;
+        cp_async_commit();
     }
+    // Unrolled by STAGES so that every ring slot is a compile-time offset.
+    for (int step0 = 0; step0 < steps; step0 += STAGES) {
+#pragma unroll
+        for (int u = 0; u < STAGES; ++u) {
+            const int step = step0 + u;
+            if (step < steps) {
+                const int read = u, write = (u + STAGES - 1) % STAGES;
+                cp_async_wait<STAGES - 2>();
+                if constexpr (TF32) {
+                    la.template round<LDA, QA>(As + read * SA);
+                    lb.template round<LDB, QB>(Bs + read * SB);
+                }
+                __syncthreads();
+                if (step + STAGES - 1 < steps) {
+                    la.template fetch<LDA, QA>(s, k_end, As + write * SA);
+                    lb.template fetch<LDB, QB>(s, k_end, Bs + write * SB);
+                }
+                cp_async_commit();
+                compute(As + read * SA, Bs + read * SB);
+            }
+        }
+    }
+    cp_async_wait<0>();  // only empty groups remain; nothing is in flight at exit
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -458,11 +509,19 @@ struct OutIndex {
 // ---------------------------------------------------------------------------------------------
 // Strict-precision kernel: CUDA-core FMAs, TM x TN register blocking.
 // ---------------------------------------------------------------------------------------------
-// Both kernels cap registers at 128 per thread (__launch_bounds__ with 512 / threads resident
-// blocks): two 256-thread blocks per SM, 16 warps to hide the latency of the register-staged
-// global loads. ptxas reports no spills for the requested instantiations at this cap.
+// Registers: at most 128 per thread (__launch_bounds__ with 512 / threads resident blocks,
+// two 256-thread blocks per SM), except the 8 x 8 register blocking of the 128 x 128 tile,
+// whose 64 accumulators, 16 operands and loader state need more (one block per SM; the
+// cp.async ring, not the warp count, hides the global-load latency). ptxas must report no
+// spills (tests/test_nvrtc.py, tests/test_sass_report.py).
+template <int NT, int BM, int BN>
+__host__ __device__ constexpr int simt_min_blocks() {
+    return BM * BN >= 128 * 128 ? 1 : 512 / NT;
+}
+
 template <typename T, int MODE, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN), 512 / ((BM / TM) * (BN / TN)))
+__global__ void __launch_bounds__((BM / TM) * (BN / TN),
+                                  (simt_min_blocks<(BM / TM) * (BN / TN), BM, BN>()))
 conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __restrict__ bias,
           T* __restrict__ out, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
           int sh, int sw, int pt, int pl, int dh, int dw, int groups, int k_split,
@@ -472,9 +531,10 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
     // PAD keeps every row 16-byte aligned and spreads the column-wise stores of the loaders
     // over the shared-memory banks.
     constexpr int LDA = BM + V, LDB = BN + V;
+    constexpr int QA = 1, QB = 1;  // operand columns in natural order
     static_assert(TM % V == 0 && TN % V == 0, "conv_simt: TM and TN must be multiples of V");
-    __shared__ __align__(16) T As[2 * BK * LDA];
-    __shared__ __align__(16) T Bs[2 * BK * LDB];
+    __shared__ __align__(16) T As[CONV_STAGES * BK * LDA];
+    __shared__ __align__(16) T Bs[CONV_STAGES * BK * LDB];
 
     const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups, FC_FASTDIVS};
     const int tid = threadIdx.x;
@@ -487,8 +547,8 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 
     typename Operands<T, MODE, BM, BN, BK, NT>::A la;
     typename Operands<T, MODE, BM, BN, BK, NT>::B lb;
-    la.init(s, a_src, g, m0, k_begin, tid);
-    lb.init(s, b_src, g, n0, k_begin, tid);
+    la.template init<QA>(s, a_src, g, m0, k_begin, tid);
+    lb.template init<QB>(s, b_src, g, n0, k_begin, tid);
 
     const int ty = tid % TY, tx = tid / TY;  // ty fastest: a warp spans pixels (coalesced out)
     T acc[TM][TN];
@@ -497,7 +557,7 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
 
-    mainloop<false, LDA, LDB, BK>(s, la, lb, As, Bs, k_begin, k_end,
+    mainloop<CONV_STAGES, false, LDA, LDB, BK, QA, QB>(s, la, lb, As, Bs, k_begin, k_end,
                                   [&](const T* as, const T* bs) {
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
@@ -550,8 +610,16 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 // ---------------------------------------------------------------------------------------------
 // TF32 tensor-core kernel (opt-in precision "tf32"): mma.sync m16n8k8, fp32 accumulation.
 // ---------------------------------------------------------------------------------------------
+// Registers: at most 128 per thread (512 threads per SM), except DGRAD with a 128 x 128 tile,
+// whose stride-division state spills at that cap on sm_80 (one block per SM instead).
+template <int MODE, int NT, int BM, int BN>
+__host__ __device__ constexpr int tf32_min_blocks() {
+    return MODE == DGRAD && BM * BN >= 128 * 128 ? 1 : 512 / NT;
+}
+
 template <int MODE, int BM, int BN, int BK, int WARPS_M, int WARPS_N>
-__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 16 / (WARPS_M * WARPS_N))
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N,
+                                  (tf32_min_blocks<MODE, 32 * WARPS_M * WARPS_N, BM, BN>()))
 conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
           const float* __restrict__ bias, float* __restrict__ out, int N, int C, int H, int W,
           int K, int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
@@ -559,11 +627,16 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     constexpr int NT = 32 * WARPS_M * WARPS_N;
     constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
     constexpr int MI = WTM / 16, NI = WTN / 8;             // mma tiles per warp
-    // PAD = 8 floats: the fragment reads (4 rows x 8 columns per warp) hit 32 distinct banks.
+    // Operand rows are stored permuted (place<Q>): a lane reads the A values of two mma tiles
+    // (rows g, g + 8, g + 16, g + 24 of a 32-row block) with one 16-byte load, and the B
+    // values of QB mma tiles with one 4 * QB-byte load. PAD = 8 floats: in each quarter-warp
+    // phase of such a load the 8 lanes (two rows t, 4 columns each) hit distinct banks.
+    constexpr int QA = 4, QB = WTN % 32 == 0 ? 4 : 2;
     constexpr int LDA = BM + 8, LDB = BN + 8;
-    static_assert(WTM % 16 == 0 && WTN % 8 == 0 && BK % 8 == 0, "conv_tf32: bad tile shape");
-    __shared__ __align__(16) float As[2 * BK * LDA];
-    __shared__ __align__(16) float Bs[2 * BK * LDB];
+    static_assert(WTM % 32 == 0 && WTN % (8 * QB) == 0 && BK % 8 == 0,
+                  "conv_tf32: bad tile shape");
+    __shared__ __align__(16) float As[CONV_STAGES * BK * LDA];
+    __shared__ __align__(16) float Bs[CONV_STAGES * BK * LDB];
 
     const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups, FC_FASTDIVS};
     const int tid = threadIdx.x;
@@ -576,8 +649,8 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
 
     typename Operands<float, MODE, BM, BN, BK, NT>::A la;
     typename Operands<float, MODE, BM, BN, BK, NT>::B lb;
-    la.init(s, a_src, g, m0, k_begin, tid);
-    lb.init(s, b_src, g, n0, k_begin, tid);
+    la.template init<QA>(s, a_src, g, m0, k_begin, tid);
+    lb.template init<QB>(s, b_src, g, n0, k_begin, tid);
 
     const int lane = tid % 32, warp = tid / 32;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;
@@ -590,24 +663,33 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
 
-    mainloop<true, LDA, LDB, BK>(s, la, lb, As, Bs, k_begin, k_end,
-                                 [&](const float* as, const float* bs) {
+    mainloop<CONV_STAGES, true, LDA, LDB, BK, QA, QB>(s, la, lb, As, Bs, k_begin, k_end,
+                                                 [&](const float* as, const float* bs) {
 #pragma unroll
         for (int k8 = 0; k8 < BK; k8 += 8) {
+            // Fragments (PTX ISA, m16n8k8 .tf32): a = A[g][t], A[g+8][t], A[g][t+4],
+            // A[g+8][t+4]; b = B[t][g], B[t+4][g]; h selects reduction row t or t + 4.
             unsigned a[MI][4], b[NI][2];
 #pragma unroll
-            for (int i = 0; i < MI; ++i) {
-                const float* pa = as + (k8 + tq) * LDA + wm * WTM + i * 16 + gq;
-                a[i][0] = __float_as_uint(pa[0]);
-                a[i][1] = __float_as_uint(pa[8]);
-                a[i][2] = __float_as_uint(pa[4 * LDA]);
-                a[i][3] = __float_as_uint(pa[4 * LDA + 8]);
-            }
+            for (int h = 0; h < 2; ++h) {
+                const float* ra = as + (k8 + tq + 4 * h) * LDA + wm * WTM + QA * gq;
 #pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const float* pb = bs + (k8 + tq) * LDB + wn * WTN + j * 8 + gq;
-                b[j][0] = __float_as_uint(pb[0]);
-                b[j][1] = __float_as_uint(pb[4 * LDB]);
+                for (int blk = 0; blk < WTM / 32; ++blk) {
+                    float v[4];
+                    load16(v, ra + 32 * blk);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) a[2 * blk + q / 2][2 * h + q % 2] =
+                        __float_as_uint(v[q]);
+                }
+                const float* rb = bs + (k8 + tq + 4 * h) * LDB + wn * WTN + QB * gq;
+#pragma unroll
+                for (int blk = 0; blk < WTN / (8 * QB); ++blk) {
+                    float v[QB];
+                    if constexpr (QB == 4) load16(v, rb + 32 * blk);
+                    else load8(v, rb + 16 * blk);
+#pragma unroll
+                    for (int q = 0; q < QB; ++q) b[QB * blk + q][h] = __float_as_uint(v[q]);
+                }
             }
 #pragma unroll
             for (int i = 0; i < MI; ++i)

@@ -87,13 +87,25 @@ SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
 # (dtype, mode, tile) combinations never requested: ptxas (nvcc 13.0, sm_90) spills registers
 # for them at the kernels' 128-register cap.
 SIMT_EXCLUDED: frozenset = frozenset({("float32", DGRAD, SimtTile(128, 128, 8, 8, 8))})
-# BK = 8 (one mma k-step per stage) keeps the per-thread index state small enough for the
-# 128-register cap of the kernels (BK = 16 spilled at 128x128).
+# BK = 8 (one mma k-step per stage): four cp.async stages of a 128x128 tile then take 35 KiB of
+# static shared memory; BK = 16 would need 70 KiB (dynamic shared memory with an opt-in the
+# launcher does not make yet).
 TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 8, 2, 4), Tf32Tile(128, 64, 8, 4, 2),
                                     Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
 DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2),
                                              "float64": DepthwiseTile(16, 32, 2)}
 DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad
+
+
+def resident_blocks(tile: SimtTile | Tf32Tile, mode: int) -> int:
+    """Blocks per SM the kernel's ``__launch_bounds__`` make room for (``simt_min_blocks`` and
+    ``tf32_min_blocks`` in conv2d.cu): ``512 / threads`` (at most 128 registers per thread),
+    except 1 for the 128x128 SIMT tile and the 128x128 TF32 input gradient. The compiled
+    kernels are checked to allow at least this many (tests/test_sass_report.py)."""
+    big = tile.bm * tile.bn >= 128 * 128
+    if isinstance(tile, Tf32Tile):
+        return 1 if big and mode == DGRAD else max(1, 512 // tile.threads)
+    return 1 if big else max(1, 512 // tile.threads)
 
 
 def c_type(dtype: Any) -> str:
@@ -203,11 +215,13 @@ def fast_divisor(d: int) -> tuple[int, int]:
 
 
 def divisor_args(geom: Any, mode: int) -> tuple:
-    """The 14 scalars after ``k_split``: ``(mul, shift)`` of R*S, S, P*Q, Q, the output pixel
-    plane (P*Q for FPROP, H*W for DGRAD, unused by WGRAD), sh and sw."""
+    """The 14 scalars after ``k_split``: ``(mul, shift)`` of R*S, S, P*Q, the row and the plane
+    of the GEMM-row pixel space (row: W for DGRAD, else Q; plane: H*W for DGRAD, else P*Q;
+    WGRAD uses the row only), sh and sw."""
     plane = geom.H * geom.W if mode == DGRAD else geom.P * geom.Q
+    row = geom.W if mode == DGRAD else geom.Q
     out = []
-    for d in (geom.R * geom.S, geom.S, geom.P * geom.Q, geom.Q, max(plane, 1), geom.stride[0],
+    for d in (geom.R * geom.S, geom.S, geom.P * geom.Q, row, max(plane, 1), geom.stride[0],
               geom.stride[1]):
         mul, shift = fast_divisor(d)
         out += [np.uint32(mul), np.int32(shift)]
@@ -303,24 +317,42 @@ def depthwise_fits(geom: Any, dtype: Any) -> bool:
     t = DEPTHWISE_TILES[np.dtype(dtype).name]
     return (is_depthwise(geom) and depthwise_smem_bytes(geom, dtype) <= SMEM_LIMIT
             and geom.N * geom.K <= 2**31 - 1 and geom.K * geom.R * geom.S <= 2**31 - 1
+            and geom.N * geom.C * geom.H * _ceil(geom.W, 32) <= 2**31 - 1
+            and geom.H * geom.W <= 2**31 - 1 and geom.P * geom.Q <= 2**31 - 1
             and _ceil(geom.P, t.tp) <= GRID_YZ_LIMIT and _ceil(geom.Q, t.tq) <= GRID_YZ_LIMIT)
+
+
+def depthwise_divisor_args(geom: Any, dtype: Any) -> tuple:
+    """The 16 scalars after ``dw`` of every depthwise kernel: ``(mul, shift)`` of W, H, C, sh,
+    sw, Q, ceil(W / 32) (runs of a row in ``depthwise_dgrad``) and the input-window width IW of
+    ``depthwise_fprop``'s tile (see depthwise.cu)."""
+    t = DEPTHWISE_TILES[np.dtype(dtype).name]
+    iw = (t.tq - 1) * geom.stride[1] + (geom.S - 1) * geom.dilation[1] + 1
+    out = []
+    for d in (geom.W, geom.H, geom.C, geom.stride[0], geom.stride[1], geom.Q, _ceil(geom.W, 32),
+              iw):
+        mul, shift = fast_divisor(max(d, 1))
+        out += [np.uint32(mul), np.int32(shift)]
+    return tuple(out)
 
 
 def depthwise_forward_launch(x: Any, weight: Any, bias: Any, y: Any, geom: Any) -> Launch:
     """``depthwise_fprop``: x (N, C, H, W), weight (K, 1, R, S), bias (K,) or None -> y."""
     t = DEPTHWISE_TILES[np.dtype(x.dtype).name]
     grid = (geom.N * geom.K, _ceil(geom.P, t.tp), _ceil(geom.Q, t.tq))
-    args = (x, weight, NULL if bias is None else bias, y) + shape_args(geom, 0)[:15]
+    args = ((x, weight, NULL if bias is None else bias, y) + shape_args(geom, 0)[:15]
+            + depthwise_divisor_args(geom, x.dtype))
     return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["forward"], grid, t.block,
                   depthwise_smem_bytes(geom, x.dtype), args)
 
 
 def depthwise_input_grad_launch(weight: Any, grad_output: Any, grad_input: Any,
                                 geom: Any) -> Launch:
-    """``depthwise_dgrad``: one thread per grad_input element, grid-stride."""
-    total = geom.N * geom.C * geom.H * geom.W
-    grid = (max(1, min(_ceil(total, DEPTHWISE_THREADS), 2**20)), 1, 1)
-    args = (grad_output, weight, grad_input) + shape_args(geom, 0)[:15]
+    """``depthwise_dgrad``: a warp per run of 32 pixels of a grad_input row, grid-stride."""
+    items = geom.N * geom.C * geom.H * _ceil(geom.W, 32)
+    grid = (max(1, min(_ceil(items, DEPTHWISE_THREADS // 32), 2**20)), 1, 1)
+    args = ((grad_output, weight, grad_input) + shape_args(geom, 0)[:15]
+            + depthwise_divisor_args(geom, weight.dtype))
     return Launch("depthwise.cu", depthwise_kernel_names(weight.dtype)["input_grad"], grid,
                   (DEPTHWISE_THREADS, 1, 1), 0, args)
 
@@ -329,6 +361,7 @@ def depthwise_weight_grad_launch(x: Any, grad_output: Any, grad_weight: Any,
                                  geom: Any) -> Launch:
     """``depthwise_wgrad``: one block per weight element (k, r, s)."""
     grid = (geom.K * geom.R * geom.S, 1, 1)
-    args = (x, grad_output, grad_weight) + shape_args(geom, 0)[:15]
+    args = ((x, grad_output, grad_weight) + shape_args(geom, 0)[:15]
+            + depthwise_divisor_args(geom, x.dtype))
     return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["weight_grad"], grid,
                   (DEPTHWISE_THREADS, 1, 1), 0, args)

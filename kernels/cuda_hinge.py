@@ -13,7 +13,6 @@ from .cuda_build import NULL, Launch
 from .cuda_conv import c_type
 
 THREADS = 256
-BLOCKS_PER_SM = 8  # 2048 resident threads per SM on sm_80/sm_90 at 256 threads per block
 GROUPS = (1, 2, 4, 8, 16, 32)          # lanes per row
 SMALL_ITEMS = 4                        # registers per lane when GROUP < 32
 WARP_ITEMS = (4, 8, 16, 32)            # registers per lane when a warp owns a row
@@ -48,10 +47,20 @@ def all_kernel_names() -> dict[str, list[str]]:
                          for g, i in LAYOUTS]}
 
 
-def hinge_grid(N: int, group: int, sm_count: int) -> tuple[int, int, int]:
-    """Enough blocks to cover the rows once, at most `BLOCKS_PER_SM` per SM (grid-stride)."""
+def blocks_per_sm(dtype: Any, group: int, items: int) -> int:
+    """Resident blocks per SM of ``hinge_rows<T, group, items>``: the minimum its
+    ``__launch_bounds__`` asks of the register allocator (``hinge_min_blocks`` in hinge.cu):
+    4 while a lane holds at most 16 words (4 bytes) of scores, else 2. The compiled register
+    counts are checked against it in tests/test_sass_report.py."""
+    words = items * np.dtype(dtype).itemsize // 4
+    return 4 if words <= 16 else 2
+
+
+def hinge_grid(N: int, group: int, sm_count: int, resident: int = 4) -> tuple[int, int, int]:
+    """Enough blocks to cover the rows once, at most ``resident`` (`blocks_per_sm`) per SM
+    (grid-stride beyond)."""
     rows_per_block = THREADS // group
-    return (max(1, min(-(-N // rows_per_block), BLOCKS_PER_SM * sm_count)), 1, 1)
+    return (max(1, min(-(-N // rows_per_block), resident * sm_count)), 1, 1)
 
 
 def hinge_launch(scores: Any, labels: Any, class_weight: Any, row_scale: Any, losses: Any,
@@ -84,5 +93,5 @@ def hinge_launch(scores: Any, labels: Any, class_weight: Any, row_scale: Any, lo
     args = (scores, labels, class_weight, row_scale,
             np.int32(0 if row_scale.shape[0] == 1 else 1), dtype.type(margin), np.int32(p),
             np.int64(N), np.int32(C), losses, NULL if grad is None else grad)
-    return Launch("hinge.cu", kernel_name(dtype, group, items), hinge_grid(N, group, sm_count),
-                  (THREADS, 1, 1), 0, args)
+    grid = hinge_grid(N, group, sm_count, blocks_per_sm(dtype, group, items))
+    return Launch("hinge.cu", kernel_name(dtype, group, items), grid, (THREADS, 1, 1), 0, args)

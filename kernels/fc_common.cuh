@@ -16,6 +16,20 @@ namespace fc {
 __device__ __forceinline__ float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double fmadd(double a, double b, double c) { return fma(a, b, c); }
 
+// Division of 0 <= n < 2^31 by a run-time divisor d >= 1 as a multiply and a shift
+// (Granlund & Montgomery, round-up method): n / d == (n * mul) >> shift with
+// shift = 31 + ceil(log2 d) and mul = ceil(2^shift / d) < 2^32, computed by the launcher
+// (kernels/cuda_conv.py, fast_divisor). Kernel parameters live in the constant bank, so this
+// costs no registers and about three instructions instead of an integer-division sequence.
+struct FastDiv {
+    unsigned mul;
+    int shift;
+
+    __device__ __forceinline__ int operator()(int n) const {
+        return (int)(((unsigned long long)(unsigned)n * mul) >> shift);
+    }
+};
+
 // 16-byte vectors: VEC<T> elements per access.
 template <typename T> struct Vec;
 template <> struct Vec<float> { static constexpr int N = 4; };
@@ -28,6 +42,12 @@ __device__ __forceinline__ void load16(float* d, const float* src) {
 }
 __device__ __forceinline__ void load16(double* d, const double* src) {
     const double2 v = *reinterpret_cast<const double2*>(src);
+    d[0] = v.x; d[1] = v.y;
+}
+
+// Copy two floats from `src` (8-byte aligned) into d[0], d[1].
+__device__ __forceinline__ void load8(float* d, const float* src) {
+    const float2 v = *reinterpret_cast<const float2*>(src);
     d[0] = v.x; d[1] = v.y;
 }
 
@@ -86,6 +106,74 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], const unsigned (&
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous global -> shared copies (cp.async, sm_80+) and ldmatrix. The host emulation
+// (tests/cuda_emu.h) implements the same PTX semantics.
+// ---------------------------------------------------------------------------------------------
+// Copy BYTES (4, 8 or 16) from global `src` to shared `dst`, both aligned to BYTES, through L1
+// (.ca); when `valid` is false nothing is read and `dst` is zero-filled (src-size 0), so `src`
+// may then point anywhere (outside the tensor, for a tap outside the image).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp_async: 4, 8 or 16 bytes");
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::cp_async(dst, src, BYTES, valid ? BYTES : 0);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    // No cp.async before sm_80: an ordinary (synchronous) copy; commit and wait do nothing and
+    // the barrier after the wait publishes the tile as usual.
+    if constexpr (BYTES == 4) {
+        *static_cast<float*>(dst) = valid ? *static_cast<const float*>(src) : 0.0f;
+    } else if constexpr (BYTES == 8) {
+        *static_cast<double*>(dst) = valid ? *static_cast<const double*>(src) : 0.0;
+    } else {
+        *static_cast<float4*>(dst) = valid ? *static_cast<const float4*>(src)
+                                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
+                 :: "r"(d), "l"(__cvta_generic_to_global(src)), "n"(BYTES),
+                    "r"(valid ? BYTES : 0)
+                 : "memory");
+#endif
+}
+
+// Close this thread's outstanding cp.async copies into one group.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::cp_async_commit_group();
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most N of this thread's most recent groups are pending. The copies of the
+// other threads become visible after a following __syncthreads().
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::cp_async_wait_group(N);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 pass the row addresses of matrix i
+// (16 bytes per row, 16-byte aligned); lane l gets word l % 4 of row l / 4 of matrix i in r[i].
+// For 32-bit elements (TF32) that is element (l / 4, l % 4) of an 8 x 4 matrix: the A fragment
+// of mma.m16n8k8 from a row-major [m][k] tile.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::ldmatrix<4>(r, row, false);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 750
+    __trap();
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 #endif
 }
 

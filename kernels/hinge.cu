@@ -8,6 +8,10 @@
 //     grad[i, j] = row_scale[i] * w[y] * p * max(0, m_j)^(p-1) * [m_j > 0]   (j != y)
 //     grad[i, y] = -sum_{j != y} grad[i, j]
 //   At the kink (m_j == 0) the subgradient 0 is used, as PyTorch does.
+//   NaN rule (the reference's and the cpu backend's): a NaN anywhere in row i (label column
+//   included) makes losses[i] NaN and the whole gradient row i NaN. Infinities follow IEEE
+//   arithmetic: s_j = +inf gives an infinite loss and gradient; a NaN margin (inf - inf) counts
+//   as a NaN of the row.
 //
 // Launch geometry (kernels/cuda_hinge.py computes it)
 //   block = 256 threads; a group of GROUP consecutive lanes (1..32, a power of two) owns one
@@ -21,7 +25,10 @@
 //   always execute the shuffles (rows past N are masked, not skipped).
 //
 // Variants: hinge_rows<T, GROUP, ITEMS>; p (1 or 2) and want_grad (grad == nullptr) are run-time
-// arguments.
+// arguments. Registers: __launch_bounds__(256, hinge_min_blocks<T, ITEMS>()), 4 resident blocks
+// (64 registers) while a lane holds at most 16 words of scores, else 2 (128 registers); the
+// launcher sizes its grid with the same numbers (kernels/cuda_hinge.py, blocks_per_sm), and
+// tests/test_sass_report.py checks them against the compiled code.
 //
 // Index arithmetic: row offsets (row * C) are 64-bit.
 //
@@ -33,8 +40,14 @@
 
 namespace fc {
 
+// Resident 256-thread blocks per SM the register budget is sized for.
+template <typename T, int ITEMS>
+__host__ __device__ constexpr int hinge_min_blocks() {
+    return ITEMS * int(sizeof(T)) / 4 <= 16 ? 4 : 2;
+}
+
 template <typename T, int GROUP, int ITEMS>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, (hinge_min_blocks<T, ITEMS>()))
 hinge_rows(const T* __restrict__ scores, const long long* __restrict__ labels,
            const T* __restrict__ class_weight, const T* __restrict__ row_scale,
            int row_scale_stride, T margin, int p, long long N, int C, T* __restrict__ losses,
@@ -64,19 +77,24 @@ hinge_rows(const T* __restrict__ scores, const long long* __restrict__ labels,
             v[i] = live && col < C ? srow[col] : T(0);
         }
         // Loss phase: sum of max(0, m)^p, and the slope of the label column: the number of
-        // active margins (p = 1) or their sum (p = 2).
+        // active margins (p = 1) or their sum (p = 2). A NaN margin passes through `h` (and
+        // the label column adds its own score when that is NaN), so the row's loss is NaN
+        // exactly when the NaN rule says so.
         T loss = T(0), slope = T(0);
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
             const int col = lane + GROUP * i;
             const T m = (v[i] - sy) + margin;
-            const T h = live && col < C && col != y && m > T(0) ? m : T(0);
+            const T h = !live || col >= C ? T(0)
+                        : col == y ? (v[i] != v[i] ? v[i] : T(0))
+                        : !(m <= T(0)) ? m : T(0);
             loss += p == 1 ? h : h * h;
             slope += p == 1 ? (h > T(0) ? T(1) : T(0)) : h;
         }
         for (int col = lane + GROUP * ITEMS; live && col < C; col += GROUP) {
-            const T m = (srow[col] - sy) + margin;
-            const T h = col != y && m > T(0) ? m : T(0);
+            const T sc = srow[col];
+            const T m = (sc - sy) + margin;
+            const T h = col == y ? (sc != sc ? sc : T(0)) : !(m <= T(0)) ? m : T(0);
             loss += p == 1 ? h : h * h;
             slope += p == 1 ? (h > T(0) ? T(1) : T(0)) : h;
         }
@@ -89,7 +107,10 @@ hinge_rows(const T* __restrict__ scores, const long long* __restrict__ labels,
         if (lane == 0) losses[row] = wy * loss;
         if (grad == nullptr) continue;
 
-        // Gradient phase, from the registers of the loss phase.
+        // Gradient phase, from the registers of the loss phase. A NaN row (loss NaN: the sum
+        // of the group is NaN in every lane) gets an all-NaN gradient row.
+        const bool nan_row = loss != loss;
+        const T nan = nan_row ? loss : T(0);
         const T coef = row_scale[row_scale_stride ? row : 0] * wy * (p == 2 ? T(2) : T(1));
         T* grow = grad + row * (long long)C;
 #pragma unroll
@@ -98,13 +119,13 @@ hinge_rows(const T* __restrict__ scores, const long long* __restrict__ labels,
             if (col < C) {
                 const T m = (v[i] - sy) + margin;
                 const T d = m > T(0) ? (p == 1 ? T(1) : m) : T(0);
-                grow[col] = col == y ? -coef * slope : coef * d;
+                grow[col] = nan_row ? nan : col == y ? -coef * slope : coef * d;
             }
         }
         for (int col = lane + GROUP * ITEMS; col < C; col += GROUP) {
             const T m = (srow[col] - sy) + margin;
             const T d = m > T(0) ? (p == 1 ? T(1) : m) : T(0);
-            grow[col] = col == y ? -coef * slope : coef * d;
+            grow[col] = nan_row ? nan : col == y ? -coef * slope : coef * d;
         }
     }
 }

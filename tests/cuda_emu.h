@@ -11,6 +11,20 @@
 //
 // The TF32 mma fragment layout below is written from the PTX ISA's description of
 // mma.m16n8k8 with .tf32 operands; it checks that the kernel is consistent with that reading.
+//
+// Asynchronous copies (PTX ISA, cp.async / cp.async.commit_group / cp.async.wait_group), per
+// thread: `cp_async(dst, src, cp_size, src_size)` records a copy of cp_size bytes (4, 8 or 16;
+// both addresses aligned to it) of which the first src_size come from src and the rest are
+// zero-filled; its destination is poisoned with 0xFF bytes at once (its content is undefined
+// until the copy is known complete, so a premature read shows up as NaN). `commit_group()`
+// closes the thread's open copies into a group (possibly empty); `wait_group(n)` performs every
+// committed group but the n most recent, in commit order; copies never committed are not
+// waited for. Sources are read when the copy is performed, i.e. at the wait. Pending copies are
+// dropped when a block ends (its shared memory is gone on a GPU).
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16 (PTX ISA): lanes 8i..8i+7 give the
+// row addresses (16 bytes each, 16-byte aligned) of matrix i; lane l receives in register i the
+// 32-bit word l % 4 of row l / 4 of matrix i, or with .trans the two 16-bit elements
+// (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4), the first in the low half.
 // Dynamic shared memory is filled with 0xFF bytes (NaN for floats) so reads of unwritten
 // shared memory show up.
 #pragma once
@@ -22,6 +36,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -43,6 +58,9 @@
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
+};
+struct float2 {
+    float x, y;
 };
 struct float4 {
     float x, y, z, w;
@@ -169,6 +187,82 @@ inline void mma_tf32_16x8x8(float (&d)[4], const unsigned (&a)[4], const unsigne
         float acc = d[r];
         for (int k = 0; k < 8; ++k) acc = std::fma(A[row * 8 + k], B[k * 8 + col], acc);
         d[r] = acc;
+    }
+    warp_sync();
+}
+
+// ---- cp.async ----
+struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    int cp_size, src_size;
+};
+inline thread_local std::vector<AsyncCopy> t_open_copies;
+inline thread_local std::deque<std::vector<AsyncCopy>> t_copy_groups;
+
+inline void cp_async(void* dst, const void* src, int cp_size, int src_size) {
+    const auto d = reinterpret_cast<std::uintptr_t>(dst);
+    const auto s = reinterpret_cast<std::uintptr_t>(src);
+    if (cp_size != 4 && cp_size != 8 && cp_size != 16) {
+        fail("cp.async: cp-size must be 4, 8 or 16");
+        return;
+    }
+    if (d % cp_size || s % cp_size) {
+        fail("cp.async: misaligned address");
+        return;
+    }
+    if (src_size < 0 || src_size > cp_size) {
+        fail("cp.async: src-size outside [0, cp-size]");
+        return;
+    }
+    std::memset(dst, 0xFF, cp_size);
+    t_open_copies.push_back({static_cast<unsigned char*>(dst),
+                             static_cast<const unsigned char*>(src), cp_size, src_size});
+}
+
+inline void cp_async_commit_group() {
+    t_copy_groups.push_back(std::move(t_open_copies));
+    t_open_copies.clear();
+}
+
+inline void cp_async_wait_group(int n) {
+    while (int(t_copy_groups.size()) > n) {
+        for (const AsyncCopy& c : t_copy_groups.front()) {
+            if (c.src_size) std::memcpy(c.dst, c.src, c.src_size);
+            std::memset(c.dst + c.src_size, 0, c.cp_size - c.src_size);
+        }
+        t_copy_groups.pop_front();
+    }
+}
+
+inline void cp_async_drop_pending() {
+    t_open_copies.clear();
+    t_copy_groups.clear();
+}
+
+// ---- ldmatrix ----
+template <int NUM>
+void ldmatrix(unsigned (&r)[NUM], const void* row_addr, bool trans) {
+    static_assert(NUM == 1 || NUM == 2 || NUM == 4, "ldmatrix: x1, x2 or x4");
+    if (reinterpret_cast<std::uintptr_t>(row_addr) % 16) fail("ldmatrix: row not 16-byte aligned");
+    unsigned char* slots = g_block_state->slots.data() + warp() * 32 * 16;
+    std::memcpy(slots + lane() * 16, &row_addr, sizeof(row_addr));
+    warp_sync();
+    const int l = lane();
+    for (int i = 0; i < NUM; ++i) {
+        if (!trans) {
+            const unsigned char* row;
+            std::memcpy(&row, slots + (8 * i + l / 4) * 16, sizeof(row));
+            std::memcpy(&r[i], row + 4 * (l % 4), 4);
+        } else {
+            std::uint16_t half[2];
+            for (int h = 0; h < 2; ++h) {
+                const unsigned char* row;
+                std::memcpy(&row, slots + (8 * i + 2 * (l % 4) + h) * 16, sizeof(row));
+                std::memcpy(&half[h], row + 2 * (l / 4), 2);
+            }
+            r[i] = unsigned(half[0]) | (unsigned(half[1]) << 16);
+        }
     }
     warp_sync();
 }
@@ -303,7 +397,9 @@ inline int run_grid(const Entry& e, dim3 grid, dim3 block, std::size_t smem, voi
                                    unsigned(b / ((long long)grid.x * grid.y))};
             }
             state.barrier->wait();  // block start: everyone sees the new blockIdx
+            cp_async_drop_pending();
             e.call(args);
+            cp_async_drop_pending();
             state.barrier->wait();  // block end
         }
     });

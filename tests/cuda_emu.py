@@ -25,6 +25,8 @@ from fastconv.kernels.cuda import Executor
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("conv2d.cu", "depthwise.cu", "hinge.cu")
+# Test-only kernels of the emulation's own primitives (tests/emu_selftest.cu).
+SELFTEST = ("fc_test::cp_async_groups", "fc_test::ldmatrix_a_fragment")
 CXX_FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w")
 
 # NumPy dtype -> C++ parameter code (see emu::Code).
@@ -66,9 +68,10 @@ def all_names() -> dict[str, list[str]]:
 
 
 def _harness() -> str:
-    names = [n for src in SOURCES for n in all_names()[src]]
+    names = [n for src in SOURCES for n in all_names()[src]] + list(SELFTEST)
     lines = ['#include "cuda_emu.h"']
     lines += [f'#include "{cuda_build.KERNEL_DIR / src}"' for src in SOURCES]
+    lines += [f'#include "{HERE / "emu_selftest.cu"}"']
     lines += ["#include <map>", "", "static const std::map<std::string, emu::Entry>& table() {",
               "    static const std::map<std::string, emu::Entry> t = {"]
     lines += [f'        {{"{n}", emu::entry(&{n})}},' for n in names]
@@ -95,7 +98,8 @@ def build() -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler found")
     harness = _harness()
     digest = hashlib.sha256()
-    for part in [harness, (HERE / "cuda_emu.h").read_text(), " ".join(CXX_FLAGS), cxx]:
+    for part in [harness, (HERE / "cuda_emu.h").read_text(),
+                 (HERE / "emu_selftest.cu").read_text(), " ".join(CXX_FLAGS), cxx]:
         digest.update(part.encode())
     for path in sorted(cuda_build.KERNEL_DIR.glob("*.cu*")):
         digest.update(path.read_bytes())

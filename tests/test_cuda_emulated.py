@@ -224,6 +224,39 @@ def test_hinge_kink_takes_zero_subgradient(ex):
     np.testing.assert_array_equal(grad, ref_g)
 
 
+@pytest.mark.parametrize("layout", [(1, 4), (32, 4), (32, 32)], ids=["g1i4", "g32i4", "g32i32"])
+def test_hinge_nan_rule(ex, layout):
+    """A NaN anywhere in a row (label column, a register-held column, a re-read column past
+    the registers) -> that row's loss and whole gradient row are NaN; +inf in a non-label
+    column gives the reference's infinite loss and gradient (IEEE); other rows are unchanged."""
+    group, items = layout
+    C = {1: 3, 32: 100}[group] if items == 4 else 1500
+    N = 7
+    scores, labels, cw, rs = _hinge_problem(N, C, np.float32, seed=3)
+    labels[:4] = [0, 1, 2, 0]
+    scores[0, 0] = np.nan           # the label column
+    scores[1, C - 1] = np.nan       # last column (past the registers when C = 1500)
+    scores[2, 0] = np.nan           # a non-label column
+    scores[3, 1] = np.inf           # +inf, non-label
+    nan_rows = [0, 1, 2]
+    algo = Algo("hinge_rows", (("group", group), ("items", items)))
+    finite = np.ones(N, bool)
+    finite[:4] = False
+    for p in (1, 2):
+        losses, grad = backend.hinge_rows(ex, scores, labels, 0.5, p, cw, rs, True, algo)
+        only, _ = backend.hinge_rows(ex, scores, labels, 0.5, p, cw, rs, False, algo)
+        assert np.isnan(losses[nan_rows]).all() and np.isnan(only[nan_rows]).all()
+        assert np.isnan(grad[nan_rows]).all()
+        ref_l, ref_g = reference.hinge_loss_rows(scores[3:], labels[3:], 0.5, p, cw, rs[3:],
+                                                 True)
+        assert losses[3] == np.inf and ref_l[0] == np.inf
+        np.testing.assert_array_equal(np.isinf(grad[3]), np.isinf(ref_g[0]))
+        np.testing.assert_array_equal(np.sign(grad[3]), np.sign(ref_g[0]))
+        assert rel_err(losses[4:], ref_l[1:]) < _tol(np.float32)
+        assert rel_err(grad[4:], ref_g[1:]) < _tol(np.float32)
+        assert np.isfinite(grad[finite]).all()
+
+
 def test_hinge_lecture_example(ex):
     """Lecture notes 7.1: s = (-3, 1.0, 0.5, -1.0, -0.4), y = 2 gives 1.6."""
     s = np.array([[-3.0, 1.0, 0.5, -1.0, -0.4]])
@@ -232,6 +265,33 @@ def test_hinge_lecture_example(ex):
     losses, _ = backend.hinge_rows(ex, s, np.array([2]), 1.0, 1, np.ones(5), np.ones(1), False,
                                    algo)
     assert losses[0] == pytest.approx(1.6, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulated cp.async and ldmatrix (tests/emu_selftest.cu) behave as the PTX ISA says
+# ---------------------------------------------------------------------------------------------
+def test_emu_cp_async_groups(ex):
+    src = np.arange(1, 161, dtype=np.float32)
+    out = np.full(160, 7.0, np.float32)
+    cuda_emu.run(cuda_build.Launch("emu", "fc_test::cp_async_groups", (1, 1, 1), (32, 1, 1), 0,
+                                   (src, out)))
+    lane = np.arange(32)
+    np.testing.assert_array_equal(out[:32], src[:32])                        # group 0 done
+    np.testing.assert_array_equal(out[32:64], np.where(lane % 2 == 0, src[32:64], 0))  # zfill
+    assert np.isnan(out[64:96]).all()                                        # still pending
+    np.testing.assert_array_equal(out[96:128], src[64:96])                   # after wait 0
+    assert np.isnan(out[128:160]).all()                                      # never committed
+
+
+def test_emu_ldmatrix_gives_the_mma_a_fragment(ex):
+    a = np.arange(128, dtype=np.float32).reshape(16, 8)
+    out = np.full(128, np.nan, np.float32)
+    cuda_emu.run(cuda_build.Launch("emu", "fc_test::ldmatrix_a_fragment", (1, 1, 1),
+                                   (32, 1, 1), 0, (a, out)))
+    frag = out.reshape(32, 4)
+    for lane in range(32):  # PTX ISA, mma.m16n8k8 .tf32: a0..a3 of lane (g, t)
+        g, t = lane // 4, lane % 4
+        assert list(frag[lane]) == [a[g, t], a[g + 8, t], a[g, t + 4], a[g + 8, t + 4]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,10 +197,11 @@ def test_divisor_args_order_and_types():
     assert all(type(a) is np.uint32 for a in args[0::2])
     assert all(type(a) is np.int32 for a in args[1::2])
     g = MIXED
-    divisors = (g.R * g.S, g.S, g.P * g.Q, g.Q, g.H * g.W, 2, 1)
+    divisors = (g.R * g.S, g.S, g.P * g.Q, g.W, g.H * g.W, 2, 1)  # DGRAD rows are (H, W)
     assert [cuda_conv.fast_divisor(d) for d in divisors] == [
         (int(args[i]), int(args[i + 1])) for i in range(0, 14, 2)]
     assert cuda_conv.divisor_args(MIXED, FPROP)[8] == cuda_conv.fast_divisor(g.P * g.Q)[0]
+    assert cuda_conv.divisor_args(MIXED, FPROP)[6] == cuda_conv.fast_divisor(g.Q)[0]
 
 
 @given(st.integers(1, 10**6), st.integers(1, 10**5))
@@ -250,10 +251,14 @@ def test_depthwise_launches():
     ih = 15 * 1 + 2 * 2 + 1
     iw = 31 * 2 + 4 * 1 + 1
     assert spec.shared_mem == (ih * iw + 15) * 4
-    assert len(spec.args) == 4 + 15
+    assert len(spec.args) == 4 + 15 + 16
+    divs = spec.args[4 + 15:]
+    assert [(int(divs[i]), int(divs[i + 1])) for i in range(0, 16, 2)] == [
+        cuda_conv.fast_divisor(d) for d in (g.W, g.H, g.C, 1, 2, g.Q, math.ceil(g.W / 32), iw)]
     spec = cuda_conv.depthwise_input_grad_launch(w, y, x, g)
     assert spec.kernel == "fc::depthwise_dgrad<float>" and spec.args[:3] == (y, w, x)
-    assert spec.grid[0] * spec.block[0] >= min(x.size, 2**20 * 256)
+    # a warp per run of 32 pixels of a row, 8 warps per block: every run is covered
+    assert spec.grid[0] * 8 >= min(g.N * g.C * g.H * math.ceil(g.W / 32), 2**20 * 8)
     spec = cuda_conv.depthwise_weight_grad_launch(x, y, w, g)
     assert spec.grid == (16 * 15, 1, 1) and spec.block == (cuda_conv.DEPTHWISE_THREADS, 1, 1)
 
@@ -313,7 +318,10 @@ def test_hinge_launch_arguments():
 
 
 def test_hinge_grid_is_capped_per_sm():
-    assert cuda_hinge.hinge_grid(10**7, 32, 132) == (8 * 132, 1, 1)
+    assert cuda_hinge.hinge_grid(10**7, 32, 132) == (4 * 132, 1, 1)
+    assert cuda_hinge.hinge_grid(10**7, 32, 132, 2) == (2 * 132, 1, 1)
+    assert cuda_hinge.blocks_per_sm("float64", 32, 32) == 2
+    assert cuda_hinge.blocks_per_sm("float32", 32, 16) == 4
     assert cuda_hinge.hinge_grid(5, 32, 132) == (1, 1, 1)
     assert cuda_hinge.hinge_grid(0, 1, 132) == (1, 1, 1)
 
@@ -411,6 +419,22 @@ def test_rules_tile_model():
     assert rules.pick_tile(200704, 64, 1, tiles, 132) == SimtTile(128, 64, 8, 8, 4)
     assert rules.pick_tile(524288, 32, 1, tiles, 132) == SimtTile(128, 32, 8, 8, 4)
     assert rules.pick_tile(84, 4, 1, tiles, 132) == SimtTile(32, 32, 8, 4, 4)
+
+
+def test_rules_wave_quantisation():
+    """Blocks per SM come in waves of the tile's resident count; a partial wave is slower per
+    block (rules.PARTIAL_WAVE_EFFICIENCY)."""
+    eff = rules.PARTIAL_WAVE_EFFICIENCY
+    assert rules.wave_units(196, 132, 2) == 2          # r3x3s2_28 at 128x128: B = 2, one wave
+    assert rules.wave_units(264, 132, 2) == 2
+    assert rules.wave_units(100, 132, 2) == pytest.approx(1 / eff)   # one block on an SM
+    assert rules.wave_units(265, 132, 2) == pytest.approx(2 + 1 / eff)
+    assert rules.wave_units(265, 132, 1) == 3
+    assert cuda_conv.resident_blocks(SimtTile(128, 128, 8, 8, 8), FPROP) == 1
+    assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 4), FPROP) == 2
+    assert cuda_conv.resident_blocks(SimtTile(32, 32, 8, 4, 4), FPROP) == 8
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), DGRAD) == 1
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), FPROP) == 2
 
 
 def test_rules_weight_grad_slices_within_workspace(device):

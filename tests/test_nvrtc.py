@@ -2,10 +2,16 @@
 
 Each ``.cu`` file is compiled once per architecture with every template instantiation the
 launchers can request (``all_kernel_names`` of ``cuda_conv``, ``cuda_hinge`` and
-``cuda_winograd``), from the same pasted source (``cuda_build.load_source``) and with the same options that reach NVRTC
-at run time: ``cuda_build.NVRTC_OPTIONS``, what CuPy appends (``CUPY_ADDED_OPTIONS``) and the
-architecture. Compiling to ``sm_XY`` produces machine code, so the PTX assembler runs too.
+``cuda_winograd``), from the same pasted source (``cuda_build.load_source``) and with the same
+options that reach NVRTC at run time: ``cuda_build.NVRTC_OPTIONS``, what CuPy appends
+(``CUPY_ADDED_OPTIONS``) and the architecture. Compiling to ``sm_XY`` produces machine code,
+so the PTX assembler runs too.
 Needs ``cuda-bindings`` and the ``nvidia-cuda-nvrtc`` wheel (no driver); skipped without them.
+
+ptxas is asked to warn on register spills and on any local-memory use (`GATE_OPTIONS`), and the
+compile log must hold no warning: every instantiation is spill-free with no stack frame, for
+both architectures. ``bench/sass_report.py`` (run by ``tests/test_sass_report.py``) reports the
+numbers behind this gate.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ else:
                                 reason="cuda-bindings (NVRTC) not installed")
 
 ARCHS = ("sm_80", "sm_90")
+# Spills and local memory become log warnings, which the test rejects.
+GATE_OPTIONS = ("-Xptxas=--warn-on-spills", "-Xptxas=--warn-on-local-memory-usage")
 NAMES = {**cuda_conv.all_kernel_names(), **cuda_hinge.all_kernel_names(),
          **cuda_winograd.all_kernel_names()}
 
@@ -68,7 +76,7 @@ def test_compiles(source: str, arch: str):
         for name in names:
             _ok(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
         options = cuda_build.NVRTC_OPTIONS + cuda_build.CUPY_ADDED_OPTIONS + (
-            f"--gpu-architecture={arch}",)
+            f"--gpu-architecture={arch}",) + GATE_OPTIONS
         status = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])[0]
         log = _log(prog)
         assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{source} for {arch}:\n{log}"

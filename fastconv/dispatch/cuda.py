@@ -14,10 +14,10 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
 4. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
    cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
-   time model (see `pick_tile`); the weight gradient also splits its long N*P*Q reduction into
-   slices so that about two blocks per multiprocessor run, and a forward or input-gradient GEMM
-   with too few tiles for the device splits its reduction too (`gemm_splits`), within the
-   workspace bound.
+   time model with wave quantisation (see `pick_tile`, `wave_units`); the weight gradient also
+   splits its long N*P*Q reduction into slices so that about two blocks per multiprocessor
+   run, and a forward or input-gradient GEMM with too few tiles for the device splits its
+   reduction too (`gemm_splits`), within the workspace bound.
 ``bias_grad`` is a fixed-order reduction; ``hinge`` picks the row layout of hinge.cu.
 
 Without a GPU (``explain`` on a machine without CuPy) the rules assume a 132-SM, sm_90 device.
@@ -96,7 +96,7 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
     if mode == WGRAD:
         tile = pick_tile(M, NG, geom.groups, tiles, sm_count=None)
     else:
-        tile = pick_tile(M, NG, geom.groups, tiles, sm_count)
+        tile = pick_tile(M, NG, geom.groups, tiles, sm_count, mode)
     name = (cuda_conv.tf32_kernel_name(mode, tile) if tf32
             else cuda_conv.simt_kernel_name(dtype, mode, tile))
     params = [("kernel", name), ("tile", dataclasses.astuple(tile)),
@@ -112,7 +112,7 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
         splits = wgrad_splits(geom, tile, blocks, sm_count, workspace_bytes, dtype.itemsize)
     else:
         splits = gemm_splits(blocks, KG, tile, sm_count, geom.groups, result_bytes,
-                             workspace_bytes)
+                             workspace_bytes, cuda_conv.resident_blocks(tile, mode))
     slices, _ = cuda_conv.split_reduction(KG, splits, tile.bk)
     params += [("splits", slices),
                ("workspace_bytes", 0 if slices == 1 else slices * result_bytes)]
@@ -247,20 +247,39 @@ def tile_efficiency(tile: SimtTile | Tf32Tile) -> float:
     return (tile.bm * tile.bn / (tile.bm + tile.bn)) / 64.0
 
 
+# Throughput of an SM holding fewer blocks than its tile's resident count (a partial wave), as
+# a fraction of a full one: fewer warps hide less latency. A modelling guess, not measured.
+PARTIAL_WAVE_EFFICIENCY = 0.7
+
+
+def wave_units(blocks: int, sm_count: int, resident: int) -> float:
+    """Modelled time of ``blocks`` equal blocks, in units of one block's work at a full SM's
+    rate, with wave quantisation: the busiest SM gets ``B = ceil(blocks / sm_count)`` blocks,
+    run in waves of ``resident``; a last wave of fewer blocks runs at
+    `PARTIAL_WAVE_EFFICIENCY`. E.g. 196 blocks of a 2-resident tile on 132 SMs (0.74 of a
+    wave of 264): B = 2, one full wave, 2 units; 133 blocks: B = 2 as well."""
+    B = math.ceil(blocks / sm_count)
+    full, tail = divmod(B, resident)
+    return full * resident + (tail / PARTIAL_WAVE_EFFICIENCY if tail else 0.0)
+
+
 def pick_tile(M: int, NG: int, groups: int, tiles: Sequence[SimtTile | Tf32Tile],
-              sm_count: Optional[int]) -> SimtTile | Tf32Tile:
+              sm_count: Optional[int], mode: int = 0) -> SimtTile | Tf32Tile:
     """The tile with the least modelled time for an ``M x NG`` GEMM per group.
 
     Model: every block of a tile costs ``BM*BN / tile_efficiency`` (tiles past the matrix edge
-    cost as much as full ones), and blocks run in waves of ``sm_count``: time is proportional
-    to ``ceil(blocks / sm_count) * BM*BN / efficiency``. With ``sm_count=None`` (the weight
-    gradient, whose reduction slices fill the device) the wave term is dropped. Ties go to the
-    earlier (larger) tile.
+    cost as much as full ones), and blocks run in waves (`wave_units`, with the tile's
+    resident blocks per SM, ``cuda_conv.resident_blocks(tile, mode)``). With
+    ``sm_count=None`` (the weight gradient, whose reduction slices fill the device) the wave
+    term is dropped. Ties go to the earlier (larger) tile.
     """
     def cost(t):
         blocks = math.ceil(M / t.bm) * math.ceil(NG / t.bn) * groups
-        waves = blocks if sm_count is None else math.ceil(blocks / sm_count)
-        return waves * t.bm * t.bn / tile_efficiency(t)
+        if sm_count is None:
+            units = blocks
+        else:
+            units = wave_units(blocks, sm_count, cuda_conv.resident_blocks(t, mode))
+        return units * t.bm * t.bn / tile_efficiency(t)
 
     return min(tiles, key=cost)
 
@@ -291,16 +310,18 @@ ASSUMED_BANDWIDTH = 3e12
 
 
 def gemm_splits(blocks: int, reduction: int, tile: SimtTile | Tf32Tile, sm_count: int,
-                groups: int, result_bytes: int, workspace_bytes: int) -> int:
+                groups: int, result_bytes: int, workspace_bytes: int,
+                resident: Optional[int] = None) -> int:
     """Reduction slices for a forward or input-gradient GEMM whose tiles do not fill the device.
 
-    With ``512 / threads`` resident blocks per SM (the kernels' register cap), ``slots`` blocks
-    run at once. Modelled time of s slices: ``ceil(blocks * s / slots)`` waves of blocks doing
-    ``1/s`` of a tile's multiply-adds at `ASSUMED_BLOCK_FLOPS`, plus writing and reading the
-    s partial results at `ASSUMED_BANDWIDTH`. Slices are used only when the model saves at
+    With ``resident`` blocks per SM (``cuda_conv.resident_blocks``; default ``512 / threads``,
+    the kernels' usual register cap), ``slots`` blocks run at once. Modelled time of s slices:
+    ``ceil(blocks * s / slots)`` waves of blocks doing ``1/s`` of a tile's multiply-adds at
+    `ASSUMED_BLOCK_FLOPS`, plus writing and reading the s partial results at
+    `ASSUMED_BANDWIDTH`. Slices are used only when the model saves at
     least 15%, each keeps `MIN_SLICE_TILES` BK steps, and they fit the workspace bound.
     """
-    slots = sm_count * max(1, 512 // tile.threads)
+    slots = sm_count * (resident if resident is not None else max(1, 512 // tile.threads))
     if blocks >= slots:
         return 1
     tile_flops = 2.0 * tile.bm * tile.bn * reduction

@@ -1,0 +1,99 @@
+"""CI gates on the compiled code: ``bench/sass_report.py --check`` over every instantiation.
+
+The report compiles every kernel the launchers can request with NVRTC for sm_80 and sm_90,
+disassembles it (cuobjdump/nvdisasm wheels of the ``test`` extra) and fails on a spill, on
+local memory, on a TF32 kernel without HMMA in its main loop and on a pipelined kernel whose
+main loop has no LDGSTS (cp.async). It runs once, as a subprocess (bench/ is never imported by
+the tests); its JSON output feeds the finer checks below. Skipped where NVRTC or the
+disassembler is missing, except in CI, where the ``test`` extra installs them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastconv.kernels import cuda_hinge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sass") / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_report.py"), "--check",
+                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode == 2:
+        if os.environ.get("CI"):
+            pytest.fail(f"sass_report cannot run in CI: {proc.stderr}")
+        pytest.skip(proc.stderr.strip())
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+def _data(report):
+    return report[1]
+
+
+def test_gates_pass(report):
+    """No spill, no local memory, HMMA in every TF32 main loop, LDGSTS in every pipelined one."""
+    proc, data = report
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+    assert data is not None and data["kernels"]
+
+
+def test_every_instantiation_reported(report):
+    _, data = report
+    from fastconv.kernels import cuda_conv  # noqa: PLC0415
+
+    from fastconv.kernels import cuda_winograd  # noqa: PLC0415
+
+    names = {n for v in {**cuda_conv.all_kernel_names(), **cuda_hinge.all_kernel_names(),
+                         **cuda_winograd.all_kernel_names()}.values() for n in v}
+    for arch in ("sm_80", "sm_90"):
+        seen = {k["name"] for k in data["kernels"] if k["arch"] == arch}
+        assert seen == names, arch
+    for k in data["kernels"]:
+        assert k["registers"] > 0, k["name"]
+        if not k["name"].startswith("fc::winograd_filter<"):  # loop-free by design
+            assert k["loop"].get("total", 0) > 0, k["name"]
+
+
+def test_hinge_grid_matches_occupancy(report):
+    """The hinge launcher sizes its grid by the blocks that can be resident per SM; it must not
+    assume more than the compiled kernel allows on either architecture."""
+    _, data = report
+    for k in data["kernels"]:
+        if not k["name"].startswith("fc::hinge_rows<"):
+            continue
+        ct, group, items = k["name"][len("fc::hinge_rows<"):-1].split(", ")
+        dtype = "float32" if ct == "float" else "float64"
+        assumed = cuda_hinge.blocks_per_sm(dtype, int(group), int(items))
+        assert assumed <= k["blocks_per_sm"], (k["name"], k["arch"], assumed,
+                                               k["blocks_per_sm"])
+
+
+def test_conv_resident_blocks_match_occupancy(report):
+    """The dispatch rules' wave model assumes ``cuda_conv.resident_blocks`` blocks per SM; the
+    compiled kernels must allow at least that many on both architectures."""
+    from fastconv.kernels import cuda_conv  # noqa: PLC0415
+
+    expected = {}
+    for dt in cuda_conv.SIMT_TILES:
+        for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD):
+            for tile in cuda_conv.simt_tiles(dt, mode):
+                expected[cuda_conv.simt_kernel_name(dt, mode, tile)] = (
+                    cuda_conv.resident_blocks(tile, mode))
+    for tile in cuda_conv.TF32_TILES:
+        for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD):
+            expected[cuda_conv.tf32_kernel_name(mode, tile)] = cuda_conv.resident_blocks(tile,
+                                                                                         mode)
+    seen = 0
+    for k in _data(report)["kernels"]:
+        if k["name"] in expected:
+            seen += 1
+            assert expected[k["name"]] <= k["blocks_per_sm"], (k["name"], k["arch"])
+    assert seen == 2 * len(expected)
