@@ -149,6 +149,12 @@ FORK_CHILD = """
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         return "hung"
+
+    def fork_a_child():
+        pid = os.fork()
+        if pid == 0:
+            child_runs_a_conv()
+        return wait(pid)
 """
 
 
@@ -165,10 +171,7 @@ def test_fork_while_another_thread_is_inside_a_cpu_call(layer):
         codes = []
         for _ in range(5):
             time.sleep(0.02)
-            pid = os.fork()
-            if pid == 0:
-                child_runs_a_conv()
-            codes.append(wait(pid))
+            codes.append(fork_a_child())
         stop.set()
         t.join()
         # A fork in the middle of one long call of another thread (a bigger conv).
@@ -182,10 +185,7 @@ def test_fork_while_another_thread_is_inside_a_cpu_call(layer):
         h.start()
         started.wait()
         time.sleep(0.01)
-        pid = os.fork()
-        if pid == 0:
-            child_runs_a_conv()
-        codes.append(wait(pid))
+        codes.append(fork_a_child())
         h.join()
         # multiprocessing's fork start method, as DataLoader-style workers use it.
         import multiprocessing as mp

@@ -23,6 +23,7 @@ import sys
 import textwrap
 
 import pytest
+from test_cpu_conv import VARIANTS
 
 WORKER = textwrap.dedent('''
     import hashlib, json, sys
@@ -31,17 +32,9 @@ WORKER = textwrap.dedent('''
     from fastconv._types import Algo
     from fastconv.kernels import cpu, cpu_conv, cpu_depthwise, cpu_hinge, cpu_winograd
 
-    VARIANTS = {
-        "gemm1x1": ("gemm1x1", ()),
-        "im2col": ("im2col", (("layout", "per_image"),)),
-        "im2col_wide": ("im2col", (("layout", "wide"),)),
-        "im2col_rows": ("im2col", (("layout", "wide"), ("chunk_bytes", 1))),
-        "winograd2": ("winograd", (("tile", 2),)),
-        "winograd4": ("winograd", (("tile", 4),)),
-        "winograd4_rows": ("winograd", (("tile", 4), ("chunk_bytes", 1))),
-        "direct": ("direct", ()),
-        "direct_rows": ("direct", (("workspace_bytes", 1),)),
-    }
+    # The forced algorithm variants of tests/test_cpu_conv.py, passed as JSON.
+    VARIANTS = {k: (name, tuple(tuple(p) for p in params))
+                for k, (name, params) in json.loads(sys.argv[1]).items()}
     # (name, x shape, weight shape, stride, padding, dilation, groups)
     SHAPES = [
         ("3x3", (2, 8, 12, 13), (6, 8, 3, 3), 1, 1, 1, 1),
@@ -113,8 +106,8 @@ def _run(cache_dir: str, **env_extra: str) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, **env_extra)
     if "NUMBA_NUM_THREADS" not in env_extra:
         env.pop("NUMBA_NUM_THREADS", None)
-    done = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True,
-                          text=True, timeout=1200)
+    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(VARIANTS)], env=env,
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
