@@ -12,18 +12,29 @@ direct        loops over taps; depthwise, small groups, no workspace  ``cpu_dept
 reduce        bias gradient                                          ``cpu_conv``
 ============  =====================================================  ========================
 
-Threads. Numba's default OpenMP layer keeps its idle workers spinning for milliseconds after
-each parallel loop (libgomp's default wait policy, and it is often PyTorch's libgomp, set up
-when torch was imported). Those spinning workers starve OpenBLAS's threads in the GEMM that
-follows: on 2 cores a 1 ms GEMM took 4 to 15 ms right after a Numba kernel. Unless the user
-chose a threading layer, or a parallel Numba loop already ran in this process, this module
-selects Numba's ``workqueue`` layer, whose idle workers sleep. That layer does not support
-parallel launches from two Python threads at once, so every entry point holds one lock.
+Threads. fastconv never sets Numba's threading layer: it is process-wide, and the user's own
+parallel Numba code runs on it too. The layer wanted here is ``tbb``: thread-safe (parallel
+launches from several Python threads at once, fastconv's or the user's), and its idle workers
+do not keep spinning the way libgomp's do after each parallel loop (spinning OpenMP workers
+starved OpenBLAS's threads in the GEMM that follows: on 2 cores a 1 ms GEMM took 4 to 15 ms
+right after a Numba kernel). Numba's default choice already prefers ``tbb`` when it can load
+``libtbb.so.12``; the ``tbb`` wheel (a dependency of fastconv) puts that library in
+``<prefix>/lib``, where the dynamic loader does not look, so Numba would report it "disabled".
+Importing this module therefore only *loads* that library (``RTLD_GLOBAL``), and only while
+Numba's pool has not started and the user has not asked for another layer; the choice stays
+Numba's, and ``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER`` still win.
+
+Whatever layer ends up running: calls are serialised by one lock only when it is
+``workqueue``, the one layer that aborts on concurrent launches. ``fork`` waits for the cpu
+calls in flight in other threads to return (see :class:`_CallGate`), and the child starts
+with fresh locks: a forked child never hangs on a lock a parent's thread held.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import sys
 import threading
 from typing import Optional
 
@@ -31,29 +42,147 @@ import numba
 import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel
 
-
-def _prefer_sleeping_workers() -> None:
-    """Select the ``workqueue`` threading layer unless a choice was made before us."""
-    if os.environ.get("NUMBA_THREADING_LAYER") or _numba_parallel._is_initialized:
-        return
-    if str(numba.config.THREADING_LAYER).lower() == "default":
-        numba.config.THREADING_LAYER = "workqueue"
+_TBB_LIBRARY = "libtbb.so.12"
+# The layers whose choice may fall on tbb (Numba's names; "default" tries tbb first).
+_LAYERS_WANTING_TBB = ("default", "safe", "threadsafe", "tbb")
 
 
-_prefer_sleeping_workers()
+def _tbb_candidates() -> list[str]:
+    """Where the ``tbb`` wheel may have put ``libtbb.so.12``: the environment's ``lib``
+    (virtual environment and base installation), and the files the distribution lists."""
+    paths = [os.path.join(prefix, "lib", _TBB_LIBRARY)
+             for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, sys.exec_prefix))]
+    try:
+        from importlib import metadata
 
-from . import cpu_conv, cpu_depthwise, cpu_winograd  # noqa: E402  (after the layer choice)
+        for f in metadata.distribution("tbb").files or ():
+            if f.name == _TBB_LIBRARY:
+                paths.append(str(f.locate()))
+    except Exception:  # noqa: BLE001  (no tbb distribution, or unreadable metadata)
+        pass
+    return [p for p in dict.fromkeys(paths) if os.path.exists(p)]
+
+
+def _make_tbb_loadable() -> Optional[str]:
+    """Load ``libtbb.so.12`` globally so that Numba's default layer choice can find it; the
+    path loaded, or None when not needed (pool started, another layer asked for) or absent."""
+    if _numba_parallel._is_initialized:
+        return None
+    if str(numba.config.THREADING_LAYER).lower() not in _LAYERS_WANTING_TBB:
+        return None
+    for path in _tbb_candidates():
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+TBB_LOADED = _make_tbb_loadable()
+
+from . import cpu_conv, cpu_depthwise, cpu_winograd  # noqa: E402
 from .cpu_hinge import hinge_loss_rows as _hinge_loss_rows  # noqa: E402
 
-_LOCK = threading.RLock()
+_LAYER: list[Optional[str]] = [None]     # Numba's layer, once its pool has started
+
+
+class _CallGate:
+    """Who may be inside the backend: many calls at once (one at a time on ``workqueue``),
+    and none while the process forks.
+
+    ``fork`` copies only the forking thread; locks held by other threads stay held forever in
+    the child. Before a fork the gate waits for the calls in flight to return and lets no new
+    one in (a call is bounded in time), so that no lock of ours, Numba's pool or OpenBLAS's
+    (held inside a GEMM) is mid-use when the child is copied; the child gets a fresh gate.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.serial = threading.RLock()       # the workqueue lock
+        self.inside = 0                       # calls in flight
+        self.closing = False                  # a fork is waiting: no new call may enter
+        self.owners: dict[int, int] = {}      # thread id -> nested calls (re-entrancy)
+
+    def enter(self) -> None:
+        me = threading.get_ident()
+        with self.cond:
+            while self.closing and me not in self.owners:
+                self.cond.wait()
+            self.inside += 1
+            self.owners[me] = self.owners.get(me, 0) + 1
+
+    def leave(self) -> None:
+        me = threading.get_ident()
+        with self.cond:
+            self.inside -= 1
+            self.owners[me] -= 1
+            if not self.owners[me]:
+                del self.owners[me]
+            if not self.inside:
+                self.cond.notify_all()
+
+    def before_fork(self) -> None:
+        """Hold the gate closed across ``fork``: wait until the only calls in flight are the
+        forking thread's own (a fork from inside a call cannot wait for itself)."""
+        self.cond.acquire()
+        self.closing = True
+        mine = self.owners.get(threading.get_ident(), 0)
+        while self.inside > mine:
+            self.cond.wait()
+
+    def after_fork_in_parent(self) -> None:
+        self.closing = False
+        self.cond.notify_all()
+        self.cond.release()
+
+
+_GATE = _CallGate()
+
+
+def _before_fork() -> None:
+    _GATE.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    _GATE.after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    """A fresh gate: the parent's may be held by threads that do not exist in the child."""
+    global _GATE
+    _GATE = _CallGate()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+
+
+def _must_serialise() -> bool:
+    """Whether calls must hold the serial lock: until the layer is known, and on
+    ``workqueue``."""
+    if _LAYER[0] is None:
+        if not _numba_parallel._is_initialized:
+            return True
+        _LAYER[0] = numba.threading_layer()
+    return _LAYER[0] == "workqueue"
 
 
 def _serialised(fn):
-    """Run ``fn`` holding the backend lock (see the module docstring)."""
+    """Run ``fn`` inside the call gate, holding its serial lock when the threading layer
+    needs it (see the module docstring)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _LOCK:
-            return fn(*args, **kwargs)
+        gate = _GATE
+        gate.enter()
+        try:
+            if not _must_serialise():
+                return fn(*args, **kwargs)
+            with gate.serial:
+                return fn(*args, **kwargs)
+        finally:
+            gate.leave()
     return wrapper
 
 

@@ -24,6 +24,9 @@ from numba import njit, prange
 from .cpu_workspace import (DEFAULT_CHUNK_BYTES, im2col_bytes, plan_chunks,
                             scratch, workspace_bound)
 
+# Partial sums of the bias gradient per filter (a power of two): 2 KiB of float64 per thread.
+BIAS_GRAD_LANES = 256
+
 
 # ---------------------------------------------------------------------------------------------
 # Numba kernels
@@ -143,18 +146,32 @@ def add_bias(y3, bias):
 
 
 @njit(parallel=True, cache=True)
-def bias_grad(grad_output, out):
-    """``out[k] = sum_{n, p, q} grad_output[n, k, p, q]``, one thread per ``k``, summed in a
-    fixed order with float64 accumulators (one per pixel of a plane, so the loop vectorises)."""
+def bias_grad(grad_output, out, lanes):
+    """``out[k] = sum_{n, p, q} grad_output[n, k, p, q]`` (float64), one thread per ``k``.
+
+    Fixed order, whatever the thread count: plane element ``j`` of every image goes to
+    float64 partial sum ``j % lanes`` (images in order, then ``j`` in order), and the partial
+    sums are combined pairwise (sum ``l`` += sum ``l + w``, ``w = lanes/2 .. 1``; ``lanes`` a
+    power of two). The loop over a run of ``lanes`` elements is elementwise, so it vectorises
+    without reordering a sum; the scratch is ``lanes`` float64 per thread, whatever ``P * Q``."""
     N, K, P, Q = grad_output.shape
-    g3 = grad_output.reshape(N, K, P * Q)
+    PQ = P * Q
+    g3 = grad_output.reshape(N, K, PQ)
     for k in prange(K):
-        lanes = np.zeros(P * Q)
+        acc = np.zeros(lanes)
         for n in range(N):
             row = g3[n, k]
-            for j in range(P * Q):
-                lanes[j] += row[j]
-        out[k] = lanes.sum()
+            for j0 in range(0, PQ, lanes):
+                blk = row[j0:j0 + min(lanes, PQ - j0)]
+                for e in range(blk.shape[0]):
+                    acc[e] += blk[e]
+        w = lanes
+        while w > 1:
+            w //= 2
+            hi = acc[w:w + w]
+            for e in range(w):
+                acc[e] += hi[e]
+        out[k] = acc[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +333,9 @@ def weight_grad_gemm1x1(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> n
 
 
 def bias_grad_reduce(grad_output: np.ndarray, algo) -> np.ndarray:
-    """Bias gradient ``(K,)``: ``grad_output`` summed over N, P, Q."""
+    """Bias gradient ``(K,)``: ``grad_output`` summed over N, P, Q in a fixed order (see
+    :func:`bias_grad`); its scratch, :data:`BIAS_GRAD_LANES` float64 per thread, does not grow
+    with the plane and stays far below any workspace bound."""
     out = np.empty(grad_output.shape[1], dtype=np.float64)
-    bias_grad(grad_output, out)
+    bias_grad(grad_output, out, BIAS_GRAD_LANES)
     return out.astype(grad_output.dtype)

@@ -12,18 +12,37 @@ entries just written. Rows run in parallel (``prange``); each row is reduced by 
 fixed order, so results are identical from run to run and for any thread count.
 
 Algorithm (``Algo("fused", (("accumulate", ...),))``, chosen by the cpu dispatch rules):
-the row sums run in the scores' dtype (``"native"``) or in float64 (``"float64"``). LLVM
-vectorises the native sum into 32 partial sums; for float32 its rounding error grows with
-``C / 32`` (about 4e-7 relative at C = 2048, 3e-6 at C = 10^4 on constant rows), so long
-float32 rows need ``"float64"``, which costs 15 to 30 % more time.
+the row sums run in the scores' dtype (``"native"``) or in float64 (``"float64"``).
+
+Reduction order (the results are bit-identical across runs, thread counts, processes and the
+Numba cache). No fastmath flag is used: LLVM may not reorder a sum, fuse a multiply-add or
+assume finite values, so the machine code (whatever the vector width the compiler picks) gives
+the same bits. Speed comes from an explicit order instead: a row of ``C >= SHORT_ROW`` (64)
+columns is summed in ``LANES`` (64) partial sums, column ``j`` going to lane ``j % LANES`` in
+increasing ``j``, and the lanes are then combined pairwise (lane ``l`` += lane ``l + w`` for
+``w = 32, 16, ..., 1``); shorter rows are one running sum in column order. The lane loop is
+elementwise, so LLVM vectorises it at any width without changing a single rounding. The
+loss-only pass forms every term exactly as the fused pass, so both give the same losses. For
+float32 the rounding error of a lane grows with ``C / 64``, so long float32 rows need
+``"float64"`` (the dispatch rules choose it above C = 2048).
+
+Non-finite scores (the rule of the reference backend): a row holding a NaN score has a NaN
+loss and an all-NaN gradient row. Infinities follow IEEE arithmetic on the formulas above,
+with ``max(0, m)`` propagating NaN (an ``inf - inf`` margin gives a NaN loss) and the indicator
+``[m_j > 0]`` false for a NaN margin, exactly as NumPy evaluates the reference.
 
 Why the code looks as it does (measured with Numba 0.68, LLVM vectoriser):
-- the inner loops sit directly in the ``prange`` body: moved into a helper function (even one
-  inlined by Numba) they stop vectorising and run 3x slower;
+- the lane loop sits directly in the row loop of the ``prange`` body: moved into a helper
+  function (even one inlined by Numba) such loops stop vectorising;
+- the lane count is a run-time argument: with a constant trip count LLVM unrolls the lane
+  loop fully and leaves it scalar;
 - ``j == y`` is masked by a select instead of splitting the row, so one branch-free loop covers
-  the row even when ``C`` is small (at C = 10 the per-row overhead dominates);
-- ``g_iy`` comes from the sum of the written entries, not from a count of active margins:
-  two selects on the same condition become a branch and the loop stays scalar.
+  the row;
+- a short row's terms are formed by one elementwise (vectorised) loop into a buffer and then
+  summed by a plain loop: fused into one loop, the select on ``m_j > 0`` became a branch
+  (mispredicted on random scores) once the sum could no longer be vectorised;
+- the loop only ORs a NaN-margin flag (free to vectorise); rows with one are scanned again by
+  a scalar loop that applies the non-finite rules.
 
 This module is compute only: it imports nothing from ``fastconv`` and trusts its inputs.
 """
@@ -35,51 +54,127 @@ from numba import njit, prange
 ALGORITHM = "fused"
 ACCUMULATORS = ("native", "float64")
 
-# Reassociation lets LLVM vectorise the sums; no flags that assume finite values.
-_FASTMATH = {"reassoc", "nsz", "contract"}
+# Partial sums per long row (a power of two), and the row length from which they are used.
+LANES = 64
+SHORT_ROW = 64
+# Rows per parallel task: the lane buffers are allocated once per task.
+ROWS_PER_TASK = 64
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True)
 def _hinge_rows(scores, labels, margin, p, class_weight, row_scale, want_grad, acc_zero,
-                losses, grad):
-    """Fill ``losses (N,)`` and, with ``want_grad``, ``grad (N, C)``; parallel over rows.
+                lanes, losses, grad):
+    """Fill ``losses (N,)`` and, with ``want_grad``, ``grad (N, C)``; parallel over blocks of
+    rows, each row reduced in the fixed order of the module docstring.
 
     ``margin`` has the scores' dtype; ``row_scale`` is ``(1,)`` (broadcast) or ``(N,)``;
     ``acc_zero`` is a zero of the accumulator type (Numba compiles one version per type);
-    without ``want_grad``, ``grad`` is an unused ``(N, 0)`` array.
+    ``lanes`` is :data:`LANES` (an argument so that the lane loop is not unrolled); without
+    ``want_grad``, ``grad`` is an unused ``(N, 0)`` array.
     """
     N, C = scores.shape
     dtype = scores.dtype.type
     zero = dtype(0)
     one = dtype(1)
+    nan = dtype(np.nan)
     # A (1,)-shaped row_scale broadcasts: a step of 0 reads its only entry for every row.
     rs_step = 1 if row_scale.shape[0] == N else 0
-    for i in prange(N):
-        s = scores[i]
-        y = labels[i]
-        sy = s[y]
-        wy = class_weight[y]
-        coef = row_scale[i * rs_step] * wy * dtype(p)  # d(total)/d(m_j) = coef * h**(p-1)
-        loss = acc_zero
-        grad_sum = acc_zero
-        if want_grad:
-            g = grad[i]
-            for j in range(C):
-                m = (s[j] - sy) + margin
-                active = (m > zero) & (j != y)
-                h = m if active else zero
-                slope = one if p == 1 else h
-                loss += h * slope
-                gj = coef * (slope if active else zero)
-                grad_sum += gj
-                g[j] = gj
-            g[y] = dtype(-grad_sum)
-        else:
-            for j in range(C):
-                m = (s[j] - sy) + margin
-                h = m if (m > zero) & (j != y) else zero
-                loss += h * (one if p == 1 else h)
-        losses[i] = dtype(wy * loss)
+    ntasks = (N + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(ntasks):
+        lacc = np.full(lanes, acc_zero)      # loss partial sums
+        gacc = np.full(lanes, acc_zero)      # partial sums of the row's gradient entries
+        terms = np.empty(SHORT_ROW, dtype=scores.dtype)   # a short row's loss terms
+        for i in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
+            s = scores[i]
+            y = labels[i]
+            sy = s[y]
+            wy = class_weight[y]
+            coef = row_scale[i * rs_step] * wy * dtype(p)  # d(total)/d(m_j) = coef * h**(p-1)
+            loss = acc_zero
+            grad_sum = acc_zero
+            any_nan = False                      # a NaN margin (j != y)
+            if C < SHORT_ROW:
+                # terms elementwise (vectorised), then one running sum in column order
+                if want_grad:
+                    g = grad[i]
+                    for j in range(C):
+                        m = (s[j] - sy) + margin
+                        other = j != y
+                        active = (m > zero) & other
+                        h = m if active else zero
+                        slope = one if p == 1 else h
+                        terms[j] = h * slope
+                        g[j] = coef * (slope if active else zero)
+                        any_nan |= (m != m) & other
+                    for j in range(C):
+                        loss += terms[j]
+                        grad_sum += g[j]
+                else:
+                    for j in range(C):
+                        m = (s[j] - sy) + margin
+                        other = j != y
+                        h = m if (m > zero) & other else zero
+                        terms[j] = h * (one if p == 1 else h)
+                        any_nan |= (m != m) & other
+                    for j in range(C):
+                        loss += terms[j]
+            else:                                # column j into lane j % lanes, in order
+                lacc[:] = acc_zero
+                gacc[:] = acc_zero
+                for j0 in range(0, C, lanes):
+                    n = min(lanes, C - j0)
+                    sb = s[j0:j0 + n]
+                    yl = y - j0
+                    if want_grad:
+                        gb = grad[i, j0:j0 + n]
+                        for ll in range(n):
+                            m = (sb[ll] - sy) + margin
+                            other = ll != yl
+                            active = (m > zero) & other
+                            h = m if active else zero
+                            slope = one if p == 1 else h
+                            lacc[ll] += h * slope
+                            gj = coef * (slope if active else zero)
+                            gacc[ll] += gj
+                            gb[ll] = gj
+                            any_nan |= (m != m) & other
+                    else:
+                        for ll in range(n):
+                            m = (sb[ll] - sy) + margin
+                            other = ll != yl
+                            h = m if (m > zero) & other else zero
+                            lacc[ll] += h * (one if p == 1 else h)
+                            any_nan |= (m != m) & other
+                w = lanes
+                while w > 1:                     # lane l += lane l + w, w = lanes/2 .. 1
+                    w //= 2
+                    lhi = lacc[w:w + w]
+                    ghi = gacc[w:w + w]
+                    for ll in range(w):
+                        lacc[ll] += lhi[ll]
+                        gacc[ll] += ghi[ll]
+                loss = lacc[0]
+                grad_sum = gacc[0]
+            if any_nan or sy != sy:                # rare: the non-finite rules (docstring)
+                nan_score = sy != sy
+                for j in range(C):
+                    nan_score |= s[j] != s[j]
+                if nan_score:
+                    losses[i] = nan
+                    if want_grad:
+                        grad[i, :] = nan
+                    continue
+                # inf - inf margins: max(0, NaN) is NaN, so is the loss; for p = 2 so are
+                # their gradient entries 2 h and the label's; [NaN > 0] is 0 for p = 1
+                loss = acc_zero + nan
+                if want_grad and p == 2:
+                    for j in range(C):
+                        if j != y and s[j] - sy != s[j] - sy:
+                            grad[i, j] = nan
+                    grad_sum = acc_zero + nan
+            if want_grad:
+                grad[i, y] = dtype(-grad_sum)
+            losses[i] = dtype(wy * loss)
 
 
 def hinge_loss_rows(
@@ -117,6 +212,7 @@ def hinge_loss_rows(
         ``l_i = sum_{j != y_i} w[y_i] * max(0, s_ij - s_iy_i + margin) ** p``.
     grad : ndarray, (N, C), scores' dtype, or None
         ``row_scale[i] * d l_i / d s_i`` when ``want_grad``; subgradient 0 at a kink.
+        A row with a NaN score has a NaN loss and an all-NaN gradient row.
     """
     N, C = scores.shape
     dtype = scores.dtype
@@ -126,5 +222,5 @@ def hinge_loss_rows(
     grad = np.empty((N, C) if want_grad else (N, 0), dtype=dtype)
     # The margin in the scores' dtype rounds m_j exactly as a NumPy expression on the scores.
     _hinge_rows(scores, labels, dtype.type(margin), int(p), class_weight, row_scale,
-                bool(want_grad), acc_zero, losses, grad)
+                bool(want_grad), acc_zero, LANES, losses, grad)
     return losses, (grad if want_grad else None)

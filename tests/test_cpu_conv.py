@@ -1,12 +1,7 @@
 """Kernel-level tests of the cpu conv backend: every algorithm, forced on every shape of the
 shared case list it supports, against the float64 reference; chunking under tiny workspace
-bounds; run-to-run determinism; the dispatch rules; and the threading set-up."""
+bounds; run-to-run determinism; the dispatch rules (threads: tests/test_cpu_threads.py)."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -289,32 +284,3 @@ def test_non_contiguous_inputs_are_handled_upstream():
     gw = fastconv.conv2d_weight_grad(x, w.shape, gy, padding=1, backend="cpu")
     assert_close(gx, fastconv.conv2d_input_grad(x.shape, w, gy, padding=1, backend="reference"))
     assert_close(gw, fastconv.conv2d_weight_grad(x, w.shape, gy, padding=1, backend="reference"))
-
-
-# --------------------------------------------------------------------------------------------
-# Threads
-# --------------------------------------------------------------------------------------------
-def test_fresh_process_uses_sleeping_workers_and_serialises_threads():
-    """In a fresh process the backend selects Numba's workqueue layer (see kernels/cpu.py), and
-    calls from several Python threads at once still work (the layer itself would abort)."""
-    script = textwrap.dedent("""
-        import threading, numpy as np, numba, fastconv
-        x = np.random.default_rng(0).standard_normal((2, 16, 20, 20)).astype(np.float32)
-        w = np.random.default_rng(1).standard_normal((16, 16, 3, 3)).astype(np.float32)
-        ref = fastconv.conv2d(x, w, padding=1, backend="cpu")
-        assert numba.threading_layer() == "workqueue", numba.threading_layer()
-        bad = []
-        def work():
-            for _ in range(20):
-                if not np.array_equal(fastconv.conv2d(x, w, padding=1, backend="cpu"), ref):
-                    bad.append(1)
-        threads = [threading.Thread(target=work) for _ in range(3)]
-        for t in threads: t.start()
-        for t in threads: t.join()
-        assert not bad
-        print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

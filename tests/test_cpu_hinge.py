@@ -187,3 +187,87 @@ def test_cpu_rule_picks_the_accumulator(dtype, C, accumulate):
                             workspace_bytes=2**28, scores_shape=(3, C))
     assert algo.name == ALGORITHM
     assert algo.get("accumulate") == accumulate
+
+
+def ieee_hinge(scores, labels, margin, p, class_weight, row_scale):
+    """The rule for non-finite scores, evaluated with NumPy in float64: the reference's
+    formulas (``max(0, m)`` keeps NaN, ``[m > 0]`` is false for NaN), then every row holding a
+    NaN score gets a NaN loss and an all-NaN gradient row."""
+    s = scores.astype(np.float64)
+    N, C = s.shape
+    rows = np.arange(N)
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = s - s[rows, labels][:, None] + margin
+        m[rows, labels] = 0.0
+        h = np.maximum(m, 0.0)
+        wy = class_weight.astype(np.float64)[labels]
+        losses = wy * (h if p == 1 else h * h).sum(axis=1)
+        d = (m > 0).astype(np.float64) if p == 1 else 2.0 * h
+        d[rows, labels] = -d.sum(axis=1)
+        scale = np.broadcast_to(row_scale.astype(np.float64), (N,))
+        grad = d * (wy * scale)[:, None]
+    bad = np.isnan(s).any(axis=1)
+    losses[bad] = np.nan
+    grad[bad] = np.nan
+    return losses, grad
+
+
+def assert_same_non_finite(got, want, dtype):
+    """Same NaN and +-inf positions; the finite entries within the dtype's tolerance."""
+    got = np.asarray(got, dtype=np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    assert rel_error(got[finite], want[finite]) < TOLERANCE[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", ACCUMULATORS)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("C", [1, 2, 11, 64, 150])     # short rows and the lane path
+def test_nan_and_inf_scores_follow_the_rule(dtype, accumulate, p, C):
+    N = 12
+    scores, labels, class_weight, row_scale = make_problem(
+        N, C, dtype, weighted=True, per_row_scale=True, seed=11)
+    labels[:] = np.arange(N) % C
+    other = (labels + 1) % C                      # a column that is not the label (if C > 1)
+    last = np.full(N, C - 1)
+    scores[0, labels[0]] = np.nan                 # NaN in the label column
+    scores[1, other[1]] = np.nan                  # NaN elsewhere
+    scores[2, last[2]] = np.nan                   # NaN in the last column (lane tail)
+    scores[3, other[3]] = np.inf                  # +inf elsewhere: inf loss
+    scores[4, labels[4]] = np.inf                 # +inf label: every margin -inf, loss 0
+    scores[5, labels[5]] = -np.inf                # -inf label: every margin +inf
+    scores[6, labels[6]] = np.inf                 # inf - inf margins: NaN loss
+    scores[6, other[6]] = np.inf
+    scores[7, other[7]] = -np.inf                 # -inf elsewhere: that margin -inf
+    scores[8, :] = np.nan                         # a whole row of NaN
+    scores[9, other[9]] = np.inf                  # +inf and NaN: NaN wins
+    scores[9, last[9]] = np.nan
+    want_losses, want_grad = ieee_hinge(scores, labels, 0.5, p, class_weight, row_scale)
+    with np.errstate(invalid="ignore", over="ignore"):
+        losses, grad = hinge_loss_rows(scores, labels, 0.5, p, class_weight, row_scale, True,
+                                       _algo(accumulate))
+        losses_only, _ = hinge_loss_rows(scores, labels, 0.5, p, class_weight, row_scale,
+                                         False, _algo(accumulate))
+    assert_same_non_finite(losses, want_losses, dtype)
+    assert_same_non_finite(grad, want_grad, dtype)
+    np.testing.assert_array_equal(losses_only, losses)
+    for i in (0, 1, 2, 8, 9):                     # the rule itself, row by row
+        assert np.isnan(losses[i]) and np.isnan(grad[i]).all()
+    assert np.isfinite(losses[10:]).all() and np.isfinite(grad[10:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", ACCUMULATORS)
+@pytest.mark.parametrize("C", [10, 63, 64, 65, 200, 3001])
+def test_loss_only_and_fused_agree_bitwise(dtype, accumulate, C):
+    # Both passes form every term and sum them in the same fixed order (issue 8, item 1).
+    scores, labels, class_weight, row_scale = make_problem(
+        37, C, dtype, weighted=True, per_row_scale=True, seed=C)
+    for p in (1, 2):
+        args = (scores, labels, 0.7, p, class_weight, row_scale)
+        fused, _ = hinge_loss_rows(*args, True, _algo(accumulate))
+        alone, _ = hinge_loss_rows(*args, False, _algo(accumulate))
+        np.testing.assert_array_equal(fused, alone)
