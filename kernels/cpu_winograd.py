@@ -169,130 +169,149 @@ def row_width(tw: int) -> int:
 
 
 @njit(cache=True)     # a call, not Numba-level inlining: ~5% slower, 7 s less to compile
-def _lincomb(dst, src, tab, i, rscale, radd, cbase, L):
-    """``dst[e] = sum_z coefs[i, z] * src[rows[i, z] * rscale + radd, cbase + offs[i, z] + e]``
-    for ``e < L``; four sources per pass (see :func:`_table`), so ``dst`` is written once per
-    four terms."""
+def _lincomb(dst, src, tab, i, cbase, L, nrep, dstride, sstride):
+    """``dst[r*dstride + e] = sum_z coefs[i, z] * src[rows[i, z], cbase + r*sstride + offs[i, z]
+    + e]`` for ``e < L``, ``r < nrep``; four sources per pass (see :func:`_table`), so ``dst``
+    is written once per four terms."""
     rows, offs, coefs, count = tab
-    for z in range(0, count[i], 4):
-        o0, o1 = cbase + offs[i, z], cbase + offs[i, z + 1]
-        o2, o3 = cbase + offs[i, z + 2], cbase + offs[i, z + 3]
-        s0 = src[rows[i, z] * rscale + radd, o0:o0 + L]
-        s1 = src[rows[i, z + 1] * rscale + radd, o1:o1 + L]
-        s2 = src[rows[i, z + 2] * rscale + radd, o2:o2 + L]
-        s3 = src[rows[i, z + 3] * rscale + radd, o3:o3 + L]
-        c0, c1, c2, c3 = coefs[i, z], coefs[i, z + 1], coefs[i, z + 2], coefs[i, z + 3]
-        if z == 0:
-            for e in range(L):
-                dst[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
-        else:
-            for e in range(L):
-                dst[e] += c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
+    for r in range(nrep):
+        d = dst[r * dstride:r * dstride + L]
+        base = cbase + r * sstride
+        for z in range(0, count[i], 4):
+            o0, o1 = base + offs[i, z], base + offs[i, z + 1]
+            o2, o3 = base + offs[i, z + 2], base + offs[i, z + 3]
+            s0 = src[rows[i, z], o0:o0 + L]
+            s1 = src[rows[i, z + 1], o1:o1 + L]
+            s2 = src[rows[i, z + 2], o2:o2 + L]
+            s3 = src[rows[i, z + 3], o3:o3 + L]
+            c0, c1, c2, c3 = coefs[i, z], coefs[i, z + 1], coefs[i, z + 2], coefs[i, z + 3]
+            if z == 0:
+                for e in range(L):
+                    d[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
+            else:
+                for e in range(L):
+                    d[e] += c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
 
 
 @njit(cache=True)
-def _block_input(x, V, planes, rows, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab):
-    """``V[a*A + b, c, t*vw + j] = (BT d BT^T)[a, b]`` for the input tile ``d`` of tile
-    ``(t0 + t, j)`` of image ``n``: rows ``(t0 + t)*m + off_h + [0, A)``, columns
-    ``j*m + off_w + [0, A)`` of ``x``, zero outside. Per channel, the tile rows' input is split
-    into ``m x m`` polyphase planes of ``(tc + 1) x vw`` (``planes``), so the row pass (into
-    ``rows``) and the column pass read whole planes at tile-sized shifts."""
+def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab):
+    """``V[a*A + b, c*L + t*vw + j] = (BT d BT^T)[a, b]`` (``L = tc * vw``) for the input tile
+    ``d`` of tile ``(t0 + t, j)`` of image ``n``: rows ``(t0 + t)*m + off_h + [0, A)``, columns
+    ``j*m + off_w + [0, A)`` of ``x``, zero outside. For a run of channels at a time (``E``
+    elements per plane in ``tmp``), the tile rows' input is split into ``m x m`` polyphase
+    planes of ``(tc + 1) x vw`` per channel, so the row pass and the column pass read whole
+    planes at tile-sized shifts, as flat loops."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     A = m + 2
     vw = tw + 1
-    Lr = (tc + 1) * vw
+    Fr = (tc + 1) * vw
     L = tc * vw
+    cb = max(1, E // Fr)
+    planes = tmp[:m * m * (E + 1)].reshape(m * m, E + 1)
+    rows = tmp[m * m * (E + 1):m * m * (E + 1) + A * m * E].reshape(A * m, E)
     xf = x.reshape(x.size)
     mm, uW = np.uint64(m), np.uint64(W)
     zero = x.dtype.type(0)
-    for c in range(C):
-        x0 = np.uint64((n * C + c) * H) * uW
-        for r in range((tc + 1) * m):
-            h = t0 * m + off_h + r
-            hp, tq = r % m, r // m
-            for wp in range(m):
-                d = planes[hp * m + wp, tq * vw:(tq + 1) * vw]
-                if h < 0 or h >= H:
-                    d[:] = zero
-                    continue
-                lo, hi = valid_range(vw, W, m, off_w + wp)
-                d[:lo] = zero
-                d[hi:] = zero
-                s0 = x0 + np.uint64(h * W + lo * m + off_w + wp)
-                for e in range(np.uint64(hi - lo)):
-                    d[lo + e] = xf[s0 + e * mm]
+    for c0 in range(0, C, cb):
+        cbb = min(cb, C - c0)
+        for cc in range(cbb):
+            x0 = np.uint64((n * C + c0 + cc) * H) * uW
+            for r in range((tc + 1) * m):
+                h = t0 * m + off_h + r
+                hp, tq = r % m, r // m
+                for wp in range(m):
+                    d = planes[hp * m + wp, cc * Fr + tq * vw:cc * Fr + (tq + 1) * vw]
+                    if h < 0 or h >= H:
+                        d[:] = zero
+                        continue
+                    lo, hi = valid_range(vw, W, m, off_w + wp)
+                    d[:lo] = zero
+                    d[hi:] = zero
+                    s0 = x0 + np.uint64(h * W + lo * m + off_w + wp)
+                    for e in range(np.uint64(hi - lo)):
+                        d[lo + e] = xf[s0 + e * mm]
         for o in range(A * m):
-            _lincomb(rows[o], planes, row_tab, o, 1, 0, 0, Lr)
+            _lincomb(rows[o], planes, row_tab, o, 0, cbb * Fr, 1, 0, 0)
         for xi in range(A * A):
-            _lincomb(V[xi, c], rows, col_tab, xi, 1, 0, 0, L)
+            _lincomb(V[xi, c0 * L:], rows, col_tab, xi, 0, L, cbb, L, Fr)
 
 
 @njit(cache=True)
-def _block_output(M, y, bias, half, out, n, t0, tc, tw, m, first_tab, second_tab):
-    """``y[n, k, tile] = AT M[:, k, tile] AT^T + bias[k]`` for the block's tiles, clipped to
-    ``y``'s ``P x Q``; ``half`` and ``out`` are the two passes' temporaries."""
+def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
+    """``y[n, k, tile] = AT M[:, k*L + tile] AT^T + bias[k]`` for the block's tiles, clipped
+    to ``y``'s ``P x Q``, for a run of filters at a time (``E`` elements per pass row)."""
     K, P, Q = y.shape[1], y.shape[2], y.shape[3]
     A = m + 2
     vw = tw + 1
     L = tc * vw
-    M2 = M.reshape(A * A * K, L)
+    kb = max(1, E // L)
+    half = tmp[:m * A * E].reshape(m * A, E)
+    out = tmp[m * A * E:(m * A + m * m) * E].reshape(m * m, E)
     yf = y.reshape(y.size)
     mm = np.uint64(m)
-    for k in range(K):
+    for k0 in range(0, K, kb):
+        kbb = min(kb, K - k0)
         for o in range(m * A):
-            _lincomb(half[o], M2, first_tab, o, K, k, 0, L)
+            _lincomb(half[o], M, first_tab, o, k0 * L, kbb * L, 1, 0, 0)
         for o in range(m * m):
-            _lincomb(out[o], half, second_tab, o, 1, 0, 0, L)
-        b_k = bias[k]
-        y0 = np.uint64((n * K + k) * P) * np.uint64(Q)
-        for t in range(tc):
-            for u in range(m):
-                p = (t0 + t) * m + u
-                if p >= P:
-                    break
-                for v in range(m):
-                    hi = valid_range(tw, Q, m, v)[1]
-                    src = out[u * m + v, t * vw:]
-                    dst = y0 + np.uint64(p * Q + v)
-                    for e in range(np.uint64(hi)):
-                        yf[dst + e * mm] = src[e] + b_k
+            _lincomb(out[o], half, second_tab, o, 0, kbb * L, 1, 0, 0)
+        for kk in range(kbb):
+            k = k0 + kk
+            b_k = bias[k]
+            y0 = np.uint64((n * K + k) * P) * np.uint64(Q)
+            for t in range(tc):
+                for u in range(m):
+                    p = (t0 + t) * m + u
+                    if p >= P:
+                        break
+                    for v in range(m):
+                        hi = valid_range(tw, Q, m, v)[1]
+                        src = out[u * m + v, kk * L + t * vw:]
+                        dst = y0 + np.uint64(p * Q + v)
+                        for e in range(np.uint64(hi)):
+                            yf[dst + e * mm] = src[e] + b_k
 
 
 @njit(cache=True)
-def _block_grad_output(dy, Mg, planes, half, n, t0, tc, tw, m, first_tab, second_tab):
-    """``Mg[a*A + b, k, tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
+def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
+    """``Mg[a*A + b, k*L + tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
     ``dy (N, K, P, Q)`` (zero beyond ``P x Q`` and in the padding tiles, which therefore add
     nothing to the weight gradient): the adjoint of :func:`_block_output`."""
     K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
     A = m + 2
     vw = tw + 1
     L = tc * vw
+    kb = max(1, E // L)
+    planes = tmp[:m * m * E].reshape(m * m, E)
+    half = tmp[m * m * E:(m * m + m * A) * E].reshape(m * A, E)
     dyf = dy.reshape(dy.size)
     mm = np.uint64(m)
     zero = dy.dtype.type(0)
-    for k in range(K):
-        d0 = np.uint64((n * K + k) * P) * np.uint64(Q)
-        for t in range(tc):
-            for u in range(m):
-                p = (t0 + t) * m + u
-                for v in range(m):
-                    dst = planes[u * m + v, t * vw:(t + 1) * vw]
-                    if p >= P:
-                        dst[:] = zero
-                        continue
-                    hi = valid_range(tw, Q, m, v)[1]
-                    dst[hi:] = zero
-                    src = d0 + np.uint64(p * Q + v)
-                    for e in range(np.uint64(hi)):
-                        dst[e] = dyf[src + e * mm]
+    for k0 in range(0, K, kb):
+        kbb = min(kb, K - k0)
+        for kk in range(kbb):
+            d0 = np.uint64((n * K + k0 + kk) * P) * np.uint64(Q)
+            for t in range(tc):
+                for u in range(m):
+                    p = (t0 + t) * m + u
+                    for v in range(m):
+                        dst = planes[u * m + v, kk * L + t * vw:kk * L + (t + 1) * vw]
+                        if p >= P:
+                            dst[:] = zero
+                            continue
+                        hi = valid_range(tw, Q, m, v)[1]
+                        dst[hi:] = zero
+                        src = d0 + np.uint64(p * Q + v)
+                        for e in range(np.uint64(hi)):
+                            dst[e] = dyf[src + e * mm]
         for o in range(m * A):
-            _lincomb(half[o], planes, first_tab, o, 1, 0, 0, L)
+            _lincomb(half[o], planes, first_tab, o, 0, kbb * L, 1, 0, 0)
         for xi in range(A * A):
-            _lincomb(Mg[xi, k], half, second_tab, xi, 1, 0, 0, L)
+            _lincomb(Mg[xi, k0 * L:], half, second_tab, xi, 0, kbb * L, 1, 0, 0)
 
 
 @njit(parallel=True, cache=True)
-def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, pbuf, rbuf, tbuf,
+def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
                row_tab, col_tab, first_tab, second_tab, phases):
     """``y (N, K, P, Q)``: 3x3 stride-1 correlation of ``x (N, C, H, W)`` with the
     transformed filters ``U (A*A, G, Kg, Cg)`` plus ``bias``, read at offsets
@@ -307,30 +326,31 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, pbuf, rbuf, t
     per_image = (th + rb - 1) // rb
     nblocks = N * per_image
     for w in prange(nw):
-        planes, rows = pbuf[w], rbuf[w]
-        half, out = tbuf[w, :m * A], tbuf[w, m * A:]
+        tmp = tbuf[w]
         for blk in range(w, nblocks, nw):
             n = blk // per_image
             t0 = (blk - n * per_image) * rb
             tc = min(rb, th - t0)
             L = tc * vw
-            V = vbuf[w, :A2 * C * L].reshape(A2, C, L)
-            M = mbuf[w, :A2 * K * L].reshape(A2, K, L)
+            V = vbuf[w, :A2 * C * L]
+            M = mbuf[w, :A2 * K * L]
             if phases & 1:
-                _block_input(x, V, planes, rows, n, t0, tc, tw, m, off_h, off_w,
+                _block_input(x, V.reshape(A2, C * L), tmp, E, n, t0, tc, tw, m, off_h, off_w,
                              row_tab, col_tab)
             if phases & 2:
+                V3, M3 = V.reshape(A2, C, L), M.reshape(A2, K, L)
                 for xi in range(A2):
                     for g in range(G):
-                        np.dot(U[xi, g], V[xi, g * Cg:(g + 1) * Cg],
-                               M[xi, g * Kg:(g + 1) * Kg])
+                        np.dot(U[xi, g], V3[xi, g * Cg:(g + 1) * Cg],
+                               M3[xi, g * Kg:(g + 1) * Kg])
             if phases & 4:
-                _block_output(M, y, bias, half, out, n, t0, tc, tw, m, first_tab, second_tab)
+                _block_output(M.reshape(A2, K * L), y, bias, tmp, E, n, t0, tc, tw, m,
+                              first_tab, second_tab)
 
 
 @njit(parallel=True, cache=True)
-def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, pbuf, rbuf,
-                      tbuf, gbuf, row_tab, col_tab, first_tab, second_tab, phases):
+def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, tbuf, E,
+                      gbuf, row_tab, col_tab, first_tab, second_tab, phases):
     """``part[i] (A*A, G, Kg, Cg)``: the transformed weight gradient of image ``n0 + i``
     (``i < nc``), ``sum over its tiles of Mg[xi] V[xi]^T``, summed block after block in tile
     order; worker ``w`` takes images ``w, w + nw, ...`` (``gbuf[w]``: one block's product)."""
@@ -342,34 +362,33 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
     th, tw = (P + m - 1) // m, (Q + m - 1) // m
     vw = tw + 1
     for w in prange(nw):
-        planes, rows = pbuf[w], rbuf[w]
-        dplanes, half = tbuf[w, :m * m], tbuf[w, m * m:m * m + m * A]
-        tmp = gbuf[w]
+        tmp, prod = tbuf[w], gbuf[w]
         for i in range(w, nc, nw):
             n = n0 + i
             for t0 in range(0, th, rb):
                 tc = min(rb, th - t0)
                 L = tc * vw
-                V = vbuf[w, :A2 * C * L].reshape(A2, C, L)
-                Mg = mbuf[w, :A2 * K * L].reshape(A2, K, L)
+                V = vbuf[w, :A2 * C * L]
+                Mg = mbuf[w, :A2 * K * L]
                 if phases & 1:
-                    _block_input(x, V, planes, rows, n, t0, tc, tw, m, off_h, off_w,
-                                 row_tab, col_tab)
+                    _block_input(x, V.reshape(A2, C * L), tmp, E, n, t0, tc, tw, m, off_h,
+                                 off_w, row_tab, col_tab)
                 if phases & 4:
-                    _block_grad_output(dy, Mg, dplanes, half, n, t0, tc, tw, m,
+                    _block_grad_output(dy, Mg.reshape(A2, K * L), tmp, E, n, t0, tc, tw, m,
                                        first_tab, second_tab)
                 if phases & 2:
+                    V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
                     for xi in range(A2):
                         for g in range(G):
                             dst = part[i, xi, g]
-                            Vt = V[xi, g * Cg:(g + 1) * Cg].T
+                            Vt = V3[xi, g * Cg:(g + 1) * Cg].T
                             if t0 == 0:
-                                np.dot(Mg[xi, g * Kg:(g + 1) * Kg], Vt, dst)
+                                np.dot(M3[xi, g * Kg:(g + 1) * Kg], Vt, dst)
                             else:
-                                np.dot(Mg[xi, g * Kg:(g + 1) * Kg], Vt, tmp)
+                                np.dot(M3[xi, g * Kg:(g + 1) * Kg], Vt, prod)
                                 for a in range(Kg):
                                     for b in range(Cg):
-                                        dst[a, b] += tmp[a, b]
+                                        dst[a, b] += prod[a, b]
 
 
 @njit(parallel=True, cache=True)
@@ -484,19 +503,26 @@ def plan(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elems: int,
     return Plan(rb, nw, group)
 
 
+# Elements per row of the transforms' passes: runs of channels (or filters) of a block are
+# transformed together so that each pass is one loop of about this length.
+PASS_ELEMS = 1024
+
+
 def _buffers(C: int, K: int, tw: int, m: int, p: Plan, dtype, bound: int) -> tuple:
-    """Per-worker buffers: V, M (or Mg), the polyphase planes and row pass of the input
-    transform, and the output transform's two passes."""
+    """Per-worker buffers ``V (A*A * C * L)``, ``M (A*A * K * L)`` for ``L = rb * vw`` and the
+    transforms' temporaries, which hold passes of ``E`` elements (the input transform's
+    planes and row pass, then the output transform's two passes, in the same memory); with
+    ``E`` below the per-row allowance of ``cpu_workspace`` (``4 * A*A * vw`` elements)."""
     A = m + 2
     vw = row_width(tw)
     L = p.rb * vw
+    rows = m * m + A * m
+    E = max((p.rb + 1) * vw, min(PASS_ELEMS, (4 * A * A * L - m * m) // rows))
     vbuf = scratch((p.nw, A * A * C * L), dtype, bound)
     mbuf = scratch((p.nw, A * A * K * L), dtype, bound)
-    pbuf = scratch((p.nw, m * m, (p.rb + 1) * vw + 1), dtype, bound)
-    pbuf[:] = 0      # the last column is read (into padding tiles) and must be finite
-    rbuf = scratch((p.nw, A * m, (p.rb + 1) * vw), dtype, bound)
-    tbuf = scratch((p.nw, m * A + m * m, L), dtype, bound)
-    return vbuf, mbuf, pbuf, rbuf, tbuf
+    tbuf = scratch((p.nw, rows * E + m * m), dtype, bound)
+    tbuf[:] = 0      # the planes' last column is read (into padding tiles): keep it finite
+    return vbuf, mbuf, tbuf, E
 
 
 def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
@@ -555,7 +581,7 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo,
     th, tw = tile_grid(geom.P, geom.Q, m)
     p = plan(N, th, tw, m, C, K, K * (C // G), True, x.dtype.itemsize, algo)
     bound = workspace_bound(algo)
-    vbuf, mbuf, pbuf, rbuf, tbuf = _buffers(C, K, tw, m, p, x.dtype, bound)
+    vbuf, mbuf, tbuf, E = _buffers(C, K, tw, m, p, x.dtype, bound)
     part = scratch((p.group, A2, G, K // G, C // G), x.dtype, bound)
     gbuf = scratch((p.nw, K // G, C // G), x.dtype, bound)
     dU = np.zeros((A2, G, K // G, C // G), dtype=x.dtype)
@@ -564,7 +590,7 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo,
     for n0 in range(0, N, p.group):
         nc = min(p.group, N - n0)
         fused_weight_grad(x, grad_output, part, p.rb, m, *offsets, n0, nc, p.nw, vbuf, mbuf,
-                          pbuf, rbuf, tbuf, gbuf, *tabs, phases)
+                          tbuf, E, gbuf, *tabs, phases)
         for i in range(nc):
             dU += part[i]
     gw = filter_transform_adjoint(dU, np.array(_G[m], dtype=np.float64))
