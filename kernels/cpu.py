@@ -42,6 +42,7 @@ def _prefer_sleeping_workers() -> None:
 
 _prefer_sleeping_workers()
 
+from . import cpu_jit  # noqa: E402,F401  (one line on stderr when a process first compiles)
 from . import cpu_conv, cpu_depthwise, cpu_winograd  # noqa: E402  (after the layer choice)
 from .cpu_hinge import hinge_loss_rows as _hinge_loss_rows  # noqa: E402
 
