@@ -391,12 +391,12 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                                         dst[a, b] += prod[a, b]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)     # serial: K * C * 9 inputs are little work, and a parallel loop is slow to compile
 def _filter_transform(w9, G, U):
     """``U[a*A + b, kc] = sum_{r, s} G[a, r] w9[r*3 + s, kc] G[b, s]``, separably and with
     ``kc`` innermost (slices indexed by the loop variable) so the loops vectorise."""
     A, KC = G.shape[0], w9.shape[1]
-    for blk in prange((KC + BLOCK - 1) // BLOCK):
+    for blk in range((KC + BLOCK - 1) // BLOCK):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
         w = w9[:, k0:k0 + n]
@@ -416,11 +416,11 @@ def _filter_transform(w9, G, U):
                     u[e] = h0[e] * g0 + h1[e] * g1 + h2[e] * g2
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _filter_transform_adjoint(dU, G, gw9):
     """``gw9[r*3 + s, kc] = sum_{a, b} G[a, r] dU[a*A + b, kc] G[b, s]``."""
     A, KC = G.shape[0], gw9.shape[1]
-    for blk in prange((KC + BLOCK - 1) // BLOCK):
+    for blk in range((KC + BLOCK - 1) // BLOCK):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
         half = np.zeros((3 * A, n), dtype=gw9.dtype)       # (G^T dU)[r, b]
