@@ -10,12 +10,20 @@ so the ``m * m * 9`` multiplies of a direct tile become ``A * A`` (F(2x2): 2.25x
 
     M[xi] (K, T) = U[xi] (K, C) @ V[xi] (C, T)        xi = a * A + b, T = tiles
 
-Layouts: ``V (A*A, C, T)``, ``M (A*A, K, T)`` with tiles ordered ``(image, tile row, tile
-column)``; rows of 8 or more tiles carry one padding tile (see :func:`row_width`). Groups
-split ``C`` and ``K`` into ``G`` blocks and the GEMMs are batched over them (NumPy's BLAS).
-The transforms (Numba) work on polyphase planes so that every pass is a flat loop, with the
-sparse transform matrices turned into tables of shifted rows (:func:`_table`): F(2x2) and
-F(4x4) share all kernels.
+Fused and cache-blocked (as in NNPACK, oneDNN and Jia et al., PPoPP 2018): the tiles are
+cut into blocks of ``rb`` tile rows of one image; each worker of one parallel loop transforms
+a block into its own ``V (A*A, C, rb * (tw + 1))``, multiplies it into ``M (A*A, K, ...)``
+with ``A*A`` ``np.dot`` calls (BLAS, from the worker's thread) and transforms ``M`` straight
+into the output, so V and M stay in the core's L2 (:data:`BLOCK_BYTES`) and there is one
+thread pool. Rows of tiles carry one padding tile (:func:`row_width`) so that the
+transforms, which work on polyphase planes with the sparse transform matrices turned into
+tables of shifted rows (:func:`_table`), are flat loops; F(2x2) and F(4x4) share all kernels.
+Groups split ``C`` and ``K`` into ``G`` GEMMs per transform point.
+
+Determinism: ``rb`` depends on the geometry and the workspace bound only, a block's result
+on its data only, and the weight gradient sums the blocks of an image in tile order and the
+images in image order; so results are the same bits for any thread count and any assignment
+of blocks to threads. No ``fastmath`` anywhere.
 
 The same transforms give the three conv ops of these layers:
 
