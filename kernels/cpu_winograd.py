@@ -166,9 +166,11 @@ PHASE_INPUT = 1       # input transform (forward, input gradient, weight gradien
 PHASE_GEMM = 2        # the A*A GEMMs of each block
 PHASE_OUTPUT = 4      # output transform (forward) or grad_output transform (weight gradient)
 ALL_PHASES = PHASE_INPUT | PHASE_GEMM | PHASE_OUTPUT
-# Preferred bytes of a worker's V and M: both stay in a 1 MiB L2 with room for the filters'
-# panels (measured on r3x3_56, 2 cores: see README, CPU algorithms).
-BLOCK_BYTES = 768 * 2**10
+# Preferred bytes of a worker's V and M. Measured on r3x3_56 forward, 2 threads, on a busy
+# machine (interleaved, one process): 0.77 MB blocks 132-148 ms, 1.6 MB 96-120 ms, 2 MB 96 ms,
+# 4 MB (whole images) 907 ms; the issue's prototype used 98 tiles (1.8 MB). V and M then
+# overflow the 1 MiB L2 a little but the GEMMs get 7 rows of tiles (105 columns).
+BLOCK_BYTES = 2 * 2**20
 
 
 def row_width(tw: int) -> int:
