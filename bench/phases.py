@@ -150,8 +150,9 @@ def _winograd_phase_calls(op: str, geom, algo, x, w, gy) -> dict[str, Callable]:
             run(cw.PHASE_GEMM), out_name: run(cw.PHASE_OUTPUT), "_none": run(0)}
 
 
-def _winograd_work(op: str, geom, algo, itemsize: int) -> dict[str, tuple[float, str]]:
-    """Flops of the block GEMMs (padding tiles included) and bytes of the transforms."""
+def _winograd_dims(op: str, geom, algo) -> tuple[int, int, int, int, int]:
+    """``A*A``, the tiled plane's ``rows * cols``, the tiles ``T`` of the batch (padding tiles
+    included), and the channels in and out of the op's correlation."""
     from fastconv.kernels import cpu_winograd as cw
 
     m = int(algo.get("tile", 4))
@@ -160,9 +161,15 @@ def _winograd_work(op: str, geom, algo, itemsize: int) -> dict[str, tuple[float,
     th, tw = cw.tile_grid(rows, cols, m)
     T = geom.N * th * cw.row_width(tw)
     cin, cout = (geom.K, geom.C) if op == "input_grad" else (geom.C, geom.K)
+    return A2, rows * cols, T, cin, cout
+
+
+def _winograd_work(op: str, geom, algo, itemsize: int) -> dict[str, tuple[float, str]]:
+    """Flops of the block GEMMs (padding tiles included) and bytes of the transforms."""
+    A2, plane, T, cin, cout = _winograd_dims(op, geom, algo)
     flops = 2.0 * A2 * T * cout * (cin // geom.groups)
     in_bytes = geom.N * cin * (geom.P * geom.Q if op == "input_grad" else geom.H * geom.W)
-    out_bytes = geom.N * cout * rows * cols
+    out_bytes = geom.N * cout * plane
     if op == "weight_grad":
         out_bytes = geom.N * geom.K * geom.P * geom.Q
         return {"input transform": ((in_bytes + A2 * cin * T) * itemsize, "byte"),
@@ -176,14 +183,7 @@ def _winograd_work(op: str, geom, algo, itemsize: int) -> dict[str, tuple[float,
 def _winograd_gemm_limit(op: str, geom, algo, dtype, repeats: int) -> float:
     """NumPy SGEMM on the same GEMMs done as one batched matmul: ``(A*A, G, Kg, Cg) @
     (A*A, G, Cg, T)`` with T the tiles of the whole batch; returns seconds."""
-    from fastconv.kernels import cpu_winograd as cw
-
-    m = int(algo.get("tile", 4))
-    A2 = (m + 2) ** 2
-    rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
-    th, tw = cw.tile_grid(rows, cols, m)
-    T = geom.N * th * cw.row_width(tw)
-    cin, cout = (geom.K, geom.C) if op == "input_grad" else (geom.C, geom.K)
+    A2, _, T, cin, cout = _winograd_dims(op, geom, algo)
     G = geom.groups
     rng = np.random.default_rng(0)
     a = rng.standard_normal((A2, G, cout // G, cin // G)).astype(dtype)
