@@ -112,6 +112,17 @@ def instrument(phases: _Phases):
          _timed(phases, "filter transform", cpu_winograd.filter_transform_adjoint,
                 lambda dU, *a: dU.nbytes * (1 + 9 / 36), "byte")),
     ]
+    # The unfused Winograd of earlier versions (separate transform passes and batched
+    # matmuls), so that this profiler also shows the code it replaced.
+    for name, label, arg in (("input_transform", "input transform", 1),
+                             ("output_transform", "output transform", 0),
+                             ("grad_output_transform", "grad_output transform", 1)):
+        if hasattr(cpu_winograd, name) and not hasattr(cpu_winograd, "fused_conv"):
+            patches.append((cpu_winograd, name, _timed(
+                phases, label, getattr(cpu_winograd, name),
+                lambda *a, i=arg: 2.0 * a[i].nbytes, "byte")))
+    if not hasattr(cpu_winograd, "fused_conv"):
+        patches.append((cpu_winograd, "np", _TimedNumpy(phases)))
     for name in ("_forward", "_input_grad", "_weight_grad", "_forward_s1", "_input_grad_s1",
                  "_weight_grad_s1"):
         patches.append((cpu_depthwise, name,
@@ -264,7 +275,9 @@ def profile_case(case, op: str, repeats: int = 5) -> dict[str, Any]:
     call()
     total = _median_seconds(call, repeats)
     rows = []
-    if algo.name == "winograd":
+    from fastconv.kernels import cpu_winograd
+
+    if algo.name == "winograd" and hasattr(cpu_winograd, "fused_conv"):
         calls = _winograd_phase_calls(op, geom, algo, x, w, gy)
         with np.errstate(all="ignore"):
             base = _median_seconds(calls.pop("_none"), repeats)   # filter transform, buffers

@@ -401,7 +401,7 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                                         dst[a, b] += prod[a, b]
 
 
-@njit(cache=True)     # serial: K * C * 9 inputs are little work, and a parallel loop is slow to compile
+@njit(cache=True)     # serial: little work (K * C * 9 inputs); parallel loops compile slowly
 def _filter_transform(w9, G, U):
     """``U[a*A + b, kc] = sum_{r, s} G[a, r] w9[r*3 + s, kc] G[b, s]``, separably and with
     ``kc`` innermost (slices indexed by the loop variable) so the loops vectorise."""
