@@ -97,3 +97,45 @@ def test_phase_mask_is_all_phases_by_default():
                                        cpu_winograd.ALL_PHASES)
     assert np.array_equal(y, y_all)
     assert_close(y, reference.conv2d_forward(x, w, b, geom))
+
+
+def test_same_bits_after_a_fresh_compile_and_a_cache_load(tmp_path):
+    """Two processes on one empty Numba cache (the first compiles, the second loads) and this
+    process give the same bits."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import hashlib, numpy as np
+        from fastconv._args import conv_geometry
+        from fastconv._types import Algo
+        from fastconv.kernels import cpu
+        rng = np.random.default_rng(7)
+        x = rng.standard_normal((2, 8, 17, 19)).astype(np.float32)
+        w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+        geom = conv_geometry(x.shape, w.shape, 1, 1, 1, 1)
+        gy = rng.standard_normal(geom.output_shape).astype(np.float32)
+        algo = Algo("winograd", (("tile", 4),))
+        outs = (cpu.conv2d_forward(x, w, None, geom, algo),
+                cpu.conv2d_weight_grad(x, gy, geom, algo))
+        print(hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest())
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    digests = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=600, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.append(out.stdout.strip().splitlines()[-1])
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 8, 17, 19)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    geom = conv_geometry(x.shape, w.shape, 1, 1, 1, 1)
+    gy = rng.standard_normal(geom.output_shape).astype(np.float32)
+    algo = Algo("winograd", (("tile", 4),))
+    outs = (cpu.conv2d_forward(x, w, None, geom, algo), cpu.conv2d_weight_grad(x, gy, geom, algo))
+    here = hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest()
+    assert digests == [here, here]
