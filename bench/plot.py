@@ -1,8 +1,8 @@
 """One PNG to read a conv benchmark at a glance (``--plot PATH`` of bench/run.py, conv2d.py
 and gpu.py).
 
-Left: per layer and mode, fastconv's speedup over PyTorch (bar: median ratio; error bar: the
-run-to-run range from both sides' quartiles; dashed line: 1x). Right: each side's GFLOP/s per
+Left: per layer and mode, fastconv's speedup over PyTorch on a log scale (bar from 1x to the
+median ratio; error bar: the run-to-run range from both sides' quartiles; dashed line: 1x). Right: each side's GFLOP/s per
 layer and mode against the machine's limit measured in the same run (SGEMM on the CPU, a
 large matmul on the GPU). matplotlib is imported by the caller first
 (``common.require_matplotlib``), so a missing package stops the run before any timing.
@@ -26,6 +26,7 @@ def conv_plot(rows: Sequence[dict[str, Any]], path: str, *, limit_gflops: float,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     rows = [r for r in rows if r.get("check", "ok") == "ok"]
@@ -39,7 +40,9 @@ def conv_plot(rows: Sequence[dict[str, Any]], path: str, *, limit_gflops: float,
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 2.2),
                                    sharey=True)
     colors = ["tab:green" if v >= 1 else "tab:red" for v in ratio]
-    ax1.barh(y, ratio, xerr=err, color=colors, alpha=0.8, capsize=3)
+    ax1.barh(y, ratio - 1, left=1, xerr=err, color=colors, alpha=0.8, capsize=3)
+    ax1.set_xscale("log")        # 0.5x and 2x the same length either side of 1x
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     ax1.axvline(1.0, color="k", ls="--", lw=1)
     for yi, v, top in zip(y, ratio, hi):
         if math.isfinite(v):
