@@ -154,9 +154,9 @@ def measure(
 
 def ratio_range(baseline: Timing, timing: Timing) -> tuple[float, float]:
     """Run-to-run range of the speedup ``baseline / timing``: from the slow quartile of
-    ``timing`` against the fast quartile of ``baseline``, to the reverse (``nan`` with fewer
-    than 4 samples each)."""
-    if len(baseline.samples) < 4 or len(timing.samples) < 4:
+    ``timing`` against the fast quartile of ``baseline``, to the reverse (interpolated
+    quartiles with 2 or 3 samples; ``nan`` with fewer than 2)."""
+    if len(baseline.samples) < 2 or len(timing.samples) < 2:
         return math.nan, math.nan
     b25, b75 = np.percentile(baseline.samples, [25, 75])
     t25, t75 = np.percentile(timing.samples, [25, 75])
