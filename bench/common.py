@@ -152,6 +152,27 @@ def measure(
     return timings
 
 
+def ratio_range(baseline: Timing, timing: Timing) -> tuple[float, float]:
+    """Run-to-run range of the speedup ``baseline / timing``: from the slow quartile of
+    ``timing`` against the fast quartile of ``baseline``, to the reverse (interpolated
+    quartiles with 2 or 3 samples; ``nan`` with fewer than 2)."""
+    if len(baseline.samples) < 2 or len(timing.samples) < 2:
+        return math.nan, math.nan
+    b25, b75 = np.percentile(baseline.samples, [25, 75])
+    t25, t75 = np.percentile(timing.samples, [25, 75])
+    return float(b25 / t75), float(b75 / t25)
+
+
+def verdict(value: float, target: float, lo: float, hi: float, at_least: bool = True) -> str:
+    """``met`` / ``NOT met`` for ``value`` against ``target``, or ``noisy, rerun`` when the
+    run-to-run range ``[lo, hi]`` of the value straddles the target (the spread is larger
+    than the distance to the target)."""
+    if math.isfinite(lo) and math.isfinite(hi) and lo < target < hi:
+        return "noisy, rerun"
+    ok = value >= target if at_least else value <= target
+    return "met" if ok else "NOT met"
+
+
 # --------------------------------------------------------------------------------------------
 # Rates and summaries
 # --------------------------------------------------------------------------------------------
@@ -472,6 +493,30 @@ def format_environment(info: Mapping[str, Any]) -> str:
         f"env: {env}",
         f"fastconv backends: {info.get('fastconv_backends')}",
     ])
+
+
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on a file-only backend, or exit with a clear message (called
+    before any timing, so a missing package does not cost a whole run)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib (or drop --plot)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """The machine's measured float32 GEMM rate: NumPy's BLAS on ``n x n`` matrices, best of
+    ``repeats`` (the limit the plot draws for GEMM-bound layers)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty_like(a)
+    np.matmul(a, b, out=out)
+    best = min(wall_timer(lambda: np.matmul(a, b, out=out)) for _ in range(repeats))
+    return gflops(2.0 * n ** 3, best)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """GPU benchmark of the cuda backend against PyTorch's cuDNN, TF32 off and on in the same run.
 
     python bench/gpu.py [--quick] [--json PATH] [--repeats N] [--no-torch] [--quiet]
+                        [--plot PATH]
 
 Conv suite (NCHW float32; name, N, C, H=W, K, kernel, stride, pad) of issue 4, forward: strict
 FP32 (fastconv ``precision="fp32"`` vs cuDNN with ``allow_tf32 = False``) and TF32
 (``precision="tf32"`` vs ``allow_tf32 = True``); without ``--quick`` also forward plus all
 gradients. Hinge suite: the fused loss + gradient vs ``torch.nn.functional.multi_margin_loss``
 forward + backward, and its bandwidth against a plain device copy of the scores. Last, the
-per-call host overhead on a tiny conv.
+per-call host overhead on a tiny conv. ``--plot PATH`` saves a PNG (``plot.py``): per layer and
+mode (strict fp32 forward, tf32 forward, fp32 forward + gradients), the speedup over cuDNN
+with its run-to-run range, and both sides' GFLOP/s against a CuPy float32 matmul measured in
+the same run.
 
 Every result is first checked against a float64 cuDNN computation of the same data (1e-5
 relative for strict FP32, 5e-3 for TF32). Times are medians of CUDA-event timings on the
@@ -178,6 +182,13 @@ def bench_conv(args, fastconv, cupy, torch, progress) -> list[dict]:
         if torch is not None:
             row["vs_cudnn_fp32"] = common.speedup(t["cudnn_fp32"].median, t["fc_fp32"].median)
             row["vs_cudnn_tf32"] = common.speedup(t["cudnn_tf32"].median, t["fc_tf32"].median)
+            for p in ("fp32", "tf32"):
+                row[f"vs_cudnn_{p}_lo"], row[f"vs_cudnn_{p}_hi"] = common.ratio_range(
+                    t[f"cudnn_{p}"], t[f"fc_{p}"])
+        for p in ("fp32", "tf32"):
+            row[f"fc_{p}_GFLOP/s"] = common.gflops(case.flops, t[f"fc_{p}"].median)
+            if torch is not None:
+                row[f"cudnn_{p}_GFLOP/s"] = common.gflops(case.flops, t[f"cudnn_{p}"].median)
         if not args.quick:
             cands = {"fc_train_fp32": case.fastconv_train(fastconv, "fp32")}
             if torch is not None:
@@ -188,6 +199,12 @@ def bench_conv(args, fastconv, cupy, torch, progress) -> list[dict]:
             if torch is not None:
                 row["vs_cudnn_train"] = common.speedup(t["cudnn_train_fp32"].median,
                                                        t["fc_train_fp32"].median)
+                row["vs_cudnn_train_lo"], row["vs_cudnn_train_hi"] = common.ratio_range(
+                    t["cudnn_train_fp32"], t["fc_train_fp32"])
+                row["cudnn_train_GFLOP/s"] = common.gflops(3 * case.flops,
+                                                           t["cudnn_train_fp32"].median)
+            row["fc_train_GFLOP/s"] = common.gflops(3 * case.flops,
+                                                    t["fc_train_fp32"].median)
         fastconv.set_precision("fp32")
         if torch is not None:
             torch.backends.cudnn.allow_tf32 = False
@@ -302,9 +319,41 @@ def bench_overhead(fastconv, cupy, torch, progress, calls: int = 2000) -> list[d
 
 
 # ---------------------------------------------------------------------------------------------
+def matmul_gflops(cupy, n: int = 8192) -> float:
+    """The GPU's measured float32 GEMM rate (CuPy matmul, TF32 off), the plot's limit line."""
+    a = cupy.random.standard_normal((n, n), dtype=cupy.float32)
+    b = cupy.random.standard_normal((n, n), dtype=cupy.float32)
+    out = cupy.empty_like(a)
+    timer = event_timer(cupy)
+    cupy.matmul(a, b, out=out)
+    return common.gflops(2.0 * n ** 3, min(timer(lambda: cupy.matmul(a, b, out=out))
+                                           for _ in range(5)))
+
+
+def plot_rows(conv: list[dict]) -> list[dict]:
+    """The conv rows reshaped for ``plot.conv_plot``: one row per layer and mode."""
+    out = []
+    for r in conv:
+        for mode, fc, cu, ratio in (("fp32 fwd", "fc_fp32", "cudnn_fp32", "vs_cudnn_fp32"),
+                                    ("tf32 fwd", "fc_tf32", "cudnn_tf32", "vs_cudnn_tf32"),
+                                    ("fp32 fwd+bwd", "fc_train", "cudnn_train",
+                                     "vs_cudnn_train")):
+            if f"{fc}_GFLOP/s" in r:
+                out.append({"case": r["case"], "mode": mode, "check": "ok" if r["ok"] else "",
+                            "GFLOP/s": r[f"{fc}_GFLOP/s"],
+                            "torch_GFLOP/s": r.get(f"{cu}_GFLOP/s"), "vs_torch": r.get(ratio),
+                            "vs_torch_lo": r.get(f"{ratio}_lo"),
+                            "vs_torch_hi": r.get(f"{ratio}_hi")})
+    return out
+
+
 def main(argv=None) -> int:
     parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--plot", metavar="PATH", default=None,
+                        help="save a PNG of the speedups over cuDNN and the GFLOP/s")
     args = parser.parse_args(argv)
+    if args.plot:
+        common.require_matplotlib()   # fail fast, before any timing
     try:
         import cupy
     except ImportError:
@@ -350,6 +399,14 @@ def main(argv=None) -> int:
     common.print_table(overhead, ["case", "wall_us_per_call", "gpu_us_per_call",
                                   "host_above_gpu_us"],
                        "per-call overhead on a tiny conv (target: under 15 us above the GPU)")
+    if args.plot:
+        import plot
+
+        limit = matmul_gflops(cupy)
+        plot.conv_plot(plot_rows(conv), args.plot, limit_gflops=limit,
+                       limit_label="CuPy fp32 matmul (measured)",
+                       title=f"fastconv cuda vs cuDNN on {env['gpu']}", other="cuDNN")
+        print(f"plot saved to {args.plot}")
     if args.json:
         common.write_json(args.json, {"environment": env, "quick": args.quick, "conv": conv,
                                       "hinge": hinge, "overhead": overhead})

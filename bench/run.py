@@ -7,6 +7,8 @@ process with the same thread count, and prints a table. Exit status 1 if any che
     python bench/run.py                 # full run (a few minutes on 2 cores)
     python bench/run.py --quick         # subset, under a minute
     python bench/run.py --json out.json --threads 2 --backend cpu
+    python bench/run.py --profile       # per case and op: time of every phase, rate, limit
+    python bench/run.py --plot out.png  # speedups over PyTorch and GFLOP/s at a glance
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/run.py   # BLAS as users get it
 """
 from __future__ import annotations
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=tuple(SUITES) + ("all",), default="all",
                         help="which suite to run (default: all)")
     args = parser.parse_args(argv)
+    if args.plot:
+        common.require_matplotlib()   # fail fast, before any timing
+    if args.profile and args.suite == "all":
+        args.suite = "conv2d"         # the profile is of the conv kernels
     torch, threads = common.setup(args)
     env = common.environment()
     print(common.format_environment(env))

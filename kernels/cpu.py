@@ -81,6 +81,7 @@ def _make_tbb_loadable() -> Optional[str]:
 
 TBB_LOADED = _make_tbb_loadable()
 
+from . import cpu_jit  # noqa: E402,F401  (one line on stderr when a process first compiles)
 from . import cpu_conv, cpu_depthwise, cpu_winograd  # noqa: E402
 from .cpu_hinge import hinge_loss_rows as _hinge_loss_rows  # noqa: E402
 

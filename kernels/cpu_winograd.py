@@ -10,12 +10,20 @@ so the ``m * m * 9`` multiplies of a direct tile become ``A * A`` (F(2x2): 2.25x
 
     M[xi] (K, T) = U[xi] (K, C) @ V[xi] (C, T)        xi = a * A + b, T = tiles
 
-Layouts: ``V (A*A, C, T)``, ``M (A*A, K, T)`` with tiles ordered ``(image, tile row, tile
-column)``; rows of 8 or more tiles carry one padding tile (see :func:`row_width`). Groups
-split ``C`` and ``K`` into ``G`` blocks and the GEMMs are batched over them (NumPy's BLAS).
-The transforms (Numba) work on polyphase planes so that every pass is a flat loop, with the
-sparse transform matrices turned into tables of shifted rows (:func:`_table`): F(2x2) and
-F(4x4) share all kernels.
+Fused and cache-blocked (as in NNPACK, oneDNN and Jia et al., PPoPP 2018): the tiles are
+cut into blocks of ``rb`` tile rows of one image; each worker of one parallel loop transforms
+a block into its own ``V (A*A, C, rb * (tw + 1))``, multiplies it into ``M (A*A, K, ...)``
+with ``A*A`` ``np.dot`` calls (BLAS, from the worker's thread) and transforms ``M`` straight
+into the output, so V and M stay in the core's L2 (:data:`BLOCK_BYTES`) and there is one
+thread pool. Rows of tiles carry one padding tile (:func:`row_width`) so that the
+transforms, which work on polyphase planes with the sparse transform matrices turned into
+tables of shifted rows (:func:`_table`), are flat loops; F(2x2) and F(4x4) share all kernels.
+Groups split ``C`` and ``K`` into ``G`` GEMMs per transform point.
+
+Determinism: ``rb`` depends on the geometry and the workspace bound only, a block's result
+on its data only, and the weight gradient sums the blocks of an image in tile order and the
+images in image order; so results are the same bits for any thread count and any assignment
+of blocks to threads. No ``fastmath`` anywhere.
 
 The same transforms give the three conv ops of these layers:
 
@@ -31,13 +39,14 @@ up to 8 amplify rounding; both within the 1e-5 bound.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import valid_range
-from .cpu_workspace import (DEFAULT_CHUNK_BYTES, plan_chunks, scratch, winograd_tile_bytes,
+from .cpu_workspace import (DEFAULT_CHUNK_BYTES, scratch, winograd_tile_bytes,
                             workspace_bound)
 
 _BT = {
@@ -135,153 +144,131 @@ def grad_output_tables(m: int, dtype) -> tuple[tuple, tuple]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Numba kernels. A task is one image and a block of channels (about BLOCK tiles), whose tiles
-# are laid out flat, so every transform pass is one long vectorisable loop. Strided accesses
-# (splitting the input into its m x m polyphase planes, merging the output back) use unsigned
-# flat indices: Numba then skips its negative-index check and the loops stay tight.
+# Numba kernels. The work is cut into blocks of ``rb`` tile rows of one image. One parallel
+# loop runs over workers; worker ``w`` takes blocks ``w, w + nw, ...`` and, for each, transforms
+# the block's input into its own buffer ``V (A*A, C, rb * vw)`` (small enough to stay in its
+# core's L2), multiplies it with ``np.dot`` (BLAS, called from the worker's thread), and
+# transforms the product straight into the output: every byte of V and M is written and read
+# while still in cache, and there is one thread pool. Rows of tiles carry one padding tile
+# (width ``vw = tw + 1``, the width of the polyphase planes), so every transform pass is one
+# flat loop; the padding tiles are computed and never stored.
+#
+# A block's result depends only on its data and on ``rb`` (chosen from the geometry and the
+# workspace bound, never from the thread count), and sums run in a fixed order, so results are
+# the same bits whatever the number of threads or which thread ran a block.
+#
+# ``phases`` (a bit mask, see PHASE_*) lets the benchmark time each phase on its own; the
+# library always passes ALL_PHASES.
 # ---------------------------------------------------------------------------------------------
+# Filters per task of the (parallel) filter transforms.
 BLOCK = 256
-# From this many tiles per tile row, V and M rows carry one padding tile per tile row (width
-# tw + 1, the width of the polyphase planes): the transforms then read and write them as flat
-# runs, at the price of 1 / tw more GEMM work. Below it the padding would cost more than the
-# copies it saves.
-PAD_MIN_TILES = 8
-# From this many tiles per image, the output transform reads M in place instead of copying a
-# block of channels together first.
-DIRECT_MIN_TILES = 64
+PHASE_INPUT = 1       # input transform (forward, input gradient, weight gradient)
+PHASE_GEMM = 2        # the A*A GEMMs of each block
+PHASE_OUTPUT = 4      # output transform (forward) or grad_output transform (weight gradient)
+ALL_PHASES = PHASE_INPUT | PHASE_GEMM | PHASE_OUTPUT
+# Preferred bytes of a worker's V and M. Measured on r3x3_56 forward, 2 threads, on a busy
+# machine (interleaved, one process): 0.77 MB blocks 132-148 ms, 1.6 MB 96-120 ms, 2 MB 96 ms,
+# 4 MB (whole images) 907 ms; the issue's prototype used 98 tiles (1.8 MB). V and M then
+# overflow the 1 MiB L2 a little but the GEMMs get 7 rows of tiles (105 columns).
+BLOCK_BYTES = 2 * 2**20
 
 
 def row_width(tw: int) -> int:
-    """Tiles per tile row in ``V`` and ``M``: ``tw``, or ``tw + 1`` with a padding tile."""
-    return tw + 1 if tw >= PAD_MIN_TILES else tw
+    """Tiles per tile row in the transformed blocks: ``tw`` plus one padding tile."""
+    return tw + 1
 
 
 @njit(cache=True)     # a call, not Numba-level inlining: ~5% slower, 7 s less to compile
-def _lincomb(dst, src, tab, i, rscale, radd, cbase, L):
-    """``dst[e] = sum_z coefs[i, z] * src[rows[i, z] * rscale + radd, cbase + offs[i, z] + e]``
-    for ``e < L``; four sources per pass (see :func:`_table`), so ``dst`` is written once per
-    four terms."""
+def _lincomb(dst, src, tab, i, cbase, L, nrep, dstride, sstride):
+    """``dst[r*dstride + e] = sum_z coefs[i, z] * src[rows[i, z], cbase + r*sstride + offs[i, z]
+    + e]`` for ``e < L``, ``r < nrep``; four sources per pass (see :func:`_table`), so ``dst``
+    is written once per four terms."""
     rows, offs, coefs, count = tab
-    for z in range(0, count[i], 4):
-        o0, o1 = cbase + offs[i, z], cbase + offs[i, z + 1]
-        o2, o3 = cbase + offs[i, z + 2], cbase + offs[i, z + 3]
-        s0 = src[rows[i, z] * rscale + radd, o0:o0 + L]
-        s1 = src[rows[i, z + 1] * rscale + radd, o1:o1 + L]
-        s2 = src[rows[i, z + 2] * rscale + radd, o2:o2 + L]
-        s3 = src[rows[i, z + 3] * rscale + radd, o3:o3 + L]
-        c0, c1, c2, c3 = coefs[i, z], coefs[i, z + 1], coefs[i, z + 2], coefs[i, z + 3]
-        if z == 0:
-            for e in range(L):
-                dst[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
-        else:
-            for e in range(L):
-                dst[e] += c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
+    for r in range(nrep):
+        d = dst[r * dstride:r * dstride + L]
+        base = cbase + r * sstride
+        for z in range(0, count[i], 4):
+            o0, o1 = base + offs[i, z], base + offs[i, z + 1]
+            o2, o3 = base + offs[i, z + 2], base + offs[i, z + 3]
+            s0 = src[rows[i, z], o0:o0 + L]
+            s1 = src[rows[i, z + 1], o1:o1 + L]
+            s2 = src[rows[i, z + 2], o2:o2 + L]
+            s3 = src[rows[i, z + 3], o3:o3 + L]
+            c0, c1, c2, c3 = coefs[i, z], coefs[i, z + 1], coefs[i, z + 2], coefs[i, z + 3]
+            if z == 0:
+                for e in range(L):
+                    d[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
+            else:
+                for e in range(L):
+                    d[e] += c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
 
 
-@njit(parallel=True, cache=True)
-def input_transform(x, V, n0, nc, t0, tc, tw, m, off_h, off_w, row_tab, col_tab):
-    """``V[a*A + b, c, tile] = (BT d BT^T)[a, b]`` for the input tile ``d`` of each tile
-    ``(n, t, tj)`` with ``n`` in ``n0 .. n0 + nc``, ``t`` in ``t0 .. t0 + tc``: rows
-    ``t*m + off_h + [0, A)``, columns ``tj*m + off_w + [0, A)`` of ``x``, zero outside.
-    Tile ``(i, t, tj)`` of the chunk is column ``(i * tc + t) * vw + tj`` of ``V`` (see
-    :func:`row_width`).
-
-    Per channel the padded input is split into ``m x m`` polyphase planes of ``(tc + 1) x
-    (tw + 1)`` (the extra row and column hold the tiles' overlap), so both 1-D transforms
-    read whole planes at tile-sized shifts."""
+@njit(cache=True)
+def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab):
+    """``V[a*A + b, c*L + t*vw + j] = (BT d BT^T)[a, b]`` (``L = tc * vw``) for the input tile
+    ``d`` of tile ``(t0 + t, j)`` of image ``n``: rows ``(t0 + t)*m + off_h + [0, A)``, columns
+    ``j*m + off_w + [0, A)`` of ``x``, zero outside. For a run of channels at a time (``E``
+    elements per plane in ``tmp``), the tile rows' input is split into ``m x m`` polyphase
+    planes of ``(tc + 1) x vw`` per channel, so the row pass and the column pass read whole
+    planes at tile-sized shifts, as flat loops."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     A = m + 2
-    vw = tw + 1 if tw >= PAD_MIN_TILES else tw
-    Fr = (tc + 1) * (tw + 1)
-    cb = max(1, BLOCK // Fr)
-    nblocks = (C + cb - 1) // cb
+    vw = tw + 1
+    Fr = (tc + 1) * vw
+    L = tc * vw
+    cb = max(1, E // Fr)
+    planes = tmp[:m * m * (E + 1)].reshape(m * m, E + 1)
+    rows = tmp[m * m * (E + 1):m * m * (E + 1) + A * m * E].reshape(A * m, E)
     xf = x.reshape(x.size)
-    V2 = V.reshape(A * A * C, V.shape[2])
     mm, uW = np.uint64(m), np.uint64(W)
-    for task in prange(nc * nblocks):
-        i = task // nblocks
-        c0 = (task - i * nblocks) * cb
+    zero = x.dtype.type(0)
+    for c0 in range(0, C, cb):
         cbb = min(cb, C - c0)
-        F = cbb * Fr
-        Lr = F + tw + 2                      # row-pass length: the column pass shifts by tw+1
-        planes = np.zeros((m * m, Lr + 1), dtype=V.dtype)
-        pf = planes.reshape(planes.size)
         for cc in range(cbb):
-            x0 = np.uint64(((n0 + i) * C + c0 + cc) * H) * uW
+            x0 = np.uint64((n * C + c0 + cc) * H) * uW
             for r in range((tc + 1) * m):
                 h = t0 * m + off_h + r
-                if h < 0 or h >= H:
-                    continue
                 hp, tq = r % m, r // m
                 for wp in range(m):
-                    lo, hi = valid_range(tw + 1, W, m, off_w + wp)
-                    d0 = np.uint64((hp * m + wp) * (Lr + 1) + cc * Fr + tq * (tw + 1) + lo)
+                    d = planes[hp * m + wp, cc * Fr + tq * vw:cc * Fr + (tq + 1) * vw]
+                    if h < 0 or h >= H:
+                        d[:] = zero
+                        continue
+                    lo, hi = valid_range(vw, W, m, off_w + wp)
+                    d[:lo] = zero
+                    d[hi:] = zero
                     s0 = x0 + np.uint64(h * W + lo * m + off_w + wp)
                     for e in range(np.uint64(hi - lo)):
-                        pf[d0 + e] = xf[s0 + e * mm]
-        rows = np.empty((A * m, Lr), dtype=V.dtype)
+                        d[lo + e] = xf[s0 + e * mm]
         for o in range(A * m):
-            _lincomb(rows[o], planes, row_tab, o, 1, 0, 0, Lr)
-        base = i * tc * vw
-        if vw == tw + 1:                     # padded rows: the column pass writes V directly
-            for xi in range(A * A):
-                for cc in range(cbb):
-                    dst = V2[xi * C + c0 + cc, base:base + tc * vw]
-                    _lincomb(dst, rows, col_tab, xi, 1, 0, cc * Fr, tc * vw)
-            continue
-        tiles = np.empty((A * A, F), dtype=V.dtype)
+            _lincomb(rows[o], planes, row_tab, o, 0, cbb * Fr, 1, 0, 0)
         for xi in range(A * A):
-            _lincomb(tiles[xi], rows, col_tab, xi, 1, 0, 0, F)
-        for xi in range(A * A):
-            for cc in range(cbb):
-                for t in range(tc):
-                    src = tiles[xi, cc * Fr + t * (tw + 1):]
-                    dst = V2[xi * C + c0 + cc, base + t * tw:base + (t + 1) * tw]
-                    for e in range(tw):
-                        dst[e] = src[e]
+            _lincomb(V[xi, c0 * L:], rows, col_tab, xi, 0, L, cbb, L, Fr)
 
 
-@njit(parallel=True, cache=True)
-def output_transform(M, y, bias, n0, nc, t0, tc, tw, m, first_tab, second_tab):
-    """``y[n, k, tile] = AT M[:, k, tile] AT^T + bias[k]`` for the tiles of
-    :func:`input_transform` (``M (A*A, K, T)``, same tile columns), clipped to ``y``'s
-    ``P x Q``."""
+@njit(cache=True)
+def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
+    """``y[n, k, tile] = AT M[:, k*L + tile] AT^T + bias[k]`` for the block's tiles, clipped
+    to ``y``'s ``P x Q``, for a run of filters at a time (``E`` elements per pass row)."""
     K, P, Q = y.shape[1], y.shape[2], y.shape[3]
     A = m + 2
-    vw = tw + 1 if tw >= PAD_MIN_TILES else tw
+    vw = tw + 1
     L = tc * vw
-    kb = 1 if L >= DIRECT_MIN_TILES else max(1, BLOCK // L)
-    nblocks = (K + kb - 1) // kb
-    M2 = M.reshape(A * A * K, M.shape[2])
+    kb = max(1, E // L)
+    half = tmp[:m * A * E].reshape(m * A, E)
+    out = tmp[m * A * E:(m * A + m * m) * E].reshape(m * m, E)
     yf = y.reshape(y.size)
     mm = np.uint64(m)
-    for task in prange(nc * nblocks):
-        i = task // nblocks
-        k0 = (task - i * nblocks) * kb
+    for k0 in range(0, K, kb):
         kbb = min(kb, K - k0)
-        F = kbb * L
-        half = np.empty((m * A, F), dtype=M.dtype)
-        if kb == 1:                          # long runs: read M in place
-            for o in range(m * A):
-                _lincomb(half[o], M2, first_tab, o, K, k0, i * L, L)
-        else:
-            tiles = np.empty((A * A, F), dtype=M.dtype)
-            for xi in range(A * A):
-                for kk in range(kbb):
-                    src = M2[xi * K + k0 + kk, i * L:]
-                    dst = tiles[xi, kk * L:]
-                    for e in range(L):
-                        dst[e] = src[e]
-            for o in range(m * A):
-                _lincomb(half[o], tiles, first_tab, o, 1, 0, 0, F)
-        out = np.empty((m * m, F), dtype=M.dtype)
+        for o in range(m * A):
+            _lincomb(half[o], M, first_tab, o, k0 * L, kbb * L, 1, 0, 0)
         for o in range(m * m):
-            _lincomb(out[o], half, second_tab, o, 1, 0, 0, F)
-        of = out.reshape(out.size)
+            _lincomb(out[o], half, second_tab, o, 0, kbb * L, 1, 0, 0)
         for kk in range(kbb):
             k = k0 + kk
             b_k = bias[k]
-            y0 = np.uint64(((n0 + i) * K + k) * P) * np.uint64(Q)
+            y0 = np.uint64((n * K + k) * P) * np.uint64(Q)
             for t in range(tc):
                 for u in range(m):
                     p = (t0 + t) * m + u
@@ -289,82 +276,137 @@ def output_transform(M, y, bias, n0, nc, t0, tc, tw, m, first_tab, second_tab):
                         break
                     for v in range(m):
                         hi = valid_range(tw, Q, m, v)[1]
-                        src = np.uint64((u * m + v) * F + kk * L + t * vw)
+                        src = out[u * m + v, kk * L + t * vw:]
                         dst = y0 + np.uint64(p * Q + v)
                         for e in range(np.uint64(hi)):
-                            yf[dst + e * mm] = of[src + e] + b_k
+                            yf[dst + e * mm] = src[e] + b_k
 
 
-@njit(parallel=True, cache=True)
-def grad_output_transform(dy, Mg, n0, nc, t0, tc, tw, m, first_tab, second_tab):
-    """``Mg[a*A + b, k, tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
-    ``dy (N, K, P, Q)`` (zero beyond ``P x Q``, and zero in padding tiles, which therefore add
-    nothing to the weight gradient): the adjoint of :func:`output_transform`."""
+@njit(cache=True)
+def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
+    """``Mg[a*A + b, k*L + tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
+    ``dy (N, K, P, Q)`` (zero beyond ``P x Q`` and in the padding tiles, which therefore add
+    nothing to the weight gradient): the adjoint of :func:`_block_output`."""
     K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
     A = m + 2
-    vw = tw + 1 if tw >= PAD_MIN_TILES else tw
+    vw = tw + 1
     L = tc * vw
-    kb = 1 if L >= DIRECT_MIN_TILES else max(1, BLOCK // L)
-    nblocks = (K + kb - 1) // kb
+    kb = max(1, E // L)
+    planes = tmp[:m * m * E].reshape(m * m, E)
+    half = tmp[m * m * E:(m * m + m * A) * E].reshape(m * A, E)
     dyf = dy.reshape(dy.size)
-    M2 = Mg.reshape(A * A * K, Mg.shape[2])
     mm = np.uint64(m)
-    for task in prange(nc * nblocks):
-        i = task // nblocks
-        k0 = (task - i * nblocks) * kb
+    zero = dy.dtype.type(0)
+    for k0 in range(0, K, kb):
         kbb = min(kb, K - k0)
-        F = kbb * L
-        planes = np.zeros((m * m, F), dtype=Mg.dtype)     # planes[u*m + v]: pixel (u, v)
-        pf = planes.reshape(planes.size)
         for kk in range(kbb):
-            d0 = np.uint64(((n0 + i) * K + k0 + kk) * P) * np.uint64(Q)
+            d0 = np.uint64((n * K + k0 + kk) * P) * np.uint64(Q)
             for t in range(tc):
                 for u in range(m):
                     p = (t0 + t) * m + u
-                    if p >= P:
-                        break
                     for v in range(m):
+                        dst = planes[u * m + v, kk * L + t * vw:kk * L + (t + 1) * vw]
+                        if p >= P:
+                            dst[:] = zero
+                            continue
                         hi = valid_range(tw, Q, m, v)[1]
-                        dst = np.uint64((u * m + v) * F + kk * L + t * vw)
+                        dst[hi:] = zero
                         src = d0 + np.uint64(p * Q + v)
                         for e in range(np.uint64(hi)):
-                            pf[dst + e] = dyf[src + e * mm]
-        half = np.empty((m * A, F), dtype=Mg.dtype)
+                            dst[e] = dyf[src + e * mm]
         for o in range(m * A):
-            _lincomb(half[o], planes, first_tab, o, 1, 0, 0, F)
-        if kb == 1:                          # long runs: write Mg in place
-            for xi in range(A * A):
-                _lincomb(M2[xi * K + k0, i * L:i * L + L], half, second_tab, xi, 1, 0, 0, L)
-            continue
-        tiles = np.empty((A * A, F), dtype=Mg.dtype)
+            _lincomb(half[o], planes, first_tab, o, 0, kbb * L, 1, 0, 0)
         for xi in range(A * A):
-            _lincomb(tiles[xi], half, second_tab, xi, 1, 0, 0, F)
-        for xi in range(A * A):
-            for kk in range(kbb):
-                dst = M2[xi * K + k0 + kk, i * L:]
-                src = tiles[xi, kk * L:]
-                for e in range(L):
-                    dst[e] = src[e]
-
-
-# ---------------------------------------------------------------------------------------------
-# Drivers
-# ---------------------------------------------------------------------------------------------
-def _chunks(N: int, th: int, tw: int, m: int, channels: int, filter_elems: int,
-            weight_grad: bool, itemsize: int, algo):
-    """Chunks of tile rows under the workspace bound (sizes from ``cpu_workspace``, which
-    counts ``tw + 1`` tiles per row: at least :func:`row_width`)."""
-    sizes = winograd_tile_bytes(m, tw, channels, filter_elems, weight_grad, itemsize)
-    preferred = int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
-    return list(plan_chunks(N, th, sizes, workspace_bound(algo), preferred))
+            _lincomb(Mg[xi, k0 * L:], half, second_tab, xi, 0, kbb * L, 1, 0, 0)
 
 
 @njit(parallel=True, cache=True)
+def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
+               row_tab, col_tab, first_tab, second_tab, phases):
+    """``y (N, K, P, Q)``: 3x3 stride-1 correlation of ``x (N, C, H, W)`` with the
+    transformed filters ``U (A*A, G, Kg, Cg)`` plus ``bias``, read at offsets
+    ``(off_h, off_w)``; blocks of ``rb`` tile rows on ``nw`` workers (buffers ``*buf[w]``)."""
+    N, C = x.shape[0], x.shape[1]
+    K, P, Q = y.shape[1], y.shape[2], y.shape[3]
+    G, Kg, Cg = U.shape[1], U.shape[2], U.shape[3]
+    A = m + 2
+    A2 = A * A
+    th, tw = (P + m - 1) // m, (Q + m - 1) // m
+    vw = tw + 1
+    per_image = (th + rb - 1) // rb
+    nblocks = N * per_image
+    for w in prange(nw):
+        tmp = tbuf[w]
+        for blk in range(w, nblocks, nw):
+            n = blk // per_image
+            t0 = (blk - n * per_image) * rb
+            tc = min(rb, th - t0)
+            L = tc * vw
+            V = vbuf[w, :A2 * C * L]
+            M = mbuf[w, :A2 * K * L]
+            if phases & 1:
+                _block_input(x, V.reshape(A2, C * L), tmp, E, n, t0, tc, tw, m, off_h, off_w,
+                             row_tab, col_tab)
+            if phases & 2:
+                V3, M3 = V.reshape(A2, C, L), M.reshape(A2, K, L)
+                for xi in range(A2):
+                    for g in range(G):
+                        np.dot(U[xi, g], V3[xi, g * Cg:(g + 1) * Cg],
+                               M3[xi, g * Kg:(g + 1) * Kg])
+            if phases & 4:
+                _block_output(M.reshape(A2, K * L), y, bias, tmp, E, n, t0, tc, tw, m,
+                              first_tab, second_tab)
+
+
+@njit(parallel=True, cache=True)
+def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, tbuf, E,
+                      gbuf, row_tab, col_tab, first_tab, second_tab, phases):
+    """``part[i] (A*A, G, Kg, Cg)``: the transformed weight gradient of image ``n0 + i``
+    (``i < nc``), ``sum over its tiles of Mg[xi] V[xi]^T``, summed block after block in tile
+    order; worker ``w`` takes images ``w, w + nw, ...`` (``gbuf[w]``: one block's product)."""
+    C, K = x.shape[1], dy.shape[1]
+    P, Q = dy.shape[2], dy.shape[3]
+    G, Kg, Cg = part.shape[2], part.shape[3], part.shape[4]
+    A = m + 2
+    A2 = A * A
+    th, tw = (P + m - 1) // m, (Q + m - 1) // m
+    vw = tw + 1
+    for w in prange(nw):
+        tmp, prod = tbuf[w], gbuf[w]
+        for i in range(w, nc, nw):
+            n = n0 + i
+            for t0 in range(0, th, rb):
+                tc = min(rb, th - t0)
+                L = tc * vw
+                V = vbuf[w, :A2 * C * L]
+                Mg = mbuf[w, :A2 * K * L]
+                if phases & 1:
+                    _block_input(x, V.reshape(A2, C * L), tmp, E, n, t0, tc, tw, m, off_h,
+                                 off_w, row_tab, col_tab)
+                if phases & 4:
+                    _block_grad_output(dy, Mg.reshape(A2, K * L), tmp, E, n, t0, tc, tw, m,
+                                       first_tab, second_tab)
+                if phases & 2:
+                    V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
+                    for xi in range(A2):
+                        for g in range(G):
+                            dst = part[i, xi, g]
+                            Vt = V3[xi, g * Cg:(g + 1) * Cg].T
+                            if t0 == 0:
+                                np.dot(M3[xi, g * Kg:(g + 1) * Kg], Vt, dst)
+                            else:
+                                np.dot(M3[xi, g * Kg:(g + 1) * Kg], Vt, prod)
+                                for a in range(Kg):
+                                    for b in range(Cg):
+                                        dst[a, b] += prod[a, b]
+
+
+@njit(cache=True)     # serial: little work (K * C * 9 inputs); parallel loops compile slowly
 def _filter_transform(w9, G, U):
     """``U[a*A + b, kc] = sum_{r, s} G[a, r] w9[r*3 + s, kc] G[b, s]``, separably and with
     ``kc`` innermost (slices indexed by the loop variable) so the loops vectorise."""
     A, KC = G.shape[0], w9.shape[1]
-    for blk in prange((KC + BLOCK - 1) // BLOCK):
+    for blk in range((KC + BLOCK - 1) // BLOCK):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
         w = w9[:, k0:k0 + n]
@@ -384,11 +426,11 @@ def _filter_transform(w9, G, U):
                     u[e] = h0[e] * g0 + h1[e] * g1 + h2[e] * g2
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _filter_transform_adjoint(dU, G, gw9):
     """``gw9[r*3 + s, kc] = sum_{a, b} G[a, r] dU[a*A + b, kc] G[b, s]``."""
     A, KC = G.shape[0], gw9.shape[1]
-    for blk in prange((KC + BLOCK - 1) // BLOCK):
+    for blk in range((KC + BLOCK - 1) // BLOCK):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
         half = np.zeros((3 * A, n), dtype=gw9.dtype)       # (G^T dU)[r, b]
@@ -434,38 +476,85 @@ def filter_transform_adjoint(dU: np.ndarray, G: np.ndarray) -> np.ndarray:
     return gw9.T.reshape(KC, 3, 3)
 
 
+# ---------------------------------------------------------------------------------------------
+# Drivers
+# ---------------------------------------------------------------------------------------------
+class Plan(NamedTuple):
+    """Blocks of ``rb`` tile rows, ``nw`` workers; for the weight gradient, images reduced
+    ``group`` at a time (one partial sum each)."""
+
+    rb: int
+    nw: int
+    group: int
+
+
+def plan(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elems: int,
+         weight_grad: bool, itemsize: int, algo, threads: Optional[int] = None) -> Plan:
+    """Block size and worker count under the workspace bound (sizes from ``cpu_workspace``:
+    a worker's buffers for ``rb`` tile rows fit in ``rb`` rows' worth of workspace).
+
+    ``rb`` depends on the geometry and the bound only, so results do not depend on the thread
+    count; ``algo``'s ``chunk_bytes`` (tests: 1) can make blocks smaller than
+    :data:`BLOCK_BYTES`."""
+    fixed, per_row = winograd_tile_bytes(m, tw, C + K, filter_elems, weight_grad, itemsize)
+    rows_fit = max(1, (workspace_bound(algo) - fixed) // per_row)
+    want = min(BLOCK_BYTES, int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES)))
+    vm_row = (m + 2) ** 2 * (C + K) * row_width(tw) * itemsize
+    rb = max(1, min(th, rows_fit, want // vm_row))
+    threads = numba.get_num_threads() if threads is None else threads
+    blocks = N * -(-th // rb)
+    nw = max(1, min(threads, rows_fit // rb, N if weight_grad else blocks))
+    group = 1
+    if weight_grad:   # each worker needs a partial sum and a product; fixed holds one pair
+        filt = filter_elems * (m + 2) ** 2 * itemsize
+        spare = workspace_bound(algo) - fixed - nw * rb * per_row
+        nw = max(1, min(nw, 1 + spare // (2 * filt)))
+        group = nw
+    return Plan(rb, nw, group)
+
+
+# Elements per row of the transforms' passes: runs of channels (or filters) of a block are
+# transformed together so that each pass is one loop of about this length.
+PASS_ELEMS = 1024
+
+
+def _buffers(C: int, K: int, tw: int, m: int, p: Plan, dtype, bound: int) -> tuple:
+    """Per-worker buffers ``V (A*A * C * L)``, ``M (A*A * K * L)`` for ``L = rb * vw`` and the
+    transforms' temporaries, which hold passes of ``E`` elements (the input transform's
+    planes and row pass, then the output transform's two passes, in the same memory); with
+    ``E`` below the per-row allowance of ``cpu_workspace`` (``4 * A*A * vw`` elements)."""
+    A = m + 2
+    vw = row_width(tw)
+    L = p.rb * vw
+    rows = m * m + A * m
+    E = max((p.rb + 1) * vw, min(PASS_ELEMS, (4 * A * A * L - m * m) // rows))
+    vbuf = scratch((p.nw, A * A * C * L), dtype, bound)
+    mbuf = scratch((p.nw, A * A * K * L), dtype, bound)
+    tbuf = scratch((p.nw, rows * E + m * m), dtype, bound)
+    tbuf[:] = 0      # the planes' last column is read (into padding tiles): keep it finite
+    return vbuf, mbuf, tbuf, E
+
+
 def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
                   out_hw: tuple[int, int], offsets: tuple[int, int], groups: int,
-                  algo) -> np.ndarray:
+                  algo, phases: int = ALL_PHASES) -> np.ndarray:
     """3x3 stride-1 correlation of ``x (N, C, H, W)`` with ``weight (K, C/G, 3, 3)``:
     ``y[n, k, p, q] = sum w[k, c, r, s] x[n, g*Cg + c, p + off_h + r, q + off_w + s]`` (zero
-    outside ``x``) for an output of ``out_hw = (P, Q)``; returns ``(N, K, P, Q)``."""
+    outside ``x``) for an output of ``out_hw = (P, Q)``; returns ``(N, K, P, Q)``.
+    ``phases`` other than ALL_PHASES (benchmark only) skip phases and leave ``y`` partial."""
     N, C = x.shape[:2]
     K = weight.shape[0]
     P, Q = out_hw
     m = int(algo.get("tile", 4))
-    Gm = np.array(_G[m], dtype=np.float64)
-    A2 = (m + 2) ** 2
     th, tw = tile_grid(P, Q, m)
-    U = filter_transform(weight, Gm, groups, x.dtype)
-    in_tabs, out_tabs = input_tables(m, tw, x.dtype), output_tables(m, x.dtype)
-    chunks = _chunks(N, th, tw, m, C + K, weight.shape[0] * weight.shape[1], False,
-                     x.dtype.itemsize, algo)
-    vw = row_width(tw)
-    J = max(c.nc * c.rc for c in chunks) * vw
-    bound = workspace_bound(algo)
-    v_buf = scratch((A2 * C * J,), x.dtype, bound)
-    m_buf = scratch((A2 * K * J,), x.dtype, bound)
+    U = filter_transform(weight, np.array(_G[m], dtype=np.float64), groups, x.dtype)
+    p = plan(N, th, tw, m, C, K, weight.shape[0] * weight.shape[1], False, x.dtype.itemsize,
+             algo)
+    bufs = _buffers(C, K, tw, m, p, x.dtype, workspace_bound(algo))
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     b = bias if bias is not None else np.zeros(K, dtype=x.dtype)
-    for ch in chunks:
-        T = ch.nc * ch.rc * vw
-        V = v_buf[:A2 * C * T].reshape(A2, C, T)
-        M = m_buf[:A2 * K * T].reshape(A2, K, T)
-        input_transform(x, V, ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *offsets, *in_tabs)
-        np.matmul(U, V.reshape(A2, groups, C // groups, T),
-                  out=M.reshape(A2, groups, K // groups, T))
-        output_transform(M, y, b, ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *out_tabs)
+    fused_conv(x, U, b, y, p.rb, m, *offsets, p.nw, *bufs, *input_tables(m, tw, x.dtype),
+               *output_tables(m, x.dtype), phases)
     return y
 
 
@@ -476,43 +565,43 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
     return winograd_conv(x, weight, bias, (geom.P, geom.Q), (-pt, -pl), geom.groups, algo)
 
 
+def rotated_weight(weight: np.ndarray, geom) -> np.ndarray:
+    """The kernel of the input gradient ``(C, K/G, 3, 3)``: rotated by 180 degrees, input and
+    output channels swapped within each group."""
+    G, K, Cg = geom.groups, geom.K, geom.C // geom.groups
+    return (weight.reshape(G, K // G, Cg, 3, 3)[..., ::-1, ::-1]
+            .transpose(0, 2, 1, 3, 4).reshape(geom.C, K // G, 3, 3))
+
+
 def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Input gradient ``(N, C, H, W)``: ``grad_output`` correlated with the rotated kernel
-    (lecture notes 7.5), whose input and output channels swap within each group."""
-    G, K, Cg = geom.groups, geom.K, geom.C // geom.groups
-    w_rot = (weight.reshape(G, K // G, Cg, 3, 3)[..., ::-1, ::-1]
-             .transpose(0, 2, 1, 3, 4).reshape(geom.C, K // G, 3, 3))
+    (lecture notes 7.5), the forward path with offsets ``pt - 2``, ``pl - 2``."""
     pt, pl = geom.padding[0], geom.padding[2]
-    return winograd_conv(grad_output, w_rot, None, (geom.H, geom.W), (pt - 2, pl - 2), G, algo)
+    return winograd_conv(grad_output, rotated_weight(weight, geom), None, (geom.H, geom.W),
+                         (pt - 2, pl - 2), geom.groups, algo)
 
 
-def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
-    """Weight gradient ``(K, C/G, 3, 3)`` by the adjoint of the forward transforms; the GEMMs
-    reduce over the tiles of a chunk, chunks are summed in order."""
+def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo,
+                phases: int = ALL_PHASES) -> np.ndarray:
+    """Weight gradient ``(K, C/G, 3, 3)`` by the adjoint of the forward transforms: per image,
+    the blocks' products summed in tile order; the images' sums added in image order."""
     N, C, K, G = geom.N, geom.C, geom.K, geom.groups
     m = int(algo.get("tile", 4))
-    Gm = np.array(_G[m], dtype=np.float64)
     A2 = (m + 2) ** 2
     th, tw = tile_grid(geom.P, geom.Q, m)
-    in_tabs, grad_tabs = input_tables(m, tw, x.dtype), grad_output_tables(m, x.dtype)
-    chunks = _chunks(N, th, tw, m, C + K, K * (C // G), True, x.dtype.itemsize, algo)
-    vw = row_width(tw)
-    J = max(c.nc * c.rc for c in chunks) * vw
+    p = plan(N, th, tw, m, C, K, K * (C // G), True, x.dtype.itemsize, algo)
     bound = workspace_bound(algo)
-    v_buf = scratch((A2 * C * J,), x.dtype, bound)
-    m_buf = scratch((A2 * K * J,), x.dtype, bound)
+    vbuf, mbuf, tbuf, E = _buffers(C, K, tw, m, p, x.dtype, bound)
+    part = scratch((p.group, A2, G, K // G, C // G), x.dtype, bound)
+    gbuf = scratch((p.nw, K // G, C // G), x.dtype, bound)
     dU = np.zeros((A2, G, K // G, C // G), dtype=x.dtype)
-    part = scratch(dU.shape, x.dtype, bound) if len(chunks) > 1 else dU
+    tabs = input_tables(m, tw, x.dtype) + grad_output_tables(m, x.dtype)
     offsets = (-geom.padding[0], -geom.padding[2])
-    for ch in chunks:
-        T = ch.nc * ch.rc * vw
-        V = v_buf[:A2 * C * T].reshape(A2, G, C // G, T)
-        Mg = m_buf[:A2 * K * T].reshape(A2, K, T)
-        input_transform(x, V.reshape(A2, C, T), ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *offsets,
-                        *in_tabs)
-        grad_output_transform(grad_output, Mg, ch.n0, ch.nc, ch.r0, ch.rc, tw, m, *grad_tabs)
-        np.matmul(Mg.reshape(A2, G, K // G, T), V.transpose(0, 1, 3, 2), out=part)
-        if part is not dU:
-            dU += part
-    gw = filter_transform_adjoint(dU, Gm)
+    for n0 in range(0, N, p.group):
+        nc = min(p.group, N - n0)
+        fused_weight_grad(x, grad_output, part, p.rb, m, *offsets, n0, nc, p.nw, vbuf, mbuf,
+                          tbuf, E, gbuf, *tabs, phases)
+        for i in range(nc):
+            dU += part[i]
+    gw = filter_transform_adjoint(dU, np.array(_G[m], dtype=np.float64))
     return gw.reshape(geom.weight_shape).astype(x.dtype)

@@ -8,9 +8,12 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
 3. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
    group and an output plane of at least 32x32: F(4x4, 3x3) does 4x fewer multiplies than a
    direct 3x3, F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform
-   points wins. With fewer channels the tile transforms dominate; on small planes (ResNet's
-   14x14) the transformed filters (4x the weights) cost more than the multiplies saved, and
-   im2col measured faster (2 cores: 27 against 32 ms for forward and both gradients).
+   points wins. The kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks of
+   tile rows of one image transformed, multiplied and inverse-transformed in a per-thread
+   buffer). With fewer channels the tile transforms dominate; on small planes (ResNet's
+   14x14, 4x4 tiles per image) a block's GEMMs are too narrow (20 columns) and a quarter of
+   them is padding: im2col stays (measured before the fusion, 2 cores: 27 against 32 ms for
+   forward and both gradients; not re-measured with the fused kernel).
 4. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
 5. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
@@ -79,8 +82,10 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
     m = _winograd_tile(op, geom)
     if m is not None and fits(winograd_bytes(op, geom, m, itemsize), workspace_bytes):
         return Algo("winograd", (("tile", m),) + _workspace_params(workspace_bytes),
-                    f"3x3 stride-1 layer: Winograd F({m}x{m}, 3x3), "
-                    f"{9 * m * m / (m + 2) ** 2:.2f}x fewer multiplies than direct, BLAS GEMMs")
+                    f"3x3 stride-1 layer: fused cache-blocked Winograd F({m}x{m}, 3x3), "
+                    f"{9 * m * m / (m + 2) ** 2:.2f}x fewer multiplies than direct; blocks of "
+                    "tile rows transformed, multiplied (BLAS per block) and inverse-"
+                    "transformed in per-thread buffers")
     layout = "per_image" if geom.P * geom.Q >= PER_IMAGE_MIN_PIXELS else "wide"
     if not fits(im2col_bytes(op, geom, layout, itemsize), workspace_bytes):
         return Algo("direct", _workspace_params(workspace_bytes),
