@@ -125,7 +125,8 @@ def hinge_loss_rows(scores: np.ndarray, labels: np.ndarray, margin: float, p: in
     s = scores.astype(np.float64)
     nan_rows = np.isnan(s).any(axis=1)
     rows = np.arange(s.shape[0])
-    m = s - s[rows, labels][:, None] + margin                           # margins (N, C)
+    with np.errstate(invalid="ignore"):                                 # inf - inf is NaN
+        m = s - s[rows, labels][:, None] + margin                       # margins (N, C)
     m[rows, labels] = 0.0                                               # j == y_i does not count
     h = np.maximum(m, 0.0)
     wy = class_weight.astype(np.float64)[labels]                        # (N,)

@@ -20,8 +20,10 @@ assume finite values, so the machine code (whatever the vector width the compile
 the same bits. Speed comes from an explicit order instead: a row of ``C >= SHORT_ROW`` (64)
 columns is summed in ``LANES`` (64) partial sums, column ``j`` going to lane ``j % LANES`` in
 increasing ``j``, and the lanes are then combined pairwise (lane ``l`` += lane ``l + w`` for
-``w = 32, 16, ..., 1``); shorter rows are one running sum in column order. The lane loop is
-elementwise, so LLVM vectorises it at any width without changing a single rounding. The
+``w = 32, 16, ..., 1``); shorter rows are one running sum in column order, computed for a block
+of ``SHORT_BLOCK`` rows at once (the block is transposed so that the rows are the vector lanes:
+one column step adds one term to every row's own running sum). Both loops are elementwise, so
+LLVM vectorises them at any width without changing a single rounding. The
 loss-only pass forms every term exactly as the fused pass, so both give the same losses. For
 float32 the rounding error of a lane grows with ``C / 64``, so long float32 rows need
 ``"float64"`` (the dispatch rules choose it above C = 2048).
@@ -38,9 +40,8 @@ Why the code looks as it does (measured with Numba 0.68, LLVM vectoriser):
   loop fully and leaves it scalar;
 - ``j == y`` is masked by a select instead of splitting the row, so one branch-free loop covers
   the row;
-- a short row's terms are formed by one elementwise (vectorised) loop into a buffer and then
-  summed by a plain loop: fused into one loop, the select on ``m_j > 0`` became a branch
-  (mispredicted on random scores) once the sum could no longer be vectorised;
+- short rows (C = 10: a row is shorter than one vector) are vectorised across rows of a
+  transposed block rather than along the row, whose running sum is a serial chain;
 - the loop only ORs a NaN-margin flag (free to vectorise); rows with one are scanned again by
   a scalar loop that applies the non-finite rules.
 
@@ -59,6 +60,95 @@ LANES = 64
 SHORT_ROW = 64
 # Rows per parallel task: the lane buffers are allocated once per task.
 ROWS_PER_TASK = 64
+# Rows of a short-row block (transposed so that rows are the vector lanes).
+SHORT_BLOCK = 256
+
+
+@njit(cache=True)
+def _nonfinite_row(s, y, p, acc_zero, nan, grad_row, want_grad):
+    """The non-finite rules of the module docstring for a row with a NaN margin or label
+    score: ``(nan_score, loss, grad_sum)``; writes NaN into ``grad_row`` where they say so."""
+    sy = s[y]
+    nan_score = sy != sy
+    for j in range(s.shape[0]):
+        nan_score |= s[j] != s[j]
+    if nan_score:
+        if want_grad:
+            grad_row[:] = nan
+        return True, acc_zero + nan, acc_zero + nan
+    # inf - inf margins: max(0, NaN) is NaN, so is the loss; for p = 2 so are their gradient
+    # entries 2 h and the label's; [NaN > 0] is 0 for p = 1
+    grad_nan = False
+    if want_grad and p == 2:
+        for j in range(s.shape[0]):
+            if j != y and s[j] - sy != s[j] - sy:
+                grad_row[j] = nan
+                grad_nan = True
+    return False, acc_zero + nan, (acc_zero + nan) if grad_nan else acc_zero
+
+
+@njit(parallel=True, cache=True)
+def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_grad, acc_zero,
+                      block, losses, grad):
+    """``_hinge_rows`` for rows of ``C < SHORT_ROW`` columns: blocks of ``block`` rows,
+    transposed, one running sum per row in column order (the same bits as a plain loop)."""
+    N, C = scores.shape
+    dtype = scores.dtype.type
+    zero = dtype(0)
+    one = dtype(1)
+    nan = dtype(np.nan)
+    rs_step = 1 if row_scale.shape[0] == N else 0
+    ntasks = (N + block - 1) // block
+    for task in prange(ntasks):
+        i0 = task * block
+        R = min(block, N - i0)
+        st = np.empty((C, block), dtype=scores.dtype)       # the block's scores, transposed
+        gt = np.empty((C, block), dtype=scores.dtype)       # its gradient, transposed
+        sy = np.empty(block, dtype=scores.dtype)
+        coef = np.empty(block, dtype=scores.dtype)
+        yb = np.empty(block, dtype=np.int64)
+        loss = np.full(block, acc_zero)
+        gsum = np.full(block, acc_zero)
+        bad = np.zeros(block, dtype=np.bool_)               # a NaN margin (j != y)
+        for r in range(R):
+            i = i0 + r
+            y = labels[i]
+            yb[r] = y
+            sy[r] = scores[i, y]
+            coef[r] = row_scale[i * rs_step] * class_weight[y] * dtype(p)
+            for j in range(C):
+                st[j, r] = scores[i, j]
+        for j in range(C):
+            sj = st[j]
+            gj = gt[j]
+            for r in range(R):                              # rows are the vector lanes
+                m = (sj[r] - sy[r]) + margin
+                other = j != yb[r]
+                active = (m > zero) & other
+                h = m if active else zero
+                slope = one if p == 1 else h
+                loss[r] += h * slope
+                g = coef[r] * (slope if active else zero)
+                gj[r] = g
+                gsum[r] += g
+                bad[r] |= (m != m) & other
+        for r in range(R):
+            i = i0 + r
+            y = yb[r]
+            lr = loss[r]
+            gr = gsum[r]
+            if want_grad:
+                for j in range(C):
+                    grad[i, j] = gt[j, r]
+            if bad[r] or sy[r] != sy[r]:                    # rare: the non-finite rules
+                nan_score, lr, gr = _nonfinite_row(scores[i], y, p, acc_zero, nan, grad[i],
+                                                   want_grad)
+                if nan_score:
+                    losses[i] = nan
+                    continue
+            if want_grad:
+                grad[i, y] = dtype(-gr)
+            losses[i] = dtype(class_weight[y] * lr)
 
 
 @njit(parallel=True, cache=True)
@@ -83,99 +173,58 @@ def _hinge_rows(scores, labels, margin, p, class_weight, row_scale, want_grad, a
     for task in prange(ntasks):
         lacc = np.full(lanes, acc_zero)      # loss partial sums
         gacc = np.full(lanes, acc_zero)      # partial sums of the row's gradient entries
-        terms = np.empty(SHORT_ROW, dtype=scores.dtype)   # a short row's loss terms
         for i in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
             s = scores[i]
             y = labels[i]
             sy = s[y]
             wy = class_weight[y]
             coef = row_scale[i * rs_step] * wy * dtype(p)  # d(total)/d(m_j) = coef * h**(p-1)
-            loss = acc_zero
-            grad_sum = acc_zero
             any_nan = False                      # a NaN margin (j != y)
-            if C < SHORT_ROW:
-                # terms elementwise (vectorised), then one running sum in column order
+            lacc[:] = acc_zero                   # column j into lane j % lanes, in order
+            gacc[:] = acc_zero
+            for j0 in range(0, C, lanes):
+                n = min(lanes, C - j0)
+                sb = s[j0:j0 + n]
+                yl = y - j0
                 if want_grad:
-                    g = grad[i]
-                    for j in range(C):
-                        m = (s[j] - sy) + margin
-                        other = j != y
+                    gb = grad[i, j0:j0 + n]
+                    for ll in range(n):
+                        m = (sb[ll] - sy) + margin
+                        other = ll != yl
                         active = (m > zero) & other
                         h = m if active else zero
                         slope = one if p == 1 else h
-                        terms[j] = h * slope
-                        g[j] = coef * (slope if active else zero)
+                        lacc[ll] += h * slope
+                        gj = coef * (slope if active else zero)
+                        gacc[ll] += gj
+                        gb[ll] = gj
                         any_nan |= (m != m) & other
-                    for j in range(C):
-                        loss += terms[j]
-                        grad_sum += g[j]
                 else:
-                    for j in range(C):
-                        m = (s[j] - sy) + margin
-                        other = j != y
+                    for ll in range(n):
+                        m = (sb[ll] - sy) + margin
+                        other = ll != yl
                         h = m if (m > zero) & other else zero
-                        terms[j] = h * (one if p == 1 else h)
+                        lacc[ll] += h * (one if p == 1 else h)
                         any_nan |= (m != m) & other
-                    for j in range(C):
-                        loss += terms[j]
-            else:                                # column j into lane j % lanes, in order
-                lacc[:] = acc_zero
-                gacc[:] = acc_zero
-                for j0 in range(0, C, lanes):
-                    n = min(lanes, C - j0)
-                    sb = s[j0:j0 + n]
-                    yl = y - j0
-                    if want_grad:
-                        gb = grad[i, j0:j0 + n]
-                        for ll in range(n):
-                            m = (sb[ll] - sy) + margin
-                            other = ll != yl
-                            active = (m > zero) & other
-                            h = m if active else zero
-                            slope = one if p == 1 else h
-                            lacc[ll] += h * slope
-                            gj = coef * (slope if active else zero)
-                            gacc[ll] += gj
-                            gb[ll] = gj
-                            any_nan |= (m != m) & other
-                    else:
-                        for ll in range(n):
-                            m = (sb[ll] - sy) + margin
-                            other = ll != yl
-                            h = m if (m > zero) & other else zero
-                            lacc[ll] += h * (one if p == 1 else h)
-                            any_nan |= (m != m) & other
-                w = lanes
-                while w > 1:                     # lane l += lane l + w, w = lanes/2 .. 1
-                    w //= 2
-                    lhi = lacc[w:w + w]
-                    ghi = gacc[w:w + w]
-                    for ll in range(w):
-                        lacc[ll] += lhi[ll]
-                        gacc[ll] += ghi[ll]
-                loss = lacc[0]
-                grad_sum = gacc[0]
-            if any_nan or sy != sy:                # rare: the non-finite rules (docstring)
-                nan_score = sy != sy
-                for j in range(C):
-                    nan_score |= s[j] != s[j]
+            w = lanes
+            while w > 1:                         # lane l += lane l + w, w = lanes/2 .. 1
+                w //= 2
+                lhi = lacc[w:w + w]
+                ghi = gacc[w:w + w]
+                for ll in range(w):
+                    lacc[ll] += lhi[ll]
+                    gacc[ll] += ghi[ll]
+            loss = lacc[0]
+            grad_sum = gacc[0]
+            if any_nan or sy != sy:              # rare: the non-finite rules (docstring)
+                nan_score, loss, grad_sum = _nonfinite_row(s, y, p, acc_zero, nan, grad[i],
+                                                           want_grad)
                 if nan_score:
                     losses[i] = nan
-                    if want_grad:
-                        grad[i, :] = nan
                     continue
-                # inf - inf margins: max(0, NaN) is NaN, so is the loss; for p = 2 so are
-                # their gradient entries 2 h and the label's; [NaN > 0] is 0 for p = 1
-                loss = acc_zero + nan
-                if want_grad and p == 2:
-                    for j in range(C):
-                        if j != y and s[j] - sy != s[j] - sy:
-                            grad[i, j] = nan
-                    grad_sum = acc_zero + nan
             if want_grad:
                 grad[i, y] = dtype(-grad_sum)
             losses[i] = dtype(wy * loss)
-
 
 def hinge_loss_rows(
     scores: np.ndarray,
@@ -221,6 +270,10 @@ def hinge_loss_rows(
     # The gradient-free pass never touches grad; an empty (N, 0) stand-in keeps one signature.
     grad = np.empty((N, C) if want_grad else (N, 0), dtype=dtype)
     # The margin in the scores' dtype rounds m_j exactly as a NumPy expression on the scores.
-    _hinge_rows(scores, labels, dtype.type(margin), int(p), class_weight, row_scale,
-                bool(want_grad), acc_zero, LANES, losses, grad)
+    if C < SHORT_ROW:
+        _hinge_short_rows(scores, labels, dtype.type(margin), int(p), class_weight, row_scale,
+                          bool(want_grad), acc_zero, SHORT_BLOCK, losses, grad)
+    else:
+        _hinge_rows(scores, labels, dtype.type(margin), int(p), class_weight, row_scale,
+                    bool(want_grad), acc_zero, LANES, losses, grad)
     return losses, (grad if want_grad else None)
