@@ -325,8 +325,8 @@ def _labels(labels: Any, kind: str, N: int, C: int, batched: bool):
     xp = array_module(kind)
     if isinstance(labels, numbers.Integral) and not isinstance(labels, (bool, np.bool_)):
         labels = xp.asarray(labels)
-    elif array_kind(labels, "labels") != kind:
-        raise TypeError(f"labels is a {array_kind(labels)} array but scores is {kind}; "
+    elif (label_kind := array_kind(labels, "labels")) != kind:
+        raise TypeError(f"labels is a {label_kind} array but scores is {kind}; "
                         f"move them to one device")
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
@@ -351,8 +351,8 @@ def _row_scale(grad_loss: Any, reduction: str, N: int, batched: bool, kind: str,
     xp = array_module(kind)
     if reduction == "none" and getattr(grad_loss, "ndim", 0) > 0:
         gl = grad_loss
-        if array_kind(gl, "grad_loss") != kind:
-            raise TypeError(f"grad_loss is a {array_kind(gl)} array but scores is {kind}")
+        if (gl_kind := array_kind(gl, "grad_loss")) != kind:
+            raise TypeError(f"grad_loss is a {gl_kind} array but scores is {kind}")
         want = (N,) if batched else ()
         if tuple(gl.shape) != want:
             raise ValueError(f"grad_loss must be a scalar or have shape {want} for "

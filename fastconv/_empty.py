@@ -13,18 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ._args import array_kind, array_module
 from ._types import Algo, ConvGeometry
 
 
 def _xp(a: Any):
     """NumPy or CuPy, whichever ``a`` belongs to (CuPy is imported only for CuPy arrays)."""
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    import numpy
-
-    return numpy
+    return array_module(array_kind(a))
 
 
 def is_empty(geom: ConvGeometry) -> bool:
