@@ -107,11 +107,14 @@ class Kernel:
 # ---------------------------------------------------------------------------------------------
 def find_tool(name: str) -> str | None:
     """``cuobjdump``/``nvdisasm``: from the NVIDIA wheels of this environment, else PATH."""
-    purelib = Path(sysconfig.get_paths()["purelib"])
-    for sub in ("cu13", "cu12", "cuda_cuobjdump", "cuda_nvdisasm"):
-        cand = purelib / "nvidia" / sub / "bin" / name
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return str(cand)
+    # This environment's own packages first, then the ones it sees through
+    # --system-site-packages (a virtual environment over a system install).
+    roots = [sysconfig.get_paths()["purelib"]] + [p for p in sys.path if p.endswith("-packages")]
+    for root in dict.fromkeys(roots):
+        for sub in ("cu13", "cu12", "cuda_cuobjdump", "cuda_nvdisasm"):
+            cand = Path(root) / "nvidia" / sub / "bin" / name
+            if cand.is_file() and os.access(cand, os.X_OK):
+                return str(cand)
     return shutil.which(name)
 
 

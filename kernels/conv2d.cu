@@ -75,6 +75,11 @@ enum Mode { FPROP = 0, DGRAD = 1, WGRAD = 2 };
 // Depth of the cp.async shared-memory ring of every conv kernel (see mainloop).
 constexpr int CONV_STAGES = 4;
 
+// a * b for 0 <= a, b < 2^31 as one unsigned 32 x 32 -> 64-bit multiply (IMAD.WIDE.U32).
+__device__ __forceinline__ long long wide(int a, int b) {
+    return (long long)((unsigned long long)(unsigned)a * (unsigned)b);
+}
+
 // Coordinate of rows past the end: adding any kernel offset keeps it negative, so the ordinary
 // bounds checks reject it.
 constexpr int FAR = -(1 << 30);
@@ -142,6 +147,11 @@ __device__ __forceinline__ void round_own(T* first) {
 // consecutive pixels, so global reads are coalesced along W; each thread keeps, for its PER
 // pixels, a pointer to the pixel's window origin and the origin's coordinates (for the bounds
 // checks), for the whole reduction. A tap then costs one 64-bit add per element.
+// DGRAD without per-element divisions: with h + pt = qh*sh + hr (0 <= hr < sh) and the tap's
+// r*dh = dq*sh + dm, h + pt - r*dh is a multiple of sh exactly when hr == dm, and the quotient
+// is then qh - dq; likewise along W. So each pixel keeps (qh, qw) and the residue pair
+// hr*sw + wr, each tap divides its own (r*dh, s*dw) once, and an element costs what an FPROP
+// element does plus one comparison (always true for stride 1).
 template <typename T, int MODE, int BM, int BK, int NT>
 struct PixelGather {
     static constexpr int TPR = NT / BK;   // threads per reduction row
@@ -149,8 +159,10 @@ struct PixelGather {
     static_assert(NT % BK == 0 && BM % TPR == 0 && TPR % 8 == 0,
                   "PixelGather: tile does not split evenly");
 
-    const T* org[PER];     // FPROP: &x[n, g*Cg, bh, bw]; DGRAD: &grad_output[n, g*Kg, 0, 0]
-    int bh[PER], bw[PER];  // FPROP: p*sh - pt, q*sw - pl; DGRAD: h + pt, w + pl (FAR: no row)
+    const T* org[PER];     // FPROP: &x[n, g*Cg, bh, bw]; DGRAD: &grad_output[n, g*Kg, bh, bw]
+    int bh[PER], bw[PER];  // FPROP: p*sh - pt, q*sw - pl; DGRAD: (h + pt) / sh, (w + pl) / sw
+                           // (FAR: no row)
+    int res[MODE == DGRAD ? PER : 1];  // DGRAD: ((h + pt) % sh) * sw + (w + pl) % sw
     int kk, col, kidx;     // reduction row, place<Q> of the first column, reduction index
 
     template <int Q>
@@ -178,15 +190,24 @@ struct PixelGather {
                 const int rem = m - n * plane;
                 const int oh = s.by_row(rem);
                 const int ow = rem - oh * rows_w;
-                bh[i] = MODE == FPROP ? oh * s.sh - s.pt : oh + s.pt;
-                bw[i] = MODE == FPROP ? ow * s.sw - s.pl : ow + s.pl;
                 long long off = ((long long)n * chans + (long long)g * cg) * src_plane;
-                if (MODE == FPROP) off += (long long)bh[i] * s.W + bw[i];
+                if (MODE == FPROP) {
+                    bh[i] = oh * s.sh - s.pt;
+                    bw[i] = ow * s.sw - s.pl;
+                    off += (long long)bh[i] * s.W + bw[i];
+                } else {
+                    const int h = oh + s.pt, w = ow + s.pl;
+                    bh[i] = s.by_sh(h);
+                    bw[i] = s.by_sw(w);
+                    res[MODE == DGRAD ? i : 0] = (h - bh[i] * s.sh) * s.sw + (w - bw[i] * s.sw);
+                    off += (long long)bh[i] * s.Q + bw[i];
+                }
                 org[i] = src + off;
             } else {
                 org[i] = src;
                 bh[i] = FAR;
                 bw[i] = FAR;
+                if (MODE == DGRAD) res[MODE == DGRAD ? i : 0] = 0;
             }
         }
     }
@@ -199,28 +220,27 @@ struct PixelGather {
         const int rs = kidx - c * s.R * s.S;
         const int r = s.by_s(rs);
         const int dr = r * s.dh, ds = (rs - r * s.S) * s.dw;
+        // Planes and filter rows hold fewer than 2^31 elements (the launcher checks), so one
+        // 32 x 32 -> 64-bit multiply-add forms each tap's offset.
         if (MODE == FPROP) {
-            const long long tap = (long long)c * s.H * s.W + (long long)dr * s.W + ds;
+            const long long off = wide(c, s.H * s.W) + (unsigned)(dr * s.W + ds);
 #pragma unroll
             for (int i = 0; i < PER; ++i) {
                 const int ih = bh[i] + dr, iw = bw[i] + ds;
                 const bool ok = kval && (unsigned)ih < (unsigned)s.H
                                 && (unsigned)iw < (unsigned)s.W;
-                cp_async<sizeof(T)>(row + place<Q>(TPR * i), org[i] + tap, ok);
+                cp_async<sizeof(T)>(row + place<Q>(TPR * i), org[i] + off, ok);
             }
         } else {
-            const long long coff = (long long)c * s.P * s.Q;
+            const int dqh = s.by_sh(dr), dqw = s.by_sw(ds);
+            const int dm = (dr - dqh * s.sh) * s.sw + (ds - dqw * s.sw);
+            const long long off = wide(c, s.P * s.Q) - (unsigned)(dqh * s.Q + dqw);
 #pragma unroll
             for (int i = 0; i < PER; ++i) {
-                const int nh = bh[i] - dr, nw = bw[i] - ds;
-                bool ok = kval && nh >= 0 && nw >= 0;
-                int p = 0, q = 0;
-                if (ok) {
-                    p = s.by_sh(nh);
-                    q = s.by_sw(nw);
-                    ok = p * s.sh == nh && q * s.sw == nw && p < s.P && q < s.Q;
-                }
-                cp_async<sizeof(T)>(row + place<Q>(TPR * i), org[i] + coff + p * s.Q + q, ok);
+                const int p = bh[i] - dqh, q = bw[i] - dqw;
+                const bool ok = kval && res[MODE == DGRAD ? i : 0] == dm
+                                && (unsigned)p < (unsigned)s.P && (unsigned)q < (unsigned)s.Q;
+                cp_async<sizeof(T)>(row + place<Q>(TPR * i), org[i] + off, ok);
             }
         }
         kidx += BK;
@@ -273,7 +293,7 @@ struct WeightTile {
             // (k, r, s): weight[g*Kg + k, c, r, s] = ((g*Kg + k) * Cg + c) * RS + rs
             const int RS = s.R * s.S;
             const int k = s.by_rs(kidx);
-            koff = (long long)k * (s.C / s.groups) * RS + (kidx - k * RS);
+            koff = wide(k, s.C / s.groups * RS) + (unsigned)(kidx - k * RS);
         }
         const T* p = org + koff;
 #pragma unroll
@@ -514,14 +534,14 @@ struct OutIndex {
 // whose 64 accumulators, 16 operands and loader state need more (one block per SM; the
 // cp.async ring, not the warp count, hides the global-load latency). ptxas must report no
 // spills (tests/test_nvrtc.py, tests/test_sass_report.py).
-template <int NT, int BM, int BN>
+template <int NT, int TM, int TN>
 __host__ __device__ constexpr int simt_min_blocks() {
-    return BM * BN >= 128 * 128 ? 1 : 512 / NT;
+    return TM * TN >= 64 ? (256 / NT > 1 ? 256 / NT : 1) : 512 / NT;
 }
 
 template <typename T, int MODE, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN),
-                                  (simt_min_blocks<(BM / TM) * (BN / TN), BM, BN>()))
+                                  (simt_min_blocks<(BM / TM) * (BN / TN), TM, TN>()))
 conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __restrict__ bias,
           T* __restrict__ out, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
           int sh, int sw, int pt, int pl, int dh, int dw, int groups, int k_split,

@@ -78,15 +78,15 @@ class DepthwiseTile:
 
 # The instantiations the launchers may request (tests/test_nvrtc.py compiles all of them).
 SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
-    "float32": (SimtTile(128, 128, 8, 8, 8), SimtTile(128, 64, 8, 8, 4),
+    "float32": (SimtTile(128, 128, 8, 8, 8), SimtTile(128, 64, 8, 8, 8),
                 SimtTile(128, 32, 8, 8, 4), SimtTile(64, 64, 8, 4, 4),
                 SimtTile(64, 32, 8, 4, 4), SimtTile(32, 32, 8, 4, 4)),
     "float64": (SimtTile(64, 64, 8, 4, 4), SimtTile(64, 32, 8, 4, 2),
                 SimtTile(32, 32, 8, 2, 2)),
 }
-# (dtype, mode, tile) combinations never requested: ptxas (nvcc 13.0, sm_90) spills registers
-# for them at the kernels' 128-register cap.
-SIMT_EXCLUDED: frozenset = frozenset({("float32", DGRAD, SimtTile(128, 128, 8, 8, 8))})
+# (dtype, mode, tile) combinations never requested (none at present: the 128x128 input
+# gradient spilled while its stride checks divided per element; see PixelGather in conv2d.cu).
+SIMT_EXCLUDED: frozenset = frozenset()
 # BK = 8 (one mma k-step per stage): four cp.async stages of a 128x128 tile then take 35 KiB of
 # static shared memory; BK = 16 would need 70 KiB (dynamic shared memory with an opt-in the
 # launcher does not make yet).
@@ -100,12 +100,16 @@ DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad
 def resident_blocks(tile: SimtTile | Tf32Tile, mode: int) -> int:
     """Blocks per SM the kernel's ``__launch_bounds__`` make room for (``simt_min_blocks`` and
     ``tf32_min_blocks`` in conv2d.cu): ``512 / threads`` (at most 128 registers per thread),
-    except 1 for the 128x128 SIMT tile and the 128x128 TF32 input gradient. The compiled
-    kernels are checked to allow at least this many (tests/test_sass_report.py)."""
+    except ``256 / threads`` (at least 1) for SIMT tiles with 8x8 register blocking (64
+    accumulators: 128x128 with 256 threads, 128x64 with 128) and 1 for the 128x128 TF32 input
+    gradient. The compiled kernels are checked to allow at least this many
+    (tests/test_sass_report.py)."""
     big = tile.bm * tile.bn >= 128 * 128
     if isinstance(tile, Tf32Tile):
         return 1 if big and mode == DGRAD else max(1, 512 // tile.threads)
-    return 1 if big else max(1, 512 // tile.threads)
+    if tile.tm * tile.tn >= 64:
+        return max(1, 256 // tile.threads)
+    return max(1, 512 // tile.threads)
 
 
 def c_type(dtype: Any) -> str:
@@ -286,6 +290,10 @@ def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dty
     M, NG, KG = gemm_shape(geom, mode)
     if max(M, KG) > row_limit:
         raise ValueError(f"GEMM of {M} rows and {KG} reduction steps: split the batch first")
+    # The kernels form tap offsets with 32-bit plane and filter-row sizes (conv2d.cu, wide()).
+    cg, kg, rs = geom.C // geom.groups, geom.K // geom.groups, geom.R * geom.S
+    if max(geom.H * geom.W, geom.P * geom.Q, cg * rs, kg * rs) > row_limit:
+        raise ValueError(f"a plane or filter row of {geom} exceeds {row_limit} elements")
     slices, k_split = split_reduction(KG, splits, tile.bk)
     grid = (_ceil(M, tile.bm), _ceil(NG, tile.bn), geom.groups * slices)
     if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:

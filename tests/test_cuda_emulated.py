@@ -104,6 +104,9 @@ def test_case_list(ex, case, dtype, precision, op):
 TILE_GEOMS = {
     "plain": conv_geometry((2, 12, 13, 12), (40, 12, 3, 3), 1, 1, 1, 1),
     "mixed": conv_geometry((3, 12, 11, 9), (18, 6, 3, 2), (2, 1), ((1, 2), (0, 1)), (1, 2), 2),
+    # Strides that do not divide the dilations: the input gradient's taps land on every
+    # residue class (PixelGather's residue test in conv2d.cu).
+    "residues": conv_geometry((2, 5, 14, 13), (7, 5, 3, 4), (2, 3), ((2, 1), (3, 0)), (3, 2), 1),
 }
 TILES = ([pytest.param(np.float32, t, id=f"f32-{t.bm}x{t.bn}")
           for t in cuda_conv.SIMT_TILES["float32"]]

@@ -78,8 +78,8 @@ def test_kernel_names_cover_every_tile_mode_and_dtype():
     assert len(names) == len(set(names)) == n_simt + 3 * len(cuda_conv.TF32_TILES)
     for dt, mode, tile in cuda_conv.SIMT_EXCLUDED:
         assert cuda_conv.simt_kernel_name(dt, mode, tile) not in names
-    assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 4>" in names
-    assert "fc::conv_simt<float, 1, 128, 128, 8, 8, 8>" not in names  # spills on sm_90
+    assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>" in names
+    assert "fc::conv_simt<float, 1, 128, 128, 8, 8, 8>" in names
     assert "fc::conv_simt<double, 2, 64, 64, 8, 4, 4>" in names
     assert "fc::conv_tf32<1, 128, 64, 8, 4, 2>" in names
     dw = cuda_conv.all_kernel_names()["depthwise.cu"]
@@ -114,12 +114,12 @@ def test_shape_args_order_and_types():
 
 def test_forward_launch():
     x, w, b, y = _arrays(R3)
-    tile = SimtTile(128, 64, 8, 8, 4)
+    tile = SimtTile(128, 64, 8, 8, 8)
     spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, tile)
     assert spec.source == "conv2d.cu"
-    assert spec.kernel == "fc::conv_simt<float, 0, 128, 64, 8, 8, 4>"
+    assert spec.kernel == "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>"
     assert spec.grid == (math.ceil(8 * 56 * 56 / 128), 1, 1)
-    assert spec.block == (256, 1, 1) and spec.shared_mem == 0
+    assert spec.block == (128, 1, 1) and spec.shared_mem == 0
     assert spec.args[0] is x and spec.args[1] is w and spec.args[2] is b and spec.args[3] is y
     assert len(spec.args) == 4 + 17 + 14
     assert int(spec.args[4 + 16]) == 64 * 9  # k_split: the whole reduction
@@ -167,6 +167,15 @@ def test_launch_refuses_rows_past_32_bits():
     g = _geom((70000, 1, 200, 200), (1, 1, 1, 1))
     x = np.zeros((1, 1, 1, 1), np.float32)  # never read: the geometry check comes first
     with pytest.raises(ValueError, match="split the batch"):
+        cuda_conv.implicit_gemm_launch(FPROP, x, x, None, x, g, SimtTile(64, 64, 8, 4, 4))
+
+
+def test_launch_refuses_planes_past_32_bits():
+    """Tap offsets use 32-bit plane sizes: one 50000 x 50000 plane is refused even where the
+    strided output keeps the GEMM rows small."""
+    g = _geom((1, 1, 50000, 50000), (1, 1, 1, 1), stride=1000)
+    x = np.zeros((1, 1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="plane or filter row"):
         cuda_conv.implicit_gemm_launch(FPROP, x, x, None, x, g, SimtTile(64, 64, 8, 4, 4))
 
 
@@ -416,7 +425,7 @@ def test_rules_tile_model():
     """Large problems get the largest tile; narrow or small ones smaller tiles."""
     tiles = cuda_conv.SIMT_TILES["float32"]
     assert rules.pick_tile(10**6, 512, 1, tiles, 132) == SimtTile(128, 128, 8, 8, 8)
-    assert rules.pick_tile(200704, 64, 1, tiles, 132) == SimtTile(128, 64, 8, 8, 4)
+    assert rules.pick_tile(200704, 64, 1, tiles, 132) == SimtTile(128, 64, 8, 8, 8)
     assert rules.pick_tile(524288, 32, 1, tiles, 132) == SimtTile(128, 32, 8, 8, 4)
     assert rules.pick_tile(84, 4, 1, tiles, 132) == SimtTile(32, 32, 8, 4, 4)
 
@@ -431,7 +440,8 @@ def test_rules_wave_quantisation():
     assert rules.wave_units(265, 132, 2) == pytest.approx(2 + 1 / eff)
     assert rules.wave_units(265, 132, 1) == 3
     assert cuda_conv.resident_blocks(SimtTile(128, 128, 8, 8, 8), FPROP) == 1
-    assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 4), FPROP) == 2
+    assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 8), FPROP) == 2  # 128 threads
+    assert cuda_conv.resident_blocks(SimtTile(128, 32, 8, 8, 4), FPROP) == 4
     assert cuda_conv.resident_blocks(SimtTile(32, 32, 8, 4, 4), FPROP) == 8
     assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), DGRAD) == 1
     assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), FPROP) == 2
@@ -455,7 +465,7 @@ def test_rules_slice_small_forward_gemms(device):
     out_bytes = 64 * 512 * 7 * 7 * 4
     assert algo.get("workspace_bytes") == algo.get("splits") * out_bytes
     assert _choose("forward", small, workspace=out_bytes).get("splits") == 1
-    grad = _choose("input_grad", small)  # 128x128 is not offered for DGRAD: 200 tiles
+    grad = _choose("input_grad", small)
     assert grad.get("workspace_bytes") == (0 if grad.get("splits") == 1
                                            else grad.get("splits") * out_bytes)
     assert _choose("forward", R3_DIL).get("splits") == 1               # 1568 tiles
