@@ -20,8 +20,10 @@ registers, the static shared memory and the block size the launcher uses (dynami
 used only by ``depthwise_fprop`` and sized per geometry, is not included).
 
 ``--check`` exits with status 1 on a spill, local memory, a TF32 kernel without HMMA in its
-main loop, a pipelined kernel (see `PIPELINED`) whose main loop has no LDGSTS, or a CALL (the
-integer-division routine) in a conv or depthwise kernel (`NO_CALLS`); the test
+main loop, a pipelined kernel (see `PIPELINED`) whose main loop has no LDGSTS, an FP32 SIMT
+conv kernel with a 128x128 or 128x64 tile whose main loop is less than `FFMA_TARGET` FFMA
+(`FFMA_GATED`), or a CALL (the integer-division routine) in a conv or depthwise kernel
+(`NO_CALLS`); the test
 ``tests/test_sass_report.py`` runs it so in CI. Where cuda-bindings/NVRTC or cuobjdump are
 absent the report says so and exits with status 2 (the test skips, or fails under ``CI``).
 Numbers depend on the NVRTC version: the ``test`` extra of pyproject.toml pins it.
@@ -69,6 +71,10 @@ TF32 = (r"^fc::conv_tf32<",)
 # Kernels that must not call a subroutine (the 64-bit integer division routine, a CALL in the
 # SASS): their divisions are FastDiv multiply-shifts.
 NO_CALLS = (r"^fc::conv_", r"^fc::depthwise_")
+# FP32 SIMT conv kernels with a 128x128 or 128x64 tile (every mode): at least FFMA_TARGET of
+# their main loop's instructions are FFMA (issue 11's static target).
+FFMA_GATED = (r"^fc::conv_simt<float, \d, 128, (128|64), ",)
+FFMA_TARGET = 0.75
 
 
 @dataclass
@@ -389,6 +395,10 @@ def check(k: Kernel) -> list[str]:
         out.append("TF32 kernel without HMMA in its main loop")
     if any(re.search(p, k.name) for p in PIPELINED) and not k.loop.get("LDGSTS"):
         out.append("pipelined kernel without LDGSTS in its main loop")
+    if any(re.search(p, k.name) for p in FFMA_GATED):
+        share = k.loop.get("FFMA", 0) / max(k.loop.get("total", 0), 1)
+        if share < FFMA_TARGET:
+            out.append(f"main loop {100 * share:.1f}% FFMA, under {100 * FFMA_TARGET:.0f}%")
     if any(re.search(p, k.name) for p in NO_CALLS) and k.calls:
         out.append(f"{k.calls} CALL (integer division routine?)")
     return out

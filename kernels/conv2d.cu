@@ -331,10 +331,10 @@ struct WgradOutGrad {
         col = place<Q>(c0);
         t = k_begin + kk;
         const int Kg = s.K / s.groups, j0 = m0 + c0;
-        const long long PQ = (long long)s.P * s.Q;
+        const int PQ = s.P * s.Q;  // below 2^31 (the launcher checks)
         live = j0 < Kg ? (Kg - j0 + CPT - 1) / CPT : 0;
         org = src + (long long)(g * Kg + j0) * PQ;
-        stride = CPT * PQ;
+        stride = (long long)CPT * PQ;
     }
 
     template <int LD, int Q>
@@ -342,7 +342,8 @@ struct WgradOutGrad {
         T* row = tile + kk * LD + col;
         const bool kval = t < k_end;
         const int n = s.by_pq(t);
-        const T* p = org + (long long)n * s.K * s.P * s.Q + (t - n * s.P * s.Q);
+        const int PQ = s.P * s.Q;
+        const T* p = org + wide(n, s.K) * (unsigned)PQ + (unsigned)(t - n * PQ);
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             cp_async<sizeof(T)>(row + place<Q>(CPT * i), p, kval && i < live);
@@ -403,12 +404,12 @@ struct WgradInput {
         const int n = s.by_pq(t);
         const int pq = t - n * s.P * s.Q;
         const int p = s.by_row(pq);
-        const int h0 = kval ? p * s.sh - s.pt : FAR;
-        const int w0 = (pq - p * s.Q) * s.sw - s.pl;
-        const long long pix = (long long)n * s.C * s.H * s.W + (long long)h0 * s.W + w0;
+        const int h0 = p * s.sh - s.pt, w0 = (pq - p * s.Q) * s.sw - s.pl;
+        const long long pix = wide(n, s.C) * (unsigned)(s.H * s.W) + (h0 * s.W + w0);
+        const int hk = kval ? h0 : FAR;  // past the reduction: no row passes the check
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
-            const int ih = h0 + dr[i], iw = w0 + ds[i];
+            const int ih = hk + dr[i], iw = w0 + ds[i];
             const bool ok = (unsigned)ih < (unsigned)s.H && (unsigned)iw < (unsigned)s.W;
             cp_async<sizeof(T)>(row + place<Q>(CPT * i), org[i] + pix, ok);
         }

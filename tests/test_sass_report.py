@@ -97,3 +97,47 @@ def test_conv_resident_blocks_match_occupancy(report):
             seen += 1
             assert expected[k["name"]] <= k["blocks_per_sm"], (k["name"], k["arch"])
     assert seen == 2 * len(expected)
+
+
+def _ffma_gated(name: str) -> bool:
+    """FP32 SIMT conv kernels with a 128x128 or 128x64 tile (issue 11's static target)."""
+    head = "fc::conv_simt<float, "
+    if not name.startswith(head):
+        return False
+    _, bm, bn = name[len(head):].split(", ")[:3]
+    return bm == "128" and bn in ("128", "64")
+
+
+def test_big_fp32_simt_tiles_are_ffma_bound(report):
+    """Every FP32 SIMT conv kernel with a 128x128 or 128x64 tile, forward and both gradients,
+    spends at least 75% of its main loop's instructions on FFMA on sm_80 and sm_90, computed
+    here from the report's counts (the report's own gate is checked below)."""
+    from fastconv.kernels import cuda_conv  # noqa: PLC0415
+
+    gated = [k for k in _data(report)["kernels"] if _ffma_gated(k["name"])]
+    expected = {(cuda_conv.simt_kernel_name("float32", mode, t), arch)
+                for t in cuda_conv.simt_tiles("float32", cuda_conv.FPROP)
+                for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD)
+                for arch in ("sm_80", "sm_90") if t.bm == 128 and t.bn in (128, 64)}
+    assert {(k["name"], k["arch"]) for k in gated} == expected
+    assert len(expected) == 12  # both tiles, three modes, two architectures
+    for k in gated:
+        share = k["loop"].get("FFMA", 0) / k["loop"]["total"]
+        assert share >= 0.75, (k["name"], k["arch"], share)
+
+
+def test_ffma_gate_flags_a_kernel_under_target():
+    """The report's gate itself, on synthetic counts (no compiler needed): 74.9% FFMA fails a
+    gated kernel, 75% passes, and a 128x32 tile is not gated."""
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import sass_report as s\n"
+        "def k(name, ffma):\n"
+        "    return s.Kernel('conv2d.cu', name, 'sm_90', 128, registers=100, blocks_per_sm=2,\n"
+        "                    loop={'total': 1000, 'FFMA': ffma, 'LDGSTS': 8})\n"
+        "big = 'fc::conv_simt<float, 1, 128, 64, 8, 8, 8>'\n"
+        "print(len(s.check(k(big, 749))), len(s.check(k(big, 750))),\n"
+        "      len(s.check(k('fc::conv_simt<float, 1, 128, 32, 8, 8, 4>', 100))),\n"
+        "      len(s.check(k('fc::conv_simt<double, 1, 128, 128, 8, 8, 8>', 100))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "0", "0", "0"]
