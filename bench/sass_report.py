@@ -11,8 +11,8 @@ and spills. The cubin is disassembled with ``cuobjdump -sass`` (the ``nvidia-cud
 wheel; ``nvdisasm`` from ``nvidia-cuda-nvdisasm`` is the fallback), and the main loop of each
 kernel is found in the SASS: of the loops closed by a backward branch, the one holding the most
 FFMA/DFMA/HMMA instructions (the shortest of equals). In it the report counts instructions:
-the arithmetic share (FFMA or DFMA of all, or instructions per HMMA), LDGSTS (cp.async),
-LDS.128, LDSM (ldmatrix), 128-bit LDG, and barriers.
+the arithmetic share (FFMA or DFMA of all, or instructions per HMMA), LDGSTS (cp.async; GST128
+counts its 16-byte form), LDS.128, LDSM (ldmatrix), 128-bit LDG, and barriers.
 
 Theoretical occupancy is computed for A100 (sm_80, 108 SMs, 164 KiB shared memory per SM) and
 H100/H200 (sm_90, 132 SMs, 228 KiB), both 64 K registers and 64 warps per SM, from the
@@ -237,7 +237,7 @@ def classify(op: str, operands: str) -> list[str]:
     keys = ["total"]
     if base in ("FFMA", "DFMA", "HMMA", "LDGSTS", "LDSM", "BAR", "STS", "LDS", "LDG"):
         keys.append(base)
-    if base in ("LDS", "LDG", "STS") and ".128" in op:
+    if base in ("LDS", "LDG", "STS", "LDGSTS") and ".128" in op:
         keys.append(base + ".128")
     if base == "LDGDEPBAR" or base == "DEPBAR":
         keys.append(base)
@@ -311,6 +311,8 @@ def instantiations() -> list[tuple[str, str, int]]:
         for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD):
             for tile in cuda_conv.simt_tiles(dt, mode):
                 threads[cuda_conv.simt_kernel_name(dt, mode, tile)] = tile.threads
+    for dt, mode, tile in cuda_conv.vector_a_kernels():
+        threads[cuda_conv.simt_kernel_name(dt, mode, tile, True)] = tile.threads
     for tile in cuda_conv.TF32_TILES:
         for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD):
             threads[cuda_conv.tf32_kernel_name(mode, tile)] = tile.threads
@@ -407,7 +409,8 @@ def check(k: Kernel) -> list[str]:
 def table(kernels: list[Kernel]) -> str:
     """A fixed-width table, one line per kernel and architecture."""
     head = (f"{'kernel':<52} {'arch':<5} {'thr':>4} {'reg':>4} {'smem':>6} {'blk':>3} "
-            f"{'occ':>4} {'loop':>5} {'mix':>10} {'LDGSTS':>6} {'LDS128':>6} {'LDSM':>4} "
+            f"{'occ':>4} {'loop':>5} {'mix':>10} {'LDGSTS':>6} {'GST128':>6} {'LDS128':>6} "
+            f"{'LDSM':>4} "
             f"{'LDG128':>6} {'LDG':>4} {'CALL':>4}  problems")
     lines = [head, "-" * len(head)]
     for k in kernels:
@@ -415,7 +418,8 @@ def table(kernels: list[Kernel]) -> str:
         lines.append(
             f"{k.name[4:]:<52} {k.arch:<5} {k.threads:>4} {k.registers:>4} {k.smem:>6} "
             f"{k.blocks_per_sm:>3} {100 * k.occupancy:>3.0f}% {c.get('total', 0):>5} "
-            f"{k.mix():>10} {c.get('LDGSTS', 0):>6} {c.get('LDS.128', 0):>6} "
+            f"{k.mix():>10} {c.get('LDGSTS', 0):>6} {c.get('LDGSTS.128', 0):>6} "
+            f"{c.get('LDS.128', 0):>6} "
             f"{c.get('LDSM', 0):>4} {c.get('LDG.128', 0):>6} {c.get('LDG', 0):>4} {k.calls:>4}  "
             f"{'; '.join(k.problems)}")
     return "\n".join(lines)

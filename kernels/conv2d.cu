@@ -82,7 +82,8 @@ __device__ __forceinline__ long long wide(int a, int b) {
 
 // Coordinate of rows past the end: adding any kernel offset keeps it negative, so the ordinary
 // bounds checks reject it.
-constexpr int FAR = -(1 << 30);
+// (An enumerator: a kernel that never uses it draws no unused-variable warning.)
+enum : int { FAR = -(1 << 30) };
 
 struct ConvShape {
     int N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups;
@@ -249,6 +250,59 @@ struct PixelGather {
     template <int LD, int Q>
     __device__ __forceinline__ void round(T* tile) const {
         round_own<PER, TPR, Q>(tile + kk * LD + col);
+    }
+};
+
+// A of FPROP and DGRAD for 1x1 filters with unit stride and no padding (any dilation): GEMM
+// row m = n * plane + pixel reads src[n, g*cg + c, pixel] at reduction index c, so V (16 bytes)
+// consecutive pixels are contiguous in both the tensor and the tile row, and one 16-byte
+// cp.async (LDGSTS.128) copies them. The launcher picks this loader only when the plane
+// (H*W = P*Q) is a multiple of V and the tensor is 16-byte aligned (cuda_conv.vector_a_ok): a
+// vector then never straddles two images or the end of the rows, and every copy is aligned.
+template <typename T, int MODE, int BM, int BK, int NT>
+struct PlaneRows {
+    static constexpr int V = Vec<T>::N;
+    static constexpr int TPR = NT / BK;          // threads per reduction row
+    static constexpr int VPT = BM / (TPR * V);   // vectors per thread
+    static_assert(MODE != WGRAD && NT % BK == 0 && BM % (TPR * V) == 0,
+                  "PlaneRows: tile does not split evenly");
+
+    const T* org[VPT];  // &src[n, g*cg, pixel] of the vector's first pixel
+    unsigned live;      // bit j: vector j lies inside the GEMM rows
+    int kk, col, kidx;
+
+    template <int Q>
+    __device__ __forceinline__ void init(const ConvShape& s, const T* src, int g, int m0,
+                                         int k_begin, int tid) {
+        static_assert(Q == 1, "PlaneRows: natural column order only");
+        kk = tid / TPR;
+        const int lane = tid % TPR;
+        col = lane * V;
+        kidx = k_begin + kk;
+        const int chans = MODE == FPROP ? s.C : s.K, cg = chans / s.groups;
+        const int plane = s.H * s.W, M = s.N * plane;
+        live = 0;
+#pragma unroll
+        for (int j = 0; j < VPT; ++j) {
+            const int m = m0 + (lane + TPR * j) * V;
+            org[j] = src;
+            if (m < M) {
+                const int n = s.by_plane(m);
+                org[j] += (wide(n, chans) + (long long)g * cg) * plane + (m - n * plane);
+                live |= 1u << j;
+            }
+        }
+    }
+
+    template <int LD, int Q>
+    __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
+        T* row = tile + kk * LD + col;
+        const bool kval = kidx < k_end;
+        const long long off = wide(kidx, s.H * s.W);
+#pragma unroll
+        for (int j = 0; j < VPT; ++j)
+            cp_async<16>(row + TPR * V * j, org[j] + off, kval && (live >> j & 1u));
+        kidx += BK;
     }
 };
 
@@ -422,6 +476,10 @@ struct WgradInput {
     }
 };
 
+// IfT<C, A, B>::type: A when C holds, else B.
+template <bool C, class A, class B> struct IfT { using type = A; };
+template <class A, class B> struct IfT<false, A, B> { using type = B; };
+
 // The two operand loaders of each mode.
 template <typename T, int MODE, int BM, int BN, int BK, int NT> struct Operands;
 template <typename T, int BM, int BN, int BK, int NT>
@@ -540,7 +598,7 @@ __host__ __device__ constexpr int simt_min_blocks() {
     return TM * TN >= 64 ? (256 / NT > 1 ? 256 / NT : 1) : 512 / NT;
 }
 
-template <typename T, int MODE, int BM, int BN, int BK, int TM, int TN>
+template <typename T, int MODE, int BM, int BN, int BK, int TM, int TN, int AV = 1>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN),
                                   (simt_min_blocks<(BM / TM) * (BN / TN), TM, TN>()))
 conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __restrict__ bias,
@@ -554,6 +612,7 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
     constexpr int LDA = BM + V, LDB = BN + V;
     constexpr int QA = 1, QB = 1;  // operand columns in natural order
     static_assert(TM % V == 0 && TN % V == 0, "conv_simt: TM and TN must be multiples of V");
+    static_assert(AV == 1 || AV == V, "conv_simt: A is gathered (AV = 1) or copied in vectors");
     __shared__ __align__(16) T As[CONV_STAGES * BK * LDA];
     __shared__ __align__(16) T Bs[CONV_STAGES * BK * LDB];
 
@@ -566,7 +625,8 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
     const int k_begin = (blockIdx.z / groups) * k_split;  // reduction slice blockIdx.z / groups
     const int k_end = min(KG, k_begin + k_split);
 
-    typename Operands<T, MODE, BM, BN, BK, NT>::A la;
+    typename IfT<(AV > 1), PlaneRows<T, MODE, BM, BK, NT>,
+                 typename Operands<T, MODE, BM, BN, BK, NT>::A>::type la;
     typename Operands<T, MODE, BM, BN, BK, NT>::B lb;
     la.template init<QA>(s, a_src, g, m0, k_begin, tid);
     lb.template init<QB>(s, b_src, g, n0, k_begin, tid);

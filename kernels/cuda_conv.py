@@ -97,6 +97,40 @@ DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2)
 DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad
 
 
+# The 1x1 forward and input gradient with unit stride and no padding read their A operand (x or
+# grad_output) in 16-byte vectors of consecutive pixels (PlaneRows in conv2d.cu) when
+# `vector_a_ok` holds; instantiated for these dtypes, modes and every tile of SIMT_TILES whose
+# loader splits into whole vectors (`vector_a_tile`).
+VECTOR_A_DTYPES = ("float32",)
+VECTOR_A_MODES = (FPROP, DGRAD)
+
+
+def vector_a_tile(dtype: Any, tile: SimtTile) -> bool:
+    """Whether the vector A loader splits ``tile`` evenly (``PlaneRows``: BM divisible by
+    ``threads / BK`` vectors of 16 bytes)."""
+    vec = 16 // np.dtype(dtype).itemsize
+    return tile.bm % ((tile.threads // tile.bk) * vec) == 0
+
+
+def _address(a: Any) -> int:
+    """Data address of a CuPy or NumPy array (or anything with one of the array interfaces)."""
+    iface = getattr(a, "__cuda_array_interface__", None) or getattr(a, "__array_interface__")
+    return int(iface["data"][0])
+
+
+def vector_a_ok(mode: int, a: Any, geom: Any, tile: SimtTile | Tf32Tile) -> bool:
+    """Whether a launch may use the vector A loader: a SIMT tile of an instantiated dtype and
+    mode, 1x1 filters, unit stride, no padding, a pixel plane that is a multiple of 16 bytes'
+    worth of elements, and ``a`` (x or grad_output, C-contiguous) 16-byte aligned."""
+    dtype = np.dtype(a.dtype)
+    if (not isinstance(tile, SimtTile) or dtype.name not in VECTOR_A_DTYPES
+            or mode not in VECTOR_A_MODES or not vector_a_tile(dtype, tile)):
+        return False
+    return (geom.R == 1 and geom.S == 1 and tuple(geom.stride) == (1, 1)
+            and not any(geom.padding) and (geom.H * geom.W) % (16 // dtype.itemsize) == 0
+            and _address(a) % 16 == 0)
+
+
 def resident_blocks(tile: SimtTile | Tf32Tile, mode: int) -> int:
     """Blocks per SM the kernel's ``__launch_bounds__`` make room for (``simt_min_blocks`` and
     ``tf32_min_blocks`` in conv2d.cu): ``512 / threads`` (at most 128 registers per thread),
@@ -126,10 +160,19 @@ def simt_tiles(dtype: Any, mode: int) -> tuple[SimtTile, ...]:
     return tuple(t for t in SIMT_TILES[name] if (name, mode, t) not in SIMT_EXCLUDED)
 
 
-def simt_kernel_name(dtype: Any, mode: int, tile: SimtTile) -> str:
-    """Name expression of a ``conv_simt`` instantiation."""
+def simt_kernel_name(dtype: Any, mode: int, tile: SimtTile, vector_a: bool = False) -> str:
+    """Name expression of a ``conv_simt`` instantiation (``vector_a``: the 16-byte A loader,
+    template argument AV = elements per 16 bytes)."""
     t = tile
-    return f"fc::conv_simt<{c_type(dtype)}, {mode}, {t.bm}, {t.bn}, {t.bk}, {t.tm}, {t.tn}>"
+    av = f", {16 // np.dtype(dtype).itemsize}" if vector_a else ""
+    return (f"fc::conv_simt<{c_type(dtype)}, {mode}, {t.bm}, {t.bn}, {t.bk}, {t.tm}, {t.tn}"
+            f"{av}>")
+
+
+def vector_a_kernels() -> list[tuple[str, int, SimtTile]]:
+    """(dtype, mode, tile) of every instantiation with the vector A loader."""
+    return [(dt, mode, t) for dt in VECTOR_A_DTYPES for mode in VECTOR_A_MODES
+            for t in simt_tiles(dt, mode) if vector_a_tile(dt, t)]
 
 
 def tf32_kernel_name(mode: int, tile: Tf32Tile) -> str:
@@ -150,6 +193,7 @@ def all_kernel_names() -> dict[str, list[str]]:
     """Every instantiation these launchers can request, per source file."""
     conv = [simt_kernel_name(dt, mode, tile) for dt in SIMT_TILES
             for mode in (FPROP, DGRAD, WGRAD) for tile in simt_tiles(dt, mode)]
+    conv += [simt_kernel_name(dt, mode, tile, True) for dt, mode, tile in vector_a_kernels()]
     conv += [tf32_kernel_name(mode, tile) for tile in TF32_TILES for mode in (FPROP, DGRAD, WGRAD)]
     dw = [name for dt in DEPTHWISE_TILES for name in depthwise_kernel_names(dt).values()]
     return {"conv2d.cu": conv, "depthwise.cu": dw}
@@ -255,6 +299,10 @@ def implicit_gemm_launch(mode: int, a: Any, b: Any, bias: Any, out: Any, geom: A
                          tile: SimtTile | Tf32Tile, splits: int = 1) -> Launch:
     """One launch of ``conv_simt`` (a `SimtTile`) or ``conv_tf32`` (a `Tf32Tile`).
 
+    A 1x1 forward or input gradient whose ``a`` qualifies (`vector_a_ok`: unit stride, no
+    padding, whole 16-byte vectors per plane, ``a`` 16-byte aligned) gets the ``conv_simt``
+    instantiation with 16-byte A copies; anything else the general gather.
+
     Parameters
     ----------
     mode : FPROP, DGRAD or WGRAD
@@ -277,14 +325,16 @@ def implicit_gemm_launch(mode: int, a: Any, b: Any, bias: Any, out: Any, geom: A
     -------
     Launch
     """
-    name, grid, scalars = _gemm_plan(mode, geom, tile, splits, np.dtype(a.dtype), ROW_LIMIT)
+    vec = vector_a_ok(mode, a, geom, tile)
+    name, grid, scalars = _gemm_plan(mode, geom, tile, splits, np.dtype(a.dtype), ROW_LIMIT,
+                                     vec)
     args = (a, b, NULL if bias is None else bias, out) + scalars
     return Launch("conv2d.cu", name, grid, (tile.threads, 1, 1), 0, args)
 
 
 @lru_cache(maxsize=1024)
 def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dtype: np.dtype,
-               row_limit: int) -> tuple[str, tuple[int, int, int], tuple]:
+               row_limit: int, vector_a: bool = False) -> tuple[str, tuple[int, int, int], tuple]:
     """Kernel name, grid and scalar arguments of `implicit_gemm_launch` (memoised: repeated
     calls on one shape cost a dictionary lookup)."""
     M, NG, KG = gemm_shape(geom, mode)
@@ -303,7 +353,7 @@ def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dty
             raise TypeError("the TF32 kernel takes float32 arrays")
         name = tf32_kernel_name(mode, tile)
     else:
-        name = simt_kernel_name(dtype, mode, tile)
+        name = simt_kernel_name(dtype, mode, tile, vector_a)
     return name, grid, shape_args(geom, k_split) + divisor_args(geom, mode)
 
 

@@ -75,7 +75,9 @@ def test_kernel_names_cover_every_tile_mode_and_dtype():
                  for mode in (FPROP, DGRAD, WGRAD))
     assert n_simt == 3 * sum(len(t) for t in cuda_conv.SIMT_TILES.values()) - len(
         cuda_conv.SIMT_EXCLUDED)
-    assert len(names) == len(set(names)) == n_simt + 3 * len(cuda_conv.TF32_TILES)
+    n_vec = len(cuda_conv.vector_a_kernels())
+    assert n_vec == 10  # FP32 forward and input gradient, every tile but 64x64 (256 threads)
+    assert len(names) == len(set(names)) == n_simt + n_vec + 3 * len(cuda_conv.TF32_TILES)
     for dt, mode, tile in cuda_conv.SIMT_EXCLUDED:
         assert cuda_conv.simt_kernel_name(dt, mode, tile) not in names
     assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>" in names
@@ -168,6 +170,40 @@ def test_launch_refuses_rows_past_32_bits():
     x = np.zeros((1, 1, 1, 1), np.float32)  # never read: the geometry check comes first
     with pytest.raises(ValueError, match="split the batch"):
         cuda_conv.implicit_gemm_launch(FPROP, x, x, None, x, g, SimtTile(64, 64, 8, 4, 4))
+
+
+def test_vector_a_loader_only_where_it_applies():
+    """1x1, unit stride, no padding, planes of whole 16-byte vectors and a 16-byte aligned
+    operand: the forward and input gradient get the 16-byte A loader; anything else the
+    general gather (the emulation runs both, tests/test_cuda_emulated.py)."""
+    g = _geom((2, 16, 8, 6), (24, 16, 1, 1))  # plane 48
+    x, w, b, y = _arrays(g)
+    tile = SimtTile(128, 64, 8, 8, 8)
+    name = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, g, tile).kernel
+    assert name == "fc::conv_simt<float, 0, 128, 64, 8, 8, 8, 4>"
+    name = cuda_conv.implicit_gemm_launch(DGRAD, y, w, None, x, g, tile).kernel
+    assert name == "fc::conv_simt<float, 1, 128, 64, 8, 8, 8, 4>"
+    assert name in cuda_conv.all_kernel_names()["conv2d.cu"]
+    # misaligned by one element: the same geometry, the general kernel
+    buf = np.zeros(x.size + 4, np.float32)
+    off = (-buf.ctypes.data % 16) // 4 + 1
+    xm = buf[off:off + x.size].reshape(x.shape)
+    name = cuda_conv.implicit_gemm_launch(FPROP, xm, w, b, y, g, tile).kernel
+    assert name == "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>"
+    # not 1x1, strided, padded, a plane of 7 x 6, the weight gradient, a 64x64 tile, FP64
+    others = [(_geom((2, 16, 8, 6), (24, 16, 3, 3), padding=1), FPROP, tile),
+              (_geom((2, 16, 8, 8), (24, 16, 1, 1), stride=2), FPROP, tile),
+              (_geom((2, 16, 8, 6), (24, 16, 1, 1), padding=1), FPROP, tile),
+              (_geom((2, 16, 7, 6), (24, 16, 1, 1)), FPROP, tile),
+              (g, WGRAD, tile), (g, FPROP, SimtTile(64, 64, 8, 4, 4))]
+    for geom, mode, t in others:
+        xa, wa, ba, ya = _arrays(geom)
+        a, bb, out = {FPROP: (xa, wa, ya), WGRAD: (ya, xa, wa)}[mode]
+        assert not cuda_conv.vector_a_ok(mode, a, geom, t), (geom, mode, t)
+        assert cuda_conv.implicit_gemm_launch(mode, a, bb, None, out, geom, t).kernel.count(
+            ",") == 6
+    x64, w64, b64, y64 = _arrays(g, np.float64)
+    assert not cuda_conv.vector_a_ok(FPROP, x64, g, tile)
 
 
 def test_launch_refuses_planes_past_32_bits():
