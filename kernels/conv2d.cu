@@ -19,7 +19,8 @@
 // rotated, channel-swapped kernel (lecture notes 7.5) without building either: the tap
 // (k, r, s) of input pixel (h, w) reads grad_output[n, k, (h + pt - r*dh)/sh, (w + pl - s*dw)/sw]
 // when both divisions are exact and in range, which is where the zero-inserted copy would hold
-// a real value.
+// a real value. The loader tests exactness by residues, dividing once per pixel and once per
+// tap, never per element (PixelGather).
 // Reduction slices: the reduction may be cut into gridDim.z / groups slices of `k_split` steps
 // (always for a long WGRAD reduction; for FPROP/DGRAD when the GEMM has too few tiles to fill
 // the device). Slice z writes its own partial result at out + z * (size of the result), bias
@@ -37,15 +38,19 @@
 //   Static shared memory: CONV_STAGES (4) stages of (BK x (BM + PAD)) + (BK x (BN + PAD))
 //   elements (at most 35 KiB), filled by cp.async (sm_80+; a plain copy on older devices)
 //   three stages ahead of the arithmetic (see mainloop; one barrier per BK step). At most 128
-//   registers per thread (two 256-thread blocks per SM), except the 128x128 SIMT tiles and the
-//   128x128 TF32 input gradient (one block per SM; cuda_conv.resident_blocks mirrors this).
+//   registers per thread (two 256-thread blocks per SM), except the SIMT tiles with 8 x 8
+//   register blocking (room for 256 threads per SM: 128x128 with 256 threads, 128x64 with
+//   128) and the 128x128 TF32 input gradient (one block per SM); cuda_conv.resident_blocks
+//   mirrors this.
 //   Arguments: a, b, bias (or null), out, then N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh,
 //   dw, groups, k_split (int32), then (mul, shift) of the divisors R*S, S, P*Q, row, output
 //   plane, sh, sw (uint32, int32; see FastDiv).
 //
 // Variants (template parameters; the launcher requests only the instantiations it lists)
-//   conv_simt<T, MODE, BM, BN, BK, TM, TN>: strict FP32 / FP64, one fused multiply-add per
-//     product, the reduction in the order of the tiles.
+//   conv_simt<T, MODE, BM, BN, BK, TM, TN, AV = 1>: strict FP32 / FP64, one fused
+//     multiply-add per product, the reduction in the order of the tiles. AV = V (FPROP and
+//     DGRAD of 1x1 filters, unit stride, no padding, planes of whole vectors, A 16-byte
+//     aligned; the launcher checks): A is copied in 16-byte vectors of pixels (PlaneRows).
 //   conv_tf32<MODE, BM, BN, BK, WARPS_M, WARPS_N>: opt-in TF32 tensor cores (sm_80+): operands
 //     rounded to TF32 (cvt.rna) once, in shared memory, by the thread that copied them, before
 //     the tile is published; fragments read with 16-byte (or 8-byte) shared loads from a
@@ -53,13 +58,16 @@
 //
 // Index arithmetic: tensor offsets are 64-bit (a tensor may exceed 2^31 elements); GEMM row
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
-// N*P*Q and N*H*W stay below 2^31.
+// N*P*Q and N*H*W stay below 2^31. Planes (H*W, P*Q) and filter rows (Cg*R*S, Kg*R*S) are
+// below 2^31 too (the launcher refuses others), so per-tap offsets are one unsigned
+// 32 x 32 -> 64-bit multiply-add (wide()).
 //
 // Verification status (issue 11, no GPU available): compiled by NVRTC 13.5 for sm_80 and sm_90
 // in CI with ptxas warnings for spills and local memory treated as failures
 // (tests/test_nvrtc.py); bench/sass_report.py (run by tests/test_sass_report.py) reports per
 // instantiation registers, shared memory, occupancy and the main loop's instruction mix, and
-// checks LDGSTS (cp.async) in every conv main loop and HMMA in every TF32 one. Executed on the
+// checks LDGSTS (cp.async) in every conv main loop, HMMA in every TF32 one and at least 75%
+// FFMA in the main loop of every FP32 SIMT kernel with a 128x128 or 128x64 tile. Executed on the
 // CPU through the host emulation of tests/cuda_emu.h (blocks, threads, barriers, warp
 // shuffles, cp.async groups with zero-fill and poisoned pending destinations, the mma fragment
 // layout as the PTX ISA documents it) against the NumPy reference, for every tile and mode.
@@ -589,9 +597,12 @@ struct OutIndex {
 // Strict-precision kernel: CUDA-core FMAs, TM x TN register blocking.
 // ---------------------------------------------------------------------------------------------
 // Registers: at most 128 per thread (__launch_bounds__ with 512 / threads resident blocks,
-// two 256-thread blocks per SM), except the 8 x 8 register blocking of the 128 x 128 tile,
-// whose 64 accumulators, 16 operands and loader state need more (one block per SM; the
-// cp.async ring, not the warp count, hides the global-load latency). ptxas must report no
+// two 256-thread blocks per SM), except 8 x 8 register blocking (128x128 with 256 threads,
+// 128x64 with 128), whose 64 accumulators, 16 operands and loader state need more: room for
+// 256 threads per SM is guaranteed (ptxas then uses 125-167 registers, 1-4 blocks per SM; the
+// cp.async ring, not the warp count, hides the global-load latency). 8 x 8 is what makes these
+// tiles FFMA-bound: per reduction step four 16-byte shared loads feed 64 FFMA, and the
+// loaders' per-step index work is spread over 512 FFMA per thread. ptxas must report no
 // spills (tests/test_nvrtc.py, tests/test_sass_report.py).
 template <int NT, int TM, int TN>
 __host__ __device__ constexpr int simt_min_blocks() {
