@@ -118,17 +118,22 @@ def _address(a: Any) -> int:
     return int(iface["data"][0])
 
 
-def vector_a_ok(mode: int, a: Any, geom: Any, tile: SimtTile | Tf32Tile) -> bool:
-    """Whether a launch may use the vector A loader: a SIMT tile of an instantiated dtype and
-    mode, 1x1 filters, unit stride, no padding, a pixel plane that is a multiple of 16 bytes'
-    worth of elements, and ``a`` (x or grad_output, C-contiguous) 16-byte aligned."""
-    dtype = np.dtype(a.dtype)
+def vector_a_shape_ok(mode: int, dtype: Any, geom: Any, tile: SimtTile | Tf32Tile) -> bool:
+    """The shape conditions of the vector A loader: a SIMT tile of an instantiated dtype and
+    mode, 1x1 filters, unit stride, no padding, and a pixel plane that is a multiple of 16
+    bytes' worth of elements (the dispatch rules name the kernel from these)."""
+    dtype = np.dtype(dtype)
     if (not isinstance(tile, SimtTile) or dtype.name not in VECTOR_A_DTYPES
             or mode not in VECTOR_A_MODES or not vector_a_tile(dtype, tile)):
         return False
     return (geom.R == 1 and geom.S == 1 and tuple(geom.stride) == (1, 1)
-            and not any(geom.padding) and (geom.H * geom.W) % (16 // dtype.itemsize) == 0
-            and _address(a) % 16 == 0)
+            and not any(geom.padding) and (geom.H * geom.W) % (16 // dtype.itemsize) == 0)
+
+
+def vector_a_ok(mode: int, a: Any, geom: Any, tile: SimtTile | Tf32Tile) -> bool:
+    """Whether a launch may use the vector A loader: `vector_a_shape_ok` and ``a`` (x or
+    grad_output, C-contiguous) 16-byte aligned."""
+    return vector_a_shape_ok(mode, a.dtype, geom, tile) and _address(a) % 16 == 0
 
 
 def resident_blocks(tile: SimtTile | Tf32Tile, mode: int) -> int:

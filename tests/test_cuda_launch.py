@@ -466,6 +466,23 @@ def test_rules_tile_model():
     assert rules.pick_tile(84, 4, 1, tiles, 132) == SimtTile(32, 32, 8, 4, 4)
 
 
+def test_rules_name_the_vector_a_kernel_for_grouped_1x1(device):
+    """Grouped 1x1 layers (plain ones go to cuBLAS) get the 16-byte A loader in the forward and
+    input gradient, and the plan's kernel is the one an aligned launch runs."""
+    g = _geom((8, 64, 28, 28), (128, 16, 1, 1), groups=4)
+    x, w, b, y = _arrays(g)
+    for op, mode, a, bb, out in (("forward", FPROP, x, w, y), ("input_grad", DGRAD, y, w, x)):
+        algo = _choose(op, g)
+        assert algo.name == "implicit_gemm" and "16-byte vectors" in algo.reason
+        tile = SimtTile(*algo.get("tile"))
+        spec = cuda_conv.implicit_gemm_launch(mode, a, bb, None, out, g, tile,
+                                              algo.get("splits", 1))
+        assert spec.kernel == algo.get("kernel") and spec.kernel.count(",") == 7
+    assert "16-byte" not in _choose("weight_grad", g).reason
+    assert "16-byte" not in _choose("forward", _geom((8, 64, 28, 28), (128, 16, 3, 3),
+                                                     padding=1, groups=4)).reason
+
+
 def test_rules_wave_quantisation():
     """Blocks per SM come in waves of the tile's resident count; a partial wave is slower per
     block (rules.PARTIAL_WAVE_EFFICIENCY)."""
