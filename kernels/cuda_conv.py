@@ -122,12 +122,14 @@ def vector_a_shape_ok(mode: int, dtype: Any, geom: Any, tile: SimtTile | Tf32Til
     """The shape conditions of the vector A loader: a SIMT tile of an instantiated dtype and
     mode, 1x1 filters, unit stride, no padding, and a pixel plane that is a multiple of 16
     bytes' worth of elements (the dispatch rules name the kernel from these)."""
+    if geom.R != 1 or geom.S != 1:  # the common case, answered first (one call per launch)
+        return False
     dtype = np.dtype(dtype)
     if (not isinstance(tile, SimtTile) or dtype.name not in VECTOR_A_DTYPES
             or mode not in VECTOR_A_MODES or not vector_a_tile(dtype, tile)):
         return False
-    return (geom.R == 1 and geom.S == 1 and tuple(geom.stride) == (1, 1)
-            and not any(geom.padding) and (geom.H * geom.W) % (16 // dtype.itemsize) == 0)
+    return (tuple(geom.stride) == (1, 1) and not any(geom.padding)
+            and (geom.H * geom.W) % (16 // dtype.itemsize) == 0)
 
 
 def vector_a_ok(mode: int, a: Any, geom: Any, tile: SimtTile | Tf32Tile) -> bool:

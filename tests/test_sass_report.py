@@ -109,9 +109,10 @@ def _ffma_gated(name: str) -> bool:
 
 
 def test_big_fp32_simt_tiles_are_ffma_bound(report):
-    """Every FP32 SIMT conv kernel with a 128x128 or 128x64 tile, forward and both gradients,
-    spends at least 75% of its main loop's instructions on FFMA on sm_80 and sm_90, computed
-    here from the report's counts (the report's own gate is checked below)."""
+    """Every FP32 SIMT conv kernel with a 128x128 or 128x64 tile, forward and both gradients
+    (and the 16-byte A variants), spends at least 75% of its main loop's instructions on FFMA
+    on sm_80 and sm_90, computed here from the report's counts (the report's own gate is
+    checked below)."""
     from fastconv.kernels import cuda_conv  # noqa: PLC0415
 
     gated = [k for k in _data(report)["kernels"] if _ffma_gated(k["name"])]
@@ -119,8 +120,13 @@ def test_big_fp32_simt_tiles_are_ffma_bound(report):
                 for t in cuda_conv.simt_tiles("float32", cuda_conv.FPROP)
                 for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD)
                 for arch in ("sm_80", "sm_90") if t.bm == 128 and t.bn in (128, 64)}
+    expected |= {(cuda_conv.simt_kernel_name(dt, mode, t, True), arch)
+                 for dt, mode, t in cuda_conv.vector_a_kernels()
+                 for arch in ("sm_80", "sm_90") if t.bm == 128 and t.bn in (128, 64)}
     assert {(k["name"], k["arch"]) for k in gated} == expected
-    assert len(expected) == 12  # both tiles, three modes, two architectures
+    # both tiles, three modes, two architectures; and the 16-byte A loader's forward and
+    # input gradient
+    assert len(expected) == 12 + 8
     for k in gated:
         share = k["loop"].get("FFMA", 0) / k["loop"]["total"]
         assert share >= 0.75, (k["name"], k["arch"], share)
