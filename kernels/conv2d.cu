@@ -58,9 +58,9 @@
 //
 // Index arithmetic: tensor offsets are 64-bit (a tensor may exceed 2^31 elements); GEMM row
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
-// N*P*Q and N*H*W stay below 2^31. Planes (H*W, P*Q) and filter rows (Cg*R*S, Kg*R*S) are
-// below 2^31 too (the launcher refuses others), so per-tap offsets are one unsigned
-// 32 x 32 -> 64-bit multiply-add (wide()).
+// N*P*Q and N*H*W stay below 2^31. Planes (the padded input plane, P*Q) and filter rows
+// (Cg*R*S, Kg*R*S) are below 2^31 too (the launcher refuses others), so per-tap offsets are
+// one unsigned 32 x 32 -> 64-bit multiply-add (wide()).
 //
 // Verification status (issue 11, no GPU available): compiled by NVRTC 13.5 for sm_80 and sm_90
 // in CI with ptxas warnings for spills and local memory treated as failures

@@ -349,7 +349,9 @@ def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dty
         raise ValueError(f"GEMM of {M} rows and {KG} reduction steps: split the batch first")
     # The kernels form tap offsets with 32-bit plane and filter-row sizes (conv2d.cu, wide()).
     cg, kg, rs = geom.C // geom.groups, geom.K // geom.groups, geom.R * geom.S
-    if max(geom.H * geom.W, geom.P * geom.Q, cg * rs, kg * rs) > row_limit:
+    pt, pb, pl, pr = geom.padding
+    padded = (geom.H + pt + pb) * (geom.W + pl + pr)  # bounds the in-plane tap offsets
+    if max(padded, geom.P * geom.Q, cg * rs, kg * rs) > row_limit:
         raise ValueError(f"a plane or filter row of {geom} exceeds {row_limit} elements")
     slices, k_split = split_reduction(KG, splits, tile.bk)
     grid = (_ceil(M, tile.bm), _ceil(NG, tile.bn), geom.groups * slices)
