@@ -14,10 +14,10 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    direct 3x3, F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform
    points wins. The kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks of
    tile rows of one image transformed, multiplied and inverse-transformed in a per-thread
-   buffer). With fewer channels the tile transforms dominate; on small planes (ResNet's
-   14x14, 4x4 tiles per image) a block's GEMMs are too narrow (20 columns) and a quarter of
-   them is padding: im2col stays (measured before the fusion, 2 cores: 27 against 32 ms for
-   forward and both gradients; not re-measured with the fused kernel).
+   buffer). With fewer channels the tile transforms dominate. Planes below 32x32 take
+   F(2x2) only, down to 14x14 (ResNet's 14x14: F(4x4) has 4x4 tiles per image, a block's
+   GEMMs are too narrow and a quarter of them is padding, measured 1.4-1.8x slower than
+   im2col; F(2x2) measured 5-10% faster than im2col on each op); smaller planes keep im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
 6. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
@@ -42,8 +42,11 @@ DIRECT_MAX_REDUCTION = 64
 WINOGRAD_MIN_CHANNELS = 8
 # Channels (in or out) below which an ungrouped 3x3 stride-1 layer runs direct (rule 3).
 THIN_3X3_CHANNELS = 8
-# Pixels of the tiled plane from which Winograd beats im2col (see rule 4).
+# Pixels of the tiled plane from which Winograd F(4x4) beats im2col, and from which F(2x2)
+# does (see rule 4; r3x3_14, 1 thread, min of 30: F(2x2) 22.6-23.4 ms forward, 23.0 input
+# gradient, 25.0 weight gradient against im2col's 25.3, 26.1, 26.5; F(4x4) 34-48 ms).
 WINOGRAD_MIN_PIXELS = 1024
+WINOGRAD_F2_MIN_PIXELS = 196
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
@@ -61,9 +64,10 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[int]:
     if min(geom.C, geom.K) // geom.groups < WINOGRAD_MIN_CHANNELS:
         return None
     rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
-    if rows * cols < WINOGRAD_MIN_PIXELS:
+    if rows * cols < WINOGRAD_F2_MIN_PIXELS:
         return None
-    cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
+    tiles = (4, 2) if rows * cols >= WINOGRAD_MIN_PIXELS else (2,)
+    cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in tiles}
     m = min(cost, key=cost.get)
     return m if cost[m] < 9 * rows * cols else None
 
