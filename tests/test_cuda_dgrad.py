@@ -315,3 +315,42 @@ def test_emulated_matches_direct_kernel(ex):
                                           SimtTile(32, 32, 8, 2, 2)))
     phased = backend.input_grad(ex, w, gy, geom, _plan(geom, np.float64, "fp32"))
     assert rel_err(phased, direct) < 1e-12
+
+
+def test_emulated_phases_in_batch_chunks(ex, monkeypatch):
+    """A phase GEMM too tall for 32-bit rows runs in batch chunks (the limit lowered here)."""
+    geom = conv_geometry((5, 3, 10, 9), (4, 3, 3, 3), 2, 1, 1, 1)
+    monkeypatch.setattr(cuda_conv, "ROW_LIMIT", 2 * 5 * 5 + 7)  # two 5x5 phase images a chunk
+    rng = np.random.default_rng(3)
+    w, gy = rng.standard_normal(geom.weight_shape), rng.standard_normal(geom.output_shape)
+    out = backend.input_grad(ex, w, gy, geom, _plan(geom, np.float64, "fp32"))
+    assert rel_err(out, reference.conv2d_input_grad(w, gy, geom)) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. On a GPU (skipped without CuPy and a device)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,precision", PRECISIONS)
+@pytest.mark.parametrize("name", list(AWKWARD) + ["r3x3s2_n4"])
+def test_gpu_phase_split(name, dtype, precision):
+    from fastconv import dispatch
+
+    ok, why = dispatch.availability("cuda")
+    if not ok:
+        pytest.skip(f"cuda backend unavailable: {why}")
+    import cupy
+
+    real = backend._gpu()
+    poisoned = backend.Executor(cupy, real.run,
+                                lambda shape, dt: cupy.full(shape, np.nan, dtype=dt),
+                                real.sm_count)
+    args = AWKWARD.get(name, ((4, 128, 28, 28), (256, 128, 3, 3), 2, 1, 1, 1))
+    geom = conv_geometry(*args)
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal(geom.weight_shape).astype(dtype)
+    gy = rng.standard_normal(geom.output_shape).astype(dtype)
+    algo = _plan(geom, dtype, precision, real.sm_count)
+    out = backend.input_grad(poisoned, cupy.asarray(w), cupy.asarray(gy), geom, algo)
+    tol = TF32_TOLERANCE if precision == "tf32" else TOLERANCE[np.dtype(dtype)]
+    assert rel_err(cupy.asnumpy(out), reference.conv2d_input_grad(w, gy, geom)) < tol
