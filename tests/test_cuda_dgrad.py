@@ -22,7 +22,7 @@ from fastconv.kernels import cuda as backend
 from fastconv.kernels import cuda_build, cuda_conv, cuda_dgrad
 from fastconv.kernels.cuda_conv import DGRAD, FPROP, SimtTile, Tf32Tile
 
-from conftest import CASES, CASE_IDS, TOLERANCE, rel_err
+from conftest import CASES, TOLERANCE, rel_err
 
 TF32_TOLERANCE = 5e-3
 
@@ -176,20 +176,22 @@ def test_rule_splits_large_strided_input_grads(assumed_device, precision):
     assert algo.name == "implicit_gemm_phases"
     assert "4 input phases" in algo.reason and "modelled" in algo.reason
     assert algo.get("multiply_fraction") == 0.25
-    fprop = "implicit_gemm_tf32" if precision == "tf32" else "implicit_gemm"
+    assert algo.get("gemm") == ("implicit_gemm_tf32" if precision == "tf32"
+                                else "implicit_gemm")
+    assert algo.get("precision") == precision
     plans = algo.get("phases")
-    assert [(ph, pw) for ph, pw, _ in plans] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    for ph, pw, sub in plans:
-        assert sub.name == fprop and sub.get("precision") == precision
+    assert [(ph, pw) for ph, pw, _, _ in plans] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    kernels = set()
+    for ph, pw, tile, splits in plans:
         sub_geom = cuda_dgrad.phases(geom)[ph * 2 + pw].geom
-        tile = (Tf32Tile if precision == "tf32" else SimtTile)(*sub.get("tile"))
+        tile = (Tf32Tile if precision == "tf32" else SimtTile)(*tile)
         gy = np.zeros(geom.output_shape, np.float32)
         w = np.zeros(sub_geom.weight_shape, np.float32)
         out = np.zeros(sub_geom.output_shape, np.float32)
-        spec = cuda_conv.implicit_gemm_launch(FPROP, gy, w, None, out, sub_geom, tile,
-                                              sub.get("splits"))
-        assert spec.kernel == sub.get("kernel")
+        spec = cuda_conv.implicit_gemm_launch(FPROP, gy, w, None, out, sub_geom, tile, splits)
         assert spec.kernel in cuda_conv.all_kernel_names()["conv2d.cu"]
+        kernels.add(spec.kernel)
+    assert kernels == set(algo.get("kernels"))
 
 
 def test_rule_keeps_direct_kernel_where_the_split_does_not_pay(assumed_device):
@@ -291,12 +293,10 @@ def test_emulated_awkward(ex, name, dtype, precision):
 def test_emulated_reduction_slices_and_zero_phases(ex):
     """Phases run with several reduction slices; phases without a tap are written as zeros
     (the output starts NaN)."""
-    geom = conv_geometry((2, 8, 9, 9), (8, 8, 3, 1), 2, 0, 1, 1)  # column phase 1: no tap
+    geom = conv_geometry((2, 8, 9, 9), (24, 8, 3, 1), 2, 0, 1, 1)  # column phase 1: no tap
     assert any(p.geom is None for p in cuda_dgrad.phases(geom))
     algo = _plan(geom, np.float64, "fp32")
-    sliced = tuple((ph, pw, dataclasses.replace(sub, params=tuple(
-        (k, 3 if k == "splits" else v) for k, v in sub.params))) for ph, pw, sub
-        in algo.get("phases"))
+    sliced = tuple((ph, pw, tile, 3) for ph, pw, tile, _ in algo.get("phases"))
     algo = dataclasses.replace(algo, params=(("phases", sliced),) + algo.params[1:])
     rng = np.random.default_rng(5)
     w, gy = rng.standard_normal(geom.weight_shape), rng.standard_normal(geom.output_shape)

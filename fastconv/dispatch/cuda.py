@@ -411,17 +411,18 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
 
     Each phase of ``cuda_dgrad.phases`` that a tap reaches gets the forward implicit GEMM's
     tile (`pick_tile`) and reduction slices (`gemm_splits`) for its own GEMM (``N*Hi*Wi``
-    rows, ``C/groups`` columns, ``K/groups*Rj*Sj`` reduction), as an ``implicit_gemm`` (or
-    ``implicit_gemm_tf32``) `Algo` in the ``phases`` parameter. Model: the phase GEMMs
-    (`gemm_seconds`), `ASSUMED_LAUNCH_SECONDS` per extra launch (sub-kernel copy, scatter,
-    slice sum, zero fill), grad_input read and written once more by the scatters. Workspace:
-    the largest phase image with its sub-kernel and slices.
+    rows, ``C/groups`` columns, ``K/groups*Rj*Sj`` reduction): parameter ``phases`` holds
+    ``(ph, pw, tile, splits)`` per phase with a tap, ``gemm`` the forward algorithm that runs
+    them (``implicit_gemm`` or ``implicit_gemm_tf32``), ``kernels`` their instantiations.
+    Model: the phase GEMMs (`gemm_seconds`), `ASSUMED_LAUNCH_SECONDS` per extra launch
+    (sub-kernel copy, scatter, slice sum, zero fill), grad_input read and written once more by
+    the scatters. Workspace: the largest phase image with its sub-kernel and slices.
     """
     size = dtype.itemsize
     tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, FPROP)
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
     precision = "tf32" if tf32 else _exact(dtype)
-    plans = []
+    plans, kernels = [], []
     seconds = 2 * geom.N * geom.C * geom.H * geom.W * size / ASSUMED_BANDWIDTH
     workspace = 0
     for phase in cuda_dgrad.phases(geom):
@@ -443,12 +444,9 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
         seconds += (gemm_seconds(M, NG, KG, sub.groups, tile, slices, sm_count, resident,
                                  image)
                     + ASSUMED_LAUNCH_SECONDS * (3 if slices > 1 else 2))
-        kernel = (cuda_conv.tf32_kernel_name(FPROP, tile) if tf32
-                  else cuda_conv.simt_kernel_name(dtype, FPROP, tile))
-        plans.append((*phase.index, Algo(name_algo, (
-            ("kernel", kernel), ("tile", dataclasses.astuple(tile)), ("precision", precision),
-            ("splits", slices), ("workspace_bytes", ws)),
-            f"input phase {phase.index}: {M}x{NG} GEMM, reduction {KG}")))
+        kernels.append(cuda_conv.tf32_kernel_name(FPROP, tile) if tf32
+                       else cuda_conv.simt_kernel_name(dtype, FPROP, tile))
+        plans.append((*phase.index, dataclasses.astuple(tile), slices))
     fraction = cuda_dgrad.multiply_fraction(geom)
     sh, sw = geom.stride
     zeroed = sh * sw - len(plans)
@@ -458,7 +456,8 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
            + (f", {zeroed} phase(s) no tap reaches zeroed" if zeroed else "")
            + f"; {fraction:.0%} of the direct kernel's multiplies, none on the zeros of the "
            "stride-dilated grad_output")
-    params = (("phases", tuple(plans)), ("precision", precision),
+    params = (("phases", tuple(plans)), ("gemm", name_algo),
+              ("kernels", tuple(dict.fromkeys(kernels))), ("precision", precision),
               ("workspace_bytes", workspace), ("multiply_fraction", fraction))
     return Algo("implicit_gemm_phases", params, why), seconds
 
