@@ -176,13 +176,17 @@ def test_rule_splits_large_strided_input_grads(assumed_device, precision):
     assert algo.name == "implicit_gemm_phases"
     assert "4 input phases" in algo.reason and "modelled" in algo.reason
     assert algo.get("multiply_fraction") == 0.25
-    assert algo.get("gemm") == ("implicit_gemm_tf32" if precision == "tf32"
-                                else "implicit_gemm")
+    fprop = "implicit_gemm_tf32" if precision == "tf32" else "implicit_gemm"
     assert algo.get("precision") == precision
     plans = algo.get("phases")
-    assert [(ph, pw) for ph, pw, _, _ in plans] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(ph, pw) for ph, pw, *_ in plans] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     kernels = set()
-    for ph, pw, tile, splits in plans:
+    for ph, pw, name, tile, splits in plans:
+        if (ph, pw) == (0, 0) and precision == "fp32":  # tap (1, 1) alone: a plain 1x1 conv
+            assert name == "gemm_1x1" and tile is None
+            kernels.add("cupy.matmul")
+            continue
+        assert name == fprop
         sub_geom = cuda_dgrad.phases(geom)[ph * 2 + pw].geom
         tile = (Tf32Tile if precision == "tf32" else SimtTile)(*tile)
         gy = np.zeros(geom.output_shape, np.float32)
@@ -193,6 +197,26 @@ def test_rule_splits_large_strided_input_grads(assumed_device, precision):
         kernels.add(spec.kernel)
     assert kernels == set(algo.get("kernels"))
 
+
+
+@pytest.mark.parametrize("dtype,precision,name", [(np.float32, "fp32", "gemm_1x1"),
+                                                  (np.float64, "fp32", "gemm_1x1"),
+                                                  (np.float32, "tf32", "implicit_gemm_tf32")])
+def test_rule_plain_1x1_phase_uses_cublas(assumed_device, dtype, precision, name):
+    """1x1 stride 2 (a ResNet projection): one live phase, a plain 1x1 conv of grad_output,
+    which strict precision runs as rule 2's batched GEMM; three phases zeroed."""
+    geom = conv_geometry((64, 256, 56, 56), (512, 256, 1, 1), 2, 0, 1, 1)
+    algo = _choose(geom, dtype, precision)
+    assert algo.name == "implicit_gemm_phases" and "3 phase(s) no tap reaches" in algo.reason
+    ((ph, pw, got, tile, _),) = algo.get("phases")
+    assert (ph, pw, got) == (0, 0, name) and (tile is None) == (name == "gemm_1x1")
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("CUPY_TF32", "1")  # CuPy's matmul would run TF32: keep the implicit GEMM
+    try:
+        strict = _choose(geom, dtype, precision)
+    finally:
+        monkey.undo()
+    assert "gemm_1x1" not in {p[2] for p in strict.get("phases")}
 
 def test_rule_keeps_direct_kernel_where_the_split_does_not_pay(assumed_device):
     tiny = conv_geometry((2, 4, 9, 10), (6, 4, 3, 3), 2, 1, 1, 1)
@@ -245,8 +269,8 @@ PRECISIONS = [pytest.param(np.float32, "fp32", id="f32"),
 
 def _plan(geom, dtype, precision, sm_count=2):
     """The plan the rule would run, whether or not it pays on this small shape."""
-    tf32, why = rules._precision(precision, np.dtype(dtype), rules.ASSUMED_CAPABILITY)
-    algo, _ = rules.phased_dgrad_plan(geom, np.dtype(dtype), tf32, why, 2**28, sm_count)
+    tf32, _ = rules._precision(precision, np.dtype(dtype), rules.ASSUMED_CAPABILITY)
+    algo, _ = rules.phased_dgrad_plan(geom, np.dtype(dtype), tf32, 2**28, sm_count)
     return algo
 
 
@@ -296,7 +320,8 @@ def test_emulated_reduction_slices_and_zero_phases(ex):
     geom = conv_geometry((2, 8, 9, 9), (24, 8, 3, 1), 2, 0, 1, 1)  # column phase 1: no tap
     assert any(p.geom is None for p in cuda_dgrad.phases(geom))
     algo = _plan(geom, np.float64, "fp32")
-    sliced = tuple((ph, pw, tile, 3) for ph, pw, tile, _ in algo.get("phases"))
+    tile = (32, 32, 8, 2, 2)
+    sliced = tuple((ph, pw, "implicit_gemm", tile, 3) for ph, pw, *_ in algo.get("phases"))
     algo = dataclasses.replace(algo, params=(("phases", sliced),) + algo.params[1:])
     rng = np.random.default_rng(5)
     w, gy = rng.standard_normal(geom.weight_shape), rng.standard_normal(geom.output_shape)
@@ -304,6 +329,19 @@ def test_emulated_reduction_slices_and_zero_phases(ex):
     assert (out[:, :, :, 1::2] == 0).all()
     assert rel_err(out, reference.conv2d_input_grad(w, gy, geom)) < 1e-12
 
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_emulated_gemm_1x1_phase(ex, dtype):
+    """A plain 1x1 phase runs through the backend's batched-GEMM path."""
+    geom = conv_geometry((2, 6, 9, 8), (5, 6, 1, 1), 2, 0, 1, 1)
+    algo = _plan(geom, dtype, "fp32")
+    assert [p[2] for p in algo.get("phases")] == ["gemm_1x1"]
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal(geom.weight_shape).astype(dtype)
+    gy = rng.standard_normal(geom.output_shape).astype(dtype)
+    out = backend.input_grad(ex, w, gy, geom, algo)
+    assert rel_err(out, reference.conv2d_input_grad(w, gy, geom)) < TOLERANCE[np.dtype(dtype)]
 
 def test_emulated_matches_direct_kernel(ex):
     """The phase split and the direct DGRAD kernel agree (float64) on a strided case."""

@@ -97,7 +97,7 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
     phased, phase_note = None, ""
     if op == "input_grad" and tuple(geom.stride) != (1, 1):
         phased, phase_note = phased_dgrad_rule(geom, dtype, tf32, prec_why, workspace_bytes,
-                                               sm_count)
+                                               sm_count, cupy_tf32)
         if phased is not None:
             return phased
 
@@ -131,6 +131,7 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
         why += f"; the reduction cut into {slices} slices summed in a fixed order"
     why += phase_note
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
+    big = tiles[0]
     return Algo(name_algo, tuple(params), why)
 
 
@@ -373,7 +374,8 @@ def gemm_seconds(M: int, NG: int, reduction: int, groups: int, tile: SimtTile | 
 
 
 def phased_dgrad_rule(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why: str,
-                      workspace_bytes: int, sm_count: int) -> tuple[Optional[Algo], str]:
+                      workspace_bytes: int, sm_count: int,
+                      cupy_tf32: bool = False) -> tuple[Optional[Algo], str]:
     """``(implicit_gemm_phases, "")`` for a strided input gradient when the phase split's
     modelled time (`phased_dgrad_plan`) beats the direct DGRAD kernel's and its workspace fits
     the bound, else ``(None, note)`` with the reason for the direct kernel's explanation.
@@ -392,7 +394,7 @@ def phased_dgrad_rule(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
                          workspace_bytes, resident)
     direct = gemm_seconds(M, NG, KG, geom.groups, tile, splits, sm_count, resident,
                           result_bytes)
-    algo, phased = phased_dgrad_plan(geom, dtype, tf32, prec_why, workspace_bytes, sm_count)
+    algo, phased = phased_dgrad_plan(geom, dtype, tf32, workspace_bytes, sm_count, cupy_tf32)
     fraction = algo.get("multiply_fraction")
     model = f"modelled {phased * 1e6:.1f} us against {direct * 1e6:.1f} us direct"
     if algo.get("workspace_bytes") > workspace_bytes:
@@ -404,23 +406,25 @@ def phased_dgrad_rule(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
     return dataclasses.replace(algo, reason=f"{algo.reason} ({model}); {prec_why}"), ""
 
 
-def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why: str,
-                      workspace_bytes: int, sm_count: int) -> tuple[Algo, float]:
+def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace_bytes: int,
+                      sm_count: int, cupy_tf32: bool = False) -> tuple[Algo, float]:
     """``(algo, seconds)``: the ``implicit_gemm_phases`` plan of a strided input gradient
     and its modelled time, whether or not it pays (`phased_dgrad_rule` decides).
 
     Each phase of ``cuda_dgrad.phases`` that a tap reaches gets the forward implicit GEMM's
     tile (`pick_tile`) and reduction slices (`gemm_splits`) for its own GEMM (``N*Hi*Wi``
-    rows, ``C/groups`` columns, ``K/groups*Rj*Sj`` reduction): parameter ``phases`` holds
-    ``(ph, pw, tile, splits)`` per phase with a tap, ``gemm`` the forward algorithm that runs
-    them (``implicit_gemm`` or ``implicit_gemm_tf32``), ``kernels`` their instantiations.
-    Model: the phase GEMMs (`gemm_seconds`), `ASSUMED_LAUNCH_SECONDS` per extra launch
-    (sub-kernel copy, scatter, slice sum, zero fill), grad_input read and written once more by
-    the scatters. Workspace: the largest phase image with its sub-kernel and slices.
+    rows, ``C/groups`` columns, ``K/groups*Rj*Sj`` reduction), or, when the sub-problem is a
+    plain 1x1 conv in strict precision (rule 2's conditions), ``gemm_1x1`` (cuBLAS). Parameter
+    ``phases`` holds ``(ph, pw, algorithm, tile, splits)`` per phase with a tap (``tile`` None
+    for ``gemm_1x1``), ``kernels`` the kernels they run. Model: the phase GEMMs
+    (`gemm_seconds`; cuBLAS modelled as the largest tile), `ASSUMED_LAUNCH_SECONDS` per extra
+    launch (sub-kernel copy, scatter, slice sum, zero fill), grad_input read and written once
+    more by the scatters. Workspace: the largest phase image with its sub-kernel and slices.
     """
     size = dtype.itemsize
     tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, FPROP)
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
+    big = tiles[0]
     precision = "tf32" if tf32 else _exact(dtype)
     plans, kernels = [], []
     seconds = 2 * geom.N * geom.C * geom.H * geom.W * size / ASSUMED_BANDWIDTH
@@ -431,10 +435,18 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
             seconds += ASSUMED_LAUNCH_SECONDS
             continue
         M, NG, KG = cuda_conv.gemm_shape(sub, FPROP)
-        tile = pick_tile(M, NG, sub.groups, tiles, sm_count, FPROP)
-        resident = cuda_conv.resident_blocks(tile, FPROP)
         image = sub.N * sub.K * sub.P * sub.Q * size
         weight = sub.K * sub.C // sub.groups * sub.R * sub.S * size
+        if _plain_1x1(sub) and not tf32 and not cupy_tf32:
+            workspace = max(workspace, image + weight)
+            resident = cuda_conv.resident_blocks(big, FPROP)
+            seconds += (gemm_seconds(M, NG, KG, 1, big, 1, sm_count, resident, image)
+                        + 2 * ASSUMED_LAUNCH_SECONDS)
+            kernels.append("cupy.matmul")
+            plans.append((*phase.index, "gemm_1x1", None, 1))
+            continue
+        tile = pick_tile(M, NG, sub.groups, tiles, sm_count, FPROP)
+        resident = cuda_conv.resident_blocks(tile, FPROP)
         blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * sub.groups
         splits = gemm_splits(blocks, KG, tile, sm_count, sub.groups, image,
                              max(0, workspace_bytes - image - weight), resident)
@@ -446,17 +458,18 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
                     + ASSUMED_LAUNCH_SECONDS * (3 if slices > 1 else 2))
         kernels.append(cuda_conv.tf32_kernel_name(FPROP, tile) if tf32
                        else cuda_conv.simt_kernel_name(dtype, FPROP, tile))
-        plans.append((*phase.index, dataclasses.astuple(tile), slices))
+        plans.append((*phase.index, name_algo, dataclasses.astuple(tile), slices))
     fraction = cuda_dgrad.multiply_fraction(geom)
     sh, sw = geom.stride
     zeroed = sh * sw - len(plans)
     why = (f"stride {sh}x{sw} input gradient split into its {sh * sw} input phases: "
-           f"{len(plans)} dense stride-1 implicit GEMM(s) of grad_output with the phase "
-           "sub-kernels (forward kernel), scattered into grad_input"
+           f"{len(plans)} dense stride-1 forward convolution(s) of grad_output with the "
+           f"phase sub-kernels ({', '.join(dict.fromkeys(p[2] for p in plans))}), scattered "
+           "into grad_input"
            + (f", {zeroed} phase(s) no tap reaches zeroed" if zeroed else "")
            + f"; {fraction:.0%} of the direct kernel's multiplies, none on the zeros of the "
            "stride-dilated grad_output")
-    params = (("phases", tuple(plans)), ("gemm", name_algo),
+    params = (("phases", tuple(plans)),
               ("kernels", tuple(dict.fromkeys(kernels))), ("precision", precision),
               ("workspace_bytes", workspace), ("multiply_fraction", fraction))
     return Algo("implicit_gemm_phases", params, why), seconds
