@@ -12,9 +12,10 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
    `WINOGRAD_MAX_SUM` terms (the float32 error bound), and its workspace (transformed filter;
    weight-gradient slices) fits the bound.
 4. The input gradient of a strided layer (stride != 1): ``implicit_gemm_phases``, split by
-   the stride**2 input phases, each a dense stride-1 forward implicit GEMM of grad_output with
-   its sub-kernel (``kernels/cuda_dgrad.py``), when a time model (`phased_dgrad_rule`) says it
-   beats the direct kernel, whose FMAs mostly meet the zeros of the stride-dilated
+   the stride**2 input phases, each a dense stride-1 forward conv of grad_output with its
+   sub-kernel (``kernels/cuda_dgrad.py``) through the forward implicit GEMM (``gemm_1x1`` for
+   a plain 1x1 phase under rule 2's conditions), when a time model (`phased_dgrad_rule`) says
+   it beats the direct kernel, whose FMAs mostly meet the zeros of the stride-dilated
    grad_output, and its workspace fits the bound.
 5. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
@@ -131,7 +132,6 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
         why += f"; the reduction cut into {slices} slices summed in a fixed order"
     why += phase_note
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
-    big = tiles[0]
     return Algo(name_algo, tuple(params), why)
 
 
