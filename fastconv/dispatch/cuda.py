@@ -417,14 +417,13 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace
     plain 1x1 conv in strict precision (rule 2's conditions), ``gemm_1x1`` (cuBLAS). Parameter
     ``phases`` holds ``(ph, pw, algorithm, tile, splits)`` per phase with a tap (``tile`` None
     for ``gemm_1x1``), ``kernels`` the kernels they run. Model: the phase GEMMs
-    (`gemm_seconds`; cuBLAS modelled as the largest tile), `ASSUMED_LAUNCH_SECONDS` per extra
+    (`gemm_seconds`; cuBLAS as the implicit GEMM), `ASSUMED_LAUNCH_SECONDS` per extra
     launch (sub-kernel copy, scatter, slice sum, zero fill), grad_input read and written once
     more by the scatters. Workspace: the largest phase image with its sub-kernel and slices.
     """
     size = dtype.itemsize
     tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, FPROP)
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
-    big = tiles[0]
     precision = "tf32" if tf32 else _exact(dtype)
     plans, kernels = [], []
     seconds = 2 * geom.N * geom.C * geom.H * geom.W * size / ASSUMED_BANDWIDTH
@@ -437,25 +436,24 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace
         M, NG, KG = cuda_conv.gemm_shape(sub, FPROP)
         image = sub.N * sub.K * sub.P * sub.Q * size
         weight = sub.K * sub.C // sub.groups * sub.R * sub.S * size
-        if _plain_1x1(sub) and not tf32 and not cupy_tf32:
-            workspace = max(workspace, image + weight)
-            resident = cuda_conv.resident_blocks(big, FPROP)
-            seconds += (gemm_seconds(M, NG, KG, 1, big, 1, sm_count, resident, image)
-                        + 2 * ASSUMED_LAUNCH_SECONDS)
-            kernels.append("cupy.matmul")
-            plans.append((*phase.index, "gemm_1x1", None, 1))
-            continue
         tile = pick_tile(M, NG, sub.groups, tiles, sm_count, FPROP)
         resident = cuda_conv.resident_blocks(tile, FPROP)
         blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * sub.groups
         splits = gemm_splits(blocks, KG, tile, sm_count, sub.groups, image,
                              max(0, workspace_bytes - image - weight), resident)
         slices, _ = cuda_conv.split_reduction(KG, splits, tile.bk)
+        seconds += gemm_seconds(M, NG, KG, sub.groups, tile, slices, sm_count, resident,
+                                image)
+        if _plain_1x1(sub) and not tf32 and not cupy_tf32:
+            # cuBLAS, modelled as no slower than the implicit GEMM's best plan
+            workspace = max(workspace, image + weight)
+            seconds += 2 * ASSUMED_LAUNCH_SECONDS
+            kernels.append("cupy.matmul")
+            plans.append((*phase.index, "gemm_1x1", None, 1))
+            continue
         ws = 0 if slices == 1 else slices * image
         workspace = max(workspace, image + weight + ws)
-        seconds += (gemm_seconds(M, NG, KG, sub.groups, tile, slices, sm_count, resident,
-                                 image)
-                    + ASSUMED_LAUNCH_SECONDS * (3 if slices > 1 else 2))
+        seconds += ASSUMED_LAUNCH_SECONDS * (3 if slices > 1 else 2)
         kernels.append(cuda_conv.tf32_kernel_name(FPROP, tile) if tf32
                        else cuda_conv.simt_kernel_name(dtype, FPROP, tile))
         plans.append((*phase.index, name_algo, dataclasses.astuple(tile), slices))
