@@ -267,9 +267,9 @@ PRECISIONS = [pytest.param(np.float32, "fp32", id="f32"),
               pytest.param(np.float64, "fp32", id="f64")]
 
 
-def _plan(geom, dtype, precision, sm_count=2):
+def _plan(geom, dtype, precision, sm_count=2, capability=rules.ASSUMED_CAPABILITY):
     """The plan the rule would run, whether or not it pays on this small shape."""
-    tf32, _ = rules._precision(precision, np.dtype(dtype), rules.ASSUMED_CAPABILITY)
+    tf32, _ = rules._precision(precision, np.dtype(dtype), capability)
     algo, _ = rules.phased_dgrad_plan(geom, np.dtype(dtype), tf32, 2**28, sm_count)
     return algo
 
@@ -391,7 +391,8 @@ def test_gpu_phase_split(name, dtype, precision):
     rng = np.random.default_rng(11)
     w = rng.standard_normal(geom.weight_shape).astype(dtype)
     gy = rng.standard_normal(geom.output_shape).astype(dtype)
-    algo = _plan(geom, dtype, precision, real.sm_count)
+    algo = _plan(geom, dtype, precision, real.sm_count,
+                 cuda_build.current_device().capability)
     out = backend.input_grad(poisoned, cupy.asarray(w), cupy.asarray(gy), geom, algo)
     tol = TF32_TOLERANCE if precision == "tf32" else TOLERANCE[np.dtype(dtype)]
     assert rel_err(cupy.asnumpy(out), reference.conv2d_input_grad(w, gy, geom)) < tol
