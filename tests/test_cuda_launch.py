@@ -483,6 +483,22 @@ def test_rules_name_the_vector_a_kernel_for_grouped_1x1(device):
                                                      padding=1, groups=4)).reason
 
 
+def test_phase_plan_names_the_vector_a_kernel_its_launch_runs(device):
+    """A grouped 1x1 stride-2 input gradient: its one reached phase is a grouped 1x1 unit-stride
+    forward conv, which gets the 16-byte A loader; the plan names the kernel the launch runs."""
+    from fastconv.kernels import cuda_dgrad  # noqa: PLC0415
+
+    g = _geom((8, 64, 28, 28), (128, 16, 1, 1), stride=2, groups=4)
+    algo, _ = rules.phased_dgrad_plan(g, np.dtype(np.float32), False, 2**30, 132)
+    (ph, pw, name, tile, splits), = algo.get("phases")
+    sub = cuda_dgrad.phases(g)[ph * 2 + pw].geom
+    gy = np.zeros(g.output_shape, np.float32)
+    w = np.zeros(sub.weight_shape, np.float32)
+    out = np.zeros(sub.output_shape, np.float32)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, gy, w, None, out, sub, SimtTile(*tile), splits)
+    assert spec.kernel.count(",") == 7 and algo.get("kernels") == (spec.kernel,)
+
+
 def test_rules_wave_quantisation():
     """Blocks per SM come in waves of the tile's resident count; a partial wave is slower per
     block (rules.PARTIAL_WAVE_EFFICIENCY)."""

@@ -459,7 +459,9 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace
         workspace = max(workspace, image + weight + ws)
         seconds += ASSUMED_LAUNCH_SECONDS * (3 if slices > 1 else 2)
         kernels.append(cuda_conv.tf32_kernel_name(FPROP, tile) if tf32
-                       else cuda_conv.simt_kernel_name(dtype, FPROP, tile))
+                       else cuda_conv.simt_kernel_name(
+                           dtype, FPROP, tile,
+                           cuda_conv.vector_a_shape_ok(FPROP, dtype, sub, tile)))
         plans.append((*phase.index, name_algo, dataclasses.astuple(tile), slices))
     fraction = cuda_dgrad.multiply_fraction(geom)
     sh, sw = geom.stride
