@@ -688,8 +688,7 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;
     const int gq = lane / 4, tq = lane % 4;  // "groupID" and "threadID_in_group" of the PTX ISA
     // This lane's fragments of the first mma tile of its warp tile, reduction steps 0..7:
-    // row pair tq (krow), lane slot gq (place); tile i (j) is 32 i (32 j/2) floats further.
-    const int a_off = 2 * tq * LDA + place<FRAG_A>(wm * WTM) + 4 * gq;
+    // row pair tq (krow), lane slot gq (place); tile i (j) is 32 i (16 j) floats further.
     const int b_off = 2 * tq * LDB + place<FRAG_B>(wn * WTN) + 4 * gq;
     float acc[MI][NI][4];
 #pragma unroll
@@ -701,6 +700,11 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
 
     mainloop<STAGES, true, LDA, LDB, BK, QA, QB>(s, la, lb, As, Bs, k_begin, k_end,
                                                  [&](const float* as, const float* bs) {
+        // Recomputed from the thread index at each step rather than kept live through the
+        // loop (as a_off of (tq, gq, wm) would be): one register fewer keeps the 128x128 tile
+        // at BK = 16 within 128 registers without a spill on sm_90.
+        const int l = threadIdx.x % 32, w = threadIdx.x / 32;
+        const int a_off = 2 * (l % 4) * LDA + place<FRAG_A>(w % WARPS_M * WTM) + 4 * (l / 4);
 #pragma unroll
         for (int k8 = 0; k8 < BK; k8 += 8) {
             // Fragments (PTX ISA, m16n8k8 .tf32): a = A[g][t], A[g+8][t], A[g][t+4],

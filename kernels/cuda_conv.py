@@ -91,7 +91,7 @@ SIMT_EXCLUDED: frozenset = frozenset({("float32", DGRAD, SimtTile(128, 128, 8, 8
 # memory. 128x64 takes BK = 16 (three stages, the barrier and the index gather amortised over
 # two mma k-steps); 128x128 stays at BK = 8 (four stages): at BK = 16 its loaders' registers
 # spill on sm_90 under the two-blocks-per-SM cap.
-TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 8, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
+TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
                                     Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
 CONV_STAGES = 4  # depth of the cp.async ring (conv2d.cu); TF32 tiles may take fewer
 

@@ -443,8 +443,8 @@ def test_rules_wave_quantisation():
     assert cuda_conv.resident_blocks(SimtTile(128, 128, 8, 8, 8), FPROP) == 1
     assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 4), FPROP) == 2
     assert cuda_conv.resident_blocks(SimtTile(32, 32, 8, 4, 4), FPROP) == 8
-    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), DGRAD) == 1
-    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), FPROP) == 2
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4), DGRAD) == 1
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4), FPROP) == 2
 
 
 def test_rules_weight_grad_slices_within_workspace(device):
