@@ -88,9 +88,9 @@ SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
 # for them at the kernels' 128-register cap.
 SIMT_EXCLUDED: frozenset = frozenset({("float32", DGRAD, SimtTile(128, 128, 8, 8, 8))})
 # conv_tf32 keeps a cp.async ring of tf32_stages(tile) stages in at most 48 KiB of static shared
-# memory. 128x64 takes BK = 16 (three stages, the barrier and the index gather amortised over
-# two mma k-steps); 128x128 stays at BK = 8 (four stages): at BK = 16 its loaders' registers
-# spill on sm_90 under the two-blocks-per-SM cap.
+# memory. The 128-wide tiles take BK = 16 (two mma k-steps per barrier and index gather): three
+# stages for 128x64, two for 128x128 (three would need 50688 bytes); the 64-wide ones BK = 8
+# with four. Every loader's column step (threads / BK) is a multiple of 16 (fragment order).
 TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
                                     Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
 CONV_STAGES = 4  # depth of the cp.async ring (conv2d.cu); TF32 tiles may take fewer

@@ -121,3 +121,21 @@ def test_tf32_wide_tiles_instructions_per_hmma(report):
         flagged = any("per HMMA" in p for p in k["problems"])
         assert flagged == (per > ceiling[mode]), (k["name"], k["arch"], per)
         assert per <= ceiling[mode], (k["name"], k["arch"], per)
+
+
+def test_tf32_gate_flags_a_kernel_over_its_ceiling():
+    """The report's TF32 gate itself, on synthetic counts (no compiler needed): a 128-wide TF32
+    kernel just over its mode's ceiling fails, one at it passes, a 64-wide one is not gated."""
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import sass_report as s\n"
+        "def k(name, total):\n"
+        "    return s.Kernel('conv2d.cu', name, 'sm_80', 256, registers=100, blocks_per_sm=2,\n"
+        "                    loop={'total': total, 'HMMA': 100, 'LDGSTS': 8})\n"
+        "c = s.TF32_MAX_PER_HMMA\n"
+        "f, d = 'fc::conv_tf32<0, 128, 64, 16, 4, 2>', 'fc::conv_tf32<1, 128, 128, 16, 2, 4>'\n"
+        "print(len(s.check(k(f, int(100 * c[0]) + 1))), len(s.check(k(f, int(100 * c[0])))),\n"
+        "      len(s.check(k(d, int(100 * c[1]) + 1))),\n"
+        "      len(s.check(k('fc::conv_tf32<0, 64, 64, 8, 2, 2>', 10000))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "0", "1", "0"]
