@@ -33,10 +33,14 @@
 //     thread is m = (i / V) * (BM/TM) * V + ty * V + i % V (V = 4 floats or 2 doubles), with
 //     ty fastest across a warp so the epilogue's 16-byte stores run along the pixels.
 //   conv_tf32: threads = 32 * WARPS_M * WARPS_N; warp (wm, wn) owns a (BM/WARPS_M) x
-//     (BN/WARPS_N) sub-tile made of 16x8 mma.sync tiles.
+//     (BN/WARPS_N) sub-tile made of 16x8 mma.sync tiles; operand tiles in mma fragment order
+//     (place<FRAG_A/FRAG_B>, krow: rows of BM + 4 and BN + 4 floats, reduction steps t and
+//     t + 4 of each group of 8 interleaved in row pair t).
 //   Static shared memory: CONV_STAGES (4) stages of (BK x (BM + PAD)) + (BK x (BN + PAD))
 //   elements (at most 35 KiB), filled by cp.async (sm_80+; a plain copy on older devices)
-//   three stages ahead of the arithmetic (see mainloop; one barrier per BK step). At most 128
+//   STAGES - 1 stages ahead of the arithmetic (see mainloop; one barrier per BK step);
+//   conv_tf32 takes tf32_stages(BM, BN, BK) stages, as many as fit in 48 KiB up to four
+//   (128x128 at BK = 16: two, 33 KiB; 128x64 at BK = 16: three, 37.5 KiB). At most 128
 //   registers per thread (two 256-thread blocks per SM), except the 128x128 SIMT tiles and the
 //   128x128 TF32 input gradient (one block per SM; cuda_conv.resident_blocks mirrors this).
 //   Arguments: a, b, bias (or null), out, then N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh,
@@ -47,9 +51,10 @@
 //   conv_simt<T, MODE, BM, BN, BK, TM, TN>: strict FP32 / FP64, one fused multiply-add per
 //     product, the reduction in the order of the tiles.
 //   conv_tf32<MODE, BM, BN, BK, WARPS_M, WARPS_N>: opt-in TF32 tensor cores (sm_80+): operands
-//     rounded to TF32 (cvt.rna) once, in shared memory, by the thread that copied them, before
-//     the tile is published; fragments read with 16-byte (or 8-byte) shared loads from a
-//     permuted row layout (place<Q>); fp32 accumulation. About 1e-3 relative error.
+//     rounded to TF32 (to_tf32: cvt.rna on sm_80, cvt.rn from sm_90) once, in shared memory,
+//     by the thread that copied them, before the tile is published; each A fragment and each
+//     pair of B fragments read with one 16-byte shared load straight into the registers
+//     mma.sync takes; fp32 accumulation. About 1e-3 relative error.
 //
 // Index arithmetic: tensor offsets are 64-bit (a tensor may exceed 2^31 elements); GEMM row
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
@@ -59,7 +64,11 @@
 // in CI with ptxas warnings for spills and local memory treated as failures
 // (tests/test_nvrtc.py); bench/sass_report.py (run by tests/test_sass_report.py) reports per
 // instantiation registers, shared memory, occupancy and the main loop's instruction mix, and
-// checks LDGSTS (cp.async) in every conv main loop and HMMA in every TF32 one. Executed on the
+// checks LDGSTS (cp.async) in every conv main loop and HMMA in every TF32 one, and a ceiling
+// of main-loop instructions per HMMA for the 128-wide TF32 tiles (per mode; issue 11's target
+// of 4 is not reached: exact rounding of each operand once in shared memory costs an LDS, a
+// cvt and an STS per element, 0.5 element per HMMA at 128x128, and the gathered operands'
+// address and bounds arithmetic more). Executed on the
 // CPU through the host emulation of tests/cuda_emu.h (blocks, threads, barriers, warp
 // shuffles, cp.async groups with zero-fill and poisoned pending destinations, the mma fragment
 // layout as the PTX ISA documents it) against the NumPy reference, for every tile and mode.
@@ -157,8 +166,8 @@ __device__ __forceinline__ void round_own(T* first) {
 // ---------------------------------------------------------------------------------------------
 // Tile loaders: `fetch<LD, Q>` starts the asynchronous copies (cp.async, zero-fill for taps
 // outside the image or past the reduction) of one BK x EXTENT tile of a GEMM operand into
-// shared memory laid out [kk][place<Q>(col)] with row stride LD, then moves the loader on by BK
-// reduction steps; `round<LD, Q>` rounds this thread's own elements of a landed tile to TF32.
+// shared memory laid out [kk][place<Q>(col)] with row stride LD (element at krow<LD, Q>(kk) +
+// place<Q>(col)), then moves the loader on by BK reduction steps; `round<LD, Q>` rounds this thread's own elements of a landed tile to TF32.
 // `init` places the loader at reduction step k_begin. Every thread copies the same (kk, col)
 // pattern in every stage.
 // ---------------------------------------------------------------------------------------------
