@@ -167,7 +167,8 @@ __device__ __forceinline__ void round_own(T* first) {
 // Tile loaders: `fetch<LD, Q>` starts the asynchronous copies (cp.async, zero-fill for taps
 // outside the image or past the reduction) of one BK x EXTENT tile of a GEMM operand into
 // shared memory laid out [kk][place<Q>(col)] with row stride LD (element at krow<LD, Q>(kk) +
-// place<Q>(col)), then moves the loader on by BK reduction steps; `round<LD, Q>` rounds this thread's own elements of a landed tile to TF32.
+// place<Q>(col)), then moves the loader on by BK reduction steps; `round<LD, Q>` rounds this
+// thread's own elements of a landed tile to TF32.
 // `init` places the loader at reduction step k_begin. Every thread copies the same (kk, col)
 // pattern in every stage.
 // ---------------------------------------------------------------------------------------------
