@@ -34,10 +34,14 @@
 //     thread is m = (i / V) * (BM/TM) * V + ty * V + i % V (V = 4 floats or 2 doubles), with
 //     ty fastest across a warp so the epilogue's 16-byte stores run along the pixels.
 //   conv_tf32: threads = 32 * WARPS_M * WARPS_N; warp (wm, wn) owns a (BM/WARPS_M) x
-//     (BN/WARPS_N) sub-tile made of 16x8 mma.sync tiles.
+//     (BN/WARPS_N) sub-tile made of 16x8 mma.sync tiles; operand tiles in mma fragment order
+//     (place<FRAG_A/FRAG_B>, krow: rows of BM + 4 and BN + 4 floats, reduction steps t and
+//     t + 4 of each group of 8 interleaved in row pair t).
 //   Static shared memory: CONV_STAGES (4) stages of (BK x (BM + PAD)) + (BK x (BN + PAD))
 //   elements (at most 35 KiB), filled by cp.async (sm_80+; a plain copy on older devices)
-//   three stages ahead of the arithmetic (see mainloop; one barrier per BK step). At most 128
+//   STAGES - 1 stages ahead of the arithmetic (see mainloop; one barrier per BK step);
+//   conv_tf32 takes tf32_stages(BM, BN, BK) stages, as many as fit in 48 KiB up to four
+//   (128x128 at BK = 16: two, 33 KiB; 128x64 at BK = 16: three, 37.5 KiB). At most 128
 //   registers per thread (two 256-thread blocks per SM), except the SIMT tiles with 8 x 8
 //   register blocking (room for 256 threads per SM: 128x128 with 256 threads, 128x64 with
 //   128) and the 128x128 TF32 input gradient (one block per SM); cuda_conv.resident_blocks
@@ -52,9 +56,10 @@
 //     DGRAD of 1x1 filters, unit stride, no padding, planes of whole vectors, A 16-byte
 //     aligned; the launcher checks): A is copied in 16-byte vectors of pixels (PlaneRows).
 //   conv_tf32<MODE, BM, BN, BK, WARPS_M, WARPS_N>: opt-in TF32 tensor cores (sm_80+): operands
-//     rounded to TF32 (cvt.rna) once, in shared memory, by the thread that copied them, before
-//     the tile is published; fragments read with 16-byte (or 8-byte) shared loads from a
-//     permuted row layout (place<Q>); fp32 accumulation. About 1e-3 relative error.
+//     rounded to TF32 (to_tf32: cvt.rna on sm_80, cvt.rn from sm_90) once, in shared memory,
+//     by the thread that copied them, before the tile is published; each A fragment and each
+//     pair of B fragments read with one 16-byte shared load straight into the registers
+//     mma.sync takes; fp32 accumulation. About 1e-3 relative error.
 //
 // Index arithmetic: tensor offsets are 64-bit (a tensor may exceed 2^31 elements); GEMM row
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
@@ -66,8 +71,12 @@
 // in CI with ptxas warnings for spills and local memory treated as failures
 // (tests/test_nvrtc.py); bench/sass_report.py (run by tests/test_sass_report.py) reports per
 // instantiation registers, shared memory, occupancy and the main loop's instruction mix, and
-// checks LDGSTS (cp.async) in every conv main loop, HMMA in every TF32 one and at least 75%
-// FFMA in the main loop of every FP32 SIMT kernel with a 128x128 or 128x64 tile. Executed on the
+// checks LDGSTS (cp.async) in every conv main loop, HMMA in every TF32 one, at least 75% FFMA
+// in the main loop of every FP32 SIMT kernel with a 128x128 or 128x64 tile, and a ceiling
+// of main-loop instructions per HMMA for the 128-wide TF32 tiles (per mode; issue 11's target
+// of 4 is not reached: exact rounding of each operand once in shared memory costs an LDS, a
+// cvt and an STS per element, 0.5 element per HMMA at 128x128, and the gathered operands'
+// address and bounds arithmetic more). Executed on the
 // CPU through the host emulation of tests/cuda_emu.h (blocks, threads, barriers, warp
 // shuffles, cp.async groups with zero-fill and poisoned pending destinations, the mma fragment
 // layout as the PTX ISA documents it) against the NumPy reference, for every tile and mode.
@@ -120,15 +129,40 @@ __device__ __forceinline__ void gemm_dims(const ConvShape& s, int& M, int& NG, i
 }
 
 // Where GEMM column c of an operand tile lives in its shared-memory row. Q = 1: in place.
-// Q = 2 or 4 (the TF32 kernel): within each block of 8Q columns, column 8j + g is stored at
-// Q g + j, so the Q columns g, g + 8, ... that one lane needs for Q mma tiles sit side by side
-// and are read with one 8- or 16-byte shared-memory load. For c0 < STEP with STEP a multiple
-// of 8, place(c0 + STEP i) = place(c0) + place(STEP i): the loaders keep place(c0) and add
-// compile-time offsets.
+// Q = 2 or 4: within each block of 8Q columns, column 8j + g is stored at Q g + j, so the Q
+// columns g, g + 8, ... that one lane needs for Q mma tiles sit side by side and are read with
+// one 8- or 16-byte shared-memory load.
+// Q = FRAG_A or FRAG_B (the TF32 kernel): the tile is stored in mma.m16n8k8 fragment order, so
+// that one 16-byte load gives a lane a whole A fragment, or the B fragments of two adjacent
+// n-tiles, in the register order mma.sync takes (no register moves). Reduction rows kk and
+// kk + 4 of each group of 8 share one row pair (see krow); within it, column c = 16 b + 8 h + g
+// (mma tile b, half h, row/column g of the tile) goes to 4 (8 b + g) + h (A: h is the row half
+// of a[]) or 4 (8 b + g) + 2 h (B: h picks the n-tile of the pair), and krow adds the
+// reduction half: 2 for A (a[2], a[3] are rows t + 4), 1 for B (b[1] is row t + 4).
+// For c0 < STEP with STEP a multiple of 8 (16 for FRAG_*), place(c0 + STEP i) = place(c0) +
+// place(STEP i): the loaders keep place(c0) and add compile-time offsets.
+constexpr int FRAG_A = -1, FRAG_B = -2;
+
 template <int Q>
 __device__ __forceinline__ int place(int c) {
     if constexpr (Q == 1) return c;
+    else if constexpr (Q == FRAG_A) return 4 * (c / 16 * 8 + c % 8) + c % 16 / 8;
+    else if constexpr (Q == FRAG_B) return 4 * (c / 16 * 8 + c % 8) + 2 * (c % 16 / 8);
     else return (c / (8 * Q)) * (8 * Q) + (c % 8) * Q + (c % (8 * Q)) / 8;
+}
+
+// Offset of reduction row kk in a tile of row stride LD. FRAG_A/FRAG_B: the 8 rows of each
+// group of 8 reduction steps become 4 row pairs of 2 LD elements, pair t holding steps t and
+// t + 4 interleaved (place), so a lane (g, t) of the mma reads its fragments from pair t. With
+// 2 LD = 8 (mod 32) the 8 lanes of each quarter-warp phase of those 16-byte loads hit distinct
+// banks.
+template <int LD, int Q>
+__device__ __forceinline__ int krow(int kk) {
+    if constexpr (Q == FRAG_A || Q == FRAG_B) {
+        return (kk / 8 * 8 + kk % 4 * 2) * LD + (kk % 8 / 4) * (Q == FRAG_A ? 2 : 1);
+    } else {
+        return kk * LD;
+    }
 }
 
 // Round, in place, the PER elements this thread copied into one tile row (at `first`, then
@@ -146,8 +180,9 @@ __device__ __forceinline__ void round_own(T* first) {
 // ---------------------------------------------------------------------------------------------
 // Tile loaders: `fetch<LD, Q>` starts the asynchronous copies (cp.async, zero-fill for taps
 // outside the image or past the reduction) of one BK x EXTENT tile of a GEMM operand into
-// shared memory laid out [kk][place<Q>(col)] with row stride LD, then moves the loader on by BK
-// reduction steps; `round<LD, Q>` rounds this thread's own elements of a landed tile to TF32.
+// shared memory laid out [kk][place<Q>(col)] with row stride LD (element at krow<LD, Q>(kk) +
+// place<Q>(col)), then moves the loader on by BK reduction steps; `round<LD, Q>` rounds this
+// thread's own elements of a landed tile to TF32.
 // `init` places the loader at reduction step k_begin. Every thread copies the same (kk, col)
 // pattern in every stage.
 // ---------------------------------------------------------------------------------------------
@@ -223,7 +258,7 @@ struct PixelGather {
 
     template <int LD, int Q>
     __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
-        T* row = tile + kk * LD + col;
+        T* row = tile + krow<LD, Q>(kk) + col;
         const bool kval = kidx < k_end;
         const int c = s.by_rs(kidx);  // tap (c, r, t) of this thread's reduction row
         const int rs = kidx - c * s.R * s.S;
@@ -257,7 +292,7 @@ struct PixelGather {
 
     template <int LD, int Q>
     __device__ __forceinline__ void round(T* tile) const {
-        round_own<PER, TPR, Q>(tile + kk * LD + col);
+        round_own<PER, TPR, Q>(tile + krow<LD, Q>(kk) + col);
     }
 };
 
@@ -304,7 +339,7 @@ struct PlaneRows {
 
     template <int LD, int Q>
     __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
-        T* row = tile + kk * LD + col;
+        T* row = tile + krow<LD, Q>(kk) + col;
         const bool kval = kidx < k_end;
         const long long off = wide(kidx, s.H * s.W);
 #pragma unroll
@@ -348,7 +383,7 @@ struct WeightTile {
 
     template <int LD, int Q>
     __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
-        T* row = tile + kk * LD + col;
+        T* row = tile + krow<LD, Q>(kk) + col;
         const bool kval = kidx < k_end;
         long long koff = kidx;  // FPROP: (c, r, s) is the contiguous tail of a filter
         if (MODE == DGRAD) {
@@ -368,7 +403,7 @@ struct WeightTile {
 
     template <int LD, int Q>
     __device__ __forceinline__ void round(T* tile) const {
-        round_own<PER, CPT, Q>(tile + kk * LD + col);
+        round_own<PER, CPT, Q>(tile + krow<LD, Q>(kk) + col);
     }
 };
 
@@ -401,7 +436,7 @@ struct WgradOutGrad {
 
     template <int LD, int Q>
     __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
-        T* row = tile + kk * LD + col;
+        T* row = tile + krow<LD, Q>(kk) + col;
         const bool kval = t < k_end;
         const int n = s.by_pq(t);
         const int PQ = s.P * s.Q;
@@ -416,7 +451,7 @@ struct WgradOutGrad {
 
     template <int LD, int Q>
     __device__ __forceinline__ void round(T* tile) const {
-        round_own<PER, CPT, Q>(tile + kk * LD + col);
+        round_own<PER, CPT, Q>(tile + krow<LD, Q>(kk) + col);
     }
 };
 
@@ -461,7 +496,7 @@ struct WgradInput {
 
     template <int LD, int Q>
     __device__ __forceinline__ void fetch(const ConvShape& s, int k_end, T* tile) {
-        T* row = tile + kk * LD + col;
+        T* row = tile + krow<LD, Q>(kk) + col;
         const bool kval = t < k_end;
         const int n = s.by_pq(t);
         const int pq = t - n * s.P * s.Q;
@@ -480,7 +515,7 @@ struct WgradInput {
 
     template <int LD, int Q>
     __device__ __forceinline__ void round(T* tile) const {
-        round_own<PER, CPT, Q>(tile + kk * LD + col);
+        round_own<PER, CPT, Q>(tile + krow<LD, Q>(kk) + col);
     }
 };
 
@@ -704,6 +739,13 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 // ---------------------------------------------------------------------------------------------
 // Registers: at most 128 per thread (512 threads per SM), except DGRAD with a 128 x 128 tile,
 // whose stride-division state spills at that cap on sm_80 (one block per SM instead).
+// Depth of the cp.async ring of a TF32 tile: CONV_STAGES, or as many stages as fit in 48 KiB of
+// static shared memory (rows of BM + 4 and BN + 4 floats); cuda_conv.tf32_stages mirrors it.
+__host__ __device__ constexpr int tf32_stages(int BM, int BN, int BK) {
+    return (48 * 1024) / (BK * (BM + BN + 8) * 4) < CONV_STAGES
+               ? (48 * 1024) / (BK * (BM + BN + 8) * 4) : CONV_STAGES;
+}
+
 template <int MODE, int NT, int BM, int BN>
 __host__ __device__ constexpr int tf32_min_blocks() {
     return MODE == DGRAD && BM * BN >= 128 * 128 ? 1 : 512 / NT;
@@ -719,16 +761,16 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     constexpr int NT = 32 * WARPS_M * WARPS_N;
     constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
     constexpr int MI = WTM / 16, NI = WTN / 8;             // mma tiles per warp
-    // Operand rows are stored permuted (place<Q>): a lane reads the A values of two mma tiles
-    // (rows g, g + 8, g + 16, g + 24 of a 32-row block) with one 16-byte load, and the B
-    // values of QB mma tiles with one 4 * QB-byte load. PAD = 8 floats: in each quarter-warp
-    // phase of such a load the 8 lanes (two rows t, 4 columns each) hit distinct banks.
-    constexpr int QA = 4, QB = WTN % 32 == 0 ? 4 : 2;
-    constexpr int LDA = BM + 8, LDB = BN + 8;
-    static_assert(WTM % 32 == 0 && WTN % (8 * QB) == 0 && BK % 8 == 0,
+    // Operands in mma fragment order (place<FRAG_A>, place<FRAG_B>, krow): one 16-byte load
+    // per A fragment and per pair of B fragments. Rows of BM + 4 floats (2 LD = 8 mod 32).
+    constexpr int QA = FRAG_A, QB = FRAG_B;
+    constexpr int LDA = BM + 4, LDB = BN + 4;
+    constexpr int STAGES = tf32_stages(BM, BN, BK);
+    static_assert(WTM % 16 == 0 && WTN % 16 == 0 && BK % 8 == 0 && (NT / BK) % 16 == 0,
                   "conv_tf32: bad tile shape");
-    __shared__ __align__(16) float As[CONV_STAGES * BK * LDA];
-    __shared__ __align__(16) float Bs[CONV_STAGES * BK * LDB];
+    static_assert(STAGES >= 2, "conv_tf32: two stages do not fit in static shared memory");
+    __shared__ __align__(16) float As[STAGES * BK * LDA];
+    __shared__ __align__(16) float Bs[STAGES * BK * LDB];
 
     const ConvShape s{N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw, groups, FC_FASTDIVS};
     const int tid = threadIdx.x;
@@ -747,6 +789,9 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     const int lane = tid % 32, warp = tid / 32;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;
     const int gq = lane / 4, tq = lane % 4;  // "groupID" and "threadID_in_group" of the PTX ISA
+    // This lane's fragments of the first mma tile of its warp tile, reduction steps 0..7:
+    // row pair tq (krow), lane slot gq (place); tile i (j) is 32 i (16 j) floats further.
+    const int b_off = 2 * tq * LDB + place<FRAG_B>(wn * WTN) + 4 * gq;
     float acc[MI][NI][4];
 #pragma unroll
     for (int i = 0; i < MI; ++i)
@@ -755,33 +800,31 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
 
-    mainloop<CONV_STAGES, true, LDA, LDB, BK, QA, QB>(s, la, lb, As, Bs, k_begin, k_end,
+    mainloop<STAGES, true, LDA, LDB, BK, QA, QB>(s, la, lb, As, Bs, k_begin, k_end,
                                                  [&](const float* as, const float* bs) {
+        // Recomputed from the thread index at each step rather than kept live through the
+        // loop (as a_off of (tq, gq, wm) would be): one register fewer keeps the 128x128 tile
+        // at BK = 16 within 128 registers without a spill on sm_90.
+        const int l = threadIdx.x % 32, w = threadIdx.x / 32;
+        const int a_off = 2 * (l % 4) * LDA + place<FRAG_A>(w % WARPS_M * WTM) + 4 * (l / 4);
 #pragma unroll
         for (int k8 = 0; k8 < BK; k8 += 8) {
             // Fragments (PTX ISA, m16n8k8 .tf32): a = A[g][t], A[g+8][t], A[g][t+4],
-            // A[g+8][t+4]; b = B[t][g], B[t+4][g]; h selects reduction row t or t + 4.
+            // A[g+8][t+4]; b = B[t][g], B[t+4][g].
             unsigned a[MI][4], b[NI][2];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float* ra = as + (k8 + tq + 4 * h) * LDA + wm * WTM + QA * gq;
+            for (int i = 0; i < MI; ++i) {
+                float v[4];
+                load16(v, as + k8 * LDA + a_off + 32 * i);
 #pragma unroll
-                for (int blk = 0; blk < WTM / 32; ++blk) {
-                    float v[4];
-                    load16(v, ra + 32 * blk);
+                for (int q = 0; q < 4; ++q) a[i][q] = __float_as_uint(v[q]);
+            }
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) a[2 * blk + q / 2][2 * h + q % 2] =
-                        __float_as_uint(v[q]);
-                }
-                const float* rb = bs + (k8 + tq + 4 * h) * LDB + wn * WTN + QB * gq;
+            for (int j = 0; j < NI; j += 2) {
+                float v[4];
+                load16(v, bs + k8 * LDB + b_off + 16 * j);
 #pragma unroll
-                for (int blk = 0; blk < WTN / (8 * QB); ++blk) {
-                    float v[QB];
-                    if constexpr (QB == 4) load16(v, rb + 32 * blk);
-                    else load8(v, rb + 16 * blk);
-#pragma unroll
-                    for (int q = 0; q < QB; ++q) b[QB * blk + q][h] = __float_as_uint(v[q]);
-                }
+                for (int q = 0; q < 4; ++q) b[j + q / 2][q % 2] = __float_as_uint(v[q]);
             }
 #pragma unroll
             for (int i = 0; i < MI; ++i)

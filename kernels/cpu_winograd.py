@@ -46,8 +46,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import valid_range
-from .cpu_workspace import (DEFAULT_CHUNK_BYTES, scratch, winograd_tile_bytes,
-                            workspace_bound)
+from .cpu_workspace import (DEFAULT_CHUNK_BYTES, WINOGRAD_TEMP_CHANNELS, scratch,
+                            winograd_tile_bytes, workspace_bound)
 
 _BT = {
     2: [[1, 0, -1, 0],
@@ -561,12 +561,14 @@ def _buffers(C: int, K: int, tw: int, m: int, p: Plan, dtype, bound: int) -> tup
     """Per-worker buffers ``V (A*A * C * L)``, ``M (A*A * K * L)`` for ``L = rb * vw`` and the
     transforms' temporaries, which hold passes of ``E`` elements (the input transform's
     planes and row pass, then the output transform's two passes, in the same memory); with
-    ``E`` below the per-row allowance of ``cpu_workspace`` (``4 * A*A * vw`` elements)."""
+    ``E`` below the per-row allowance of ``cpu_workspace``
+    (``WINOGRAD_TEMP_CHANNELS * A*A * vw`` elements)."""
     A = m + 2
     vw = row_width(tw)
     L = p.rb * vw
     rows = m * m + A * m
-    E = max((p.rb + 1) * vw, min(PASS_ELEMS, (4 * A * A * L - m * m) // rows))
+    allowance = (WINOGRAD_TEMP_CHANNELS * A * A * L - m * m) // rows
+    E = max((p.rb + 1) * vw, min(PASS_ELEMS, allowance))
     vbuf = scratch((p.nw, A * A * C * L), dtype, bound)
     mbuf = scratch((p.nw, A * A * K * L), dtype, bound)
     tbuf = scratch((p.nw, rows * E + m * m), dtype, bound)

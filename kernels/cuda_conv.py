@@ -87,11 +87,21 @@ SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
 # (dtype, mode, tile) combinations never requested (none at present: the 128x128 input
 # gradient spilled while its stride checks divided per element; see PixelGather in conv2d.cu).
 SIMT_EXCLUDED: frozenset = frozenset()
-# BK = 8 (one mma k-step per stage): four cp.async stages of a 128x128 tile then take 35 KiB of
-# static shared memory; BK = 16 would need 70 KiB (dynamic shared memory with an opt-in the
-# launcher does not make yet).
-TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 8, 2, 4), Tf32Tile(128, 64, 8, 4, 2),
+# conv_tf32 keeps a cp.async ring of tf32_stages(tile) stages in at most 48 KiB of static shared
+# memory. The 128-wide tiles take BK = 16 (two mma k-steps per barrier and index gather): three
+# stages for 128x64, two for 128x128 (three would need 50688 bytes); the 64-wide ones BK = 8
+# with four. Every loader's column step (threads / BK) is a multiple of 16 (fragment order).
+TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
                                     Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
+CONV_STAGES = 4  # depth of the cp.async ring (conv2d.cu); TF32 tiles may take fewer
+
+
+def tf32_stages(tile: Tf32Tile) -> int:
+    """Stages of the cp.async ring of a ``conv_tf32`` tile (``tf32_stages`` in conv2d.cu): four,
+    or as many as fit in 48 KiB with rows of BM + 4 and BN + 4 floats."""
+    return min(CONV_STAGES, SMEM_LIMIT // (tile.bk * (tile.bm + tile.bn + 8) * 4))
+
+
 DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2),
                                              "float64": DepthwiseTile(16, 32, 2)}
 DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad

@@ -61,12 +61,22 @@ def test_simt_tiles_satisfy_kernel_constraints():
 
 
 def test_tf32_tiles_satisfy_kernel_constraints():
+    """The static_asserts of conv_tf32 and its loaders (fragment-order layout: every loader's
+    column step a multiple of 16), and a ring of at least two stages in 48 KiB."""
     for t in cuda_conv.TF32_TILES:
         nt = t.threads
-        assert (t.bm // t.warps_m) % 16 == 0 and (t.bn // t.warps_n) % 8 == 0, t
-        assert t.bk % 8 == 0 and nt % t.bk == 0
+        assert (t.bm // t.warps_m) % 16 == 0 and (t.bn // t.warps_n) % 16 == 0, t
+        assert t.bk % 8 == 0 and nt % t.bk == 0 and (nt // t.bk) % 16 == 0, t
         assert t.bm % (nt // t.bk) == 0 and t.bn % (nt // t.bk) == 0
-        assert 2 * t.bk * (t.bm + t.bn + 16) * 4 <= cuda_conv.SMEM_LIMIT
+        stages = cuda_conv.tf32_stages(t)
+        assert 2 <= stages <= cuda_conv.CONV_STAGES, t
+        assert stages * t.bk * (t.bm + t.bn + 8) * 4 <= cuda_conv.SMEM_LIMIT
+
+
+def test_tf32_stages():
+    assert cuda_conv.tf32_stages(Tf32Tile(128, 128, 8, 2, 4)) == 4
+    assert cuda_conv.tf32_stages(Tf32Tile(128, 64, 16, 4, 2)) == 3   # 3 x 12800 B
+    assert cuda_conv.tf32_stages(Tf32Tile(128, 128, 16, 2, 4)) == 2  # 3 x 16896 B > 48 KiB
 
 
 def test_kernel_names_cover_every_tile_mode_and_dtype():
@@ -83,7 +93,7 @@ def test_kernel_names_cover_every_tile_mode_and_dtype():
     assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>" in names
     assert "fc::conv_simt<float, 1, 128, 128, 8, 8, 8>" in names
     assert "fc::conv_simt<double, 2, 64, 64, 8, 4, 4>" in names
-    assert "fc::conv_tf32<1, 128, 64, 8, 4, 2>" in names
+    assert "fc::conv_tf32<1, 128, 64, 16, 4, 2>" in names
     dw = cuda_conv.all_kernel_names()["depthwise.cu"]
     assert "fc::depthwise_fprop<float, 16, 32, 2>" in dw and "fc::depthwise_dgrad<double>" in dw
 
@@ -158,11 +168,11 @@ def test_weight_grad_launch_slices_the_reduction():
 
 def test_tf32_launch_needs_float32():
     x, w, b, y = _arrays(R3)
-    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, Tf32Tile(128, 64, 8, 4, 2))
-    assert spec.kernel == "fc::conv_tf32<0, 128, 64, 8, 4, 2>" and spec.block == (256, 1, 1)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, Tf32Tile(128, 64, 16, 4, 2))
+    assert spec.kernel == "fc::conv_tf32<0, 128, 64, 16, 4, 2>" and spec.block == (256, 1, 1)
     x64, w64, b64, y64 = _arrays(R3, np.float64)
     with pytest.raises(TypeError):
-        cuda_conv.implicit_gemm_launch(FPROP, x64, w64, b64, y64, R3, Tf32Tile(128, 64, 8, 4, 2))
+        cuda_conv.implicit_gemm_launch(FPROP, x64, w64, b64, y64, R3, Tf32Tile(128, 64, 16, 4, 2))
 
 
 def test_launch_refuses_rows_past_32_bits():
@@ -512,8 +522,8 @@ def test_rules_wave_quantisation():
     assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 8), FPROP) == 2  # 128 threads
     assert cuda_conv.resident_blocks(SimtTile(128, 32, 8, 8, 4), FPROP) == 4
     assert cuda_conv.resident_blocks(SimtTile(32, 32, 8, 4, 4), FPROP) == 8
-    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), DGRAD) == 1
-    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), FPROP) == 2
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4), DGRAD) == 1
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4), FPROP) == 2
 
 
 def test_rules_weight_grad_slices_within_workspace(device):

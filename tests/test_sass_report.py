@@ -2,8 +2,9 @@
 
 The report compiles every kernel the launchers can request with NVRTC for sm_80 and sm_90,
 disassembles it (cuobjdump/nvdisasm wheels of the ``test`` extra) and fails on a spill, on
-local memory, on a TF32 kernel without HMMA in its main loop and on a pipelined kernel whose
-main loop has no LDGSTS (cp.async). It runs once, as a subprocess (bench/ is never imported by
+local memory, on a TF32 kernel without HMMA in its main loop, on a 128-wide TF32 kernel above
+its mode's ceiling of main-loop instructions per HMMA, and on a pipelined kernel whose main
+loop has no LDGSTS (cp.async). It runs once, as a subprocess (bench/ is never imported by
 the tests); its JSON output feeds the finer checks below. Skipped where NVRTC or the
 disassembler is missing, except in CI, where the ``test`` extra installs them.
 """
@@ -147,3 +148,44 @@ def test_ffma_gate_flags_a_kernel_under_target():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "0", "0", "0"]
+
+
+def test_tf32_wide_tiles_instructions_per_hmma(report):
+    """Every TF32 kernel with a 128-wide tile (both architectures, every mode) stays within its
+    mode's ceiling of main-loop instructions per HMMA, and the report flags exactly those above
+    it (the gate of ``--check``)."""
+    import re  # noqa: PLC0415
+
+    from fastconv.kernels import cuda_conv  # noqa: PLC0415
+
+    data = _data(report)
+    ceiling = {int(m): v for m, v in data["tf32_max_per_hmma"].items()}
+    wide = [k for k in data["kernels"] if re.search(data["tf32_wide"], k["name"])]
+    expected = {(cuda_conv.tf32_kernel_name(mode, t), arch) for t in cuda_conv.TF32_TILES
+                if t.bm == 128 for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD)
+                for arch in ("sm_80", "sm_90")}
+    assert {(k["name"], k["arch"]) for k in wide} == expected
+    for k in wide:
+        mode = int(k["name"][len("fc::conv_tf32<")])
+        per = k["loop"]["total"] / k["loop"]["HMMA"]
+        flagged = any("per HMMA" in p for p in k["problems"])
+        assert flagged == (per > ceiling[mode]), (k["name"], k["arch"], per)
+        assert per <= ceiling[mode], (k["name"], k["arch"], per)
+
+
+def test_tf32_gate_flags_a_kernel_over_its_ceiling():
+    """The report's TF32 gate itself, on synthetic counts (no compiler needed): a 128-wide TF32
+    kernel just over its mode's ceiling fails, one at it passes, a 64-wide one is not gated."""
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import sass_report as s\n"
+        "def k(name, total):\n"
+        "    return s.Kernel('conv2d.cu', name, 'sm_80', 256, registers=100, blocks_per_sm=2,\n"
+        "                    loop={'total': total, 'HMMA': 100, 'LDGSTS': 8})\n"
+        "c = s.TF32_MAX_PER_HMMA\n"
+        "f, d = 'fc::conv_tf32<0, 128, 64, 16, 4, 2>', 'fc::conv_tf32<1, 128, 128, 16, 2, 4>'\n"
+        "print(len(s.check(k(f, int(100 * c[0]) + 1))), len(s.check(k(f, int(100 * c[0])))),\n"
+        "      len(s.check(k(d, int(100 * c[1]) + 1))),\n"
+        "      len(s.check(k('fc::conv_tf32<0, 64, 64, 8, 2, 2>', 10000))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "0", "1", "0"]
