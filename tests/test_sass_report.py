@@ -133,21 +133,29 @@ def test_big_fp32_simt_tiles_are_ffma_bound(report):
         assert share >= 0.75, (k["name"], k["arch"], share)
 
 
+def _gate_problems(defs: str, calls: str) -> list[str]:
+    """Run the report's ``check`` on synthetic kernels in a subprocess (bench/ is not imported
+    by the tests): ``k(name, **loop)`` builds one with the given main-loop counts, ``defs``
+    may add names, and the problem counts of the comma-separated kernels ``calls`` come back."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import sass_report as s\n"
+            "def k(name, **loop):\n"
+            "    return s.Kernel('conv2d.cu', name, 'sm_90', 256, registers=100,\n"
+            "                    blocks_per_sm=2, loop={'LDGSTS': 8, **loop})\n"
+            + defs + f"print(*(len(s.check(x)) for x in ({calls},)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
 def test_ffma_gate_flags_a_kernel_under_target():
     """The report's gate itself, on synthetic counts (no compiler needed): 74.9% FFMA fails a
     gated kernel, 75% passes, and a 128x32 tile is not gated."""
-    code = (
-        "import sys; sys.path.insert(0, 'bench'); import sass_report as s\n"
-        "def k(name, ffma):\n"
-        "    return s.Kernel('conv2d.cu', name, 'sm_90', 128, registers=100, blocks_per_sm=2,\n"
-        "                    loop={'total': 1000, 'FFMA': ffma, 'LDGSTS': 8})\n"
-        "big = 'fc::conv_simt<float, 1, 128, 64, 8, 8, 8>'\n"
-        "print(len(s.check(k(big, 749))), len(s.check(k(big, 750))),\n"
-        "      len(s.check(k('fc::conv_simt<float, 1, 128, 32, 8, 8, 4>', 100))),\n"
-        "      len(s.check(k('fc::conv_simt<double, 1, 128, 128, 8, 8, 8>', 100))))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1", "0", "0", "0"]
+    defs = ("big = 'fc::conv_simt<float, 1, 128, 64, 8, 8, 8>'\n"
+            "def f(name, ffma):\n"
+            "    return k(name, total=1000, FFMA=ffma)\n")
+    calls = ("f(big, 749), f(big, 750), f('fc::conv_simt<float, 1, 128, 32, 8, 8, 4>', 100), "
+             "f('fc::conv_simt<double, 1, 128, 128, 8, 8, 8>', 100)")
+    assert _gate_problems(defs, calls) == ["1", "0", "0", "0"]
 
 
 def test_tf32_wide_tiles_instructions_per_hmma(report):
@@ -176,16 +184,11 @@ def test_tf32_wide_tiles_instructions_per_hmma(report):
 def test_tf32_gate_flags_a_kernel_over_its_ceiling():
     """The report's TF32 gate itself, on synthetic counts (no compiler needed): a 128-wide TF32
     kernel just over its mode's ceiling fails, one at it passes, a 64-wide one is not gated."""
-    code = (
-        "import sys; sys.path.insert(0, 'bench'); import sass_report as s\n"
-        "def k(name, total):\n"
-        "    return s.Kernel('conv2d.cu', name, 'sm_80', 256, registers=100, blocks_per_sm=2,\n"
-        "                    loop={'total': total, 'HMMA': 100, 'LDGSTS': 8})\n"
-        "c = s.TF32_MAX_PER_HMMA\n"
-        "f, d = 'fc::conv_tf32<0, 128, 64, 16, 4, 2>', 'fc::conv_tf32<1, 128, 128, 16, 2, 4>'\n"
-        "print(len(s.check(k(f, int(100 * c[0]) + 1))), len(s.check(k(f, int(100 * c[0])))),\n"
-        "      len(s.check(k(d, int(100 * c[1]) + 1))),\n"
-        "      len(s.check(k('fc::conv_tf32<0, 64, 64, 8, 2, 2>', 10000))))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1", "0", "1", "0"]
+    defs = ("c = s.TF32_MAX_PER_HMMA\n"
+            "f = 'fc::conv_tf32<0, 128, 64, 16, 4, 2>'\n"
+            "d = 'fc::conv_tf32<1, 128, 128, 16, 2, 4>'\n"
+            "def t(name, total):\n"
+            "    return k(name, total=total, HMMA=100)\n")
+    calls = ("t(f, int(100 * c[0]) + 1), t(f, int(100 * c[0])), t(d, int(100 * c[1]) + 1), "
+             "t('fc::conv_tf32<0, 64, 64, 8, 2, 2>', 10000)")
+    assert _gate_problems(defs, calls) == ["1", "0", "1", "0"]
