@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -216,40 +217,58 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb):
 
 
 @njit(parallel=True, cache=True)
-def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw):
+def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb):
+    """Tasks of ``cb`` input channels of one group and one image; with more than one, the
+    group's ``Kg`` padded ``grad_output`` planes are made once per task and shared."""
     N, C, H, W = gx.shape
     K, Cg, R, S = weight.shape
     P, Q = grad_output.shape[2], grad_output.shape[3]
-    Kg = K // (C // Cg)
+    G = C // Cg
+    Kg = K // G
     # gx[h, w] = sum w[R-1-r, S-1-s] * dyp[h + r*dh, w + s*dw], dyp = dy shifted by the
     # dilated kernel extent minus the forward padding (lecture notes 7.5)
     Hq, Wq = H + (R - 1) * dh, W + (S - 1) * dw
     top, left = (R - 1) * dh - pt, (S - 1) * dw - pl
     L = H * Wq
+    plane = Hq * Wq
+    ncb = (Cg + cb - 1) // cb
     dyf = grad_output.reshape(grad_output.size)
-    for task in prange(N * C):
-        n = task // C
-        c = task - n * C
-        g = c // Cg
-        cl = c - g * Cg
-        dyp = np.empty(Hq * Wq + (S - 1) * dw, dtype=gx.dtype)
-        acc = np.zeros(L, dtype=gx.dtype)
-        for kl in range(Kg):
-            k = g * Kg + kl
-            _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
-            if R == 3 and S == 3:
-                _taps3x3(acc, dyp, L, dh * Wq, dw, _window3x3(weight[k, cl], True))
-                continue
-            for r in range(R):
-                for s in range(S):
-                    wv = weight[k, cl, R - 1 - r, S - 1 - s]
-                    src = dyp[r * dh * Wq + s * dw:]
-                    for f in range(L):
-                        acc[f] += wv * src[f]
-        for h in range(H):
-            dst, src = gx[n, c, h], acc[h * Wq:h * Wq + W]
-            for w in range(W):
-                dst[w] = src[w]
+    for task in prange(N * G * ncb):
+        n = task // (G * ncb)
+        g = (task // ncb) % G
+        c0 = g * Cg + (task % ncb) * cb
+        c1 = min(c0 + cb, (g + 1) * Cg)
+        shared = c1 - c0 > 1
+        dyp = np.empty((Kg if shared else 1) * plane + (S - 1) * dw, dtype=gx.dtype)
+        if shared:
+            dyp[Kg * plane:] = 0      # read only into the discarded columns: keep it finite
+            for kl in range(Kg):
+                _pad_plane(dyf, (n * K + g * Kg + kl) * P * Q, P, Q,
+                           dyp[kl * plane:(kl + 1) * plane], Hq, Wq, top, left)
+        acc = np.empty(L, dtype=gx.dtype)
+        for c in range(c0, c1):
+            cl = c - g * Cg
+            acc[:] = 0
+            for kl in range(Kg):
+                k = g * Kg + kl
+                if shared:
+                    src = dyp[kl * plane:]
+                else:
+                    _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
+                    src = dyp
+                if R == 3 and S == 3:
+                    _taps3x3(acc, src, L, dh * Wq, dw, _window3x3(weight[k, cl], True))
+                    continue
+                for r in range(R):
+                    for s in range(S):
+                        wv = weight[k, cl, R - 1 - r, S - 1 - s]
+                        tap = src[r * dh * Wq + s * dw:]
+                        for f in range(L):
+                            acc[f] += wv * tap[f]
+            for h in range(H):
+                dst, row = gx[n, c, h], acc[h * Wq:h * Wq + W]
+                for w in range(W):
+                    dst[w] = row[w]
 
 
 @njit(parallel=True, cache=True)
@@ -297,20 +316,29 @@ def _stride1(geom, itemsize: int, algo) -> bool:
             and direct_plane_bytes(geom, itemsize) <= workspace_bound(algo))
 
 
-# Filters per task of the stride-1 forward when a group's padded planes are shared.
-FILTERS_PER_TASK = 8
+# Outputs (filters, or input channels for the input gradient) per task of the stride-1
+# kernels when a group's padded planes are shared.
+OUTPUTS_PER_TASK = 8
 
 
-def _filters_per_task(geom, itemsize: int, algo) -> int:
-    """``FILTERS_PER_TASK`` when a group has several filters and two threads' copies of its
-    ``Cg`` padded planes fit the workspace bound, else 1 (one padded plane at a time).
-    Measured on cifar3x3 forward (1 thread): padding each plane once per filter was a quarter
-    of the time."""
+def _outputs_per_task(op: str, geom, itemsize: int, algo) -> int:
+    """``OUTPUTS_PER_TASK`` when a group has several outputs and two threads' copies of its
+    padded input planes (``Cg`` of them; ``Kg`` for the input gradient) fit the workspace
+    bound, else 1 (one padded plane at a time). Measured on cifar3x3 (1 thread, serial CPU
+    time): padding each plane once per output was a quarter of the forward's time."""
     Kg, Cg = geom.K // geom.groups, geom.C // geom.groups
-    rows = geom.P + (geom.R - 1) * geom.dilation[0]
-    cols = geom.Q + (geom.S - 1) * geom.dilation[1]
-    shared = 2 * Cg * rows * cols * itemsize + direct_plane_bytes(geom, itemsize)
-    return FILTERS_PER_TASK if Kg > 1 and shared <= workspace_bound(algo) else 1
+    outs, ins = (Kg, Cg) if op == "forward" else (Cg, Kg)
+    rows = max(geom.P, geom.H) + (geom.R - 1) * geom.dilation[0]
+    cols = max(geom.Q, geom.W) + (geom.S - 1) * geom.dilation[1]
+    shared = 2 * ins * rows * cols * itemsize + direct_plane_bytes(geom, itemsize)
+    if outs <= 1 or shared > workspace_bound(algo):
+        return 1
+    # Enough tasks for the threads (a small batch); the bits do not depend on it: each output
+    # element is summed by one task in the same order whatever the grouping.
+    per, want = OUTPUTS_PER_TASK, 4 * numba.get_num_threads()
+    while per > 1 and geom.N * geom.groups * -(-outs // per) < want:
+        per //= 2
+    return per
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
@@ -320,7 +348,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
     b = bias if bias is not None else np.zeros(geom.K, dtype=x.dtype)
     if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
-        kb = _filters_per_task(geom, x.dtype.itemsize, algo)
+        kb = _outputs_per_task("forward", geom, x.dtype.itemsize, algo)
         _forward_s1(x, weight, b, y, pt, pl, dh, dw, kb)
     else:
         _forward(x, weight, b, y, *_geometry_args(geom))
@@ -332,7 +360,8 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
     gx = np.empty(geom.input_shape, dtype=grad_output.dtype)
     if _stride1(geom, gx.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
-        _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw)
+        cb = _outputs_per_task("input_grad", geom, gx.dtype.itemsize, algo)
+        _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb)
     else:
         _input_grad(weight, grad_output, gx, *_geometry_args(geom))
     return gx
