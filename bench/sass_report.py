@@ -72,8 +72,9 @@ TF32 = (r"^fc::conv_tf32<",)
 # TF32 kernels with a 128-wide tile (128x128, 128x64; group 1 of the match is the mode): at most
 # this many main-loop instructions per HMMA, per mode (FPROP, DGRAD, WGRAD). Issue 11's target
 # is 4 for every mode; these ceilings are what the kernels reach today (fragment-order shared
-# tiles, BK = 16 for the 128-wide tiles, residue DGRAD gather, exact rounding to TF32 once per element in shared memory) with a
-# small margin, so that a regression fails while the target is still open (see conv2d.cu).
+# tiles, BK = 16 for the 128-wide tiles, residue DGRAD gather, exact rounding to TF32 once
+# per element in shared memory) with a small margin, so that a regression fails while the
+# target is still open (see conv2d.cu).
 TF32_WIDE = r"^fc::conv_tf32<(\d), 128, "
 TF32_TARGET_PER_HMMA = 4.0
 TF32_MAX_PER_HMMA = {0: 13.5, 1: 14.5, 2: 13.5}
