@@ -14,10 +14,11 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    direct 3x3, F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform
    points wins. The kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks of
    tile rows of one image transformed, multiplied and inverse-transformed in a per-thread
-   buffer). With fewer channels the tile transforms dominate. Planes below 32x32 take
-   F(2x2) only, down to 14x14 (ResNet's 14x14: F(4x4) has 4x4 tiles per image, a block's
-   GEMMs are too narrow and a quarter of them is padding, measured 1.4-1.8x slower than
-   im2col; F(2x2) measured 5-10% faster than im2col on each op); smaller planes keep im2col.
+   buffer). With fewer channels the tile transforms dominate; with more than 64 x 128
+   (``Cg * Kg``) a block's GEMM is big enough for BLAS to thread it inside the workers,
+   which collapsed (see WINOGRAD_MAX_CHANNEL_PRODUCT); on small planes (ResNet's 14x14)
+   im2col stays (single-threaded F(2x2) there measured only 5-10% faster, and the layer has
+   256 x 256 channels).
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
 6. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
@@ -42,11 +43,14 @@ DIRECT_MAX_REDUCTION = 64
 WINOGRAD_MIN_CHANNELS = 8
 # Channels (in or out) below which an ungrouped 3x3 stride-1 layer runs direct (rule 3).
 THIN_3X3_CHANNELS = 8
-# Pixels of the tiled plane from which Winograd F(4x4) beats im2col, and from which F(2x2)
-# does (see rule 4; r3x3_14, 1 thread, min of 30: F(2x2) 22.6-23.4 ms forward, 23.0 input
-# gradient, 25.0 weight gradient against im2col's 25.3, 26.1, 26.5; F(4x4) 34-48 ms).
+# Pixels of the tiled plane from which Winograd beats im2col (see rule 4).
 WINOGRAD_MIN_PIXELS = 1024
-WINOGRAD_F2_MIN_PIXELS = 196
+# Largest Cg * Kg for Winograd: each worker of the fused loop calls BLAS on its block, and a
+# block GEMM big enough for OpenBLAS to thread itself (about 2.6e5 multiply-adds and up)
+# nested in the workers collapsed: r3x3_14 (256 x 256 channels) with F(2x2), 2 threads, took
+# 56-1180 ms against im2col's 68-76 ms (1 thread: 23 against 25 ms). 64 x 64 channels
+# (r3x3_56: 64*64*105 per block GEMM) stay single-threaded in BLAS.
+WINOGRAD_MAX_CHANNEL_PRODUCT = 64 * 128
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
@@ -63,11 +67,12 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[int]:
         return None
     if min(geom.C, geom.K) // geom.groups < WINOGRAD_MIN_CHANNELS:
         return None
-    rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
-    if rows * cols < WINOGRAD_F2_MIN_PIXELS:
+    if (geom.C // geom.groups) * (geom.K // geom.groups) > WINOGRAD_MAX_CHANNEL_PRODUCT:
         return None
-    tiles = (4, 2) if rows * cols >= WINOGRAD_MIN_PIXELS else (2,)
-    cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in tiles}
+    rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
+    if rows * cols < WINOGRAD_MIN_PIXELS:
+        return None
+    cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
     m = min(cost, key=cost.get)
     return m if cost[m] < 9 * rows * cols else None
 
