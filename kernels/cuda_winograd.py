@@ -27,6 +27,7 @@ from .cuda_conv import (DGRAD, FPROP, GRID_YZ_LIMIT, SMEM_LIMIT, WGRAD, batch_ch
 
 SOURCE = "winograd.cu"
 FILTER_THREADS = 256  # block size of winograd_filter
+STAGES = 3            # depth of the kernels' cp.async ring (WINO_STAGES in winograd.cu)
 ITEMSIZE = 4          # float32 only: float64 keeps the direct kernels
 
 
@@ -68,22 +69,22 @@ class WinogradTile:
 
     @property
     def smem_bytes(self) -> int:
-        """Static shared memory of either kernel: the chunk's two operand tiles, or the
-        epilogue's staging of 4*TX columns, whichever is larger."""
+        """Static shared memory of either kernel: `STAGES` ring stages of the chunk's two
+        operand tiles, or the epilogue's staging of 4*TX columns, whichever is larger."""
         aa = self.alpha ** 2
-        return ITEMSIZE * max(aa * self.chunk * (self.rows + self.cols),
+        return ITEMSIZE * max(STAGES * aa * self.chunk * (self.rows + self.cols),
                               aa * 4 * self.tx * self.rows)
 
 
 # The instantiations the launcher may request (tests/test_nvrtc.py compiles all of them).
-# ptxas (NVRTC 13.5, sm_80 and sm_90): 128 registers for F(2x2) (its cap at two 256-thread
-# blocks per SM), 168 for F(4x4) (one 288-thread block), no spills
-# (tests/test_cuda_winograd.py::test_no_spills).
-TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
-                                  4: WinogradTile(4, 4, 2, 4, 8, 8)}
+# The chunks are as long as three ring stages allow within 48 KiB of static shared memory:
+# 4 channels (tiles) for F(2x2), 48 KiB; 2 for F(4x4), 40.5 KiB (its epilogue needs 36 KiB).
+# Registers and spills: tests/test_cuda_winograd.py::test_no_spills and bench/sass_report.py.
+TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 4, 4, 4, 8, 8),
+                                  4: WinogradTile(4, 2, 2, 4, 8, 8)}
 TILE_SIZES = tuple(TILES)
-WGRAD_TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
-                                        4: WinogradTile(4, 4, 2, 4, 8, 8)}
+WGRAD_TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 4, 4, 4, 8, 8),
+                                        4: WinogradTile(4, 2, 2, 4, 8, 8)}
 # Documented relative error bound (||out - ref|| / ||ref||, float32 against the float64
 # reference) per output tile size, checked by tests/test_cuda_winograd.py in the host emulation.
 # F(4x4) keeps it for reductions of up to 1024 channels (the dispatch rules' limit; measured
@@ -199,10 +200,12 @@ def fits(geom: Any, mode: int, tile: WinogradTile) -> bool:
 def filter_launch(weight: Any, u: Any, geom: Any, m: int, mode: int) -> Launch:
     """``winograd_filter``: ``weight (K, C/groups, 3, 3)`` -> ``u`` of shape `u_shape`."""
     groups, _, cig, cogp = u_shape(geom, mode, m)
-    total = groups * cig * cogp
-    grid = (max(1, -(-total // FILTER_THREADS)), 1, 1)
+    grid = (max(1, -(-(cig * cogp) // FILTER_THREADS)), groups, 1)
+    if groups > GRID_YZ_LIMIT:
+        raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
+    mul, shift = cuda_conv.fast_divisor(cogp)
     args = (weight, u, np.int32(geom.K), np.int32(geom.C // geom.groups),
-            np.int32(geom.groups))
+            np.int32(geom.groups), np.uint32(mul), np.int32(shift))
     return Launch(SOURCE, filter_kernel_name(m, mode), grid, (FILTER_THREADS, 1, 1), 0, args)
 
 

@@ -274,26 +274,28 @@ enum WinogradMode { WINO_FPROP = 0, WINO_DGRAD = 1 };
 
 // ---------------------------------------------------------------------------------------------
 // Filter transform: u[g][xi][c][k] = (G f_{g,c,k} G^T)[xi], once per call.
+// Grid (ceil(Cig*Cogp / 256), groups): one thread per (c, k) of group blockIdx.y; c and k come
+// from a FastDiv by Cogp (the launcher's (mul, shift)), so no integer-division routine runs.
 // ---------------------------------------------------------------------------------------------
 template <int M, int MODE>
 __global__ void __launch_bounds__(256)
 winograd_filter(const float* __restrict__ weight, float* __restrict__ u, int K, int Cg,
-                int groups) {
+                int groups, unsigned mul_cogp, int shift_cogp) {
     constexpr int A = M + 2;
+    const FastDiv by_cogp{mul_cogp, shift_cogp};
     const int Kg = K / groups;
     const int cig = MODE == WINO_FPROP ? Cg : Kg;  // reduction channels per group
     const int cog = MODE == WINO_FPROP ? Kg : Cg;  // output channels per group
     const int cogp = (cog + 3) / 4 * 4;            // k padded to whole 16-byte vectors
-    const long long per_group = (long long)cig * cogp;
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= per_group * groups) return;
-    const int g = (int)(e / per_group);
-    const long long rem = e - g * per_group;
-    const int c = (int)(rem / cogp), k = (int)(rem - (long long)c * cogp);
-    float* dst = u + (long long)g * A * A * per_group + rem;
+    const int per_group = cig * cogp;              // < 2^31 (the launcher checks U's size)
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    const int g = blockIdx.y;
+    if (e >= per_group) return;
+    const int c = by_cogp(e), k = e - c * cogp;
+    float* dst = u + (long long)g * A * A * per_group + e;
     if (k >= cog) {  // padding: zero filters
 #pragma unroll
-        for (int xi = 0; xi < A * A; ++xi) dst[xi * per_group] = 0.0f;
+        for (int xi = 0; xi < A * A; ++xi) dst[(long long)xi * per_group] = 0.0f;
         return;
     }
     // f[r][s] of this (c, k) pair, read from weight (K, Cg, 3, 3).
@@ -310,18 +312,64 @@ winograd_filter(const float* __restrict__ weight, float* __restrict__ u, int K, 
     float v[A * A];
     Wino2D<M>::filter(f, v);
 #pragma unroll
-    for (int xi = 0; xi < A * A; ++xi) dst[xi * per_group] = v[xi];
+    for (int xi = 0; xi < A * A; ++xi) dst[(long long)xi * per_group] = v[xi];
 }
 
-// Gathers one chunk of BC input channels into registers: this thread's (tile, channel)
-// patches (`load_patches`), pair tid + NT*j being tile (pair % BT) and channel (pair / BT) of
-// every chunk, and its 16-byte vectors of the U tile (`load_u`). `store` transforms the patches
-// (V = BT d BT^T) and writes V and U to shared memory. Everything that does not change from
-// chunk to chunk (patch origins, which rows and columns of a patch lie inside the image, the
-// U vector's (xi, c, k) position) is decoded once in `init`.
+// Depth of the cp.async shared-memory ring of winograd_conv and winograd_wgrad.
+constexpr int WINO_STAGES = 3;
+
+// ---------------------------------------------------------------------------------------------
+// The pipelined main loop of both kernels: a WINO_STAGES-deep ring of shared-memory stages,
+// each holding one chunk of both GEMM operands, filled by cp.async, one barrier per chunk.
+// `fetch(chunk, stage)` issues the copies of a chunk: the raw data a thread will transform
+// (input patches, output-gradient tiles) land at the positions of their transformed values, so
+// that `transform(stage)` (run by the thread that copied them, right after its own copies
+// are known complete) rewrites them in place; the barrier then publishes the stage to the
+// block and frees the slot read in the previous step, which is refilled with chunk
+// step + STAGES - 1 while `compute(stage)` multiplies. Empty groups are committed past the end
+// so the wait count stays fixed. Stage s starts at smem + s * STAGE floats.
+// ---------------------------------------------------------------------------------------------
+template <int STAGES, int STAGE, class Fetch, class Transform, class Compute>
+__device__ __forceinline__ void wino_mainloop(float* smem, int steps, Fetch&& fetch,
+                                              Transform&& transform, Compute&& compute) {
+    static_assert(STAGES >= 2, "wino_mainloop: at least two stages");
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < steps) fetch(st, smem + st * STAGE);
+        cp_async_commit();
+    }
+    // Unrolled by STAGES so that every ring slot is a compile-time offset.
+    for (int step0 = 0; step0 < steps; step0 += STAGES) {
+#pragma unroll
+        for (int u = 0; u < STAGES; ++u) {
+            const int step = step0 + u;
+            if (step < steps) {
+                float* const read = smem + u * STAGE;
+                float* const write = smem + ((u + STAGES - 1) % STAGES) * STAGE;
+                cp_async_wait<STAGES - 2>();
+                transform(read);
+                __syncthreads();
+                if (step + STAGES - 1 < steps) fetch(step + STAGES - 1, write);
+                cp_async_commit();
+                compute(read);
+            }
+        }
+    }
+    cp_async_wait<0>();  // only empty groups remain; nothing is in flight at exit
+}
+
+// Copies one chunk of BC input channels of winograd_conv's operands into a ring stage
+// [V: xi][c][tile] [U: xi][c][k]: this thread's (tile, channel) patches, pair tid + NT*j
+// being tile (pair % BT) and channel (pair / BT) of every chunk, element by element (4-byte
+// cp.async, zero-filled outside the image and past the channels) at their V positions, and its
+// 16-byte vectors of the U tile. `transform` turns its own patches of a landed stage into
+// V = BT d BT^T in place. Everything that does not change from chunk to chunk (patch origins,
+// which rows and columns of a patch lie inside the image, the U vector's (xi, c, k) position)
+// is decoded once in `init`.
 template <int M, int BC, int BT, int BK, int NT>
 struct WinoLoader {
     static constexpr int A = M + 2, AA = A * A, V = 4;
+    static constexpr int SV = AA * BC * BT, SU = AA * BC * BK;  // floats of V and U per stage
     static constexpr int PATCHES = BT * BC, PPT = (PATCHES + NT - 1) / NT;
     // U tile [xi][c][k] in 16-byte vectors: thread tid takes vectors tid + NT*j, which all
     // share (c, k) and step xi by XI_STEP.
@@ -332,12 +380,10 @@ struct WinoLoader {
     long long poff[PPT];   // offset of (n, channel g*Cig, py, px) in `in` (may be negative)
     unsigned pmask[PPT];   // bit a: patch row a inside the image; bit 8 + b: column b;
                            // 0 for tiles past the end (zero patches) and unused pairs
-    int pc[PPT];           // channel of the patch within a chunk
-    const float* up;       // U vector of chunk 0 (xi0, c, k), or null past the channels
+    const float* up;       // U vector of chunk 0 (xi0, c, k)
     long long ustep;       // distance between the xi of consecutive vectors of this thread
     int uc, tid;
-    float d[PPT][AA];      // raw patches of the chunk being gathered
-    float uv[UPT][V];      // U vectors of the next chunk
+    bool kvalid;           // this thread's k vector lies inside the (padded) output channels
 
     __device__ __forceinline__ void init(int tid_, int g, int t0, int k0, int Ci, int Hi,
                                          int Wi, int cig, int cogp, int tiles, int tiles_img,
@@ -348,14 +394,13 @@ struct WinoLoader {
         for (int j = 0; j < PPT; ++j) {
             const int pair = tid + NT * j;
             const int t = t0 + pair % BT;
-            pc[j] = pair / BT;
             poff[j] = 0;
             pmask[j] = 0;
             if (pair < PATCHES && t < tiles) {
                 const int n = t / tiles_img, r = t - n * tiles_img;
                 const int th = r / tiles_w, tw = r - th * tiles_w;
                 const int py = th * M - ph, px = tw * M - pw;
-                poff[j] = ((long long)n * Ci + (long long)g * cig) * in_plane
+                poff[j] = ((long long)n * Ci + (long long)g * cig + pair / BT) * in_plane
                           + (long long)py * Wi + px;
 #pragma unroll
                 for (int a = 0; a < A; ++a) {
@@ -369,58 +414,50 @@ struct WinoLoader {
         uc = cc;
         ustep = (long long)XI_STEP * cig * cogp;
         up = u + (((long long)g * AA + xi) * cig + cc) * cogp + k0 + kk;
+        kvalid = k0 + kk < cogp;
     }
 
-    // The patches of chunk c0 (read just before they are transformed).
-    __device__ __forceinline__ void load_patches(const float* __restrict__ in, int c0, int cig,
-                                                 long long in_plane, int Wi) {
+    // Issue the copies of chunk c0 into the stage at `st` (V, then U).
+    __device__ __forceinline__ void fetch(const float* __restrict__ in, int c0, int cig,
+                                          long long in_plane, int Wi, int cogp, float* st) const {
 #pragma unroll
         for (int j = 0; j < PPT; ++j) {
-            const bool ok = pmask[j] != 0 && c0 + pc[j] < cig;
-            const long long off = poff[j] + (long long)(c0 + pc[j]) * in_plane;
+            const int pair = tid + NT * j;
+            if (PATCHES % NT != 0 && pair >= PATCHES) continue;
+            const bool ok = pmask[j] != 0 && c0 + pair / BT < cig;
+            const float* src = in + poff[j] + (long long)c0 * in_plane;
+            float* dst = st + pair;  // (c, tile) = (pair / BT, pair % BT)
 #pragma unroll
             for (int a = 0; a < A; ++a) {
 #pragma unroll
                 for (int b = 0; b < A; ++b) {
                     const bool inside = ok && ((pmask[j] >> a) & (pmask[j] >> (8 + b)) & 1u);
-                    d[j][a * A + b] = inside ? in[off + (long long)a * Wi + b] : 0.0f;
+                    cp_async<4>(dst + (a * A + b) * BC * BT,
+                                inside ? src + (long long)a * Wi + b : in, inside);
                 }
             }
         }
-    }
-
-    // The U vectors of chunk c0 (prefetched one chunk ahead). kvalid: this thread's k vector
-    // lies inside the (padded) output channels.
-    __device__ __forceinline__ void load_u(int c0, int cig, int cogp, bool kvalid) {
         const bool ok = kvalid && c0 + uc < cig;
         const float* src = up + (long long)c0 * cogp;
 #pragma unroll
-        for (int j = 0; j < UPT; ++j) {
-            if (ok) {
-                load16(uv[j], src + j * ustep);
-            } else {
-#pragma unroll
-                for (int v = 0; v < V; ++v) uv[j][v] = 0.0f;
-            }
+        for (int j = 0; j < UPT; ++j) {  // vector tid + NT*j: elements (xi*BC + c)*BK + k
+            cp_async<16>(st + SV + (tid + NT * j) * V, ok ? src + j * ustep : up, ok);
         }
     }
 
-    __device__ __forceinline__ void store(float* Vs, float* Us) const {
+    // V = BT d BT^T of this thread's patches of a landed stage, in place.
+    __device__ __forceinline__ void transform(float* st) const {
 #pragma unroll
         for (int j = 0; j < PPT; ++j) {
             const int pair = tid + NT * j;
-            if (pair >= PATCHES) continue;
-            float v[AA];
-            Wino2D<M>::input(d[j], v);
-            float* dst = Vs + pc[j] * BT + pair % BT;
+            if (PATCHES % NT != 0 && pair >= PATCHES) continue;
+            float* p = st + pair;
+            float d[AA], v[AA];
 #pragma unroll
-            for (int xi = 0; xi < AA; ++xi) dst[xi * BC * BT] = v[xi];
-        }
+            for (int q = 0; q < AA; ++q) d[q] = p[q * BC * BT];
+            Wino2D<M>::input(d, v);
 #pragma unroll
-        for (int j = 0; j < UPT; ++j) {  // vector tid + NT*j: elements (xi*BC + c)*BK + k
-            float* dst = Us + (tid + NT * j) * V;
-            *reinterpret_cast<float4*>(dst) = make_float4(uv[j][0], uv[j][1], uv[j][2],
-                                                          uv[j][3]);
+            for (int q = 0; q < AA; ++q) p[q * BC * BT] = v[q];
         }
     }
 };
@@ -438,14 +475,12 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
     constexpr int A = M + 2, AA = A * A, V = 4;
     constexpr int BT = TY * TM, BK = TX * TN, NT = AA * TY * TX;
     constexpr int KP = TX * V;                  // output channels per epilogue pass
-    constexpr int SV = AA * BC * BT, SU = AA * BC * BK, SMO = AA * KP * BT;
-    constexpr int SMEM = SV + SU > SMO ? SV + SU : SMO;
-    constexpr bool PREFETCH = NT > 256;
+    using Loader = WinoLoader<M, BC, BT, BK, NT>;
+    constexpr int STAGE = Loader::SV + Loader::SU, SMO = AA * KP * BT;
+    constexpr int SMEM = WINO_STAGES * STAGE > SMO ? WINO_STAGES * STAGE : SMO;
     static_assert(TM % V == 0 && TN % V == 0, "winograd_conv: TM and TN must be multiples of 4");
-    __shared__ __align__(16) float smem[SMEM];
-    float* const Vs = smem;       // [xi][c][tile]
-    float* const Us = smem + SV;  // [xi][c][k]
-    float* const Ms = smem;       // epilogue: [xi][k][tile]
+    __shared__ __align__(16) float smem[SMEM];  // ring stages [V: xi][c][tile] [U: xi][c][k]
+    float* const Ms = smem;                     // epilogue: [xi][k][tile]
 
     const int tid = threadIdx.x;
     const int g = blockIdx.z;
@@ -456,9 +491,8 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
 
     const int cogp = (cog + V - 1) / V * V;  // U's k axis is padded to whole vectors
     const long long in_plane = (long long)Hi * Wi;
-    WinoLoader<M, BC, BT, BK, NT> ld;
+    Loader ld;
     ld.init(tid, g, t0, k0, Ci, Hi, Wi, cig, cogp, tiles, tiles_img, tiles_w, ph, pw, u);
-    const bool kvalid = k0 + (tid * V) % BK < cogp;
 
     const int xi = tid / (TY * TX);
     const int ty = tid % TY, tx = (tid / TY) % TX;
@@ -468,24 +502,14 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
-    // Of the two operands, one is read a chunk ahead (its loads in flight during the FMAs),
-    // the other just before the barrier (in flight while the other warps finish): the
-    // patches when one block fills the SM (F(4x4): nothing else hides their latency), else
-    // the U tile (registers allow only one of them).
-    if (PREFETCH) ld.load_patches(in, 0, cig, in_plane, Wi);
-    else ld.load_u(0, cig, cogp, kvalid);
-    for (int c0 = 0; c0 < cig; c0 += BC) {
-        if (PREFETCH) ld.load_u(c0, cig, cogp, kvalid);
-        else ld.load_patches(in, c0, cig, in_plane, Wi);
-        __syncthreads();  // the previous chunk's multiplications are done with Vs and Us
-        ld.store(Vs, Us);
-        __syncthreads();
-        if (c0 + BC < cig) {
-            if (PREFETCH) ld.load_patches(in, c0 + BC, cig, in_plane, Wi);
-            else ld.load_u(c0 + BC, cig, cogp, kvalid);
-        }
-        point_gemm<BC, TY, TX, TM, TN, BT, BK>(acc, Vs + xi * BC * BT, Us + xi * BC * BK, ty, tx);
-    }
+    wino_mainloop<WINO_STAGES, STAGE>(
+        smem, (cig + BC - 1) / BC,
+        [&](int step, float* st) { ld.fetch(in, step * BC, cig, in_plane, Wi, cogp, st); },
+        [&](float* st) { ld.transform(st); },
+        [&](const float* st) {
+            point_gemm<BC, TY, TX, TM, TN, BT, BK>(acc, st + xi * BC * BT,
+                                                   st + Loader::SV + xi * BC * BK, ty, tx);
+        });
 
     // Epilogue, pass p: channels k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
     const long long out_plane = (long long)Ho * Wo;
@@ -528,6 +552,12 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
 // [slice * t_split, (slice + 1) * t_split) in chunks of BR tiles; thread (xi, ty, tx) owns a
 // TM x TN block of dU[xi]. Each slice writes its partial grad_weight at out + slice * K*Cg*9
 // (the launcher sums the slices in a fixed order).
+// Main loop: wino_mainloop over ring stages [V: xi][tile][c] [W: xi][tile][k]. Input patch
+// (tile tb + pair / BC, channel c0 + pair % BC) lands element by element at its V positions;
+// output-gradient tile (tile tb + pair / BK, filter k0 + pair % BK) lands in the first M*M
+// transform points of its W column and is expanded to dM in place. The threads that copy
+// (and transform) output-gradient tiles are those after the input patches' (pair index
+// rotated by XP), so the transforms spread over the block.
 // ---------------------------------------------------------------------------------------------
 template <int M, int BR, int TY, int TX, int TM, int TN>
 __global__ void __launch_bounds__((M + 2) * (M + 2) * TY * TX,
@@ -541,14 +571,14 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
     constexpr int YP = BR * BK, YPT = (YP + NT - 1) / NT;  // output-gradient tiles per chunk
     constexpr int KP = TX * V;                              // filters per epilogue pass
     constexpr int SV = AA * BR * BC, SW = AA * BR * BK, SMO = AA * KP * BC;
-    constexpr int SMEM = SV + SW > SMO ? SV + SW : SMO;
+    constexpr int STAGE = SV + SW;
+    constexpr int SMEM = WINO_STAGES * STAGE > SMO ? WINO_STAGES * STAGE : SMO;
     static_assert(TM % V == 0 && TN % V == 0, "winograd_wgrad: TM and TN must be multiples of 4");
-    __shared__ __align__(16) float smem[SMEM];
-    float* const Vs = smem;       // [xi][tile][c]
-    float* const Ws = smem + SV;  // [xi][tile][k]
-    float* const Ms = smem;       // epilogue: [xi][k][c]
+    __shared__ __align__(16) float smem[SMEM];  // ring stages [V: xi][tile][c] [W: xi][tile][k]
+    float* const Ms = smem;                     // epilogue: [xi][k][c]
 
     const int tid = threadIdx.x;
+    const int ytid = (tid + NT - XP % NT) % NT;  // pair index of the output-gradient tiles
     const int g = blockIdx.z % groups, slice = blockIdx.z / groups;
     const int Cg = C / groups, Kg = K / groups;
     const int c0 = blockIdx.x * BC, k0 = blockIdx.y * BK;
@@ -565,15 +595,28 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
-    for (int tb = t_begin; tb < t_end; tb += BR) {
-        // Gather: input patch (tile tb + pair / BC, channel c0 + pair % BC) and output-gradient
-        // tile (tile tb + pair / BK, filter k0 + pair % BK), zero outside the planes.
-        float d[XPT][AA], dy[YPT][M * M];
+    // A thread's patches keep their channel (filter) and place in the chunk from chunk to
+    // chunk: their channel planes of image 0 are found once.
+    const float* xsrc[XPT];
+    const float* ysrc[YPT];
+#pragma unroll
+    for (int j = 0; j < XPT; ++j) {
+        const int c = c0 + (tid + NT * j) % BC;
+        xsrc[j] = c < Cg ? x + ((long long)g * Cg + c) * xplane : nullptr;
+    }
+#pragma unroll
+    for (int j = 0; j < YPT; ++j) {
+        const int k = k0 + (ytid + NT * j) % BK;
+        ysrc[j] = k < Kg ? grad_output + ((long long)g * Kg + k) * yplane : nullptr;
+    }
+    const auto fetch = [&](int step, float* st) {
+        const int tb = t_begin + step * BR;
 #pragma unroll
         for (int j = 0; j < XPT; ++j) {
             const int pair = tid + NT * j;
-            const int t = tb + pair / BC, c = c0 + pair % BC;
-            const bool ok = pair < XP && t < t_end && c < Cg;
+            if (XP % NT != 0 && pair >= XP) continue;
+            const int t = tb + pair / BC;
+            const bool ok = t < t_end && xsrc[j] != nullptr;
             int n = 0, y0 = 0, x0 = 0;
             if (ok) {
                 n = t / tiles_img;
@@ -581,22 +624,25 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
                 y0 = th * M - pt;
                 x0 = (r - th * tiles_w) * M - pl;
             }
-            const float* src = x + ((long long)n * C + (long long)g * Cg + c) * xplane;
+            const float* src = xsrc[j] + (long long)n * C * xplane;
+            float* dst = st + pair;  // (tile, c) = (pair / BC, pair % BC)
 #pragma unroll
             for (int a = 0; a < A; ++a) {
                 const bool oky = ok && (unsigned)(y0 + a) < (unsigned)H;
 #pragma unroll
                 for (int b = 0; b < A; ++b) {
-                    d[j][a * A + b] = oky && (unsigned)(x0 + b) < (unsigned)W
-                                          ? src[(long long)(y0 + a) * W + x0 + b] : 0.0f;
+                    const bool inside = oky && (unsigned)(x0 + b) < (unsigned)W;
+                    cp_async<4>(dst + (a * A + b) * BR * BC,
+                                inside ? src + (long long)(y0 + a) * W + x0 + b : x, inside);
                 }
             }
         }
 #pragma unroll
         for (int j = 0; j < YPT; ++j) {
-            const int pair = tid + NT * j;
-            const int t = tb + pair / BK, k = k0 + pair % BK;
-            const bool ok = pair < YP && t < t_end && k < Kg;
+            const int pair = ytid + NT * j;
+            if (YP % NT != 0 && pair >= YP) continue;
+            const int t = tb + pair / BK;
+            const bool ok = t < t_end && ysrc[j] != nullptr;
             int n = 0, y0 = 0, x0 = 0;
             if (ok) {
                 n = t / tiles_img;
@@ -604,41 +650,52 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
                 y0 = th * M;
                 x0 = (r - th * tiles_w) * M;
             }
-            const float* src = grad_output + ((long long)n * K + (long long)g * Kg + k) * yplane;
+            const float* src = ysrc[j] + (long long)n * K * yplane;
+            float* dst = st + SV + pair;  // (tile, k) = (pair / BK, pair % BK)
 #pragma unroll
             for (int a = 0; a < M; ++a) {
                 const bool oky = ok && y0 + a < P;
 #pragma unroll
                 for (int b = 0; b < M; ++b) {
-                    dy[j][a * M + b] = oky && x0 + b < Q ? src[(long long)(y0 + a) * Q + x0 + b]
-                                                         : 0.0f;
+                    const bool inside = oky && x0 + b < Q;
+                    cp_async<4>(dst + (a * M + b) * BR * BK,
+                                inside ? src + (long long)(y0 + a) * Q + x0 + b : grad_output,
+                                inside);
                 }
             }
         }
-        __syncthreads();  // the previous chunk's multiplications are done with Vs and Ws
+    };
+    const auto transform = [&](float* st) {
 #pragma unroll
         for (int j = 0; j < XPT; ++j) {
             const int pair = tid + NT * j;
-            if (pair >= XP) continue;
-            float v[AA];
-            Wino2D<M>::input(d[j], v);
-            float* dst = Vs + pair;  // (tile, c) = (pair / BC, pair % BC)
+            if (XP % NT != 0 && pair >= XP) continue;
+            float* p = st + pair;
+            float d[AA], v[AA];
 #pragma unroll
-            for (int q = 0; q < AA; ++q) dst[q * BR * BC] = v[q];
+            for (int q = 0; q < AA; ++q) d[q] = p[q * BR * BC];
+            Wino2D<M>::input(d, v);
+#pragma unroll
+            for (int q = 0; q < AA; ++q) p[q * BR * BC] = v[q];
         }
 #pragma unroll
         for (int j = 0; j < YPT; ++j) {
-            const int pair = tid + NT * j;
-            if (pair >= YP) continue;
-            float v[AA];
-            Wino2D<M>::output_t(dy[j], v);
-            float* dst = Ws + pair;  // (tile, k) = (pair / BK, pair % BK)
+            const int pair = ytid + NT * j;
+            if (YP % NT != 0 && pair >= YP) continue;
+            float* p = st + SV + pair;
+            float dy[M * M], v[AA];
 #pragma unroll
-            for (int q = 0; q < AA; ++q) dst[q * BR * BK] = v[q];
+            for (int q = 0; q < M * M; ++q) dy[q] = p[q * BR * BK];
+            Wino2D<M>::output_t(dy, v);
+#pragma unroll
+            for (int q = 0; q < AA; ++q) p[q * BR * BK] = v[q];
         }
-        __syncthreads();
-        point_gemm<BR, TY, TX, TM, TN, BC, BK>(acc, Vs + xi * BR * BC, Ws + xi * BR * BK, ty, tx);
-    }
+    };
+    wino_mainloop<WINO_STAGES, STAGE>(
+        smem, (t_end - t_begin + BR - 1) / BR, fetch, transform, [&](const float* st) {
+            point_gemm<BR, TY, TX, TM, TN, BC, BK>(acc, st + xi * BR * BC,
+                                                   st + SV + xi * BR * BK, ty, tx);
+        });
 
     // Epilogue, pass p: filters k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
     float* const dst0 = out + (long long)slice * K * Cg * 9;

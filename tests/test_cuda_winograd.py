@@ -263,11 +263,11 @@ def test_tiles_satisfy_kernel_constraints(m):
 
 def test_kernel_names():
     names = cuda_winograd.all_kernel_names()["winograd.cu"]
-    assert "fc::winograd_conv<2, 8, 4, 4, 8, 8>" in names
-    assert "fc::winograd_conv<4, 4, 2, 4, 8, 8>" in names
+    assert "fc::winograd_conv<2, 4, 4, 4, 8, 8>" in names
+    assert "fc::winograd_conv<4, 2, 2, 4, 8, 8>" in names
     assert {f"fc::winograd_filter<{m}, {mode}>" for m in (2, 4) for mode in (0, 1)} <= set(names)
-    assert "fc::winograd_wgrad<2, 8, 4, 4, 8, 8>" in names
-    assert "fc::winograd_wgrad<4, 4, 2, 4, 8, 8>" in names
+    assert "fc::winograd_wgrad<2, 4, 4, 4, 8, 8>" in names
+    assert "fc::winograd_wgrad<4, 2, 2, 4, 8, 8>" in names
 
 
 def test_conv_launch_geometry_and_arguments():
@@ -279,7 +279,7 @@ def test_conv_launch_geometry_and_arguments():
     tiles = geom.N * -(-P // 4) * -(-Q // 4)
     assert spec.grid == (-(-tiles // 16), -(-48 // 32), 2)
     assert spec.block == (288, 1, 1) and spec.shared_mem == 0
-    assert spec.kernel == "fc::winograd_conv<4, 4, 2, 4, 8, 8>"
+    assert spec.kernel == "fc::winograd_conv<4, 2, 2, 4, 8, 8>"
     assert spec.args[:4] == (x, w, b, gy)
     assert [int(a) for a in spec.args[4:]] == [8, 64, 56, 56, 96, P, Q, 1, 0, 2]
     assert all(a.dtype == np.int32 for a in spec.args[4:])
@@ -296,9 +296,13 @@ def test_filter_launch_geometry():
     spec = cuda_winograd.filter_launch(w, w, geom, 4, FPROP)
     assert cuda_winograd.u_shape(geom, FPROP, 4) == (3, 36, 4, 12)
     assert cuda_winograd.u_shape(geom, DGRAD, 4) == (3, 36, 10, 4)
-    assert spec.grid == (1, 1, 1) and spec.block == (256, 1, 1)
+    assert spec.grid == (1, 3, 1) and spec.block == (256, 1, 1)  # (c, k) pairs x groups
     assert spec.kernel == "fc::winograd_filter<4, 0>"
-    assert [int(a) for a in spec.args[2:]] == [30, 4, 3]
+    mul, shift = cuda_conv.fast_divisor(12)  # c = e / Cogp as a FastDiv
+    assert [int(a) for a in spec.args[2:]] == [30, 4, 3, mul, shift]
+    assert spec.args[5].dtype == np.uint32 and spec.args[6].dtype == np.int32
+    big = conv_geometry((1, 600, 5, 5), (600, 600, 3, 3), 1, 1, 1, 1)
+    assert cuda_winograd.filter_launch(w, w, big, 2, DGRAD).grid == (-(-600 * 600 // 256), 1, 1)
     assert cuda_winograd.workspace_bytes(geom, FPROP, 4) == 3 * 36 * 4 * 12 * 4
 
 
