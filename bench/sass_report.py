@@ -62,13 +62,14 @@ class Device:
 DEVICES = {"sm_80": Device("A100", 108, 164 * 1024), "sm_90": Device("H100/H200", 132, 228 * 1024)}
 
 # Kernels whose main loop must stream through cp.async (LDGSTS in the SASS); regex on the
-# C++ name: every implicit-GEMM conv kernel (kernels/conv2d.cu, mainloop).
-PIPELINED: tuple[str, ...] = (r"^fc::conv_(simt|tf32)<",)
+# C++ name: every implicit-GEMM conv kernel (kernels/conv2d.cu, mainloop) and the Winograd
+# transform-point GEMMs (kernels/winograd.cu, wino_mainloop).
+PIPELINED: tuple[str, ...] = (r"^fc::conv_(simt|tf32)<", r"^fc::winograd_(conv|wgrad)<")
 # TF32 kernels: their main loop must contain HMMA.
 TF32 = (r"^fc::conv_tf32<",)
 # Kernels that must not call a subroutine (the 64-bit integer division routine, a CALL in the
 # SASS): their divisions are FastDiv multiply-shifts.
-NO_CALLS = (r"^fc::conv_", r"^fc::depthwise_")
+NO_CALLS = (r"^fc::conv_", r"^fc::depthwise_", r"^fc::winograd_")
 
 
 @dataclass

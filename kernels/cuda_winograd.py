@@ -320,8 +320,13 @@ def wgrad_launch(x: Any, grad_output: Any, out: Any, geom: Any, tile: WinogradTi
     pt, _, pl, _ = geom.padding
     scalars = tuple(np.int32(v) for v in (geom.N, geom.C, geom.H, geom.W, geom.K, geom.P,
                                           geom.Q, pt, pl, geom.groups, t_split))
+    th, tw = tile_grid(geom.P, geom.Q, tile.m)
+    divisors = ()
+    for d in (th * tw, tw):  # the tile index -> (image, tile row, tile column) FastDivs
+        mul, shift = cuda_conv.fast_divisor(d)
+        divisors += (np.uint32(mul), np.int32(shift))
     return Launch(SOURCE, wgrad_kernel_name(tile), grid, (tile.threads, 1, 1), 0,
-                  (x, grad_output, out) + scalars)
+                  (x, grad_output, out) + scalars + divisors)
 
 
 def run_wgrad(ex: Any, x: Any, grad_output: Any, grad_weight: Any, geom: Any, m: int,

@@ -377,9 +377,10 @@ struct WinoLoader {
     static_assert(BK % V == 0 && UVEC % NT == 0 && (NT * V) % (BC * BK) == 0,
                   "WinoLoader: the U tile does not split evenly into 16-byte vectors");
 
-    long long poff[PPT];   // offset of (n, channel g*Cig, py, px) in `in` (may be negative)
-    unsigned pmask[PPT];   // bit a: patch row a inside the image; bit 8 + b: column b;
-                           // 0 for tiles past the end (zero patches) and unused pairs
+    long long poff[PPT];   // offset of (n, channel g*Cig + c, py, px) in `in` (may be
+                           // negative)
+    unsigned long long pin[PPT];  // bit a*A + b: patch element (a, b) inside the image; 0 for
+                                  // tiles past the end (zero patches) and unused pairs
     const float* up;       // U vector of chunk 0 (xi0, c, k)
     long long ustep;       // distance between the xi of consecutive vectors of this thread
     int uc, tid;
@@ -395,7 +396,7 @@ struct WinoLoader {
             const int pair = tid + NT * j;
             const int t = t0 + pair % BT;
             poff[j] = 0;
-            pmask[j] = 0;
+            pin[j] = 0;
             if (pair < PATCHES && t < tiles) {
                 const int n = t / tiles_img, r = t - n * tiles_img;
                 const int th = r / tiles_w, tw = r - th * tiles_w;
@@ -403,10 +404,11 @@ struct WinoLoader {
                 poff[j] = ((long long)n * Ci + (long long)g * cig + pair / BT) * in_plane
                           + (long long)py * Wi + px;
 #pragma unroll
-                for (int a = 0; a < A; ++a) {
-                    if ((unsigned)(py + a) < (unsigned)Hi) pmask[j] |= 1u << a;
-                    if ((unsigned)(px + a) < (unsigned)Wi) pmask[j] |= 1u << (8 + a);
-                }
+                for (int a = 0; a < A; ++a)
+#pragma unroll
+                    for (int b = 0; b < A; ++b)
+                        if ((unsigned)(py + a) < (unsigned)Hi && (unsigned)(px + b) < (unsigned)Wi)
+                            pin[j] |= 1ull << (a * A + b);
             }
         }
         const int e = tid * V;  // first element of this thread's first vector
@@ -424,24 +426,28 @@ struct WinoLoader {
         for (int j = 0; j < PPT; ++j) {
             const int pair = tid + NT * j;
             if (PATCHES % NT != 0 && pair >= PATCHES) continue;
-            const bool ok = pmask[j] != 0 && c0 + pair / BT < cig;
+            // Outside the image (or past the channels) nothing is read and zeros land: the
+            // address is then never dereferenced (cp.async with src-size 0).
+            const unsigned long long live = c0 + pair / BT < cig ? pin[j] : 0ull;
             const float* src = in + poff[j] + (long long)c0 * in_plane;
             float* dst = st + pair;  // (c, tile) = (pair / BT, pair % BT)
 #pragma unroll
             for (int a = 0; a < A; ++a) {
+                const float* row = src + (long long)a * Wi;
 #pragma unroll
                 for (int b = 0; b < A; ++b) {
-                    const bool inside = ok && ((pmask[j] >> a) & (pmask[j] >> (8 + b)) & 1u);
-                    cp_async<4>(dst + (a * A + b) * BC * BT,
-                                inside ? src + (long long)a * Wi + b : in, inside);
+                    const int q = a * A + b;
+                    const int bytes = q >= 2 ? (int)(live >> (q - 2)) & 4
+                                             : (int)(live << (2 - q)) & 4;
+                    cp_async_n<4>(dst + q * BC * BT, row + b, bytes);
                 }
             }
         }
-        const bool ok = kvalid && c0 + uc < cig;
+        const int bytes = kvalid && c0 + uc < cig ? 16 : 0;
         const float* src = up + (long long)c0 * cogp;
 #pragma unroll
         for (int j = 0; j < UPT; ++j) {  // vector tid + NT*j: elements (xi*BC + c)*BK + k
-            cp_async<16>(st + SV + (tid + NT * j) * V, ok ? src + j * ustep : up, ok);
+            cp_async_n<16>(st + SV + (tid + NT * j) * V, src + j * ustep, bytes);
         }
     }
 
@@ -564,7 +570,8 @@ __global__ void __launch_bounds__((M + 2) * (M + 2) * TY * TX,
                                   (M + 2) * (M + 2) * TY * TX <= 256 ? 2 : 1)
 winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_output,
                float* __restrict__ out, int N, int C, int H, int W, int K, int P, int Q,
-               int pt, int pl, int groups, int t_split) {
+               int pt, int pl, int groups, int t_split, unsigned mul_img, int shift_img,
+               unsigned mul_w, int shift_w) {
     constexpr int A = M + 2, AA = A * A, V = 4;
     constexpr int BC = TY * TM, BK = TX * TN, NT = AA * TY * TX;
     constexpr int XP = BR * BC, XPT = (XP + NT - 1) / NT;  // input patches per chunk
@@ -583,6 +590,7 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
     const int Cg = C / groups, Kg = K / groups;
     const int c0 = blockIdx.x * BC, k0 = blockIdx.y * BK;
     const int tiles_w = (Q + M - 1) / M, tiles_img = ((P + M - 1) / M) * tiles_w;
+    const FastDiv by_img{mul_img, shift_img}, by_w{mul_w, shift_w};  // tiles_img, tiles_w
     const int t_begin = slice * t_split;
     const int t_end = min(N * tiles_img, t_begin + t_split);
     const long long xplane = (long long)H * W, yplane = (long long)P * Q;
@@ -596,18 +604,22 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
     // A thread's patches keep their channel (filter) and place in the chunk from chunk to
-    // chunk: their channel planes of image 0 are found once.
+    // chunk: their channel planes of image 0 are found once (clamped to a real channel; `xok`,
+    // `yok` bit j: the channel exists).
     const float* xsrc[XPT];
     const float* ysrc[YPT];
+    unsigned xok = 0, yok = 0;
 #pragma unroll
     for (int j = 0; j < XPT; ++j) {
         const int c = c0 + (tid + NT * j) % BC;
-        xsrc[j] = c < Cg ? x + ((long long)g * Cg + c) * xplane : nullptr;
+        xsrc[j] = x + ((long long)g * Cg + min(c, Cg - 1)) * xplane;
+        if (c < Cg) xok |= 1u << j;
     }
 #pragma unroll
     for (int j = 0; j < YPT; ++j) {
         const int k = k0 + (ytid + NT * j) % BK;
-        ysrc[j] = k < Kg ? grad_output + ((long long)g * Kg + k) * yplane : nullptr;
+        ysrc[j] = grad_output + ((long long)g * Kg + min(k, Kg - 1)) * yplane;
+        if (k < Kg) yok |= 1u << j;
     }
     const auto fetch = [&](int step, float* st) {
         const int tb = t_begin + step * BR;
@@ -616,24 +628,25 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
             const int pair = tid + NT * j;
             if (XP % NT != 0 && pair >= XP) continue;
             const int t = tb + pair / BC;
-            const bool ok = t < t_end && xsrc[j] != nullptr;
-            int n = 0, y0 = 0, x0 = 0;
+            const bool ok = t < t_end && ((xok >> j) & 1u);
+            int y0 = -A, x0 = 0;  // a tile past the end: every row outside the plane
+            long long off = 0;    // of (n, g*Cg + c, y0, x0) in x
             if (ok) {
-                n = t / tiles_img;
-                const int r = t - n * tiles_img, th = r / tiles_w;
+                const int n = by_img(t), r = t - n * tiles_img, th = by_w(r);
                 y0 = th * M - pt;
                 x0 = (r - th * tiles_w) * M - pl;
+                off = (long long)n * C * xplane + (long long)y0 * W + x0;
             }
-            const float* src = xsrc[j] + (long long)n * C * xplane;
+            const float* src = xsrc[j] + off;
             float* dst = st + pair;  // (tile, c) = (pair / BC, pair % BC)
 #pragma unroll
             for (int a = 0; a < A; ++a) {
-                const bool oky = ok && (unsigned)(y0 + a) < (unsigned)H;
+                const float* row = src + (long long)a * W;
+                const bool oky = (unsigned)(y0 + a) < (unsigned)H;
 #pragma unroll
                 for (int b = 0; b < A; ++b) {
                     const bool inside = oky && (unsigned)(x0 + b) < (unsigned)W;
-                    cp_async<4>(dst + (a * A + b) * BR * BC,
-                                inside ? src + (long long)(y0 + a) * W + x0 + b : x, inside);
+                    cp_async<4>(dst + (a * A + b) * BR * BC, inside ? row + b : x, inside);
                 }
             }
         }
@@ -642,25 +655,25 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
             const int pair = ytid + NT * j;
             if (YP % NT != 0 && pair >= YP) continue;
             const int t = tb + pair / BK;
-            const bool ok = t < t_end && ysrc[j] != nullptr;
-            int n = 0, y0 = 0, x0 = 0;
+            const bool ok = t < t_end && ((yok >> j) & 1u);
+            int y0 = P, x0 = 0;  // a tile past the end: every row outside the plane
+            long long off = 0;   // of (n, g*Kg + k, y0, x0) in grad_output
             if (ok) {
-                n = t / tiles_img;
-                const int r = t - n * tiles_img, th = r / tiles_w;
+                const int n = by_img(t), r = t - n * tiles_img, th = by_w(r);
                 y0 = th * M;
                 x0 = (r - th * tiles_w) * M;
+                off = (long long)n * K * yplane + (long long)y0 * Q + x0;
             }
-            const float* src = ysrc[j] + (long long)n * K * yplane;
+            const float* src = ysrc[j] + off;
             float* dst = st + SV + pair;  // (tile, k) = (pair / BK, pair % BK)
 #pragma unroll
             for (int a = 0; a < M; ++a) {
-                const bool oky = ok && y0 + a < P;
+                const float* row = src + (long long)a * Q;
+                const bool oky = y0 + a < P;
 #pragma unroll
                 for (int b = 0; b < M; ++b) {
                     const bool inside = oky && x0 + b < Q;
-                    cp_async<4>(dst + (a * M + b) * BR * BK,
-                                inside ? src + (long long)(y0 + a) * Q + x0 + b : grad_output,
-                                inside);
+                    cp_async<4>(dst + (a * M + b) * BR * BK, inside ? row + b : grad_output, inside);
                 }
             }
         }
