@@ -142,7 +142,8 @@ def forward(ex: Executor, x, weight, bias, geom, algo):
     elif algo.name == "depthwise":
         ex.run(cuda_conv.depthwise_forward_launch(x, weight, bias, y, geom))
     elif algo.name == "winograd":
-        cuda_winograd.run(ex, FPROP, x, weight, bias, y, geom, algo.get("m"))
+        cuda_winograd.run(ex, FPROP, x, weight, bias, y, geom, algo.get("m"),
+                          algo.get("precision") == "tf32")
     else:
         _implicit_gemm(ex, FPROP, x, weight, bias, y, geom, algo)
     return y
@@ -159,7 +160,8 @@ def input_grad(ex: Executor, weight, grad_output, geom, algo):
     elif algo.name == "depthwise":
         ex.run(cuda_conv.depthwise_input_grad_launch(weight, grad_output, gx, geom))
     elif algo.name == "winograd":
-        cuda_winograd.run(ex, DGRAD, grad_output, weight, None, gx, geom, algo.get("m"))
+        cuda_winograd.run(ex, DGRAD, grad_output, weight, None, gx, geom, algo.get("m"),
+                          algo.get("precision") == "tf32")
     else:
         _implicit_gemm(ex, DGRAD, grad_output, weight, None, gx, geom, algo)
     return gx

@@ -273,11 +273,12 @@ __device__ __forceinline__ void stage_pass(float* ms, const float (&acc)[TM][TN]
 enum WinogradMode { WINO_FPROP = 0, WINO_DGRAD = 1 };
 
 // ---------------------------------------------------------------------------------------------
-// Filter transform: u[g][xi][c][k] = (G f_{g,c,k} G^T)[xi], once per call.
-// Grid (ceil(Cig*Cogp / 256), groups): one thread per (c, k) of group blockIdx.y; c and k come
+// Filter transform: u[g][xi][c][k] = (G f_{g,c,k} G^T)[xi], once per call; ROUND = 1 (for
+// winograd_conv_tf32) rounds U to TF32 (cvt.rna) as it is stored, so the GEMM reads ready
+// tensor-core operands. Grid (ceil(Cig*Cogp / 256), groups): one thread per (c, k) of group blockIdx.y; c and k come
 // from a FastDiv by Cogp (the launcher's (mul, shift)), so no integer-division routine runs.
 // ---------------------------------------------------------------------------------------------
-template <int M, int MODE>
+template <int M, int MODE, int ROUND>
 __global__ void __launch_bounds__(256)
 winograd_filter(const float* __restrict__ weight, float* __restrict__ u, int K, int Cg,
                 int groups, unsigned mul_cogp, int shift_cogp) {
@@ -312,7 +313,8 @@ winograd_filter(const float* __restrict__ weight, float* __restrict__ u, int K, 
     float v[A * A];
     Wino2D<M>::filter(f, v);
 #pragma unroll
-    for (int xi = 0; xi < A * A; ++xi) dst[(long long)xi * per_group] = v[xi];
+    for (int xi = 0; xi < A * A; ++xi)
+        dst[(long long)xi * per_group] = ROUND ? to_tf32(v[xi]) : v[xi];
 }
 
 // Depth of the cp.async shared-memory ring of winograd_conv and winograd_wgrad.
@@ -359,23 +361,25 @@ __device__ __forceinline__ void wino_mainloop(float* smem, int steps, Fetch&& fe
 }
 
 // Copies one chunk of BC input channels of winograd_conv's operands into a ring stage
-// [V: xi][c][tile] [U: xi][c][k]: this thread's (tile, channel) patches, pair tid + NT*j
+// [V: xi][c][tile] [U: xi][c][k] (rows of LDV and LDU floats; the TF32 kernel pads them so
+// that its fragment reads hit 32 distinct banks): this thread's (tile, channel) patches, pair tid + NT*j
 // being tile (pair % BT) and channel (pair / BT) of every chunk, element by element (4-byte
 // cp.async, zero-filled outside the image and past the channels) at their V positions, and its
 // 16-byte vectors of the U tile. `transform` turns its own patches of a landed stage into
-// V = BT d BT^T in place. Everything that does not change from chunk to chunk (patch origins,
+// V = BT d BT^T in place (rounded to TF32 when ROUND). Everything that does not change from chunk to chunk (patch origins,
 // which rows and columns of a patch lie inside the image, the U vector's (xi, c, k) position)
 // is decoded once in `init`.
-template <int M, int BC, int BT, int BK, int NT>
+template <int M, int BC, int BT, int BK, int NT, int LDV = BT, int LDU = BK, bool ROUND = false>
 struct WinoLoader {
     static constexpr int A = M + 2, AA = A * A, V = 4;
-    static constexpr int SV = AA * BC * BT, SU = AA * BC * BK;  // floats of V and U per stage
+    static constexpr int SV = AA * BC * LDV, SU = AA * BC * LDU;  // floats of V and U per stage
     static constexpr int PATCHES = BT * BC, PPT = (PATCHES + NT - 1) / NT;
     // U tile [xi][c][k] in 16-byte vectors: thread tid takes vectors tid + NT*j, which all
     // share (c, k) and step xi by XI_STEP.
     static constexpr int UVEC = AA * BC * BK / V, UPT = UVEC / NT, XI_STEP = NT * V / (BC * BK);
     static_assert(BK % V == 0 && UVEC % NT == 0 && (NT * V) % (BC * BK) == 0,
                   "WinoLoader: the U tile does not split evenly into 16-byte vectors");
+    static_assert(LDV >= BT && LDU >= BK && LDU % V == 0, "WinoLoader: row strides");
 
     long long poff[PPT];   // offset of (n, channel g*Cig + c, py, px) in `in` (may be
                            // negative)
@@ -419,6 +423,11 @@ struct WinoLoader {
         kvalid = k0 + kk < cogp;
     }
 
+    // Where patch `pair` (channel pair / BT, tile pair % BT) starts in a stage.
+    __device__ __forceinline__ static int place(int pair) {
+        return LDV == BT ? pair : (pair / BT) * LDV + pair % BT;
+    }
+
     // Issue the copies of chunk c0 into the stage at `st` (V, then U).
     __device__ __forceinline__ void fetch(const float* __restrict__ in, int c0, int cig,
                                           long long in_plane, int Wi, int cogp, float* st) const {
@@ -430,7 +439,7 @@ struct WinoLoader {
             // address is then never dereferenced (cp.async with src-size 0).
             const unsigned long long live = c0 + pair / BT < cig ? pin[j] : 0ull;
             const float* src = in + poff[j] + (long long)c0 * in_plane;
-            float* dst = st + pair;  // (c, tile) = (pair / BT, pair % BT)
+            float* dst = st + place(pair);  // (c, tile) = (pair / BT, pair % BT)
 #pragma unroll
             for (int a = 0; a < A; ++a) {
                 const float* row = src + (long long)a * Wi;
@@ -439,15 +448,17 @@ struct WinoLoader {
                     const int q = a * A + b;
                     const int bytes = q >= 2 ? (int)(live >> (q - 2)) & 4
                                              : (int)(live << (2 - q)) & 4;
-                    cp_async_n<4>(dst + q * BC * BT, row + b, bytes);
+                    cp_async_n<4>(dst + q * BC * LDV, row + b, bytes);
                 }
             }
         }
         const int bytes = kvalid && c0 + uc < cig ? 16 : 0;
         const float* src = up + (long long)c0 * cogp;
+        const int udst = LDU == BK ? tid * V  // (xi, c, k) of vector tid
+                                   : (tid * V / BK) * LDU + tid * V % BK;
 #pragma unroll
-        for (int j = 0; j < UPT; ++j) {  // vector tid + NT*j: elements (xi*BC + c)*BK + k
-            cp_async_n<16>(st + SV + (tid + NT * j) * V, src + j * ustep, bytes);
+        for (int j = 0; j < UPT; ++j) {  // vector tid + NT*j: (xi + j*XI_STEP, c, k)
+            cp_async_n<16>(st + SV + udst + j * XI_STEP * BC * LDU, src + j * ustep, bytes);
         }
     }
 
@@ -457,16 +468,51 @@ struct WinoLoader {
         for (int j = 0; j < PPT; ++j) {
             const int pair = tid + NT * j;
             if (PATCHES % NT != 0 && pair >= PATCHES) continue;
-            float* p = st + pair;
+            float* p = st + place(pair);
             float d[AA], v[AA];
 #pragma unroll
-            for (int q = 0; q < AA; ++q) d[q] = p[q * BC * BT];
+            for (int q = 0; q < AA; ++q) d[q] = p[q * BC * LDV];
             Wino2D<M>::input(d, v);
 #pragma unroll
-            for (int q = 0; q < AA; ++q) p[q * BC * BT] = v[q];
+            for (int q = 0; q < AA; ++q) p[q * BC * LDV] = ROUND ? to_tf32(v[q]) : v[q];
         }
     }
 };
+
+// Epilogue of winograd_conv and winograd_conv_tf32: the transform-point results of KP output
+// channels kb.. (within the group) staged as ms[(xi*KP + k)*BT + tile] are inverse-transformed
+// (Y = AT M AT^T) tile by tile, the bias added, and the m x m pixels that lie inside the output
+// written.
+template <int M, int BT, int KP, int NT>
+__device__ __forceinline__ void wino_store(const float* ms, float* __restrict__ out,
+                                           const float* __restrict__ bias, int tid, int t0,
+                                           int kb, int g, int cog, int Co, int Ho, int Wo,
+                                           int tiles, int tiles_img, int tiles_w) {
+    constexpr int AA = (M + 2) * (M + 2);
+    const long long out_plane = (long long)Ho * Wo;
+    for (int e = tid; e < KP * BT; e += NT) {
+        const int tl = e % BT, kq = e / BT;
+        const int t = t0 + tl, k = kb + kq;
+        if (t >= tiles || k >= cog) continue;
+        float mv[AA], y[M * M];
+#pragma unroll
+        for (int q = 0; q < AA; ++q) mv[q] = ms[(q * KP + kq) * BT + tl];
+        Wino2D<M>::output(mv, y);
+        const float bk = bias != nullptr ? bias[g * cog + k] : 0.0f;
+        const int n = t / tiles_img, r = t - n * tiles_img;
+        const int th = r / tiles_w, tw = r - th * tiles_w;
+        float* dst = out + ((long long)n * Co + (long long)g * cog + k) * out_plane;
+#pragma unroll
+        for (int a = 0; a < M; ++a) {
+            const int oy = th * M + a;
+#pragma unroll
+            for (int b = 0; b < M; ++b) {
+                const int ox = tw * M + b;
+                if (oy < Ho && ox < Wo) dst[(long long)oy * Wo + ox] = y[a * M + b] + bk;
+            }
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fused kernel: input transform into shared memory, transform-point GEMMs, inverse transform
@@ -518,35 +564,119 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
         });
 
     // Epilogue, pass p: channels k0 + p*KP + (tx*V + v) for the registers j = p*V + v.
-    const long long out_plane = (long long)Ho * Wo;
 #pragma unroll
     for (int p = 0; p < TN / V; ++p) {
         __syncthreads();  // the main loop (or the previous pass) is done with shared memory
         stage_pass<TY, TX, TM, TN, BT>(Ms, acc, p, xi, ty, tx);
         __syncthreads();
-        for (int e = tid; e < KP * BT; e += NT) {
-            const int tl = e % BT, kq = e / BT;
-            const int t = t0 + tl, k = k0 + p * KP + kq;
-            if (t >= tiles || k >= cog) continue;
-            float mv[AA], y[M * M];
-#pragma unroll
-            for (int q = 0; q < AA; ++q) mv[q] = Ms[(q * KP + kq) * BT + tl];
-            Wino2D<M>::output(mv, y);
-            const float bk = bias != nullptr ? bias[g * cog + k] : 0.0f;
-            const int n = t / tiles_img, r = t - n * tiles_img;
-            const int th = r / tiles_w, tw = r - th * tiles_w;
-            float* dst = out + ((long long)n * Co + (long long)g * cog + k) * out_plane;
-#pragma unroll
-            for (int a = 0; a < M; ++a) {
-                const int oy = th * M + a;
-#pragma unroll
-                for (int b = 0; b < M; ++b) {
-                    const int ox = tw * M + b;
-                    if (oy < Ho && ox < Wo) dst[(long long)oy * Wo + ox] = y[a * M + b] + bk;
-                }
-            }
-        }
+        wino_store<M, BT, KP, NT>(Ms, out, bias, tid, t0, k0 + p * KP, g, cog, Co, Ho, Wo,
+                                  tiles, tiles_img, tiles_w);
     }
+}
+
+// Depth of winograd_conv_tf32's cp.async ring.
+constexpr int WINO_TF32_STAGES = 2;
+
+// ---------------------------------------------------------------------------------------------
+// TF32 tensor-core variant of winograd_conv (same arguments, same launch grid): the
+// transform-point GEMMs run on mma.sync.m16n8k8 (TF32 operands, fp32 accumulation), chunks of
+// BC = 8 channels (one k-step). V is rounded to TF32 (cvt.rna) by the thread that transforms
+// it, as it is stored to shared memory; U comes rounded from winograd_filter<M, MODE, 1>.
+// Block tile BT tiles x BK output channels per point, WARPS warps, warp w owning the points
+// w*AA/WARPS .. (w+1)*AA/WARPS - 1, each as (BT/16) x (BK/8) mma tiles. The stage rows are
+// padded to LDV = BT + 8 and LDU = BK + 8 floats: fragment element (row t, column g) of lane
+// 4g + t then sits in bank (t*LD + g) % 32, all 32 distinct.
+// ---------------------------------------------------------------------------------------------
+template <int M, int BT, int BK, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
+winograd_conv_tf32(const float* __restrict__ in, const float* __restrict__ u,
+                   const float* __restrict__ bias, float* __restrict__ out, int N, int Ci,
+                   int Hi, int Wi, int Co, int Ho, int Wo, int ph, int pw, int groups) {
+    constexpr int A = M + 2, AA = A * A, V = 4, BC = 8, NT = 32 * WARPS;
+    constexpr int LDV = BT + 8, LDU = BK + 8;
+    constexpr int PPW = AA / WARPS, MT = BT / 16, NTL = BK / 8;
+    static_assert(AA % WARPS == 0 && BT % 16 == 0 && BK % 8 == 0,
+                  "winograd_conv_tf32: whole points per warp, whole mma tiles per point");
+    static_assert(LDV % 32 == 8 || LDV % 32 == 24, "winograd_conv_tf32: LDV bank layout");
+    static_assert(LDU % 32 == 8 || LDU % 32 == 24, "winograd_conv_tf32: LDU bank layout");
+    using Loader = WinoLoader<M, BC, BT, BK, NT, LDV, LDU, true>;
+    constexpr int STAGE = Loader::SV + Loader::SU, SMO = AA * BK * BT;
+    constexpr int SMEM = WINO_TF32_STAGES * STAGE > SMO ? WINO_TF32_STAGES * STAGE : SMO;
+    __shared__ __align__(16) float smem[SMEM];  // ring stages [V: xi][c][LDV] [U: xi][c][LDU]
+    float* const Ms = smem;                     // epilogue: [xi][k][tile]
+
+    const int tid = threadIdx.x;
+    const int g = blockIdx.z;
+    const int cig = Ci / groups, cog = Co / groups;
+    const int tiles_w = (Wo + M - 1) / M, tiles_img = ((Ho + M - 1) / M) * tiles_w;
+    const int tiles = N * tiles_img;
+    const int t0 = blockIdx.x * BT, k0 = blockIdx.y * BK;
+    const int cogp = (cog + V - 1) / V * V;
+    const long long in_plane = (long long)Hi * Wi;
+    Loader ld;
+    ld.init(tid, g, t0, k0, Ci, Hi, Wi, cig, cogp, tiles, tiles_img, tiles_w, ph, pw, u);
+
+    const int warp = tid / 32, lane = tid % 32, gq = lane / 4, tq = lane % 4;
+    float acc[PPW][MT][NTL][4];
+#pragma unroll
+    for (int p = 0; p < PPW; ++p)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NTL; ++j)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) acc[p][i][j][v] = 0.0f;
+
+    wino_mainloop<WINO_TF32_STAGES, STAGE>(
+        smem, (cig + BC - 1) / BC,
+        [&](int step, float* st) { ld.fetch(in, step * BC, cig, in_plane, Wi, cogp, st); },
+        [&](float* st) { ld.transform(st); },
+        [&](const float* st) {
+#pragma unroll
+            for (int p = 0; p < PPW; ++p) {
+                const int xi = warp * PPW + p;
+                const float* vs = st + xi * BC * LDV + tq * LDV + gq;  // A = V[xi] (tile, c)
+                const float* us = st + Loader::SV + xi * BC * LDU + tq * LDU + gq;  // B = U[xi]
+                unsigned a[MT][4], b[NTL][2];
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    a[i][0] = __float_as_uint(vs[i * 16]);
+                    a[i][1] = __float_as_uint(vs[i * 16 + 8]);
+                    a[i][2] = __float_as_uint(vs[4 * LDV + i * 16]);
+                    a[i][3] = __float_as_uint(vs[4 * LDV + i * 16 + 8]);
+                }
+#pragma unroll
+                for (int j = 0; j < NTL; ++j) {
+                    b[j][0] = __float_as_uint(us[j * 8]);
+                    b[j][1] = __float_as_uint(us[4 * LDU + j * 8]);
+                }
+#pragma unroll
+                for (int i = 0; i < MT; ++i)
+#pragma unroll
+                    for (int j = 0; j < NTL; ++j) mma_tf32_16x8x8(acc[p][i][j], a[i], b[j]);
+            }
+        });
+
+    // Epilogue: M (tile, k) of every point to shared memory, then wino_store in one pass.
+    __syncthreads();  // the main loop is done with shared memory
+#pragma unroll
+    for (int p = 0; p < PPW; ++p) {
+        const int xi = warp * PPW + p;
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NTL; ++j) {
+                const int t = i * 16 + gq, k = j * 8 + 2 * tq;
+                float* ms = Ms + (xi * BK + k) * BT + t;
+                ms[0] = acc[p][i][j][0];
+                ms[BT] = acc[p][i][j][1];
+                ms[8] = acc[p][i][j][2];
+                ms[BT + 8] = acc[p][i][j][3];
+            }
+    }
+    __syncthreads();
+    wino_store<M, BT, BK, NT>(Ms, out, bias, tid, t0, k0, g, cog, Co, Ho, Wo, tiles, tiles_img,
+                              tiles_w);
 }
 
 
