@@ -1,5 +1,6 @@
 // winograd.cu -- fused Winograd F(m x m, 3 x 3) convolution (m = 2 or 4) for 3x3, stride-1,
-// undilated layers: forward, input gradient and weight gradient, strict FP32.
+// undilated layers: forward, input gradient and weight gradient, strict FP32; forward and input
+// gradient of F(2x2) also on TF32 tensor cores (winograd_conv_tf32).
 //
 // Algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). An
 // output tile of m x m pixels comes from an A x A input patch d (A = m + 2):
@@ -19,37 +20,46 @@
 //            (ph, pw) = (2 - pt, 2 - pl), f_{g,k,c}[r, s] = weight[g*Kg + k, c, 2 - r, 2 - s]
 //            (the input gradient of a stride-1 layer is a correlation with the 180-degree
 //            rotated, channel-transposed kernel; lecture notes 7.5), no bias.
-//   winograd_filter<M, MODE> writes U once per call into a workspace laid out
+//   winograd_filter<M, MODE, ROUND> writes U once per call (rounded to TF32 for the TF32
+//   kernel when ROUND) into a workspace laid out
 //     u[g][xi][c][k]   (groups, A*A, Cig, Cogp), k contiguous, Cogp = Cog rounded up to a
 //   multiple of 4 (zero filters in the padding), so that a block's filter tile is read with
 //   coalesced, 16-byte aligned vector loads.
 //
 // Launch geometry (kernels/cuda_winograd.py computes it)
-//   winograd_filter: grid (ceil(groups*Cig*Cogp / 256), 1, 1), block (256, 1, 1); one thread
-//     per (g, c, k), k fastest.
+//   winograd_filter: grid (ceil(Cig*Cogp / 256), groups, 1), block (256, 1, 1); one thread
+//     per (c, k) of group blockIdx.y, k fastest (c = e / Cogp by FastDiv: no division routine).
 //   winograd_conv<M, BC, TY, TX, TM, TN>: block tile of BT = TY*TM output tiles (tiles
 //     ordered (image, tile row, tile column)) by BK = TX*TN output channels of one group;
 //     grid (ceil(N*ceil(Ho/M)*ceil(Wo/M) / BT), ceil(Cog / BK), groups), block (NT, 1, 1) with
 //     NT = A*A*TY*TX: thread (xi, ty, tx) owns a TM x TN register block of the transform
 //     point xi's GEMM, tiles ((i/4)*TY + ty)*4 + i%4, channels ((j/4)*TX + tx)*4 + j%4
 //     (16-byte shared-memory reads).
-//   Main loop over the input channels in chunks of BC: every thread reads its share of the
-//   U tile (16-byte loads) and gathers its (tile, channel) patches (plain bounds-checked
-//   loads, zero outside the image), transforms the patches and stores V and U to shared
-//   memory (two barriers per chunk), then multiplies. One operand is read a chunk ahead into
-//   registers (in flight during the FMAs), the other just before the barrier: the patches
-//   ahead for F(4x4), whose 288-thread block fills an SM alone, the U tile ahead for F(2x2)
-//   (two blocks per SM overlap each other's loads). Both ahead spilled registers (F(2x2) on
-//   sm_80 at its 128-register cap, F(4x4) at its 168).
-//   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the main
-//   loop's buffer), then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the
-//   bias and writes the m x m pixels that lie inside the output.
+//   Main loop (wino_mainloop) over the input channels in chunks of BC: a WINO_STAGES (3) deep
+//   ring of shared-memory stages filled by cp.async, one barrier per chunk. Each thread
+//   copies its (tile, channel) patches element by element (4-byte cp.async, zero-filled
+//   outside the image) straight to the places of their transformed values, and its 16-byte
+//   vectors of the U tile; once its own copies of a chunk have landed it transforms its
+//   patches in place (V = BT d BT^T), the barrier publishes the stage, the slot freed by the
+//   previous chunk is refilled two chunks ahead, and the block multiplies. The global loads
+//   never wait on the arithmetic and no register holds data in flight.
+//   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the ring),
+//   then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the bias and writes
+//   the m x m pixels that lie inside the output (wino_store).
+//   winograd_conv_tf32<M, BT, BK, WARPS>: same grid for its BT x BK block tile, block
+//     (32*WARPS, 1, 1); chunks of 8 channels (one mma k-step) in a 2-stage ring; see the
+//     comment above the kernel.
 //   winograd_wgrad<M, BR, TY, TX, TM, TN>: grid (ceil(Cg / (TY*TM)), ceil(Kg / (TX*TN)),
-//     groups * slices), block (A*A*TY*TX, 1, 1); see the comment above the kernel.
-//   Static shared memory: max(A*A*BC*(BT + BK), A*A*4*TX*BT) floats (32 KiB for F(2x2),
-//   36 KiB for F(4x4) with the launcher's tiles). Arguments: in, u, bias (or null), out, then
-//   N, Ci, Hi, Wi, Co, Ho, Wo, ph, pw, groups (int32). Offsets are 64-bit; tile indices are
-//   32-bit (the launcher splits the batch to keep N * tiles per image below 2^31).
+//     groups * slices), block (A*A*TY*TX, 1, 1), the same ring over chunks of BR tiles; see
+//     the comment above the kernel.
+//   Static shared memory: the ring, or the epilogue's staging if larger, at most 48 KiB
+//   (launcher tiles: winograd_conv and winograd_wgrad F(2x2) 48 KiB with BC = BR = 4,
+//   F(4x4) 40.5 KiB with BC = BR = 2; winograd_conv_tf32 F(2x2) 48 KiB). The 48 KiB static
+//   limit is why the chunks are short: three stages of the SIMT kernels' previous chunks
+//   (8 and 4) would need 96 and 81 KiB (dynamic shared memory with an opt-in the launcher
+//   does not make). Arguments: in, u, bias (or null), out, then N, Ci, Hi, Wi, Co, Ho, Wo, ph,
+//   pw, groups (int32). Offsets are 64-bit; tile indices are 32-bit (the launcher splits the
+//   batch to keep N * tiles per image below 2^31).
 //
 // Numerics: every product is one FP32 fused multiply-add, channels summed in ascending order
 // in each thread (results repeat bit for bit). Error against the float64 reference (relative
@@ -62,25 +72,41 @@
 // transform in float64 did not help (3.35e-6), so it stays in float32. Documented bound:
 // 1e-5 (the library's float32 tolerance; cuda_winograd.ERROR_BOUND) for F(2x2) on sums of up
 // to 8192 terms and F(4x4) on up to 1024, the longest the dispatch rules give them;
-// checked by tests/test_cuda_winograd.py. F(6x6, 3x3) (points 0, +-1, +-2, +-1/2): 6.5e-6 at
-// 256 channels, 1.3e-5 at 1024 in the model, and fewer multiplies than F(4x4) only on large
-// planes (56x56: 4.4x vs 4x; 14x14 and 7x7: none), so it is not provided. The weight
+// checked by tests/test_cuda_winograd.py. F(6x6, 3x3) (points 0, +-1, +-2, +-1/2, Cook-Toom
+// matrices; float32 model with sequential channel sums, which reproduces the emulated F(4x4)
+// 3.40e-6 at 256 channels): 4.2e-6 at 64 channels, 6.9e-6 at 256, 1.19e-5 at 1024 (over the
+// 1e-5 bound where F(4x4) keeps it), and fewer multiplies than F(4x4) only on large planes
+// (56x56: 4.4x vs 4x; 14x14 and 7x7: none), with 64 transform points per tile to stage; so it
+// is not provided.
+// TF32 (winograd_conv_tf32, F(2x2) only): V and U rounded to TF32 (10-bit mantissa) once,
+// products accumulated in fp32 by mma.sync. Host emulation against the float64 reference:
+// 3.3e-4 to 5.1e-4 on the shared case list, MULTI and 256/512-channel sums (direct TF32
+// implicit GEMM: about 3e-4); documented bound 2e-3 (cuda_winograd.TF32_ERROR_BOUND). A NumPy
+// model puts F(4x4)+TF32 at 2.3e-3 to 3.1e-3 (its +-2 points amplify the operand rounding):
+// within 5e-3 but not offered, also because two 8-channel stages of its 36 points do not fit
+// 48 KiB. The weight
 // gradient sums over tiles instead of channels, with the same growth (emulation, one slice:
 // F(4x4) 3.3e-6 over 256 tiles, 8.9e-6 over 2048; F(2x2) 9.7e-7 over 1024, 2.7e-6 over 8192);
 // the dispatch rules cut its reduction into slices of at most 1024 (F(4x4)) or 8192 (F(2x2))
 // tiles. float64 never takes this path (the direct kernels keep it).
 //
-// Versions: 1 (this file): strict FP32 SIMT transform-point GEMMs; forward and input gradient
-// (winograd_conv), weight gradient (winograd_wgrad, below). Not done: TF32 mma.sync GEMMs,
-// F(6x6, 3x3), cp.async pipelining.
+// Versions: 1: strict FP32 SIMT transform-point GEMMs; forward and input gradient
+// (winograd_conv), weight gradient (winograd_wgrad). 2 (this file): both main loops stream
+// their operands through a cp.async ring (wino_mainloop); the filter transform indexes with
+// FastDiv; TF32 tensor-core F(2x2) forward / input gradient (winograd_conv_tf32). Not done:
+// F(6x6, 3x3) (see Numerics), TF32 F(4x4), TF32 weight gradient (the implicit GEMM keeps it).
 //
-// Verification status (when this was written): compiled by NVRTC 13.5 for sm_80 and sm_90
-// (tests/test_nvrtc.py); ptxas through NVRTC (tests/test_cuda_winograd.py::test_no_spills)
-// reports 0 bytes of stack and spills for every instantiation on both: winograd_conv F(2x2)
-// 128 registers (its cap: two 256-thread blocks per SM), F(4x4) 168 (one 288-thread block);
-// winograd_wgrad F(2x2) 128 / 123 (sm_80 / sm_90), F(4x4) 168 / 167; winograd_filter 32.
-// Executed through the host emulation of tests/cuda_emu.h against the NumPy reference
-// (tests/test_cuda_winograd.py). Never run on a GPU: speed is unmeasured.
+// Verification status (version 2, no GPU available): compiled by NVRTC 13.5 for sm_80 and
+// sm_90 (tests/test_nvrtc.py); ptxas through NVRTC (tests/test_cuda_winograd.py::test_no_spills)
+// reports 0 bytes of stack and spills for every instantiation on both; bench/sass_report.py
+// --check passes: LDGSTS in the main loop of winograd_conv, winograd_conv_tf32 and
+// winograd_wgrad, HMMA in winograd_conv_tf32's, no CALL in any Winograd kernel. Registers
+// (sm_80 / sm_90): winograd_conv F(2x2) 128 / 128 (its cap: two 256-thread blocks per SM),
+// F(4x4) 127 / 128; winograd_wgrad F(2x2) 128 / 128, F(4x4) 168 / 148; winograd_conv_tf32 98;
+// winograd_filter 32. Executed through the host emulation of tests/cuda_emu.h (cp.async with
+// poisoned pending destinations, commit/wait groups, the mma fragment layout of the PTX ISA)
+// against the NumPy reference (tests/test_cuda_winograd.py). Never run on a GPU: speed is
+// unmeasured.
 
 #include "fc_common.cuh"
 
@@ -275,8 +301,9 @@ enum WinogradMode { WINO_FPROP = 0, WINO_DGRAD = 1 };
 // ---------------------------------------------------------------------------------------------
 // Filter transform: u[g][xi][c][k] = (G f_{g,c,k} G^T)[xi], once per call; ROUND = 1 (for
 // winograd_conv_tf32) rounds U to TF32 (cvt.rna) as it is stored, so the GEMM reads ready
-// tensor-core operands. Grid (ceil(Cig*Cogp / 256), groups): one thread per (c, k) of group blockIdx.y; c and k come
-// from a FastDiv by Cogp (the launcher's (mul, shift)), so no integer-division routine runs.
+// tensor-core operands. Grid (ceil(Cig*Cogp / 256), groups): one thread per (c, k) of group
+// blockIdx.y; c and k come from a FastDiv by Cogp (the launcher's (mul, shift)), so no
+// integer-division routine runs.
 // ---------------------------------------------------------------------------------------------
 template <int M, int MODE, int ROUND>
 __global__ void __launch_bounds__(256)
@@ -362,13 +389,13 @@ __device__ __forceinline__ void wino_mainloop(float* smem, int steps, Fetch&& fe
 
 // Copies one chunk of BC input channels of winograd_conv's operands into a ring stage
 // [V: xi][c][tile] [U: xi][c][k] (rows of LDV and LDU floats; the TF32 kernel pads them so
-// that its fragment reads hit 32 distinct banks): this thread's (tile, channel) patches, pair tid + NT*j
-// being tile (pair % BT) and channel (pair / BT) of every chunk, element by element (4-byte
-// cp.async, zero-filled outside the image and past the channels) at their V positions, and its
-// 16-byte vectors of the U tile. `transform` turns its own patches of a landed stage into
-// V = BT d BT^T in place (rounded to TF32 when ROUND). Everything that does not change from chunk to chunk (patch origins,
-// which rows and columns of a patch lie inside the image, the U vector's (xi, c, k) position)
-// is decoded once in `init`.
+// that its fragment reads hit 32 distinct banks): this thread's (tile, channel) patches, pair
+// tid + NT*j being tile (pair % BT) and channel (pair / BT) of every chunk, element by element
+// (4-byte cp.async, zero-filled outside the image and past the channels) at their V positions,
+// and its 16-byte vectors of the U tile. `transform` turns its own patches of a landed stage
+// into V = BT d BT^T in place (rounded to TF32 when ROUND). Everything that does not change
+// from chunk to chunk (patch origins, which elements of a patch lie inside the image, the U
+// vector's (xi, c, k) position) is decoded once in `init`.
 template <int M, int BC, int BT, int BK, int NT, int LDV = BT, int LDU = BK, bool ROUND = false>
 struct WinoLoader {
     static constexpr int A = M + 2, AA = A * A, V = 4;
@@ -760,7 +787,7 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
             const int t = tb + pair / BC;
             const bool ok = t < t_end && ((xok >> j) & 1u);
             int y0 = -A, x0 = 0;  // a tile past the end: every row outside the plane
-            long long off = 0;    // of (n, g*Cg + c, y0, x0) in x
+            long long off = 0;    // of (n, y0, x0) from the channel plane xsrc[j]
             if (ok) {
                 const int n = by_img(t), r = t - n * tiles_img, th = by_w(r);
                 y0 = th * M - pt;
@@ -787,7 +814,7 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
             const int t = tb + pair / BK;
             const bool ok = t < t_end && ((yok >> j) & 1u);
             int y0 = P, x0 = 0;  // a tile past the end: every row outside the plane
-            long long off = 0;   // of (n, g*Kg + k, y0, x0) in grad_output
+            long long off = 0;   // of (n, y0, x0) from the filter plane ysrc[j]
             if (ok) {
                 const int n = by_img(t), r = t - n * tiles_img, th = by_w(r);
                 y0 = th * M;
@@ -803,7 +830,8 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
 #pragma unroll
                 for (int b = 0; b < M; ++b) {
                     const bool inside = oky && x0 + b < Q;
-                    cp_async<4>(dst + (a * M + b) * BR * BK, inside ? row + b : grad_output, inside);
+                    cp_async<4>(dst + (a * M + b) * BR * BK, inside ? row + b : grad_output,
+                                inside);
                 }
             }
         }
