@@ -541,6 +541,17 @@ __device__ __forceinline__ void wino_store(const float* ms, float* __restrict__ 
     }
 }
 
+// What winograd_conv and winograd_conv_tf32 derive from their arguments and the block index:
+// group g, channels per group (cig in, cog out, cogp = cog padded to whole 16-byte vectors as
+// U's k axis is), the tile grid, the block's first tile t0 and output channel k0.
+#define WINO_CONV_BLOCK(M, BT, BK)                                                           \
+    const int g = blockIdx.z;                                                                \
+    const int cig = Ci / groups, cog = Co / groups, cogp = (cog + 3) / 4 * 4;                \
+    const int tiles_w = (Wo + (M) - 1) / (M), tiles_img = ((Ho + (M) - 1) / (M)) * tiles_w;  \
+    const int tiles = N * tiles_img;                                                         \
+    const int t0 = blockIdx.x * (BT), k0 = blockIdx.y * (BK);                                \
+    const long long in_plane = (long long)Hi * Wi
+
 // ---------------------------------------------------------------------------------------------
 // Fused kernel: input transform into shared memory, transform-point GEMMs, inverse transform
 // and bias in the epilogue.
@@ -562,14 +573,7 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
     float* const Ms = smem;                     // epilogue: [xi][k][tile]
 
     const int tid = threadIdx.x;
-    const int g = blockIdx.z;
-    const int cig = Ci / groups, cog = Co / groups;
-    const int tiles_w = (Wo + M - 1) / M, tiles_img = ((Ho + M - 1) / M) * tiles_w;
-    const int tiles = N * tiles_img;
-    const int t0 = blockIdx.x * BT, k0 = blockIdx.y * BK;
-
-    const int cogp = (cog + V - 1) / V * V;  // U's k axis is padded to whole vectors
-    const long long in_plane = (long long)Hi * Wi;
+    WINO_CONV_BLOCK(M, BT, BK);
     Loader ld;
     ld.init(tid, g, t0, k0, Ci, Hi, Wi, cig, cogp, tiles, tiles_img, tiles_w, ph, pw, u);
 
@@ -633,13 +637,7 @@ winograd_conv_tf32(const float* __restrict__ in, const float* __restrict__ u,
     float* const Ms = smem;                     // epilogue: [xi][k][tile]
 
     const int tid = threadIdx.x;
-    const int g = blockIdx.z;
-    const int cig = Ci / groups, cog = Co / groups;
-    const int tiles_w = (Wo + M - 1) / M, tiles_img = ((Ho + M - 1) / M) * tiles_w;
-    const int tiles = N * tiles_img;
-    const int t0 = blockIdx.x * BT, k0 = blockIdx.y * BK;
-    const int cogp = (cog + V - 1) / V * V;
-    const long long in_plane = (long long)Hi * Wi;
+    WINO_CONV_BLOCK(M, BT, BK);
     Loader ld;
     ld.init(tid, g, t0, k0, Ci, Hi, Wi, cig, cogp, tiles, tiles_img, tiles_w, ph, pw, u);
 
