@@ -613,3 +613,27 @@ def test_gpu_public_api_takes_winograd(cupy):
         == "winograd"
     assert rel_err(cupy.asnumpy(gw), reference.conv2d_weight_grad(x, gy, geom)) \
         < ERROR_BOUND[4]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("geom", GPU_GEOMS, ids=["r3x3", "groups_pad", "tiny"])
+def test_gpu_tf32_against_reference(cupy, geom, op):
+    """The TF32 kernel on the real mma.sync (the host emulation follows the PTX ISA's fragment
+    layout; this checks the hardware agrees), outputs NaN-poisoned, twice (bit-identical)."""
+    if int(cupy.cuda.Device().compute_capability) < 80:
+        pytest.skip("TF32 tensor cores need sm_80+")
+    x, w, b, gy = _problem(geom)
+    d = cupy.asarray
+    algo = _algo(2, precision="tf32")
+
+    def run():
+        if op == "forward":
+            return backend.conv2d_forward(d(x), d(w), d(b), geom, algo)
+        return backend.conv2d_input_grad(d(w), d(gy), geom, algo)
+
+    out = cupy.asnumpy(run())
+    ref = (reference.conv2d_forward(x, w, b, geom) if op == "forward"
+           else reference.conv2d_input_grad(w, gy, geom))
+    assert 1e-5 < rel_err(out, ref) < TF32_ERROR_BOUND[2]
+    np.testing.assert_array_equal(out, cupy.asnumpy(run()))
