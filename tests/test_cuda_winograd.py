@@ -318,6 +318,14 @@ def test_tiles_satisfy_kernel_constraints(m):
     assert wt.m == m and wt.tm % 4 == 0 and wt.tn % 4 == 0
     assert wt.threads <= 1024 and wt.threads % 32 == 0
     assert wt.smem_bytes <= cuda_conv.SMEM_LIMIT
+    if m in TF32_TILES:  # winograd_conv_tf32's static_asserts
+        tt = TF32_TILES[m]
+        assert tt.m == m and tt.alpha ** 2 % tt.warps == 0
+        assert tt.rows % 16 == 0 and tt.cols % 8 == 0 and tt.chunk == 8
+        assert all((ld + 8) % 32 in (8, 24) for ld in (tt.rows, tt.cols))
+        assert tt.smem_bytes <= cuda_conv.SMEM_LIMIT
+        uvec = tt.alpha ** 2 * tt.chunk * tt.cols // 4
+        assert uvec % tt.threads == 0 and (tt.threads * 4) % (tt.chunk * tt.cols) == 0
 
 
 def test_kernel_names():
