@@ -207,6 +207,26 @@ def test_tf32_multi_block_and_depth(ex):
     np.testing.assert_array_equal(out, again)
 
 
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_tf32_random_geometries(ex, data):
+    """Random shapes, paddings (DGRAD offsets 2 - pad going negative) and groups through the
+    TF32 kernel's forward pass and input gradient."""
+    groups = data.draw(st.integers(1, 3), "groups")
+    cg, kg = data.draw(st.integers(1, 19), "cg"), data.draw(st.integers(1, 19), "kg")
+    n, h, w = (data.draw(st.integers(1, 2), "N"), data.draw(st.integers(1, 10), "H"),
+               data.draw(st.integers(1, 10), "W"))
+    pad = tuple(tuple(data.draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
+    if h + sum(pad[0]) < 3 or w + sum(pad[1]) < 3:
+        return  # the kernel does not fit the padded input (rejected by the argument checks)
+    geom = conv_geometry((n, cg * groups, h, w), (kg * groups, cg, 3, 3), 1, pad, 1, groups)
+    x, wt, b, gy = _problem(geom, seed=data.draw(st.integers(0, 99), "seed"))
+    for op in OPS:
+        out, ref = _run(ex, op, geom, _algo(2, precision="tf32"), x, wt, b, gy)
+        assert rel_err(out, ref) < TF32_ERROR_BOUND[2], (op, geom)
+
+
 def test_tf32_filter_transform_is_rounded(ex, emu):
     """winograd_filter<M, MODE, 1> stores U rounded to TF32 (low 13 mantissa bits zero), the
     same values as the strict transform rounded to nearest."""
