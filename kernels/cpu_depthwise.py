@@ -131,6 +131,38 @@ def _pad_plane(src, s0, H, W, dst, Hd, Wd, top, left):
             dst[d + j] = src[so + j]
 
 
+@njit(cache=True, inline="always")
+def _window3x3(wk, rotated):
+    """The nine taps of one 3x3 filter plane in row-major order (rotated by 180 degrees for
+    the input gradient), as scalars the pass below keeps in registers."""
+    if rotated:
+        return (wk[2, 2], wk[2, 1], wk[2, 0], wk[1, 2], wk[1, 1], wk[1, 0],
+                wk[0, 2], wk[0, 1], wk[0, 0])
+    return (wk[0, 0], wk[0, 1], wk[0, 2], wk[1, 0], wk[1, 1], wk[1, 2],
+            wk[2, 0], wk[2, 1], wk[2, 2])
+
+
+@njit(cache=True)
+def _taps3x3(acc, src, L, row, col, t):
+    """``acc[f] += sum_{r,s} t[3r+s] * src[f + r*row + s*col]`` for ``f < L``: all nine taps
+    of a 3x3 filter in one pass (one load and store of ``acc`` instead of nine), summed in
+    the same order (r, then s) as the one-tap-per-pass loop, so the bits are the same.
+
+    Unsigned offsets keep the index arithmetic integer (Numba turns int64 op uint64 into
+    float64) and free of negative-index checks, so the loop vectorises."""
+    t00, t01, t02, t10, t11, t12, t20, t21, t22 = t
+    c1 = np.uint64(col)
+    c2 = c1 + c1
+    r1 = np.uint64(row)
+    r2 = r1 + r1
+    for f in range(np.uint64(L)):
+        f1 = f + r1
+        f2 = f + r2
+        acc[f] = ((((((((acc[f] + t00 * src[f]) + t01 * src[f + c1]) + t02 * src[f + c2])
+                      + t10 * src[f1]) + t11 * src[f1 + c1]) + t12 * src[f1 + c2])
+                    + t20 * src[f2]) + t21 * src[f2 + c1]) + t22 * src[f2 + c2]
+
+
 @njit(parallel=True, cache=True)
 def _forward_s1(x, weight, bias, y, pt, pl, dh, dw):
     N, C, H, W = x.shape
@@ -149,6 +181,9 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw):
         acc[:] = bias[k]
         for cl in range(Cg):
             _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
+            if R == 3 and S == 3:
+                _taps3x3(acc, xp, L, dh * Wp, dw, _window3x3(weight[k, cl], False))
+                continue
             for r in range(R):
                 for s in range(S):
                     wv = weight[k, cl, r, s]
@@ -183,6 +218,9 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw):
         for kl in range(Kg):
             k = g * Kg + kl
             _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
+            if R == 3 and S == 3:
+                _taps3x3(acc, dyp, L, dh * Wq, dw, _window3x3(weight[k, cl], True))
+                continue
             for r in range(R):
                 for s in range(S):
                     wv = weight[k, cl, R - 1 - r, S - 1 - s]

@@ -46,8 +46,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import valid_range
-from .cpu_workspace import (DEFAULT_CHUNK_BYTES, scratch, winograd_tile_bytes,
-                            workspace_bound)
+from .cpu_workspace import (DEFAULT_CHUNK_BYTES, WINOGRAD_TEMP_CHANNELS, scratch,
+                            winograd_tile_bytes, workspace_bound)
 
 _BT = {
     2: [[1, 0, -1, 0],
@@ -246,6 +246,57 @@ def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab)
             _lincomb(V[xi, c0 * L:], rows, col_tab, xi, 0, L, cbb, L, Fr)
 
 
+@njit(cache=True, inline="always")
+def _interleave_row(yf, d0, Q, planes, s0, m, b_k):
+    """One output row from the ``m`` planes of a tile row: ``yf[d0 + j*m + v] =
+    planes[v, s0 + j] + b_k`` for ``j*m + v < Q``. The tile sizes are spelt out so that the
+    stores run along the row (LLVM vectorises the interleaved group) rather than ``m`` strided
+    loops of ``Q / m`` elements (the strided loops were half of the output transform)."""
+    full = np.uint64(Q // m)
+    s = np.uint64(s0)
+    if m == 4:
+        a0, a1, a2, a3 = planes[0, s:], planes[1, s:], planes[2, s:], planes[3, s:]
+        for j in range(full):
+            d = d0 + np.uint64(4) * j
+            yf[d] = a0[j] + b_k
+            yf[d + np.uint64(1)] = a1[j] + b_k
+            yf[d + np.uint64(2)] = a2[j] + b_k
+            yf[d + np.uint64(3)] = a3[j] + b_k
+    else:
+        a0, a1 = planes[0, s:], planes[1, s:]
+        for j in range(full):
+            d = d0 + np.uint64(2) * j
+            yf[d] = a0[j] + b_k
+            yf[d + np.uint64(1)] = a1[j] + b_k
+    um = np.uint64(m)
+    for q in range(full * um, np.uint64(Q)):
+        yf[d0 + q] = planes[q % um, s + q // um] + b_k
+
+
+@njit(cache=True, inline="always")
+def _deinterleave_row(planes, src, s0, Q, m):
+    """The adjoint copy: ``planes[v, j] = src[s0 + j*m + v]`` for ``j*m + v < Q``, reading
+    along the row."""
+    full = np.uint64(Q // m)
+    if m == 4:
+        a0, a1, a2, a3 = planes[0], planes[1], planes[2], planes[3]
+        for j in range(full):
+            s = s0 + np.uint64(4) * j
+            a0[j] = src[s]
+            a1[j] = src[s + np.uint64(1)]
+            a2[j] = src[s + np.uint64(2)]
+            a3[j] = src[s + np.uint64(3)]
+    else:
+        a0, a1 = planes[0], planes[1]
+        for j in range(full):
+            s = s0 + np.uint64(2) * j
+            a0[j] = src[s]
+            a1[j] = src[s + np.uint64(1)]
+    um = np.uint64(m)
+    for q in range(full * um, np.uint64(Q)):
+        planes[q % um, q // um] = src[s0 + q]
+
+
 @njit(cache=True)
 def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
     """``y[n, k, tile] = AT M[:, k*L + tile] AT^T + bias[k]`` for the block's tiles, clipped
@@ -258,7 +309,6 @@ def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
     half = tmp[:m * A * E].reshape(m * A, E)
     out = tmp[m * A * E:(m * A + m * m) * E].reshape(m * m, E)
     yf = y.reshape(y.size)
-    mm = np.uint64(m)
     for k0 in range(0, K, kb):
         kbb = min(kb, K - k0)
         for o in range(m * A):
@@ -274,12 +324,8 @@ def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
                     p = (t0 + t) * m + u
                     if p >= P:
                         break
-                    for v in range(m):
-                        hi = valid_range(tw, Q, m, v)[1]
-                        src = out[u * m + v, kk * L + t * vw:]
-                        dst = y0 + np.uint64(p * Q + v)
-                        for e in range(np.uint64(hi)):
-                            yf[dst + e * mm] = src[e] + b_k
+                    _interleave_row(yf, y0 + np.uint64(p * Q), Q, out[u * m:(u + 1) * m],
+                                    kk * L + t * vw, m, b_k)
 
 
 @njit(cache=True)
@@ -295,7 +341,6 @@ def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
     planes = tmp[:m * m * E].reshape(m * m, E)
     half = tmp[m * m * E:(m * m + m * A) * E].reshape(m * A, E)
     dyf = dy.reshape(dy.size)
-    mm = np.uint64(m)
     zero = dy.dtype.type(0)
     for k0 in range(0, K, kb):
         kbb = min(kb, K - k0)
@@ -304,16 +349,10 @@ def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
             for t in range(tc):
                 for u in range(m):
                     p = (t0 + t) * m + u
-                    for v in range(m):
-                        dst = planes[u * m + v, kk * L + t * vw:kk * L + (t + 1) * vw]
-                        if p >= P:
-                            dst[:] = zero
-                            continue
-                        hi = valid_range(tw, Q, m, v)[1]
-                        dst[hi:] = zero
-                        src = d0 + np.uint64(p * Q + v)
-                        for e in range(np.uint64(hi)):
-                            dst[e] = dyf[src + e * mm]
+                    row = planes[u * m:(u + 1) * m, kk * L + t * vw:kk * L + (t + 1) * vw]
+                    row[:] = zero    # beyond P x Q and the padding tile
+                    if p < P:
+                        _deinterleave_row(row, dyf, d0 + np.uint64(p * Q), Q, m)
         for o in range(m * A):
             _lincomb(half[o], planes, first_tab, o, 0, kbb * L, 1, 0, 0)
         for xi in range(A * A):
@@ -522,12 +561,14 @@ def _buffers(C: int, K: int, tw: int, m: int, p: Plan, dtype, bound: int) -> tup
     """Per-worker buffers ``V (A*A * C * L)``, ``M (A*A * K * L)`` for ``L = rb * vw`` and the
     transforms' temporaries, which hold passes of ``E`` elements (the input transform's
     planes and row pass, then the output transform's two passes, in the same memory); with
-    ``E`` below the per-row allowance of ``cpu_workspace`` (``4 * A*A * vw`` elements)."""
+    ``E`` below the per-row allowance of ``cpu_workspace``
+    (``WINOGRAD_TEMP_CHANNELS * A*A * vw`` elements)."""
     A = m + 2
     vw = row_width(tw)
     L = p.rb * vw
     rows = m * m + A * m
-    E = max((p.rb + 1) * vw, min(PASS_ELEMS, (4 * A * A * L - m * m) // rows))
+    allowance = (WINOGRAD_TEMP_CHANNELS * A * A * L - m * m) // rows
+    E = max((p.rb + 1) * vw, min(PASS_ELEMS, allowance))
     vbuf = scratch((p.nw, A * A * C * L), dtype, bound)
     mbuf = scratch((p.nw, A * A * K * L), dtype, bound)
     tbuf = scratch((p.nw, rows * E + m * m), dtype, bound)

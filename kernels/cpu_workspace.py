@@ -85,6 +85,12 @@ def winograd_bytes(op: str, geom, m: int, itemsize: int) -> tuple[int, int]:
                                geom.K * (geom.C // geom.groups), op == "weight_grad", itemsize)
 
 
+# Channels' worth of transformed tiles per row of tiles that the transforms' per-thread
+# temporaries may use (their passes then run over about 1024 elements: measured 7% faster
+# input and 13% faster output transforms than with 4, r3x3_56, 1 thread).
+WINOGRAD_TEMP_CHANNELS = 12
+
+
 def winograd_tile_bytes(m: int, tiles_per_row: int, channels: int, filter_elems: int,
                         weight_grad: bool, itemsize: int) -> tuple[int, int]:
     """Fixed: the transformed filters (and for the weight gradient their gradient and its
@@ -93,7 +99,8 @@ def winograd_tile_bytes(m: int, tiles_per_row: int, channels: int, filter_elems:
     counted for two threads."""
     A2 = (m + 2) ** 2
     fixed = A2 * filter_elems * (2 if weight_grad else 1)
-    return fixed * itemsize, A2 * (tiles_per_row + 1) * (channels + 4) * itemsize
+    return (fixed * itemsize,
+            A2 * (tiles_per_row + 1) * (channels + WINOGRAD_TEMP_CHANNELS) * itemsize)
 
 
 def gemm1x1_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:

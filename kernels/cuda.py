@@ -13,20 +13,27 @@ Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
       summed in a fixed order.
   ``depthwise``   depthwise.cu (groups == C).
   ``winograd``    winograd.cu (cuda_winograd), 3x3 stride-1 layers, all three conv ops (the
-      weight gradient in tile-reduction slices summed in a fixed order).
+      weight gradient in tile-reduction slices summed in a fixed order); with the
+      ``precision`` parameter "tf32" the TF32 tensor-core kernel (forward, input gradient).
   ``gemm_1x1``    1x1, stride 1, no padding, one group: batched GEMM through cuBLAS
       (``matmul``); strict FP32 unless CuPy itself was told to use TF32 (the rules avoid it then).
+  ``implicit_gemm_phases``  strided input gradient split by the stride**2 input phases
+      (cuda_dgrad): each phase a dense stride-1 forward correlation of grad_output with its
+      sub-kernel through ``forward`` (the implicit GEMM with each phase's tile and reduction
+      slices from the ``phases`` parameter, or ``gemm_1x1`` for a plain 1x1 phase), its
+      compact image scattered into grad_input; phases no tap reaches are zeroed.
   ``reduce``      bias gradient: grad_output summed over P*Q, then N.
   ``hinge_rows``  hinge.cu, fused loss and gradient.
 Imports CuPy only when a function runs.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-from . import cuda_build, cuda_conv, cuda_hinge, cuda_winograd
+from . import cuda_build, cuda_conv, cuda_dgrad, cuda_hinge, cuda_winograd
 from .cuda_build import Launch
 from .cuda_conv import DGRAD, FPROP, WGRAD, SimtTile, Tf32Tile
 
@@ -162,9 +169,32 @@ def input_grad(ex: Executor, weight, grad_output, geom, algo):
     elif algo.name == "winograd":
         cuda_winograd.run(ex, DGRAD, grad_output, weight, None, gx, geom, algo.get("m"),
                           algo.get("precision") == "tf32")
+    elif algo.name == "implicit_gemm_phases":
+        _phased_input_grad(ex, weight, grad_output, gx, geom, algo)
     else:
         _implicit_gemm(ex, DGRAD, grad_output, weight, None, gx, geom, algo)
     return gx
+
+
+def _phased_input_grad(ex: Executor, weight, grad_output, gx, geom, algo) -> None:
+    """Input gradient of a strided layer, one input phase at a time (see cuda_dgrad): the
+    phase image from ``forward`` on grad_output with the phase's sub-kernel, run by the
+    phase's forward algorithm (``implicit_gemm``, ``implicit_gemm_tf32`` with its tile and
+    reduction slices, or ``gemm_1x1``), then written to ``gx[:, :, ph::sh, pw::sw]``; phases
+    that no tap reaches get zeros."""
+    sh, sw = geom.stride
+    plans = {(ph, pw): rest for ph, pw, *rest in algo.get("phases")}
+    for phase in cuda_dgrad.phases(geom):
+        ph, pw = phase.index
+        view = gx[:, :, ph::sh, pw::sw]
+        if phase.geom is None:
+            view[...] = 0
+            continue
+        name, tile, splits = plans[(ph, pw)]
+        params = () if tile is None else (("tile", tile), ("splits", splits))
+        sub_algo = dataclasses.replace(algo, name=name, params=params, reason="")
+        sub_w = cuda_dgrad.sub_weight(ex.xp, weight, phase, geom.groups)
+        view[...] = forward(ex, grad_output, sub_w, None, phase.geom, sub_algo)
 
 
 def weight_grad(ex: Executor, x, grad_output, geom, algo):

@@ -191,9 +191,10 @@ SUITE = {
     "stem7x7s2": ((8, 3, 224, 64, 7, 2, 3, 1), "im2col"),
     "r3x3_56": ((8, 64, 56, 64, 3, 1, 1, 1), "winograd"),
     "r1x1_56": ((8, 256, 56, 64, 1, 1, 0, 1), "gemm1x1"),
-    "r3x3_14": ((8, 256, 14, 256, 3, 1, 1, 1), "im2col"),
+    "r3x3_14": ((8, 256, 14, 256, 3, 1, 1, 1), "winograd"),
     "r3x3s2_28": ((8, 128, 28, 256, 3, 2, 1, 1), "im2col"),
-    "cifar3x3": ((64, 3, 32, 32, 3, 1, 1, 1), "im2col"),
+    # forward, input gradient: thin GEMMs (rule 3); weight gradient: im2col
+    "cifar3x3": ((64, 3, 32, 32, 3, 1, 1, 1), ("direct", "direct", "im2col")),
     "dw3x3_28": ((8, 144, 28, 144, 3, 1, 1, 144), "direct"),
 }
 
@@ -202,9 +203,11 @@ SUITE = {
 def test_rules_on_the_benchmark_suite(name):
     (N, C, H, K, k, s, p, g), expected = SUITE[name]
     geom = conv_geometry((N, C, H, H), (K, C // g, k, k), s, p, 1, g)
-    for op in ("forward", "input_grad", "weight_grad"):
+    ops = ("forward", "input_grad", "weight_grad")
+    per_op = expected if isinstance(expected, tuple) else (expected,) * len(ops)
+    for op, want in zip(ops, per_op):
         algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=256 * 2**20)
-        assert algo.name == expected and algo.name in cpu.ALGORITHMS and algo.reason
+        assert algo.name == want and algo.name in cpu.ALGORITHMS and algo.reason
     assert rules.choose("bias_grad", geom, np.float32, precision="fp32",
                         workspace_bytes=256 * 2**20).name == "reduce"
 
@@ -221,11 +224,14 @@ def test_winograd_tile_choice():
     big = conv_geometry((1, 16, 40, 40), (16, 16, 3, 3), 1, 1, 1, 1)
     algo = rules.choose("forward", big, np.float32, precision="fp32", workspace_bytes=2**28)
     assert (algo.name, algo.get("tile")) == ("winograd", 4)
-    small = conv_geometry((1, 16, 28, 28), (16, 16, 3, 3), 1, 1, 1, 1)
-    few = conv_geometry((1, 3, 40, 40), (16, 3, 3, 3), 1, 1, 1, 1)
-    for geom in (small, few):
-        assert rules.choose("forward", geom, np.float32, precision="fp32",
-                            workspace_bytes=2**28).name == "im2col"
+    # below 32x32 only F(2x2), down to 14x14; smaller planes keep im2col
+    for hw, want in ((28, ("winograd", 2)), (14, ("winograd", 2)), (12, ("im2col", None))):
+        geom = conv_geometry((1, 16, hw, hw), (16, 16, 3, 3), 1, 1, 1, 1)
+        algo = rules.choose("forward", geom, np.float32, precision="fp32", workspace_bytes=2**28)
+        assert (algo.name, algo.get("tile")) == want
+    few = conv_geometry((1, 3, 40, 40), (16, 3, 3, 3), 1, 1, 1, 1)   # thin: direct (rule 3)
+    assert rules.choose("forward", few, np.float32, precision="fp32",
+                        workspace_bytes=2**28).name == "direct"
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,3 +290,30 @@ def test_non_contiguous_inputs_are_handled_upstream():
     gw = fastconv.conv2d_weight_grad(x, w.shape, gy, padding=1, backend="cpu")
     assert_close(gx, fastconv.conv2d_input_grad(x.shape, w, gy, padding=1, backend="reference"))
     assert_close(gw, fastconv.conv2d_weight_grad(x, w.shape, gy, padding=1, backend="reference"))
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_direct_3x3_pass_sums_in_tap_order(dilation, dtype):
+    """The direct kernels sum the nine taps of a 3x3 filter in one pass (``_taps3x3``); a 3x4
+    filter whose last column is zero takes the one-tap-per-pass loop. Adding ``0 * x`` after
+    each row of taps leaves a finite sum unchanged, so both give the same bits exactly when
+    the fused pass keeps the loop's order (r, then s)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 13, 15)).astype(dtype)
+    w3 = rng.standard_normal((5, 3, 3, 3)).astype(dtype)
+    w4 = np.concatenate([w3, np.zeros((5, 3, 3, 1), dtype)], axis=3)
+    b = rng.standard_normal(5).astype(dtype)
+    extra = dilation  # the fourth column reaches one dilation step further right
+    g3 = conv_geometry(x.shape, w3.shape, 1, ((1, 1), (1, 1)), dilation, 1)
+    g4 = conv_geometry(x.shape, w4.shape, 1, ((1, 1), (1, 1 + extra)), dilation, 1)
+    assert g3.output_shape == g4.output_shape
+    algo = _algo("direct")
+    np.testing.assert_array_equal(cpu.conv2d_forward(x, w3, b, g3, algo),
+                                  cpu.conv2d_forward(x, w4, b, g4, algo))
+    gy = rng.standard_normal(g3.output_shape).astype(dtype)
+    # The input gradient runs the 180-degree rotated filter: a zero first column of the
+    # filter is the last tap of each row there, the same position as above.
+    w4l = np.concatenate([np.zeros((5, 3, 3, 1), dtype), w3], axis=3)
+    g4l = conv_geometry(x.shape, w4l.shape, 1, ((1, 1), (1 + extra, 1)), dilation, 1)
+    np.testing.assert_array_equal(cpu.conv2d_input_grad(w3, gy, g3, algo),
+                                  cpu.conv2d_input_grad(w4l, gy, g4l, algo))

@@ -5,23 +5,27 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
 1. ``direct`` for depthwise and small-group layers (``G > 1`` and ``Cg * R * S <= 64``): a GEMM
    would multiply matrices too thin to block; loops over the taps need no workspace.
 2. ``gemm1x1`` for 1x1 stride-1 unpadded layers: the input already is the GEMM operand.
-3. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
+3. ``direct`` for the forward and input gradient of 3x3 stride-1 ungrouped layers with fewer
+   than 8 channels in or out (cifar's first layer): im2col's GEMM would be thin (a reduction
+   of 27, or 3 columns); the direct kernels sum all nine taps of a filter in one pass over a
+   zero-padded plane. The weight gradient reduces over every pixel and keeps im2col.
+4. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
    group and an output plane of at least 32x32: F(4x4, 3x3) does 4x fewer multiplies than a
    direct 3x3, F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform
    points wins. The kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks of
    tile rows of one image transformed, multiplied and inverse-transformed in a per-thread
-   buffer). With fewer channels the tile transforms dominate; on small planes (ResNet's
-   14x14, 4x4 tiles per image) a block's GEMMs are too narrow (20 columns) and a quarter of
-   them is padding: im2col stays (measured before the fusion, 2 cores: 27 against 32 ms for
-   forward and both gradients; not re-measured with the fused kernel).
-4. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
+   buffer). With fewer channels the tile transforms dominate. Planes below 32x32 take
+   F(2x2) only, down to 14x14 (ResNet's 14x14: F(4x4) has 4x4 tiles per image, a block's
+   GEMMs are too narrow and a quarter of them is padding, measured 1.4-1.8x slower than
+   im2col; F(2x2) measured 5-10% faster than im2col on each op); smaller planes keep im2col.
+5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
-5. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
+6. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
    come from ``kernels/cpu_workspace``, the same functions the kernels plan their chunks
    with); Winograd and the 1x1 GEMMs step aside for im2col when they do not fit.
 
 The input gradient of a layer is a correlation of ``grad_output`` with the rotated kernel, so
-rule 3 tiles the ``H x W`` input plane for it.
+rule 4 tiles the ``H x W`` input plane for it.
 """
 from __future__ import annotations
 
@@ -36,8 +40,13 @@ from ..kernels.cpu_workspace import fits, gemm1x1_bytes, im2col_bytes, winograd_
 DIRECT_MAX_REDUCTION = 64
 # Channels per group (in and out) from which Winograd's GEMMs outweigh its transforms.
 WINOGRAD_MIN_CHANNELS = 8
-# Pixels of the tiled plane from which Winograd beats im2col (see rule 3).
+# Channels (in or out) below which an ungrouped 3x3 stride-1 layer runs direct (rule 3).
+THIN_3X3_CHANNELS = 8
+# Pixels of the tiled plane from which Winograd F(4x4) beats im2col, and from which F(2x2)
+# does (see rule 4; r3x3_14, 1 thread, min of 30: F(2x2) 22.6-23.4 ms forward, 23.0 input
+# gradient, 25.0 weight gradient against im2col's 25.3, 26.1, 26.5; F(4x4) 34-48 ms).
 WINOGRAD_MIN_PIXELS = 1024
+WINOGRAD_F2_MIN_PIXELS = 196
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
@@ -55,11 +64,21 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[int]:
     if min(geom.C, geom.K) // geom.groups < WINOGRAD_MIN_CHANNELS:
         return None
     rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
-    if rows * cols < WINOGRAD_MIN_PIXELS:
+    if rows * cols < WINOGRAD_F2_MIN_PIXELS:
         return None
-    cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
+    tiles = (4, 2) if rows * cols >= WINOGRAD_MIN_PIXELS else (2,)
+    cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in tiles}
     m = min(cost, key=cost.get)
     return m if cost[m] < 9 * rows * cols else None
+
+
+def _thin_3x3(geom: ConvGeometry) -> bool:
+    """Whether a 3x3 stride-1 ungrouped layer has too few channels on one side for im2col:
+    its GEMM is ``(K, 9 C) @ (9 C, pixels)``, thin in ``K`` or in ``9 C`` (and the input
+    gradient's the other way round). The direct kernels fuse the nine taps of a 3x3 filter
+    in one pass over a padded plane; measured on cifar3x3 (C = 3), 2 cores: see README."""
+    return ((geom.R, geom.S, geom.stride, geom.groups) == (3, 3, (1, 1), 1)
+            and min(geom.C, geom.K) < THIN_3X3_CHANNELS)
 
 
 def _workspace_params(workspace_bytes: int) -> tuple:
@@ -79,6 +98,11 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
             and fits(gemm1x1_bytes(op, geom, itemsize), workspace_bytes)):
         return Algo("gemm1x1", _workspace_params(workspace_bytes),
                     "1x1 stride-1 unpadded conv is a GEMM on the input as it lies (BLAS)")
+    if op != "weight_grad" and _thin_3x3(geom):
+        return Algo("direct", _workspace_params(workspace_bytes),
+                    f"3x3 stride-1 layer with {min(geom.C, geom.K)} channels on one side: an "
+                    "im2col GEMM would be too thin; direct passes of all nine taps over "
+                    "zero-padded planes")
     m = _winograd_tile(op, geom)
     if m is not None and fits(winograd_bytes(op, geom, m, itemsize), workspace_bytes):
         return Algo("winograd", (("tile", m),) + _workspace_params(workspace_bytes),

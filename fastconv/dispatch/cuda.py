@@ -13,7 +13,13 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
    `WINOGRAD_MIN_RATIO` of the multiplies on this plane, no transform point sums more than
    `WINOGRAD_MAX_SUM` terms (the float32 error bound), and its workspace (transformed filter;
    weight-gradient slices) fits the bound.
-4. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
+4. The input gradient of a strided layer (stride != 1): ``implicit_gemm_phases``, split by
+   the stride**2 input phases, each a dense stride-1 forward conv of grad_output with its
+   sub-kernel (``kernels/cuda_dgrad.py``) through the forward implicit GEMM (``gemm_1x1`` for
+   a plain 1x1 phase under rule 2's conditions), when a time model (`phased_dgrad_rule`) says
+   it beats the direct kernel, whose FMAs mostly meet the zeros of the stride-dilated
+   grad_output, and its workspace fits the bound.
+5. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
    cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
    time model with wave quantisation (see `pick_tile`, `wave_units`); the weight gradient also
@@ -35,8 +41,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .._types import Algo, ConvGeometry
-from ..kernels import cuda_build, cuda_conv, cuda_hinge, cuda_winograd
-from ..kernels.cuda_conv import FPROP, MODE_OF_OP, WGRAD, SimtTile, Tf32Tile
+from ..kernels import cuda_build, cuda_conv, cuda_dgrad, cuda_hinge, cuda_winograd
+from ..kernels.cuda_conv import DGRAD, FPROP, MODE_OF_OP, WGRAD, SimtTile, Tf32Tile
 
 ASSUMED_SM_COUNT = 132          # H100/H200 SXM, when no device can be asked
 ASSUMED_CAPABILITY = (9, 0)
@@ -91,6 +97,12 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
     winograd = winograd_rule(op, geom, dtype, tf32, prec_why, workspace_bytes, sm_count)
     if winograd is not None:
         return winograd
+    phased, phase_note = None, ""
+    if op == "input_grad" and tuple(geom.stride) != (1, 1):
+        phased, phase_note = phased_dgrad_rule(geom, dtype, tf32, prec_why, workspace_bytes,
+                                               sm_count, cupy_tf32)
+        if phased is not None:
+            return phased
 
     mode = MODE_OF_OP[op]
     M, NG, KG = cuda_conv.gemm_shape(geom, mode)
@@ -120,6 +132,7 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
                ("workspace_bytes", 0 if slices == 1 else slices * result_bytes)]
     if slices > 1:
         why += f"; the reduction cut into {slices} slices summed in a fixed order"
+    why += phase_note
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
     return Algo(name_algo, tuple(params), why)
 
@@ -351,6 +364,125 @@ def gemm_splits(blocks: int, reduction: int, tile: SimtTile | Tf32Tile, sm_count
         if seconds(s) < best_time:
             best, best_time = s, seconds(s)
     return best if best_time < 0.85 * seconds(1) else 1
+
+
+# Fixed cost of one extra launch (kernel launch, sub-kernel copy or scatter of a phase) in the
+# phase split's time model. A guess, not measured.
+ASSUMED_LAUNCH_SECONDS = 4e-6
+
+
+def gemm_seconds(M: int, NG: int, reduction: int, groups: int, tile: SimtTile | Tf32Tile,
+                 splits: int, sm_count: int, resident: int, result_bytes: int) -> float:
+    """Modelled time of one implicit-GEMM launch, the model of `gemm_splits`: waves of
+    ``resident * sm_count`` blocks, each doing ``2*BM*BN*reduction/splits`` flops at
+    `ASSUMED_BLOCK_FLOPS` scaled by `tile_efficiency`, plus writing and reading the partial
+    results of ``splits > 1`` slices at `ASSUMED_BANDWIDTH`."""
+    slices, k_split = cuda_conv.split_reduction(reduction, splits, tile.bk)
+    blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * groups * slices
+    waves = math.ceil(blocks / (sm_count * resident))
+    flops = 2.0 * tile.bm * tile.bn * min(k_split, reduction)
+    extra = 2 * slices * result_bytes / ASSUMED_BANDWIDTH if slices > 1 else 0.0
+    return waves * flops / (ASSUMED_BLOCK_FLOPS * tile_efficiency(tile)) + extra
+
+
+def phased_dgrad_rule(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why: str,
+                      workspace_bytes: int, sm_count: int,
+                      cupy_tf32: bool = False) -> tuple[Optional[Algo], str]:
+    """``(implicit_gemm_phases, "")`` for a strided input gradient when the phase split's
+    modelled time (`phased_dgrad_plan`) beats the direct DGRAD kernel's and its workspace fits
+    the bound, else ``(None, note)`` with the reason for the direct kernel's explanation.
+
+    Direct: the DGRAD implicit GEMM over the full ``K/groups*R*S`` reduction (`pick_tile`,
+    `gemm_splits`, `gemm_seconds`), most of whose FMAs meet the zeros of the stride-dilated
+    grad_output.
+    """
+    result_bytes = geom.N * geom.C * geom.H * geom.W * dtype.itemsize
+    M, NG, KG = cuda_conv.gemm_shape(geom, DGRAD)
+    tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, DGRAD)
+    tile = pick_tile(M, NG, geom.groups, tiles, sm_count, DGRAD)
+    resident = cuda_conv.resident_blocks(tile, DGRAD)
+    blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * geom.groups
+    splits = gemm_splits(blocks, KG, tile, sm_count, geom.groups, result_bytes,
+                         workspace_bytes, resident)
+    direct = gemm_seconds(M, NG, KG, geom.groups, tile, splits, sm_count, resident,
+                          result_bytes)
+    algo, phased = phased_dgrad_plan(geom, dtype, tf32, workspace_bytes, sm_count, cupy_tf32)
+    fraction = algo.get("multiply_fraction")
+    model = f"modelled {phased * 1e6:.1f} us against {direct * 1e6:.1f} us direct"
+    if algo.get("workspace_bytes") > workspace_bytes:
+        return None, (f"; the phase split ({fraction:.0%} of the multiplies) needs "
+                      f"{algo.get('workspace_bytes')} bytes of workspace, over the bound")
+    if phased >= direct:
+        return None, (f"; the phase split ({fraction:.0%} of the multiplies) does not pay "
+                      f"here ({model})")
+    return dataclasses.replace(algo, reason=f"{algo.reason} ({model}); {prec_why}"), ""
+
+
+def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace_bytes: int,
+                      sm_count: int, cupy_tf32: bool = False) -> tuple[Algo, float]:
+    """``(algo, seconds)``: the ``implicit_gemm_phases`` plan of a strided input gradient
+    and its modelled time, whether or not it pays (`phased_dgrad_rule` decides).
+
+    Each phase of ``cuda_dgrad.phases`` that a tap reaches gets the forward implicit GEMM's
+    tile (`pick_tile`) and reduction slices (`gemm_splits`) for its own GEMM (``N*Hi*Wi``
+    rows, ``C/groups`` columns, ``K/groups*Rj*Sj`` reduction), or, when the sub-problem is a
+    plain 1x1 conv in strict precision (rule 2's conditions), ``gemm_1x1`` (cuBLAS). Parameter
+    ``phases`` holds ``(ph, pw, algorithm, tile, splits)`` per phase with a tap (``tile`` None
+    for ``gemm_1x1``), ``kernels`` the kernels they run. Model: the phase GEMMs
+    (`gemm_seconds`; cuBLAS as the implicit GEMM), `ASSUMED_LAUNCH_SECONDS` per extra
+    launch (sub-kernel copy, scatter, slice sum, zero fill), grad_input read and written once
+    more by the scatters. Workspace: the largest phase image with its sub-kernel and slices.
+    """
+    size = dtype.itemsize
+    tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, FPROP)
+    name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
+    precision = "tf32" if tf32 else _exact(dtype)
+    plans, kernels = [], []
+    seconds = 2 * geom.N * geom.C * geom.H * geom.W * size / ASSUMED_BANDWIDTH
+    workspace = 0
+    for phase in cuda_dgrad.phases(geom):
+        sub = phase.geom
+        if sub is None:
+            seconds += ASSUMED_LAUNCH_SECONDS
+            continue
+        M, NG, KG = cuda_conv.gemm_shape(sub, FPROP)
+        image = sub.N * sub.K * sub.P * sub.Q * size
+        weight = sub.K * sub.C // sub.groups * sub.R * sub.S * size
+        tile = pick_tile(M, NG, sub.groups, tiles, sm_count, FPROP)
+        resident = cuda_conv.resident_blocks(tile, FPROP)
+        blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * sub.groups
+        splits = gemm_splits(blocks, KG, tile, sm_count, sub.groups, image,
+                             max(0, workspace_bytes - image - weight), resident)
+        slices, _ = cuda_conv.split_reduction(KG, splits, tile.bk)
+        seconds += gemm_seconds(M, NG, KG, sub.groups, tile, slices, sm_count, resident,
+                                image)
+        if _plain_1x1(sub) and not tf32 and not cupy_tf32:
+            # cuBLAS, modelled as no slower than the implicit GEMM's best plan
+            workspace = max(workspace, image + weight)
+            seconds += 2 * ASSUMED_LAUNCH_SECONDS
+            kernels.append("cupy.matmul")
+            plans.append((*phase.index, "gemm_1x1", None, 1))
+            continue
+        ws = 0 if slices == 1 else slices * image
+        workspace = max(workspace, image + weight + ws)
+        seconds += ASSUMED_LAUNCH_SECONDS * (3 if slices > 1 else 2)
+        kernels.append(cuda_conv.tf32_kernel_name(FPROP, tile) if tf32
+                       else cuda_conv.simt_kernel_name(dtype, FPROP, tile))
+        plans.append((*phase.index, name_algo, dataclasses.astuple(tile), slices))
+    fraction = cuda_dgrad.multiply_fraction(geom)
+    sh, sw = geom.stride
+    zeroed = sh * sw - len(plans)
+    why = (f"stride {sh}x{sw} input gradient split into its {sh * sw} input phases: "
+           f"{len(plans)} dense stride-1 forward convolution(s) of grad_output with the "
+           f"phase sub-kernels ({', '.join(dict.fromkeys(p[2] for p in plans))}), scattered "
+           "into grad_input"
+           + (f", {zeroed} phase(s) no tap reaches zeroed" if zeroed else "")
+           + f"; {fraction:.0%} of the direct kernel's multiplies, none on the zeros of the "
+           "stride-dilated grad_output")
+    params = (("phases", tuple(plans)),
+              ("kernels", tuple(dict.fromkeys(kernels))), ("precision", precision),
+              ("workspace_bytes", workspace), ("multiply_fraction", fraction))
+    return Algo("implicit_gemm_phases", params, why), seconds
 
 
 def _hinge(scores_shape: Optional[tuple[int, int]], dtype: np.dtype) -> Algo:
