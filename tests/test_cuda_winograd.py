@@ -123,21 +123,32 @@ def test_multi_block(ex, op, m):
     assert rel_err(out, ref) < ERROR_BOUND[m]
 
 
+def _draw_problem(data, channels: int, side: int):
+    """A random 3x3 stride-1 geometry (up to `channels` per group in and out, planes up to
+    `side`, 0 to 3 padding per side so that DGRAD offsets 2 - pad go negative, 1 to 3 groups)
+    and its seeded arrays; None when the kernel does not fit the padded input (the argument
+    checks reject that)."""
+    groups = data.draw(st.integers(1, 3), "groups")
+    cg, kg = data.draw(st.integers(1, channels), "cg"), data.draw(st.integers(1, channels), "kg")
+    n, h, w = (data.draw(st.integers(1, 2), "N"), data.draw(st.integers(1, side), "H"),
+               data.draw(st.integers(1, side), "W"))
+    pad = tuple(tuple(data.draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
+    if h + sum(pad[0]) < 3 or w + sum(pad[1]) < 3:
+        return None
+    geom = conv_geometry((n, cg * groups, h, w), (kg * groups, cg, 3, 3), 1, pad, 1, groups)
+    return (geom,) + _problem(geom, seed=data.draw(st.integers(0, 99), "seed"))
+
+
 @settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_geometries(ex, data):
-    """Random shapes, paddings (0 to 3 per side, so DGRAD offsets 2 - pad go negative),
-    groups and weight-gradient slices through the three ops and both tile sizes."""
-    groups = data.draw(st.integers(1, 3), "groups")
-    cg, kg = data.draw(st.integers(1, 11), "cg"), data.draw(st.integers(1, 11), "kg")
-    n, h, w = (data.draw(st.integers(1, 2), "N"), data.draw(st.integers(1, 12), "H"),
-               data.draw(st.integers(1, 12), "W"))
-    pad = tuple(tuple(data.draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
-    if h + sum(pad[0]) < 3 or w + sum(pad[1]) < 3:
-        return  # the kernel does not fit the padded input (rejected by the argument checks)
-    geom = conv_geometry((n, cg * groups, h, w), (kg * groups, cg, 3, 3), 1, pad, 1, groups)
-    x, wt, b, gy = _problem(geom, seed=data.draw(st.integers(0, 99), "seed"))
+    """Random problems (`_draw_problem`) and weight-gradient slices through the three ops and
+    both tile sizes."""
+    problem = _draw_problem(data, 11, 12)
+    if problem is None:
+        return
+    geom, x, wt, b, gy = problem
     m = data.draw(st.sampled_from(cuda_winograd.TILE_SIZES), "m")
     splits = data.draw(st.integers(1, 4), "splits")
     for op in ALL_OPS:
@@ -211,17 +222,12 @@ def test_tf32_multi_block_and_depth(ex):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_tf32_random_geometries(ex, data):
-    """Random shapes, paddings (DGRAD offsets 2 - pad going negative) and groups through the
-    TF32 kernel's forward pass and input gradient."""
-    groups = data.draw(st.integers(1, 3), "groups")
-    cg, kg = data.draw(st.integers(1, 19), "cg"), data.draw(st.integers(1, 19), "kg")
-    n, h, w = (data.draw(st.integers(1, 2), "N"), data.draw(st.integers(1, 10), "H"),
-               data.draw(st.integers(1, 10), "W"))
-    pad = tuple(tuple(data.draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
-    if h + sum(pad[0]) < 3 or w + sum(pad[1]) < 3:
-        return  # the kernel does not fit the padded input (rejected by the argument checks)
-    geom = conv_geometry((n, cg * groups, h, w), (kg * groups, cg, 3, 3), 1, pad, 1, groups)
-    x, wt, b, gy = _problem(geom, seed=data.draw(st.integers(0, 99), "seed"))
+    """Random problems (`_draw_problem`, up to 19 channels: partial 8-channel chunks and
+    16-channel blocks) through the TF32 kernel's forward pass and input gradient."""
+    problem = _draw_problem(data, 19, 10)
+    if problem is None:
+        return
+    geom, x, wt, b, gy = problem
     for op in OPS:
         out, ref = _run(ex, op, geom, _algo(2, precision="tf32"), x, wt, b, gy)
         assert rel_err(out, ref) < TF32_ERROR_BOUND[2], (op, geom)
