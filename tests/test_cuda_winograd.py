@@ -286,7 +286,7 @@ def test_batch_chunks_for_32bit_tile_indices(ex, monkeypatch):
     out, ref = _run(counting, "weight_grad", geom, _algo(2, 2), x, w, b, gy)
     assert rel_err(out, ref) < ERROR_BOUND[2]
     assert [int(s.args[3]) for s in launches] == [2, 2, 1]
-    assert [s.grid[2] for s in launches] == [2, 2, 2]  # 24 and 12 tiles, 8-tile chunks
+    assert [s.grid[2] for s in launches] == [2, 2, 2]  # 24 and 12 tiles, 4-tile chunks
 
 
 def test_unwritten_outputs_fail(ex, emu):
