@@ -117,7 +117,8 @@ WGRAD_TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 4, 4, 4, 8, 8),
                                         4: WinogradTile(4, 2, 2, 4, 8, 8)}
 # TF32 (forward and input gradient): F(2x2) only. Two ring stages of 8-channel chunks of a
 # 16 x 16 block tile take 48 KiB; F(4x4)'s 36 points would need 72 KiB, beyond static shared
-# memory (and its TF32 error, 2.3e-3 to 3.1e-3 in a NumPy model, is 5x F(2x2)'s).
+# memory (and its TF32 error, 2.3e-3 to 3.4e-3 in bench/winograd_error.py's model, is 5 to 7
+# times F(2x2)'s).
 TF32_TILES: dict[int, WinogradTf32Tile] = {2: WinogradTf32Tile(2, 16, 16, 4)}
 # Documented relative error bound (||out - ref|| / ||ref||, float32 against the float64
 # reference) per output tile size, checked by tests/test_cuda_winograd.py in the host emulation.

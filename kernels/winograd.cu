@@ -72,23 +72,24 @@
 // transform in float64 did not help (3.35e-6), so it stays in float32. Documented bound:
 // 1e-5 (the library's float32 tolerance; cuda_winograd.ERROR_BOUND) for F(2x2) on sums of up
 // to 8192 terms and F(4x4) on up to 1024, the longest the dispatch rules give them;
-// checked by tests/test_cuda_winograd.py. F(6x6, 3x3) (points 0, +-1, +-2, +-1/2, Cook-Toom
-// matrices; float32 model with sequential channel sums, which reproduces the emulated F(4x4)
-// 3.40e-6 at 256 channels): 4.2e-6 at 64 channels, 6.9e-6 at 256, 1.19e-5 at 1024 (over the
-// 1e-5 bound where F(4x4) keeps it), and fewer multiplies than F(4x4) only on large planes
-// (56x56: 4.4x vs 4x; 14x14 and 7x7: none), with 64 transform points per tile to stage; so it
-// is not provided.
+// checked by tests/test_cuda_winograd.py. The weight gradient sums over tiles instead of
+// channels, with the same growth (emulation, one slice: F(4x4) 3.3e-6 over 256 tiles, 8.9e-6
+// over 2048; F(2x2) 9.7e-7 over 1024, 2.7e-6 over 8192); the dispatch rules cut its reduction
+// into slices of at most 1024 (F(4x4)) or 8192 (F(2x2)) tiles. float64 never takes this path
+// (the direct kernels keep it).
+// F(6x6, 3x3) (points 0, +-1, +-2, +-1/2, Cook-Toom matrices; bench/winograd_error.py, a
+// float32 model with sequential channel sums that reproduces the emulated F(4x4) 3.40e-6 at
+// 256 channels): 4.2e-6 at 64 channels, 6.9e-6 at 256, 1.18e-5 at 1024 (over the 1e-5 bound
+// where F(4x4) keeps it), and fewer multiplies than F(4x4) only on large planes (56x56: 4.4x
+// vs 4x; 14x14 and 7x7: none), with 64 transform points per tile to stage; so it is not
+// provided.
 // TF32 (winograd_conv_tf32, F(2x2) only): V and U rounded to TF32 (10-bit mantissa) once,
 // products accumulated in fp32 by mma.sync. Host emulation against the float64 reference:
 // 3.3e-4 to 5.1e-4 on the shared case list, MULTI and 256/512-channel sums (direct TF32
-// implicit GEMM: about 3e-4); documented bound 2e-3 (cuda_winograd.TF32_ERROR_BOUND). A NumPy
-// model puts F(4x4)+TF32 at 2.3e-3 to 3.1e-3 (its +-2 points amplify the operand rounding):
-// within 5e-3 but not offered, also because two 8-channel stages of its 36 points do not fit
-// 48 KiB. The weight
-// gradient sums over tiles instead of channels, with the same growth (emulation, one slice:
-// F(4x4) 3.3e-6 over 256 tiles, 8.9e-6 over 2048; F(2x2) 9.7e-7 over 1024, 2.7e-6 over 8192);
-// the dispatch rules cut its reduction into slices of at most 1024 (F(4x4)) or 8192 (F(2x2))
-// tiles. float64 never takes this path (the direct kernels keep it).
+// implicit GEMM: about 3e-4); documented bound 2e-3 (cuda_winograd.TF32_ERROR_BOUND). The
+// model (bench/winograd_error.py --tf32, and other shapes) puts F(4x4)+TF32 at 2.3e-3 to
+// 3.4e-3 (its +-2 points amplify the operand rounding; F(6x6)+TF32 6.2e-3 to 6.6e-3): within
+// 5e-3 but not offered, also because two 8-channel stages of its 36 points do not fit 48 KiB.
 //
 // Versions: 1: strict FP32 SIMT transform-point GEMMs; forward and input gradient
 // (winograd_conv), weight gradient (winograd_wgrad). 2 (this file): both main loops stream

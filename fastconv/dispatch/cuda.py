@@ -218,7 +218,7 @@ def winograd_rule(op: str, geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec
         tail = (f"transform-point GEMMs on TF32 tensor cores (mma.sync m16n8k8), the "
                 f"transformed input and filter rounded to TF32 once when stored; relative "
                 f"error bound {bound:g} (host emulation 3e-4 to 5e-4; direct TF32 about 3e-4; "
-                f"F(4x4)+TF32 not offered: 2e-3 to 3e-3); {prec_why}")
+                f"F(4x4)+TF32 not offered: 2.3e-3 to 3.4e-3); {prec_why}")
     else:
         tail = f"strict fp32 FMAs; relative error bound {bound:g}; {prec_why}"
     if mode == WGRAD:
