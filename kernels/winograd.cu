@@ -397,11 +397,22 @@ __device__ __forceinline__ void wino_mainloop(float* smem, int steps, Fetch&& fe
 // into V = BT d BT^T in place (rounded to TF32 when ROUND). Everything that does not change
 // from chunk to chunk (patch origins, which elements of a patch lie inside the image, the U
 // vector's (xi, c, k) position) is decoded once in `init`.
-template <int M, int BC, int BT, int BK, int NT, int LDV = BT, int LDU = BK, bool ROUND = false>
+//
+// SPLIT: each patch is copied and transformed by A threads of one warp instead of one thread
+// (lanes slot*A + part, slot < 32/A): thread `part` copies column `part`, transforms it once
+// its own copies have landed, and after a __syncwarp transforms row `part` (the same
+// operations in the same order as Wino2D::input). For F(4x4), whose 2*16 patches per chunk
+// would otherwise all fall to one warp of nine, with 6x6 transforms.
+template <int M, int BC, int BT, int BK, int NT, int LDV = BT, int LDU = BK, bool ROUND = false,
+          bool SPLIT = false>
 struct WinoLoader {
     static constexpr int A = M + 2, AA = A * A, V = 4;
     static constexpr int SV = AA * BC * LDV, SU = AA * BC * LDU;  // floats of V and U per stage
-    static constexpr int PATCHES = BT * BC, PPT = (PATCHES + NT - 1) / NT;
+    static constexpr int PATCHES = BT * BC;
+    static constexpr int PW = 32 / A, NW = NT / 32;  // SPLIT: patches per warp, warps
+    static constexpr int SLOTS = SPLIT ? NW * PW : NT;  // patches per round of the block
+    static constexpr int PPT = (PATCHES + SLOTS - 1) / SLOTS;
+    static_assert(NT % 32 == 0, "WinoLoader: whole warps");
     // U tile [xi][c][k] in 16-byte vectors: thread tid takes vectors tid + NT*j, which all
     // share (c, k) and step xi by XI_STEP.
     static constexpr int UVEC = AA * BC * BK / V, UPT = UVEC / NT, XI_STEP = NT * V / (BC * BK);
@@ -411,12 +422,22 @@ struct WinoLoader {
 
     long long poff[PPT];   // offset of (n, channel g*Cig + c, py, px) in `in` (may be
                            // negative)
-    unsigned long long pin[PPT];  // bit a*A + b: patch element (a, b) inside the image; 0 for
-                                  // tiles past the end (zero patches) and unused pairs
+    unsigned long long pin[PPT];  // bit a*A + b: patch element (a, b) inside the image (SPLIT:
+                                  // bit a: element (a, part)); 0 for tiles past the end (zero
+                                  // patches) and unused pairs
     const float* up;       // U vector of chunk 0 (xi0, c, k)
     long long ustep;       // distance between the xi of consecutive vectors of this thread
     int uc, tid;
     bool kvalid;           // this thread's k vector lies inside the (padded) output channels
+
+    // Patch (pair) of round j of this thread, and whether there is one; SPLIT: column `part`.
+    __device__ __forceinline__ int pair_of(int j) const {
+        return SPLIT ? (tid / 32 + NW * j) * PW + tid % 32 / A : tid + NT * j;
+    }
+    __device__ __forceinline__ bool has_pair(int j) const {
+        return (!SPLIT || tid % 32 / A < PW) && pair_of(j) < PATCHES;
+    }
+    __device__ __forceinline__ int part() const { return tid % 32 % A; }
 
     __device__ __forceinline__ void init(int tid_, int g, int t0, int k0, int Ci, int Hi,
                                          int Wi, int cig, int cogp, int tiles, int tiles_img,
@@ -425,22 +446,29 @@ struct WinoLoader {
         const long long in_plane = (long long)Hi * Wi;
 #pragma unroll
         for (int j = 0; j < PPT; ++j) {
-            const int pair = tid + NT * j;
+            const int pair = pair_of(j);
             const int t = t0 + pair % BT;
             poff[j] = 0;
             pin[j] = 0;
-            if (pair < PATCHES && t < tiles) {
+            if (has_pair(j) && t < tiles) {
                 const int n = t / tiles_img, r = t - n * tiles_img;
                 const int th = r / tiles_w, tw = r - th * tiles_w;
                 const int py = th * M - ph, px = tw * M - pw;
                 poff[j] = ((long long)n * Ci + (long long)g * cig + pair / BT) * in_plane
                           + (long long)py * Wi + px;
 #pragma unroll
-                for (int a = 0; a < A; ++a)
+                for (int a = 0; a < A; ++a) {
+                    if (SPLIT) {
+                        if ((unsigned)(py + a) < (unsigned)Hi
+                            && (unsigned)(px + part()) < (unsigned)Wi)
+                            pin[j] |= 1ull << a;
+                        continue;
+                    }
 #pragma unroll
                     for (int b = 0; b < A; ++b)
                         if ((unsigned)(py + a) < (unsigned)Hi && (unsigned)(px + b) < (unsigned)Wi)
                             pin[j] |= 1ull << (a * A + b);
+                }
             }
         }
         const int e = tid * V;  // first element of this thread's first vector
@@ -461,13 +489,21 @@ struct WinoLoader {
                                           long long in_plane, int Wi, int cogp, float* st) const {
 #pragma unroll
         for (int j = 0; j < PPT; ++j) {
-            const int pair = tid + NT * j;
-            if (PATCHES % NT != 0 && pair >= PATCHES) continue;
+            const int pair = pair_of(j);
+            if (!has_pair(j)) continue;
             // Outside the image (or past the channels) nothing is read and zeros land: the
             // address is then never dereferenced (cp.async with src-size 0).
             const unsigned long long live = c0 + pair / BT < cig ? pin[j] : 0ull;
             const float* src = in + poff[j] + (long long)c0 * in_plane;
             float* dst = st + place(pair);  // (c, tile) = (pair / BT, pair % BT)
+            if (SPLIT) {  // column part()
+#pragma unroll
+                for (int a = 0; a < A; ++a) {
+                    cp_async_n<4>(dst + (a * A + part()) * BC * LDV,
+                                  src + (long long)a * Wi + part(), (int)((live >> a) & 1u) * 4);
+                }
+                continue;
+            }
 #pragma unroll
             for (int a = 0; a < A; ++a) {
                 const float* row = src + (long long)a * Wi;
@@ -492,10 +528,32 @@ struct WinoLoader {
 
     // V = BT d BT^T of this thread's patches of a landed stage, in place.
     __device__ __forceinline__ void transform(float* st) const {
+        constexpr int S = BC * LDV;  // distance between transform points in a stage
 #pragma unroll
         for (int j = 0; j < PPT; ++j) {
-            const int pair = tid + NT * j;
-            if (PATCHES % NT != 0 && pair >= PATCHES) continue;
+            if (SPLIT) {  // every lane of the warp reaches the __syncwarp
+                float* p = st + place(pair_of(j));
+                float d[A], o[A];
+                if (has_pair(j)) {  // column part(): its own copies
+#pragma unroll
+                    for (int a = 0; a < A; ++a) d[a] = p[(a * A + part()) * S];
+                    Wino<M>::template input<1, 1>(d, o);
+#pragma unroll
+                    for (int a = 0; a < A; ++a) p[(a * A + part()) * S] = o[a];
+                }
+                __syncwarp();
+                if (has_pair(j)) {  // row part(): the columns of the other lanes
+#pragma unroll
+                    for (int b = 0; b < A; ++b) d[b] = p[(part() * A + b) * S];
+                    Wino<M>::template input<1, 1>(d, o);
+#pragma unroll
+                    for (int b = 0; b < A; ++b)
+                        p[(part() * A + b) * S] = ROUND ? to_tf32(o[b]) : o[b];
+                }
+                continue;
+            }
+            const int pair = pair_of(j);
+            if (!has_pair(j)) continue;
             float* p = st + place(pair);
             float d[AA], v[AA];
 #pragma unroll
@@ -566,7 +624,7 @@ winograd_conv(const float* __restrict__ in, const float* __restrict__ u,
     constexpr int A = M + 2, AA = A * A, V = 4;
     constexpr int BT = TY * TM, BK = TX * TN, NT = AA * TY * TX;
     constexpr int KP = TX * V;                  // output channels per epilogue pass
-    using Loader = WinoLoader<M, BC, BT, BK, NT>;
+    using Loader = WinoLoader<M, BC, BT, BK, NT, BT, BK, false, M == 4>;
     constexpr int STAGE = Loader::SV + Loader::SU, SMO = AA * KP * BT;
     constexpr int SMEM = WINO_STAGES * STAGE > SMO ? WINO_STAGES * STAGE : SMO;
     static_assert(TM % V == 0 && TN % V == 0, "winograd_conv: TM and TN must be multiples of 4");
