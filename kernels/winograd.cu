@@ -458,16 +458,17 @@ struct WinoLoader {
                           + (long long)py * Wi + px;
 #pragma unroll
                 for (int a = 0; a < A; ++a) {
-                    if (SPLIT) {
+                    if constexpr (SPLIT) {
                         if ((unsigned)(py + a) < (unsigned)Hi
                             && (unsigned)(px + part()) < (unsigned)Wi)
                             pin[j] |= 1ull << a;
-                        continue;
-                    }
+                    } else {
 #pragma unroll
-                    for (int b = 0; b < A; ++b)
-                        if ((unsigned)(py + a) < (unsigned)Hi && (unsigned)(px + b) < (unsigned)Wi)
-                            pin[j] |= 1ull << (a * A + b);
+                        for (int b = 0; b < A; ++b)
+                            if ((unsigned)(py + a) < (unsigned)Hi
+                                && (unsigned)(px + b) < (unsigned)Wi)
+                                pin[j] |= 1ull << (a * A + b);
+                    }
                 }
             }
         }
@@ -496,23 +497,23 @@ struct WinoLoader {
             const unsigned long long live = c0 + pair / BT < cig ? pin[j] : 0ull;
             const float* src = in + poff[j] + (long long)c0 * in_plane;
             float* dst = st + place(pair);  // (c, tile) = (pair / BT, pair % BT)
-            if (SPLIT) {  // column part()
+            if constexpr (SPLIT) {  // column part()
 #pragma unroll
                 for (int a = 0; a < A; ++a) {
                     cp_async_n<4>(dst + (a * A + part()) * BC * LDV,
                                   src + (long long)a * Wi + part(), (int)((live >> a) & 1u) * 4);
                 }
-                continue;
-            }
+            } else {
 #pragma unroll
-            for (int a = 0; a < A; ++a) {
-                const float* row = src + (long long)a * Wi;
+                for (int a = 0; a < A; ++a) {
+                    const float* row = src + (long long)a * Wi;
 #pragma unroll
-                for (int b = 0; b < A; ++b) {
-                    const int q = a * A + b;
-                    const int bytes = q >= 2 ? (int)(live >> (q - 2)) & 4
-                                             : (int)(live << (2 - q)) & 4;
-                    cp_async_n<4>(dst + q * BC * LDV, row + b, bytes);
+                    for (int b = 0; b < A; ++b) {
+                        const int q = a * A + b;
+                        const int bytes = q >= 2 ? (int)(live >> (q - 2)) & 4
+                                                 : (int)(live << (2 - q)) & 4;
+                        cp_async_n<4>(dst + q * BC * LDV, row + b, bytes);
+                    }
                 }
             }
         }
@@ -531,8 +532,8 @@ struct WinoLoader {
         constexpr int S = BC * LDV;  // distance between transform points in a stage
 #pragma unroll
         for (int j = 0; j < PPT; ++j) {
-            if (SPLIT) {  // every lane of the warp reaches the __syncwarp
-                float* p = st + place(pair_of(j));
+            float* p = st + place(pair_of(j));
+            if constexpr (SPLIT) {  // every lane of the warp reaches the __syncwarp
                 float d[A], o[A];
                 if (has_pair(j)) {  // column part(): its own copies
 #pragma unroll
@@ -550,17 +551,14 @@ struct WinoLoader {
                     for (int b = 0; b < A; ++b)
                         p[(part() * A + b) * S] = ROUND ? to_tf32(o[b]) : o[b];
                 }
-                continue;
+            } else if (has_pair(j)) {
+                float d[AA], v[AA];
+#pragma unroll
+                for (int q = 0; q < AA; ++q) d[q] = p[q * S];
+                Wino2D<M>::input(d, v);
+#pragma unroll
+                for (int q = 0; q < AA; ++q) p[q * S] = ROUND ? to_tf32(v[q]) : v[q];
             }
-            const int pair = pair_of(j);
-            if (!has_pair(j)) continue;
-            float* p = st + place(pair);
-            float d[AA], v[AA];
-#pragma unroll
-            for (int q = 0; q < AA; ++q) d[q] = p[q * BC * LDV];
-            Wino2D<M>::input(d, v);
-#pragma unroll
-            for (int q = 0; q < AA; ++q) p[q * BC * LDV] = ROUND ? to_tf32(v[q]) : v[q];
         }
     }
 };
