@@ -786,7 +786,14 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
                unsigned mul_w, int shift_w) {
     constexpr int A = M + 2, AA = A * A, V = 4;
     constexpr int BC = TY * TM, BK = TX * TN, NT = AA * TY * TX;
-    constexpr int XP = BR * BC, XPT = (XP + NT - 1) / NT;  // input patches per chunk
+    // XSPLIT (F(4x4)): each input patch copied and transformed by A lanes of one warp (column
+    // pass, __syncwarp, row pass; see WinoLoader's SPLIT), PW patches per warp.
+    constexpr bool XSPLIT = M == 4;
+    constexpr int PW = 32 / A, NW = NT / 32;
+    constexpr int XP = BR * BC;                             // input patches per chunk
+    constexpr int XSLOTS = XSPLIT ? NW * PW : NT, XPT = (XP + XSLOTS - 1) / XSLOTS;
+    constexpr int XBUSY = XSPLIT ? ((XP + PW - 1) / PW * 32 < NT ? (XP + PW - 1) / PW * 32 : NT)
+                                 : XP % NT;                 // threads that copy input patches
     constexpr int YP = BR * BK, YPT = (YP + NT - 1) / NT;  // output-gradient tiles per chunk
     constexpr int KP = TX * V;                              // filters per epilogue pass
     constexpr int SV = AA * BR * BC, SW = AA * BR * BK, SMO = AA * KP * BC;
@@ -797,7 +804,13 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
     float* const Ms = smem;                     // epilogue: [xi][k][c]
 
     const int tid = threadIdx.x;
-    const int ytid = (tid + NT - XP % NT) % NT;  // pair index of the output-gradient tiles
+    const int ytid = (tid + NT - XBUSY) % NT;  // pair index of the output-gradient tiles
+    const int xpart = tid % 32 % A;              // XSPLIT: this lane's column and row
+    // Input patch (pair) of round j of this thread, and whether there is one.
+    const auto xpair = [&](int j) {
+        return XSPLIT ? (tid / 32 + NW * j) * PW + tid % 32 / A : tid + NT * j;
+    };
+    const auto xhas = [&](int j) { return (!XSPLIT || tid % 32 / A < PW) && xpair(j) < XP; };
     const int g = blockIdx.z % groups, slice = blockIdx.z / groups;
     const int Cg = C / groups, Kg = K / groups;
     const int c0 = blockIdx.x * BC, k0 = blockIdx.y * BK;
@@ -823,7 +836,7 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
     unsigned xok = 0, yok = 0;
 #pragma unroll
     for (int j = 0; j < XPT; ++j) {
-        const int c = c0 + (tid + NT * j) % BC;
+        const int c = c0 + xpair(j) % BC;
         xsrc[j] = x + ((long long)g * Cg + min(c, Cg - 1)) * xplane;
         if (c < Cg) xok |= 1u << j;
     }
@@ -841,8 +854,8 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
         const int tb = t_begin + step * BR;
 #pragma unroll
         for (int j = 0; j < XPT; ++j) {
-            const int pair = tid + NT * j;
-            if (XP % NT != 0 && pair >= XP) continue;
+            const int pair = xpair(j);
+            if (!xhas(j)) continue;
             const int t = tb + pair / BC;
             const bool ok = t < t_end && ((xok >> j) & 1u);
             int y0 = -A, x0 = 0;  // a tile past the end: every row outside the plane
@@ -859,13 +872,19 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
             for (int a = 0; a < A; ++a) {
                 const float* row = src + (long long)a * W;
                 const bool oky = (unsigned)(y0 + a) < (unsigned)H;
+                if constexpr (XSPLIT) {  // column xpart
+                    const bool inside = oky && (unsigned)(x0 + xpart) < (unsigned)W;
+                    cp_async_n<4>(dst + (a * A + xpart) * BR * BC, row + xpart, inside ? 4 : 0);
+                } else {
 #pragma unroll
-                for (int b = 0; b < A; ++b) {
-                    const bool inside = oky && (unsigned)(x0 + b) < (unsigned)W;
-                    if constexpr (SELECT)
-                        cp_async<4>(dst + (a * A + b) * BR * BC, inside ? row + b : x, inside);
-                    else
-                        cp_async_n<4>(dst + (a * A + b) * BR * BC, row + b, inside ? 4 : 0);
+                    for (int b = 0; b < A; ++b) {
+                        const bool inside = oky && (unsigned)(x0 + b) < (unsigned)W;
+                        if constexpr (SELECT)
+                            cp_async<4>(dst + (a * A + b) * BR * BC, inside ? row + b : x,
+                                        inside);
+                        else
+                            cp_async_n<4>(dst + (a * A + b) * BR * BC, row + b, inside ? 4 : 0);
+                    }
                 }
             }
         }
@@ -904,15 +923,33 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
     const auto transform = [&](float* st) {
 #pragma unroll
         for (int j = 0; j < XPT; ++j) {
-            const int pair = tid + NT * j;
-            if (XP % NT != 0 && pair >= XP) continue;
-            float* p = st + pair;
-            float d[AA], v[AA];
+            constexpr int S = BR * BC;  // distance between transform points
+            float* p = st + xpair(j);
+            if constexpr (XSPLIT) {  // every lane of the warp reaches the __syncwarp
+                float d[A], o[A];
+                if (xhas(j)) {  // column xpart: its own copies
 #pragma unroll
-            for (int q = 0; q < AA; ++q) d[q] = p[q * BR * BC];
-            Wino2D<M>::input(d, v);
+                    for (int a = 0; a < A; ++a) d[a] = p[(a * A + xpart) * S];
+                    Wino<M>::template input<1, 1>(d, o);
 #pragma unroll
-            for (int q = 0; q < AA; ++q) p[q * BR * BC] = v[q];
+                    for (int a = 0; a < A; ++a) p[(a * A + xpart) * S] = o[a];
+                }
+                __syncwarp();
+                if (xhas(j)) {  // row xpart: the columns of the other lanes
+#pragma unroll
+                    for (int b = 0; b < A; ++b) d[b] = p[(xpart * A + b) * S];
+                    Wino<M>::template input<1, 1>(d, o);
+#pragma unroll
+                    for (int b = 0; b < A; ++b) p[(xpart * A + b) * S] = o[b];
+                }
+            } else if (xhas(j)) {
+                float d[AA], v[AA];
+#pragma unroll
+                for (int q = 0; q < AA; ++q) d[q] = p[q * S];
+                Wino2D<M>::input(d, v);
+#pragma unroll
+                for (int q = 0; q < AA; ++q) p[q * S] = v[q];
+            }
         }
 #pragma unroll
         for (int j = 0; j < YPT; ++j) {
