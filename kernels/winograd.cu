@@ -42,7 +42,11 @@
 //   vectors of the U tile; once its own copies of a chunk have landed it transforms its
 //   patches in place (V = BT d BT^T), the barrier publishes the stage, the slot freed by the
 //   previous chunk is refilled two chunks ahead, and the block multiplies. The global loads
-//   never wait on the arithmetic and no register holds data in flight.
+//   never wait on the arithmetic and no register holds data in flight. F(4x4) (2*16 patches
+//   of 6x6 per chunk for 288 threads) shares each patch among 6 lanes of a warp instead
+//   (WinoLoader's SPLIT: a column each, then a row each after a __syncwarp), so that the
+//   transforms do not all fall to one warp; winograd_wgrad does the same with its F(4x4)
+//   input patches.
 //   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the ring),
 //   then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the bias and writes
 //   the m x m pixels that lie inside the output (wino_store).
@@ -103,7 +107,7 @@
 // --check passes: LDGSTS in the main loop of winograd_conv, winograd_conv_tf32 and
 // winograd_wgrad, HMMA in winograd_conv_tf32's, no CALL in any Winograd kernel. Registers
 // (sm_80 / sm_90): winograd_conv F(2x2) 128 / 128 (its cap: two 256-thread blocks per SM),
-// F(4x4) 127 / 128; winograd_wgrad F(2x2) 128 / 128, F(4x4) 127 / 168; winograd_conv_tf32 98;
+// F(4x4) 126 / 126; winograd_wgrad F(2x2) 128 / 128, F(4x4) 127 / 126; winograd_conv_tf32 98;
 // winograd_filter 32. Executed through the host emulation of tests/cuda_emu.h (cp.async with
 // poisoned pending destinations, commit/wait groups, the mma fragment layout of the PTX ISA)
 // against the NumPy reference (tests/test_cuda_winograd.py). Never run on a GPU: speed is
