@@ -45,8 +45,8 @@
 //   never wait on the arithmetic and no register holds data in flight. F(4x4) (2*16 patches
 //   of 6x6 per chunk for 288 threads) shares each patch among 6 lanes of a warp instead
 //   (WinoLoader's SPLIT: a column each, then a row each after a __syncwarp), so that the
-//   transforms do not all fall to one warp; winograd_wgrad does the same with its F(4x4)
-//   input patches.
+//   transforms do not all fall to one warp; winograd_wgrad does the same with its input
+//   patches (F(2x2) and F(4x4)).
 //   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the ring),
 //   then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the bias and writes
 //   the m x m pixels that lie inside the output (wino_store).
@@ -790,14 +790,12 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
                unsigned mul_w, int shift_w) {
     constexpr int A = M + 2, AA = A * A, V = 4;
     constexpr int BC = TY * TM, BK = TX * TN, NT = AA * TY * TX;
-    // XSPLIT (F(4x4)): each input patch copied and transformed by A lanes of one warp (column
-    // pass, __syncwarp, row pass; see WinoLoader's SPLIT), PW patches per warp.
-    constexpr bool XSPLIT = M == 4;
+    // Each input patch is copied and transformed by A lanes of one warp (column pass,
+    // __syncwarp, row pass; see WinoLoader's SPLIT), PW patches per warp, in XPT rounds.
     constexpr int PW = 32 / A, NW = NT / 32;
     constexpr int XP = BR * BC;                             // input patches per chunk
-    constexpr int XSLOTS = XSPLIT ? NW * PW : NT, XPT = (XP + XSLOTS - 1) / XSLOTS;
-    constexpr int XBUSY = XSPLIT ? ((XP + PW - 1) / PW * 32 < NT ? (XP + PW - 1) / PW * 32 : NT)
-                                 : XP % NT;                 // threads that copy input patches
+    constexpr int XPT = (XP + NW * PW - 1) / (NW * PW);
+    constexpr int XBUSY = (XP + PW - 1) / PW * 32 < NT ? (XP + PW - 1) / PW * 32 : NT;
     constexpr int YP = BR * BK, YPT = (YP + NT - 1) / NT;  // output-gradient tiles per chunk
     constexpr int KP = TX * V;                              // filters per epilogue pass
     constexpr int SV = AA * BR * BC, SW = AA * BR * BK, SMO = AA * KP * BC;
@@ -809,12 +807,10 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
 
     const int tid = threadIdx.x;
     const int ytid = (tid + NT - XBUSY) % NT;  // pair index of the output-gradient tiles
-    const int xpart = tid % 32 % A;              // XSPLIT: this lane's column and row
+    const int xpart = tid % 32 % A;              // this lane's column and row of its patches
     // Input patch (pair) of round j of this thread, and whether there is one.
-    const auto xpair = [&](int j) {
-        return XSPLIT ? (tid / 32 + NW * j) * PW + tid % 32 / A : tid + NT * j;
-    };
-    const auto xhas = [&](int j) { return (!XSPLIT || tid % 32 / A < PW) && xpair(j) < XP; };
+    const auto xpair = [&](int j) { return (tid / 32 + NW * j) * PW + tid % 32 / A; };
+    const auto xhas = [&](int j) { return tid % 32 / A < PW && xpair(j) < XP; };
     const int g = blockIdx.z % groups, slice = blockIdx.z / groups;
     const int Cg = C / groups, Kg = K / groups;
     const int c0 = blockIdx.x * BC, k0 = blockIdx.y * BK;
@@ -850,9 +846,9 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
         ysrc[j] = grad_output + ((long long)g * Kg + min(k, Kg - 1)) * yplane;
         if (k < Kg) yok |= 1u << j;
     }
-    // An element outside the plane: F(2x2) passes a valid address for it (at its 128-register
-    // cap the bare address keeps more registers live and ptxas spills on sm_90); F(4x4) has
-    // registers to spare and saves the select.
+    // An output-gradient element outside the plane: F(2x2) passes a valid address for it (at
+    // its 128-register cap the bare address kept more registers live and ptxas spilled on
+    // sm_90); F(4x4) has registers to spare and saves the select.
     constexpr bool SELECT = M == 2;
     const auto fetch = [&](int step, float* st) {
         const int tb = t_begin + step * BR;
@@ -876,20 +872,8 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
             for (int a = 0; a < A; ++a) {
                 const float* row = src + (long long)a * W;
                 const bool oky = (unsigned)(y0 + a) < (unsigned)H;
-                if constexpr (XSPLIT) {  // column xpart
-                    const bool inside = oky && (unsigned)(x0 + xpart) < (unsigned)W;
-                    cp_async_n<4>(dst + (a * A + xpart) * BR * BC, row + xpart, inside ? 4 : 0);
-                } else {
-#pragma unroll
-                    for (int b = 0; b < A; ++b) {
-                        const bool inside = oky && (unsigned)(x0 + b) < (unsigned)W;
-                        if constexpr (SELECT)
-                            cp_async<4>(dst + (a * A + b) * BR * BC, inside ? row + b : x,
-                                        inside);
-                        else
-                            cp_async_n<4>(dst + (a * A + b) * BR * BC, row + b, inside ? 4 : 0);
-                    }
-                }
+                const bool inside = oky && (unsigned)(x0 + xpart) < (unsigned)W;  // column xpart
+                cp_async_n<4>(dst + (a * A + xpart) * BR * BC, row + xpart, inside ? 4 : 0);
             }
         }
 #pragma unroll
@@ -929,30 +913,21 @@ winograd_wgrad(const float* __restrict__ x, const float* __restrict__ grad_outpu
         for (int j = 0; j < XPT; ++j) {
             constexpr int S = BR * BC;  // distance between transform points
             float* p = st + xpair(j);
-            if constexpr (XSPLIT) {  // every lane of the warp reaches the __syncwarp
-                float d[A], o[A];
-                if (xhas(j)) {  // column xpart: its own copies
+            float d[A], o[A];  // every lane of the warp reaches the __syncwarp
+            if (xhas(j)) {     // column xpart: its own copies
 #pragma unroll
-                    for (int a = 0; a < A; ++a) d[a] = p[(a * A + xpart) * S];
-                    Wino<M>::template input<1, 1>(d, o);
+                for (int a = 0; a < A; ++a) d[a] = p[(a * A + xpart) * S];
+                Wino<M>::template input<1, 1>(d, o);
 #pragma unroll
-                    for (int a = 0; a < A; ++a) p[(a * A + xpart) * S] = o[a];
-                }
-                __syncwarp();
-                if (xhas(j)) {  // row xpart: the columns of the other lanes
+                for (int a = 0; a < A; ++a) p[(a * A + xpart) * S] = o[a];
+            }
+            __syncwarp();
+            if (xhas(j)) {  // row xpart: the columns of the other lanes
 #pragma unroll
-                    for (int b = 0; b < A; ++b) d[b] = p[(xpart * A + b) * S];
-                    Wino<M>::template input<1, 1>(d, o);
+                for (int b = 0; b < A; ++b) d[b] = p[(xpart * A + b) * S];
+                Wino<M>::template input<1, 1>(d, o);
 #pragma unroll
-                    for (int b = 0; b < A; ++b) p[(xpart * A + b) * S] = o[b];
-                }
-            } else if (xhas(j)) {
-                float d[AA], v[AA];
-#pragma unroll
-                for (int q = 0; q < AA; ++q) d[q] = p[q * S];
-                Wino2D<M>::input(d, v);
-#pragma unroll
-                for (int q = 0; q < AA; ++q) p[q * S] = v[q];
+                for (int b = 0; b < A; ++b) p[(xpart * A + b) * S] = o[b];
             }
         }
 #pragma unroll
