@@ -78,34 +78,89 @@ class DepthwiseTile:
 
 # The instantiations the launchers may request (tests/test_nvrtc.py compiles all of them).
 SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
-    "float32": (SimtTile(128, 128, 8, 8, 8), SimtTile(128, 64, 8, 8, 4),
+    "float32": (SimtTile(128, 128, 8, 8, 8), SimtTile(128, 64, 8, 8, 8),
                 SimtTile(128, 32, 8, 8, 4), SimtTile(64, 64, 8, 4, 4),
                 SimtTile(64, 32, 8, 4, 4), SimtTile(32, 32, 8, 4, 4)),
     "float64": (SimtTile(64, 64, 8, 4, 4), SimtTile(64, 32, 8, 4, 2),
                 SimtTile(32, 32, 8, 2, 2)),
 }
-# (dtype, mode, tile) combinations never requested: ptxas (nvcc 13.0, sm_90) spills registers
-# for them at the kernels' 128-register cap.
-SIMT_EXCLUDED: frozenset = frozenset({("float32", DGRAD, SimtTile(128, 128, 8, 8, 8))})
-# BK = 8 (one mma k-step per stage): four cp.async stages of a 128x128 tile then take 35 KiB of
-# static shared memory; BK = 16 would need 70 KiB (dynamic shared memory with an opt-in the
-# launcher does not make yet).
-TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 8, 2, 4), Tf32Tile(128, 64, 8, 4, 2),
+# (dtype, mode, tile) combinations never requested (none at present: the 128x128 input
+# gradient spilled while its stride checks divided per element; see PixelGather in conv2d.cu).
+SIMT_EXCLUDED: frozenset = frozenset()
+# conv_tf32 keeps a cp.async ring of tf32_stages(tile) stages in at most 48 KiB of static shared
+# memory. The 128-wide tiles take BK = 16 (two mma k-steps per barrier and index gather): three
+# stages for 128x64, two for 128x128 (three would need 50688 bytes); the 64-wide ones BK = 8
+# with four. Every loader's column step (threads / BK) is a multiple of 16 (fragment order).
+TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
                                     Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
+CONV_STAGES = 4  # depth of the cp.async ring (conv2d.cu); TF32 tiles may take fewer
+
+
+def tf32_stages(tile: Tf32Tile) -> int:
+    """Stages of the cp.async ring of a ``conv_tf32`` tile (``tf32_stages`` in conv2d.cu): four,
+    or as many as fit in 48 KiB with rows of BM + 4 and BN + 4 floats."""
+    return min(CONV_STAGES, SMEM_LIMIT // (tile.bk * (tile.bm + tile.bn + 8) * 4))
+
+
 DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2),
                                              "float64": DepthwiseTile(16, 32, 2)}
 DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad
 
 
+# The 1x1 forward and input gradient with unit stride and no padding read their A operand (x or
+# grad_output) in 16-byte vectors of consecutive pixels (PlaneRows in conv2d.cu) when
+# `vector_a_ok` holds; instantiated for these dtypes, modes and every tile of SIMT_TILES whose
+# loader splits into whole vectors (`vector_a_tile`).
+VECTOR_A_DTYPES = ("float32",)
+VECTOR_A_MODES = (FPROP, DGRAD)
+
+
+def vector_a_tile(dtype: Any, tile: SimtTile) -> bool:
+    """Whether the vector A loader splits ``tile`` evenly (``PlaneRows``: BM divisible by
+    ``threads / BK`` vectors of 16 bytes)."""
+    vec = 16 // np.dtype(dtype).itemsize
+    return tile.bm % ((tile.threads // tile.bk) * vec) == 0
+
+
+def _address(a: Any) -> int:
+    """Data address of a CuPy or NumPy array (or anything with one of the array interfaces)."""
+    iface = getattr(a, "__cuda_array_interface__", None) or getattr(a, "__array_interface__")
+    return int(iface["data"][0])
+
+
+def vector_a_shape_ok(mode: int, dtype: Any, geom: Any, tile: SimtTile | Tf32Tile) -> bool:
+    """The shape conditions of the vector A loader: a SIMT tile of an instantiated dtype and
+    mode, 1x1 filters, unit stride, no padding, and a pixel plane that is a multiple of 16
+    bytes' worth of elements (the dispatch rules name the kernel from these)."""
+    if geom.R != 1 or geom.S != 1:  # the common case, answered first (one call per launch)
+        return False
+    dtype = np.dtype(dtype)
+    if (not isinstance(tile, SimtTile) or dtype.name not in VECTOR_A_DTYPES
+            or mode not in VECTOR_A_MODES or not vector_a_tile(dtype, tile)):
+        return False
+    return (tuple(geom.stride) == (1, 1) and not any(geom.padding)
+            and (geom.H * geom.W) % (16 // dtype.itemsize) == 0)
+
+
+def vector_a_ok(mode: int, a: Any, geom: Any, tile: SimtTile | Tf32Tile) -> bool:
+    """Whether a launch may use the vector A loader: `vector_a_shape_ok` and ``a`` (x or
+    grad_output, C-contiguous) 16-byte aligned."""
+    return vector_a_shape_ok(mode, a.dtype, geom, tile) and _address(a) % 16 == 0
+
+
 def resident_blocks(tile: SimtTile | Tf32Tile, mode: int) -> int:
     """Blocks per SM the kernel's ``__launch_bounds__`` make room for (``simt_min_blocks`` and
     ``tf32_min_blocks`` in conv2d.cu): ``512 / threads`` (at most 128 registers per thread),
-    except 1 for the 128x128 SIMT tile and the 128x128 TF32 input gradient. The compiled
-    kernels are checked to allow at least this many (tests/test_sass_report.py)."""
+    except ``256 / threads`` (at least 1) for SIMT tiles with 8x8 register blocking (64
+    accumulators: 128x128 with 256 threads, 128x64 with 128) and 1 for the 128x128 TF32 input
+    gradient. The compiled kernels are checked to allow at least this many
+    (tests/test_sass_report.py)."""
     big = tile.bm * tile.bn >= 128 * 128
     if isinstance(tile, Tf32Tile):
         return 1 if big and mode == DGRAD else max(1, 512 // tile.threads)
-    return 1 if big else max(1, 512 // tile.threads)
+    if tile.tm * tile.tn >= 64:
+        return max(1, 256 // tile.threads)
+    return max(1, 512 // tile.threads)
 
 
 def c_type(dtype: Any) -> str:
@@ -122,10 +177,19 @@ def simt_tiles(dtype: Any, mode: int) -> tuple[SimtTile, ...]:
     return tuple(t for t in SIMT_TILES[name] if (name, mode, t) not in SIMT_EXCLUDED)
 
 
-def simt_kernel_name(dtype: Any, mode: int, tile: SimtTile) -> str:
-    """Name expression of a ``conv_simt`` instantiation."""
+def simt_kernel_name(dtype: Any, mode: int, tile: SimtTile, vector_a: bool = False) -> str:
+    """Name expression of a ``conv_simt`` instantiation (``vector_a``: the 16-byte A loader,
+    template argument AV = elements per 16 bytes)."""
     t = tile
-    return f"fc::conv_simt<{c_type(dtype)}, {mode}, {t.bm}, {t.bn}, {t.bk}, {t.tm}, {t.tn}>"
+    av = f", {16 // np.dtype(dtype).itemsize}" if vector_a else ""
+    return (f"fc::conv_simt<{c_type(dtype)}, {mode}, {t.bm}, {t.bn}, {t.bk}, {t.tm}, {t.tn}"
+            f"{av}>")
+
+
+def vector_a_kernels() -> list[tuple[str, int, SimtTile]]:
+    """(dtype, mode, tile) of every instantiation with the vector A loader."""
+    return [(dt, mode, t) for dt in VECTOR_A_DTYPES for mode in VECTOR_A_MODES
+            for t in simt_tiles(dt, mode) if vector_a_tile(dt, t)]
 
 
 def tf32_kernel_name(mode: int, tile: Tf32Tile) -> str:
@@ -146,6 +210,7 @@ def all_kernel_names() -> dict[str, list[str]]:
     """Every instantiation these launchers can request, per source file."""
     conv = [simt_kernel_name(dt, mode, tile) for dt in SIMT_TILES
             for mode in (FPROP, DGRAD, WGRAD) for tile in simt_tiles(dt, mode)]
+    conv += [simt_kernel_name(dt, mode, tile, True) for dt, mode, tile in vector_a_kernels()]
     conv += [tf32_kernel_name(mode, tile) for tile in TF32_TILES for mode in (FPROP, DGRAD, WGRAD)]
     dw = [name for dt in DEPTHWISE_TILES for name in depthwise_kernel_names(dt).values()]
     return {"conv2d.cu": conv, "depthwise.cu": dw}
@@ -251,6 +316,10 @@ def implicit_gemm_launch(mode: int, a: Any, b: Any, bias: Any, out: Any, geom: A
                          tile: SimtTile | Tf32Tile, splits: int = 1) -> Launch:
     """One launch of ``conv_simt`` (a `SimtTile`) or ``conv_tf32`` (a `Tf32Tile`).
 
+    A 1x1 forward or input gradient whose ``a`` qualifies (`vector_a_ok`: unit stride, no
+    padding, whole 16-byte vectors per plane, ``a`` 16-byte aligned) gets the ``conv_simt``
+    instantiation with 16-byte A copies; anything else the general gather.
+
     Parameters
     ----------
     mode : FPROP, DGRAD or WGRAD
@@ -273,19 +342,27 @@ def implicit_gemm_launch(mode: int, a: Any, b: Any, bias: Any, out: Any, geom: A
     -------
     Launch
     """
-    name, grid, scalars = _gemm_plan(mode, geom, tile, splits, np.dtype(a.dtype), ROW_LIMIT)
+    vec = vector_a_ok(mode, a, geom, tile)
+    name, grid, scalars = _gemm_plan(mode, geom, tile, splits, np.dtype(a.dtype), ROW_LIMIT,
+                                     vec)
     args = (a, b, NULL if bias is None else bias, out) + scalars
     return Launch("conv2d.cu", name, grid, (tile.threads, 1, 1), 0, args)
 
 
 @lru_cache(maxsize=1024)
 def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dtype: np.dtype,
-               row_limit: int) -> tuple[str, tuple[int, int, int], tuple]:
+               row_limit: int, vector_a: bool = False) -> tuple[str, tuple[int, int, int], tuple]:
     """Kernel name, grid and scalar arguments of `implicit_gemm_launch` (memoised: repeated
     calls on one shape cost a dictionary lookup)."""
     M, NG, KG = gemm_shape(geom, mode)
     if max(M, KG) > row_limit:
         raise ValueError(f"GEMM of {M} rows and {KG} reduction steps: split the batch first")
+    # The kernels form tap offsets with 32-bit plane and filter-row sizes (conv2d.cu, wide()).
+    cg, kg, rs = geom.C // geom.groups, geom.K // geom.groups, geom.R * geom.S
+    pt, pb, pl, pr = geom.padding
+    padded = (geom.H + pt + pb) * (geom.W + pl + pr)  # bounds the in-plane tap offsets
+    if max(padded, geom.P * geom.Q, cg * rs, kg * rs) > row_limit:
+        raise ValueError(f"a plane or filter row of {geom} exceeds {row_limit} elements")
     slices, k_split = split_reduction(KG, splits, tile.bk)
     grid = (_ceil(M, tile.bm), _ceil(NG, tile.bn), geom.groups * slices)
     if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
@@ -295,7 +372,7 @@ def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dty
             raise TypeError("the TF32 kernel takes float32 arrays")
         name = tf32_kernel_name(mode, tile)
     else:
-        name = simt_kernel_name(dtype, mode, tile)
+        name = simt_kernel_name(dtype, mode, tile, vector_a)
     return name, grid, shape_args(geom, k_split) + divisor_args(geom, mode)
 
 

@@ -72,15 +72,21 @@ __device__ __forceinline__ void store16(double* dst, const double* s) {
 #endif
 }
 
-// Round an fp32 value to TF32 (10-bit mantissa, round to nearest, ties away from zero), the
-// operand format of the tensor-core mma below. Needs sm_80; the dispatch rules never choose a
-// TF32 kernel on older devices.
+// Round an fp32 value to TF32 (10-bit mantissa), the operand format of the tensor-core mma
+// below: to nearest, ties away from zero (cvt.rna, three integer instructions) on sm_80; to
+// nearest, ties to even (cvt.rn, one F2FP instruction, PTX for sm_90+) from sm_90 on. The two
+// differ only on exact ties; the host emulation rounds as cvt.rna. Needs sm_80; the dispatch
+// rules never choose a TF32 kernel on older devices.
 __device__ __forceinline__ float to_tf32(float x) {
 #if defined(FASTCONV_HOST_EMULATION)
     return emu::to_tf32(x);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();
     return x;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned r;
+    asm("cvt.rn.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return __uint_as_float(r);
 #else
     unsigned r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));

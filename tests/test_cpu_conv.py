@@ -317,3 +317,29 @@ def test_direct_3x3_pass_sums_in_tap_order(dilation, dtype):
     g4l = conv_geometry(x.shape, w4l.shape, 1, ((1, 1), (1 + extra, 1)), dilation, 1)
     np.testing.assert_array_equal(cpu.conv2d_input_grad(w3, gy, g3, algo),
                                   cpu.conv2d_input_grad(w4l, gy, g4l, algo))
+
+
+def test_direct_outputs_per_task_do_not_change_bits(dtype):
+    """The stride-1 direct kernels group outputs into tasks that share padded planes (how
+    many depends on the batch and the thread count); every grouping gives the same bits."""
+    from fastconv.kernels import cpu_depthwise
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 6, 11, 9)).astype(dtype)
+    w = rng.standard_normal((10, 3, 3, 3)).astype(dtype)      # 2 groups: Cg 3, Kg 5
+    b = rng.standard_normal(10).astype(dtype)
+    gy = rng.standard_normal((2, 10, 11, 9)).astype(dtype)
+    ys, gxs = [], []
+    for per in (1, 2, 3, 8):
+        y = np.empty((2, 10, 11, 9), dtype)
+        cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per)
+        gx = np.empty_like(x)
+        cpu_depthwise._input_grad_s1(w, gy, gx, 1, 1, 1, 1, per)
+        ys.append(y)
+        gxs.append(gx)
+    geom = conv_geometry(x.shape, w.shape, 1, 1, 1, 2)
+    assert_close(ys[0], reference.conv2d_forward(x, w, b, geom))
+    assert_close(gxs[0], reference.conv2d_input_grad(w, gy, geom))
+    for y, gx in zip(ys[1:], gxs[1:]):
+        np.testing.assert_array_equal(y, ys[0])
+        np.testing.assert_array_equal(gx, gxs[0])

@@ -104,6 +104,9 @@ def test_case_list(ex, case, dtype, precision, op):
 TILE_GEOMS = {
     "plain": conv_geometry((2, 12, 13, 12), (40, 12, 3, 3), 1, 1, 1, 1),
     "mixed": conv_geometry((3, 12, 11, 9), (18, 6, 3, 2), (2, 1), ((1, 2), (0, 1)), (1, 2), 2),
+    # Strides that do not divide the dilations: the input gradient's taps land on every
+    # residue class (PixelGather's residue test in conv2d.cu).
+    "residues": conv_geometry((2, 5, 14, 13), (7, 5, 3, 4), (2, 3), ((2, 1), (3, 0)), (3, 2), 1),
 }
 TILES = ([pytest.param(np.float32, t, id=f"f32-{t.bm}x{t.bn}")
           for t in cuda_conv.SIMT_TILES["float32"]]
@@ -154,6 +157,58 @@ def test_batch_chunks_for_32bit_indices(ex, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Depthwise and 1x1 paths
 # ---------------------------------------------------------------------------------------------
+class _Recording:
+    """The executor, noting the kernel of every launch."""
+
+    def __init__(self, ex):
+        self.ex, self.kernels = ex, []
+
+    def run(self, spec):
+        self.kernels.append(spec.kernel)
+        return self.ex.run(spec)
+
+    def __getattr__(self, name):
+        return getattr(self.ex, name)
+
+
+def _placed(a, misalign):
+    """A C-contiguous copy of ``a`` at a 16-byte aligned address, or 4 bytes past one."""
+    buf = np.empty(a.size + 8, a.dtype)
+    first = (-buf.ctypes.data % 16) // a.itemsize + (1 if misalign else 0)
+    out = buf[first:first + a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
+# Planes of whole vectors (48, 64) over several tiles and images; groups; dilation (no effect
+# on 1x1 filters); a reduction that ends inside a BK step.
+VECTOR_GEOMS = {
+    "plain": conv_geometry((3, 13, 8, 6), (20, 13, 1, 1), 1, 0, 1, 1),
+    "groups": conv_geometry((2, 12, 8, 8), (18, 6, 1, 1), 1, 0, 2, 2),
+}
+
+
+@pytest.mark.parametrize("geom_name", list(VECTOR_GEOMS))
+@pytest.mark.parametrize("tile", sorted({t for _, _, t in cuda_conv.vector_a_kernels()},
+                                        key=lambda t: (-t.bm, -t.bn)),
+                         ids=lambda t: f"{t.bm}x{t.bn}")
+def test_vector_a_loader(ex, tile, geom_name):
+    """1x1 forward and input gradient through the 16-byte A loader (aligned operands) and
+    through the general gather (the same operands 4 bytes off alignment), both against the
+    reference; the recorded launches show which kernel ran."""
+    geom = VECTOR_GEOMS[geom_name]
+    x, w, b, gy = _problem(geom, np.float32)
+    algo = Algo("implicit_gemm", (("tile", dataclasses.astuple(tile)), ("splits", 1)))
+    for misalign in (False, True):
+        rec = _Recording(ex)
+        xa, gya = _placed(x, misalign), _placed(gy, misalign)
+        for op in ("forward", "input_grad"):
+            out, ref = _run(rec, op, geom, algo, xa, w, b, gya)
+            assert rel_err(out, ref) < TOLERANCE[np.dtype(np.float32)], (op, misalign)
+        vector = [k.count(",") == 7 for k in rec.kernels]  # the AV template argument
+        assert vector == [not misalign] * 2, rec.kernels
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_depthwise_multi_tile(ex, dtype):
     geom = conv_geometry((2, 3, 40, 70), (6, 1, 3, 5), (2, 1), ((2, 1), (1, 3)), (1, 2), 3)

@@ -61,12 +61,22 @@ def test_simt_tiles_satisfy_kernel_constraints():
 
 
 def test_tf32_tiles_satisfy_kernel_constraints():
+    """The static_asserts of conv_tf32 and its loaders (fragment-order layout: every loader's
+    column step a multiple of 16), and a ring of at least two stages in 48 KiB."""
     for t in cuda_conv.TF32_TILES:
         nt = t.threads
-        assert (t.bm // t.warps_m) % 16 == 0 and (t.bn // t.warps_n) % 8 == 0, t
-        assert t.bk % 8 == 0 and nt % t.bk == 0
+        assert (t.bm // t.warps_m) % 16 == 0 and (t.bn // t.warps_n) % 16 == 0, t
+        assert t.bk % 8 == 0 and nt % t.bk == 0 and (nt // t.bk) % 16 == 0, t
         assert t.bm % (nt // t.bk) == 0 and t.bn % (nt // t.bk) == 0
-        assert 2 * t.bk * (t.bm + t.bn + 16) * 4 <= cuda_conv.SMEM_LIMIT
+        stages = cuda_conv.tf32_stages(t)
+        assert 2 <= stages <= cuda_conv.CONV_STAGES, t
+        assert stages * t.bk * (t.bm + t.bn + 8) * 4 <= cuda_conv.SMEM_LIMIT
+
+
+def test_tf32_stages():
+    assert cuda_conv.tf32_stages(Tf32Tile(128, 128, 8, 2, 4)) == 4
+    assert cuda_conv.tf32_stages(Tf32Tile(128, 64, 16, 4, 2)) == 3   # 3 x 12800 B
+    assert cuda_conv.tf32_stages(Tf32Tile(128, 128, 16, 2, 4)) == 2  # 3 x 16896 B > 48 KiB
 
 
 def test_kernel_names_cover_every_tile_mode_and_dtype():
@@ -75,13 +85,15 @@ def test_kernel_names_cover_every_tile_mode_and_dtype():
                  for mode in (FPROP, DGRAD, WGRAD))
     assert n_simt == 3 * sum(len(t) for t in cuda_conv.SIMT_TILES.values()) - len(
         cuda_conv.SIMT_EXCLUDED)
-    assert len(names) == len(set(names)) == n_simt + 3 * len(cuda_conv.TF32_TILES)
+    n_vec = len(cuda_conv.vector_a_kernels())
+    assert n_vec == 10  # FP32 forward and input gradient, every tile but 64x64 (256 threads)
+    assert len(names) == len(set(names)) == n_simt + n_vec + 3 * len(cuda_conv.TF32_TILES)
     for dt, mode, tile in cuda_conv.SIMT_EXCLUDED:
         assert cuda_conv.simt_kernel_name(dt, mode, tile) not in names
-    assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 4>" in names
-    assert "fc::conv_simt<float, 1, 128, 128, 8, 8, 8>" not in names  # spills on sm_90
+    assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>" in names
+    assert "fc::conv_simt<float, 1, 128, 128, 8, 8, 8>" in names
     assert "fc::conv_simt<double, 2, 64, 64, 8, 4, 4>" in names
-    assert "fc::conv_tf32<1, 128, 64, 8, 4, 2>" in names
+    assert "fc::conv_tf32<1, 128, 64, 16, 4, 2>" in names
     dw = cuda_conv.all_kernel_names()["depthwise.cu"]
     assert "fc::depthwise_fprop<float, 16, 32, 2>" in dw and "fc::depthwise_dgrad<double>" in dw
 
@@ -114,12 +126,12 @@ def test_shape_args_order_and_types():
 
 def test_forward_launch():
     x, w, b, y = _arrays(R3)
-    tile = SimtTile(128, 64, 8, 8, 4)
+    tile = SimtTile(128, 64, 8, 8, 8)
     spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, tile)
     assert spec.source == "conv2d.cu"
-    assert spec.kernel == "fc::conv_simt<float, 0, 128, 64, 8, 8, 4>"
+    assert spec.kernel == "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>"
     assert spec.grid == (math.ceil(8 * 56 * 56 / 128), 1, 1)
-    assert spec.block == (256, 1, 1) and spec.shared_mem == 0
+    assert spec.block == (128, 1, 1) and spec.shared_mem == 0
     assert spec.args[0] is x and spec.args[1] is w and spec.args[2] is b and spec.args[3] is y
     assert len(spec.args) == 4 + 17 + 14
     assert int(spec.args[4 + 16]) == 64 * 9  # k_split: the whole reduction
@@ -156,17 +168,60 @@ def test_weight_grad_launch_slices_the_reduction():
 
 def test_tf32_launch_needs_float32():
     x, w, b, y = _arrays(R3)
-    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, Tf32Tile(128, 64, 8, 4, 2))
-    assert spec.kernel == "fc::conv_tf32<0, 128, 64, 8, 4, 2>" and spec.block == (256, 1, 1)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, R3, Tf32Tile(128, 64, 16, 4, 2))
+    assert spec.kernel == "fc::conv_tf32<0, 128, 64, 16, 4, 2>" and spec.block == (256, 1, 1)
     x64, w64, b64, y64 = _arrays(R3, np.float64)
     with pytest.raises(TypeError):
-        cuda_conv.implicit_gemm_launch(FPROP, x64, w64, b64, y64, R3, Tf32Tile(128, 64, 8, 4, 2))
+        cuda_conv.implicit_gemm_launch(FPROP, x64, w64, b64, y64, R3, Tf32Tile(128, 64, 16, 4, 2))
 
 
 def test_launch_refuses_rows_past_32_bits():
     g = _geom((70000, 1, 200, 200), (1, 1, 1, 1))
     x = np.zeros((1, 1, 1, 1), np.float32)  # never read: the geometry check comes first
     with pytest.raises(ValueError, match="split the batch"):
+        cuda_conv.implicit_gemm_launch(FPROP, x, x, None, x, g, SimtTile(64, 64, 8, 4, 4))
+
+
+def test_vector_a_loader_only_where_it_applies():
+    """1x1, unit stride, no padding, planes of whole 16-byte vectors and a 16-byte aligned
+    operand: the forward and input gradient get the 16-byte A loader; anything else the
+    general gather (the emulation runs both, tests/test_cuda_emulated.py)."""
+    g = _geom((2, 16, 8, 6), (24, 16, 1, 1))  # plane 48
+    x, w, b, y = _arrays(g)
+    tile = SimtTile(128, 64, 8, 8, 8)
+    name = cuda_conv.implicit_gemm_launch(FPROP, x, w, b, y, g, tile).kernel
+    assert name == "fc::conv_simt<float, 0, 128, 64, 8, 8, 8, 4>"
+    name = cuda_conv.implicit_gemm_launch(DGRAD, y, w, None, x, g, tile).kernel
+    assert name == "fc::conv_simt<float, 1, 128, 64, 8, 8, 8, 4>"
+    assert name in cuda_conv.all_kernel_names()["conv2d.cu"]
+    # misaligned by one element: the same geometry, the general kernel
+    buf = np.zeros(x.size + 4, np.float32)
+    off = (-buf.ctypes.data % 16) // 4 + 1
+    xm = buf[off:off + x.size].reshape(x.shape)
+    name = cuda_conv.implicit_gemm_launch(FPROP, xm, w, b, y, g, tile).kernel
+    assert name == "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>"
+    # not 1x1, strided, padded, a plane of 7 x 6, the weight gradient, a 64x64 tile, FP64
+    others = [(_geom((2, 16, 8, 6), (24, 16, 3, 3), padding=1), FPROP, tile),
+              (_geom((2, 16, 8, 8), (24, 16, 1, 1), stride=2), FPROP, tile),
+              (_geom((2, 16, 8, 6), (24, 16, 1, 1), padding=1), FPROP, tile),
+              (_geom((2, 16, 7, 6), (24, 16, 1, 1)), FPROP, tile),
+              (g, WGRAD, tile), (g, FPROP, SimtTile(64, 64, 8, 4, 4))]
+    for geom, mode, t in others:
+        xa, wa, ba, ya = _arrays(geom)
+        a, bb, out = {FPROP: (xa, wa, ya), WGRAD: (ya, xa, wa)}[mode]
+        assert not cuda_conv.vector_a_ok(mode, a, geom, t), (geom, mode, t)
+        assert cuda_conv.implicit_gemm_launch(mode, a, bb, None, out, geom, t).kernel.count(
+            ",") == 6
+    x64, w64, b64, y64 = _arrays(g, np.float64)
+    assert not cuda_conv.vector_a_ok(FPROP, x64, g, tile)
+
+
+def test_launch_refuses_planes_past_32_bits():
+    """Tap offsets use 32-bit plane sizes: one 50000 x 50000 plane is refused even where the
+    strided output keeps the GEMM rows small."""
+    g = _geom((1, 1, 50000, 50000), (1, 1, 1, 1), stride=1000)
+    x = np.zeros((1, 1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="plane or filter row"):
         cuda_conv.implicit_gemm_launch(FPROP, x, x, None, x, g, SimtTile(64, 64, 8, 4, 4))
 
 
@@ -416,9 +471,42 @@ def test_rules_tile_model():
     """Large problems get the largest tile; narrow or small ones smaller tiles."""
     tiles = cuda_conv.SIMT_TILES["float32"]
     assert rules.pick_tile(10**6, 512, 1, tiles, 132) == SimtTile(128, 128, 8, 8, 8)
-    assert rules.pick_tile(200704, 64, 1, tiles, 132) == SimtTile(128, 64, 8, 8, 4)
+    assert rules.pick_tile(200704, 64, 1, tiles, 132) == SimtTile(128, 64, 8, 8, 8)
     assert rules.pick_tile(524288, 32, 1, tiles, 132) == SimtTile(128, 32, 8, 8, 4)
     assert rules.pick_tile(84, 4, 1, tiles, 132) == SimtTile(32, 32, 8, 4, 4)
+
+
+def test_rules_name_the_vector_a_kernel_for_grouped_1x1(device):
+    """Grouped 1x1 layers (plain ones go to cuBLAS) get the 16-byte A loader in the forward and
+    input gradient, and the plan's kernel is the one an aligned launch runs."""
+    g = _geom((8, 64, 28, 28), (128, 16, 1, 1), groups=4)
+    x, w, b, y = _arrays(g)
+    for op, mode, a, bb, out in (("forward", FPROP, x, w, y), ("input_grad", DGRAD, y, w, x)):
+        algo = _choose(op, g)
+        assert algo.name == "implicit_gemm" and "16-byte vectors" in algo.reason
+        tile = SimtTile(*algo.get("tile"))
+        spec = cuda_conv.implicit_gemm_launch(mode, a, bb, None, out, g, tile,
+                                              algo.get("splits", 1))
+        assert spec.kernel == algo.get("kernel") and spec.kernel.count(",") == 7
+    assert "16-byte" not in _choose("weight_grad", g).reason
+    assert "16-byte" not in _choose("forward", _geom((8, 64, 28, 28), (128, 16, 3, 3),
+                                                     padding=1, groups=4)).reason
+
+
+def test_phase_plan_names_the_vector_a_kernel_its_launch_runs(device):
+    """A grouped 1x1 stride-2 input gradient: its one reached phase is a grouped 1x1 unit-stride
+    forward conv, which gets the 16-byte A loader; the plan names the kernel the launch runs."""
+    from fastconv.kernels import cuda_dgrad  # noqa: PLC0415
+
+    g = _geom((8, 64, 28, 28), (128, 16, 1, 1), stride=2, groups=4)
+    algo, _ = rules.phased_dgrad_plan(g, np.dtype(np.float32), False, 2**30, 132)
+    (ph, pw, name, tile, splits), = algo.get("phases")
+    sub = cuda_dgrad.phases(g)[ph * 2 + pw].geom
+    gy = np.zeros(g.output_shape, np.float32)
+    w = np.zeros(sub.weight_shape, np.float32)
+    out = np.zeros(sub.output_shape, np.float32)
+    spec = cuda_conv.implicit_gemm_launch(FPROP, gy, w, None, out, sub, SimtTile(*tile), splits)
+    assert spec.kernel.count(",") == 7 and algo.get("kernels") == (spec.kernel,)
 
 
 def test_rules_wave_quantisation():
@@ -431,10 +519,11 @@ def test_rules_wave_quantisation():
     assert rules.wave_units(265, 132, 2) == pytest.approx(2 + 1 / eff)
     assert rules.wave_units(265, 132, 1) == 3
     assert cuda_conv.resident_blocks(SimtTile(128, 128, 8, 8, 8), FPROP) == 1
-    assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 4), FPROP) == 2
+    assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 8), FPROP) == 2  # 128 threads
+    assert cuda_conv.resident_blocks(SimtTile(128, 32, 8, 8, 4), FPROP) == 4
     assert cuda_conv.resident_blocks(SimtTile(32, 32, 8, 4, 4), FPROP) == 8
-    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), DGRAD) == 1
-    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 8, 2, 4), FPROP) == 2
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4), DGRAD) == 1
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4), FPROP) == 2
 
 
 def test_rules_weight_grad_slices_within_workspace(device):
@@ -455,7 +544,7 @@ def test_rules_slice_small_forward_gemms(device):
     out_bytes = 64 * 512 * 7 * 7 * 4
     assert algo.get("workspace_bytes") == algo.get("splits") * out_bytes
     assert _choose("forward", small, workspace=out_bytes).get("splits") == 1
-    grad = _choose("input_grad", small)  # 128x128 is not offered for DGRAD: 200 tiles
+    grad = _choose("input_grad", small)
     assert grad.get("workspace_bytes") == (0 if grad.get("splits") == 1
                                            else grad.get("splits") * out_bytes)
     assert _choose("forward", R3_DIL).get("splits") == 1               # 1568 tiles

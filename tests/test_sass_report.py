@@ -2,8 +2,9 @@
 
 The report compiles every kernel the launchers can request with NVRTC for sm_80 and sm_90,
 disassembles it (cuobjdump/nvdisasm wheels of the ``test`` extra) and fails on a spill, on
-local memory, on a TF32 kernel without HMMA in its main loop and on a pipelined kernel whose
-main loop has no LDGSTS (cp.async). It runs once, as a subprocess (bench/ is never imported by
+local memory, on a TF32 kernel without HMMA in its main loop, on a 128-wide TF32 kernel above
+its mode's ceiling of main-loop instructions per HMMA, and on a pipelined kernel whose main
+loop has no LDGSTS (cp.async). It runs once, as a subprocess (bench/ is never imported by
 the tests); its JSON output feeds the finer checks below. Skipped where NVRTC or the
 disassembler is missing, except in CI, where the ``test`` extra installs them.
 """
@@ -97,3 +98,97 @@ def test_conv_resident_blocks_match_occupancy(report):
             seen += 1
             assert expected[k["name"]] <= k["blocks_per_sm"], (k["name"], k["arch"])
     assert seen == 2 * len(expected)
+
+
+def _ffma_gated(name: str) -> bool:
+    """FP32 SIMT conv kernels with a 128x128 or 128x64 tile (issue 11's static target)."""
+    head = "fc::conv_simt<float, "
+    if not name.startswith(head):
+        return False
+    _, bm, bn = name[len(head):].split(", ")[:3]
+    return bm == "128" and bn in ("128", "64")
+
+
+def test_big_fp32_simt_tiles_are_ffma_bound(report):
+    """Every FP32 SIMT conv kernel with a 128x128 or 128x64 tile, forward and both gradients
+    (and the 16-byte A variants), spends at least 75% of its main loop's instructions on FFMA
+    on sm_80 and sm_90, computed here from the report's counts (the report's own gate is
+    checked below)."""
+    from fastconv.kernels import cuda_conv  # noqa: PLC0415
+
+    gated = [k for k in _data(report)["kernels"] if _ffma_gated(k["name"])]
+    expected = {(cuda_conv.simt_kernel_name("float32", mode, t), arch)
+                for t in cuda_conv.simt_tiles("float32", cuda_conv.FPROP)
+                for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD)
+                for arch in ("sm_80", "sm_90") if t.bm == 128 and t.bn in (128, 64)}
+    expected |= {(cuda_conv.simt_kernel_name(dt, mode, t, True), arch)
+                 for dt, mode, t in cuda_conv.vector_a_kernels()
+                 for arch in ("sm_80", "sm_90") if t.bm == 128 and t.bn in (128, 64)}
+    assert {(k["name"], k["arch"]) for k in gated} == expected
+    # both tiles, three modes, two architectures; and the 16-byte A loader's forward and
+    # input gradient
+    assert len(expected) == 12 + 8
+    for k in gated:
+        share = k["loop"].get("FFMA", 0) / k["loop"]["total"]
+        assert share >= 0.75, (k["name"], k["arch"], share)
+
+
+def _gate_problems(defs: str, calls: str) -> list[str]:
+    """Run the report's ``check`` on synthetic kernels in a subprocess (bench/ is not imported
+    by the tests): ``k(name, **loop)`` builds one with the given main-loop counts, ``defs``
+    may add names, and the problem counts of the comma-separated kernels ``calls`` come back."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import sass_report as s\n"
+            "def k(name, **loop):\n"
+            "    return s.Kernel('conv2d.cu', name, 'sm_90', 256, registers=100,\n"
+            "                    blocks_per_sm=2, loop={'LDGSTS': 8, **loop})\n"
+            + defs + f"print(*(len(s.check(x)) for x in ({calls},)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_ffma_gate_flags_a_kernel_under_target():
+    """The report's gate itself, on synthetic counts (no compiler needed): 74.9% FFMA fails a
+    gated kernel, 75% passes, and a 128x32 tile is not gated."""
+    defs = ("big = 'fc::conv_simt<float, 1, 128, 64, 8, 8, 8>'\n"
+            "def f(name, ffma):\n"
+            "    return k(name, total=1000, FFMA=ffma)\n")
+    calls = ("f(big, 749), f(big, 750), f('fc::conv_simt<float, 1, 128, 32, 8, 8, 4>', 100), "
+             "f('fc::conv_simt<double, 1, 128, 128, 8, 8, 8>', 100)")
+    assert _gate_problems(defs, calls) == ["1", "0", "0", "0"]
+
+
+def test_tf32_wide_tiles_instructions_per_hmma(report):
+    """Every TF32 kernel with a 128-wide tile (both architectures, every mode) stays within its
+    mode's ceiling of main-loop instructions per HMMA, and the report flags exactly those above
+    it (the gate of ``--check``)."""
+    import re  # noqa: PLC0415
+
+    from fastconv.kernels import cuda_conv  # noqa: PLC0415
+
+    data = _data(report)
+    ceiling = {int(m): v for m, v in data["tf32_max_per_hmma"].items()}
+    wide = [k for k in data["kernels"] if re.search(data["tf32_wide"], k["name"])]
+    expected = {(cuda_conv.tf32_kernel_name(mode, t), arch) for t in cuda_conv.TF32_TILES
+                if t.bm == 128 for mode in (cuda_conv.FPROP, cuda_conv.DGRAD, cuda_conv.WGRAD)
+                for arch in ("sm_80", "sm_90")}
+    assert {(k["name"], k["arch"]) for k in wide} == expected
+    for k in wide:
+        mode = int(k["name"][len("fc::conv_tf32<")])
+        per = k["loop"]["total"] / k["loop"]["HMMA"]
+        flagged = any("per HMMA" in p for p in k["problems"])
+        assert flagged == (per > ceiling[mode]), (k["name"], k["arch"], per)
+        assert per <= ceiling[mode], (k["name"], k["arch"], per)
+
+
+def test_tf32_gate_flags_a_kernel_over_its_ceiling():
+    """The report's TF32 gate itself, on synthetic counts (no compiler needed): a 128-wide TF32
+    kernel just over its mode's ceiling fails, one at it passes, a 64-wide one is not gated."""
+    defs = ("c = s.TF32_MAX_PER_HMMA\n"
+            "f = 'fc::conv_tf32<0, 128, 64, 16, 4, 2>'\n"
+            "d = 'fc::conv_tf32<1, 128, 128, 16, 2, 4>'\n"
+            "def t(name, total):\n"
+            "    return k(name, total=total, HMMA=100)\n")
+    calls = ("t(f, int(100 * c[0]) + 1), t(f, int(100 * c[0])), t(d, int(100 * c[1]) + 1), "
+             "t('fc::conv_tf32<0, 64, 64, 8, 2, 2>', 10000)")
+    assert _gate_problems(defs, calls) == ["1", "0", "1", "0"]

@@ -111,13 +111,17 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
         tile = pick_tile(M, NG, geom.groups, tiles, sm_count=None)
     else:
         tile = pick_tile(M, NG, geom.groups, tiles, sm_count, mode)
+    vector_a = not tf32 and cuda_conv.vector_a_shape_ok(mode, dtype, geom, tile)
     name = (cuda_conv.tf32_kernel_name(mode, tile) if tf32
-            else cuda_conv.simt_kernel_name(dtype, mode, tile))
+            else cuda_conv.simt_kernel_name(dtype, mode, tile, vector_a))
     params = [("kernel", name), ("tile", dataclasses.astuple(tile)),
               ("precision", "tf32" if tf32 else _exact(dtype))]
     blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * geom.groups
     why = (f"implicit GEMM (M={M}, N={NG}, reduction={KG}, {geom.groups} group(s)), "
            f"{tile.bm}x{tile.bn} block tile, {blocks} blocks; {prec_why}")
+    if vector_a:
+        why += ("; pixels copied in 16-byte vectors (the general gather if the operand is "
+                "not 16-byte aligned)")
     result_bytes = dtype.itemsize * (
         geom.K * (geom.C // geom.groups) * geom.R * geom.S if mode == WGRAD
         else geom.N * geom.K * geom.P * geom.Q if op == "forward"
@@ -467,7 +471,9 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace
         workspace = max(workspace, image + weight + ws)
         seconds += ASSUMED_LAUNCH_SECONDS * (3 if slices > 1 else 2)
         kernels.append(cuda_conv.tf32_kernel_name(FPROP, tile) if tf32
-                       else cuda_conv.simt_kernel_name(dtype, FPROP, tile))
+                       else cuda_conv.simt_kernel_name(
+                           dtype, FPROP, tile,
+                           cuda_conv.vector_a_shape_ok(FPROP, dtype, sub, tile)))
         plans.append((*phase.index, name_algo, dataclasses.astuple(tile), slices))
     fraction = cuda_dgrad.multiply_fraction(geom)
     sh, sw = geom.stride
