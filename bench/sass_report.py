@@ -65,10 +65,12 @@ class Device:
 DEVICES = {"sm_80": Device("A100", 108, 164 * 1024), "sm_90": Device("H100/H200", 132, 228 * 1024)}
 
 # Kernels whose main loop must stream through cp.async (LDGSTS in the SASS); regex on the
-# C++ name: every implicit-GEMM conv kernel (kernels/conv2d.cu, mainloop).
-PIPELINED: tuple[str, ...] = (r"^fc::conv_(simt|tf32)<",)
+# C++ name: every implicit-GEMM conv kernel (kernels/conv2d.cu, mainloop) and the Winograd
+# transform-point GEMMs (kernels/winograd.cu, wino_mainloop).
+PIPELINED: tuple[str, ...] = (r"^fc::conv_(simt|tf32)<",
+                              r"^fc::winograd_(conv|conv_tf32|wgrad)<")
 # TF32 kernels: their main loop must contain HMMA.
-TF32 = (r"^fc::conv_tf32<",)
+TF32 = (r"^fc::conv_tf32<", r"^fc::winograd_conv_tf32<")
 # TF32 kernels with a 128-wide tile (128x128, 128x64; group 1 of the match is the mode): at most
 # this many main-loop instructions per HMMA, per mode (FPROP, DGRAD, WGRAD). Issue 11's target
 # is 4 for every mode; these ceilings are what the kernels reach today (fragment-order shared
@@ -80,7 +82,7 @@ TF32_TARGET_PER_HMMA = 4.0
 TF32_MAX_PER_HMMA = {0: 13.5, 1: 14.5, 2: 13.5}
 # Kernels that must not call a subroutine (the 64-bit integer division routine, a CALL in the
 # SASS): their divisions are FastDiv multiply-shifts.
-NO_CALLS = (r"^fc::conv_", r"^fc::depthwise_")
+NO_CALLS = (r"^fc::conv_", r"^fc::depthwise_", r"^fc::winograd_")
 # FP32 SIMT conv kernels with a 128x128 or 128x64 tile (every mode): at least FFMA_TARGET of
 # their main loop's instructions are FFMA (issue 11's static target).
 FFMA_GATED = (r"^fc::conv_simt<float, \d, 128, (128|64), ",)
@@ -337,9 +339,13 @@ def instantiations() -> list[tuple[str, str, int]]:
         threads[cuda_winograd.conv_kernel_name(tile)] = tile.threads
     for tile in cuda_winograd.WGRAD_TILES.values():
         threads[cuda_winograd.wgrad_kernel_name(tile)] = tile.threads
+    for tile in cuda_winograd.TF32_TILES.values():
+        threads[cuda_winograd.conv_kernel_name(tile)] = tile.threads
     for m in cuda_winograd.TILES:
         for mode in (cuda_conv.FPROP, cuda_conv.DGRAD):
-            threads[cuda_winograd.filter_kernel_name(m, mode)] = cuda_winograd.FILTER_THREADS
+            for tf32 in (False, True) if m in cuda_winograd.TF32_TILES else (False,):
+                threads[cuda_winograd.filter_kernel_name(m, mode, tf32)] = (
+                    cuda_winograd.FILTER_THREADS)
     out = []
     for source, names in {**cuda_conv.all_kernel_names(), **cuda_hinge.all_kernel_names(),
                           **cuda_winograd.all_kernel_names()}.items():

@@ -13,7 +13,8 @@ Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
       summed in a fixed order.
   ``depthwise``   depthwise.cu (groups == C).
   ``winograd``    winograd.cu (cuda_winograd), 3x3 stride-1 layers, all three conv ops (the
-      weight gradient in tile-reduction slices summed in a fixed order).
+      weight gradient in tile-reduction slices summed in a fixed order); with the
+      ``precision`` parameter "tf32" the TF32 tensor-core kernel (forward, input gradient).
   ``gemm_1x1``    1x1, stride 1, no padding, one group: batched GEMM through cuBLAS
       (``matmul``); strict FP32 unless CuPy itself was told to use TF32 (the rules avoid it then).
   ``implicit_gemm_phases``  strided input gradient split by the stride**2 input phases
@@ -148,7 +149,8 @@ def forward(ex: Executor, x, weight, bias, geom, algo):
     elif algo.name == "depthwise":
         ex.run(cuda_conv.depthwise_forward_launch(x, weight, bias, y, geom))
     elif algo.name == "winograd":
-        cuda_winograd.run(ex, FPROP, x, weight, bias, y, geom, algo.get("m"))
+        cuda_winograd.run(ex, FPROP, x, weight, bias, y, geom, algo.get("m"),
+                          algo.get("precision") == "tf32")
     else:
         _implicit_gemm(ex, FPROP, x, weight, bias, y, geom, algo)
     return y
@@ -165,7 +167,8 @@ def input_grad(ex: Executor, weight, grad_output, geom, algo):
     elif algo.name == "depthwise":
         ex.run(cuda_conv.depthwise_input_grad_launch(weight, grad_output, gx, geom))
     elif algo.name == "winograd":
-        cuda_winograd.run(ex, DGRAD, grad_output, weight, None, gx, geom, algo.get("m"))
+        cuda_winograd.run(ex, DGRAD, grad_output, weight, None, gx, geom, algo.get("m"),
+                          algo.get("precision") == "tf32")
     elif algo.name == "implicit_gemm_phases":
         _phased_input_grad(ex, weight, grad_output, gx, geom, algo)
     else:

@@ -27,6 +27,8 @@ from .cuda_conv import (DGRAD, FPROP, GRID_YZ_LIMIT, SMEM_LIMIT, WGRAD, batch_ch
 
 SOURCE = "winograd.cu"
 FILTER_THREADS = 256  # block size of winograd_filter
+STAGES = 3            # depth of the kernels' cp.async ring (WINO_STAGES in winograd.cu)
+TF32_STAGES = 2       # depth of winograd_conv_tf32's ring (WINO_TF32_STAGES)
 ITEMSIZE = 4          # float32 only: float64 keeps the direct kernels
 
 
@@ -68,32 +70,72 @@ class WinogradTile:
 
     @property
     def smem_bytes(self) -> int:
-        """Static shared memory of either kernel: the chunk's two operand tiles, or the
-        epilogue's staging of 4*TX columns, whichever is larger."""
+        """Static shared memory of either kernel: `STAGES` ring stages of the chunk's two
+        operand tiles, or the epilogue's staging of 4*TX columns, whichever is larger."""
         aa = self.alpha ** 2
-        return ITEMSIZE * max(aa * self.chunk * (self.rows + self.cols),
+        return ITEMSIZE * max(STAGES * aa * self.chunk * (self.rows + self.cols),
                               aa * 4 * self.tx * self.rows)
 
 
+@dataclass(frozen=True)
+class WinogradTf32Tile:
+    """Block tile of ``winograd_conv_tf32`` (template parameters ``<M, BT, BK, WARPS>``):
+    ``rows`` (BT) output tiles by ``cols`` (BK) output channels per transform point, the
+    points shared out among ``warps`` warps, chunks of 8 input channels (one mma k-step)."""
+
+    m: int
+    rows: int
+    cols: int
+    warps: int
+    chunk: int = 8
+
+    @property
+    def alpha(self) -> int:
+        return self.m + 2
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def smem_bytes(self) -> int:
+        """`TF32_STAGES` ring stages of the padded operand tiles (rows of BT + 8 and BK + 8
+        floats), or the epilogue's staging of the whole block, whichever is larger."""
+        aa = self.alpha ** 2
+        return ITEMSIZE * max(TF32_STAGES * aa * self.chunk * (self.rows + self.cols + 16),
+                              aa * self.rows * self.cols)
+
+
 # The instantiations the launcher may request (tests/test_nvrtc.py compiles all of them).
-# ptxas (NVRTC 13.5, sm_80 and sm_90): 128 registers for F(2x2) (its cap at two 256-thread
-# blocks per SM), 168 for F(4x4) (one 288-thread block), no spills
-# (tests/test_cuda_winograd.py::test_no_spills).
-TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
-                                  4: WinogradTile(4, 4, 2, 4, 8, 8)}
+# The chunks are as long as three ring stages allow within 48 KiB of static shared memory:
+# 4 channels (tiles) for F(2x2), 48 KiB; 2 for F(4x4), 40.5 KiB (its epilogue needs 36 KiB).
+# Registers and spills: tests/test_cuda_winograd.py::test_no_spills and bench/sass_report.py.
+TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 4, 4, 4, 8, 8),
+                                  4: WinogradTile(4, 2, 2, 4, 8, 8)}
 TILE_SIZES = tuple(TILES)
-WGRAD_TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 8, 4, 4, 8, 8),
-                                        4: WinogradTile(4, 4, 2, 4, 8, 8)}
+WGRAD_TILES: dict[int, WinogradTile] = {2: WinogradTile(2, 4, 4, 4, 8, 8),
+                                        4: WinogradTile(4, 2, 2, 4, 8, 8)}
+# TF32 (forward and input gradient): F(2x2) only. Two ring stages of 8-channel chunks of a
+# 16 x 16 block tile take 48 KiB; F(4x4)'s 36 points would need 72 KiB, beyond static shared
+# memory (and its TF32 error, 2.3e-3 to 3.4e-3 in bench/winograd_error.py's model, is 5 to 7
+# times F(2x2)'s).
+TF32_TILES: dict[int, WinogradTf32Tile] = {2: WinogradTf32Tile(2, 16, 16, 4)}
 # Documented relative error bound (||out - ref|| / ||ref||, float32 against the float64
 # reference) per output tile size, checked by tests/test_cuda_winograd.py in the host emulation.
 # F(4x4) keeps it for reductions of up to 1024 channels (the dispatch rules' limit; measured
 # figures in winograd.cu's header).
 ERROR_BOUND: dict[int, float] = {2: 1e-5, 4: 1e-5}
+# The same for the TF32 variant (operands rounded to 10-bit mantissas): F(2x2) measured 3.3e-4
+# to 5.1e-4 in the host emulation on the shared case list, MULTI and 256/512-channel sums
+# (direct TF32: about 3e-4); the bound leaves 4x margin and stays under 5e-3.
+TF32_ERROR_BOUND: dict[int, float] = {2: 2e-3}
 
 
-def conv_kernel_name(tile: WinogradTile) -> str:
-    """Name expression of a ``winograd_conv`` instantiation."""
+def conv_kernel_name(tile: WinogradTile | WinogradTf32Tile) -> str:
+    """Name expression of a ``winograd_conv`` (or ``winograd_conv_tf32``) instantiation."""
     t = tile
+    if isinstance(t, WinogradTf32Tile):
+        return f"fc::winograd_conv_tf32<{t.m}, {t.rows}, {t.cols}, {t.warps}>"
     return f"fc::winograd_conv<{t.m}, {t.chunk}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
 
 
@@ -103,15 +145,18 @@ def wgrad_kernel_name(tile: WinogradTile) -> str:
     return f"fc::winograd_wgrad<{t.m}, {t.chunk}, {t.ty}, {t.tx}, {t.tm}, {t.tn}>"
 
 
-def filter_kernel_name(m: int, mode: int) -> str:
-    """Name expression of the ``winograd_filter`` instantiation for F(m x m) and a mode."""
-    return f"fc::winograd_filter<{m}, {mode}>"
+def filter_kernel_name(m: int, mode: int, tf32: bool = False) -> str:
+    """Name expression of the ``winograd_filter`` instantiation for F(m x m), a mode, and
+    whether it rounds U to TF32 (for ``winograd_conv_tf32``)."""
+    return f"fc::winograd_filter<{m}, {mode}, {int(tf32)}>"
 
 
 def all_kernel_names() -> dict[str, list[str]]:
     """Every instantiation this launcher can request, per source file."""
     names = [conv_kernel_name(t) for t in TILES.values()]
     names += [filter_kernel_name(m, mode) for m in TILES for mode in (FPROP, DGRAD)]
+    names += [conv_kernel_name(t) for t in TF32_TILES.values()]
+    names += [filter_kernel_name(m, mode, True) for m in TF32_TILES for mode in (FPROP, DGRAD)]
     names += [wgrad_kernel_name(t) for t in WGRAD_TILES.values()]
     return {SOURCE: names}
 
@@ -181,7 +226,7 @@ def multiply_ratio(geom: Any, mode: int, m: int) -> float:
     return 9.0 * p.ho * p.wo / ((m + 2) ** 2 * th * tw)
 
 
-def fits(geom: Any, mode: int, tile: WinogradTile) -> bool:
+def fits(geom: Any, mode: int, tile: WinogradTile | WinogradTf32Tile) -> bool:
     """Whether one launch of ``tile`` can take this geometry (grid limits, 32-bit counts)."""
     p = plane(geom, mode)
     th, tw = tile_grid(p.ho, p.wo, tile.m)
@@ -196,18 +241,23 @@ def fits(geom: Any, mode: int, tile: WinogradTile) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Launches
 # ---------------------------------------------------------------------------------------------
-def filter_launch(weight: Any, u: Any, geom: Any, m: int, mode: int) -> Launch:
-    """``winograd_filter``: ``weight (K, C/groups, 3, 3)`` -> ``u`` of shape `u_shape`."""
+def filter_launch(weight: Any, u: Any, geom: Any, m: int, mode: int,
+                  tf32: bool = False) -> Launch:
+    """``winograd_filter``: ``weight (K, C/groups, 3, 3)`` -> ``u`` of shape `u_shape`
+    (rounded to TF32 with ``tf32``)."""
     groups, _, cig, cogp = u_shape(geom, mode, m)
-    total = groups * cig * cogp
-    grid = (max(1, -(-total // FILTER_THREADS)), 1, 1)
+    grid = (max(1, -(-(cig * cogp) // FILTER_THREADS)), groups, 1)
+    if groups > GRID_YZ_LIMIT:
+        raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
+    mul, shift = cuda_conv.fast_divisor(cogp)
     args = (weight, u, np.int32(geom.K), np.int32(geom.C // geom.groups),
-            np.int32(geom.groups))
-    return Launch(SOURCE, filter_kernel_name(m, mode), grid, (FILTER_THREADS, 1, 1), 0, args)
+            np.int32(geom.groups), np.uint32(mul), np.int32(shift))
+    return Launch(SOURCE, filter_kernel_name(m, mode, tf32), grid, (FILTER_THREADS, 1, 1), 0,
+                  args)
 
 
 def conv_launch(mode: int, src: Any, u: Any, bias: Any, out: Any, geom: Any,
-                tile: WinogradTile) -> Launch:
+                tile: WinogradTile | WinogradTf32Tile) -> Launch:
     """``winograd_conv`` for one batch (``geom.N`` images).
 
     Parameters
@@ -222,7 +272,8 @@ def conv_launch(mode: int, src: Any, u: Any, bias: Any, out: Any, geom: Any,
     out : array
         FPROP: ``y (N, K, P, Q)``; DGRAD: ``grad_input (N, C, H, W)``.
     geom : ConvGeometry
-    tile : WinogradTile
+    tile : WinogradTile or WinogradTf32Tile
+        The strict FP32 kernel or the TF32 one (whose ``u`` must be TF32-rounded).
 
     Returns
     -------
@@ -243,7 +294,7 @@ def conv_launch(mode: int, src: Any, u: Any, bias: Any, out: Any, geom: Any,
 
 
 def run(ex: Any, mode: int, src: Any, weight: Any, bias: Any, out: Any, geom: Any,
-        m: int) -> None:
+        m: int, tf32: bool = False) -> None:
     """One Winograd op: the filter transform into a workspace, then the fused kernel over
     batch chunks that keep tile indices 32-bit.
 
@@ -257,10 +308,12 @@ def run(ex: Any, mode: int, src: Any, weight: Any, bias: Any, out: Any, geom: An
     geom : ConvGeometry
     m : 2 or 4
         Output tile side of F(m x m, 3 x 3).
+    tf32 : bool
+        The TF32 tensor-core kernel (`TF32_TILES`: m = 2) instead of strict FP32.
     """
-    tile = TILES[m]
+    tile = TF32_TILES[m] if tf32 else TILES[m]
     u = ex.empty(u_shape(geom, mode, m), weight.dtype)
-    ex.run(filter_launch(weight, u, geom, m, mode))
+    ex.run(filter_launch(weight, u, geom, m, mode, tf32))
     p = plane(geom, mode)
     th, tw = tile_grid(p.ho, p.wo, m)
     for n0, n1 in batch_chunks(geom.N, th * tw):
@@ -317,8 +370,13 @@ def wgrad_launch(x: Any, grad_output: Any, out: Any, geom: Any, tile: WinogradTi
     pt, _, pl, _ = geom.padding
     scalars = tuple(np.int32(v) for v in (geom.N, geom.C, geom.H, geom.W, geom.K, geom.P,
                                           geom.Q, pt, pl, geom.groups, t_split))
+    th, tw = tile_grid(geom.P, geom.Q, tile.m)
+    divisors = ()
+    for d in (th * tw, tw):  # the tile index -> (image, tile row, tile column) FastDivs
+        mul, shift = cuda_conv.fast_divisor(d)
+        divisors += (np.uint32(mul), np.int32(shift))
     return Launch(SOURCE, wgrad_kernel_name(tile), grid, (tile.threads, 1, 1), 0,
-                  (x, grad_output, out) + scalars)
+                  (x, grad_output, out) + scalars + divisors)
 
 
 def run_wgrad(ex: Any, x: Any, grad_output: Any, grad_weight: Any, geom: Any, m: int,

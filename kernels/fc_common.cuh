@@ -208,3 +208,25 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
 #else
 #define FC_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
+
+namespace fc {
+
+// cp_async with the number of bytes to read given directly: `src_bytes` (0 or BYTES) bytes are
+// read from `src` and the rest of the BYTES at `dst` zero-filled; callers that derive the count
+// from a bit mask (winograd.cu) avoid a compare and select per copy.
+template <int BYTES>
+__device__ __forceinline__ void cp_async_n(void* dst, const void* src, int src_bytes) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp_async_n: 4, 8 or 16 bytes");
+#if defined(FASTCONV_HOST_EMULATION)
+    emu::cp_async(dst, src, BYTES, src_bytes);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    cp_async<BYTES>(dst, src, src_bytes != 0);
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
+                 :: "r"(d), "l"(__cvta_generic_to_global(src)), "n"(BYTES), "r"(src_bytes)
+                 : "memory");
+#endif
+}
+
+}  // namespace fc

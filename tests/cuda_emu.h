@@ -417,6 +417,8 @@ inline int run_grid(const Entry& e, dim3 grid, dim3 block, std::size_t smem, voi
 #define gridDim (emu::g_grid_dim)
 
 inline void __syncthreads() { emu::g_block_state->barrier->wait(); }
+// __syncwarp: the warp's lanes meet (every lane of the warp must call it, as the kernels do).
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
     return emu::shfl_xor(v, lane_mask, width);

@@ -436,7 +436,7 @@ R3_DIL = _geom((8, 64, 56, 56), (64, 64, 3, 3), padding=2, dilation=2)
 
 def test_rules_strict_by_default_tf32_only_on_request(device):
     assert _choose("forward", R3_DIL).name == "implicit_gemm"
-    tf32 = _choose("forward", R3, precision="tf32")
+    tf32 = _choose("forward", R3_DIL, precision="tf32")  # (R3 itself: TF32 Winograd)
     assert tf32.name == "implicit_gemm_tf32" and "opt-in" in tf32.reason
     f64 = _choose("forward", R3, np.float64, precision="tf32")
     assert f64.name == "implicit_gemm" and "float64" in f64.reason
@@ -569,7 +569,7 @@ def test_rules_bias_grad_and_hinge(device):
 
 def test_rules_without_a_device_assume_a_typical_one(monkeypatch):
     monkeypatch.setattr(cuda_build, "device_info_or_none", lambda: None)
-    algo = _choose("forward", R3, precision="tf32")
+    algo = _choose("forward", R3_DIL, precision="tf32")
     assert algo.name == "implicit_gemm_tf32"
     assert isinstance(algo, Algo)
 

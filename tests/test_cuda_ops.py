@@ -182,7 +182,9 @@ def test_explain_reports_kernel_tile_and_precision(cupy):
     assert plan.algo.get("kernel").startswith("fc::conv_simt<float, 0")
     assert len(plan.algo.get("tile")) == 5 and plan.algo.get("precision") == "fp32"
     fastconv.set_precision("tf32")
-    plan = fastconv.explain("conv2d", x, w, padding=1)
+    plan = fastconv.explain("conv2d", x, w, padding=1)  # 3x3 stride 1: F(2x2) on TF32
+    assert plan.algo.name == "winograd" and plan.algo.get("precision") == "tf32"
+    plan = fastconv.explain("conv2d", x, w, padding=2, dilation=2)
     assert plan.algo.name == "implicit_gemm_tf32" and plan.algo.get("precision") == "tf32"
 
 

@@ -24,7 +24,8 @@ from fastconv.dispatch import cuda as rules
 from fastconv.kernels import cuda as backend
 from fastconv.kernels import cuda_build, cuda_conv, cuda_winograd
 from fastconv.kernels.cuda_conv import DGRAD, FPROP
-from fastconv.kernels.cuda_winograd import ERROR_BOUND, TILES, WGRAD_TILES
+from fastconv.kernels.cuda_winograd import (ERROR_BOUND, TF32_ERROR_BOUND, TF32_TILES, TILES,
+                                            WGRAD_TILES)
 
 from conftest import CASES, rel_err
 from test_cuda_emulated import _problem as _emu_problem
@@ -37,8 +38,8 @@ OPS = ("forward", "input_grad")
 ALL_OPS = OPS + ("weight_grad",)
 
 
-def _algo(m: int, splits: int = 3) -> Algo:
-    return Algo("winograd", (("m", m), ("splits", splits)))
+def _algo(m: int, splits: int = 3, precision: str = "fp32") -> Algo:
+    return Algo("winograd", (("m", m), ("splits", splits), ("precision", precision)))
 
 
 def _problem(geom, seed=0):
@@ -122,21 +123,32 @@ def test_multi_block(ex, op, m):
     assert rel_err(out, ref) < ERROR_BOUND[m]
 
 
+def _draw_problem(data, channels: int, side: int):
+    """A random 3x3 stride-1 geometry (up to `channels` per group in and out, planes up to
+    `side`, 0 to 3 padding per side so that DGRAD offsets 2 - pad go negative, 1 to 3 groups)
+    and its seeded arrays; None when the kernel does not fit the padded input (the argument
+    checks reject that)."""
+    groups = data.draw(st.integers(1, 3), "groups")
+    cg, kg = data.draw(st.integers(1, channels), "cg"), data.draw(st.integers(1, channels), "kg")
+    n, h, w = (data.draw(st.integers(1, 2), "N"), data.draw(st.integers(1, side), "H"),
+               data.draw(st.integers(1, side), "W"))
+    pad = tuple(tuple(data.draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
+    if h + sum(pad[0]) < 3 or w + sum(pad[1]) < 3:
+        return None
+    geom = conv_geometry((n, cg * groups, h, w), (kg * groups, cg, 3, 3), 1, pad, 1, groups)
+    return (geom,) + _problem(geom, seed=data.draw(st.integers(0, 99), "seed"))
+
+
 @settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_geometries(ex, data):
-    """Random shapes, paddings (0 to 3 per side, so DGRAD offsets 2 - pad go negative),
-    groups and weight-gradient slices through the three ops and both tile sizes."""
-    groups = data.draw(st.integers(1, 3), "groups")
-    cg, kg = data.draw(st.integers(1, 11), "cg"), data.draw(st.integers(1, 11), "kg")
-    n, h, w = (data.draw(st.integers(1, 2), "N"), data.draw(st.integers(1, 12), "H"),
-               data.draw(st.integers(1, 12), "W"))
-    pad = tuple(tuple(data.draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
-    if h + sum(pad[0]) < 3 or w + sum(pad[1]) < 3:
-        return  # the kernel does not fit the padded input (rejected by the argument checks)
-    geom = conv_geometry((n, cg * groups, h, w), (kg * groups, cg, 3, 3), 1, pad, 1, groups)
-    x, wt, b, gy = _problem(geom, seed=data.draw(st.integers(0, 99), "seed"))
+    """Random problems (`_draw_problem`) and weight-gradient slices through the three ops and
+    both tile sizes."""
+    problem = _draw_problem(data, 11, 12)
+    if problem is None:
+        return
+    geom, x, wt, b, gy = problem
     m = data.draw(st.sampled_from(cuda_winograd.TILE_SIZES), "m")
     splits = data.draw(st.integers(1, 4), "splits")
     for op in ALL_OPS:
@@ -162,6 +174,79 @@ def test_error_bound_at_layer_depth(ex, m):
     out, ref = _run(ex, "weight_grad", geom, _algo(m, 1), x, w, b, gy)
     err = rel_err(out, ref)
     assert err < ERROR_BOUND[m] and err < (2e-6 if m == 2 else 5e-6), err  # 9.7e-7, 3.3e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# TF32 variant (winograd_conv_tf32): forward and input gradient, F(2x2)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", WINO_CASES, ids=[c.name for c in WINO_CASES])
+def test_tf32_case_list(ex, case, op):
+    """The shared 3x3 stride-1 cases through the tensor-core kernel (emulated mma.sync with
+    the PTX fragment layout) within the documented TF32 bound, and clearly less exact than
+    the strict kernel (the operands really are rounded)."""
+    x, w, b = case.arrays(np.float32)
+    geom = conv_geometry(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
+    gy = _problem(geom, seed=1)[3]
+    for m in TF32_TILES:
+        out, ref = _run(ex, op, geom, _algo(m, precision="tf32"), x, w, b, gy)
+        err = rel_err(out, ref)
+        assert out.dtype == np.float32 and err < TF32_ERROR_BOUND[m], err
+        assert err > 1e-5, err
+
+
+def test_tf32_multi_block_and_depth(ex):
+    """Several blocks in x, y and z with partial chunks and padded U (MULTI), and a
+    256-channel reduction: the measured error (4.8e-4 to 5.1e-4 when written) stays within the
+    bound with margin (the depth reduction: 256 channels forward, 32 filters for the input
+    gradient); bits repeat."""
+    geom = MULTI
+    x, w, b, gy = _problem(geom)
+    spec = cuda_winograd.conv_launch(FPROP, x, None, b, None, geom, TF32_TILES[2])
+    assert spec.grid[0] > 1 and spec.grid[1] > 1 and spec.grid[2] == 2, spec.grid
+    assert spec.block == (128, 1, 1) and spec.kernel == "fc::winograd_conv_tf32<2, 16, 16, 4>"
+    for op in OPS:
+        out, ref = _run(ex, op, geom, _algo(2, precision="tf32"), x, w,
+                        b if op == "forward" else None, gy)
+        assert rel_err(out, ref) < TF32_ERROR_BOUND[2], op
+    deep = conv_geometry((1, 256, 4, 8), (32, 256, 3, 3), 1, 1, 1, 1)
+    x, w, b, gy = _problem(deep, seed=3)
+    for op in OPS:
+        out, ref = _run(ex, op, deep, _algo(2, precision="tf32"), x, w, b, gy)
+        assert rel_err(out, ref) < 1e-3, (op, rel_err(out, ref))
+    again, _ = _run(ex, "input_grad", deep, _algo(2, precision="tf32"), x, w, b, gy)
+    np.testing.assert_array_equal(out, again)
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_tf32_random_geometries(ex, data):
+    """Random problems (`_draw_problem`, up to 19 channels: partial 8-channel chunks and
+    16-channel blocks) through the TF32 kernel's forward pass and input gradient."""
+    problem = _draw_problem(data, 19, 10)
+    if problem is None:
+        return
+    geom, x, wt, b, gy = problem
+    for op in OPS:
+        out, ref = _run(ex, op, geom, _algo(2, precision="tf32"), x, wt, b, gy)
+        assert rel_err(out, ref) < TF32_ERROR_BOUND[2], (op, geom)
+
+
+def test_tf32_filter_transform_is_rounded(ex, emu):
+    """winograd_filter<M, MODE, 1> stores U rounded to TF32 (low 13 mantissa bits zero), the
+    same values as the strict transform rounded to nearest."""
+    geom = conv_geometry((1, 6, 5, 5), (10, 3, 3, 3), 1, 1, 1, 2)
+    w = _problem(geom)[1]
+    for mode in (FPROP, DGRAD):
+        shape = cuda_winograd.u_shape(geom, mode, 2)
+        exact, rounded = (np.full(shape, np.nan, np.float32) for _ in range(2))
+        emu.run(cuda_winograd.filter_launch(w, exact, geom, 2, mode))
+        emu.run(cuda_winograd.filter_launch(w, rounded, geom, 2, mode, tf32=True))
+        assert not (rounded.view(np.uint32) & 0x1FFF).any()
+        bits = exact.view(np.uint32)
+        want = ((bits + 0x1000) & 0xFFFFE000).view(np.float32)
+        np.testing.assert_array_equal(rounded, want)
 
 
 @pytest.mark.parametrize("m", cuda_winograd.TILE_SIZES)
@@ -201,7 +286,7 @@ def test_batch_chunks_for_32bit_tile_indices(ex, monkeypatch):
     out, ref = _run(counting, "weight_grad", geom, _algo(2, 2), x, w, b, gy)
     assert rel_err(out, ref) < ERROR_BOUND[2]
     assert [int(s.args[3]) for s in launches] == [2, 2, 1]
-    assert [s.grid[2] for s in launches] == [2, 2, 2]  # 24 and 12 tiles, 8-tile chunks
+    assert [s.grid[2] for s in launches] == [2, 2, 2]  # 24 and 12 tiles, 4-tile chunks
 
 
 def test_unwritten_outputs_fail(ex, emu):
@@ -259,15 +344,26 @@ def test_tiles_satisfy_kernel_constraints(m):
     assert wt.m == m and wt.tm % 4 == 0 and wt.tn % 4 == 0
     assert wt.threads <= 1024 and wt.threads % 32 == 0
     assert wt.smem_bytes <= cuda_conv.SMEM_LIMIT
+    if m in TF32_TILES:  # winograd_conv_tf32's static_asserts
+        tt = TF32_TILES[m]
+        assert tt.m == m and tt.alpha ** 2 % tt.warps == 0
+        assert tt.rows % 16 == 0 and tt.cols % 8 == 0 and tt.chunk == 8
+        assert all((ld + 8) % 32 in (8, 24) for ld in (tt.rows, tt.cols))
+        assert tt.smem_bytes <= cuda_conv.SMEM_LIMIT
+        uvec = tt.alpha ** 2 * tt.chunk * tt.cols // 4
+        assert uvec % tt.threads == 0 and (tt.threads * 4) % (tt.chunk * tt.cols) == 0
 
 
 def test_kernel_names():
     names = cuda_winograd.all_kernel_names()["winograd.cu"]
-    assert "fc::winograd_conv<2, 8, 4, 4, 8, 8>" in names
-    assert "fc::winograd_conv<4, 4, 2, 4, 8, 8>" in names
-    assert {f"fc::winograd_filter<{m}, {mode}>" for m in (2, 4) for mode in (0, 1)} <= set(names)
-    assert "fc::winograd_wgrad<2, 8, 4, 4, 8, 8>" in names
-    assert "fc::winograd_wgrad<4, 4, 2, 4, 8, 8>" in names
+    assert "fc::winograd_conv<2, 4, 4, 4, 8, 8>" in names
+    assert "fc::winograd_conv<4, 2, 2, 4, 8, 8>" in names
+    assert {f"fc::winograd_filter<{m}, {mode}, 0>" for m in (2, 4) for mode in (0, 1)
+            } <= set(names)
+    assert {"fc::winograd_filter<2, 0, 1>", "fc::winograd_filter<2, 1, 1>",
+            "fc::winograd_conv_tf32<2, 16, 16, 4>"} <= set(names)
+    assert "fc::winograd_wgrad<2, 4, 4, 4, 8, 8>" in names
+    assert "fc::winograd_wgrad<4, 2, 2, 4, 8, 8>" in names
 
 
 def test_conv_launch_geometry_and_arguments():
@@ -279,7 +375,7 @@ def test_conv_launch_geometry_and_arguments():
     tiles = geom.N * -(-P // 4) * -(-Q // 4)
     assert spec.grid == (-(-tiles // 16), -(-48 // 32), 2)
     assert spec.block == (288, 1, 1) and spec.shared_mem == 0
-    assert spec.kernel == "fc::winograd_conv<4, 4, 2, 4, 8, 8>"
+    assert spec.kernel == "fc::winograd_conv<4, 2, 2, 4, 8, 8>"
     assert spec.args[:4] == (x, w, b, gy)
     assert [int(a) for a in spec.args[4:]] == [8, 64, 56, 56, 96, P, Q, 1, 0, 2]
     assert all(a.dtype == np.int32 for a in spec.args[4:])
@@ -296,9 +392,13 @@ def test_filter_launch_geometry():
     spec = cuda_winograd.filter_launch(w, w, geom, 4, FPROP)
     assert cuda_winograd.u_shape(geom, FPROP, 4) == (3, 36, 4, 12)
     assert cuda_winograd.u_shape(geom, DGRAD, 4) == (3, 36, 10, 4)
-    assert spec.grid == (1, 1, 1) and spec.block == (256, 1, 1)
-    assert spec.kernel == "fc::winograd_filter<4, 0>"
-    assert [int(a) for a in spec.args[2:]] == [30, 4, 3]
+    assert spec.grid == (1, 3, 1) and spec.block == (256, 1, 1)  # (c, k) pairs x groups
+    assert spec.kernel == "fc::winograd_filter<4, 0, 0>"
+    mul, shift = cuda_conv.fast_divisor(12)  # c = e / Cogp as a FastDiv
+    assert [int(a) for a in spec.args[2:]] == [30, 4, 3, mul, shift]
+    assert spec.args[5].dtype == np.uint32 and spec.args[6].dtype == np.int32
+    big = conv_geometry((1, 600, 5, 5), (600, 600, 3, 3), 1, 1, 1, 1)
+    assert cuda_winograd.filter_launch(w, w, big, 2, DGRAD).grid == (-(-600 * 600 // 256), 1, 1)
     assert cuda_winograd.workspace_bytes(geom, FPROP, 4) == 3 * 36 * 4 * 12 * 4
 
 
@@ -413,6 +513,25 @@ def test_rules_tf32_before_sm80_falls_back_to_strict_winograd(monkeypatch):
     assert algo.name == "winograd" and "sm_75" in algo.reason and "strict fp32" in algo.reason
 
 
+@pytest.mark.parametrize("geom", [R3X3_14, R3X3_56], ids=["r3x3_14", "r3x3_56"])
+@pytest.mark.parametrize("op", OPS)
+def test_rules_tf32_winograd(geom, op):
+    """precision="tf32" on sm_80+: the F(2x2) tensor-core kernel for the forward pass and the
+    input gradient, its error bound in the reason; the weight gradient keeps the TF32
+    implicit GEMM."""
+    algo = _choose(op, geom, precision="tf32")
+    assert algo.name == "winograd" and algo.get("m") == 2 and algo.get("precision") == "tf32"
+    assert algo.get("kernel") == cuda_winograd.conv_kernel_name(TF32_TILES[2])
+    mode = FPROP if op == "forward" else DGRAD
+    assert algo.get("filter_kernel") == cuda_winograd.filter_kernel_name(2, mode, True)
+    assert algo.get("error_bound") == TF32_ERROR_BOUND[2] <= 5e-3
+    assert "TF32 tensor cores" in algo.reason and f"{TF32_ERROR_BOUND[2]:g}" in algo.reason
+    assert _choose("weight_grad", geom, precision="tf32").name == "implicit_gemm_tf32"
+    # a plane where F(2x2) saves too little stays on the implicit GEMM
+    small = conv_geometry((4, 64, 3, 3), (64, 64, 3, 3), 1, 1, 1, 1)  # 9 * 9 / (16 * 4)
+    assert _choose(op, small, precision="tf32").name == "implicit_gemm_tf32"
+
+
 def test_rules_pick_the_tile_by_multiplies():
     tiny = conv_geometry((4, 64, 2, 2), (64, 64, 3, 3), 1, 1, 1, 1)  # one 2x2 tile
     assert _choose("forward", tiny).get("m") == 2
@@ -430,7 +549,6 @@ def test_rules_pick_the_tile_by_multiplies():
     ("weight gradient, float64", "weight_grad", R3X3_14, np.float64, "fp32", 2**28),
     ("weight gradient, tf32", "weight_grad", R3X3_14, F32, "tf32", 2**28),
     ("float64", "forward", R3X3_14, np.float64, "fp32", 2**28),
-    ("tf32", "forward", R3X3_14, F32, "tf32", 2**28),
     ("stride 2", "forward", conv_geometry((8, 64, 56, 56), (64, 64, 3, 3), 2, 1, 1, 1), F32,
      "fp32", 2**28),
     ("dilation 2", "forward", conv_geometry((8, 64, 56, 56), (64, 64, 3, 3), 1, 2, 2, 1), F32,
@@ -529,3 +647,27 @@ def test_gpu_public_api_takes_winograd(cupy):
         == "winograd"
     assert rel_err(cupy.asnumpy(gw), reference.conv2d_weight_grad(x, gy, geom)) \
         < ERROR_BOUND[4]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("geom", GPU_GEOMS, ids=["r3x3", "groups_pad", "tiny"])
+def test_gpu_tf32_against_reference(cupy, geom, op):
+    """The TF32 kernel on the real mma.sync (the host emulation follows the PTX ISA's fragment
+    layout; this checks the hardware agrees), outputs NaN-poisoned, twice (bit-identical)."""
+    if int(cupy.cuda.Device().compute_capability) < 80:
+        pytest.skip("TF32 tensor cores need sm_80+")
+    x, w, b, gy = _problem(geom)
+    d = cupy.asarray
+    algo = _algo(2, precision="tf32")
+
+    def run():
+        if op == "forward":
+            return backend.conv2d_forward(d(x), d(w), d(b), geom, algo)
+        return backend.conv2d_input_grad(d(w), d(gy), geom, algo)
+
+    out = cupy.asnumpy(run())
+    ref = (reference.conv2d_forward(x, w, b, geom) if op == "forward"
+           else reference.conv2d_input_grad(w, gy, geom))
+    assert 1e-5 < rel_err(out, ref) < TF32_ERROR_BOUND[2]
+    np.testing.assert_array_equal(out, cupy.asnumpy(run()))

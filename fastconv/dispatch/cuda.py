@@ -5,9 +5,11 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
    ``depthwise`` (direct kernels; exact FP32/FP64 whatever the precision setting).
 2. 1x1, stride 1, no padding, one group, strict precision: ``gemm_1x1``, a batched GEMM through
    cuBLAS (``cupy.matmul``), strict FP32 as long as CuPy's own ``CUPY_TF32`` switch is off.
-3. 3x3, stride 1, undilated, float32, strict precision, at least `WINOGRAD_MIN_CHANNELS`
-   channels in and out per group: ``winograd``, the fused F(4x4, 3x3) or F(2x2, 3x3) of
-   winograd.cu (`winograd_rule`) for all three conv ops, when it saves at least
+3. 3x3, stride 1, undilated, float32, at least `WINOGRAD_MIN_CHANNELS` channels in and out
+   per group: ``winograd``, the fused F(4x4, 3x3) or F(2x2, 3x3) of winograd.cu
+   (`winograd_rule`) for all three conv ops in strict FP32; with ``precision="tf32"`` on an
+   sm_80+ device, F(2x2, 3x3) on TF32 tensor cores for the forward pass and the input
+   gradient (error bound ``cuda_winograd.TF32_ERROR_BOUND``); when it saves at least
    `WINOGRAD_MIN_RATIO` of the multiplies on this plane, no transform point sums more than
    `WINOGRAD_MAX_SUM` terms (the float32 error bound), and its workspace (transformed filter;
    weight-gradient slices) fits the bound.
@@ -180,16 +182,21 @@ def winograd_rule(op: str, geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec
                   workspace_bytes: int, sm_count: int) -> Optional[Algo]:
     """``winograd`` with the output tile m (4 or 2) that saves the most multiplies on this
     plane (ties to 2, the smaller error) within `WINOGRAD_MAX_SUM`, or None where it does not
-    apply or pay (see the module docstring, rule 3). TF32 keeps the tensor-core implicit GEMM,
-    float64 the direct kernels."""
-    if op not in MODE_OF_OP or dtype != np.float32 or tf32 or not cuda_winograd.applies(geom):
+    apply or pay (see the module docstring, rule 3). With ``tf32`` only the tile sizes of
+    ``cuda_winograd.TF32_TILES`` (F(2x2): F(4x4)+TF32 has 5x the error and no ring that fits)
+    and only the forward pass and input gradient (the TF32 weight gradient keeps the
+    tensor-core implicit GEMM); float64 keeps the direct kernels."""
+    if op not in MODE_OF_OP or dtype != np.float32 or not cuda_winograd.applies(geom):
         return None
     cg, kg = geom.C // geom.groups, geom.K // geom.groups
     if min(cg, kg) < WINOGRAD_MIN_CHANNELS:
         return None
     mode = MODE_OF_OP[op]
+    if tf32 and mode == WGRAD:
+        return None
+    conv_tiles = cuda_winograd.TF32_TILES if tf32 else cuda_winograd.TILES
     best = None
-    for m in cuda_winograd.TILE_SIZES:  # ties go to the first, F(2x2)
+    for m in sorted(conv_tiles):  # ties go to the first, F(2x2)
         ratio = cuda_winograd.multiply_ratio(geom, mode, m)
         if best is not None and ratio <= best[1]:
             continue
@@ -202,17 +209,22 @@ def winograd_rule(op: str, geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec
             if (cg if mode == FPROP else kg) > WINOGRAD_MAX_SUM[m]:
                 continue
             ws, splits = cuda_winograd.workspace_bytes(geom, mode, m), 1
-            if ws > workspace_bytes or not cuda_winograd.fits(geom, mode,
-                                                              cuda_winograd.TILES[m]):
+            if ws > workspace_bytes or not cuda_winograd.fits(geom, mode, conv_tiles[m]):
                 continue
         best = (m, ratio, ws, splits)
     if best is None or best[1] < WINOGRAD_MIN_RATIO:
         return None
     m, ratio, ws, splits = best
-    bound = cuda_winograd.ERROR_BOUND[m]
+    bound = (cuda_winograd.TF32_ERROR_BOUND if tf32 else cuda_winograd.ERROR_BOUND)[m]
     head = (f"3x3 stride-1 layer, {cg} -> {kg} channels per group: fused Winograd "
             f"F({m}x{m}, 3x3), {ratio:.2f}x fewer multiplies than direct on this plane; ")
-    tail = f"strict fp32 FMAs; relative error bound {bound:g}; {prec_why}"
+    if tf32:
+        tail = (f"transform-point GEMMs on TF32 tensor cores (mma.sync m16n8k8), the "
+                f"transformed input and filter rounded to TF32 once when stored; relative "
+                f"error bound {bound:g} (host emulation 3e-4 to 5e-4; direct TF32 about 3e-4; "
+                f"F(4x4)+TF32 not offered: 2.3e-3 to 3.4e-3); {prec_why}")
+    else:
+        tail = f"strict fp32 FMAs; relative error bound {bound:g}; {prec_why}"
     if mode == WGRAD:
         tile = cuda_winograd.WGRAD_TILES[m]
         tiles = geom.N * cuda_winograd.tiles_per_image(geom, m)
@@ -224,10 +236,10 @@ def winograd_rule(op: str, geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec
                + (f" in {splits} slices summed in a fixed order" if splits > 1 else "")
                + ", filter-gradient transform in the epilogue; " + tail)
         return Algo("winograd", params, why)
-    tile = cuda_winograd.TILES[m]
+    tile = conv_tiles[m]
     params = (("kernel", cuda_winograd.conv_kernel_name(tile)),
-              ("filter_kernel", cuda_winograd.filter_kernel_name(m, mode)), ("m", m),
-              ("tile", dataclasses.astuple(tile)), ("precision", "fp32"),
+              ("filter_kernel", cuda_winograd.filter_kernel_name(m, mode, tf32)), ("m", m),
+              ("tile", dataclasses.astuple(tile)), ("precision", "tf32" if tf32 else "fp32"),
               ("workspace_bytes", ws), ("error_bound", bound))
     why = (head + f"filter transformed once per call ({ws} bytes), input tiles transformed in "
            "shared memory, transform-point GEMMs, inverse transform and bias in the "
