@@ -305,6 +305,86 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw):
                 gw[k, cl, r, s] = lanes[r * S + s].sum()
 
 
+# ---------------------------------------------------------------------------------------------
+# Ungrouped stride-1 weight gradient (the thin 3x3 layers): im2col of a few output rows at a
+# time and a small GEMM in BLAS, issued from Numba's worker threads. Called from a worker,
+# a GEMM below OpenBLAS's threading threshold runs in that thread alone, so no BLAS thread
+# pool wakes up and spins beside Numba's after the call (measured on cifar3x3, 2 threads: a
+# BLAS-threaded weight gradient made the next forward and input gradient 1.8x slower).
+# ---------------------------------------------------------------------------------------------
+# Images per task (fixed, so the sums do not depend on the thread count).
+IMAGES_PER_TASK = 4
+# Multiply-adds per GEMM at most: OpenBLAS threads a GEMM of more than 2 * 65536 * 4 of them
+# on two threads (interface/gemm.c, GEMM_MULTITHREAD_THRESHOLD 4).
+GEMM_SINGLE_THREAD_MACS = 2 * 65536 * 4
+
+
+@njit(cache=True)
+def _im2col_rows(x, n, p0, p1, col, R, S, pt, pl, dh, dw, Q):
+    """``col[(c*R + r)*S + s, (p - p0)*Q + q] = x[n, c, p - pt + r*dh, q - pl + s*dw]`` for
+    output rows ``p0 <= p < p1`` (stride 1), zero outside the image."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    zero = x.dtype.type(0)
+    for c in range(C):
+        for r in range(R):
+            for s in range(S):
+                row = col[(c * R + r) * S + s]
+                q_lo, q_hi = valid_range(Q, W, 1, s * dw - pl)
+                for p in range(p0, p1):
+                    h = p - pt + r * dh
+                    dst = row[(p - p0) * Q:(p - p0 + 1) * Q]
+                    if h < 0 or h >= H:
+                        dst[:] = zero
+                        continue
+                    dst[:q_lo] = zero
+                    dst[q_hi:] = zero
+                    src = x[n, c, h, q_lo - pl + s * dw:q_hi - pl + s * dw]
+                    for e in range(q_hi - q_lo):
+                        dst[q_lo + e] = src[e]
+
+
+@njit(parallel=True, cache=True)
+def _weight_grad_s1_gemm(x, grad_output, part, R, S, pt, pl, dh, dw, per, rows):
+    """``part[t] (K, C*R*S)``: the sum over images ``t*per ...`` and their blocks of ``rows``
+    output rows, in that order, of ``dy_block (K, rows*Q) @ col_block^T``."""
+    N = x.shape[0]
+    K, P, Q = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    CRS = part.shape[2]
+    for t in prange(part.shape[0]):
+        colf = np.empty(CRS * rows * Q, dtype=x.dtype)
+        dybf = np.empty(K * rows * Q, dtype=x.dtype)
+        prod = np.empty((K, CRS), dtype=x.dtype)
+        acc = part[t]
+        first = True
+        for n in range(t * per, min(N, (t + 1) * per)):
+            for p0 in range(0, P, rows):
+                p1 = min(P, p0 + rows)
+                L = (p1 - p0) * Q
+                col = colf[:CRS * L].reshape(CRS, L)    # contiguous for BLAS
+                dyb = dybf[:K * L].reshape(K, L)
+                _im2col_rows(x, n, p0, p1, col, R, S, pt, pl, dh, dw, Q)
+                for k in range(K):
+                    dyb[k] = grad_output[n, k, p0:p1].reshape(L)
+                if first:
+                    np.dot(dyb, col.T, acc)
+                    first = False
+                else:
+                    np.dot(dyb, col.T, prod)
+                    acc += prod
+
+
+def _gemm_rows(geom, itemsize: int, algo) -> int:
+    """Output rows per GEMM of the ungrouped stride-1 weight gradient (0: does not apply):
+    as many as keep the GEMM single-threaded in BLAS, with two threads' buffers within the
+    workspace bound."""
+    if geom.groups != 1 or geom.stride != (1, 1):
+        return 0
+    crs = geom.C * geom.R * geom.S
+    rows = min(geom.P, GEMM_SINGLE_THREAD_MACS // (geom.K * crs * geom.Q))
+    need = 2 * ((crs + geom.K) * rows * geom.Q + geom.K * crs) * itemsize
+    return rows if rows >= 1 and need <= workspace_bound(algo) else 0
+
+
 def _geometry_args(geom) -> tuple[int, ...]:
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     return sh, sw, geom.padding[0], geom.padding[2], dh, dw
@@ -370,6 +450,17 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
 def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Direct weight gradient ``(K, C/G, R, S)``."""
     gw = np.empty(geom.weight_shape, dtype=x.dtype)
+    rows = _gemm_rows(geom, x.dtype.itemsize, algo)
+    if rows:
+        pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
+        tasks = -(-geom.N // IMAGES_PER_TASK)
+        part = np.empty((tasks, geom.K, geom.C * geom.R * geom.S), dtype=x.dtype)
+        _weight_grad_s1_gemm(x, grad_output, part, geom.R, geom.S, pt, pl, dh, dw,
+                             IMAGES_PER_TASK, rows)
+        total = part[0].copy()
+        for t in range(1, tasks):       # tasks in order: the same bits for any thread count
+            total += part[t]
+        return total.reshape(geom.weight_shape)
     if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw)

@@ -5,10 +5,12 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
 1. ``direct`` for depthwise and small-group layers (``G > 1`` and ``Cg * R * S <= 64``): a GEMM
    would multiply matrices too thin to block; loops over the taps need no workspace.
 2. ``gemm1x1`` for 1x1 stride-1 unpadded layers: the input already is the GEMM operand.
-3. ``direct`` for the forward and input gradient of 3x3 stride-1 ungrouped layers with fewer
-   than 8 channels in or out (cifar's first layer): im2col's GEMM would be thin (a reduction
-   of 27, or 3 columns); the direct kernels sum all nine taps of a filter in one pass over a
-   zero-padded plane. The weight gradient reduces over every pixel and keeps im2col.
+3. ``direct`` for 3x3 stride-1 ungrouped layers with fewer than 8 channels in or out
+   (cifar's first layer): im2col's GEMM would be thin (a reduction of 27, or 3 columns); the
+   direct kernels sum all nine taps of a filter in one pass over a zero-padded plane. Their
+   weight gradient is im2col of a few rows at a time with GEMMs small enough to stay
+   single-threaded in BLAS, issued from Numba's workers: a BLAS-threaded GEMM left
+   OpenBLAS's threads spinning beside Numba's and slowed the next kernels 1.8x.
 4. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
    group and an output plane of at least 32x32: F(4x4, 3x3) does 4x fewer multiplies than a
    direct 3x3, F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform
@@ -103,11 +105,13 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
             and fits(gemm1x1_bytes(op, geom, itemsize), workspace_bytes)):
         return Algo("gemm1x1", _workspace_params(workspace_bytes),
                     "1x1 stride-1 unpadded conv is a GEMM on the input as it lies (BLAS)")
-    if op != "weight_grad" and _thin_3x3(geom):
+    if _thin_3x3(geom):
+        how = ("small im2col GEMMs issued from the worker threads (single-threaded in BLAS)"
+               if op == "weight_grad" else
+               "direct passes of all nine taps over zero-padded planes")
         return Algo("direct", _workspace_params(workspace_bytes),
                     f"3x3 stride-1 layer with {min(geom.C, geom.K)} channels on one side: an "
-                    "im2col GEMM would be too thin; direct passes of all nine taps over "
-                    "zero-padded planes")
+                    f"im2col GEMM would be too thin; {how}")
     m = _winograd_tile(op, geom)
     if m is not None and fits(winograd_bytes(op, geom, m, itemsize), workspace_bytes):
         return Algo("winograd", (("tile", m),) + _workspace_params(workspace_bytes),
