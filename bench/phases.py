@@ -124,7 +124,7 @@ def instrument(phases: _Phases):
     if not hasattr(cpu_winograd, "fused_conv"):
         patches.append((cpu_winograd, "np", _TimedNumpy(phases)))
     for name in ("_forward", "_input_grad", "_weight_grad", "_forward_s1", "_input_grad_s1",
-                 "_weight_grad_s1"):
+                 "_weight_grad_s1", "_weight_grad_s1_gemm"):
         patches.append((cpu_depthwise, name,
                         _timed(phases, "direct loops", getattr(cpu_depthwise, name),
                                lambda *a: _nbytes(*a), "byte")))
