@@ -164,6 +164,32 @@ def _taps3x3(acc, src, L, row, col, t):
                     + t20 * src[f2]) + t21 * src[f2 + c1]) + t22 * src[f2 + c2]
 
 
+@njit(cache=True)
+def _add_taps(acc, src, L, row, dh, dw, wk, rotated):
+    """``acc[f] += sum_{r,s} wk[r, s] * src[f + r*dh*row + s*dw]`` for ``f < L``, taps in
+    row-major order (``wk`` rotated by 180 degrees for the input gradient); 3x3 filters in
+    one pass (:func:`_taps3x3`), the same bits as the one-tap-per-pass loop."""
+    R, S = wk.shape
+    if R == 3 and S == 3:
+        _taps3x3(acc, src, L, dh * row, dw, _window3x3(wk, rotated))
+        return
+    for r in range(R):
+        for s in range(S):
+            wv = wk[R - 1 - r, S - 1 - s] if rotated else wk[r, s]
+            tap = src[r * dh * row + s * dw:]
+            for f in range(L):
+                acc[f] += wv * tap[f]
+
+
+@njit(cache=True)
+def _copy_rows(acc, row, out):
+    """``out[p, q] = acc[p * row + q]``: a plane computed with a padded row stride."""
+    for p in range(out.shape[0]):
+        dst, src = out[p], acc[p * row:p * row + out.shape[1]]
+        for q in range(out.shape[1]):
+            dst[q] = src[q]
+
+
 @njit(parallel=True, cache=True)
 def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb):
     """Tasks of ``kb`` filters of one group and one image: the group's ``Cg`` input planes
@@ -201,19 +227,8 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb):
                 else:
                     _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
                     src = xp
-                if R == 3 and S == 3:
-                    _taps3x3(acc, src, L, dh * Wp, dw, _window3x3(weight[k, cl], False))
-                    continue
-                for r in range(R):
-                    for s in range(S):
-                        wv = weight[k, cl, r, s]
-                        tap = src[r * dh * Wp + s * dw:]
-                        for f in range(L):
-                            acc[f] += wv * tap[f]
-            for p in range(P):
-                dst, row = y[n, k, p], acc[p * Wp:p * Wp + Q]
-                for q in range(Q):
-                    dst[q] = row[q]
+                _add_taps(acc, src, L, Wp, dh, dw, weight[k, cl], False)
+            _copy_rows(acc, Wp, y[n, k])
 
 
 @njit(parallel=True, cache=True)
@@ -256,19 +271,8 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb):
                 else:
                     _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
                     src = dyp
-                if R == 3 and S == 3:
-                    _taps3x3(acc, src, L, dh * Wq, dw, _window3x3(weight[k, cl], True))
-                    continue
-                for r in range(R):
-                    for s in range(S):
-                        wv = weight[k, cl, R - 1 - r, S - 1 - s]
-                        tap = src[r * dh * Wq + s * dw:]
-                        for f in range(L):
-                            acc[f] += wv * tap[f]
-            for h in range(H):
-                dst, row = gx[n, c, h], acc[h * Wq:h * Wq + W]
-                for w in range(W):
-                    dst[w] = row[w]
+                _add_taps(acc, src, L, Wq, dh, dw, weight[k, cl], True)
+            _copy_rows(acc, Wq, gx[n, c])
 
 
 @njit(parallel=True, cache=True)
