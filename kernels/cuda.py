@@ -120,6 +120,9 @@ def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None
     them, over batch chunks when 32-bit row indices need it (then without slices: a GEMM that
     large fills the device anyway)."""
     tile = _tile(algo)
+    if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
+        _nhwc_forward(ex, a, b, bias, out, geom, tile, int(algo.get("splits", 1)))
+        return
     chunks = cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, mode))
     if len(chunks) == 1:  # the usual case: no views to make
         reduction = cuda_conv.gemm_shape(geom, mode)[2]
@@ -135,6 +138,36 @@ def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None
     for n0, n1 in chunks:
         part = cuda_conv.with_batch(geom, n1 - n0)
         ex.run(cuda_conv.implicit_gemm_launch(mode, a[n0:n1], b, bias, out[n0:n1], part, tile))
+
+
+def _nhwc_forward(ex: Executor, x, weight, bias, y, geom, tile: Tf32Tile, splits: int) -> None:
+    """TF32 forward through ``conv_tf32_nhwc``: x and the weight copied channels-last and
+    rounded to TF32 by the pre-pass (workspace ``cuda_conv.nhwc_workspace_bytes``), then the
+    GEMM, in reduction slices summed in a fixed order when asked, over batch chunks when
+    32-bit row indices need it (then without slices)."""
+    cg = geom.C // geom.groups
+    hw, rs = geom.H * geom.W, geom.R * geom.S
+    nx, nw = cuda_conv.nhwc_buffer_sizes(geom)
+    xt, wt = ex.empty((nx,), x.dtype), ex.empty((nw,), x.dtype)
+    for spec in (cuda_conv.channels_last_launches(x, xt, geom.N, hw, geom.groups, cg,
+                                                  geom.C * hw, hw)
+                 + cuda_conv.channels_last_launches(weight, wt, geom.K, rs, 1, cg, cg * rs, rs)):
+        ex.run(spec)
+    chunks = cuda_conv.batch_chunks(geom.N, geom.P * geom.Q)
+    if len(chunks) == 1:
+        slices, _ = cuda_conv.nhwc_slices(geom, splits)
+        if slices == 1:
+            ex.run(cuda_conv.nhwc_forward_launch(xt, wt, bias, y, geom, tile))
+            return
+        work = ex.empty((slices,) + tuple(y.shape), y.dtype)
+        ex.run(cuda_conv.nhwc_forward_launch(xt, wt, bias, work, geom, tile, splits))
+        ex.xp.sum(work, axis=0, out=y)
+        return
+    per_image = nx // geom.N
+    for n0, n1 in chunks:
+        part = cuda_conv.with_batch(geom, n1 - n0)
+        ex.run(cuda_conv.nhwc_forward_launch(xt[n0 * per_image:n1 * per_image], wt, bias,
+                                             y[n0:n1], part, tile))
 
 
 def forward(ex: Executor, x, weight, bias, geom, algo):
