@@ -227,7 +227,10 @@ def _phased_input_grad(ex: Executor, weight, grad_output, gx, geom, algo) -> Non
         params = () if tile is None else (("tile", tile), ("splits", splits))
         sub_algo = dataclasses.replace(algo, name=name, params=params, reason="")
         sub_w = cuda_dgrad.sub_weight(ex.xp, weight, phase, geom.groups)
-        view[...] = forward(ex, grad_output, sub_w, None, phase.geom, sub_algo)
+        if (sh, sw) == (1, 1) and name != "gemm_1x1":  # one phase: the whole of gx
+            _implicit_gemm(ex, FPROP, grad_output, sub_w, None, gx, phase.geom, sub_algo)
+        else:
+            view[...] = forward(ex, grad_output, sub_w, None, phase.geom, sub_algo)
 
 
 def weight_grad(ex: Executor, x, grad_output, geom, algo):

@@ -118,8 +118,11 @@ def nhwc_stages(tile: Tf32Tile) -> int:
     return min(CONV_STAGES, SMEM_LIMIT // (64 * (tile.bm + tile.bn)))
 
 
-# (mode, tile) of conv_tf32 never requested: none at present.
-TF32_EXCLUDED: frozenset = frozenset()
+# (mode, tile) of conv_tf32 never requested: the 128-wide forward tiles (conv_tf32_nhwc
+# replaces them) and the 128-wide input-gradient tiles (the TF32 input gradient runs as
+# forward convolutions of grad_output through conv_tf32_nhwc, see cuda_dgrad).
+TF32_EXCLUDED: frozenset = frozenset((mode, t) for mode in (FPROP, DGRAD)
+                                     for t in TF32_TILES if t.bm == 128)
 
 
 def tf32_stages(tile: Tf32Tile) -> int:

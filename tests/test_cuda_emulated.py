@@ -23,7 +23,7 @@ from fastconv._args import conv_geometry
 from fastconv._types import Algo
 from fastconv.dispatch import cuda as rules
 from fastconv.kernels import cuda as backend
-from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge
+from fastconv.kernels import cuda_build, cuda_conv, cuda_dgrad, cuda_hinge
 from fastconv.kernels.cuda_conv import DGRAD, FPROP, WGRAD, SimtTile, Tf32Tile
 
 from conftest import CASES, CASE_IDS, TOLERANCE, rel_err
@@ -92,7 +92,7 @@ def test_case_list(ex, case, dtype, precision, op):
                         workspace_bytes=256 * 2**20)
     out, ref = _run(ex, op, geom, algo, x, w, b if case.bias else None, gy)
     assert out.dtype == dtype
-    tf32 = algo.name == "implicit_gemm_tf32"
+    tf32 = algo.get("precision") == "tf32"  # implicit_gemm_tf32, or its input-gradient phases
     assert rel_err(out, ref) < _tol(dtype, "tf32" if tf32 else "fp32"), algo
 
 
@@ -124,7 +124,7 @@ def test_every_tile(ex, dtype, tile, geom_name):
     tol = _tol(dtype, "tf32" if isinstance(tile, Tf32Tile) else "fp32")
     for op in OPS:
         key = (np.dtype(dtype).name, cuda_conv.MODE_OF_OP[op], tile)
-        if key in cuda_conv.SIMT_EXCLUDED:
+        if key in cuda_conv.SIMT_EXCLUDED or key[1:] in cuda_conv.TF32_EXCLUDED:
             continue  # never requested, not instantiated
         algo = Algo(name, (("tile", dataclasses.astuple(tile)), ("splits", 3)))
         out, ref = _run(ex, op, geom, algo, x, w, b, gy)
@@ -211,6 +211,26 @@ def test_case_list_tf32_nhwc(ex, case, tile):
     assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE
     assert rec.kernels[-1] == cuda_conv.tf32_kernel_name(FPROP, tile)
     assert rec.kernels.count(cuda_conv.NHWC_COPY_KERNEL) == 2
+
+
+@pytest.mark.parametrize("tile", NHWC_TILES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list_tf32_nhwc_input_grad(ex, case, tile):
+    """The TF32 input gradient as the rules build it (every stride: its input phases, stride 1
+    one phase written in place), each phase through conv_tf32_nhwc on grad_output and the
+    phase's sub-kernel, against the reference."""
+    x, w, _ = case.arrays(np.float32)
+    geom = conv_geometry(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
+    _, _, _, gy = _problem(geom, np.float32, seed=1)
+    plans = tuple((*p.index, "implicit_gemm_tf32", dataclasses.astuple(tile), 1)
+                  for p in cuda_dgrad.phases(geom) if p.geom is not None)
+    rec = _Recording(ex)
+    out = backend.input_grad(rec, w, gy, geom, Algo("implicit_gemm_phases",
+                                                    (("phases", plans),)))
+    ref = reference.conv2d_input_grad(w, gy, geom)
+    assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE
+    conv = [k for k in rec.kernels if k != cuda_conv.NHWC_COPY_KERNEL]
+    assert conv == [cuda_conv.tf32_kernel_name(FPROP, tile)] * len(plans)
 
 
 NHWC_GEOMS = {
