@@ -255,11 +255,43 @@ def weight_grad(ex: Executor, x, grad_output, geom, algo):
     return gw
 
 
+def _nhwc_weight_grad(ex: Executor, x, grad_output, gw, geom, tile: Tf32Tile,
+                      splits: int) -> None:
+    """TF32 weight gradient through ``conv_tf32_nhwc``, one group at a time as the forward
+    convolution of ``cuda_conv.wgrad_forward_geometry`` (x copied as ``(C, H, W, Np)`` and
+    grad_output as ``(K, P, Q, Np)`` by the pre-pass), in reduction slices over the images
+    and output pixels summed in a fixed order, each group's ``(Cg, Kg, R, S)`` result
+    transposed into grad_weight."""
+    N, C, H, W = x.shape
+    K, P, Q = geom.K, geom.P, geom.Q
+    cg, kg = C // geom.groups, K // geom.groups
+    npad = cuda_conv.padded_channels(N)
+    xt = ex.empty((C * H * W * npad,), x.dtype)
+    gt = ex.empty((K * P * Q * npad,), x.dtype)
+    for spec in (cuda_conv.channels_last_launches(x, xt, C, H * W, 1, N, H * W, C * H * W)
+                 + cuda_conv.channels_last_launches(grad_output, gt, K, P * Q, 1, N, P * Q,
+                                                    K * P * Q)):
+        ex.run(spec)
+    sub = cuda_conv.wgrad_forward_geometry(geom)
+    slices, _ = cuda_conv.nhwc_slices(sub, splits)
+    per_x, per_g = cg * H * W * npad, kg * P * Q * npad
+    for g in range(geom.groups):
+        work = ex.empty((slices, cg, kg, geom.R, geom.S), gw.dtype)
+        ex.run(cuda_conv.nhwc_forward_launch(xt[g * per_x:(g + 1) * per_x],
+                                             gt[g * per_g:(g + 1) * per_g], None, work, sub,
+                                             tile, slices))
+        part = work[0] if slices == 1 else ex.xp.sum(work, axis=0)
+        gw[g * kg:(g + 1) * kg] = part.transpose(1, 0, 2, 3)
+
+
 def _weight_grad_gemm(ex: Executor, x, grad_output, gw, geom, algo) -> None:
     """Implicit GEMM over reduction slices (and batch chunks), partial results summed in a
     fixed order."""
     tile = _tile(algo)
     splits = int(algo.get("splits", 1))
+    if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
+        _nhwc_weight_grad(ex, x, grad_output, gw, geom, tile, splits)
+        return
     chunks = cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, WGRAD))
     parts = []
     for n0, n1 in chunks:

@@ -517,6 +517,44 @@ def nhwc_forward_launch(xt: Any, wt: Any, bias: Any, out: Any, geom: Any, tile: 
                   args)
 
 
+def wgrad_forward_geometry(geom: Any) -> Any:
+    """The weight gradient of one group as a forward convolution with roles swapped:
+
+        grad_weight[g*Kg + k, c, r, s] = sum_{n, p, q} x[n, g*Cg + c, p*sh + r*dh - pt,
+                                                         q*sw + s*dw - pl] * grad_output[n, g*Kg + k, p, q]
+
+    is the correlation whose batch is the group's ``Cg`` input channels, whose input channels
+    are the ``N`` images (x read as ``(C, H, W, N)``), whose ``Kg`` filters are grad_output read
+    as ``(K, P, Q, N)`` (kernel size ``P x Q``), with stride ``(dh, dw)``, dilation
+    ``(sh, sw)``, padding ``(pt, pl)`` and output size ``R x S``: its output ``(Cg, Kg, R, S)``
+    is the group's block of grad_weight, transposed."""
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    pt, pb, pl, pr = geom.padding
+    return dataclasses.replace(geom, N=cg, C=geom.N, K=kg, R=geom.P, S=geom.Q, P=geom.R,
+                               Q=geom.S, stride=tuple(geom.dilation),
+                               dilation=tuple(geom.stride), padding=(pt, pb, pl, pr), groups=1)
+
+
+def nhwc_wgrad_workspace_bytes(geom: Any) -> int:
+    """Bytes of the pre-pass buffers of the channels-last TF32 weight gradient: x as
+    ``(C, H, W, Np)`` and grad_output as ``(K, P, Q, Np)``, ``Np`` the batch padded to a
+    multiple of 4."""
+    npad = padded_channels(geom.N)
+    return 4 * npad * (geom.C * geom.H * geom.W + geom.K * geom.P * geom.Q)
+
+
+def nhwc_fits(geom: Any) -> bool:
+    """Whether ``nhwc_forward_launch`` accepts ``geom`` (32-bit rows, tap offsets and filter
+    rows; grid limits)."""
+    cgp = padded_channels(geom.C // geom.groups)
+    gc = geom.groups * cgp
+    (dh, dw), kg = geom.dilation, geom.K // geom.groups
+    return (geom.N * geom.P * geom.Q <= ROW_LIMIT and geom.P * geom.Q <= ROW_LIMIT
+            and ((geom.R - 1) * dh * geom.W + (geom.S - 1) * dw + 1) * gc <= ROW_LIMIT
+            and geom.R * geom.S * cgp <= ROW_LIMIT and _ceil(kg, 64) <= GRID_YZ_LIMIT
+            and geom.groups <= GRID_YZ_LIMIT)
+
+
 def depthwise_smem_bytes(geom: Any, dtype: Any) -> int:
     """Dynamic shared memory of ``depthwise_fprop`` for this geometry: input window plus taps."""
     t = DEPTHWISE_TILES[np.dtype(dtype).name]

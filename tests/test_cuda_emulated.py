@@ -233,6 +233,23 @@ def test_case_list_tf32_nhwc_input_grad(ex, case, tile):
     assert conv == [cuda_conv.tf32_kernel_name(FPROP, tile)] * len(plans)
 
 
+@pytest.mark.parametrize("tile", NHWC_TILES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list_tf32_nhwc_weight_grad(ex, case, tile):
+    """The TF32 weight gradient as a forward convolution with roles swapped, per group, through
+    conv_tf32_nhwc (x as (C, H, W, Np), grad_output as (K, P, Q, Np)), in three reduction
+    slices summed in a fixed order, against the reference."""
+    x, w, _ = case.arrays(np.float32)
+    geom = conv_geometry(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
+    _, _, _, gy = _problem(geom, np.float32, seed=1)
+    rec = _Recording(ex)
+    out = backend.weight_grad(rec, x, gy, geom, _nhwc_algo(tile, 3))
+    ref = reference.conv2d_weight_grad(x, gy, geom)
+    assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE
+    conv = [k for k in rec.kernels if k != cuda_conv.NHWC_COPY_KERNEL]
+    assert conv == [cuda_conv.tf32_kernel_name(FPROP, tile)] * geom.groups
+
+
 NHWC_GEOMS = {
     # several row tiles (M = 2*13*12 = 312), a column tile edge (K = 40 of 64/128), odd C
     "plain": conv_geometry((2, 13, 13, 12), (40, 13, 3, 3), 1, 1, 1, 1),
@@ -247,14 +264,18 @@ NHWC_GEOMS = {
 @pytest.mark.parametrize("geom_name", list(NHWC_GEOMS))
 @pytest.mark.parametrize("tile", NHWC_TILES)
 def test_nhwc_tiles_and_slices(ex, tile, geom_name):
-    """Every conv_tf32_nhwc tile over several row and column tiles, with one and with three
-    reduction slices (summed in a fixed order), against the reference."""
+    """Every conv_tf32_nhwc tile over several row and column tiles, forward and weight gradient,
+    with one and with three reduction slices (summed in a fixed order), against the
+    reference."""
     geom = NHWC_GEOMS[geom_name]
-    x, w, b, _ = _problem(geom, np.float32)
+    x, w, b, gy = _problem(geom, np.float32)
     ref = reference.conv2d_forward(x, w, b, geom)
+    ref_w = reference.conv2d_weight_grad(x, gy, geom)
     for splits in (1, 3):
         out = backend.forward(ex, x, w, b, geom, _nhwc_algo(tile, splits))
         assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE, splits
+        gw = backend.weight_grad(ex, x, gy, geom, _nhwc_algo(tile, splits))
+        assert 1e-5 < rel_err(gw, ref_w) < TF32_TOLERANCE, splits
 
 
 def test_nhwc_batch_chunks(ex, monkeypatch):
