@@ -90,11 +90,12 @@ SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
 # gradient spilled while its stride checks divided per element; see PixelGather in conv2d.cu).
 SIMT_EXCLUDED: frozenset = frozenset()
 # conv_tf32 keeps a cp.async ring of tf32_stages(tile) stages in at most 48 KiB of static shared
-# memory. The 128-wide tiles take BK = 16 (two mma k-steps per barrier and index gather): three
-# stages for 128x64, two for 128x128 (three would need 50688 bytes); the 64-wide ones BK = 8
-# with four. Every loader's column step (threads / BK) is a multiple of 16 (fragment order).
-TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
-                                    Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
+# memory: BK = 8 with four stages for these 64-wide tiles. Every loader's column step
+# (threads / BK) is a multiple of 16 (fragment order). They are the fallbacks of the TF32 path:
+# its 128-wide tiles are conv_tf32_nhwc's (TF32_NHWC_TILES) for all three ops (the input
+# gradient as forward convolutions of grad_output, the weight gradient as a forward convolution
+# with roles swapped), whose pre-pass workspace the rules may not have.
+TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
 CONV_STAGES = 4  # depth of the cp.async ring (conv2d.cu); TF32 tiles may take fewer
 # conv_tf32_nhwc (forward): BK = 16 (four 16-byte chunks of channels a row), the ring as deep as
 # 48 KiB of static shared memory allows (`nhwc_stages`: three for 128x128, four for 128x64).
@@ -106,23 +107,16 @@ NHWC_COPY_BLOCK = (32, 8, 1)
 
 
 def tf32_tiles(mode: int) -> tuple[Tf32Tile, ...]:
-    """The TF32 tiles the rules may choose for a mode: the forward's channels-last tiles first,
-    then the ``conv_tf32`` tiles instantiated for the mode."""
-    nchw = tuple(t for t in TF32_TILES if (mode, t) not in TF32_EXCLUDED)
-    return (TF32_NHWC_TILES + nchw) if mode == FPROP else nchw
+    """The TF32 tiles `pick_tile` chooses from for a mode's own GEMM: for the forward the
+    channels-last tiles first, then the ``conv_tf32`` ones (the gradients reach conv_tf32_nhwc
+    through forward geometries: cuda_dgrad's phases, `wgrad_forward_geometry`)."""
+    return (TF32_NHWC_TILES + TF32_TILES) if mode == FPROP else TF32_TILES
 
 
 def nhwc_stages(tile: Tf32Tile) -> int:
     """Stages of the ``conv_tf32_nhwc`` ring (``nhwc_stages`` in conv2d.cu): four, or as many
     as fit in 48 KiB with BM + BN rows of 16 floats a stage."""
     return min(CONV_STAGES, SMEM_LIMIT // (64 * (tile.bm + tile.bn)))
-
-
-# (mode, tile) of conv_tf32 never requested: the 128-wide forward tiles (conv_tf32_nhwc
-# replaces them) and the 128-wide input-gradient tiles (the TF32 input gradient runs as
-# forward convolutions of grad_output through conv_tf32_nhwc, see cuda_dgrad).
-TF32_EXCLUDED: frozenset = frozenset((mode, t) for mode in (FPROP, DGRAD)
-                                     for t in TF32_TILES if t.bm == 128)
 
 
 def tf32_stages(tile: Tf32Tile) -> int:
@@ -248,8 +242,7 @@ def all_kernel_names() -> dict[str, list[str]]:
     conv = [simt_kernel_name(dt, mode, tile) for dt in SIMT_TILES
             for mode in (FPROP, DGRAD, WGRAD) for tile in simt_tiles(dt, mode)]
     conv += [simt_kernel_name(dt, mode, tile, True) for dt, mode, tile in vector_a_kernels()]
-    conv += [tf32_kernel_name(mode, tile) for tile in TF32_TILES for mode in (FPROP, DGRAD, WGRAD)
-             if (mode, tile) not in TF32_EXCLUDED]
+    conv += [tf32_kernel_name(mode, tile) for tile in TF32_TILES for mode in (FPROP, DGRAD, WGRAD)]
     conv += [tf32_kernel_name(FPROP, tile) for tile in TF32_NHWC_TILES] + [NHWC_COPY_KERNEL]
     dw = [name for dt in DEPTHWISE_TILES for name in depthwise_kernel_names(dt).values()]
     return {"conv2d.cu": conv, "depthwise.cu": dw}

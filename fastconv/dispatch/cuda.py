@@ -21,7 +21,12 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
    grad_output, and its workspace fits the bound. With TF32, every input gradient (stride 1:
    one phase) takes this route whenever its workspace fits, so that it runs through the
    channels-last forward kernel ``conv_tf32_nhwc``.
-5. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
+5. With ``precision="tf32"`` the forward's 128-wide tiles, the input gradient's phases (rule
+   4) and the weight gradient (`nhwc_wgrad_rule`: a forward convolution with roles swapped)
+   run ``conv_tf32_nhwc`` over channels-last copies rounded to TF32 by a pre-pass, whose
+   buffers count in the workspace; the 64-wide ``conv_tf32`` tiles remain where the pre-pass
+   does not fit.
+6. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
    cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
    time model with wave quantisation (see `pick_tile`, `wave_units`); the weight gradient also
@@ -107,6 +112,10 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
             return phased
 
     mode = MODE_OF_OP[op]
+    if tf32 and mode == WGRAD:
+        nhwc_wgrad, phase_note = nhwc_wgrad_rule(geom, prec_why, workspace_bytes, sm_count)
+        if nhwc_wgrad is not None:
+            return nhwc_wgrad
     M, NG, KG = cuda_conv.gemm_shape(geom, mode)
     tiles, nhwc_note = _tf32_or_simt_tiles(geom, dtype, mode, tf32, workspace_bytes)
     if mode == WGRAD:
@@ -167,6 +176,45 @@ def _tf32_or_simt_tiles(geom: ConvGeometry, dtype: np.dtype, mode: int, tf32: bo
                 f"; the channels-last TF32 kernel's pre-pass needs "
                 f"{cuda_conv.nhwc_workspace_bytes(geom)} bytes of workspace, over the bound")
     return tiles, ""
+
+
+def nhwc_wgrad_rule(geom: ConvGeometry, prec_why: str, workspace_bytes: int,
+                    sm_count: int) -> tuple[Optional[Algo], str]:
+    """``(implicit_gemm_tf32 with a conv_tf32_nhwc tile, "")`` for a TF32 weight gradient, or
+    ``(None, note)`` when its workspace does not fit the bound or the forward geometry
+    (``cuda_conv.wgrad_forward_geometry``: batch Cg, N input channels, Kg filters of P x Q
+    taps, output R x S) exceeds the kernel's 32-bit limits.
+
+    Tile by `pick_tile` on that forward's ``Cg*R*S x Kg`` GEMM without the wave term; its long
+    ``P*Q*Np/4``-chunk reduction cut into slices (`wgrad_splits`) summed in a fixed order.
+    Workspace: the pre-pass buffers (``cuda_conv.nhwc_wgrad_workspace_bytes``), one group's
+    slices and, with slices, their sum.
+    """
+    sub = cuda_conv.wgrad_forward_geometry(geom)
+    if not cuda_conv.nhwc_fits(sub):
+        return None, "; the channels-last TF32 weight gradient exceeds its 32-bit index limits"
+    pre = cuda_conv.nhwc_wgrad_workspace_bytes(geom)
+    group_bytes = 4 * sub.N * sub.K * sub.P * sub.Q  # one group's (Cg, Kg, R, S) result
+    M, NG = sub.N * sub.P * sub.Q, sub.K
+    tile = pick_tile(M, NG, geom.groups, cuda_conv.TF32_NHWC_TILES, sm_count=None)
+    blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * geom.groups
+    splits = wgrad_splits(geom, tile, blocks, sm_count, max(0, workspace_bytes - pre), 4)
+    slices, _ = cuda_conv.nhwc_slices(sub, splits)
+    ws = pre + slices * group_bytes + (group_bytes if slices > 1 else 0)
+    if ws > workspace_bytes:
+        return None, (f"; the channels-last TF32 weight gradient needs {ws} bytes of "
+                      "workspace, over the bound")
+    why = (f"weight gradient as a forward convolution with roles swapped per group (batch "
+           f"Cg={sub.N}, {geom.N} images as input channels, Kg={sub.K} filters of "
+           f"{sub.R}x{sub.S} grad_output taps, output {sub.P}x{sub.Q}): GEMM M={M}, N={NG}, "
+           f"{tile.bm}x{tile.bn} block tile, {blocks} blocks, the reduction over images and "
+           f"output pixels cut into {slices} slice(s) summed in a fixed order; x and "
+           f"grad_output copied channels-last and rounded to TF32 once by a pre-pass "
+           f"({pre} bytes of workspace), then conv_tf32_nhwc; {prec_why}")
+    params = (("kernel", cuda_conv.tf32_kernel_name(FPROP, tile)),
+              ("tile", dataclasses.astuple(tile)), ("precision", "tf32"), ("splits", slices),
+              ("workspace_bytes", ws))
+    return Algo("implicit_gemm_tf32", params, why), ""
 
 
 def _exact(dtype: np.dtype) -> str:
