@@ -513,8 +513,8 @@ def nhwc_forward_launch(xt: Any, wt: Any, bias: Any, out: Any, geom: Any, tile: 
 def wgrad_forward_geometry(geom: Any) -> Any:
     """The weight gradient of one group as a forward convolution with roles swapped:
 
-        grad_weight[g*Kg + k, c, r, s] = sum_{n, p, q} x[n, g*Cg + c, p*sh + r*dh - pt,
-                                                         q*sw + s*dw - pl] * grad_output[n, g*Kg + k, p, q]
+        grad_weight[g*Kg + k, c, r, s] = sum_{n, p, q} grad_output[n, g*Kg + k, p, q]
+            * x[n, g*Cg + c, p*sh + r*dh - pt, q*sw + s*dw - pl]
 
     is the correlation whose batch is the group's ``Cg`` input channels, whose input channels
     are the ``N`` images (x read as ``(C, H, W, N)``), whose ``Kg`` filters are grad_output read
