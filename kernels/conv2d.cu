@@ -59,7 +59,13 @@
 //     rounded to TF32 (to_tf32: cvt.rna on sm_80, cvt.rn from sm_90) once, in shared memory,
 //     by the thread that copied them, before the tile is published; each A fragment and each
 //     pair of B fragments read with one 16-byte shared load straight into the registers
-//     mma.sync takes; fp32 accumulation. About 1e-3 relative error.
+//     mma.sync takes; fp32 accumulation. About 1e-3 relative error. 64-wide tiles only: the
+//     fallback where the pre-pass buffers of conv_tf32_nhwc do not fit the workspace.
+//   conv_tf32_nhwc<BM, BN, BK, WARPS_M, WARPS_N> (forward; the 128-wide TF32 tiles of all three
+//     ops, the gradients as forward geometries, see kernels/cuda_dgrad.py and
+//     cuda_conv.wgrad_forward_geometry) over the channels-last TF32 copies of nhwc_tf32_copy:
+//     16-byte cp.async copies, XOR-swizzled row-major tiles, ldmatrix.x4 fragments, no rounding
+//     in the main loop (see the section at the end of this file).
 //
 // Index arithmetic: tensor offsets are 64-bit (a tensor may exceed 2^31 elements); GEMM row
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
@@ -72,11 +78,9 @@
 // (tests/test_nvrtc.py); bench/sass_report.py (run by tests/test_sass_report.py) reports per
 // instantiation registers, shared memory, occupancy and the main loop's instruction mix, and
 // checks LDGSTS (cp.async) in every conv main loop, HMMA in every TF32 one, at least 75% FFMA
-// in the main loop of every FP32 SIMT kernel with a 128x128 or 128x64 tile, and a ceiling
-// of main-loop instructions per HMMA for the 128-wide TF32 tiles (per mode; issue 11's target
-// of 4 is not reached: exact rounding of each operand once in shared memory costs an LDS, a
-// cvt and an STS per element, 0.5 element per HMMA at 128x128, and the gathered operands'
-// address and bounds arithmetic more). Executed on the
+// in the main loop of every FP32 SIMT kernel with a 128x128 or 128x64 tile, and at most 4
+// main-loop instructions per HMMA for every TF32 kernel with a 128-wide tile (issue 11's
+// target; conv_tf32_nhwc: 3.3-3.7 on sm_80 and sm_90). Executed on the
 // CPU through the host emulation of tests/cuda_emu.h (blocks, threads, barriers, warp
 // shuffles, cp.async groups with zero-fill and poisoned pending destinations, the mma fragment
 // layout as the PTX ISA documents it) against the NumPy reference, for every tile and mode.

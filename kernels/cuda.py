@@ -10,7 +10,9 @@ Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
   ``implicit_gemm`` / ``implicit_gemm_tf32``  conv2d.cu, every geometry; the input gradient
       gathers grad_output at the taps of the rotated kernel; reduction slices (always for the
       weight gradient's long N*P*Q reduction, for the others when their GEMM is small) are
-      summed in a fixed order.
+      summed in a fixed order. A TF32 tile with layout "nhwc" runs ``conv_tf32_nhwc`` after
+      the channels-last TF32 pre-pass (``_nhwc_forward``); the TF32 weight gradient with such
+      a tile is a forward convolution with roles swapped per group (``_nhwc_weight_grad``).
   ``depthwise``   depthwise.cu (groups == C).
   ``winograd``    winograd.cu (cuda_winograd), 3x3 stride-1 layers, all three conv ops (the
       weight gradient in tile-reduction slices summed in a fixed order); with the
