@@ -526,6 +526,31 @@ def test_rules_strict_by_default_tf32_only_on_request(device):
     assert f64.name == "implicit_gemm" and "float64" in f64.reason
 
 
+def test_rules_tf32_channels_last_and_its_workspace(device):
+    """TF32 on a large layer: the forward and the weight gradient run conv_tf32_nhwc, the input
+    gradient its phases through it; the pre-pass buffers count in ``workspace_bytes``; with a
+    bound they do not fit, the 64-wide conv_tf32 tiles, and the reason says why."""
+    pre = cuda_conv.nhwc_workspace_bytes(R3_DIL)
+    fwd = _choose("forward", R3_DIL, precision="tf32")
+    assert fwd.get("kernel").startswith("fc::conv_tf32_nhwc<128, ")
+    assert fwd.get("workspace_bytes") >= pre and "pre-pass" in fwd.reason
+    dgrad = _choose("input_grad", R3_DIL, precision="tf32")
+    assert dgrad.name == "implicit_gemm_phases" and len(dgrad.get("phases")) == 1
+    assert all(k.startswith("fc::conv_tf32_nhwc<") for k in dgrad.get("kernels"))
+    wgrad = _choose("weight_grad", R3_DIL, precision="tf32")
+    assert wgrad.get("kernel").startswith("fc::conv_tf32_nhwc<")
+    assert wgrad.get("tile")[-1] == "nhwc" and wgrad.get("splits") > 1
+    assert wgrad.get("workspace_bytes") >= cuda_conv.nhwc_wgrad_workspace_bytes(R3_DIL)
+    small = pre - 1
+    for op in ("forward", "weight_grad"):
+        algo = _choose(op, R3_DIL, precision="tf32", workspace=small)
+        assert algo.get("kernel").startswith("fc::conv_tf32<") and algo.get("tile")[0] == 64
+        assert "workspace" in algo.reason and algo.get("workspace_bytes") <= small
+    algo = _choose("input_grad", R3_DIL, precision="tf32", workspace=small)
+    assert algo.name == "implicit_gemm_phases" and algo.get("workspace_bytes") <= small
+    assert all(k.startswith("fc::conv_tf32<0, 64, ") for k in algo.get("kernels"))
+
+
 def test_rules_tf32_falls_back_loudly_before_sm80(device):
     device(capability=(7, 5))
     algo = _choose("forward", R3_DIL, precision="tf32")
