@@ -740,6 +740,57 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 }
 
 // ---------------------------------------------------------------------------------------------
+// Warp-tile helpers of the TF32 kernels (conv_tf32, conv_tf32_nhwc): MI x NI mma tiles of 16x8.
+// ---------------------------------------------------------------------------------------------
+template <int MI, int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+}
+
+// acc[i][j] += A_i * B_j for every mma tile of the warp tile.
+template <int MI, int NI>
+__device__ __forceinline__ void mma_warp_tile(float (&acc)[MI][NI][4], const unsigned (&a)[MI][4],
+                                              const unsigned (&b)[NI][2]) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j) mma_tf32_16x8x8(acc[i][j], a[i], b[j]);
+}
+
+// Epilogue of a warp tile whose first row and column are m_first and n_first: element
+// (m, col) of the GEMM (m < M, col < NG) goes to row(m)[col * jstride] plus add(col). For a
+// fixed register a warp writes 4 runs of 8 consecutive rows (pixels).
+template <int MI, int NI, class Row, class Add>
+__device__ __forceinline__ void store_warp_tile(const float (&acc)[MI][NI][4], int m_first,
+                                                int n_first, int M, int NG, long long jstride,
+                                                Row&& row, Add&& add) {
+    const int gq = threadIdx.x % 32 / 4, tq = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m_first + i * 16 + gq + 8 * h;
+            if (m >= M) continue;
+            float* dst = row(m);
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = n_first + j * 8 + 2 * tq + e;
+                    if (col >= NG) continue;
+                    dst[col * jstride] = acc[i][j][2 * h + e] + add(col);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // TF32 tensor-core kernel (opt-in precision "tf32"): mma.sync m16n8k8, fp32 accumulation.
 // ---------------------------------------------------------------------------------------------
 // Registers: at most 128 per thread (512 threads per SM), except DGRAD with a 128 x 128 tile,
@@ -798,12 +849,7 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     // row pair tq (krow), lane slot gq (place); tile i (j) is 32 i (16 j) floats further.
     const int b_off = 2 * tq * LDB + place<FRAG_B>(wn * WTN) + 4 * gq;
     float acc[MI][NI][4];
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    zero_acc(acc);
 
     mainloop<STAGES, true, LDA, LDB, BK, QA, QB>(s, la, lb, As, Bs, k_begin, k_end,
                                                  [&](const float* as, const float* bs) {
@@ -831,37 +877,19 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
 #pragma unroll
                 for (int q = 0; q < 4; ++q) b[j + q / 2][q % 2] = __float_as_uint(v[q]);
             }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j) mma_tf32_16x8x8(acc[i][j], a[i], b[j]);
+            mma_warp_tile(acc, a, b);
         }
     });
 
-    // Epilogue: for a fixed register, a warp writes 4 runs of 8 consecutive pixels.
-    // The slice index is recomputed here rather than kept live through the main loop.
+    // Epilogue. The slice index is recomputed here rather than kept live through the main loop.
     const int split = blockIdx.z / groups;
     const OutIndex<MODE> oi(s, g, split);
-#pragma unroll
-    for (int i = 0; i < MI; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = m0 + wm * WTM + i * 16 + gq + 8 * h;
-            if (m >= M) continue;
-            const long long rowoff = oi.row(m, s);
-#pragma unroll
-            for (int j = 0; j < NI; ++j) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = n0 + wn * WTN + j * 8 + 2 * tq + e;
-                    if (col >= NG) continue;
-                    const float b = (MODE == FPROP && bias != nullptr && split == 0)
-                                        ? bias[g * NG + col] : 0.0f;
-                    out[rowoff + col * oi.jstride] = acc[i][j][2 * h + e] + b;
-                }
-            }
-        }
-    }
+    store_warp_tile(acc, m0 + wm * WTM, n0 + wn * WTN, M, NG, oi.jstride,
+                    [&](int m) { return out + oi.row(m, s); },
+                    [&](int col) {
+                        return (MODE == FPROP && bias != nullptr && split == 0)
+                                   ? bias[g * NG + col] : 0.0f;
+                    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1043,12 +1071,7 @@ conv_tf32_nhwc(const float* __restrict__ xt, const float* __restrict__ wt,
     const int lane = tid % 32, warp = tid / 32;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;
     float acc[MI][NI][4];
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    zero_acc(acc);
     // ldmatrix.x4 row addresses of this lane for the two k8 halves of a stage (the swizzle
     // term depends on the lane only, so they stay fixed through the loop). Lane l addresses
     // row l % 8 of matrix l / 8. A: matrices (rows 0-7, k 0-3), (rows 8-15, k 0-3), (rows 0-7,
@@ -1082,37 +1105,21 @@ conv_tf32_nhwc(const float* __restrict__ xt, const float* __restrict__ wt,
                 b[j + 1][0] = v[2];
                 b[j + 1][1] = v[3];
             }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j) mma_tf32_16x8x8(acc[i][j], a[i], b[j]);
+            mma_warp_tile(acc, a, b);
         }
     });
 
-    // Epilogue: for a fixed register, a warp writes 4 runs of 8 consecutive pixels of y.
-    const int gq = lane / 4, tq = lane % 4;
+    // Epilogue: y[n, g*Kg + col, p, q] (+ bias in slice 0).
     const long long img = (long long)K * PQ;
     float* y = out + (long long)split * N * img + (long long)g * Kg * PQ;
-#pragma unroll
-    for (int i = 0; i < MI; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = m0 + wm * WTM + i * 16 + gq + 8 * h;
-            if (m >= M) continue;
-            const int n = by_pq(m);
-            float* row = y + n * img + (m - n * PQ);
-#pragma unroll
-            for (int j = 0; j < NI; ++j) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = n0 + wn * WTN + j * 8 + 2 * tq + e;
-                    if (col >= Kg) continue;
-                    const float bv = bias != nullptr && split == 0 ? bias[g * Kg + col] : 0.0f;
-                    row[(long long)col * PQ] = acc[i][j][2 * h + e] + bv;
-                }
-            }
-        }
-    }
+    store_warp_tile(acc, m0 + wm * WTM, n0 + wn * WTN, M, Kg, PQ,
+                    [&](int m) {
+                        const int n = by_pq(m);
+                        return y + n * img + (m - n * PQ);
+                    },
+                    [&](int col) {
+                        return bias != nullptr && split == 0 ? bias[g * Kg + col] : 0.0f;
+                    });
 }
 
 }  // namespace fc
