@@ -903,7 +903,8 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
 // x (N, C, H, W) -> (N, H, W, G, Cgp): b = n, plane = H*W, stride_b = C*H*W, stride_c = H*W;
 // weight (K, Cg, R, S) -> (K, R, S, Cgp): G = 1, b = k, plane = R*S, stride_b = Cg*R*S,
 // stride_c = R*S. Memory-bound: a 32 x 32 (channel x pixel) tile passes through shared memory
-// so that reads run along the pixels and writes along the channels (both coalesced).
+// so that reads run along the pixels and writes along the channels (both coalesced; the
+// writes in 16-byte vectors).
 // Grid (ceil(plane / 32), G * ceil(Cgp / 32), images), block (32, 8).
 __global__ void __launch_bounds__(256)
 nhwc_tf32_copy(const float* __restrict__ src, float* __restrict__ dst, int plane, int G, int Cg,
@@ -921,11 +922,16 @@ nhwc_tf32_copy(const float* __restrict__ src, float* __restrict__ dst, int plane
         tile[ty + 8 * k][tx] = c < Cg && i < plane ? to_tf32(in[c * stride_c + i]) : 0.0f;
     }
     __syncthreads();
-    float* out = dst + (b * plane * G + g) * (long long)Cgp;
+    // One 16-byte store a thread: 4 channels (c0 + 4q ...) of pixel i0 + il; Cgp is a multiple
+    // of 4, so a chunk is wholly inside or outside, and 16-byte aligned. Shared reads
+    // tile[4q + r][il] hit 32 distinct banks across a warp (4 pixels x 8 chunks).
+    const int t = ty * 32 + tx, il = t / 8, q = t % 8;
+    const int i = i0 + il, c = c0 + 4 * q;
+    if (i < plane && c < Cgp) {
+        float v[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        const int i = i0 + ty + 8 * k, c = c0 + tx;
-        if (i < plane && c < Cgp) out[(long long)i * G * Cgp + c] = tile[tx][ty + 8 * k];
+        for (int r = 0; r < 4; ++r) v[r] = tile[4 * q + r][il];
+        store16(dst + ((b * plane + i) * G + g) * (long long)Cgp + c, v);
     }
 }
 
