@@ -40,12 +40,12 @@
 //   Static shared memory: CONV_STAGES (4) stages of (BK x (BM + PAD)) + (BK x (BN + PAD))
 //   elements (at most 35 KiB), filled by cp.async (sm_80+; a plain copy on older devices)
 //   STAGES - 1 stages ahead of the arithmetic (see mainloop; one barrier per BK step);
-//   conv_tf32 takes tf32_stages(BM, BN, BK) stages, as many as fit in 48 KiB up to four
-//   (128x128 at BK = 16: two, 33 KiB; 128x64 at BK = 16: three, 37.5 KiB). At most 128
-//   registers per thread (two 256-thread blocks per SM), except the SIMT tiles with 8 x 8
-//   register blocking (room for 256 threads per SM: 128x128 with 256 threads, 128x64 with
-//   128) and the 128x128 TF32 input gradient (one block per SM); cuda_conv.resident_blocks
-//   mirrors this.
+//   conv_tf32 takes tf32_stages(BM, BN, BK) stages, as many as fit in 48 KiB up to four (its
+//   64-wide tiles at BK = 8: four); conv_tf32_nhwc nhwc_stages(BM, BN) (128x128: three,
+//   128x64: four, 48 KiB each). At most 128 registers per thread (two 256-thread blocks per
+//   SM), except the SIMT tiles with 8 x 8 register blocking (room for 256 threads per SM:
+//   128x128 with 256 threads, 128x64 with 128) and a 128x128 conv_tf32 input gradient (one
+//   block per SM; not instantiated); cuda_conv.resident_blocks mirrors this.
 //   Arguments: a, b, bias (or null), out, then N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh,
 //   dw, groups, k_split (int32), then (mul, shift) of the divisors R*S, S, P*Q, row, output
 //   plane, sh, sw (uint32, int32; see FastDiv).
