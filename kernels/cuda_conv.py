@@ -412,8 +412,9 @@ def depthwise_wgrad_unroll(dtype: Any) -> int:
     return 16 // np.dtype(dtype).itemsize
 
 
-def _depthwise_counts(geom: Any, dtype: Any) -> tuple[int, int]:
-    """Work items of ``depthwise_fprop`` (output tiles) and tiles of ``depthwise_dgrad``."""
+def depthwise_work_items(geom: Any, dtype: Any) -> tuple[int, int]:
+    """``(items, tiles)``: the work items of ``depthwise_fprop`` (TP x TQ output tiles of every
+    (n, k) plane) and the tiles of ``depthwise_dgrad`` (TP x TQ of every (n, c) plane)."""
     t = DEPTHWISE_TILES[np.dtype(dtype).name]
     return (geom.N * geom.K * _ceil(geom.P, t.tp) * _ceil(geom.Q, t.tq),
             geom.N * geom.C * _ceil(geom.H, t.tp) * _ceil(geom.W, t.tq))
@@ -430,7 +431,7 @@ def depthwise_fits(geom: Any, dtype: Any) -> bool:
     planes below 2^31 elements."""
     if not is_depthwise(geom):
         return False
-    items, tiles = _depthwise_counts(geom, dtype)
+    items, tiles = depthwise_work_items(geom, dtype)
     pixels = depthwise_wgrad_unroll(dtype) * DEPTHWISE_THREADS  # wgrad's last piece's end
     return (max(depthwise_smem_bytes(geom, dtype, op) for op in ("forward", "input_grad"))
             <= SMEM_LIMIT
@@ -466,7 +467,7 @@ def depthwise_forward_launch(x: Any, weight: Any, bias: Any, y: Any, geom: Any) 
     args = ((x, weight, NULL if bias is None else bias, y) + shape_args(geom, 0)[:15]
             + depthwise_divisor_args(geom, x.dtype))
     return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["forward"],
-                  depthwise_grid(_depthwise_counts(geom, x.dtype)[0]), t.block,
+                  depthwise_grid(depthwise_work_items(geom, x.dtype)[0]), t.block,
                   depthwise_smem_bytes(geom, x.dtype, "forward"), args)
 
 
@@ -477,7 +478,7 @@ def depthwise_input_grad_launch(weight: Any, grad_output: Any, grad_input: Any,
     args = ((grad_output, weight, grad_input) + shape_args(geom, 0)[:15]
             + depthwise_divisor_args(geom, weight.dtype))
     return Launch("depthwise.cu", depthwise_kernel_names(weight.dtype)["input_grad"],
-                  depthwise_grid(_depthwise_counts(geom, weight.dtype)[1]), t.block,
+                  depthwise_grid(depthwise_work_items(geom, weight.dtype)[1]), t.block,
                   depthwise_smem_bytes(geom, weight.dtype, "input_grad"), args)
 
 
