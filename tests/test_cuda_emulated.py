@@ -209,11 +209,36 @@ def test_vector_a_loader(ex, tile, geom_name):
         assert vector == [not misalign] * 2, rec.kernels
 
 
+# Depthwise geometries whose every kernel rotates its cp.async ring: several output tiles per
+# fprop block, several grad_input tiles (and filters) per dgrad block, several pixel pieces per
+# wgrad block; tails in every direction; stride 2, dilation 2, channel multipliers 1 to 3.
+DEPTHWISE_GEOMS = {
+    # several 16 x 32 tiles per plane, wgrad pieces past one image (P*Q > 4 * 256)
+    "multi_tile": conv_geometry((2, 3, 40, 70), (6, 1, 3, 5), (2, 1), ((2, 1), (1, 3)), (1, 2),
+                                3),
+    "s2_d2_x3": conv_geometry((3, 2, 37, 45), (6, 1, 3, 3), 2, 2, 2, 2),
+    "s1_5x5": conv_geometry((2, 4, 20, 33), (4, 1, 5, 5), 1, 2, 1, 4),
+    # strides that do not divide the dilations: dgrad's taps land on every residue class
+    # (two double stages of the forward's window with stride 3 would pass 48 KiB)
+    "residues": conv_geometry((2, 2, 35, 41), (4, 1, 3, 4), 2, ((2, 1), (3, 0)), 3, 2),
+}
+
+
+@pytest.mark.parametrize("geom_name", list(DEPTHWISE_GEOMS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_depthwise_multi_tile(ex, dtype):
-    geom = conv_geometry((2, 3, 40, 70), (6, 1, 3, 5), (2, 1), ((2, 1), (1, 3)), (1, 2), 3)
+def test_depthwise_rings(ex, dtype, geom_name):
+    """The three depthwise kernels against the reference (NaN-poisoned outputs) where each
+    block works through several ring stages."""
+    geom = DEPTHWISE_GEOMS[geom_name]
     assert cuda_conv.depthwise_fits(geom, dtype)
     x, w, b, gy = _problem(geom, dtype)
+    items, tiles = cuda_conv.depthwise_work_items(geom, dtype)
+    grids = {"forward": cuda_conv.depthwise_forward_launch(x, w, b, gy, geom).grid[0],
+             "input_grad": cuda_conv.depthwise_input_grad_launch(w, gy, x, geom).grid[0]}
+    assert grids["forward"] < items and grids["input_grad"] < tiles
+    pieces = geom.N * -(-geom.P * geom.Q // (cuda_conv.depthwise_wgrad_unroll(dtype)
+                                             * cuda_conv.DEPTHWISE_THREADS))
+    assert pieces >= 2
     algo = Algo("depthwise")
     for op in OPS:
         out, ref = _run(ex, op, geom, algo, x, w, b, gy)
