@@ -97,22 +97,23 @@ __device__ __forceinline__ void dw_fetch_window(T* dst, const T* plane, int ld, 
 // ---------------------------------------------------------------------------------------------
 // Forward: work item u = (plane * PT + tile_p) * QT + tile_q, plane = n * K + k.
 // ---------------------------------------------------------------------------------------------
-struct DwItem {
-    int n, k, c, p0, q0;
+// Tile u = ((n * CH + ch) * rows + tile_row) * cols + tile_col of TR x TC elements: its image,
+// channel (k for the forward, c for the input gradient) and first row and column.
+struct DwTile {
+    int n, ch, r0, c0;
 };
 
-template <int TP, int TQ>
-__device__ __forceinline__ DwItem dw_fprop_item(int u, int K, int QT, int PT, FastDiv by_qt,
-                                                FastDiv by_pt, FastDiv by_k, FastDiv by_m) {
-    DwItem it;
-    const int rest = by_qt(u);
-    it.q0 = (u - rest * QT) * TQ;
-    const int plane = by_pt(rest);
-    it.p0 = (rest - plane * PT) * TP;
-    it.n = by_k(plane);
-    it.k = plane - it.n * K;
-    it.c = by_m(it.k);
-    return it;
+template <int TR, int TC>
+__device__ __forceinline__ DwTile dw_tile(int u, int rows, int cols, int CH, FastDiv by_rows,
+                                          FastDiv by_cols, FastDiv by_ch) {
+    DwTile t;
+    const int rest = by_cols(u);
+    t.c0 = (u - rest * cols) * TC;
+    const int plane = by_rows(rest);
+    t.r0 = (rest - plane * rows) * TR;
+    t.n = by_ch(plane);
+    t.ch = plane - t.n * CH;
+    return t;
 }
 
 template <typename T, int TP, int TQ, int RPT>
@@ -138,10 +139,10 @@ depthwise_fprop(const T* __restrict__ x, const T* __restrict__ weight,
 
     // Starts the copies of item v's input window (zero outside the image) and taps into dst.
     auto fetch = [&](int v, T* dst) {
-        const DwItem it = dw_fprop_item<TP, TQ>(v, K, QT, PT, by_qt, by_pt, by_k, by_m);
-        dw_fetch_window<T, NT>(dst, x + ((long long)it.n * C + it.c) * H * W, W, IH, IW,
-                               it.p0 * sh - pt, it.q0 * sw - pl, H, W, by_iw, tid);
-        dw_fetch_taps<T, NT>(dst + IH * IW, weight, it.k, RS, tid);
+        const DwTile it = dw_tile<TP, TQ>(v, PT, QT, K, by_pt, by_qt, by_k);
+        dw_fetch_window<T, NT>(dst, x + ((long long)it.n * C + by_m(it.ch)) * H * W, W, IH, IW,
+                               it.r0 * sh - pt, it.c0 * sw - pl, H, W, by_iw, tid);
+        dw_fetch_taps<T, NT>(dst + IH * IW, weight, it.ch, RS, tid);
     };
     int u = blockIdx.x;
     if (u < items) fetch(u, ring);
@@ -152,15 +153,15 @@ depthwise_fprop(const T* __restrict__ x, const T* __restrict__ weight,
         cp_async_commit();
         cp_async_wait<1>();  // item u's copies are done (this thread's) ...
         __syncthreads();     // ... and everyone's
-        const DwItem it = dw_fprop_item<TP, TQ>(u, K, QT, PT, by_qt, by_pt, by_k, by_m);
+        const DwTile it = dw_tile<TP, TQ>(u, PT, QT, K, by_pt, by_qt, by_k);  // it.ch = k
         const T* tile = ring + s * stage;
         const T* taps = tile + IH * IW;
-        const int q = it.q0 + ql;
-        const T b = bias != nullptr ? bias[it.k] : T(0);
-        T* yout = y + ((long long)it.n * K + it.k) * P * Q;
+        const int q = it.c0 + ql;
+        const T b = bias != nullptr ? bias[it.ch] : T(0);
+        T* yout = y + ((long long)it.n * K + it.ch) * P * Q;
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
-            const int plo = threadIdx.y + i * (TP / RPT), p = it.p0 + plo;
+            const int plo = threadIdx.y + i * (TP / RPT), p = it.r0 + plo;
             T acc = T(0);
             for (int r = 0; r < R; ++r) {
                 const T* row = tile + (plo * sh + r * dh) * IW + ql * sw;
@@ -177,28 +178,11 @@ depthwise_fprop(const T* __restrict__ x, const T* __restrict__ weight,
 // Input gradient: tile u = ((n * C + c) * HT + tile_h) * WT + tile_w of TH x TW grad_input
 // elements; piece (u, j) for each of the mult filters k = c * mult + j of channel c.
 // ---------------------------------------------------------------------------------------------
-struct DwInTile {
-    int n, c, h0, w0, pmin, qmin;
-};
-
-template <int TH, int TW>
-__device__ __forceinline__ DwInTile dw_dgrad_tile(int u, int C, int HT, int WT, int sh, int sw,
-                                                  int pt, int pl, int R, int S, int dh, int dw,
-                                                  FastDiv by_wt, FastDiv by_ht, FastDiv by_c,
-                                                  FastDiv by_sh, FastDiv by_sw) {
-    DwInTile d;
-    const int rest = by_wt(u);
-    d.w0 = (u - rest * WT) * TW;
-    const int nc = by_ht(rest);
-    d.h0 = (rest - nc * HT) * TH;
-    d.n = by_c(nc);
-    d.c = nc - d.n * C;
-    // First grad_output row (column) any element of the tile gathers from: the smallest
-    // p >= 0 with p * sh >= h0 + pt - (R-1) * dh.
-    const int lo_h = d.h0 + pt - (R - 1) * dh, lo_w = d.w0 + pl - (S - 1) * dw;
-    d.pmin = lo_h <= 0 ? 0 : by_sh(lo_h + sh - 1);
-    d.qmin = lo_w <= 0 ? 0 : by_sw(lo_w + sw - 1);
-    return d;
+// First grad_output row (column) an input-gradient tile starting at row h0 (column w0)
+// gathers from: the smallest p >= 0 with p * sh >= h0 + pt - (R-1) * dh, for
+// lo = h0 + pt - (R-1) * dh.
+__device__ __forceinline__ int dw_first_source(int lo, int stride, FastDiv by_stride) {
+    return lo <= 0 ? 0 : by_stride(lo + stride - 1);
 }
 
 template <typename T, int TH, int TW, int RPT>
@@ -225,17 +209,15 @@ depthwise_dgrad(const T* __restrict__ grad_output, const T* __restrict__ weight,
     const int tiles = N * C * HT * WT;  // < 2^30 (cuda_conv.depthwise_fits)
     const int tid = threadIdx.y * TW + threadIdx.x;
 
-    auto tile_of = [&](int v) {
-        return dw_dgrad_tile<TH, TW>(v, C, HT, WT, sh, sw, pt, pl, R, S, dh, dw, by_wt, by_ht,
-                                     by_c, by_sh, by_sw);
-    };
     // Starts the copies of piece (v, j): filter k's grad_output window (zero outside the
     // plane) and taps, into dst.
     auto fetch = [&](int v, int j, T* dst) {
-        const DwInTile d = tile_of(v);
-        const int k = d.c * mult + j;
+        const DwTile d = dw_tile<TH, TW>(v, HT, WT, C, by_ht, by_wt, by_c);  // d.ch = c
+        const int k = d.ch * mult + j;
         dw_fetch_window<T, NT>(dst, grad_output + ((long long)d.n * K + k) * P * Q, Q, PH, PW,
-                               d.pmin, d.qmin, P, Q, by_pw, tid);
+                               dw_first_source(d.r0 + pt - (R - 1) * dh, sh, by_sh),
+                               dw_first_source(d.c0 + pl - (S - 1) * dw, sw, by_sw), P, Q,
+                               by_pw, tid);
         dw_fetch_taps<T, NT>(dst + PH * PW, weight, k, RS, tid);
     };
     int u = blockIdx.x, j = 0;
@@ -253,13 +235,15 @@ depthwise_dgrad(const T* __restrict__ grad_output, const T* __restrict__ weight,
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        const DwInTile d = tile_of(u);
+        const DwTile d = dw_tile<TH, TW>(u, HT, WT, C, by_ht, by_wt, by_c);
+        const int pmin = dw_first_source(d.r0 + pt - (R - 1) * dh, sh, by_sh);
+        const int qmin = dw_first_source(d.c0 + pl - (S - 1) * dw, sw, by_sw);
         const T* win = ring + s * stage;
         const T* taps = win + PH * PW;
-        const int w = d.w0 + threadIdx.x;
+        const int w = d.c0 + threadIdx.x;
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
-            const int h = d.h0 + threadIdx.y + i * (TH / RPT);
+            const int h = d.r0 + threadIdx.y + i * (TH / RPT);
             T a = j == 0 ? T(0) : acc[i];
             // grad_output[p, q] reaches (h, w) through tap (r, t) when p * sh = h + pt - r * dh
             // and q * sw = w + pl - t * dw: exact divisions (FastDiv and a multiply-compare).
@@ -268,18 +252,18 @@ depthwise_dgrad(const T* __restrict__ grad_output, const T* __restrict__ weight,
                 if (nh < 0) break;  // larger r only moves further up
                 const int p = by_sh(nh);
                 if (p * sh != nh || p >= P) continue;
-                const T* row = win + (p - d.pmin) * PW;
+                const T* row = win + (p - pmin) * PW;
                 for (int t = 0; t < S; ++t) {
                     const int nw = w + pl - t * dw;
                     if (nw < 0) break;
                     const int q = by_sw(nw);
                     if (q * sw != nw || q >= Q) continue;
-                    a = fmadd(row[q - d.qmin], taps[r * S + t], a);
+                    a = fmadd(row[q - qmin], taps[r * S + t], a);
                 }
             }
             acc[i] = a;
             if (jn == 0 && h < H && w < W) {
-                grad_input[(((long long)d.n * C + d.c) * H + h) * W + w] = a;
+                grad_input[(((long long)d.n * C + d.ch) * H + h) * W + w] = a;
             }
         }
         __syncthreads();  // stage s is refilled by the next iteration
