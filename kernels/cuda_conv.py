@@ -393,17 +393,37 @@ def _depthwise_windows(geom: Any, dtype: Any) -> tuple[int, int, int, int]:
     return ih, iw, ph, pw
 
 
-def depthwise_smem_bytes(geom: Any, dtype: Any, op: str = "forward") -> int:
+def depthwise_window_width(cols: int, dtype: Any, vec: bool) -> int:
+    """Row length in shared memory of a depthwise window ``cols`` elements wide: ``cols``, or
+    with 16-byte copies room for a shift of up to V - 1 in whole vectors of V = 16 / itemsize
+    elements (``dw_window_width`` in depthwise.cu)."""
+    v = 16 // np.dtype(dtype).itemsize
+    return _ceil(cols + v - 1, v) * v if vec else cols
+
+
+def depthwise_vector_ok(a: Any, row: int) -> bool:
+    """Whether a depthwise window may be copied in 16-byte vectors from ``a`` (x for the
+    forward, grad_output for the input gradient; C-contiguous): rows of ``row`` elements (W or
+    Q) are whole vectors and ``a`` is 16-byte aligned, so every vector of a row is entirely
+    inside or outside the plane."""
+    return row % (16 // np.dtype(a.dtype).itemsize) == 0 and _address(a) % 16 == 0
+
+
+def depthwise_smem_bytes(geom: Any, dtype: Any, op: str = "forward",
+                         vec: bool = True) -> int:
     """Dynamic shared memory of a depthwise kernel for this geometry: for ``forward`` and
-    ``input_grad``, DEPTHWISE_STAGES ring stages of a window and the R*S taps, each rounded up
-    to 16 bytes (``dw_stage_elems``); ``weight_grad`` uses static shared memory only."""
+    ``input_grad``, DEPTHWISE_STAGES ring stages of a window (rows of
+    `depthwise_window_width`; ``vec=True``, the larger, is what the rules check) and the R*S
+    taps, each rounded up to 16 bytes (``dw_stage_elems``); ``weight_grad`` uses static shared
+    memory only."""
     if op == "weight_grad":
         return 0
     ih, iw, ph, pw = _depthwise_windows(geom, dtype)
+    rows, cols = (ih, iw) if op == "forward" else (ph, pw)
     size = np.dtype(dtype).itemsize
-    window = ih * iw if op == "forward" else ph * pw
-    vec = 16 // size
-    return DEPTHWISE_STAGES * _ceil(window + geom.R * geom.S, vec) * vec * size
+    window = rows * depthwise_window_width(cols, dtype, vec)
+    v = 16 // size
+    return DEPTHWISE_STAGES * _ceil(window + geom.R * geom.S, v) * v * size
 
 
 def depthwise_wgrad_unroll(dtype: Any) -> int:
@@ -439,20 +459,24 @@ def depthwise_fits(geom: Any, dtype: Any) -> bool:
             and geom.H * geom.W <= 2**31 - 1 and geom.P * geom.Q + pixels <= 2**31 - 1)
 
 
-def depthwise_divisor_args(geom: Any, dtype: Any) -> tuple:
-    """The 24 scalars after ``dw`` of every depthwise kernel: ``(mul, shift)`` of C, sh, sw, Q,
-    K, mult = K / C, the window widths IW (``depthwise_fprop``) and PW (``depthwise_dgrad``),
-    and the tile counts ceil(Q / TQ), ceil(P / TP), ceil(W / TQ), ceil(H / TP) (see
-    depthwise.cu)."""
+def depthwise_divisor_args(geom: Any, dtype: Any, vec: bool = False) -> tuple:
+    """The 25 scalars after ``dw`` of every depthwise kernel: ``(mul, shift)`` of C, sh, sw, Q,
+    K, mult = K / C, the copies per window row of ``depthwise_fprop`` (IW, or its
+    `depthwise_window_width` / V with 16-byte copies) and of ``depthwise_dgrad`` (PW likewise),
+    and the tile counts ceil(Q / TQ), ceil(P / TP), ceil(W / TQ), ceil(H / TP); then ``vec``
+    (16-byte window copies; see depthwise.cu)."""
     t = DEPTHWISE_TILES[np.dtype(dtype).name]
     _, iw, _, pw = _depthwise_windows(geom, dtype)
+    if vec:
+        v = 16 // np.dtype(dtype).itemsize
+        iw, pw = (depthwise_window_width(c, dtype, True) // v for c in (iw, pw))
     out = []
     for d in (geom.C, geom.stride[0], geom.stride[1], geom.Q, geom.K, geom.K // geom.C, iw, pw,
               _ceil(geom.Q, t.tq), _ceil(geom.P, t.tp), _ceil(geom.W, t.tq),
               _ceil(geom.H, t.tp)):
         mul, shift = fast_divisor(max(d, 1))
         out += [np.uint32(mul), np.int32(shift)]
-    return tuple(out)
+    return tuple(out) + (np.int32(vec),)
 
 
 def depthwise_grid(items: int) -> tuple[int, int, int]:
@@ -464,22 +488,24 @@ def depthwise_grid(items: int) -> tuple[int, int, int]:
 def depthwise_forward_launch(x: Any, weight: Any, bias: Any, y: Any, geom: Any) -> Launch:
     """``depthwise_fprop``: x (N, C, H, W), weight (K, 1, R, S), bias (K,) or None -> y."""
     t = DEPTHWISE_TILES[np.dtype(x.dtype).name]
+    vec = depthwise_vector_ok(x, geom.W)
     args = ((x, weight, NULL if bias is None else bias, y) + shape_args(geom, 0)[:15]
-            + depthwise_divisor_args(geom, x.dtype))
+            + depthwise_divisor_args(geom, x.dtype, vec))
     return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["forward"],
                   depthwise_grid(depthwise_work_items(geom, x.dtype)[0]), t.block,
-                  depthwise_smem_bytes(geom, x.dtype, "forward"), args)
+                  depthwise_smem_bytes(geom, x.dtype, "forward", vec), args)
 
 
 def depthwise_input_grad_launch(weight: Any, grad_output: Any, grad_input: Any,
                                 geom: Any) -> Launch:
     """``depthwise_dgrad``: TP x TQ grad_input tiles, each in K / C pieces (one per filter)."""
     t = DEPTHWISE_TILES[np.dtype(weight.dtype).name]
+    vec = depthwise_vector_ok(grad_output, geom.Q)
     args = ((grad_output, weight, grad_input) + shape_args(geom, 0)[:15]
-            + depthwise_divisor_args(geom, weight.dtype))
+            + depthwise_divisor_args(geom, weight.dtype, vec))
     return Launch("depthwise.cu", depthwise_kernel_names(weight.dtype)["input_grad"],
                   depthwise_grid(depthwise_work_items(geom, weight.dtype)[1]), t.block,
-                  depthwise_smem_bytes(geom, weight.dtype, "input_grad"), args)
+                  depthwise_smem_bytes(geom, weight.dtype, "input_grad", vec), args)
 
 
 def depthwise_weight_grad_launch(x: Any, grad_output: Any, grad_weight: Any,

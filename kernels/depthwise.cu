@@ -18,8 +18,8 @@
 //     thread computes RPT outputs of one column; a block takes items blockIdx.x,
 //     blockIdx.x + gridDim.x, ... with grid = ceil(items / DEPTHWISE_ITEMS_PER_BLOCK). A stage
 //     holds the item's input window, IH x IW = ((TP-1)*sh + (R-1)*dh + 1) x
-//     ((TQ-1)*sw + (S-1)*dw + 1), then its R*S taps, rounded up to 16 bytes; dynamic shared
-//     memory = 2 stages (cuda_conv.depthwise_smem_bytes).
+//     ((TQ-1)*sw + (S-1)*dw + 1) (rows widened with vec, below), then its R*S taps, rounded up
+//     to 16 bytes; dynamic shared memory = 2 stages (cuda_conv.depthwise_smem_bytes).
 //   depthwise_dgrad<T, TH, TW, RPT>: tile = TH x TW grad_input elements of one (n, c) plane,
 //     u = ((n*C + c) * ceil(H/TH) + tile_h) * ceil(W/TW) + tile_w, block = (TW, TH/RPT); a
 //     block takes tiles blockIdx.x, blockIdx.x + gridDim.x, ... (grid as above), and each tile
@@ -37,12 +37,21 @@
 //     (static shared memory, 2 * 2 * U * NT elements). Each thread sums its own pixels in the
 //     order n, then pq ascending, then a fixed-order block reduction (no atomics).
 //
+// Window copies: one element per cp.async, or with `vec` (the last argument) whole 16-byte
+// vectors: the launcher sets it when the rows of the source plane (x: W, grad_output: Q) are
+// whole vectors and the tensor is 16-byte aligned (cuda_conv.depthwise_vector_ok). A window
+// row then starts at the vector boundary at or below its first column and is
+// dw_window_width = round_up(cols + V - 1, V) elements long in shared memory (V = 16 /
+// sizeof(T)); the compute reads it shifted by dw_window_shift. Each vector lies entirely inside
+// or outside the plane, so zero-fill stays exact.
+//
 // Index arithmetic: plane and element offsets are 64-bit; every division in a loop is a FastDiv
 // multiply-shift (fc_common.cuh) by a divisor the launcher prepared: the arguments after dw are
-// (mul, shift) of C, sh, sw, Q, K, mult = K/C, the input-window width IW of depthwise_fprop,
-// the grad_output-window width PW of depthwise_dgrad, ceil(Q/TQ), ceil(P/TP), ceil(W/TW) and
-// ceil(H/TH) (kernels/cuda_conv.py, depthwise_divisor_args). The launcher keeps item and tile
-// counts below 2^30 and every plane below 2^31 elements (cuda_conv.depthwise_fits).
+// (mul, shift) of C, sh, sw, Q, K, mult = K/C, the copies per window row of depthwise_fprop
+// (IW, or dw_window_width(IW) / V with vec) and of depthwise_dgrad (PW likewise), ceil(Q/TQ),
+// ceil(P/TP), ceil(W/TW) and ceil(H/TH), then vec (kernels/cuda_conv.py,
+// depthwise_divisor_args). The launcher keeps item and tile counts below 2^30 and every plane
+// below 2^31 elements (cuda_conv.depthwise_fits).
 //
 // Verification status: compiled by NVRTC for sm_80 and sm_90 in CI and executed on the CPU in
 // the host emulation of tests/test_cuda_emulated.py (cp.async groups emulated) against the
@@ -58,7 +67,7 @@ namespace fc {
         int shift_sw, unsigned mul_q, int shift_q, unsigned mul_k, int shift_k,             \
         unsigned mul_m, int shift_m, unsigned mul_iw, int shift_iw, unsigned mul_pw,        \
         int shift_pw, unsigned mul_qt, int shift_qt, unsigned mul_pt, int shift_pt,         \
-        unsigned mul_wt, int shift_wt, unsigned mul_ht, int shift_ht
+        unsigned mul_wt, int shift_wt, unsigned mul_ht, int shift_ht, int vec
 
 // Elements of one stage of the ring of depthwise_fprop / depthwise_dgrad: a window of `window`
 // elements, then the R*S taps, rounded up to whole 16-byte vectors (cuda_conv.dw_stage_elems).
@@ -77,20 +86,53 @@ __device__ __forceinline__ void dw_fetch_taps(T* taps, const T* weight, int k, i
     for (int e = tid; e < RS; e += NT) cp_async<sizeof(T)>(taps + e, src + e, true);
 }
 
+// Row length in shared memory of a window `cols` elements wide: `cols`, or with 16-byte copies
+// (vec != 0) room for the window shifted right by up to V - 1 elements, in whole vectors of
+// V = 16 / sizeof(T) elements (cuda_conv.depthwise_window_width).
+template <typename T>
+__device__ __forceinline__ int dw_window_width(int cols, int vec) {
+    constexpr int V = 16 / sizeof(T);
+    return vec ? (cols + 2 * V - 2) / V * V : cols;
+}
+
+// Where column c0 of the plane lands in a window row: 0, or with 16-byte copies its offset from
+// the vector boundary below it (c0 may be negative: two's complement, c0 & (V-1) >= 0).
+template <typename T>
+__device__ __forceinline__ int dw_window_shift(int c0, int vec) {
+    return vec ? c0 & (16 / (int)sizeof(T) - 1) : 0;
+}
+
 // Starts the copies of a rows x cols window of the plane `plane` (row length ld) whose element
 // (i, j) is plane[(r0 + i) * ld + c0 + j] where 0 <= r0 + i < nrows and 0 <= c0 + j < ncols, and
-// zero elsewhere (nothing read), row-major into dst; by_cols divides by cols. In-plane offsets
-// stay below 2^31 (cuda_conv.depthwise_fits).
+// zero elsewhere (nothing read); it lands at dst[i * width + shift + j] (dw_window_width,
+// dw_window_shift). Element copies, or with vec != 0 (ld and ncols multiples of V, plane
+// 16-byte aligned: the launcher checks) 16-byte copies of whole vectors, each entirely inside
+// or outside the plane, from the vector boundary at or below c0. by_copies divides by the
+// copies per row (cols, or width / V). In-plane offsets stay below 2^31
+// (cuda_conv.depthwise_fits).
 template <typename T, int NT>
 __device__ __forceinline__ void dw_fetch_window(T* dst, const T* plane, int ld, int rows,
                                                 int cols, int r0, int c0, int nrows, int ncols,
-                                                FastDiv by_cols, int tid) {
+                                                int vec, FastDiv by_copies, int tid) {
+    if (vec) {
+        constexpr int V = 16 / sizeof(T);
+        const int per_row = dw_window_width<T>(cols, vec) / V;
+        const int first = c0 - dw_window_shift<T>(c0, vec);
 #pragma unroll 1
-    for (int e = tid; e < rows * cols; e += NT) {
-        const int i = by_cols(e);
-        const int gr = r0 + i, gc = c0 + (e - i * cols);
-        const bool ok = (unsigned)gr < (unsigned)nrows && (unsigned)gc < (unsigned)ncols;
-        cp_async<sizeof(T)>(dst + e, ok ? plane + (gr * ld + gc) : plane, ok);
+        for (int e = tid; e < rows * per_row; e += NT) {
+            const int i = by_copies(e);
+            const int gr = r0 + i, gc = first + (e - i * per_row) * V;
+            const bool ok = (unsigned)gr < (unsigned)nrows && (unsigned)gc < (unsigned)ncols;
+            cp_async<16>(dst + e * V, ok ? plane + (gr * ld + gc) : plane, ok);
+        }
+    } else {
+#pragma unroll 1
+        for (int e = tid; e < rows * cols; e += NT) {
+            const int i = by_copies(e);
+            const int gr = r0 + i, gc = c0 + (e - i * cols);
+            const bool ok = (unsigned)gr < (unsigned)nrows && (unsigned)gc < (unsigned)ncols;
+            cp_async<sizeof(T)>(dst + e, ok ? plane + (gr * ld + gc) : plane, ok);
+        }
     }
 }
 
@@ -130,19 +172,20 @@ depthwise_fprop(const T* __restrict__ x, const T* __restrict__ weight,
     T* ring = reinterpret_cast<T*>(smem_raw);
     const int IH = (TP - 1) * sh + (R - 1) * dh + 1;
     const int IW = (TQ - 1) * sw + (S - 1) * dw + 1;
+    const int IWS = dw_window_width<T>(IW, vec);  // row length of the window in a stage
     const int RS = R * S;
-    const int stage = dw_stage_elems<T>(IH * IW, RS);
+    const int stage = dw_stage_elems<T>(IH * IWS, RS);
     const int QT = (Q + TQ - 1) / TQ, PT = (P + TP - 1) / TP;
     const int items = N * K * PT * QT;  // < 2^31 (cuda_conv.depthwise_fits)
     const int tid = threadIdx.y * TQ + threadIdx.x;
     const int ql = threadIdx.x;
 
     // Starts the copies of item v's input window (zero outside the image) and taps into dst.
-    auto fetch = [&](int v, T* dst) {
+    auto fetch = [=](int v, T* dst) {
         const DwTile it = dw_tile<TP, TQ>(v, PT, QT, K, by_pt, by_qt, by_k);
         dw_fetch_window<T, NT>(dst, x + ((long long)it.n * C + by_m(it.ch)) * H * W, W, IH, IW,
-                               it.r0 * sh - pt, it.c0 * sw - pl, H, W, by_iw, tid);
-        dw_fetch_taps<T, NT>(dst + IH * IW, weight, it.ch, RS, tid);
+                               it.r0 * sh - pt, it.c0 * sw - pl, H, W, vec, by_iw, tid);
+        dw_fetch_taps<T, NT>(dst + IH * IWS, weight, it.ch, RS, tid);
     };
     int u = blockIdx.x;
     if (u < items) fetch(u, ring);
@@ -155,7 +198,8 @@ depthwise_fprop(const T* __restrict__ x, const T* __restrict__ weight,
         __syncthreads();     // ... and everyone's
         const DwTile it = dw_tile<TP, TQ>(u, PT, QT, K, by_pt, by_qt, by_k);  // it.ch = k
         const T* tile = ring + s * stage;
-        const T* taps = tile + IH * IW;
+        const T* taps = tile + IH * IWS;
+        const int shift = dw_window_shift<T>(it.c0 * sw - pl, vec);
         const int q = it.c0 + ql;
         const T b = bias != nullptr ? bias[it.ch] : T(0);
         T* yout = y + ((long long)it.n * K + it.ch) * P * Q;
@@ -164,7 +208,7 @@ depthwise_fprop(const T* __restrict__ x, const T* __restrict__ weight,
             const int plo = threadIdx.y + i * (TP / RPT), p = it.r0 + plo;
             T acc = T(0);
             for (int r = 0; r < R; ++r) {
-                const T* row = tile + (plo * sh + r * dh) * IW + ql * sw;
+                const T* row = tile + (plo * sh + r * dh) * IWS + shift + ql * sw;
                 for (int t = 0; t < S; ++t) acc = fmadd(row[t * dw], taps[r * S + t], acc);
             }
             if (p < P && q < Q) yout[(long long)p * Q + q] = acc + b;
@@ -202,8 +246,9 @@ depthwise_dgrad(const T* __restrict__ grad_output, const T* __restrict__ weight,
     // TH - 1 + (R-1) * dh).
     const int PH = by_sh(TH - 1 + (R - 1) * dh) + 1;
     const int PW = by_sw(TW - 1 + (S - 1) * dw) + 1;
+    const int PWS = dw_window_width<T>(PW, vec);  // row length of the window in a stage
     const int RS = R * S;
-    const int stage = dw_stage_elems<T>(PH * PW, RS);
+    const int stage = dw_stage_elems<T>(PH * PWS, RS);
     const int mult = by_c(K);
     const int HT = (H + TH - 1) / TH, WT = (W + TW - 1) / TW;
     const int tiles = N * C * HT * WT;  // < 2^30 (cuda_conv.depthwise_fits)
@@ -211,14 +256,14 @@ depthwise_dgrad(const T* __restrict__ grad_output, const T* __restrict__ weight,
 
     // Starts the copies of piece (v, j): filter k's grad_output window (zero outside the
     // plane) and taps, into dst.
-    auto fetch = [&](int v, int j, T* dst) {
+    auto fetch = [=](int v, int j, T* dst) {
         const DwTile d = dw_tile<TH, TW>(v, HT, WT, C, by_ht, by_wt, by_c);  // d.ch = c
         const int k = d.ch * mult + j;
         dw_fetch_window<T, NT>(dst, grad_output + ((long long)d.n * K + k) * P * Q, Q, PH, PW,
                                dw_first_source(d.r0 + pt - (R - 1) * dh, sh, by_sh),
                                dw_first_source(d.c0 + pl - (S - 1) * dw, sw, by_sw), P, Q,
-                               by_pw, tid);
-        dw_fetch_taps<T, NT>(dst + PH * PW, weight, k, RS, tid);
+                               vec, by_pw, tid);
+        dw_fetch_taps<T, NT>(dst + PH * PWS, weight, k, RS, tid);
     };
     int u = blockIdx.x, j = 0;
     if (u < tiles) fetch(u, 0, ring);
@@ -239,7 +284,8 @@ depthwise_dgrad(const T* __restrict__ grad_output, const T* __restrict__ weight,
         const int pmin = dw_first_source(d.r0 + pt - (R - 1) * dh, sh, by_sh);
         const int qmin = dw_first_source(d.c0 + pl - (S - 1) * dw, sw, by_sw);
         const T* win = ring + s * stage;
-        const T* taps = win + PH * PW;
+        const T* taps = win + PH * PWS;
+        const int shift = dw_window_shift<T>(qmin, vec);
         const int w = d.c0 + threadIdx.x;
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
@@ -252,7 +298,7 @@ depthwise_dgrad(const T* __restrict__ grad_output, const T* __restrict__ weight,
                 if (nh < 0) break;  // larger r only moves further up
                 const int p = by_sh(nh);
                 if (p * sh != nh || p >= P) continue;
-                const T* row = win + (p - pmin) * PW;
+                const T* row = win + (p - pmin) * PWS + shift;
                 for (int t = 0; t < S; ++t) {
                     const int nw = w + pl - t * dw;
                     if (nw < 0) break;
@@ -304,7 +350,7 @@ depthwise_wgrad(const T* __restrict__ x, const T* __restrict__ grad_output,
     const int dr = r * dh - pt, ds = t * dw - pl;
     const int tid = threadIdx.x;
 
-    auto fetch = [&](int n, int chunk, int st) {
+    auto fetch = [=](int n, int chunk, int st) {
         const T* go = grad_output + ((long long)n * K + k) * PQ;
         const T* xin = x + ((long long)n * C + c) * H * W;
 #pragma unroll

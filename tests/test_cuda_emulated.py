@@ -247,6 +247,39 @@ def test_depthwise_rings(ex, dtype, geom_name):
         assert rel_err(out, ref) < _tol(dtype), op
 
 
+# Rows of whole 16-byte vectors: the forward's x rows (W) in both dtypes, grad_output rows (Q)
+# in double only ("s2"), or in both ("d2_5x5").
+DEPTHWISE_VECTOR_GEOMS = {
+    "s2": conv_geometry((2, 3, 36, 44), (6, 1, 3, 3), 2, 1, 1, 3),
+    "d2_5x5": conv_geometry((2, 2, 20, 24), (4, 1, 5, 5), 1, 4, 2, 2),
+}
+
+
+@pytest.mark.parametrize("geom_name", list(DEPTHWISE_VECTOR_GEOMS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_depthwise_vector_windows(ex, dtype, geom_name):
+    """The forward and input gradient with 16-byte window copies (aligned operands whose rows
+    are whole vectors) and with element copies (the same operands one element off alignment),
+    both against the reference; the recorded launches show which copies ran."""
+    geom = DEPTHWISE_VECTOR_GEOMS[geom_name]
+    x, w, b, gy = _problem(geom, dtype)
+    vector = 16 // np.dtype(dtype).itemsize
+    for misalign in (False, True):
+        specs = []
+
+        class Rec(_Recording):
+            def run(self, spec):
+                specs.append(spec)
+                return self.ex.run(spec)
+
+        xa, gya = _placed(x, misalign), _placed(gy, misalign)
+        for op in ("forward", "input_grad"):
+            out, ref = _run(Rec(ex), op, geom, Algo("depthwise"), xa, w, b, gya)
+            assert rel_err(out, ref) < _tol(dtype), (op, misalign)
+        assert [int(spec.args[-1]) for spec in specs] == [
+            not misalign and geom.W % vector == 0, not misalign and geom.Q % vector == 0]
+
+
 def test_1x1_gemm_path(ex):
     geom = conv_geometry((3, 7, 5, 6), (4, 7, 1, 1), 1, 0, 1, 1)
     x, w, b, gy = _problem(geom, np.float64)

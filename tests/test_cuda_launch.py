@@ -311,8 +311,9 @@ def test_depthwise_launches():
     ih, iw = 15 * 1 + 2 * 2 + 1, 31 * 2 + 4 * 1 + 1
     # two stages, each the window and the 15 taps rounded up to 16 bytes
     assert spec.shared_mem == 2 * math.ceil((ih * iw + 15) / 4) * 4 * 4 == 10848
-    assert len(spec.args) == 4 + 15 + 24
+    assert len(spec.args) == 4 + 15 + 25
     divs = spec.args[4 + 15:]
+    assert divs[24] == 0  # W = 70: rows are not whole 16-byte vectors, element copies
     ph, pw = (15 + 2 * 2) // 1 + 1, (31 + 4 * 1) // 2 + 1
     assert [(int(divs[i]), int(divs[i + 1])) for i in range(0, 24, 2)] == [
         cuda_conv.fast_divisor(d) for d in (g.C, 1, 2, g.Q, g.K, 2, iw, pw, math.ceil(g.Q / 32),
@@ -325,13 +326,58 @@ def test_depthwise_launches():
     assert spec.args[3 + 15:] == divs
     spec = cuda_conv.depthwise_weight_grad_launch(x, y, w, g)
     assert spec.grid == (16 * 15, 1, 1) and spec.block == (cuda_conv.DEPTHWISE_THREADS, 1, 1)
-    assert spec.shared_mem == 0  # its ring is static
-    # double: 16-byte rounding is two elements
+    assert spec.shared_mem == 0 and spec.args[-1] == 0  # its ring is static
+    # double: 16-byte rounding is two elements; W = 70 and Q = 35 as 16-byte vectors of two:
+    # the forward copies vectors from an aligned x (its window rows widened to
+    # ceil((IW + 1) / 2) * 2), never from x 8 bytes off; Q = 35 is odd
     x, w, b, y = _arrays(g, np.float64)
-    spec = cuda_conv.depthwise_forward_launch(x, w, b, y, g)
-    assert spec.shared_mem == 2 * math.ceil((ih * iw + 15) / 2) * 2 * 8
+    for off in (0, 8):
+        xa, ya = _at(x, off), _at(y, off)
+        spec = cuda_conv.depthwise_forward_launch(xa, w, b, ya, g)
+        width = math.ceil((iw + 1) / 2) * 2 if off == 0 else iw
+        assert spec.shared_mem == 2 * math.ceil((ih * width + 15) / 2) * 2 * 8
+        assert spec.args[-1] == (off == 0)
+        assert spec.args[4 + 15 + 12:4 + 15 + 14] == tuple(
+            np.array(cuda_conv.fast_divisor(width // 2 if off == 0 else iw)).astype(object))
+        spec = cuda_conv.depthwise_input_grad_launch(w, ya, xa, g)
+        assert spec.args[-1] == 0
     assert cuda_conv.depthwise_wgrad_unroll(np.float64) == 2
     assert cuda_conv.depthwise_wgrad_unroll(np.float32) == 4
+
+
+def _at(a, offset):
+    """A C-contiguous copy of ``a`` ``offset`` bytes past a 16-byte aligned address."""
+    buf = np.empty(a.nbytes + 32, np.uint8)
+    first = -buf.ctypes.data % 16 + offset
+    out = buf[first:first + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def test_depthwise_vector_windows():
+    """16-byte window copies where rows are whole vectors and the operand is aligned: the
+    forward reads x (rows of W), the input gradient grad_output (rows of Q)."""
+    g = _geom((2, 3, 36, 44), (6, 1, 3, 3), stride=2, padding=1, groups=3)  # Q = 22
+    x, w, b, y = _arrays(g)
+    for off, vec in ((0, True), (4, False), (8, False)):
+        assert cuda_conv.depthwise_vector_ok(_at(x, off), g.W) == vec
+    assert not cuda_conv.depthwise_vector_ok(_at(y, 0), g.Q)  # 22 floats: not whole vectors
+    assert cuda_conv.depthwise_vector_ok(_at(y.astype(np.float64), 0), g.Q)
+    ih, iw, ph, pw = 15 * 2 + 2 + 1, 31 * 2 + 2 + 1, (15 + 2) // 2 + 1, (31 + 2) // 2 + 1
+    def ring(n):  # two stages of n floats, each rounded up to 16 bytes
+        return 2 * math.ceil(n / 4) * 4 * 4
+
+    spec = cuda_conv.depthwise_forward_launch(_at(x, 0), w, b, y, g)
+    assert spec.shared_mem == ring(ih * 68 + 9)  # rows of ceil((65 + 3) / 4) * 4
+    assert cuda_conv.depthwise_smem_bytes(g, np.float32, "forward") == spec.shared_mem
+    assert cuda_conv.depthwise_smem_bytes(g, np.float32, "forward", False) == ring(ih * iw + 9)
+    spec = cuda_conv.depthwise_input_grad_launch(w, y, x, g)
+    assert spec.args[-1] == 0 and spec.shared_mem == ring(ph * pw + 9)
+    assert cuda_conv.depthwise_smem_bytes(g, np.float32, "input_grad") == ring(ph * 20 + 9)
+    assert [cuda_conv.depthwise_window_width(c, np.float32, True) for c in (1, 4, 5, 17)] == [
+        4, 8, 8, 20]
+    assert [cuda_conv.depthwise_window_width(c, np.float64, True) for c in (1, 2, 3)] == [
+        2, 4, 4]
 
 
 def test_depthwise_fits():
@@ -344,17 +390,22 @@ def test_depthwise_fits():
     # 31x31 (large-kernel nets): one stage of the double window (30.5 KiB) fitted, two do not;
     # float fits with two stages; with stride 1 both rings hold windows of the same size
     lk = _geom((1, 2, 64, 64), (2, 1, 31, 31), padding=15, groups=2)
-    assert cuda_conv.depthwise_smem_bytes(lk, np.float64) == 2 * (46 * 62 + 961 + 1) * 8
-    assert cuda_conv.depthwise_smem_bytes(lk, np.float64) // 2 <= cuda_conv.SMEM_LIMIT
+    assert cuda_conv.depthwise_smem_bytes(lk, np.float64) == 2 * (46 * 64 + 961 + 1) * 8
+    assert cuda_conv.depthwise_smem_bytes(lk, np.float64, vec=False) == 2 * (
+        46 * 62 + 961 + 1) * 8
+    assert cuda_conv.depthwise_smem_bytes(lk, np.float64, vec=False) // 2 <= cuda_conv.SMEM_LIMIT
     assert not cuda_conv.depthwise_fits(lk, np.float64)
     assert cuda_conv.depthwise_fits(lk, np.float32)
     assert (cuda_conv.depthwise_smem_bytes(lk, np.float32, "input_grad")
-            == cuda_conv.depthwise_smem_bytes(lk, np.float32) == 2 * 3816 * 4)
-    # with stride 2 the input-gradient window (11 x 19) is a fraction of the forward's (37 x 69);
-    # each stage holds the 49 taps too, rounded up to 16 bytes
+            == cuda_conv.depthwise_smem_bytes(lk, np.float32) == 2 * 4092 * 4)
+    # with stride 2 the input-gradient window (11 x 19, rows of 24 for vector copies) is a
+    # fraction of the forward's (37 x 69, rows of 72); each stage holds the 49 taps too,
+    # rounded up to 16 bytes
     s2 = _geom((1, 2, 64, 64), (2, 1, 7, 7), stride=2, padding=3, groups=2)
-    assert cuda_conv.depthwise_smem_bytes(s2, np.float32, "input_grad") == 2 * 260 * 4
-    assert cuda_conv.depthwise_smem_bytes(s2, np.float32) == 2 * 2604 * 4
+    assert cuda_conv.depthwise_smem_bytes(s2, np.float32, "input_grad", False) == 2 * 260 * 4
+    assert cuda_conv.depthwise_smem_bytes(s2, np.float32, "input_grad") == 2 * 316 * 4
+    assert cuda_conv.depthwise_smem_bytes(s2, np.float32, vec=False) == 2 * 2604 * 4
+    assert cuda_conv.depthwise_smem_bytes(s2, np.float32) == 2 * 2716 * 4
     # item counts stay below 2^30 (a block's next item index is 32-bit)
     many = _geom((2**14, 2**12, 16, 32), (2**12, 1, 1, 1), groups=2**12)
     assert cuda_conv.depthwise_work_items(many, np.float32)[0] == 2**26
