@@ -136,9 +136,6 @@ __device__ __forceinline__ void dw_fetch_window(T* dst, const T* plane, int ld, 
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward: work item u = (plane * PT + tile_p) * QT + tile_q, plane = n * K + k.
-// ---------------------------------------------------------------------------------------------
 // Tile u = ((n * CH + ch) * rows + tile_row) * cols + tile_col of TR x TC elements: its image,
 // channel (k for the forward, c for the input gradient) and first row and column.
 struct DwTile {
@@ -158,6 +155,9 @@ __device__ __forceinline__ DwTile dw_tile(int u, int rows, int cols, int CH, Fas
     return t;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Forward: work item u = (plane * PT + tile_p) * QT + tile_q, plane = n * K + k.
+// ---------------------------------------------------------------------------------------------
 template <typename T, int TP, int TQ, int RPT>
 __global__ void __launch_bounds__(TQ * (TP / RPT))
 depthwise_fprop(const T* __restrict__ x, const T* __restrict__ weight,
