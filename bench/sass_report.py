@@ -17,7 +17,8 @@ counts its 16-byte form), LDS.128, LDSM (ldmatrix), 128-bit LDG, and barriers.
 Theoretical occupancy is computed for A100 (sm_80, 108 SMs, 164 KiB shared memory per SM) and
 H100/H200 (sm_90, 132 SMs, 228 KiB), both 64 K registers and 64 warps per SM, from the
 registers, the static shared memory and the block size the launcher uses (dynamic shared memory,
-used only by ``depthwise_fprop`` and sized per geometry, is not included).
+used only by ``depthwise_fprop`` and ``depthwise_dgrad`` and sized per geometry, is not
+included).
 
 ``--check`` exits with status 1 on a spill, local memory, a TF32 kernel without HMMA in its
 main loop, a TF32 kernel with a 128-wide tile above issue 11's target of
@@ -65,10 +66,12 @@ class Device:
 DEVICES = {"sm_80": Device("A100", 108, 164 * 1024), "sm_90": Device("H100/H200", 132, 228 * 1024)}
 
 # Kernels whose main loop must stream through cp.async (LDGSTS in the SASS); regex on the
-# C++ name: every implicit-GEMM conv kernel (kernels/conv2d.cu, mainloop) and the Winograd
-# transform-point GEMMs (kernels/winograd.cu, wino_mainloop).
+# C++ name: every implicit-GEMM conv kernel (kernels/conv2d.cu, mainloop), the Winograd
+# transform-point GEMMs (kernels/winograd.cu, wino_mainloop) and the three depthwise kernels
+# (kernels/depthwise.cu, two-stage rings).
 PIPELINED: tuple[str, ...] = (r"^fc::conv_(simt|tf32)<",
-                              r"^fc::winograd_(conv|conv_tf32|wgrad)<")
+                              r"^fc::winograd_(conv|conv_tf32|wgrad)<",
+                              r"^fc::depthwise_(fprop|dgrad|wgrad)<")
 # The channels-last TF32 conv kernel streams through cp.async too (kernels/conv2d.cu).
 PIPELINED_NHWC: tuple[str, ...] = (r"^fc::conv_tf32_nhwc<",)
 # TF32 kernels: their main loop must contain HMMA.
@@ -334,7 +337,7 @@ def instantiations() -> list[tuple[str, str, int]]:
     for dt, tile in cuda_conv.DEPTHWISE_TILES.items():
         names = cuda_conv.depthwise_kernel_names(dt)
         threads[names["forward"]] = tile.block[0] * tile.block[1] * tile.block[2]
-        threads[names["input_grad"]] = cuda_conv.DEPTHWISE_THREADS
+        threads[names["input_grad"]] = tile.block[0] * tile.block[1] * tile.block[2]
         threads[names["weight_grad"]] = cuda_conv.DEPTHWISE_THREADS
     for name in cuda_hinge.all_kernel_names()["hinge.cu"]:
         threads[name] = cuda_hinge.THREADS

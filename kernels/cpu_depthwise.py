@@ -453,7 +453,6 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
 
 def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Direct weight gradient ``(K, C/G, R, S)``."""
-    gw = np.empty(geom.weight_shape, dtype=x.dtype)
     rows = _gemm_rows(geom, x.dtype.itemsize, algo)
     if rows:
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
@@ -465,6 +464,7 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarra
         for t in range(1, tasks):       # tasks in order: the same bits for any thread count
             total += part[t]
         return total.reshape(geom.weight_shape)
+    gw = np.empty(geom.weight_shape, dtype=x.dtype)
     if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw)

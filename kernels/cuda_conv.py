@@ -67,7 +67,8 @@ class Tf32Tile:
 
 @dataclass(frozen=True)
 class DepthwiseTile:
-    """Output tile of ``depthwise_fprop``: TP x TQ outputs, RPT rows per thread."""
+    """Tile of ``depthwise_fprop`` (TP x TQ outputs) and ``depthwise_dgrad`` (TP x TQ
+    grad_input elements), RPT rows per thread."""
 
     tp: int
     tq: int
@@ -127,7 +128,11 @@ def tf32_stages(tile: Tf32Tile) -> int:
 
 DEPTHWISE_TILES: dict[str, DepthwiseTile] = {"float32": DepthwiseTile(16, 32, 2),
                                              "float64": DepthwiseTile(16, 32, 2)}
-DEPTHWISE_THREADS = 256  # block size of depthwise_dgrad and depthwise_wgrad
+DEPTHWISE_THREADS = 256  # block size of depthwise_wgrad
+DEPTHWISE_STAGES = 2  # cp.async ring of depthwise_fprop / depthwise_dgrad (depthwise.cu)
+# Work items (output tiles; grad_input tiles) a depthwise_fprop / depthwise_dgrad block takes
+# in turn, so that the ring rotates: grid = ceil(items / this). Not tuned on a GPU.
+DEPTHWISE_ITEMS_PER_BLOCK = 4
 
 
 # The 1x1 forward and input gradient with unit stride and no padding read their A operand (x or
@@ -234,7 +239,7 @@ def depthwise_kernel_names(dtype: Any) -> dict[str, str]:
     """Name expressions of the three depthwise kernels for one dtype."""
     t, ct = DEPTHWISE_TILES[np.dtype(dtype).name], c_type(dtype)
     return {"forward": f"fc::depthwise_fprop<{ct}, {t.tp}, {t.tq}, {t.rpt}>",
-            "input_grad": f"fc::depthwise_dgrad<{ct}>",
+            "input_grad": f"fc::depthwise_dgrad<{ct}, {t.tp}, {t.tq}, {t.rpt}>",
             "weight_grad": f"fc::depthwise_wgrad<{ct}, {DEPTHWISE_THREADS}>"}
 
 
@@ -549,12 +554,63 @@ def nhwc_fits(geom: Any) -> bool:
             and geom.groups <= GRID_YZ_LIMIT)
 
 
-def depthwise_smem_bytes(geom: Any, dtype: Any) -> int:
-    """Dynamic shared memory of ``depthwise_fprop`` for this geometry: input window plus taps."""
+def _depthwise_windows(geom: Any, dtype: Any) -> tuple[int, int, int, int]:
+    """``(IH, IW, PH, PW)``: the input window of a ``depthwise_fprop`` tile and the grad_output
+    window of a ``depthwise_dgrad`` tile (see depthwise.cu)."""
     t = DEPTHWISE_TILES[np.dtype(dtype).name]
-    ih = (t.tp - 1) * geom.stride[0] + (geom.R - 1) * geom.dilation[0] + 1
-    iw = (t.tq - 1) * geom.stride[1] + (geom.S - 1) * geom.dilation[1] + 1
-    return (ih * iw + geom.R * geom.S) * np.dtype(dtype).itemsize
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    ih = (t.tp - 1) * sh + (geom.R - 1) * dh + 1
+    iw = (t.tq - 1) * sw + (geom.S - 1) * dw + 1
+    ph = (t.tp - 1 + (geom.R - 1) * dh) // sh + 1
+    pw = (t.tq - 1 + (geom.S - 1) * dw) // sw + 1
+    return ih, iw, ph, pw
+
+
+def depthwise_window_width(cols: int, dtype: Any, vec: bool) -> int:
+    """Row length in shared memory of a depthwise window ``cols`` elements wide: ``cols``, or
+    with 16-byte copies room for a shift of up to V - 1 in whole vectors of V = 16 / itemsize
+    elements (``dw_window_width`` in depthwise.cu)."""
+    v = 16 // np.dtype(dtype).itemsize
+    return _ceil(cols + v - 1, v) * v if vec else cols
+
+
+def depthwise_vector_ok(a: Any, row: int) -> bool:
+    """Whether a depthwise window may be copied in 16-byte vectors from ``a`` (x for the
+    forward, grad_output for the input gradient; C-contiguous): rows of ``row`` elements (W or
+    Q) are whole vectors and ``a`` is 16-byte aligned, so every vector of a row is entirely
+    inside or outside the plane."""
+    return row % (16 // np.dtype(a.dtype).itemsize) == 0 and _address(a) % 16 == 0
+
+
+def depthwise_smem_bytes(geom: Any, dtype: Any, op: str = "forward",
+                         vec: bool = True) -> int:
+    """Dynamic shared memory of a depthwise kernel for this geometry: for ``forward`` and
+    ``input_grad``, DEPTHWISE_STAGES ring stages of a window (rows of
+    `depthwise_window_width`; ``vec=True``, the larger, is what the rules check) and the R*S
+    taps, each rounded up to 16 bytes (``dw_stage_elems``); ``weight_grad`` uses static shared
+    memory only."""
+    if op == "weight_grad":
+        return 0
+    ih, iw, ph, pw = _depthwise_windows(geom, dtype)
+    rows, cols = (ih, iw) if op == "forward" else (ph, pw)
+    size = np.dtype(dtype).itemsize
+    window = rows * depthwise_window_width(cols, dtype, vec)
+    v = 16 // size
+    return DEPTHWISE_STAGES * _ceil(window + geom.R * geom.S, v) * v * size
+
+
+def depthwise_wgrad_unroll(dtype: Any) -> int:
+    """Pixels per thread per ring stage of ``depthwise_wgrad``: 16 bytes of each operand
+    (``dw_wgrad_unroll`` in depthwise.cu)."""
+    return 16 // np.dtype(dtype).itemsize
+
+
+def depthwise_work_items(geom: Any, dtype: Any) -> tuple[int, int]:
+    """``(items, tiles)``: the work items of ``depthwise_fprop`` (TP x TQ output tiles of every
+    (n, k) plane) and the tiles of ``depthwise_dgrad`` (TP x TQ of every (n, c) plane)."""
+    t = DEPTHWISE_TILES[np.dtype(dtype).name]
+    return (geom.N * geom.K * _ceil(geom.P, t.tp) * _ceil(geom.Q, t.tq),
+            geom.N * geom.C * _ceil(geom.H, t.tp) * _ceil(geom.W, t.tq))
 
 
 def is_depthwise(geom: Any) -> bool:
@@ -563,48 +619,66 @@ def is_depthwise(geom: Any) -> bool:
 
 
 def depthwise_fits(geom: Any, dtype: Any) -> bool:
-    """Whether the depthwise kernels can take this geometry (shared memory, grid limits)."""
-    t = DEPTHWISE_TILES[np.dtype(dtype).name]
-    return (is_depthwise(geom) and depthwise_smem_bytes(geom, dtype) <= SMEM_LIMIT
-            and geom.N * geom.K <= 2**31 - 1 and geom.K * geom.R * geom.S <= 2**31 - 1
-            and geom.N * geom.C * geom.H * _ceil(geom.W, 32) <= 2**31 - 1
-            and geom.H * geom.W <= 2**31 - 1 and geom.P * geom.Q <= 2**31 - 1
-            and _ceil(geom.P, t.tp) <= GRID_YZ_LIMIT and _ceil(geom.Q, t.tq) <= GRID_YZ_LIMIT)
+    """Whether the depthwise kernels can take this geometry: both rings in SMEM_LIMIT (two
+    stages each), item and tile counts below 2^30 (a block's next item index stays 32-bit),
+    planes below 2^31 elements."""
+    if not is_depthwise(geom):
+        return False
+    items, tiles = depthwise_work_items(geom, dtype)
+    pixels = depthwise_wgrad_unroll(dtype) * DEPTHWISE_THREADS  # wgrad's last piece's end
+    return (max(depthwise_smem_bytes(geom, dtype, op) for op in ("forward", "input_grad"))
+            <= SMEM_LIMIT
+            and items < 2**30 and tiles < 2**30 and geom.K * geom.R * geom.S <= 2**31 - 1
+            and geom.H * geom.W <= 2**31 - 1 and geom.P * geom.Q + pixels <= 2**31 - 1)
 
 
-def depthwise_divisor_args(geom: Any, dtype: Any) -> tuple:
-    """The 16 scalars after ``dw`` of every depthwise kernel: ``(mul, shift)`` of W, H, C, sh,
-    sw, Q, ceil(W / 32) (runs of a row in ``depthwise_dgrad``) and the input-window width IW of
-    ``depthwise_fprop``'s tile (see depthwise.cu)."""
+def depthwise_divisor_args(geom: Any, dtype: Any, vec: bool = False) -> tuple:
+    """The 25 scalars after ``dw`` of every depthwise kernel: ``(mul, shift)`` of C, sh, sw, Q,
+    K, mult = K / C, the copies per window row of ``depthwise_fprop`` (IW, or its
+    `depthwise_window_width` / V with 16-byte copies) and of ``depthwise_dgrad`` (PW likewise),
+    and the tile counts ceil(Q / TQ), ceil(P / TP), ceil(W / TQ), ceil(H / TP); then ``vec``
+    (16-byte window copies; see depthwise.cu)."""
     t = DEPTHWISE_TILES[np.dtype(dtype).name]
-    iw = (t.tq - 1) * geom.stride[1] + (geom.S - 1) * geom.dilation[1] + 1
+    _, iw, _, pw = _depthwise_windows(geom, dtype)
+    if vec:
+        v = 16 // np.dtype(dtype).itemsize
+        iw, pw = (depthwise_window_width(c, dtype, True) // v for c in (iw, pw))
     out = []
-    for d in (geom.W, geom.H, geom.C, geom.stride[0], geom.stride[1], geom.Q, _ceil(geom.W, 32),
-              iw):
+    for d in (geom.C, geom.stride[0], geom.stride[1], geom.Q, geom.K, geom.K // geom.C, iw, pw,
+              _ceil(geom.Q, t.tq), _ceil(geom.P, t.tp), _ceil(geom.W, t.tq),
+              _ceil(geom.H, t.tp)):
         mul, shift = fast_divisor(max(d, 1))
         out += [np.uint32(mul), np.int32(shift)]
-    return tuple(out)
+    return tuple(out) + (np.int32(vec),)
+
+
+def depthwise_grid(items: int) -> tuple[int, int, int]:
+    """Grid of ``depthwise_fprop`` / ``depthwise_dgrad``: DEPTHWISE_ITEMS_PER_BLOCK items
+    (tiles) per block, taken grid-stride."""
+    return (max(1, _ceil(items, DEPTHWISE_ITEMS_PER_BLOCK)), 1, 1)
 
 
 def depthwise_forward_launch(x: Any, weight: Any, bias: Any, y: Any, geom: Any) -> Launch:
     """``depthwise_fprop``: x (N, C, H, W), weight (K, 1, R, S), bias (K,) or None -> y."""
     t = DEPTHWISE_TILES[np.dtype(x.dtype).name]
-    grid = (geom.N * geom.K, _ceil(geom.P, t.tp), _ceil(geom.Q, t.tq))
+    vec = depthwise_vector_ok(x, geom.W)
     args = ((x, weight, NULL if bias is None else bias, y) + shape_args(geom, 0)[:15]
-            + depthwise_divisor_args(geom, x.dtype))
-    return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["forward"], grid, t.block,
-                  depthwise_smem_bytes(geom, x.dtype), args)
+            + depthwise_divisor_args(geom, x.dtype, vec))
+    return Launch("depthwise.cu", depthwise_kernel_names(x.dtype)["forward"],
+                  depthwise_grid(depthwise_work_items(geom, x.dtype)[0]), t.block,
+                  depthwise_smem_bytes(geom, x.dtype, "forward", vec), args)
 
 
 def depthwise_input_grad_launch(weight: Any, grad_output: Any, grad_input: Any,
                                 geom: Any) -> Launch:
-    """``depthwise_dgrad``: a warp per run of 32 pixels of a grad_input row, grid-stride."""
-    items = geom.N * geom.C * geom.H * _ceil(geom.W, 32)
-    grid = (max(1, min(_ceil(items, DEPTHWISE_THREADS // 32), 2**20)), 1, 1)
+    """``depthwise_dgrad``: TP x TQ grad_input tiles, each in K / C pieces (one per filter)."""
+    t = DEPTHWISE_TILES[np.dtype(weight.dtype).name]
+    vec = depthwise_vector_ok(grad_output, geom.Q)
     args = ((grad_output, weight, grad_input) + shape_args(geom, 0)[:15]
-            + depthwise_divisor_args(geom, weight.dtype))
-    return Launch("depthwise.cu", depthwise_kernel_names(weight.dtype)["input_grad"], grid,
-                  (DEPTHWISE_THREADS, 1, 1), 0, args)
+            + depthwise_divisor_args(geom, weight.dtype, vec))
+    return Launch("depthwise.cu", depthwise_kernel_names(weight.dtype)["input_grad"],
+                  depthwise_grid(depthwise_work_items(geom, weight.dtype)[1]), t.block,
+                  depthwise_smem_bytes(geom, weight.dtype, "input_grad", vec), args)
 
 
 def depthwise_weight_grad_launch(x: Any, grad_output: Any, grad_weight: Any,

@@ -348,15 +348,75 @@ def test_vector_a_loader(ex, tile, geom_name):
         assert vector == [not misalign] * 2, rec.kernels
 
 
+# Depthwise geometries whose every kernel rotates its cp.async ring: several output tiles per
+# fprop block, several grad_input tiles (and filters) per dgrad block, several pixel pieces per
+# wgrad block; tails in every direction; stride 2, dilation 2, channel multipliers 1 to 3.
+DEPTHWISE_GEOMS = {
+    # several 16 x 32 tiles per plane, wgrad pieces past one image (P*Q > 4 * 256)
+    "multi_tile": conv_geometry((2, 3, 40, 70), (6, 1, 3, 5), (2, 1), ((2, 1), (1, 3)), (1, 2),
+                                3),
+    "s2_d2_x3": conv_geometry((3, 2, 37, 45), (6, 1, 3, 3), 2, 2, 2, 2),
+    "s1_5x5": conv_geometry((2, 4, 20, 33), (4, 1, 5, 5), 1, 2, 1, 4),
+    # strides that do not divide the dilations: dgrad's taps land on every residue class
+    # (two double stages of the forward's window with stride 3 would pass 48 KiB)
+    "residues": conv_geometry((2, 2, 35, 41), (4, 1, 3, 4), 2, ((2, 1), (3, 0)), 3, 2),
+    # more taps (17 x 17) than threads: the tap copies loop; no bias
+    "taps289": conv_geometry((2, 1, 21, 20), (1, 1, 17, 17), 1, 8, 1, 1),
+}
+
+
+@pytest.mark.parametrize("geom_name", list(DEPTHWISE_GEOMS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_depthwise_multi_tile(ex, dtype):
-    geom = conv_geometry((2, 3, 40, 70), (6, 1, 3, 5), (2, 1), ((2, 1), (1, 3)), (1, 2), 3)
+def test_depthwise_rings(ex, dtype, geom_name):
+    """The three depthwise kernels against the reference (NaN-poisoned outputs) where each
+    block works through several ring stages."""
+    geom = DEPTHWISE_GEOMS[geom_name]
     assert cuda_conv.depthwise_fits(geom, dtype)
     x, w, b, gy = _problem(geom, dtype)
+    items, tiles = cuda_conv.depthwise_work_items(geom, dtype)
+    grids = {"forward": cuda_conv.depthwise_forward_launch(x, w, b, gy, geom).grid[0],
+             "input_grad": cuda_conv.depthwise_input_grad_launch(w, gy, x, geom).grid[0]}
+    assert grids["forward"] < items and grids["input_grad"] < tiles
+    pieces = geom.N * -(-geom.P * geom.Q // (cuda_conv.depthwise_wgrad_unroll(dtype)
+                                             * cuda_conv.DEPTHWISE_THREADS))
+    assert pieces >= 2
     algo = Algo("depthwise")
     for op in OPS:
-        out, ref = _run(ex, op, geom, algo, x, w, b, gy)
+        out, ref = _run(ex, op, geom, algo, x, w, None if geom_name == "taps289" else b, gy)
         assert rel_err(out, ref) < _tol(dtype), op
+
+
+# Rows of whole 16-byte vectors: the forward's x rows (W) in both dtypes, grad_output rows (Q)
+# in double only ("s2"), or in both ("d2_5x5").
+DEPTHWISE_VECTOR_GEOMS = {
+    "s2": conv_geometry((2, 3, 36, 44), (6, 1, 3, 3), 2, 1, 1, 3),
+    "d2_5x5": conv_geometry((2, 2, 20, 24), (4, 1, 5, 5), 1, 4, 2, 2),
+}
+
+
+@pytest.mark.parametrize("geom_name", list(DEPTHWISE_VECTOR_GEOMS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_depthwise_vector_windows(ex, dtype, geom_name):
+    """The forward and input gradient with 16-byte window copies (aligned operands whose rows
+    are whole vectors) and with element copies (the same operands one element off alignment),
+    both against the reference; the recorded launches show which copies ran."""
+    geom = DEPTHWISE_VECTOR_GEOMS[geom_name]
+    x, w, b, gy = _problem(geom, dtype)
+    vector = 16 // np.dtype(dtype).itemsize
+    for misalign in (False, True):
+        specs = []
+
+        class Rec(_Recording):
+            def run(self, spec):
+                specs.append(spec)
+                return self.ex.run(spec)
+
+        xa, gya = _placed(x, misalign), _placed(gy, misalign)
+        for op in ("forward", "input_grad"):
+            out, ref = _run(Rec(ex), op, geom, Algo("depthwise"), xa, w, b, gya)
+            assert rel_err(out, ref) < _tol(dtype), (op, misalign)
+        assert [int(spec.args[-1]) for spec in specs] == [
+            not misalign and geom.W % vector == 0, not misalign and geom.Q % vector == 0]
 
 
 def test_1x1_gemm_path(ex):

@@ -166,7 +166,8 @@ def test_kernel_names_cover_every_tile_mode_and_dtype():
     assert "fc::conv_tf32_nhwc<128, 64, 16, 2, 2>" in names
     assert cuda_conv.NHWC_COPY_KERNEL in names
     dw = cuda_conv.all_kernel_names()["depthwise.cu"]
-    assert "fc::depthwise_fprop<float, 16, 32, 2>" in dw and "fc::depthwise_dgrad<double>" in dw
+    assert "fc::depthwise_fprop<float, 16, 32, 2>" in dw
+    assert "fc::depthwise_dgrad<double, 16, 32, 2>" in dw
 
 
 def test_c_type_rejects_other_dtypes():
@@ -370,23 +371,84 @@ def test_depthwise_launches():
     g = _geom((3, 8, 30, 70), (16, 1, 3, 5), stride=(1, 2), padding=2, dilation=(2, 1),
               groups=8)
     x, w, b, y = _arrays(g)
+    per_block = cuda_conv.DEPTHWISE_ITEMS_PER_BLOCK
+    items = 3 * 16 * math.ceil(g.P / 16) * math.ceil(g.Q / 32)
+    tiles = 3 * 8 * math.ceil(30 / 16) * math.ceil(70 / 32)
+    assert cuda_conv.depthwise_work_items(g, np.float32) == (items, tiles)
     spec = cuda_conv.depthwise_forward_launch(x, w, b, y, g)
     assert spec.kernel == "fc::depthwise_fprop<float, 16, 32, 2>"
-    assert spec.grid == (3 * 16, math.ceil(g.P / 16), math.ceil(g.Q / 32))
+    assert spec.grid == (math.ceil(items / per_block), 1, 1) and spec.grid[0] < items
     assert spec.block == (32, 8, 1)
-    ih = 15 * 1 + 2 * 2 + 1
-    iw = 31 * 2 + 4 * 1 + 1
-    assert spec.shared_mem == (ih * iw + 15) * 4
-    assert len(spec.args) == 4 + 15 + 16
+    ih, iw = 15 * 1 + 2 * 2 + 1, 31 * 2 + 4 * 1 + 1
+    # two stages, each the window and the 15 taps rounded up to 16 bytes
+    assert spec.shared_mem == 2 * math.ceil((ih * iw + 15) / 4) * 4 * 4 == 10848
+    assert len(spec.args) == 4 + 15 + 25
     divs = spec.args[4 + 15:]
-    assert [(int(divs[i]), int(divs[i + 1])) for i in range(0, 16, 2)] == [
-        cuda_conv.fast_divisor(d) for d in (g.W, g.H, g.C, 1, 2, g.Q, math.ceil(g.W / 32), iw)]
+    assert divs[24] == 0  # W = 70: rows are not whole 16-byte vectors, element copies
+    ph, pw = (15 + 2 * 2) // 1 + 1, (31 + 4 * 1) // 2 + 1
+    assert [(int(divs[i]), int(divs[i + 1])) for i in range(0, 24, 2)] == [
+        cuda_conv.fast_divisor(d) for d in (g.C, 1, 2, g.Q, g.K, 2, iw, pw, math.ceil(g.Q / 32),
+                                            math.ceil(g.P / 16), math.ceil(70 / 32),
+                                            math.ceil(30 / 16))]
     spec = cuda_conv.depthwise_input_grad_launch(w, y, x, g)
-    assert spec.kernel == "fc::depthwise_dgrad<float>" and spec.args[:3] == (y, w, x)
-    # a warp per run of 32 pixels of a row, 8 warps per block: every run is covered
-    assert spec.grid[0] * 8 >= min(g.N * g.C * g.H * math.ceil(g.W / 32), 2**20 * 8)
+    assert spec.kernel == "fc::depthwise_dgrad<float, 16, 32, 2>" and spec.args[:3] == (y, w, x)
+    assert spec.grid == (math.ceil(tiles / per_block), 1, 1) and spec.block == (32, 8, 1)
+    assert spec.shared_mem == 2 * math.ceil((ph * pw + 15) / 4) * 4 * 4 == 3008
+    assert spec.args[3 + 15:] == divs
     spec = cuda_conv.depthwise_weight_grad_launch(x, y, w, g)
     assert spec.grid == (16 * 15, 1, 1) and spec.block == (cuda_conv.DEPTHWISE_THREADS, 1, 1)
+    assert spec.shared_mem == 0 and spec.args[-1] == 0  # its ring is static
+    # double: 16-byte rounding is two elements; W = 70 and Q = 35 as 16-byte vectors of two:
+    # the forward copies vectors from an aligned x (its window rows widened to
+    # ceil((IW + 1) / 2) * 2), never from x 8 bytes off; Q = 35 is odd
+    x, w, b, y = _arrays(g, np.float64)
+    for off in (0, 8):
+        xa, ya = _at(x, off), _at(y, off)
+        spec = cuda_conv.depthwise_forward_launch(xa, w, b, ya, g)
+        width = math.ceil((iw + 1) / 2) * 2 if off == 0 else iw
+        assert spec.shared_mem == 2 * math.ceil((ih * width + 15) / 2) * 2 * 8
+        assert spec.args[-1] == (off == 0)
+        assert spec.args[4 + 15 + 12:4 + 15 + 14] == tuple(
+            np.array(cuda_conv.fast_divisor(width // 2 if off == 0 else iw)).astype(object))
+        spec = cuda_conv.depthwise_input_grad_launch(w, ya, xa, g)
+        assert spec.args[-1] == 0
+    assert cuda_conv.depthwise_wgrad_unroll(np.float64) == 2
+    assert cuda_conv.depthwise_wgrad_unroll(np.float32) == 4
+
+
+def _at(a, offset):
+    """A C-contiguous copy of ``a`` ``offset`` bytes past a 16-byte aligned address."""
+    buf = np.empty(a.nbytes + 32, np.uint8)
+    first = -buf.ctypes.data % 16 + offset
+    out = buf[first:first + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def test_depthwise_vector_windows():
+    """16-byte window copies where rows are whole vectors and the operand is aligned: the
+    forward reads x (rows of W), the input gradient grad_output (rows of Q)."""
+    g = _geom((2, 3, 36, 44), (6, 1, 3, 3), stride=2, padding=1, groups=3)  # Q = 22
+    x, w, b, y = _arrays(g)
+    for off, vec in ((0, True), (4, False), (8, False)):
+        assert cuda_conv.depthwise_vector_ok(_at(x, off), g.W) == vec
+    assert not cuda_conv.depthwise_vector_ok(_at(y, 0), g.Q)  # 22 floats: not whole vectors
+    assert cuda_conv.depthwise_vector_ok(_at(y.astype(np.float64), 0), g.Q)
+    ih, iw, ph, pw = 15 * 2 + 2 + 1, 31 * 2 + 2 + 1, (15 + 2) // 2 + 1, (31 + 2) // 2 + 1
+    def ring(n):  # two stages of n floats, each rounded up to 16 bytes
+        return 2 * math.ceil(n / 4) * 4 * 4
+
+    spec = cuda_conv.depthwise_forward_launch(_at(x, 0), w, b, y, g)
+    assert spec.shared_mem == ring(ih * 68 + 9)  # rows of ceil((65 + 3) / 4) * 4
+    assert cuda_conv.depthwise_smem_bytes(g, np.float32, "forward") == spec.shared_mem
+    assert cuda_conv.depthwise_smem_bytes(g, np.float32, "forward", False) == ring(ih * iw + 9)
+    spec = cuda_conv.depthwise_input_grad_launch(w, y, x, g)
+    assert spec.args[-1] == 0 and spec.shared_mem == ring(ph * pw + 9)
+    assert cuda_conv.depthwise_smem_bytes(g, np.float32, "input_grad") == ring(ph * 20 + 9)
+    assert [cuda_conv.depthwise_window_width(c, np.float32, True) for c in (1, 4, 5, 17)] == [
+        4, 8, 8, 20]
+    assert [cuda_conv.depthwise_window_width(c, np.float64, True) for c in (1, 2, 3)] == [
+        2, 4, 4]
 
 
 def test_depthwise_fits():
@@ -396,6 +458,32 @@ def test_depthwise_fits():
     big = _geom((1, 2, 400, 400), (2, 1, 31, 31), stride=3, dilation=3, groups=2)
     assert cuda_conv.depthwise_smem_bytes(big, np.float64) > cuda_conv.SMEM_LIMIT
     assert not cuda_conv.depthwise_fits(big, np.float64)
+    # 31x31 (large-kernel nets): one stage of the double window (30.5 KiB) fitted, two do not;
+    # float fits with two stages; with stride 1 both rings hold windows of the same size
+    lk = _geom((1, 2, 64, 64), (2, 1, 31, 31), padding=15, groups=2)
+    assert cuda_conv.depthwise_smem_bytes(lk, np.float64) == 2 * (46 * 64 + 961 + 1) * 8
+    assert cuda_conv.depthwise_smem_bytes(lk, np.float64, vec=False) == 2 * (
+        46 * 62 + 961 + 1) * 8
+    assert cuda_conv.depthwise_smem_bytes(lk, np.float64, vec=False) // 2 <= cuda_conv.SMEM_LIMIT
+    assert not cuda_conv.depthwise_fits(lk, np.float64)
+    assert cuda_conv.depthwise_fits(lk, np.float32)
+    assert (cuda_conv.depthwise_smem_bytes(lk, np.float32, "input_grad")
+            == cuda_conv.depthwise_smem_bytes(lk, np.float32) == 2 * 4092 * 4)
+    # with stride 2 the input-gradient window (11 x 19, rows of 24 for vector copies) is a
+    # fraction of the forward's (37 x 69, rows of 72); each stage holds the 49 taps too,
+    # rounded up to 16 bytes
+    s2 = _geom((1, 2, 64, 64), (2, 1, 7, 7), stride=2, padding=3, groups=2)
+    assert cuda_conv.depthwise_smem_bytes(s2, np.float32, "input_grad", False) == 2 * 260 * 4
+    assert cuda_conv.depthwise_smem_bytes(s2, np.float32, "input_grad") == 2 * 316 * 4
+    assert cuda_conv.depthwise_smem_bytes(s2, np.float32, vec=False) == 2 * 2604 * 4
+    assert cuda_conv.depthwise_smem_bytes(s2, np.float32) == 2 * 2716 * 4
+    # item counts stay below 2^30 (a block's next item index is 32-bit)
+    many = _geom((2**14, 2**12, 16, 32), (2**12, 1, 1, 1), groups=2**12)
+    assert cuda_conv.depthwise_work_items(many, np.float32)[0] == 2**26
+    assert cuda_conv.depthwise_fits(many, np.float32)
+    more = _geom((2**14, 2**16, 16, 32), (2**16, 1, 1, 1), groups=2**16)
+    assert cuda_conv.depthwise_work_items(more, np.float32)[0] == 2**30
+    assert not cuda_conv.depthwise_fits(more, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,6 +662,9 @@ def test_rules_depthwise(device):
         assert _choose(op, g).name == "depthwise"
     big = _geom((1, 2, 400, 400), (2, 1, 31, 31), stride=3, dilation=3, groups=2)
     assert _choose("forward", big, np.float64).name == "implicit_gemm"
+    why = _choose("forward", g).reason
+    assert "two-stage cp.async" in why
+    assert f"{cuda_conv.depthwise_smem_bytes(g, np.float32)} B" in why
 
 
 def test_rules_tile_model():

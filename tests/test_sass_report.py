@@ -204,3 +204,39 @@ def test_tf32_gate_flags_a_kernel_over_the_target():
              "t('fc::conv_tf32<0, 64, 64, 8, 2, 2>', 10000), "
              "t('fc::conv_tf32_nhwc<64, 64, 16, 2, 2>', 10000)")
     assert _gate_problems(defs, calls) == ["1", "0", "1", "0", "0", "0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise kernels (kernels/depthwise.cu): cp.async rings
+# ---------------------------------------------------------------------------------------------
+def test_depthwise_main_loops_stream_through_cp_async(report):
+    """The three depthwise kernels, float and double, on both architectures: the main loop (the
+    loop with the most FFMA/DFMA) issues the next piece's cp.async copies (LDGSTS) next to the
+    current piece's FMAs and waits on them with no plain global loads of the data (only the
+    forward's bias is an LDG); no subroutine call, spill or stack; and the report's
+    PIPELINED gate covers them."""
+    from fastconv.kernels import cuda_conv  # noqa: PLC0415
+
+    names = {n for dt in cuda_conv.DEPTHWISE_TILES
+             for n in cuda_conv.depthwise_kernel_names(dt).values()}
+    kernels = [k for k in _data(report)["kernels"] if k["name"] in names]
+    assert {(k["name"], k["arch"]) for k in kernels} == {(n, a) for n in names
+                                                         for a in ("sm_80", "sm_90")}
+    for k in kernels:
+        loop, why = k["loop"], (k["name"], k["arch"], k["loop"])
+        assert loop.get("LDGSTS", 0) > 0, why
+        assert loop.get("FFMA", 0) + loop.get("DFMA", 0) > 0, why
+        assert loop.get("LDG", 0) <= (1 if "depthwise_fprop" in k["name"] else 0), why
+        assert k["calls"] == 0 and k["stack"] == 0 and not k["spill_stores"], why
+        assert not k["problems"], why
+
+
+def test_pipelined_gate_flags_a_depthwise_kernel_without_ldgsts():
+    """The PIPELINED gate on synthetic counts: each depthwise kernel without LDGSTS in its main
+    loop fails, with it passes."""
+    calls = ", ".join(f"k('fc::{n}<float, {t}>', total=100, FFMA=10, LDGSTS={ld})"
+                      for n, t in (("depthwise_fprop", "16, 32, 2"),
+                                   ("depthwise_dgrad", "16, 32, 2"),
+                                   ("depthwise_wgrad", "256"))
+                      for ld in (0, 2))
+    assert _gate_problems("", calls) == ["1", "0"] * 3

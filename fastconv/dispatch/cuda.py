@@ -95,7 +95,13 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
                                   ("tile", dataclasses.astuple(tile)),
                                   ("precision", _exact(dtype))),
                     "depthwise conv (groups == C): direct kernels of depthwise.cu in "
-                    f"{_exact(dtype)} FMAs" + ("; TF32 does not apply" if tf32 else ""))
+                    f"{_exact(dtype)} FMAs, " + (
+                        "a two-stage cp.async ring of each thread's pixels in static shared "
+                        "memory" if op == "weight_grad" else
+                        "a two-stage cp.async ring of windows in at most "
+                        f"{cuda_conv.depthwise_smem_bytes(geom, dtype, op)} B of dynamic "
+                        f"shared memory (<= {cuda_conv.SMEM_LIMIT})")
+                    + ("; TF32 does not apply" if tf32 else ""))
     if _plain_1x1(geom) and not tf32 and not cupy_tf32:
         return Algo("gemm_1x1", (("kernel", "cupy.matmul"), ("precision", _exact(dtype))),
                     "1x1, stride 1, no padding, one group: a batched GEMM through cuBLAS "
