@@ -40,12 +40,12 @@
 //   Static shared memory: CONV_STAGES (4) stages of (BK x (BM + PAD)) + (BK x (BN + PAD))
 //   elements (at most 35 KiB), filled by cp.async (sm_80+; a plain copy on older devices)
 //   STAGES - 1 stages ahead of the arithmetic (see mainloop; one barrier per BK step);
-//   conv_tf32 takes tf32_stages(BM, BN, BK) stages, as many as fit in 48 KiB up to four
-//   (128x128 at BK = 16: two, 33 KiB; 128x64 at BK = 16: three, 37.5 KiB). At most 128
-//   registers per thread (two 256-thread blocks per SM), except the SIMT tiles with 8 x 8
-//   register blocking (room for 256 threads per SM: 128x128 with 256 threads, 128x64 with
-//   128) and the 128x128 TF32 input gradient (one block per SM); cuda_conv.resident_blocks
-//   mirrors this.
+//   conv_tf32 takes tf32_stages(BM, BN, BK) stages, as many as fit in 48 KiB up to four (its
+//   64-wide tiles at BK = 8: four); conv_tf32_nhwc nhwc_stages(BM, BN) (128x128: three,
+//   128x64: four, 48 KiB each). At most 128 registers per thread (two 256-thread blocks per
+//   SM), except the SIMT tiles with 8 x 8 register blocking (room for 256 threads per SM:
+//   128x128 with 256 threads, 128x64 with 128) and a 128x128 conv_tf32 input gradient (one
+//   block per SM; not instantiated); cuda_conv.resident_blocks mirrors this.
 //   Arguments: a, b, bias (or null), out, then N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh,
 //   dw, groups, k_split (int32), then (mul, shift) of the divisors R*S, S, P*Q, row, output
 //   plane, sh, sw (uint32, int32; see FastDiv).
@@ -59,7 +59,13 @@
 //     rounded to TF32 (to_tf32: cvt.rna on sm_80, cvt.rn from sm_90) once, in shared memory,
 //     by the thread that copied them, before the tile is published; each A fragment and each
 //     pair of B fragments read with one 16-byte shared load straight into the registers
-//     mma.sync takes; fp32 accumulation. About 1e-3 relative error.
+//     mma.sync takes; fp32 accumulation. About 1e-3 relative error. 64-wide tiles only: the
+//     fallback where the pre-pass buffers of conv_tf32_nhwc do not fit the workspace.
+//   conv_tf32_nhwc<BM, BN, BK, WARPS_M, WARPS_N> (forward; the 128-wide TF32 tiles of all three
+//     ops, the gradients as forward geometries, see kernels/cuda_dgrad.py and
+//     cuda_conv.wgrad_forward_geometry) over the channels-last TF32 copies of nhwc_tf32_copy:
+//     16-byte cp.async copies, XOR-swizzled row-major tiles, ldmatrix.x4 fragments, no rounding
+//     in the main loop (see the section at the end of this file).
 //
 // Index arithmetic: tensor offsets are 64-bit (a tensor may exceed 2^31 elements); GEMM row
 // and reduction indices are 32-bit, which holds because the launcher splits the batch so that
@@ -72,11 +78,9 @@
 // (tests/test_nvrtc.py); bench/sass_report.py (run by tests/test_sass_report.py) reports per
 // instantiation registers, shared memory, occupancy and the main loop's instruction mix, and
 // checks LDGSTS (cp.async) in every conv main loop, HMMA in every TF32 one, at least 75% FFMA
-// in the main loop of every FP32 SIMT kernel with a 128x128 or 128x64 tile, and a ceiling
-// of main-loop instructions per HMMA for the 128-wide TF32 tiles (per mode; issue 11's target
-// of 4 is not reached: exact rounding of each operand once in shared memory costs an LDS, a
-// cvt and an STS per element, 0.5 element per HMMA at 128x128, and the gathered operands'
-// address and bounds arithmetic more). Executed on the
+// in the main loop of every FP32 SIMT kernel with a 128x128 or 128x64 tile, and at most 4
+// main-loop instructions per HMMA for every TF32 kernel with a 128-wide tile (issue 11's
+// target; conv_tf32_nhwc: 3.3-3.7 on sm_80 and sm_90). Executed on the
 // CPU through the host emulation of tests/cuda_emu.h (blocks, threads, barriers, warp
 // shuffles, cp.async groups with zero-fill and poisoned pending destinations, the mma fragment
 // layout as the PTX ISA documents it) against the NumPy reference, for every tile and mode.
@@ -550,9 +554,10 @@ struct Operands<T, WGRAD, BM, BN, BK, NT> {
 // multiplies stage j. The global loads never wait on the arithmetic, whatever order the
 // scheduler picks. Empty groups are committed past the end so the wait count stays fixed.
 // ---------------------------------------------------------------------------------------------
+// `s` is the shape the loaders read (ConvShape; NhwcShape for conv_tf32_nhwc).
 template <int STAGES, bool TF32, int LDA, int LDB, int BK, int QA, int QB, typename T, class LA,
-          class LB, class F>
-__device__ __forceinline__ void mainloop(const ConvShape& s, LA& la, LB& lb, T* As, T* Bs,
+          class LB, class F, class SH>
+__device__ __forceinline__ void mainloop(const SH& s, LA& la, LB& lb, T* As, T* Bs,
                                          int k_begin, int k_end, F&& compute) {
     static_assert(STAGES >= 2, "mainloop: at least two stages");
     constexpr int SA = BK * LDA, SB = BK * LDB;  // stage sizes
@@ -735,6 +740,57 @@ conv_simt(const T* __restrict__ a_src, const T* __restrict__ b_src, const T* __r
 }
 
 // ---------------------------------------------------------------------------------------------
+// Warp-tile helpers of the TF32 kernels (conv_tf32, conv_tf32_nhwc): MI x NI mma tiles of 16x8.
+// ---------------------------------------------------------------------------------------------
+template <int MI, int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+}
+
+// acc[i][j] += A_i * B_j for every mma tile of the warp tile.
+template <int MI, int NI>
+__device__ __forceinline__ void mma_warp_tile(float (&acc)[MI][NI][4], const unsigned (&a)[MI][4],
+                                              const unsigned (&b)[NI][2]) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j) mma_tf32_16x8x8(acc[i][j], a[i], b[j]);
+}
+
+// Epilogue of a warp tile whose first row and column are m_first and n_first: element
+// (m, col) of the GEMM (m < M, col < NG) goes to row(m)[col * jstride] plus add(col). For a
+// fixed register a warp writes 4 runs of 8 consecutive rows (pixels).
+template <int MI, int NI, class Row, class Add>
+__device__ __forceinline__ void store_warp_tile(const float (&acc)[MI][NI][4], int m_first,
+                                                int n_first, int M, int NG, long long jstride,
+                                                Row&& row, Add&& add) {
+    const int gq = threadIdx.x % 32 / 4, tq = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m_first + i * 16 + gq + 8 * h;
+            if (m >= M) continue;
+            float* dst = row(m);
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = n_first + j * 8 + 2 * tq + e;
+                    if (col >= NG) continue;
+                    dst[col * jstride] = acc[i][j][2 * h + e] + add(col);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // TF32 tensor-core kernel (opt-in precision "tf32"): mma.sync m16n8k8, fp32 accumulation.
 // ---------------------------------------------------------------------------------------------
 // Registers: at most 128 per thread (512 threads per SM), except DGRAD with a 128 x 128 tile,
@@ -793,12 +849,7 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
     // row pair tq (krow), lane slot gq (place); tile i (j) is 32 i (16 j) floats further.
     const int b_off = 2 * tq * LDB + place<FRAG_B>(wn * WTN) + 4 * gq;
     float acc[MI][NI][4];
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    zero_acc(acc);
 
     mainloop<STAGES, true, LDA, LDB, BK, QA, QB>(s, la, lb, As, Bs, k_begin, k_end,
                                                  [&](const float* as, const float* bs) {
@@ -826,37 +877,255 @@ conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
 #pragma unroll
                 for (int q = 0; q < 4; ++q) b[j + q / 2][q % 2] = __float_as_uint(v[q]);
             }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j) mma_tf32_16x8x8(acc[i][j], a[i], b[j]);
+            mma_warp_tile(acc, a, b);
         }
     });
 
-    // Epilogue: for a fixed register, a warp writes 4 runs of 8 consecutive pixels.
-    // The slice index is recomputed here rather than kept live through the main loop.
+    // Epilogue. The slice index is recomputed here rather than kept live through the main loop.
     const int split = blockIdx.z / groups;
     const OutIndex<MODE> oi(s, g, split);
+    store_warp_tile(acc, m0 + wm * WTM, n0 + wn * WTN, M, NG, oi.jstride,
+                    [&](int m) { return out + oi.row(m, s); },
+                    [&](int col) {
+                        return (MODE == FPROP && bias != nullptr && split == 0)
+                                   ? bias[g * NG + col] : 0.0f;
+                    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// TF32 forward over channels-last operands (conv_tf32_nhwc) and its pre-pass (nhwc_tf32_copy).
+// ---------------------------------------------------------------------------------------------
+// Pre-pass: a channels-last copy of an operand, rounded to TF32 once (to_tf32), the channels of
+// each group padded with zeros to Cgp (a multiple of 4), so that every 16-byte run of 4
+// channels is aligned and lies in one group:
+//   dst[((b * plane + i) * G + g) * Cgp + c] = to_tf32(src[b * stride_b + (g * Cg + c) *
+//                                                      stride_c + i])  (c < Cg; 0 for c >= Cg)
+// x (N, C, H, W) -> (N, H, W, G, Cgp): b = n, plane = H*W, stride_b = C*H*W, stride_c = H*W;
+// weight (K, Cg, R, S) -> (K, R, S, Cgp): G = 1, b = k, plane = R*S, stride_b = Cg*R*S,
+// stride_c = R*S. Memory-bound: a 32 x 32 (channel x pixel) tile passes through shared memory
+// so that reads run along the pixels and writes along the channels (both coalesced; the
+// writes in 16-byte vectors).
+// Grid (ceil(plane / 32), G * ceil(Cgp / 32), images), block (32, 8).
+__global__ void __launch_bounds__(256)
+nhwc_tf32_copy(const float* __restrict__ src, float* __restrict__ dst, int plane, int G, int Cg,
+               int Cgp, long long stride_b, long long stride_c) {
+    __shared__ float tile[32][33];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int cblocks = (Cgp + 31) / 32;
+    const int g = blockIdx.y / cblocks, c0 = (blockIdx.y - g * cblocks) * 32;
+    const int i0 = blockIdx.x * 32;
+    const long long b = blockIdx.z;
+    const float* in = src + b * stride_b + (long long)g * Cg * stride_c;
 #pragma unroll
-    for (int i = 0; i < MI; ++i) {
+    for (int k = 0; k < 4; ++k) {
+        const int c = c0 + ty + 8 * k, i = i0 + tx;
+        tile[ty + 8 * k][tx] = c < Cg && i < plane ? to_tf32(in[c * stride_c + i]) : 0.0f;
+    }
+    __syncthreads();
+    // One 16-byte store a thread: 4 channels (c0 + 4q ...) of pixel i0 + il; Cgp is a multiple
+    // of 4, so a chunk is wholly inside or outside, and 16-byte aligned. Shared reads
+    // tile[4q + r][il] hit 32 distinct banks across a warp (4 pixels x 8 chunks).
+    const int t = ty * 32 + tx, il = t / 8, q = t % 8;
+    const int i = i0 + il, c = c0 + 4 * q;
+    if (i < plane && c < Cgp) {
+        float v[4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = m0 + wm * WTM + i * 16 + gq + 8 * h;
-            if (m >= M) continue;
-            const long long rowoff = oi.row(m, s);
+        for (int r = 0; r < 4; ++r) v[r] = tile[4 * q + r][il];
+        store16(dst + ((b * plane + i) * G + g) * (long long)Cgp + c, v);
+    }
+}
+
+// conv_tf32_nhwc<BM, BN, BK, WARPS_M, WARPS_N>: y (N, K, P, Q) = x * weight (+ bias) from the
+// pre-pass buffers xt (N, H, W, G, Cgp) and wt (K, R, S, Cgp), both already TF32. One GEMM per
+// group (blockIdx.z % groups): rows = output pixels, columns = the group's filters, reduction
+// over (r, s, c4) in chunks of 4 channels (16 bytes): chunk t = (r * S + s) * C4 + c4, C4 =
+// Cgp / 4, so a BK = 16 step may span taps. Every global -> shared copy is one 16-byte
+// cp.async (zero-fill for taps outside the image and past the reduction); shared tiles are
+// row-major [row][16 floats] with the 16-byte chunk index XOR-swizzled by (row / 2) % 4, so
+// that the 8 rows of each ldmatrix phase hit 8 distinct 16-byte bank groups; fragments come
+// from ldmatrix.x4 (one per A fragment, one per pair of B fragments); nothing is rounded in
+// the main loop. Reduction slices as in conv_tf32, k_split counting chunks (slice z writes
+// out + z * N*K*P*Q, bias in slice 0 only).
+// Arguments: xt, wt, bias (or null), out, then N, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh, dw,
+// groups, Cgp, k_split (int32), then (mul, shift) of C4, S, P*Q and Q.
+struct NhwcShape {
+    int H, W, S, dh, dw, GC, C4;  // GC = groups * Cgp: the pixel stride of xt
+    FastDiv by_c4, by_s;
+};
+
+// Offset of 16-byte chunk kc (0..3) of row `row` in a shared tile of 16-float rows.
+__device__ __forceinline__ int swizzled(int row, int kc) {
+    return row * 16 + ((kc ^ ((row >> 1) & 3)) << 2);
+}
+
+// A: BM output pixels. Thread tid copies chunk tid % 4 of rows tid / 4 + RPP * i; each row
+// keeps a pointer to its window origin in xt and the origin's coordinates (bounds checks).
+template <int BM, int NT>
+struct NhwcPixels {
+    static constexpr int RPP = NT / 4;  // rows per pass
+    static constexpr int PER = BM / RPP;
+    static_assert(NT % 32 == 0 && BM % RPP == 0, "NhwcPixels: tile does not split evenly");
+    const float* org[PER];  // &xt[n, bh, bw, g, 0] (a notional address outside the image)
+    int bh[PER], bw[PER];   // p * sh - pt, q * sw - pl (FAR: past the last row)
+    int dst, t;             // swizzled offset of this thread's chunk; its reduction chunk
+
+    template <int LD, int Q>
+    __device__ __forceinline__ void fetch(const NhwcShape& s, int k_end, float* tile) {
+        const int tap = s.by_c4(t);
+        const int c4 = t - tap * s.C4;
+        const int r = s.by_s(tap);
+        const int dr = r * s.dh, ds = (tap - r * s.S) * s.dw;
+        const int off = (dr * s.W + ds) * s.GC + 4 * c4;  // < 2^31 (the launcher checks)
+        const bool kval = t < k_end;
 #pragma unroll
-            for (int j = 0; j < NI; ++j) {
+        for (int i = 0; i < PER; ++i) {
+            const bool ok = kval && (unsigned)(bh[i] + dr) < (unsigned)s.H
+                            && (unsigned)(bw[i] + ds) < (unsigned)s.W;
+            cp_async<16>(tile + dst + 16 * RPP * i, org[i] + off, ok);
+        }
+        t += 4;
+    }
+};
+
+// B: BN filters of wt, whose (r, s, c) axis is contiguous: chunk t of filter k is at
+// wt + (k * KC + t) * 4 with KC = R*S*C4, so the copies advance by 16 floats a step.
+template <int BN, int NT>
+struct NhwcFilters {
+    static constexpr int RPP = NT / 4;
+    static constexpr int PER = BN / RPP;
+    static_assert(NT % 32 == 0 && BN % RPP == 0, "NhwcFilters: tile does not split evenly");
+    const float* org;  // &wt[g*Kg + n0 + tid / 4, chunk t]
+    long long stride;  // RPP filters
+    int live;          // this thread's rows inside the group's filters (i < live)
+    int dst, t;
+
+    template <int LD, int Q>
+    __device__ __forceinline__ void fetch(const NhwcShape&, int k_end, float* tile) {
+        const bool kval = t < k_end;
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = n0 + wn * WTN + j * 8 + 2 * tq + e;
-                    if (col >= NG) continue;
-                    const float b = (MODE == FPROP && bias != nullptr && split == 0)
-                                        ? bias[g * NG + col] : 0.0f;
-                    out[rowoff + col * oi.jstride] = acc[i][j][2 * h + e] + b;
-                }
+        for (int i = 0; i < PER; ++i)
+            cp_async<16>(tile + dst + 16 * RPP * i, org + stride * i, kval && i < live);
+        org += 16;
+        t += 4;
+    }
+};
+
+// Stages of the conv_tf32_nhwc ring: four, or as many as fit in 48 KiB of static shared memory
+// (BM + BN rows of 16 floats a stage); cuda_conv.nhwc_stages mirrors it.
+__host__ __device__ constexpr int nhwc_stages(int BM, int BN) {
+    return (48 * 1024) / (64 * (BM + BN)) < CONV_STAGES ? (48 * 1024) / (64 * (BM + BN))
+                                                        : CONV_STAGES;
+}
+
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N>
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 512 / (32 * WARPS_M * WARPS_N))
+conv_tf32_nhwc(const float* __restrict__ xt, const float* __restrict__ wt,
+               const float* __restrict__ bias, float* __restrict__ out, int N, int H, int W,
+               int K, int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,
+               int groups, int Cgp, int k_split, unsigned mul_c4, int shift_c4, unsigned mul_s,
+               int shift_s, unsigned mul_pq, int shift_pq, unsigned mul_q, int shift_q) {
+    constexpr int NT = 32 * WARPS_M * WARPS_N;
+    constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
+    constexpr int MI = WTM / 16, NI = WTN / 8;             // mma tiles per warp
+    constexpr int STAGES = nhwc_stages(BM, BN);
+    static_assert(BK == 16, "conv_tf32_nhwc: BK = 16 (four 16-byte chunks a row)");
+    static_assert(WTM % 16 == 0 && WTN % 16 == 0, "conv_tf32_nhwc: bad warp tile");
+    static_assert(STAGES >= 3, "conv_tf32_nhwc: three stages do not fit in 48 KiB");
+    __shared__ __align__(16) float As[STAGES * BM * BK];
+    __shared__ __align__(16) float Bs[STAGES * BN * BK];
+
+    const NhwcShape s{H, W, S, dh, dw, groups * Cgp, Cgp / 4, {mul_c4, shift_c4},
+                      {mul_s, shift_s}};
+    const FastDiv by_pq{mul_pq, shift_pq}, by_q{mul_q, shift_q};
+    const int tid = threadIdx.x;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int g = blockIdx.z % groups, split = blockIdx.z / groups;
+    const int PQ = P * Q, M = N * PQ, Kg = K / groups;
+    const int KC = R * S * (Cgp / 4);
+    const int k_begin = split * k_split;
+    const int k_end = min(KC, k_begin + k_split);
+
+    NhwcPixels<BM, NT> la;
+    NhwcFilters<BN, NT> lb;
+    {
+        const int kc = tid % 4, row = tid / 4;
+        la.dst = lb.dst = swizzled(row, kc);
+        la.t = lb.t = k_begin + kc;
+#pragma unroll
+        for (int i = 0; i < NhwcPixels<BM, NT>::PER; ++i) {
+            const int m = m0 + row + NhwcPixels<BM, NT>::RPP * i;
+            la.org[i] = xt;
+            la.bh[i] = FAR;
+            la.bw[i] = FAR;
+            if (m < M) {
+                const int n = by_pq(m);
+                const int rem = m - n * PQ;
+                const int p = by_q(rem);
+                la.bh[i] = p * sh - pt;
+                la.bw[i] = (rem - p * Q) * sw - pl;
+                la.org[i] = xt + (((long long)n * H + la.bh[i]) * W + la.bw[i]) * s.GC
+                            + (long long)g * Cgp;
             }
         }
+        const int j0 = n0 + row;
+        lb.live = j0 < Kg ? (Kg - j0 + NhwcFilters<BN, NT>::RPP - 1) / NhwcFilters<BN, NT>::RPP
+                          : 0;
+        lb.org = wt + ((long long)(g * Kg + j0) * KC + lb.t) * 4;
+        lb.stride = (long long)NhwcFilters<BN, NT>::RPP * KC * 4;
     }
+
+    const int lane = tid % 32, warp = tid / 32;
+    const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+    float acc[MI][NI][4];
+    zero_acc(acc);
+    // ldmatrix.x4 row addresses of this lane for the two k8 halves of a stage (the swizzle
+    // term depends on the lane only, so they stay fixed through the loop). Lane l addresses
+    // row l % 8 of matrix l / 8. A: matrices (rows 0-7, k 0-3), (rows 8-15, k 0-3), (rows 0-7,
+    // k 4-7), (rows 8-15, k 4-7) = a0..a3 of m16n8k8; B: (n 0-7, k 0-3), (n 0-7, k 4-7),
+    // (n 8-15, k 0-3), (n 8-15, k 4-7) = b0, b1 of n-tile j and of j + 1, so each b[j] is a
+    // register pair as mma.sync takes it.
+    int a_off[2], b_off[2];
+    {
+        const int a_row = wm * WTM + lane % 16, b_row = wn * WTN + lane % 8 + 8 * (lane / 16);
+#pragma unroll
+        for (int k8 = 0; k8 < 2; ++k8) {
+            a_off[k8] = swizzled(a_row, 2 * k8 + lane / 16);
+            b_off[k8] = swizzled(b_row, 2 * k8 + lane / 8 % 2);
+        }
+    }
+    // mainloop's BK counts reduction chunks (4 a step), its LDA/LDB make the stage sizes
+    // BM * 16 and BN * 16 floats.
+    mainloop<STAGES, false, 4 * BM, 4 * BN, 4, 0, 0>(s, la, lb, As, Bs, k_begin, k_end,
+                                                    [&](const float* as, const float* bs) {
+#pragma unroll
+        for (int k8 = 0; k8 < 2; ++k8) {
+            unsigned a[MI][4], b[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i) ldmatrix_x4(a[i], as + a_off[k8] + 256 * i);
+#pragma unroll
+            for (int j = 0; j < NI; j += 2) {
+                unsigned v[4];
+                ldmatrix_x4(v, bs + b_off[k8] + 128 * j);
+                b[j][0] = v[0];
+                b[j][1] = v[1];
+                b[j + 1][0] = v[2];
+                b[j + 1][1] = v[3];
+            }
+            mma_warp_tile(acc, a, b);
+        }
+    });
+
+    // Epilogue: y[n, g*Kg + col, p, q] (+ bias in slice 0).
+    const long long img = (long long)K * PQ;
+    float* y = out + (long long)split * N * img + (long long)g * Kg * PQ;
+    store_warp_tile(acc, m0 + wm * WTM, n0 + wn * WTN, M, Kg, PQ,
+                    [&](int m) {
+                        const int n = by_pq(m);
+                        return y + n * img + (m - n * PQ);
+                    },
+                    [&](int col) {
+                        return bias != nullptr && split == 0 ? bias[g * Kg + col] : 0.0f;
+                    });
 }
 
 }  // namespace fc

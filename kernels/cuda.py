@@ -10,7 +10,9 @@ Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
   ``implicit_gemm`` / ``implicit_gemm_tf32``  conv2d.cu, every geometry; the input gradient
       gathers grad_output at the taps of the rotated kernel; reduction slices (always for the
       weight gradient's long N*P*Q reduction, for the others when their GEMM is small) are
-      summed in a fixed order.
+      summed in a fixed order. A TF32 tile with layout "nhwc" runs ``conv_tf32_nhwc`` after
+      the channels-last TF32 pre-pass (``_nhwc_forward``); the TF32 weight gradient with such
+      a tile is a forward convolution with roles swapped per group (``_nhwc_weight_grad``).
   ``depthwise``   depthwise.cu (groups == C).
   ``winograd``    winograd.cu (cuda_winograd), 3x3 stride-1 layers, all three conv ops (the
       weight gradient in tile-reduction slices summed in a fixed order); with the
@@ -120,6 +122,9 @@ def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None
     them, over batch chunks when 32-bit row indices need it (then without slices: a GEMM that
     large fills the device anyway)."""
     tile = _tile(algo)
+    if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
+        _nhwc_forward(ex, a, b, bias, out, geom, tile, int(algo.get("splits", 1)))
+        return
     chunks = cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, mode))
     if len(chunks) == 1:  # the usual case: no views to make
         reduction = cuda_conv.gemm_shape(geom, mode)[2]
@@ -135,6 +140,36 @@ def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None
     for n0, n1 in chunks:
         part = cuda_conv.with_batch(geom, n1 - n0)
         ex.run(cuda_conv.implicit_gemm_launch(mode, a[n0:n1], b, bias, out[n0:n1], part, tile))
+
+
+def _nhwc_forward(ex: Executor, x, weight, bias, y, geom, tile: Tf32Tile, splits: int) -> None:
+    """TF32 forward through ``conv_tf32_nhwc``: x and the weight copied channels-last and
+    rounded to TF32 by the pre-pass (workspace ``cuda_conv.nhwc_workspace_bytes``), then the
+    GEMM, in reduction slices summed in a fixed order when asked, over batch chunks when
+    32-bit row indices need it (then without slices)."""
+    cg = geom.C // geom.groups
+    hw, rs = geom.H * geom.W, geom.R * geom.S
+    nx, nw = cuda_conv.nhwc_buffer_sizes(geom)
+    xt, wt = ex.empty((nx,), x.dtype), ex.empty((nw,), x.dtype)
+    for spec in (cuda_conv.channels_last_launches(x, xt, geom.N, hw, geom.groups, cg,
+                                                  geom.C * hw, hw)
+                 + cuda_conv.channels_last_launches(weight, wt, geom.K, rs, 1, cg, cg * rs, rs)):
+        ex.run(spec)
+    chunks = cuda_conv.batch_chunks(geom.N, geom.P * geom.Q)
+    if len(chunks) == 1:
+        slices, _ = cuda_conv.nhwc_slices(geom, splits)
+        if slices == 1:
+            ex.run(cuda_conv.nhwc_forward_launch(xt, wt, bias, y, geom, tile))
+            return
+        work = ex.empty((slices,) + tuple(y.shape), y.dtype)
+        ex.run(cuda_conv.nhwc_forward_launch(xt, wt, bias, work, geom, tile, splits))
+        ex.xp.sum(work, axis=0, out=y)
+        return
+    per_image = nx // geom.N
+    for n0, n1 in chunks:
+        part = cuda_conv.with_batch(geom, n1 - n0)
+        ex.run(cuda_conv.nhwc_forward_launch(xt[n0 * per_image:n1 * per_image], wt, bias,
+                                             y[n0:n1], part, tile))
 
 
 def forward(ex: Executor, x, weight, bias, geom, algo):
@@ -194,7 +229,10 @@ def _phased_input_grad(ex: Executor, weight, grad_output, gx, geom, algo) -> Non
         params = () if tile is None else (("tile", tile), ("splits", splits))
         sub_algo = dataclasses.replace(algo, name=name, params=params, reason="")
         sub_w = cuda_dgrad.sub_weight(ex.xp, weight, phase, geom.groups)
-        view[...] = forward(ex, grad_output, sub_w, None, phase.geom, sub_algo)
+        if (sh, sw) == (1, 1) and name != "gemm_1x1":  # one phase: the whole of gx
+            _implicit_gemm(ex, FPROP, grad_output, sub_w, None, gx, phase.geom, sub_algo)
+        else:
+            view[...] = forward(ex, grad_output, sub_w, None, phase.geom, sub_algo)
 
 
 def weight_grad(ex: Executor, x, grad_output, geom, algo):
@@ -219,11 +257,43 @@ def weight_grad(ex: Executor, x, grad_output, geom, algo):
     return gw
 
 
+def _nhwc_weight_grad(ex: Executor, x, grad_output, gw, geom, tile: Tf32Tile,
+                      splits: int) -> None:
+    """TF32 weight gradient through ``conv_tf32_nhwc``, one group at a time as the forward
+    convolution of ``cuda_conv.wgrad_forward_geometry`` (x copied as ``(C, H, W, Np)`` and
+    grad_output as ``(K, P, Q, Np)`` by the pre-pass), in reduction slices over the images
+    and output pixels summed in a fixed order, each group's ``(Cg, Kg, R, S)`` result
+    transposed into grad_weight."""
+    N, C, H, W = x.shape
+    K, P, Q = geom.K, geom.P, geom.Q
+    cg, kg = C // geom.groups, K // geom.groups
+    npad = cuda_conv.padded_channels(N)
+    xt = ex.empty((C * H * W * npad,), x.dtype)
+    gt = ex.empty((K * P * Q * npad,), x.dtype)
+    for spec in (cuda_conv.channels_last_launches(x, xt, C, H * W, 1, N, H * W, C * H * W)
+                 + cuda_conv.channels_last_launches(grad_output, gt, K, P * Q, 1, N, P * Q,
+                                                    K * P * Q)):
+        ex.run(spec)
+    sub = cuda_conv.wgrad_forward_geometry(geom)
+    slices, _ = cuda_conv.nhwc_slices(sub, splits)
+    per_x, per_g = cg * H * W * npad, kg * P * Q * npad
+    for g in range(geom.groups):
+        work = ex.empty((slices, cg, kg, geom.R, geom.S), gw.dtype)
+        ex.run(cuda_conv.nhwc_forward_launch(xt[g * per_x:(g + 1) * per_x],
+                                             gt[g * per_g:(g + 1) * per_g], None, work, sub,
+                                             tile, slices))
+        part = work[0] if slices == 1 else ex.xp.sum(work, axis=0)
+        gw[g * kg:(g + 1) * kg] = part.transpose(1, 0, 2, 3)
+
+
 def _weight_grad_gemm(ex: Executor, x, grad_output, gw, geom, algo) -> None:
     """Implicit GEMM over reduction slices (and batch chunks), partial results summed in a
     fixed order."""
     tile = _tile(algo)
     splits = int(algo.get("splits", 1))
+    if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
+        _nhwc_weight_grad(ex, x, grad_output, gw, geom, tile, splits)
+        return
     chunks = cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, WGRAD))
     parts = []
     for n0, n1 in chunks:

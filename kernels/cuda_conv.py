@@ -49,14 +49,16 @@ class SimtTile:
 
 @dataclass(frozen=True)
 class Tf32Tile:
-    """Block tile of ``conv_tf32``: BM x BN outputs, BK reduction steps, a WARPS_M x WARPS_N
-    grid of warps."""
+    """Block tile of ``conv_tf32`` (``layout`` "nchw": operands gathered from the NCHW tensors)
+    or ``conv_tf32_nhwc`` (``layout`` "nhwc": forward only, over the channels-last TF32 copies
+    of the pre-pass): BM x BN outputs, BK reduction steps, a WARPS_M x WARPS_N grid of warps."""
 
     bm: int
     bn: int
     bk: int
     warps_m: int
     warps_n: int
+    layout: str = "nchw"
 
     @property
     def threads(self) -> int:
@@ -89,12 +91,33 @@ SIMT_TILES: dict[str, tuple[SimtTile, ...]] = {
 # gradient spilled while its stride checks divided per element; see PixelGather in conv2d.cu).
 SIMT_EXCLUDED: frozenset = frozenset()
 # conv_tf32 keeps a cp.async ring of tf32_stages(tile) stages in at most 48 KiB of static shared
-# memory. The 128-wide tiles take BK = 16 (two mma k-steps per barrier and index gather): three
-# stages for 128x64, two for 128x128 (three would need 50688 bytes); the 64-wide ones BK = 8
-# with four. Every loader's column step (threads / BK) is a multiple of 16 (fragment order).
-TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4), Tf32Tile(128, 64, 16, 4, 2),
-                                    Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
+# memory: BK = 8 with four stages for these 64-wide tiles. Every loader's column step
+# (threads / BK) is a multiple of 16 (fragment order). They are the fallbacks of the TF32 path:
+# its 128-wide tiles are conv_tf32_nhwc's (TF32_NHWC_TILES) for all three ops (the input
+# gradient as forward convolutions of grad_output, the weight gradient as a forward convolution
+# with roles swapped), whose pre-pass workspace the rules may not have.
+TF32_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(64, 64, 8, 2, 2), Tf32Tile(64, 32, 8, 2, 2))
 CONV_STAGES = 4  # depth of the cp.async ring (conv2d.cu); TF32 tiles may take fewer
+# conv_tf32_nhwc (forward): BK = 16 (four 16-byte chunks of channels a row), the ring as deep as
+# 48 KiB of static shared memory allows (`nhwc_stages`: three for 128x128, four for 128x64).
+TF32_NHWC_TILES: tuple[Tf32Tile, ...] = (Tf32Tile(128, 128, 16, 2, 4, "nhwc"),
+                                         Tf32Tile(128, 64, 16, 2, 2, "nhwc"))
+# The channels-last pre-pass of conv_tf32_nhwc (a memory-bound copy, no main loop).
+NHWC_COPY_KERNEL = "fc::nhwc_tf32_copy"
+NHWC_COPY_BLOCK = (32, 8, 1)
+
+
+def tf32_tiles(mode: int) -> tuple[Tf32Tile, ...]:
+    """The TF32 tiles `pick_tile` chooses from for a mode's own GEMM: for the forward the
+    channels-last tiles first, then the ``conv_tf32`` ones (the gradients reach conv_tf32_nhwc
+    through forward geometries: cuda_dgrad's phases, `wgrad_forward_geometry`)."""
+    return (TF32_NHWC_TILES + TF32_TILES) if mode == FPROP else TF32_TILES
+
+
+def nhwc_stages(tile: Tf32Tile) -> int:
+    """Stages of the ``conv_tf32_nhwc`` ring (``nhwc_stages`` in conv2d.cu): four, or as many
+    as fit in 48 KiB with BM + BN rows of 16 floats a stage."""
+    return min(CONV_STAGES, SMEM_LIMIT // (64 * (tile.bm + tile.bn)))
 
 
 def tf32_stages(tile: Tf32Tile) -> int:
@@ -157,10 +180,14 @@ def resident_blocks(tile: SimtTile | Tf32Tile, mode: int) -> int:
     """Blocks per SM the kernel's ``__launch_bounds__`` make room for (``simt_min_blocks`` and
     ``tf32_min_blocks`` in conv2d.cu): ``512 / threads`` (at most 128 registers per thread),
     except ``256 / threads`` (at least 1) for SIMT tiles with 8x8 register blocking (64
-    accumulators: 128x128 with 256 threads, 128x64 with 128) and 1 for the 128x128 TF32 input
-    gradient. The compiled kernels are checked to allow at least this many
-    (tests/test_sass_report.py)."""
+    accumulators: 128x128 with 256 threads, 128x64 with 128), 1 for a 128x128 ``conv_tf32``
+    input gradient (not instantiated) and at most 3 for ``conv_tf32_nhwc`` (its 48 KiB ring:
+    three blocks per SM on an A100). The compiled kernels are checked to allow at least this
+    many (tests/test_sass_report.py)."""
     big = tile.bm * tile.bn >= 128 * 128
+    if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
+        # 512 / threads by registers; the 48 KiB ring allows three per SM on an A100
+        return min(max(1, 512 // tile.threads), 3)
     if isinstance(tile, Tf32Tile):
         return 1 if big and mode == DGRAD else max(1, 512 // tile.threads)
     if tile.tm * tile.tn >= 64:
@@ -198,8 +225,13 @@ def vector_a_kernels() -> list[tuple[str, int, SimtTile]]:
 
 
 def tf32_kernel_name(mode: int, tile: Tf32Tile) -> str:
-    """Name expression of a ``conv_tf32`` instantiation."""
+    """Name expression of a ``conv_tf32`` instantiation, or of ``conv_tf32_nhwc`` for an
+    "nhwc" tile (forward only)."""
     t = tile
+    if t.layout == "nhwc":
+        if mode != FPROP:
+            raise ValueError("conv_tf32_nhwc computes the forward pass only")
+        return f"fc::conv_tf32_nhwc<{t.bm}, {t.bn}, {t.bk}, {t.warps_m}, {t.warps_n}>"
     return f"fc::conv_tf32<{mode}, {t.bm}, {t.bn}, {t.bk}, {t.warps_m}, {t.warps_n}>"
 
 
@@ -217,6 +249,7 @@ def all_kernel_names() -> dict[str, list[str]]:
             for mode in (FPROP, DGRAD, WGRAD) for tile in simt_tiles(dt, mode)]
     conv += [simt_kernel_name(dt, mode, tile, True) for dt, mode, tile in vector_a_kernels()]
     conv += [tf32_kernel_name(mode, tile) for tile in TF32_TILES for mode in (FPROP, DGRAD, WGRAD)]
+    conv += [tf32_kernel_name(FPROP, tile) for tile in TF32_NHWC_TILES] + [NHWC_COPY_KERNEL]
     dw = [name for dt in DEPTHWISE_TILES for name in depthwise_kernel_names(dt).values()]
     return {"conv2d.cu": conv, "depthwise.cu": dw}
 
@@ -375,10 +408,150 @@ def _gemm_plan(mode: int, geom: Any, tile: SimtTile | Tf32Tile, splits: int, dty
     if isinstance(tile, Tf32Tile):
         if dtype != np.float32:
             raise TypeError("the TF32 kernel takes float32 arrays")
+        if tile.layout == "nhwc":
+            raise ValueError("conv_tf32_nhwc tiles launch through nhwc_forward_launch")
         name = tf32_kernel_name(mode, tile)
     else:
         name = simt_kernel_name(dtype, mode, tile, vector_a)
     return name, grid, shape_args(geom, k_split) + divisor_args(geom, mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# TF32 forward over channels-last operands: pre-pass and conv_tf32_nhwc
+# ---------------------------------------------------------------------------------------------
+def padded_channels(cg: int) -> int:
+    """Channels per group in the channels-last buffers: ``cg`` rounded up to a multiple of 4."""
+    return -(-cg // 4) * 4
+
+
+def nhwc_buffer_sizes(geom: Any) -> tuple[int, int]:
+    """Elements of the pre-pass buffers of a forward: ``xt (N, H, W, groups, Cgp)`` and
+    ``wt (K, R, S, Cgp)``."""
+    cgp = padded_channels(geom.C // geom.groups)
+    return geom.N * geom.H * geom.W * geom.groups * cgp, geom.K * geom.R * geom.S * cgp
+
+
+def nhwc_workspace_bytes(geom: Any) -> int:
+    """Bytes of the two float32 pre-pass buffers (`nhwc_buffer_sizes`)."""
+    return 4 * sum(nhwc_buffer_sizes(geom))
+
+
+def channels_last_launches(src: Any, dst: Any, outer: int, plane: int, groups: int, cg: int,
+                           stride_b: int, stride_c: int) -> list[Launch]:
+    """Launches of ``nhwc_tf32_copy`` filling ``dst`` (flat, ``outer * plane * groups * Cgp``
+    float32) with the channels-last TF32 copy of ``src`` (any float32 array, read as
+    ``src.flat[b * stride_b + (g * cg + c) * stride_c + i]``), in chunks of at most 65535
+    ``b`` (grid z). x: ``outer = N, plane = H*W, stride_b = C*H*W, stride_c = H*W``; a weight:
+    ``outer = K, plane = R*S, groups = 1, stride_b = cg*R*S, stride_c = R*S``."""
+    cgp = padded_channels(cg)
+    if outer * plane * groups * cgp == 0:
+        return []
+    if src.dtype != np.float32 or dst.dtype != np.float32:
+        raise TypeError("the TF32 pre-pass takes float32 arrays")
+    flat_src, flat_dst = src.reshape(-1), dst.reshape(-1)
+    out = []
+    for b0 in range(0, outer, GRID_YZ_LIMIT):
+        b1 = min(outer, b0 + GRID_YZ_LIMIT)
+        grid = (_ceil(plane, 32), groups * _ceil(cgp, 32), b1 - b0)
+        args = (flat_src[b0 * stride_b:], flat_dst[b0 * plane * groups * cgp:],
+                np.int32(plane), np.int32(groups), np.int32(cg), np.int32(cgp),
+                np.int64(stride_b), np.int64(stride_c))
+        out.append(Launch("conv2d.cu", NHWC_COPY_KERNEL, grid, NHWC_COPY_BLOCK, 0, args))
+    return out
+
+
+def nhwc_slices(geom: Any, splits: int) -> tuple[int, int]:
+    """``(slices, k_split)`` of ``conv_tf32_nhwc``'s reduction of ``R*S*Cgp/4`` chunks of 4
+    channels, cut into at most ``splits`` slices of a multiple of 4 chunks (one BK step)."""
+    kc = geom.R * geom.S * padded_channels(geom.C // geom.groups) // 4
+    return split_reduction(max(kc, 1), splits, 4)
+
+
+def nhwc_forward_launch(xt: Any, wt: Any, bias: Any, out: Any, geom: Any, tile: Tf32Tile,
+                        splits: int = 1) -> Launch:
+    """One launch of ``conv_tf32_nhwc``.
+
+    Parameters
+    ----------
+    xt, wt : float32 arrays
+        The pre-pass buffers (`channels_last_launches`) of x, ``(N, H, W, groups, Cgp)``, and
+        of the weight, ``(K, R, S, Cgp)``, flat.
+    bias : array (K,) or None
+    out : array
+        ``y (N, K, P, Q)``, or with more than one reduction slice a workspace of ``slices``
+        such results (the caller sums them; the bias is in slice 0).
+    geom : ConvGeometry
+        Of this launch (``N`` images in ``xt``; at most `ROW_LIMIT` output pixels).
+    tile : Tf32Tile
+        An "nhwc" tile.
+    splits : int
+        Requested reduction slices (`nhwc_slices`).
+    """
+    if tile.layout != "nhwc":
+        raise ValueError(f"{tile} is not a conv_tf32_nhwc tile")
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    cgp = padded_channels(cg)
+    gc = geom.groups * cgp
+    M = geom.N * geom.P * geom.Q
+    (dh, dw), (R, S) = geom.dilation, (geom.R, geom.S)
+    # 32-bit in the kernel: GEMM rows, a tap's offset within an image, a filter row.
+    if M > ROW_LIMIT:
+        raise ValueError(f"GEMM of {M} rows: split the batch first")
+    if max(((R - 1) * dh * geom.W + (S - 1) * dw + 1) * gc, R * S * cgp) > ROW_LIMIT:
+        raise ValueError(f"a tap offset or filter row of {geom} exceeds {ROW_LIMIT} elements")
+    slices, k_split = nhwc_slices(geom, splits)
+    grid = (_ceil(M, tile.bm), _ceil(kg, tile.bn), geom.groups * slices)
+    if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:
+        raise ValueError(f"grid {grid} exceeds CUDA's limit of {GRID_YZ_LIMIT} in y and z")
+    pt, _, pl, _ = geom.padding
+    ints = (geom.N, geom.H, geom.W, geom.K, R, S, geom.P, geom.Q, geom.stride[0],
+            geom.stride[1], pt, pl, dh, dw, geom.groups, cgp, k_split)
+    divs = []
+    for d in (max(cgp // 4, 1), S, max(geom.P * geom.Q, 1), max(geom.Q, 1)):
+        mul, shift = fast_divisor(d)
+        divs += [np.uint32(mul), np.int32(shift)]
+    args = ((xt, wt, NULL if bias is None else bias, out)
+            + tuple(np.int32(v) for v in ints) + tuple(divs))
+    return Launch("conv2d.cu", tf32_kernel_name(FPROP, tile), grid, (tile.threads, 1, 1), 0,
+                  args)
+
+
+def wgrad_forward_geometry(geom: Any) -> Any:
+    """The weight gradient of one group as a forward convolution with roles swapped:
+
+        grad_weight[g*Kg + k, c, r, s] = sum_{n, p, q} grad_output[n, g*Kg + k, p, q]
+            * x[n, g*Cg + c, p*sh + r*dh - pt, q*sw + s*dw - pl]
+
+    is the correlation whose batch is the group's ``Cg`` input channels, whose input channels
+    are the ``N`` images (x read as ``(C, H, W, N)``), whose ``Kg`` filters are grad_output read
+    as ``(K, P, Q, N)`` (kernel size ``P x Q``), with stride ``(dh, dw)``, dilation
+    ``(sh, sw)``, padding ``(pt, pl)`` and output size ``R x S``: its output ``(Cg, Kg, R, S)``
+    is the group's block of grad_weight, transposed."""
+    cg, kg = geom.C // geom.groups, geom.K // geom.groups
+    pt, pb, pl, pr = geom.padding
+    return dataclasses.replace(geom, N=cg, C=geom.N, K=kg, R=geom.P, S=geom.Q, P=geom.R,
+                               Q=geom.S, stride=tuple(geom.dilation),
+                               dilation=tuple(geom.stride), padding=(pt, pb, pl, pr), groups=1)
+
+
+def nhwc_wgrad_workspace_bytes(geom: Any) -> int:
+    """Bytes of the pre-pass buffers of the channels-last TF32 weight gradient: x as
+    ``(C, H, W, Np)`` and grad_output as ``(K, P, Q, Np)``, ``Np`` the batch padded to a
+    multiple of 4."""
+    npad = padded_channels(geom.N)
+    return 4 * npad * (geom.C * geom.H * geom.W + geom.K * geom.P * geom.Q)
+
+
+def nhwc_fits(geom: Any) -> bool:
+    """Whether ``nhwc_forward_launch`` accepts ``geom`` (32-bit rows, tap offsets and filter
+    rows; grid limits)."""
+    cgp = padded_channels(geom.C // geom.groups)
+    gc = geom.groups * cgp
+    (dh, dw), kg = geom.dilation, geom.K // geom.groups
+    return (geom.N * geom.P * geom.Q <= ROW_LIMIT and geom.P * geom.Q <= ROW_LIMIT
+            and ((geom.R - 1) * dh * geom.W + (geom.S - 1) * dw + 1) * gc <= ROW_LIMIT
+            and geom.R * geom.S * cgp <= ROW_LIMIT and _ceil(kg, 64) <= GRID_YZ_LIMIT
+            and geom.groups <= GRID_YZ_LIMIT)
 
 
 def _depthwise_windows(geom: Any, dtype: Any) -> tuple[int, int, int, int]:

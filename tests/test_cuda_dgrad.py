@@ -192,7 +192,12 @@ def test_rule_splits_large_strided_input_grads(assumed_device, precision):
         gy = np.zeros(geom.output_shape, np.float32)
         w = np.zeros(sub_geom.weight_shape, np.float32)
         out = np.zeros(sub_geom.output_shape, np.float32)
-        spec = cuda_conv.implicit_gemm_launch(FPROP, gy, w, None, out, sub_geom, tile, splits)
+        if getattr(tile, "layout", "") == "nhwc":
+            xt, wt = (np.zeros(n, np.float32) for n in cuda_conv.nhwc_buffer_sizes(sub_geom))
+            spec = cuda_conv.nhwc_forward_launch(xt, wt, None, out, sub_geom, tile, splits)
+        else:
+            spec = cuda_conv.implicit_gemm_launch(FPROP, gy, w, None, out, sub_geom, tile,
+                                                  splits)
         assert spec.kernel in cuda_conv.all_kernel_names()["conv2d.cu"]
         kernels.add(spec.kernel)
     assert kernels == set(algo.get("kernels"))

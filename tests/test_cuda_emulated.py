@@ -23,7 +23,7 @@ from fastconv._args import conv_geometry
 from fastconv._types import Algo
 from fastconv.dispatch import cuda as rules
 from fastconv.kernels import cuda as backend
-from fastconv.kernels import cuda_build, cuda_conv, cuda_hinge
+from fastconv.kernels import cuda_build, cuda_conv, cuda_dgrad, cuda_hinge
 from fastconv.kernels.cuda_conv import DGRAD, FPROP, WGRAD, SimtTile, Tf32Tile
 
 from conftest import CASES, CASE_IDS, TOLERANCE, rel_err
@@ -92,7 +92,7 @@ def test_case_list(ex, case, dtype, precision, op):
                         workspace_bytes=256 * 2**20)
     out, ref = _run(ex, op, geom, algo, x, w, b if case.bias else None, gy)
     assert out.dtype == dtype
-    tf32 = algo.name == "implicit_gemm_tf32"
+    tf32 = algo.get("precision") == "tf32"  # implicit_gemm_tf32, or its input-gradient phases
     assert rel_err(out, ref) < _tol(dtype, "tf32" if tf32 else "fp32"), algo
 
 
@@ -152,6 +152,145 @@ def test_batch_chunks_for_32bit_indices(ex, monkeypatch):
             algo = Algo(name, (("tile", dataclasses.astuple(tile)), ("splits", 2)))
             out, ref = _run(ex, op, geom, algo, x, w, b, gy)
             assert rel_err(out, ref) < 1e-11, op
+
+
+# ---------------------------------------------------------------------------------------------
+# TF32 forward over channels-last operands: the pre-pass and conv_tf32_nhwc
+# ---------------------------------------------------------------------------------------------
+def _tf32_rna(a):
+    """cvt.rna.tf32.f32 in NumPy (the emulation's to_tf32): 10 mantissa bits, ties away."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.mark.parametrize("groups,cg", [(1, 3), (2, 5), (3, 4), (1, 37)])
+def test_nhwc_prepass_layout(ex, groups, cg):
+    """x (N, C, H, W) -> (N, H, W, G, Cgp) and a weight (K, Cg, R, S) -> (K, R, S, Cgp): every
+    value rounded to TF32 once, padding channels zero, every element written (NaN-poisoned
+    buffers); planes and channel counts that do not fill the 32 x 32 tiles."""
+    rng = np.random.default_rng(5)
+    N, H, W, K, R, S = 2, 5, 9, 6 * groups, 3, 2
+    C = groups * cg
+    cgp = cuda_conv.padded_channels(cg)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    xt = np.full(N * H * W * groups * cgp, np.nan, np.float32)
+    for spec in cuda_conv.channels_last_launches(x, xt, N, H * W, groups, cg, C * H * W, H * W):
+        cuda_emu.run(spec)
+    want = np.zeros((N, H, W, groups, cgp), np.float32)
+    want[..., :cg] = _tf32_rna(x).reshape(N, groups, cg, H, W).transpose(0, 3, 4, 1, 2)
+    np.testing.assert_array_equal(xt.reshape(want.shape), want)
+    assert not np.array_equal(want[..., :cg], x.reshape(N, groups, cg, H, W)
+                              .transpose(0, 3, 4, 1, 2))  # rounding changed values
+    w = rng.standard_normal((K, cg, R, S)).astype(np.float32)
+    wt = np.full(K * R * S * cgp, np.nan, np.float32)
+    for spec in cuda_conv.channels_last_launches(w, wt, K, R * S, 1, cg, cg * R * S, R * S):
+        cuda_emu.run(spec)
+    want_w = np.zeros((K, R, S, cgp), np.float32)
+    want_w[..., :cg] = _tf32_rna(w).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(wt.reshape(want_w.shape), want_w)
+
+
+def _nhwc_algo(tile, splits=1):
+    return Algo("implicit_gemm_tf32", (("tile", dataclasses.astuple(tile)), ("splits", splits)))
+
+
+NHWC_TILES = [pytest.param(t, id=f"{t.bm}x{t.bn}") for t in cuda_conv.TF32_NHWC_TILES]
+
+
+@pytest.mark.parametrize("tile", NHWC_TILES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list_tf32_nhwc(ex, case, tile):
+    """The shared case list through conv_tf32_nhwc (the forward pass; the input gradient's
+    phases run through it too, see test_cuda_dgrad): TF32 error, yet above fp32 rounding, so
+    the operands really were rounded; outputs NaN-poisoned by the emulation's executor."""
+    x, w, b = case.arrays(np.float32)
+    geom = conv_geometry(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
+    rec = _Recording(ex)
+    out = backend.forward(rec, x, w, b if case.bias else None, geom, _nhwc_algo(tile))
+    ref = reference.conv2d_forward(x, w, b if case.bias else None, geom)
+    assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE
+    assert rec.kernels[-1] == cuda_conv.tf32_kernel_name(FPROP, tile)
+    assert rec.kernels.count(cuda_conv.NHWC_COPY_KERNEL) == 2
+
+
+# The gradients' case lists run the 128x128 tile (the 128x64 one: test_nhwc_tiles_and_slices),
+# to keep the emulated suite short.
+@pytest.mark.parametrize("tile", NHWC_TILES[:1])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list_tf32_nhwc_input_grad(ex, case, tile):
+    """The TF32 input gradient as the rules build it (every stride: its input phases, stride 1
+    one phase written in place), each phase through conv_tf32_nhwc on grad_output and the
+    phase's sub-kernel, against the reference."""
+    x, w, _ = case.arrays(np.float32)
+    geom = conv_geometry(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
+    _, _, _, gy = _problem(geom, np.float32, seed=1)
+    plans = tuple((*p.index, "implicit_gemm_tf32", dataclasses.astuple(tile), 1)
+                  for p in cuda_dgrad.phases(geom) if p.geom is not None)
+    rec = _Recording(ex)
+    out = backend.input_grad(rec, w, gy, geom, Algo("implicit_gemm_phases",
+                                                    (("phases", plans),)))
+    ref = reference.conv2d_input_grad(w, gy, geom)
+    assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE
+    conv = [k for k in rec.kernels if k != cuda_conv.NHWC_COPY_KERNEL]
+    assert conv == [cuda_conv.tf32_kernel_name(FPROP, tile)] * len(plans)
+
+
+@pytest.mark.parametrize("tile", NHWC_TILES[:1])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list_tf32_nhwc_weight_grad(ex, case, tile):
+    """The TF32 weight gradient as a forward convolution with roles swapped, per group, through
+    conv_tf32_nhwc (x as (C, H, W, Np), grad_output as (K, P, Q, Np)), in three reduction
+    slices summed in a fixed order, against the reference."""
+    x, w, _ = case.arrays(np.float32)
+    geom = conv_geometry(x.shape, w.shape, case.stride, case.padding, case.dilation, case.groups)
+    _, _, _, gy = _problem(geom, np.float32, seed=1)
+    rec = _Recording(ex)
+    out = backend.weight_grad(rec, x, gy, geom, _nhwc_algo(tile, 3))
+    ref = reference.conv2d_weight_grad(x, gy, geom)
+    assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE
+    conv = [k for k in rec.kernels if k != cuda_conv.NHWC_COPY_KERNEL]
+    assert conv == [cuda_conv.tf32_kernel_name(FPROP, tile)] * geom.groups
+
+
+NHWC_GEOMS = {
+    # several row tiles (M = 2*13*12 = 312), a column tile edge (K = 40 of 64/128), odd C
+    "plain": conv_geometry((2, 13, 13, 12), (40, 13, 3, 3), 1, 1, 1, 1),
+    # groups, stride, dilation, asymmetric padding; reduction of R*S*Cgp/4 = 6*2 = 12 chunks
+    # (a BK step of 4 chunks spans taps), K/groups = 9
+    "mixed": conv_geometry((3, 12, 11, 9), (18, 6, 3, 2), (2, 1), ((1, 2), (0, 1)), (1, 2), 2),
+    # channels a multiple of 16 (whole BK steps per tap), 2x2 stride, batch 1, K = 70 (two
+    # column tiles of the 128x64 tile)
+    "wide": conv_geometry((1, 32, 10, 10), (70, 32, 3, 3), 2, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("geom_name", list(NHWC_GEOMS))
+@pytest.mark.parametrize("tile", NHWC_TILES)
+def test_nhwc_tiles_and_slices(ex, tile, geom_name):
+    """Every conv_tf32_nhwc tile over several row and column tiles, forward and weight gradient,
+    with one and with three reduction slices (summed in a fixed order), against the
+    reference."""
+    geom = NHWC_GEOMS[geom_name]
+    x, w, b, gy = _problem(geom, np.float32)
+    ref = reference.conv2d_forward(x, w, b, geom)
+    ref_w = reference.conv2d_weight_grad(x, gy, geom)
+    for splits in (1, 3):
+        out = backend.forward(ex, x, w, b, geom, _nhwc_algo(tile, splits))
+        assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE, splits
+        gw = backend.weight_grad(ex, x, gy, geom, _nhwc_algo(tile, splits))
+        assert 1e-5 < rel_err(gw, ref_w) < TF32_TOLERANCE, splits
+
+
+def test_nhwc_batch_chunks(ex, monkeypatch):
+    """Batches cut for 32-bit GEMM rows: each chunk reads its images' part of the pre-pass
+    buffer."""
+    geom = conv_geometry((5, 6, 10, 9), (8, 6, 3, 3), 1, 1, 1, 1)
+    monkeypatch.setattr(cuda_conv, "ROW_LIMIT", 2 * 90 + 7)  # two images per chunk
+    x, w, b, _ = _problem(geom, np.float32)
+    rec = _Recording(ex)
+    out = backend.forward(rec, x, w, b, geom, _nhwc_algo(cuda_conv.TF32_NHWC_TILES[1], 2))
+    assert rel_err(out, reference.conv2d_forward(x, w, b, geom)) < TF32_TOLERANCE
+    assert len(rec.kernels) == 2 + 3
 
 
 # ---------------------------------------------------------------------------------------------

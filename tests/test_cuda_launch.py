@@ -79,6 +79,68 @@ def test_tf32_stages():
     assert cuda_conv.tf32_stages(Tf32Tile(128, 128, 16, 2, 4)) == 2  # 3 x 16896 B > 48 KiB
 
 
+def test_nhwc_tiles_satisfy_kernel_constraints():
+    """The static_asserts of conv_tf32_nhwc and its loaders: BK = 16, warp tiles of whole
+    16 x 16 mma pairs, rows split evenly over threads / 4 per pass, at least three stages in
+    48 KiB of static shared memory; forward only."""
+    for t in cuda_conv.TF32_NHWC_TILES:
+        assert t.layout == "nhwc" and t.bk == 16, t
+        assert (t.bm // t.warps_m) % 16 == 0 and (t.bn // t.warps_n) % 16 == 0, t
+        rows = t.threads // 4
+        assert t.bm % rows == 0 and t.bn % rows == 0, t
+        stages = cuda_conv.nhwc_stages(t)
+        assert 3 <= stages <= cuda_conv.CONV_STAGES, t
+        assert stages * (t.bm + t.bn) * 16 * 4 <= cuda_conv.SMEM_LIMIT, t
+        with pytest.raises(ValueError, match="forward"):
+            cuda_conv.tf32_kernel_name(DGRAD, t)
+    assert [cuda_conv.nhwc_stages(t) for t in cuda_conv.TF32_NHWC_TILES] == [3, 4]
+    assert cuda_conv.tf32_tiles(FPROP)[:2] == cuda_conv.TF32_NHWC_TILES
+    for mode in (DGRAD, WGRAD):
+        assert all(t.layout == "nchw" for t in cuda_conv.tf32_tiles(mode))
+    assert all(t.bm < 128 for t in cuda_conv.tf32_tiles(DGRAD))
+    assert all(t.layout == "nhwc" or t.bm < 128 for t in cuda_conv.tf32_tiles(FPROP))
+
+
+def test_nhwc_launch_geometry_and_workspace():
+    """Pre-pass launches (grid over pixels, groups x channel blocks, images; chunks of 65535
+    images), buffer sizes, and the conv_tf32_nhwc launch (grid, block, scalar arguments, slices
+    over the R*S*Cgp/4 chunk reduction)."""
+    geom = conv_geometry((3, 10, 9, 7), (12, 5, 3, 2), (2, 1), ((1, 0), (2, 1)), (1, 2), 2)
+    cgp = cuda_conv.padded_channels(5)
+    assert cgp == 8 and cuda_conv.padded_channels(8) == 8 and cuda_conv.padded_channels(1) == 4
+    nx, nw = cuda_conv.nhwc_buffer_sizes(geom)
+    assert (nx, nw) == (3 * 9 * 7 * 2 * 8, 12 * 3 * 2 * 8)
+    assert cuda_conv.nhwc_workspace_bytes(geom) == 4 * (nx + nw)
+    x = np.zeros((3, 10, 9, 7), np.float32)
+    xt = np.zeros(nx, np.float32)
+    (spec,) = cuda_conv.channels_last_launches(x, xt, 3, 63, 2, 5, 630, 63)
+    assert spec.kernel == cuda_conv.NHWC_COPY_KERNEL and spec.block == (32, 8, 1)
+    assert spec.grid == (2, 2, 3)  # ceil(63 / 32) pixel blocks, 2 groups x 1 channel block
+    assert [int(a) for a in spec.args[2:]] == [63, 2, 5, 8, 630, 63]
+    big = np.zeros(70000 * 2, np.float32)
+    specs = cuda_conv.channels_last_launches(big, np.zeros(70000 * 4, np.float32), 70000, 1, 1,
+                                             2, 2, 1)
+    assert [s.grid[2] for s in specs] == [65535, 70000 - 65535]
+    assert specs[1].args[1].size == (70000 - 65535) * 4 and specs[1].args[0].size == 2 * 4465
+    wt = np.zeros(nw, np.float32)
+    y = np.zeros((3, 12, geom.P, geom.Q), np.float32)
+    tile = cuda_conv.TF32_NHWC_TILES[1]
+    spec = cuda_conv.nhwc_forward_launch(xt, wt, None, y, geom, tile)
+    M = 3 * geom.P * geom.Q
+    assert spec.kernel == "fc::conv_tf32_nhwc<128, 64, 16, 2, 2>"
+    assert spec.grid == (-(-M // 128), 1, 2) and spec.block == (128, 1, 1)
+    ints = [int(a) for a in spec.args[4:21]]
+    assert ints == [3, 9, 7, 12, 3, 2, geom.P, geom.Q, 2, 1, 1, 2, 1, 2, 2, 8, 3 * 2 * 2]
+    slices, k_split = cuda_conv.nhwc_slices(geom, 2)  # 12 chunks -> 2 slices of 8 and 4
+    assert (slices, k_split) == (2, 8)
+    work = np.zeros((2,) + y.shape, np.float32)
+    spec = cuda_conv.nhwc_forward_launch(xt, wt, None, work, geom, tile, 2)
+    assert spec.grid[2] == 4 and int(spec.args[20]) == 8
+    with pytest.raises(ValueError, match="nhwc_forward_launch"):
+        cuda_conv.implicit_gemm_launch(FPROP, x, np.zeros((12, 5, 3, 2), np.float32), None, y,
+                                       geom, tile)
+
+
 def test_kernel_names_cover_every_tile_mode_and_dtype():
     names = cuda_conv.all_kernel_names()["conv2d.cu"]
     n_simt = sum(len(cuda_conv.simt_tiles(dt, mode)) for dt in cuda_conv.SIMT_TILES
@@ -87,13 +149,22 @@ def test_kernel_names_cover_every_tile_mode_and_dtype():
         cuda_conv.SIMT_EXCLUDED)
     n_vec = len(cuda_conv.vector_a_kernels())
     assert n_vec == 10  # FP32 forward and input gradient, every tile but 64x64 (256 threads)
-    assert len(names) == len(set(names)) == n_simt + n_vec + 3 * len(cuda_conv.TF32_TILES)
+    n_tf32 = 3 * len(cuda_conv.TF32_TILES)
+    n_nhwc = len(cuda_conv.TF32_NHWC_TILES) + 1  # and the pre-pass
+    assert len(names) == len(set(names)) == n_simt + n_vec + n_tf32 + n_nhwc
     for dt, mode, tile in cuda_conv.SIMT_EXCLUDED:
         assert cuda_conv.simt_kernel_name(dt, mode, tile) not in names
     assert "fc::conv_simt<float, 0, 128, 64, 8, 8, 8>" in names
     assert "fc::conv_simt<float, 1, 128, 128, 8, 8, 8>" in names
     assert "fc::conv_simt<double, 2, 64, 64, 8, 4, 4>" in names
-    assert "fc::conv_tf32<1, 128, 64, 16, 4, 2>" in names
+    # the 128-wide conv_tf32 tiles are retired (conv_tf32_nhwc)
+    assert "fc::conv_tf32<1, 128, 64, 16, 4, 2>" not in names
+    assert "fc::conv_tf32<0, 128, 128, 16, 2, 4>" not in names
+    assert "fc::conv_tf32<2, 128, 64, 16, 4, 2>" not in names
+    assert "fc::conv_tf32<1, 64, 64, 8, 2, 2>" in names
+    assert "fc::conv_tf32_nhwc<128, 128, 16, 2, 4>" in names
+    assert "fc::conv_tf32_nhwc<128, 64, 16, 2, 2>" in names
+    assert cuda_conv.NHWC_COPY_KERNEL in names
     dw = cuda_conv.all_kernel_names()["depthwise.cu"]
     assert "fc::depthwise_fprop<float, 16, 32, 2>" in dw
     assert "fc::depthwise_dgrad<double, 16, 32, 2>" in dw
@@ -487,6 +558,15 @@ def device(monkeypatch):
     return set_device
 
 
+def _gemm_spec(mode, a, b, out, geom, tile, splits):
+    """The launch of an implicit-GEMM algorithm's main kernel (``conv_tf32_nhwc`` over zero
+    pre-pass buffers for a channels-last tile)."""
+    if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
+        xt, wt = (np.zeros(n, np.float32) for n in cuda_conv.nhwc_buffer_sizes(geom))
+        return cuda_conv.nhwc_forward_launch(xt, wt, None, out, geom, tile, splits)
+    return cuda_conv.implicit_gemm_launch(mode, a, b, None, out, geom, tile, splits)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
 def test_rules_pick_instantiated_kernels_whose_launch_matches(case, precision, device):
@@ -504,13 +584,17 @@ def test_rules_pick_instantiated_kernels_whose_launch_matches(case, precision, d
             if algo.name == "depthwise":
                 assert algo.get("kernel") == cuda_conv.depthwise_kernel_names(dtype)[op]
                 continue
+            if algo.name == "implicit_gemm_phases":  # every TF32 input gradient, strided FP32
+                assert precision == "tf32" or geom.stride != (1, 1)
+                names = cuda_conv.all_kernel_names()["conv2d.cu"] + ["cupy.matmul"]
+                assert set(algo.get("kernels")) <= set(names)
+                continue
             tf32 = algo.name == "implicit_gemm_tf32"
             assert tf32 == (precision == "tf32" and dtype == np.float32)
             tile = (Tf32Tile if tf32 else SimtTile)(*algo.get("tile"))
             mode = cuda_conv.MODE_OF_OP[op]
             a_src, b_src = {FPROP: (x, w), DGRAD: (y, w), WGRAD: (y, x)}[mode]
-            spec = cuda_conv.implicit_gemm_launch(mode, a_src, b_src, None, y, geom, tile,
-                                                  algo.get("splits", 1))
+            spec = _gemm_spec(mode, a_src, b_src, y, geom, tile, algo.get("splits", 1))
             assert spec.kernel == algo.get("kernel")
             assert spec.kernel in cuda_conv.all_kernel_names()["conv2d.cu"]
             assert algo.get("precision") == ("tf32" if tf32 else
@@ -528,6 +612,31 @@ def test_rules_strict_by_default_tf32_only_on_request(device):
     assert tf32.name == "implicit_gemm_tf32" and "opt-in" in tf32.reason
     f64 = _choose("forward", R3, np.float64, precision="tf32")
     assert f64.name == "implicit_gemm" and "float64" in f64.reason
+
+
+def test_rules_tf32_channels_last_and_its_workspace(device):
+    """TF32 on a large layer: the forward and the weight gradient run conv_tf32_nhwc, the input
+    gradient its phases through it; the pre-pass buffers count in ``workspace_bytes``; with a
+    bound they do not fit, the 64-wide conv_tf32 tiles, and the reason says why."""
+    pre = cuda_conv.nhwc_workspace_bytes(R3_DIL)
+    fwd = _choose("forward", R3_DIL, precision="tf32")
+    assert fwd.get("kernel").startswith("fc::conv_tf32_nhwc<128, ")
+    assert fwd.get("workspace_bytes") >= pre and "pre-pass" in fwd.reason
+    dgrad = _choose("input_grad", R3_DIL, precision="tf32")
+    assert dgrad.name == "implicit_gemm_phases" and len(dgrad.get("phases")) == 1
+    assert all(k.startswith("fc::conv_tf32_nhwc<") for k in dgrad.get("kernels"))
+    wgrad = _choose("weight_grad", R3_DIL, precision="tf32")
+    assert wgrad.get("kernel").startswith("fc::conv_tf32_nhwc<")
+    assert wgrad.get("tile")[-1] == "nhwc" and wgrad.get("splits") > 1
+    assert wgrad.get("workspace_bytes") >= cuda_conv.nhwc_wgrad_workspace_bytes(R3_DIL)
+    small = pre - 1
+    for op in ("forward", "weight_grad"):
+        algo = _choose(op, R3_DIL, precision="tf32", workspace=small)
+        assert algo.get("kernel").startswith("fc::conv_tf32<") and algo.get("tile")[0] == 64
+        assert "workspace" in algo.reason and algo.get("workspace_bytes") <= small
+    algo = _choose("input_grad", R3_DIL, precision="tf32", workspace=small)
+    assert algo.name == "implicit_gemm_phases" and algo.get("workspace_bytes") <= small
+    assert all(k.startswith("fc::conv_tf32<0, 64, ") for k in algo.get("kernels"))
 
 
 def test_rules_tf32_falls_back_loudly_before_sm80(device):

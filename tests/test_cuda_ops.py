@@ -3,10 +3,13 @@
 Every output the backend allocates starts as NaN (the executor's ``empty`` is swapped for a
 NaN fill), so an element a kernel never writes fails the comparison instead of passing on
 leftovers of CuPy's memory pool. Covers the shared case list for all conv ops and dtypes, the
-TF32 path, the GPU benchmark's layer shapes at a small batch, the hinge loss, repeatability,
+TF32 path (the channels-last conv_tf32_nhwc forced for all three ops), the GPU benchmark's
+layer shapes at a small batch, the hinge loss, repeatability,
 CuPy's current stream and what ``explain`` reports.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ import pytest
 import fastconv
 from fastconv import dispatch, reference
 from fastconv._args import conv_geometry
+from fastconv._types import Algo
+from fastconv.kernels import cuda_conv
 
 from conftest import CASES, CASE_IDS, assert_close, rel_err, to_host
 
@@ -90,6 +95,44 @@ def test_case_list_tf32(case):
     gy = _grad_output(case, x, w, np.float32)
     for name, out, ref in _all_ops(case, x, w, b, gy):
         assert rel_err(out, ref) < TF32_TOLERANCE, name
+
+
+def _nhwc_ops(x, w, b, gy, geom, tile, splits):
+    """Forward, input gradient (its phases) and weight gradient forced through conv_tf32_nhwc
+    with ``tile`` (the rules choose it for the large layers), on the poisoned GPU executor."""
+    import cupy
+
+    from fastconv.kernels import cuda as backend
+    from fastconv.kernels import cuda_dgrad
+
+    ex, d = backend._gpu(), cupy.asarray
+    algo = Algo("implicit_gemm_tf32", (("tile", dataclasses.astuple(tile)), ("splits", splits)))
+    plans = tuple((*p.index, "implicit_gemm_tf32", dataclasses.astuple(tile), splits)
+                  for p in cuda_dgrad.phases(geom) if p.geom is not None)
+    phased = Algo("implicit_gemm_phases", (("phases", plans),))
+    return [backend.forward(ex, d(x), d(w), None if b is None else d(b), geom, algo),
+            backend.input_grad(ex, d(w), d(gy), geom, phased),
+            backend.weight_grad(ex, d(x), d(gy), geom, algo)]
+
+
+@pytest.mark.parametrize("tile", cuda_conv.TF32_NHWC_TILES, ids=lambda t: f"{t.bm}x{t.bn}")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_list_tf32_nhwc(case, tile):
+    """The channels-last TF32 kernel (pre-pass, 16-byte cp.async, ldmatrix, mma.sync) for the
+    three conv ops on the hardware: TF32 error, above fp32 rounding; results repeat bit for
+    bit."""
+    x, w, b = case.arrays(np.float32)
+    kw = case.kwargs
+    geom = conv_geometry(x.shape, w.shape, kw["stride"], kw["padding"], kw["dilation"],
+                         kw["groups"])
+    gy = _grad_output(case, x, w, np.float32)
+    refs = [reference.conv2d_forward(x, w, b, geom), reference.conv2d_input_grad(w, gy, geom),
+            reference.conv2d_weight_grad(x, gy, geom)]
+    outs = _nhwc_ops(x, w, b, gy, geom, tile, 3)
+    for name, out, ref in zip(("forward", "input_grad", "weight_grad"), outs, refs):
+        assert 1e-5 < rel_err(out, ref) < TF32_TOLERANCE, name
+    again = _nhwc_ops(x, w, b, gy, geom, tile, 3)
+    assert all(np.array_equal(to_host(a), to_host(o)) for a, o in zip(again, outs))
 
 
 class Layer:
@@ -186,6 +229,7 @@ def test_explain_reports_kernel_tile_and_precision(cupy):
     assert plan.algo.name == "winograd" and plan.algo.get("precision") == "tf32"
     plan = fastconv.explain("conv2d", x, w, padding=2, dilation=2)
     assert plan.algo.name == "implicit_gemm_tf32" and plan.algo.get("precision") == "tf32"
+    assert plan.algo.get("kernel").startswith("fc::conv_tf32_nhwc<128, ")
 
 
 def test_kernels_are_cached_per_device(cupy):

@@ -18,8 +18,15 @@ Conv ops (``forward``, ``input_grad``, ``weight_grad``), in order:
    sub-kernel (``kernels/cuda_dgrad.py``) through the forward implicit GEMM (``gemm_1x1`` for
    a plain 1x1 phase under rule 2's conditions), when a time model (`phased_dgrad_rule`) says
    it beats the direct kernel, whose FMAs mostly meet the zeros of the stride-dilated
-   grad_output, and its workspace fits the bound.
-5. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
+   grad_output, and its workspace fits the bound. With TF32, every input gradient (stride 1:
+   one phase) takes this route whenever its workspace fits, so that it runs through the
+   channels-last forward kernel ``conv_tf32_nhwc``.
+5. With ``precision="tf32"`` the forward's 128-wide tiles, the input gradient's phases (rule
+   4) and the weight gradient (`nhwc_wgrad_rule`: a forward convolution with roles swapped)
+   run ``conv_tf32_nhwc`` over channels-last copies rounded to TF32 by a pre-pass, whose
+   buffers count in the workspace; the 64-wide ``conv_tf32`` tiles remain where the pre-pass
+   does not fit.
+6. Otherwise the implicit GEMM of conv2d.cu: ``implicit_gemm`` (strict FP32 or FP64 FMAs) or,
    with ``precision="tf32"`` on float32 and an sm_80+ device, ``implicit_gemm_tf32`` (tensor
    cores, about 1e-3 relative error; never chosen silently). The block tile minimises a simple
    time model with wave quantisation (see `pick_tile`, `wave_units`); the weight gradient also
@@ -104,19 +111,25 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
     if winograd is not None:
         return winograd
     phased, phase_note = None, ""
-    if op == "input_grad" and tuple(geom.stride) != (1, 1):
+    if op == "input_grad" and (tuple(geom.stride) != (1, 1) or tf32):
         phased, phase_note = phased_dgrad_rule(geom, dtype, tf32, prec_why, workspace_bytes,
                                                sm_count, cupy_tf32)
         if phased is not None:
             return phased
 
     mode = MODE_OF_OP[op]
+    if tf32 and mode == WGRAD:
+        nhwc_wgrad, phase_note = nhwc_wgrad_rule(geom, prec_why, workspace_bytes, sm_count)
+        if nhwc_wgrad is not None:
+            return nhwc_wgrad
     M, NG, KG = cuda_conv.gemm_shape(geom, mode)
-    tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, mode)
+    tiles, nhwc_note = _tf32_or_simt_tiles(geom, dtype, mode, tf32, workspace_bytes)
     if mode == WGRAD:
         tile = pick_tile(M, NG, geom.groups, tiles, sm_count=None)
     else:
         tile = pick_tile(M, NG, geom.groups, tiles, sm_count, mode)
+    nhwc = isinstance(tile, Tf32Tile) and tile.layout == "nhwc"
+    pre_bytes = cuda_conv.nhwc_workspace_bytes(geom) if nhwc else 0
     vector_a = not tf32 and cuda_conv.vector_a_shape_ok(mode, dtype, geom, tile)
     name = (cuda_conv.tf32_kernel_name(mode, tile) if tf32
             else cuda_conv.simt_kernel_name(dtype, mode, tile, vector_a))
@@ -128,6 +141,11 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
     if vector_a:
         why += ("; pixels copied in 16-byte vectors (the general gather if the operand is "
                 "not 16-byte aligned)")
+    if nhwc:
+        why += (f"; x and the weight copied channels-last and rounded to TF32 once by a "
+                f"pre-pass ({pre_bytes} bytes of workspace), then 16-byte cp.async copies and "
+                "ldmatrix fragments (conv_tf32_nhwc)")
+    why += nhwc_note
     result_bytes = dtype.itemsize * (
         geom.K * (geom.C // geom.groups) * geom.R * geom.S if mode == WGRAD
         else geom.N * geom.K * geom.P * geom.Q if op == "forward"
@@ -136,15 +154,73 @@ def _choose(op: str, geom: Optional[ConvGeometry], dtype: np.dtype, precision: s
         splits = wgrad_splits(geom, tile, blocks, sm_count, workspace_bytes, dtype.itemsize)
     else:
         splits = gemm_splits(blocks, KG, tile, sm_count, geom.groups, result_bytes,
-                             workspace_bytes, cuda_conv.resident_blocks(tile, mode))
-    slices, _ = cuda_conv.split_reduction(KG, splits, tile.bk)
+                             workspace_bytes - pre_bytes, cuda_conv.resident_blocks(tile, mode))
+    if nhwc:
+        slices, _ = cuda_conv.nhwc_slices(geom, splits)
+    else:
+        slices, _ = cuda_conv.split_reduction(KG, splits, tile.bk)
     params += [("splits", slices),
-               ("workspace_bytes", 0 if slices == 1 else slices * result_bytes)]
+               ("workspace_bytes", pre_bytes + (0 if slices == 1 else slices * result_bytes))]
     if slices > 1:
         why += f"; the reduction cut into {slices} slices summed in a fixed order"
     why += phase_note
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
     return Algo(name_algo, tuple(params), why)
+
+
+def _tf32_or_simt_tiles(geom: ConvGeometry, dtype: np.dtype, mode: int, tf32: bool,
+                        workspace_bytes: int) -> tuple[tuple, str]:
+    """``(tiles, note)``: the tiles `pick_tile` chooses from. TF32: ``cuda_conv.tf32_tiles``
+    (for the forward the channels-last ``conv_tf32_nhwc`` tiles first), without the
+    channels-last ones when their pre-pass buffers (``cuda_conv.nhwc_workspace_bytes``) do not
+    fit ``workspace_bytes`` (``note`` then says so); else the mode's SIMT tiles."""
+    if not tf32:
+        return cuda_conv.simt_tiles(dtype, mode), ""
+    tiles = cuda_conv.tf32_tiles(mode)
+    if mode == FPROP and cuda_conv.nhwc_workspace_bytes(geom) > workspace_bytes:
+        return (tuple(t for t in tiles if t.layout != "nhwc"),
+                f"; the channels-last TF32 kernel's pre-pass needs "
+                f"{cuda_conv.nhwc_workspace_bytes(geom)} bytes of workspace, over the bound")
+    return tiles, ""
+
+
+def nhwc_wgrad_rule(geom: ConvGeometry, prec_why: str, workspace_bytes: int,
+                    sm_count: int) -> tuple[Optional[Algo], str]:
+    """``(implicit_gemm_tf32 with a conv_tf32_nhwc tile, "")`` for a TF32 weight gradient, or
+    ``(None, note)`` when its workspace does not fit the bound or the forward geometry
+    (``cuda_conv.wgrad_forward_geometry``: batch Cg, N input channels, Kg filters of P x Q
+    taps, output R x S) exceeds the kernel's 32-bit limits.
+
+    Tile by `pick_tile` on that forward's ``Cg*R*S x Kg`` GEMM without the wave term; its long
+    ``P*Q*Np/4``-chunk reduction cut into slices (`wgrad_splits`) summed in a fixed order.
+    Workspace: the pre-pass buffers (``cuda_conv.nhwc_wgrad_workspace_bytes``), one group's
+    slices and, with slices, their sum.
+    """
+    sub = cuda_conv.wgrad_forward_geometry(geom)
+    if not cuda_conv.nhwc_fits(sub):
+        return None, "; the channels-last TF32 weight gradient exceeds its 32-bit index limits"
+    pre = cuda_conv.nhwc_wgrad_workspace_bytes(geom)
+    group_bytes = 4 * sub.N * sub.K * sub.P * sub.Q  # one group's (Cg, Kg, R, S) result
+    M, NG = sub.N * sub.P * sub.Q, sub.K
+    tile = pick_tile(M, NG, geom.groups, cuda_conv.TF32_NHWC_TILES, sm_count=None)
+    blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * geom.groups
+    splits = wgrad_splits(geom, tile, blocks, sm_count, max(0, workspace_bytes - pre), 4)
+    slices, _ = cuda_conv.nhwc_slices(sub, splits)
+    ws = pre + slices * group_bytes + (group_bytes if slices > 1 else 0)
+    if ws > workspace_bytes:
+        return None, (f"; the channels-last TF32 weight gradient needs {ws} bytes of "
+                      "workspace, over the bound")
+    why = (f"weight gradient as a forward convolution with roles swapped per group (batch "
+           f"Cg={sub.N}, {geom.N} images as input channels, Kg={sub.K} filters of "
+           f"{sub.R}x{sub.S} grad_output taps, output {sub.P}x{sub.Q}): GEMM M={M}, N={NG}, "
+           f"{tile.bm}x{tile.bn} block tile, {blocks} blocks, the reduction over images and "
+           f"output pixels cut into {slices} slice(s) summed in a fixed order; x and "
+           f"grad_output copied channels-last and rounded to TF32 once by a pre-pass "
+           f"({pre} bytes of workspace), then conv_tf32_nhwc; {prec_why}")
+    params = (("kernel", cuda_conv.tf32_kernel_name(FPROP, tile)),
+              ("tile", dataclasses.astuple(tile)), ("precision", "tf32"), ("splits", slices),
+              ("workspace_bytes", ws))
+    return Algo("implicit_gemm_tf32", params, why), ""
 
 
 def _exact(dtype: np.dtype) -> str:
@@ -408,7 +484,7 @@ def phased_dgrad_rule(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
     """
     result_bytes = geom.N * geom.C * geom.H * geom.W * dtype.itemsize
     M, NG, KG = cuda_conv.gemm_shape(geom, DGRAD)
-    tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, DGRAD)
+    tiles = cuda_conv.tf32_tiles(DGRAD) if tf32 else cuda_conv.simt_tiles(dtype, DGRAD)
     tile = pick_tile(M, NG, geom.groups, tiles, sm_count, DGRAD)
     resident = cuda_conv.resident_blocks(tile, DGRAD)
     blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * geom.groups
@@ -419,10 +495,13 @@ def phased_dgrad_rule(geom: ConvGeometry, dtype: np.dtype, tf32: bool, prec_why:
     algo, phased = phased_dgrad_plan(geom, dtype, tf32, workspace_bytes, sm_count, cupy_tf32)
     fraction = algo.get("multiply_fraction")
     model = f"modelled {phased * 1e6:.1f} us against {direct * 1e6:.1f} us direct"
+    if tf32:
+        model += ("; with TF32 taken whenever it fits: the phases run the channels-last "
+                  "forward kernel, the direct TF32 input gradient has only 64-wide tiles")
     if algo.get("workspace_bytes") > workspace_bytes:
         return None, (f"; the phase split ({fraction:.0%} of the multiplies) needs "
                       f"{algo.get('workspace_bytes')} bytes of workspace, over the bound")
-    if phased >= direct:
+    if phased >= direct and not tf32:  # TF32: the phases run the channels-last kernel
         return None, (f"; the phase split ({fraction:.0%} of the multiplies) does not pay "
                       f"here ({model})")
     return dataclasses.replace(algo, reason=f"{algo.reason} ({model}); {prec_why}"), ""
@@ -444,11 +523,12 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace
     more by the scatters. Workspace: the largest phase image with its sub-kernel and slices.
     """
     size = dtype.itemsize
-    tiles = cuda_conv.TF32_TILES if tf32 else cuda_conv.simt_tiles(dtype, FPROP)
     name_algo = "implicit_gemm_tf32" if tf32 else "implicit_gemm"
     precision = "tf32" if tf32 else _exact(dtype)
     plans, kernels = [], []
-    seconds = 2 * geom.N * geom.C * geom.H * geom.W * size / ASSUMED_BANDWIDTH
+    one_phase = tuple(geom.stride) == (1, 1)
+    scatter = 2 * geom.N * geom.C * geom.H * geom.W * size / ASSUMED_BANDWIDTH
+    seconds = 0.0 if one_phase else scatter
     workspace = 0
     for phase in cuda_dgrad.phases(geom):
         sub = phase.geom
@@ -458,12 +538,19 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace
         M, NG, KG = cuda_conv.gemm_shape(sub, FPROP)
         image = sub.N * sub.K * sub.P * sub.Q * size
         weight = sub.K * sub.C // sub.groups * sub.R * sub.S * size
+        tiles, _ = _tf32_or_simt_tiles(sub, dtype, FPROP, tf32,
+                                       max(0, workspace_bytes - image - weight))
         tile = pick_tile(M, NG, sub.groups, tiles, sm_count, FPROP)
+        nhwc = isinstance(tile, Tf32Tile) and tile.layout == "nhwc"
+        pre = cuda_conv.nhwc_workspace_bytes(sub) if nhwc else 0
         resident = cuda_conv.resident_blocks(tile, FPROP)
         blocks = math.ceil(M / tile.bm) * math.ceil(NG / tile.bn) * sub.groups
         splits = gemm_splits(blocks, KG, tile, sm_count, sub.groups, image,
-                             max(0, workspace_bytes - image - weight), resident)
-        slices, _ = cuda_conv.split_reduction(KG, splits, tile.bk)
+                             max(0, workspace_bytes - image - weight - pre), resident)
+        if nhwc:
+            slices, _ = cuda_conv.nhwc_slices(sub, splits)
+        else:
+            slices, _ = cuda_conv.split_reduction(KG, splits, tile.bk)
         seconds += gemm_seconds(M, NG, KG, sub.groups, tile, slices, sm_count, resident,
                                 image)
         if _plain_1x1(sub) and not tf32 and not cupy_tf32:
@@ -473,8 +560,9 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace
             kernels.append("cupy.matmul")
             plans.append((*phase.index, "gemm_1x1", None, 1))
             continue
-        ws = 0 if slices == 1 else slices * image
-        workspace = max(workspace, image + weight + ws)
+        ws = pre + (0 if slices == 1 else slices * image)
+        # stride 1: the one phase image is grad_input itself, written in place
+        workspace = max(workspace, weight + ws + (0 if one_phase else image))
         seconds += ASSUMED_LAUNCH_SECONDS * (3 if slices > 1 else 2)
         kernels.append(cuda_conv.tf32_kernel_name(FPROP, tile) if tf32
                        else cuda_conv.simt_kernel_name(
@@ -484,6 +572,14 @@ def phased_dgrad_plan(geom: ConvGeometry, dtype: np.dtype, tf32: bool, workspace
     fraction = cuda_dgrad.multiply_fraction(geom)
     sh, sw = geom.stride
     zeroed = sh * sw - len(plans)
+    if (sh, sw) == (1, 1):
+        why = ("stride-1 input gradient as one forward convolution of grad_output with the "
+               f"rotated, channel-swapped kernel ({', '.join(dict.fromkeys(p[2] for p in plans))}"
+               ") copied into grad_input" + (" (no tap reaches it: zeroed)" if zeroed else ""))
+        return Algo("implicit_gemm_phases", (("phases", tuple(plans)),
+                    ("kernels", tuple(dict.fromkeys(kernels))), ("precision", precision),
+                    ("workspace_bytes", workspace), ("multiply_fraction", fraction)),
+                    why), seconds
     why = (f"stride {sh}x{sw} input gradient split into its {sh * sw} input phases: "
            f"{len(plans)} dense stride-1 forward convolution(s) of grad_output with the "
            f"phase sub-kernels ({', '.join(dict.fromkeys(p[2] for p in plans))}), scattered "
