@@ -131,8 +131,6 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
     one = dtype(1)
     nan = dtype(np.nan)
     rs_step = 1 if row_scale.shape[0] == N else 0
-    rs0 = row_scale[0]
-    pw = dtype(p)
     nblocks = (N + block - 1) // block
     ntasks = (nblocks + SHORT_BLOCKS_PER_TASK - 1) // SHORT_BLOCKS_PER_TASK
     for task in prange(ntasks):
@@ -151,11 +149,17 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
             R = min(block, N - i0)
             sb = scores[i0:i0 + R]
             lb = labels[i0:i0 + R]
-            for r in range(R):
+            for r in range(R):                              # elementwise: vectorised
                 yb[r] = lb[r]
                 loss[r] = acc_zero
                 gsum[r] = acc_zero
                 chk[r] = zero
+            for r in range(R):
+                y = yb[r]
+                sy[r] = sb[r, y]
+                w = class_weight[y]
+                wy[r] = w
+                coef[r] = row_scale[(i0 + r) * rs_step] * w * dtype(p)
             j = 0
             while j + 1 < C:                                # transpose two columns a pass
                 s0 = st[j]
@@ -168,23 +172,6 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
                 sj = st[j]
                 for r in range(R):
                     sj[r] = sb[r, j]
-            # The label's score and class weight, selected column by column (vector lanes
-            # rather than a scalar gather per row); each row has exactly one label column.
-            for j in range(C):
-                sj = st[j]
-                wj = class_weight[j]
-                jj = np.int32(j)
-                for r in range(R):
-                    hit = yb[r] == jj
-                    sy[r] = sj[r] if hit else sy[r]
-                    wy[r] = wj if hit else wy[r]
-            if rs_step == 1:
-                rsb = row_scale[i0:i0 + R]
-                for r in range(R):
-                    coef[r] = rsb[r] * wy[r] * pw
-            else:
-                for r in range(R):
-                    coef[r] = rs0 * wy[r] * pw
             # Two columns a pass (rows are the vector lanes): the row's sums stay in registers
             # between the two terms, each added in column order as by a plain loop.
             j = 0
@@ -232,11 +219,8 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
                     gsum[r] += e
                     chk[r] += m - m
             if want_grad:
-                for j in range(C):                          # the label's entry: -sum
-                    gj = gt[j]
-                    jj = np.int32(j)
-                    for r in range(R):
-                        gj[r] = dtype(-gsum[r]) if yb[r] == jj else gj[r]
+                for r in range(R):
+                    gt[yb[r], r] = dtype(-gsum[r])
                 gb = grad[i0:i0 + R]
                 for j in range(C):
                     gj = gt[j]
