@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastconv._types import Algo
-from fastconv.kernels.cpu_hinge import ACCUMULATORS, ALGORITHM, hinge_loss_rows
+from fastconv.kernels.cpu_hinge import (ACCUMULATORS, ALGORITHM, SHORT_BLOCK,
+                                      SHORT_BLOCKS_PER_TASK, hinge_loss_rows)
 
 import loops
 
@@ -271,3 +272,39 @@ def test_loss_only_and_fused_agree_bitwise(dtype, accumulate, C):
         fused, _ = hinge_loss_rows(*args, True, _algo(accumulate))
         alone, _ = hinge_loss_rows(*args, False, _algo(accumulate))
         np.testing.assert_array_equal(fused, alone)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [1, 2])
+def test_short_rows_non_finite_across_blocks_and_tasks(dtype, p):
+    """Short rows with non-finite scores spread over several blocks and parallel tasks (and a
+    partial last block): the rule holds row by row, and a row whose only non-finite score is
+    a -inf margin (taken through the scalar recompute) has the same bits as the same row with
+    a large finite negative score instead (taken through the block loop)."""
+    N = 2 * SHORT_BLOCK * SHORT_BLOCKS_PER_TASK + 37
+    C = 10
+    scores, labels, class_weight, row_scale = make_problem(
+        N, C, dtype, weighted=True, per_row_scale=True, seed=5)
+    rng = np.random.default_rng(6)
+    rows = rng.choice(N, N // 30, replace=False)
+    cols = rng.integers(0, C, rows.size)
+    scores[rows, cols] = rng.choice(np.array([np.nan, np.inf, -np.inf], dtype), rows.size)
+    want_losses, want_grad = ieee_hinge(scores, labels, 0.5, p, class_weight, row_scale)
+    with np.errstate(invalid="ignore", over="ignore"):
+        losses, grad = hinge_loss_rows(scores, labels, 0.5, p, class_weight, row_scale, True,
+                                       _algo("native"))
+    assert_same_non_finite(losses, want_losses, dtype)
+    assert_same_non_finite(grad, want_grad, dtype)
+    clean = np.isfinite(scores).all(axis=1)
+    minus_inf = scores.copy()
+    finite = scores.copy()
+    for i in np.flatnonzero(clean)[::7]:           # -inf (recompute) against -1e30 (block loop)
+        j = (labels[i] + 1) % C
+        minus_inf[i, j] = -np.inf
+        finite[i, j] = dtype(-1e30)
+    got = hinge_loss_rows(minus_inf, labels, 0.5, p, class_weight, row_scale, True,
+                          _algo("native"))
+    ref = hinge_loss_rows(finite, labels, 0.5, p, class_weight, row_scale, True,
+                          _algo("native"))
+    for a, b in zip(got, ref):
+        assert a[clean].tobytes() == b[clean].tobytes()
