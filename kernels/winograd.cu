@@ -35,18 +35,18 @@
 //     NT = A*A*TY*TX: thread (xi, ty, tx) owns a TM x TN register block of the transform
 //     point xi's GEMM, tiles ((i/4)*TY + ty)*4 + i%4, channels ((j/4)*TX + tx)*4 + j%4
 //     (16-byte shared-memory reads).
-//   Main loop (wino_mainloop, on fc::cp_async_ring in fc_common.cuh) over the input channels
-//   in chunks of BC: a WINO_STAGES (3) deep ring of shared-memory stages filled by cp.async,
-//   one barrier per chunk. Each thread copies its (tile, channel) patches element by element
-//   (4-byte cp.async, zero-filled outside the image) straight to the places of their
-//   transformed values, and its 16-byte vectors of the U tile; once its own copies of a
-//   chunk have landed it transforms its patches in place (V = BT d BT^T), the barrier
-//   publishes the stage, the slot freed by the previous chunk is refilled two chunks ahead,
-//   and the block multiplies. The global loads never wait on the arithmetic and no register holds data in flight. F(4x4) (2*16 patches
+//   Main loop (wino_mainloop, on fc::cp_async_ring in fc_common.cuh) over the input channels in
+//   chunks of BC: a WINO_STAGES (3) deep ring of shared-memory stages filled by cp.async, one
+//   barrier per chunk. Each thread copies its (tile, channel) patches element by element (4-byte
+//   cp.async, zero-filled outside the image) straight to the places of their transformed values,
+//   and its 16-byte vectors of the U tile; once its own copies of a chunk have landed it
+//   transforms its patches in place (V = BT d BT^T), the barrier publishes the stage, the slot
+//   freed by the previous chunk is refilled two chunks ahead, and the block multiplies. The global
+//   loads never wait on the arithmetic and no register holds data in flight. F(4x4) (2*16 patches
 //   of 6x6 per chunk for 288 threads) shares each patch among 6 lanes of a warp instead
 //   (WinoLoader's SPLIT: a column each, then a row each after a __syncwarp), so that the
-//   transforms do not all fall to one warp; winograd_wgrad does the same with its input
-//   patches (F(2x2) and F(4x4)).
+//   transforms do not all fall to one warp; winograd_wgrad does the same with its input patches
+//   (F(2x2) and F(4x4)).
 //   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the ring),
 //   then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the bias and writes
 //   the m x m pixels that lie inside the output (wino_store).
