@@ -39,13 +39,13 @@
 //     t + 4 of each group of 8 interleaved in row pair t).
 //   Static shared memory: CONV_STAGES (4) stages of (BK x (BM + PAD)) + (BK x (BN + PAD))
 //   elements (at most 35 KiB), filled by cp.async (sm_80+; a plain copy on older devices)
-//   STAGES - 1 stages ahead of the arithmetic (see mainloop; one barrier per BK step);
+//   STAGES - 1 stages ahead of the arithmetic (mainloop, on fc::cp_async_ring in
+//   fc_common.cuh; one barrier per BK step);
 //   conv_tf32 takes tf32_stages(BM, BN, BK) stages, as many as fit in 48 KiB up to four (its
 //   64-wide tiles at BK = 8: four); conv_tf32_nhwc nhwc_stages(BM, BN) (128x128: three,
 //   128x64: four, 48 KiB each). At most 128 registers per thread (two 256-thread blocks per
 //   SM), except the SIMT tiles with 8 x 8 register blocking (room for 256 threads per SM:
-//   128x128 with 256 threads, 128x64 with 128) and a 128x128 conv_tf32 input gradient (one
-//   block per SM; not instantiated); cuda_conv.resident_blocks mirrors this.
+//   128x128 with 256 threads, 128x64 with 128); cuda_conv.resident_blocks mirrors this.
 //   Arguments: a, b, bias (or null), out, then N, C, H, W, K, R, S, P, Q, sh, sw, pt, pl, dh,
 //   dw, groups, k_split (int32), then (mul, shift) of the divisors R*S, S, P*Q, row, output
 //   plane, sh, sw (uint32, int32; see FastDiv).
@@ -546,53 +546,30 @@ struct Operands<T, WGRAD, BM, BN, BK, NT> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Main loop: a STAGES-deep ring of shared-memory tiles filled by cp.async, one barrier per BK
-// step. Stage j of the reduction is copied as commit group j; at step j the thread waits until
-// at most STAGES - 2 groups are pending (so group j has landed), rounds its own elements to
-// TF32 when asked, and the barrier publishes the stage to the block and frees the ring slot
-// read in step j - 1, which is then refilled with stage j + STAGES - 1 while `compute(as, bs)`
-// multiplies stage j. The global loads never wait on the arithmetic, whatever order the
-// scheduler picks. Empty groups are committed past the end so the wait count stays fixed.
+// Main loop: fc::cp_async_ring (fc_common.cuh) over the BK steps of [k_begin, k_end), a
+// STAGES-deep ring of shared-memory tiles (stage sizes BK * LDA and BK * LDB) filled by the two
+// loaders; with TF32 each thread rounds its own landed elements to TF32 before the barrier.
+// `compute(as, bs)` multiplies one stage.
 // ---------------------------------------------------------------------------------------------
 // `s` is the shape the loaders read (ConvShape; NhwcShape for conv_tf32_nhwc).
 template <int STAGES, bool TF32, int LDA, int LDB, int BK, int QA, int QB, typename T, class LA,
           class LB, class F, class SH>
 __device__ __forceinline__ void mainloop(const SH& s, LA& la, LB& lb, T* As, T* Bs,
                                          int k_begin, int k_end, F&& compute) {
-    static_assert(STAGES >= 2, "mainloop: at least two stages");
     constexpr int SA = BK * LDA, SB = BK * LDB;  // stage sizes
-    const int steps = (k_end - k_begin + BK - 1) / BK;
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < steps) {
-            la.template fetch<LDA, QA>(s, k_end, As + st * SA);
-            lb.template fetch<LDB, QB>(s, k_end, Bs + st * SB);
-        }
-        cp_async_commit();
-    }
-    // Unrolled by STAGES so that every ring slot is a compile-time offset.
-    for (int step0 = 0; step0 < steps; step0 += STAGES) {
-#pragma unroll
-        for (int u = 0; u < STAGES; ++u) {
-            const int step = step0 + u;
-            if (step < steps) {
-                const int read = u, write = (u + STAGES - 1) % STAGES;
-                cp_async_wait<STAGES - 2>();
-                if constexpr (TF32) {
-                    la.template round<LDA, QA>(As + read * SA);
-                    lb.template round<LDB, QB>(Bs + read * SB);
-                }
-                __syncthreads();
-                if (step + STAGES - 1 < steps) {
-                    la.template fetch<LDA, QA>(s, k_end, As + write * SA);
-                    lb.template fetch<LDB, QB>(s, k_end, Bs + write * SB);
-                }
-                cp_async_commit();
-                compute(As + read * SA, Bs + read * SB);
+    cp_async_ring<STAGES>(
+        (k_end - k_begin + BK - 1) / BK,
+        [&](int, int slot) {  // the loaders track the reduction position themselves
+            la.template fetch<LDA, QA>(s, k_end, As + slot * SA);
+            lb.template fetch<LDB, QB>(s, k_end, Bs + slot * SB);
+        },
+        [&](int slot) {
+            if constexpr (TF32) {
+                la.template round<LDA, QA>(As + slot * SA);
+                lb.template round<LDB, QB>(Bs + slot * SB);
             }
-        }
-    }
-    cp_async_wait<0>();  // only empty groups remain; nothing is in flight at exit
+        },
+        [&](int slot) { compute(As + slot * SA, Bs + slot * SB); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -793,8 +770,6 @@ __device__ __forceinline__ void store_warp_tile(const float (&acc)[MI][NI][4], i
 // ---------------------------------------------------------------------------------------------
 // TF32 tensor-core kernel (opt-in precision "tf32"): mma.sync m16n8k8, fp32 accumulation.
 // ---------------------------------------------------------------------------------------------
-// Registers: at most 128 per thread (512 threads per SM), except DGRAD with a 128 x 128 tile,
-// whose stride-division state spills at that cap on sm_80 (one block per SM instead).
 // Depth of the cp.async ring of a TF32 tile: CONV_STAGES, or as many stages as fit in 48 KiB of
 // static shared memory (rows of BM + 4 and BN + 4 floats); cuda_conv.tf32_stages mirrors it.
 __host__ __device__ constexpr int tf32_stages(int BM, int BN, int BK) {
@@ -802,14 +777,9 @@ __host__ __device__ constexpr int tf32_stages(int BM, int BN, int BK) {
                ? (48 * 1024) / (BK * (BM + BN + 8) * 4) : CONV_STAGES;
 }
 
-template <int MODE, int NT, int BM, int BN>
-__host__ __device__ constexpr int tf32_min_blocks() {
-    return MODE == DGRAD && BM * BN >= 128 * 128 ? 1 : 512 / NT;
-}
-
+// Registers: at most 128 per thread (512 threads per SM).
 template <int MODE, int BM, int BN, int BK, int WARPS_M, int WARPS_N>
-__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N,
-                                  (tf32_min_blocks<MODE, 32 * WARPS_M * WARPS_N, BM, BN>()))
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N, 512 / (32 * WARPS_M * WARPS_N))
 conv_tf32(const float* __restrict__ a_src, const float* __restrict__ b_src,
           const float* __restrict__ bias, float* __restrict__ out, int N, int C, int H, int W,
           int K, int R, int S, int P, int Q, int sh, int sw, int pt, int pl, int dh, int dw,

@@ -178,18 +178,17 @@ def vector_a_ok(mode: int, a: Any, geom: Any, tile: SimtTile | Tf32Tile) -> bool
 
 def resident_blocks(tile: SimtTile | Tf32Tile, mode: int) -> int:
     """Blocks per SM the kernel's ``__launch_bounds__`` make room for (``simt_min_blocks`` and
-    ``tf32_min_blocks`` in conv2d.cu): ``512 / threads`` (at most 128 registers per thread),
-    except ``256 / threads`` (at least 1) for SIMT tiles with 8x8 register blocking (64
-    accumulators: 128x128 with 256 threads, 128x64 with 128), 1 for a 128x128 ``conv_tf32``
-    input gradient (not instantiated) and at most 3 for ``conv_tf32_nhwc`` (its 48 KiB ring:
-    three blocks per SM on an A100). The compiled kernels are checked to allow at least this
-    many (tests/test_sass_report.py)."""
-    big = tile.bm * tile.bn >= 128 * 128
+    the ``conv_tf32`` launch bounds in conv2d.cu): ``512 / threads`` (at most 128 registers per
+    thread), except ``256 / threads`` (at least 1) for SIMT tiles with 8x8 register blocking (64
+    accumulators: 128x128 with 256 threads, 128x64 with 128) and at most 3 for
+    ``conv_tf32_nhwc`` (its 48 KiB ring: three blocks per SM on an A100); the same for every
+    ``mode``. The compiled kernels are checked to allow at least this many
+    (tests/test_sass_report.py)."""
     if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
         # 512 / threads by registers; the 48 KiB ring allows three per SM on an A100
         return min(max(1, 512 // tile.threads), 3)
     if isinstance(tile, Tf32Tile):
-        return 1 if big and mode == DGRAD else max(1, 512 // tile.threads)
+        return max(1, 512 // tile.threads)
     if tile.tm * tile.tn >= 64:
         return max(1, 256 // tile.threads)
     return max(1, 512 // tile.threads)

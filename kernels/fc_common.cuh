@@ -167,6 +167,43 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// The cp.async ring of the pipelined main loops (conv2d.cu mainloop, winograd.cu
+// wino_mainloop): STAGES shared-memory slots, one barrier per step. Step j's operands are
+// copied by `fetch(j, slot)` into slot j % STAGES as commit group j; the prologue issues steps
+// 0 .. STAGES - 2. At step j the thread waits until at most STAGES - 2 of its groups are
+// pending (so group j has landed), runs `land(slot)` on its own landed copies (TF32 rounding,
+// an in-place transform; may do nothing), and the barrier publishes the slot to the block and
+// frees the slot read at step j - 1, which `fetch` then refills with step j + STAGES - 1 while
+// `compute(slot)` works on step j. The global loads never wait on the arithmetic. Empty groups
+// are committed past the end so the wait count stays fixed; nothing is in flight at exit.
+// The step loop is unrolled by STAGES so that `slot` is a compile-time constant in every call
+// (ring offsets fold into the addresses instead of costing registers or an index multiply).
+template <int STAGES, class Fetch, class Land, class Compute>
+__device__ __forceinline__ void cp_async_ring(int steps, Fetch&& fetch, Land&& land,
+                                              Compute&& compute) {
+    static_assert(STAGES >= 2, "cp_async_ring: at least two stages");
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < steps) fetch(st, st);
+        cp_async_commit();
+    }
+    for (int step0 = 0; step0 < steps; step0 += STAGES) {
+#pragma unroll
+        for (int u = 0; u < STAGES; ++u) {
+            const int step = step0 + u;
+            if (step < steps) {
+                cp_async_wait<STAGES - 2>();
+                land(u);
+                __syncthreads();
+                if (step + STAGES - 1 < steps) fetch(step + STAGES - 1, (u + STAGES - 1) % STAGES);
+                cp_async_commit();
+                compute(u);
+            }
+        }
+    }
+    cp_async_wait<0>();  // only empty groups remain
+}
+
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 pass the row addresses of matrix i
 // (16 bytes per row, 16-byte aligned); lane l gets word l % 4 of row l / 4 of matrix i in r[i].
 // For 32-bit elements (TF32) that is element (l / 4, l % 4) of an 8 x 4 matrix: the A fragment

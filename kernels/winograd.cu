@@ -35,18 +35,18 @@
 //     NT = A*A*TY*TX: thread (xi, ty, tx) owns a TM x TN register block of the transform
 //     point xi's GEMM, tiles ((i/4)*TY + ty)*4 + i%4, channels ((j/4)*TX + tx)*4 + j%4
 //     (16-byte shared-memory reads).
-//   Main loop (wino_mainloop) over the input channels in chunks of BC: a WINO_STAGES (3) deep
-//   ring of shared-memory stages filled by cp.async, one barrier per chunk. Each thread
-//   copies its (tile, channel) patches element by element (4-byte cp.async, zero-filled
-//   outside the image) straight to the places of their transformed values, and its 16-byte
-//   vectors of the U tile; once its own copies of a chunk have landed it transforms its
-//   patches in place (V = BT d BT^T), the barrier publishes the stage, the slot freed by the
-//   previous chunk is refilled two chunks ahead, and the block multiplies. The global loads
-//   never wait on the arithmetic and no register holds data in flight. F(4x4) (2*16 patches
+//   Main loop (wino_mainloop, on fc::cp_async_ring in fc_common.cuh) over the input channels in
+//   chunks of BC: a WINO_STAGES (3) deep ring of shared-memory stages filled by cp.async, one
+//   barrier per chunk. Each thread copies its (tile, channel) patches element by element (4-byte
+//   cp.async, zero-filled outside the image) straight to the places of their transformed values,
+//   and its 16-byte vectors of the U tile; once its own copies of a chunk have landed it
+//   transforms its patches in place (V = BT d BT^T), the barrier publishes the stage, the slot
+//   freed by the previous chunk is refilled two chunks ahead, and the block multiplies. The global
+//   loads never wait on the arithmetic and no register holds data in flight. F(4x4) (2*16 patches
 //   of 6x6 per chunk for 288 threads) shares each patch among 6 lanes of a warp instead
 //   (WinoLoader's SPLIT: a column each, then a row each after a __syncwarp), so that the
-//   transforms do not all fall to one warp; winograd_wgrad does the same with its input
-//   patches (F(2x2) and F(4x4)).
+//   transforms do not all fall to one warp; winograd_wgrad does the same with its input patches
+//   (F(2x2) and F(4x4)).
 //   Epilogue in TN/4 passes of 4*TX channels: M goes to shared memory (reusing the ring),
 //   then each thread inverse-transforms whole tiles (Y = AT M AT^T), adds the bias and writes
 //   the m x m pixels that lie inside the output (wino_store).
@@ -353,43 +353,21 @@ winograd_filter(const float* __restrict__ weight, float* __restrict__ u, int K, 
 constexpr int WINO_STAGES = 3;
 
 // ---------------------------------------------------------------------------------------------
-// The pipelined main loop of both kernels: a WINO_STAGES-deep ring of shared-memory stages,
-// each holding one chunk of both GEMM operands, filled by cp.async, one barrier per chunk.
-// `fetch(chunk, stage)` issues the copies of a chunk: the raw data a thread will transform
-// (input patches, output-gradient tiles) land at the positions of their transformed values, so
-// that `transform(stage)` (run by the thread that copied them, right after its own copies
-// are known complete) rewrites them in place; the barrier then publishes the stage to the
-// block and frees the slot read in the previous step, which is refilled with chunk
-// step + STAGES - 1 while `compute(stage)` multiplies. Empty groups are committed past the end
-// so the wait count stays fixed. Stage s starts at smem + s * STAGE floats.
+// The pipelined main loop of both kernels: fc::cp_async_ring (fc_common.cuh), a STAGES-deep
+// ring of shared-memory stages, each holding one chunk of both GEMM operands; stage s starts
+// at smem + s * STAGE floats. `fetch(chunk, stage)` issues the copies of a chunk: the raw data
+// a thread will transform (input patches, output-gradient tiles) land at the positions of their
+// transformed values, so that `transform(stage)` (the ring's per-step hook, run by the thread
+// that copied them right after its own copies are known complete, before the barrier)
+// rewrites them in place; `compute(stage)` multiplies.
 // ---------------------------------------------------------------------------------------------
 template <int STAGES, int STAGE, class Fetch, class Transform, class Compute>
 __device__ __forceinline__ void wino_mainloop(float* smem, int steps, Fetch&& fetch,
                                               Transform&& transform, Compute&& compute) {
-    static_assert(STAGES >= 2, "wino_mainloop: at least two stages");
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < steps) fetch(st, smem + st * STAGE);
-        cp_async_commit();
-    }
-    // Unrolled by STAGES so that every ring slot is a compile-time offset.
-    for (int step0 = 0; step0 < steps; step0 += STAGES) {
-#pragma unroll
-        for (int u = 0; u < STAGES; ++u) {
-            const int step = step0 + u;
-            if (step < steps) {
-                float* const read = smem + u * STAGE;
-                float* const write = smem + ((u + STAGES - 1) % STAGES) * STAGE;
-                cp_async_wait<STAGES - 2>();
-                transform(read);
-                __syncthreads();
-                if (step + STAGES - 1 < steps) fetch(step + STAGES - 1, write);
-                cp_async_commit();
-                compute(read);
-            }
-        }
-    }
-    cp_async_wait<0>();  // only empty groups remain; nothing is in flight at exit
+    cp_async_ring<STAGES>(
+        steps, [&](int chunk, int slot) { fetch(chunk, smem + slot * STAGE); },
+        [&](int slot) { transform(smem + slot * STAGE); },
+        [&](int slot) { compute(smem + slot * STAGE); });
 }
 
 // Copies one chunk of BC input channels of winograd_conv's operands into a ring stage

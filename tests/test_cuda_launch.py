@@ -722,8 +722,10 @@ def test_rules_wave_quantisation():
     assert cuda_conv.resident_blocks(SimtTile(128, 64, 8, 8, 8), FPROP) == 2  # 128 threads
     assert cuda_conv.resident_blocks(SimtTile(128, 32, 8, 8, 4), FPROP) == 4
     assert cuda_conv.resident_blocks(SimtTile(32, 32, 8, 4, 4), FPROP) == 8
-    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4), DGRAD) == 1
-    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4), FPROP) == 2
+    for mode in (FPROP, DGRAD, WGRAD):  # conv_tf32: 512 / threads in every mode
+        assert cuda_conv.resident_blocks(Tf32Tile(64, 64, 8, 2, 2), mode) == 4
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 128, 16, 2, 4, "nhwc"), FPROP) == 2
+    assert cuda_conv.resident_blocks(Tf32Tile(128, 64, 16, 2, 2, "nhwc"), FPROP) == 3  # smem
 
 
 def test_rules_weight_grad_slices_within_workspace(device):
