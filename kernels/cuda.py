@@ -117,36 +117,45 @@ def _tile(algo) -> SimtTile | Tf32Tile:
     return kind(*algo.get("tile"))
 
 
-def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None:
-    """FPROP or DGRAD: in reduction slices summed in a fixed order when the rules ask for
-    them, over batch chunks when 32-bit row indices need it (then without slices: a GEMM that
-    large fills the device anyway)."""
-    tile = _tile(algo)
-    if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
-        _nhwc_forward(ex, a, b, bias, out, geom, tile, int(algo.get("splits", 1)))
-        return
-    chunks = cuda_conv.batch_chunks(geom.N, cuda_conv.rows_per_image(geom, mode))
+def _sliced_or_chunked(ex: Executor, out, geom, rows: int, slices: int, splits: int,
+                       launch) -> None:
+    """Run a GEMM launcher ``launch(n0, n1, geom, dst, splits)`` over the whole batch, in
+    ``slices`` reduction slices summed in a fixed order when there is more than one, or over
+    batch chunks when 32-bit row indices (``rows`` per image) need them (then without slices:
+    a GEMM that large fills the device anyway)."""
+    chunks = cuda_conv.batch_chunks(geom.N, rows)
     if len(chunks) == 1:  # the usual case: no views to make
-        reduction = cuda_conv.gemm_shape(geom, mode)[2]
-        splits = int(algo.get("splits", 1))
-        slices, _ = cuda_conv.split_reduction(reduction, splits, tile.bk)
         if slices == 1:
-            ex.run(cuda_conv.implicit_gemm_launch(mode, a, b, bias, out, geom, tile))
+            ex.run(launch(0, geom.N, geom, out, 1))
             return
         work = ex.empty((slices,) + tuple(out.shape), out.dtype)
-        ex.run(cuda_conv.implicit_gemm_launch(mode, a, b, bias, work, geom, tile, splits))
+        ex.run(launch(0, geom.N, geom, work, splits))
         ex.xp.sum(work, axis=0, out=out)
         return
     for n0, n1 in chunks:
-        part = cuda_conv.with_batch(geom, n1 - n0)
-        ex.run(cuda_conv.implicit_gemm_launch(mode, a[n0:n1], b, bias, out[n0:n1], part, tile))
+        ex.run(launch(n0, n1, cuda_conv.with_batch(geom, n1 - n0), out[n0:n1], 1))
+
+
+def _implicit_gemm(ex: Executor, mode: int, a, b, bias, out, geom, algo) -> None:
+    """FPROP or DGRAD, through `_sliced_or_chunked`."""
+    tile = _tile(algo)
+    splits = int(algo.get("splits", 1))
+    if isinstance(tile, Tf32Tile) and tile.layout == "nhwc":
+        _nhwc_forward(ex, a, b, bias, out, geom, tile, splits)
+        return
+    reduction = cuda_conv.gemm_shape(geom, mode)[2]
+    slices, _ = cuda_conv.split_reduction(reduction, splits, tile.bk)
+
+    def launch(n0, n1, part, dst, sp):
+        return cuda_conv.implicit_gemm_launch(mode, a[n0:n1], b, bias, dst, part, tile, sp)
+    _sliced_or_chunked(ex, out, geom, cuda_conv.rows_per_image(geom, mode), slices, splits,
+                       launch)
 
 
 def _nhwc_forward(ex: Executor, x, weight, bias, y, geom, tile: Tf32Tile, splits: int) -> None:
     """TF32 forward through ``conv_tf32_nhwc``: x and the weight copied channels-last and
     rounded to TF32 by the pre-pass (workspace ``cuda_conv.nhwc_workspace_bytes``), then the
-    GEMM, in reduction slices summed in a fixed order when asked, over batch chunks when
-    32-bit row indices need it (then without slices)."""
+    GEMM through `_sliced_or_chunked`."""
     cg = geom.C // geom.groups
     hw, rs = geom.H * geom.W, geom.R * geom.S
     nx, nw = cuda_conv.nhwc_buffer_sizes(geom)
@@ -155,21 +164,13 @@ def _nhwc_forward(ex: Executor, x, weight, bias, y, geom, tile: Tf32Tile, splits
                                                   geom.C * hw, hw)
                  + cuda_conv.channels_last_launches(weight, wt, geom.K, rs, 1, cg, cg * rs, rs)):
         ex.run(spec)
-    chunks = cuda_conv.batch_chunks(geom.N, geom.P * geom.Q)
-    if len(chunks) == 1:
-        slices, _ = cuda_conv.nhwc_slices(geom, splits)
-        if slices == 1:
-            ex.run(cuda_conv.nhwc_forward_launch(xt, wt, bias, y, geom, tile))
-            return
-        work = ex.empty((slices,) + tuple(y.shape), y.dtype)
-        ex.run(cuda_conv.nhwc_forward_launch(xt, wt, bias, work, geom, tile, splits))
-        ex.xp.sum(work, axis=0, out=y)
-        return
+    slices, _ = cuda_conv.nhwc_slices(geom, splits)
     per_image = nx // geom.N
-    for n0, n1 in chunks:
-        part = cuda_conv.with_batch(geom, n1 - n0)
-        ex.run(cuda_conv.nhwc_forward_launch(xt[n0 * per_image:n1 * per_image], wt, bias,
-                                             y[n0:n1], part, tile))
+
+    def launch(n0, n1, part, dst, sp):
+        return cuda_conv.nhwc_forward_launch(xt[n0 * per_image:n1 * per_image], wt, bias, dst,
+                                             part, tile, sp)
+    _sliced_or_chunked(ex, y, geom, geom.P * geom.Q, slices, splits, launch)
 
 
 def forward(ex: Executor, x, weight, bias, geom, algo):
