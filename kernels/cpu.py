@@ -36,6 +36,7 @@ import functools
 import os
 import sys
 import threading
+import time
 from typing import Optional
 
 import numba
@@ -104,6 +105,7 @@ class _CallGate:
         self.inside = 0                       # calls in flight
         self.closing = False                  # a fork is waiting: no new call may enter
         self.owners: dict[int, int] = {}      # thread id -> nested calls (re-entrancy)
+        self.callers: set[int] = set()        # every thread id that has made a call
 
     def enter(self) -> None:
         me = threading.get_ident()
@@ -112,6 +114,7 @@ class _CallGate:
                 self.cond.wait()
             self.inside += 1
             self.owners[me] = self.owners.get(me, 0) + 1
+            self.callers.add(me)
 
     def leave(self) -> None:
         me = threading.get_ident()
@@ -132,6 +135,12 @@ class _CallGate:
         while self.inside > mine:
             self.cond.wait()
 
+    def other_callers_alive(self) -> bool:
+        """Whether a live thread other than this one has made a call (and so may hold TBB's
+        per-thread state, which keeps Numba's prepare-fork handler from stopping TBB)."""
+        alive = {t.ident for t in threading.enumerate()}
+        return bool((self.callers & alive) - {threading.get_ident()})
+
     def after_fork_in_parent(self) -> None:
         self.closing = False
         self.cond.notify_all()
@@ -141,8 +150,63 @@ class _CallGate:
 _GATE = _CallGate()
 
 
+# How long a fork waits for Numba's tbb workers to go to sleep (see _wait_for_idle_workers).
+FORK_SETTLE_SECONDS = 0.1
+# Thread states of /proc/<pid>/task/<tid>/stat in which a thread holds no lock it is using:
+# blocked (S), stopped (T, t), dead (Z, X), idle kernel thread (I). R and D may be mid-update.
+_SETTLED_STATES = frozenset("STtZXI")
+
+
+def _thread_states(me: int) -> Optional[dict[int, str]]:
+    """State letter of every thread of this process that is not a Python thread; None where
+    /proc cannot tell."""
+    python = {t.native_id for t in threading.enumerate()} | {me}
+    states = {}
+    try:
+        for name in os.listdir("/proc/self/task"):
+            tid = int(name)
+            if tid in python:
+                continue
+            with open(f"/proc/self/task/{name}/stat", "rb") as f:
+                stat = f.read()
+            states[tid] = chr(stat[stat.rindex(b")") + 2])   # comm may hold spaces
+    except (OSError, ValueError):
+        return None
+    return states
+
+
+def _wait_for_idle_workers(seconds: float) -> None:
+    """Wait (at most ``seconds``) until every non-Python thread is blocked, twice in a row.
+
+    Under the ``tbb`` layer, Numba's prepare-fork handler can shut TBB's workers down only
+    when no other thread has used TBB; otherwise (another Python thread made a parallel call
+    before) the workers stay and are copied into the child as they are. A worker that was
+    between its last task and its sleep at that instant holds TBB's sleep-list lock, and the
+    child's first parallel call waits on that lock forever (seen as one hung child in a few
+    hundred forks). Workers take that lock only while running, so once every worker is
+    blocked none holds it. The gate has already stopped fastconv's own calls. /proc does not
+    say which threads are TBB's, so all non-Python threads are waited for: a thread that
+    keeps running (OpenBLAS's workers spin for about 100 ms after a GEMM; a busy native
+    thread of another library) only costs the timeout. Called only when that case can arise
+    (another live thread has made a cpu call), so a single-threaded program forks at once.
+    """
+    me = threading.get_native_id()
+    settled_passes, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states = _thread_states(me)
+        if states is None:
+            return
+        settled_passes = settled_passes + 1 if set(states.values()) <= _SETTLED_STATES else 0
+        if settled_passes == 2:
+            return
+        time.sleep(0.0005)
+
+
 def _before_fork() -> None:
     _GATE.before_fork()
+    if (_numba_parallel._is_initialized and numba.threading_layer() == "tbb"
+            and _GATE.other_callers_alive()):
+        _wait_for_idle_workers(FORK_SETTLE_SECONDS)
 
 
 def _after_fork_in_parent() -> None:

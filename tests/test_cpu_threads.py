@@ -169,7 +169,7 @@ def test_fork_while_another_thread_is_inside_a_cpu_call(layer):
         t = threading.Thread(target=busy)
         t.start()
         codes = []
-        for _ in range(5):
+        for _ in range(20):           # a child hung in about 1 fork in 200 before the settle wait
             time.sleep(0.02)
             codes.append(fork_a_child())
         stop.set()
@@ -201,3 +201,42 @@ def test_fork_while_another_thread_is_inside_a_cpu_call(layer):
         assert codes == [0] * len(codes), codes
     """, layer=layer, helpers=FORK_CHILD)
     assert "hung" not in out
+
+
+def test_fork_waits_for_workers_only_when_another_thread_has_called():
+    # The settle wait before a fork (kernels/cpu.py, _wait_for_idle_workers) is needed only
+    # when another live thread holds TBB's per-thread state, i.e. has made a cpu call.
+    out = run_script("""
+        gate = lambda: cpu._GATE
+        conv()
+        assert not gate().other_callers_alive()      # only this thread has called
+        go, done = threading.Event(), threading.Event()
+        def other():
+            conv()
+            go.set()
+            done.wait()
+        t = threading.Thread(target=other)
+        t.start()
+        go.wait()
+        assert gate().other_callers_alive()
+        done.set()
+        t.join()
+        assert not gate().other_callers_alive()      # that thread is gone
+        print("ok")
+    """)
+    assert out.strip().endswith("ok"), out
+
+
+def test_thread_states_and_bounded_settle_wait():
+    import threading
+    import time
+
+    from fastconv.kernels import cpu
+
+    states = cpu._thread_states(threading.get_native_id())
+    if states is None:
+        pytest.skip("no /proc/self/task here")
+    assert all(len(v) == 1 and v.isalpha() for v in states.values()), states
+    t0 = time.monotonic()
+    cpu._wait_for_idle_workers(0.05)
+    assert time.monotonic() - t0 < 5.0        # bounded by its timeout (slack for a busy CI)
