@@ -122,8 +122,9 @@ def _weight_grad(x, grad_output, gw, sh, sw, pt, pl, dh, dw):
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
 def _pad_plane(src, s0, H, W, dst, Hd, Wd, top, left):
-    """``dst[hh * Wd + j] = src[s0 + (hh - top) * W + (j - left)]``, zero outside ``H x W``."""
-    dst[:] = 0
+    """``dst[hh * Wd + j] = src[s0 + (hh - top) * W + (j - left)]`` inside ``H x W``; the
+    rest of ``dst`` is left as it is: zero, as the callers allocate it, since every plane of a
+    call writes the same region (zeroing each plane again cost as much as copying it)."""
     for hh in range(max(0, top), min(Hd, H + top)):
         j_lo, j_hi = max(0, left), min(Wd, W + left)
         d = np.uint64(hh * Wd)
@@ -191,10 +192,12 @@ def _copy_rows(acc, row, out):
 
 
 @njit(parallel=True, cache=True)
-def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb):
+def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads):
     """Tasks of ``kb`` filters of one group and one image: the group's ``Cg`` input planes
     are zero-padded once per task and shared by its filters (with one filter per task,
-    ``kb = 1``, only one padded plane is held at a time)."""
+    ``kb = 1``, only one padded plane is held at a time). Each of ``threads`` workers takes a
+    contiguous run of tasks with its own buffers (allocated, and their padding zeroed, once
+    per call); a task computes the same bits whichever worker runs it."""
     N, C, H, W = x.shape
     K, Cg, R, S = weight.shape
     P, Q = y.shape[2], y.shape[3]
@@ -205,36 +208,40 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb):
     plane = Hp * Wp
     nkb = (Kg + kb - 1) // kb
     xf = x.reshape(x.size)
-    for task in prange(N * G * nkb):
-        n = task // (G * nkb)
-        g = (task // nkb) % G
-        k0 = g * Kg + (task % nkb) * kb
-        k1 = min(k0 + kb, (g + 1) * Kg)
-        c0 = g * Cg
-        shared = k1 - k0 > 1
-        xp = np.empty((Cg if shared else 1) * plane + (S - 1) * dw, dtype=x.dtype)
-        if shared:
-            xp[Cg * plane:] = 0       # read only into the discarded columns: keep it finite
-            for cl in range(Cg):
-                _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W,
-                           xp[cl * plane:(cl + 1) * plane], Hp, Wp, pt, pl)
+    ntask = N * G * nkb
+    nw = max(1, min(threads, ntask))
+    for wk in prange(nw):
+        # the tail is read only into the discarded columns: zero keeps it finite
+        xp = np.zeros((Cg if kb > 1 else 1) * plane + (S - 1) * dw, dtype=x.dtype)
         acc = np.empty(L, dtype=y.dtype)
-        for k in range(k0, k1):
-            acc[:] = bias[k]
-            for cl in range(Cg):
-                if shared:
-                    src = xp[cl * plane:]
-                else:
-                    _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
-                    src = xp
-                _add_taps(acc, src, L, Wp, dh, dw, weight[k, cl], False)
-            _copy_rows(acc, Wp, y[n, k])
+        for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
+            n = task // (G * nkb)
+            g = (task // nkb) % G
+            k0 = g * Kg + (task % nkb) * kb
+            k1 = min(k0 + kb, (g + 1) * Kg)
+            c0 = g * Cg
+            shared = k1 - k0 > 1
+            if shared:
+                for cl in range(Cg):
+                    _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W,
+                               xp[cl * plane:(cl + 1) * plane], Hp, Wp, pt, pl)
+            for k in range(k0, k1):
+                acc[:] = bias[k]
+                for cl in range(Cg):
+                    if shared:
+                        src = xp[cl * plane:]
+                    else:
+                        _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
+                        src = xp
+                    _add_taps(acc, src, L, Wp, dh, dw, weight[k, cl], False)
+                _copy_rows(acc, Wp, y[n, k])
 
 
 @njit(parallel=True, cache=True)
-def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb):
+def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads):
     """Tasks of ``cb`` input channels of one group and one image; with more than one, the
-    group's ``Kg`` padded ``grad_output`` planes are made once per task and shared."""
+    group's ``Kg`` padded ``grad_output`` planes are made once per task and shared. Buffers
+    per thread, as in :func:`_forward_s1`."""
     N, C, H, W = gx.shape
     K, Cg, R, S = weight.shape
     P, Q = grad_output.shape[2], grad_output.shape[3]
@@ -248,31 +255,33 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb):
     plane = Hq * Wq
     ncb = (Cg + cb - 1) // cb
     dyf = grad_output.reshape(grad_output.size)
-    for task in prange(N * G * ncb):
-        n = task // (G * ncb)
-        g = (task // ncb) % G
-        c0 = g * Cg + (task % ncb) * cb
-        c1 = min(c0 + cb, (g + 1) * Cg)
-        shared = c1 - c0 > 1
-        dyp = np.empty((Kg if shared else 1) * plane + (S - 1) * dw, dtype=gx.dtype)
-        if shared:
-            dyp[Kg * plane:] = 0      # read only into the discarded columns: keep it finite
-            for kl in range(Kg):
-                _pad_plane(dyf, (n * K + g * Kg + kl) * P * Q, P, Q,
-                           dyp[kl * plane:(kl + 1) * plane], Hq, Wq, top, left)
+    ntask = N * G * ncb
+    nw = max(1, min(threads, ntask))
+    for wk in prange(nw):
+        dyp = np.zeros((Kg if cb > 1 else 1) * plane + (S - 1) * dw, dtype=gx.dtype)
         acc = np.empty(L, dtype=gx.dtype)
-        for c in range(c0, c1):
-            cl = c - g * Cg
-            acc[:] = 0
-            for kl in range(Kg):
-                k = g * Kg + kl
-                if shared:
-                    src = dyp[kl * plane:]
-                else:
-                    _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
-                    src = dyp
-                _add_taps(acc, src, L, Wq, dh, dw, weight[k, cl], True)
-            _copy_rows(acc, Wq, gx[n, c])
+        for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
+            n = task // (G * ncb)
+            g = (task // ncb) % G
+            c0 = g * Cg + (task % ncb) * cb
+            c1 = min(c0 + cb, (g + 1) * Cg)
+            shared = c1 - c0 > 1
+            if shared:
+                for kl in range(Kg):
+                    _pad_plane(dyf, (n * K + g * Kg + kl) * P * Q, P, Q,
+                               dyp[kl * plane:(kl + 1) * plane], Hq, Wq, top, left)
+            for c in range(c0, c1):
+                cl = c - g * Cg
+                acc[:] = 0
+                for kl in range(Kg):
+                    k = g * Kg + kl
+                    if shared:
+                        src = dyp[kl * plane:]
+                    else:
+                        _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
+                        src = dyp
+                    _add_taps(acc, src, L, Wq, dh, dw, weight[k, cl], True)
+                _copy_rows(acc, Wq, gx[n, c])
 
 
 @njit(parallel=True, cache=True)
@@ -288,8 +297,8 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw):
         k = task // Cg
         cl = task - k * Cg
         c = (k // Kg) * Cg + cl
-        xp = np.empty(Hp * Wp + (S - 1) * dw, dtype=x.dtype)
-        dyp = np.empty(L, dtype=x.dtype)         # grad_output with x's padded row stride
+        xp = np.zeros(Hp * Wp + (S - 1) * dw, dtype=x.dtype)
+        dyp = np.zeros(L, dtype=x.dtype)         # grad_output with x's padded row stride
         lanes = np.zeros((R * S, LANES))         # float64, fixed order: reproducible
         for n in range(N):
             _pad_plane(xf, (n * C + c) * H * W, H, W, xp, Hp, Wp, pt, pl)
@@ -433,7 +442,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
     if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         kb = _outputs_per_task("forward", geom, x.dtype.itemsize, algo)
-        _forward_s1(x, weight, b, y, pt, pl, dh, dw, kb)
+        _forward_s1(x, weight, b, y, pt, pl, dh, dw, kb, numba.get_num_threads())
     else:
         _forward(x, weight, b, y, *_geometry_args(geom))
     return y
@@ -445,7 +454,7 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
     if _stride1(geom, gx.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         cb = _outputs_per_task("input_grad", geom, gx.dtype.itemsize, algo)
-        _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb)
+        _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, numba.get_num_threads())
     else:
         _input_grad(weight, grad_output, gx, *_geometry_args(geom))
     return gx

@@ -320,7 +320,8 @@ def test_direct_3x3_pass_sums_in_tap_order(dilation, dtype):
 
 def test_direct_outputs_per_task_do_not_change_bits(dtype):
     """The stride-1 direct kernels group outputs into tasks that share padded planes (how
-    many depends on the batch and the thread count); every grouping gives the same bits."""
+    many depends on the batch and the thread count) and split the tasks among workers that
+    reuse their buffers; every grouping and split gives the same bits."""
     from fastconv.kernels import cpu_depthwise
 
     rng = np.random.default_rng(12)
@@ -329,11 +330,11 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype):
     b = rng.standard_normal(10).astype(dtype)
     gy = rng.standard_normal((2, 10, 11, 9)).astype(dtype)
     ys, gxs = [], []
-    for per in (1, 2, 3, 8):
+    for per, workers in ((1, 1), (2, 2), (3, 5), (8, 3)):
         y = np.empty((2, 10, 11, 9), dtype)
-        cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per)
+        cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per, workers)
         gx = np.empty_like(x)
-        cpu_depthwise._input_grad_s1(w, gy, gx, 1, 1, 1, 1, per)
+        cpu_depthwise._input_grad_s1(w, gy, gx, 1, 1, 1, 1, per, workers)
         ys.append(y)
         gxs.append(gx)
     geom = conv_geometry(x.shape, w.shape, 1, 1, 1, 2)
