@@ -1,0 +1,67 @@
+"""fastconv's cpu calls back to back against after a pause, as the suite times them.
+
+    python bench/pause.py [--cases cifar3x3,dw3x3_28,r3x3_56] [--pause 0.15] [--repeats 15]
+
+``bench/conv2d.py`` and ``bench/hinge.py`` precede every timed call with a pause (their
+``SETTLE_S``) and one untimed call, so that no library runs beside another's spinning thread
+pool. This script times the same forward call both ways, in one process, and says under which
+Numba threading layer (run it again with ``NUMBA_THREADING_LAYER=omp`` to compare layers). A
+large ratio means the suite's table understates fastconv for calls made back to back.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import conv2d as suite
+
+
+def time_call(fn, pause: float, repeats: int) -> float:
+    """Median seconds of ``fn``: back to back (``pause`` 0), or each timed call after a
+    ``pause`` and one untimed call (the suites' protocol)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if pause:
+            time.sleep(pause)
+            fn()
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="cifar3x3,dw3x3_28,r3x3_56")
+    parser.add_argument("--pause", type=float, default=suite.SETTLE_S)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    import numba
+
+    import common
+    import fastconv
+
+    names = args.cases.split(",")
+    rows = []
+    for case in (c for c in suite.CASES if c.name in names):
+        x, w, b, _ = case.arrays(np.float32)
+
+        def fn(x=x, w=w, b=b, case=case):
+            return fastconv.conv2d(x, w, b, backend="cpu", **case.kwargs)
+
+        back = time_call(fn, 0.0, args.repeats)
+        after = time_call(fn, args.pause, args.repeats)
+        rows.append({"case": case.name, "back_to_back_ms": back * 1e3,
+                     "after_pause_ms": after * 1e3, "ratio": after / back})
+    print(f"forward, float32, {numba.get_num_threads()} threads, layer "
+          f"{numba.threading_layer()}, pause {args.pause} s + one untimed call")
+    common.print_table(rows, ["case", "back_to_back_ms", "after_pause_ms", "ratio"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
