@@ -330,7 +330,7 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype):
     b = rng.standard_normal(10).astype(dtype)
     gy = rng.standard_normal((2, 10, 11, 9)).astype(dtype)
     ys, gxs = [], []
-    for per, workers in ((1, 1), (2, 2), (3, 5), (8, 3)):
+    for per, workers in ((1, 1), (1, 3), (2, 2), (3, 5), (8, 3), (8, 7)):
         y = np.empty((2, 10, 11, 9), dtype)
         cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per, workers)
         gx = np.empty_like(x)
