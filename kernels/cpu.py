@@ -163,15 +163,20 @@ def _thread_states(me: int) -> Optional[dict[int, str]]:
     python = {t.native_id for t in threading.enumerate()} | {me}
     states = {}
     try:
-        for name in os.listdir("/proc/self/task"):
-            tid = int(name)
-            if tid in python:
-                continue
+        names = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for name in names:
+        if not name.isdigit() or int(name) in python:
+            continue
+        try:
             with open(f"/proc/self/task/{name}/stat", "rb") as f:
                 stat = f.read()
-            states[tid] = chr(stat[stat.rindex(b")") + 2])   # comm may hold spaces
-    except (OSError, ValueError):
-        return None
+        except FileNotFoundError:            # the thread has just exited
+            continue
+        except OSError:
+            return None
+        states[int(name)] = chr(stat[stat.rindex(b")") + 2])   # comm may hold spaces
     return states
 
 
