@@ -209,8 +209,7 @@ def _wait_for_idle_workers(seconds: float) -> None:
 
 def _before_fork() -> None:
     _GATE.before_fork()
-    if (_numba_parallel._is_initialized and numba.threading_layer() == "tbb"
-            and _GATE.other_callers_alive()):
+    if _layer() == "tbb" and _GATE.other_callers_alive():
         _wait_for_idle_workers(FORK_SETTLE_SECONDS)
 
 
@@ -229,14 +228,18 @@ if hasattr(os, "register_at_fork"):
                         after_in_child=_after_fork_in_child)
 
 
+def _layer() -> Optional[str]:
+    """Numba's threading layer once its pool has started (None before), asked once."""
+    if _LAYER[0] is None and _numba_parallel._is_initialized:
+        _LAYER[0] = numba.threading_layer()
+    return _LAYER[0]
+
+
 def _must_serialise() -> bool:
     """Whether calls must hold the serial lock: until the layer is known, and on
     ``workqueue``."""
-    if _LAYER[0] is None:
-        if not _numba_parallel._is_initialized:
-            return True
-        _LAYER[0] = numba.threading_layer()
-    return _LAYER[0] == "workqueue"
+    layer = _layer()
+    return layer is None or layer == "workqueue"
 
 
 def _serialised(fn):
