@@ -11,27 +11,17 @@ large ratio means the suite's table understates fastconv for calls made back to 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
+import common
 import conv2d as suite
 
 
 def time_call(fn, pause: float, repeats: int) -> float:
     """Median seconds of ``fn``: back to back (``pause`` 0), or each timed call after a
-    ``pause`` and one untimed call (the suites' protocol)."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if pause:
-            time.sleep(pause)
-            fn()
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    ``pause`` and one untimed call (the suites' protocol, `common.measure`'s ``settle``)."""
+    return common.measure({"fn": fn}, repeats=repeats, settle=pause)["fn"].median
 
 
 def main(argv=None) -> int:
@@ -42,7 +32,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import numba
 
-    import common
     import fastconv
 
     names = args.cases.split(",")
