@@ -157,8 +157,15 @@ def _winograd_phase_calls(op: str, geom, algo, x, w, gy) -> dict[str, Callable]:
         return lambda: cw.weight_grad(x, gy, geom, algo, mask)
 
     out_name = "grad_output transform" if op == "weight_grad" else "output transform"
-    return {"input transform": run(cw.PHASE_INPUT), "GEMMs (np.dot per block)":
-            run(cw.PHASE_GEMM), out_name: run(cw.PHASE_OUTPUT), "_none": run(0)}
+    return {"input transform": run(cw.PHASE_INPUT), _gemm_label(algo): run(cw.PHASE_GEMM),
+            out_name: run(cw.PHASE_OUTPUT), "_none": run(0)}
+
+
+def _gemm_label(algo) -> str:
+    """The GEMM phase of the fused layout (per block, in the workers) or the batched one."""
+    if algo.get("layout", "fused") == "batched":
+        return "GEMMs (BLAS-threaded np.matmul per chunk)"
+    return "GEMMs (np.dot per block)"
 
 
 def _winograd_dims(op: str, geom, algo) -> tuple[int, int, int, int, int]:
@@ -184,10 +191,10 @@ def _winograd_work(op: str, geom, algo, itemsize: int) -> dict[str, tuple[float,
     if op == "weight_grad":
         out_bytes = geom.N * geom.K * geom.P * geom.Q
         return {"input transform": ((in_bytes + A2 * cin * T) * itemsize, "byte"),
-                "GEMMs (np.dot per block)": (flops, "flop"),
+                _gemm_label(algo): (flops, "flop"),
                 "grad_output transform": ((out_bytes + A2 * geom.K * T) * itemsize, "byte")}
     return {"input transform": ((in_bytes + A2 * cin * T) * itemsize, "byte"),
-            "GEMMs (np.dot per block)": (flops, "flop"),
+            _gemm_label(algo): (flops, "flop"),
             "output transform": ((A2 * cout * T + out_bytes) * itemsize, "byte")}
 
 

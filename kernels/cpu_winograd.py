@@ -204,10 +204,11 @@ def _lincomb(dst, src, tab, i, cbase, L, nrep, dstride, sstride):
 
 
 @njit(cache=True)
-def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab):
-    """``V[a*A + b, c*L + t*vw + j] = (BT d BT^T)[a, b]`` (``L = tc * vw``) for the input tile
+def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab, ldv, coff):
+    """``V[a*A + b, c*ldv + coff + t*vw + j] = (BT d BT^T)[a, b]`` for the input tile
     ``d`` of tile ``(t0 + t, j)`` of image ``n``: rows ``(t0 + t)*m + off_h + [0, A)``, columns
-    ``j*m + off_w + [0, A)`` of ``x``, zero outside. For a run of channels at a time (``E``
+    ``j*m + off_w + [0, A)`` of ``x``, zero outside (``ldv``: a channel's stride in ``V``, ``L =
+    tc * vw`` in a worker's own block, more where several images share ``V``). For a run of channels at a time (``E``
     elements per plane in ``tmp``), the tile rows' input is split into ``m x m`` polyphase
     planes of ``(tc + 1) x vw`` per channel, so the row pass and the column pass read whole
     planes at tile-sized shifts, as flat loops."""
@@ -243,7 +244,7 @@ def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab)
         for o in range(A * m):
             _lincomb(rows[o], planes, row_tab, o, 0, cbb * Fr, 1, 0, 0)
         for xi in range(A * A):
-            _lincomb(V[xi, c0 * L:], rows, col_tab, xi, 0, L, cbb, L, Fr)
+            _lincomb(V[xi, c0 * ldv + coff:], rows, col_tab, xi, 0, L, cbb, ldv, Fr)
 
 
 @njit(cache=True, inline="always")
@@ -298,9 +299,10 @@ def _deinterleave_row(planes, src, s0, Q, m):
 
 
 @njit(cache=True)
-def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
-    """``y[n, k, tile] = AT M[:, k*L + tile] AT^T + bias[k]`` for the block's tiles, clipped
-    to ``y``'s ``P x Q``, for a run of filters at a time (``E`` elements per pass row)."""
+def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab, ldm, coff):
+    """``y[n, k, tile] = AT M[:, k*ldm + coff + tile] AT^T + bias[k]`` for the block's tiles,
+    clipped to ``y``'s ``P x Q``, for a run of filters at a time (``E`` elements per pass
+    row; ``ldm``: a filter's stride in ``M``, ``L`` in a worker's own block)."""
     K, P, Q = y.shape[1], y.shape[2], y.shape[3]
     A = m + 2
     vw = tw + 1
@@ -312,7 +314,10 @@ def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
     for k0 in range(0, K, kb):
         kbb = min(kb, K - k0)
         for o in range(m * A):
-            _lincomb(half[o], M, first_tab, o, k0 * L, kbb * L, 1, 0, 0)
+            if ldm == L:      # the run's filters are contiguous: one long pass
+                _lincomb(half[o], M, first_tab, o, k0 * L, kbb * L, 1, 0, 0)
+            else:
+                _lincomb(half[o], M, first_tab, o, k0 * ldm + coff, L, kbb, L, ldm)
         for o in range(m * m):
             _lincomb(out[o], half, second_tab, o, 0, kbb * L, 1, 0, 0)
         for kk in range(kbb):
@@ -329,8 +334,8 @@ def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
 
 
 @njit(cache=True)
-def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
-    """``Mg[a*A + b, k*L + tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
+def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab, ldm, coff):
+    """``Mg[a*A + b, k*ldm + coff + tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
     ``dy (N, K, P, Q)`` (zero beyond ``P x Q`` and in the padding tiles, which therefore add
     nothing to the weight gradient): the adjoint of :func:`_block_output`."""
     K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
@@ -356,15 +361,22 @@ def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab):
         for o in range(m * A):
             _lincomb(half[o], planes, first_tab, o, 0, kbb * L, 1, 0, 0)
         for xi in range(A * A):
-            _lincomb(Mg[xi, k0 * L:], half, second_tab, xi, 0, kbb * L, 1, 0, 0)
+            if ldm == L:
+                _lincomb(Mg[xi, k0 * L:], half, second_tab, xi, 0, kbb * L, 1, 0, 0)
+            else:
+                _lincomb(Mg[xi, k0 * ldm + coff:], half, second_tab, xi, 0, L, kbb, ldm, L)
 
 
 @njit(parallel=True, cache=True)
 def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
-               row_tab, col_tab, first_tab, second_tab, phases):
+               row_tab, col_tab, first_tab, second_tab, phases, shared):
     """``y (N, K, P, Q)``: 3x3 stride-1 correlation of ``x (N, C, H, W)`` with the
     transformed filters ``U (A*A, G, Kg, Cg)`` plus ``bias``, read at offsets
-    ``(off_h, off_w)``; blocks of ``rb`` tile rows on ``nw`` workers (buffers ``*buf[w]``)."""
+    ``(off_h, off_w)``; blocks of ``rb`` tile rows on ``nw`` workers (buffers ``*buf[w]``).
+
+    ``shared``: the transforms only (``rb`` = whole images), into one ``V (A*A, C, N*L)`` in
+    ``vbuf[0]`` and out of one ``M (A*A, K, N*L)`` in ``mbuf[0]``, image ``n`` in columns
+    ``[n*L, (n+1)*L)``; the caller multiplies in between (see :func:`batched_conv`)."""
     N, C = x.shape[0], x.shape[1]
     K, P, Q = y.shape[1], y.shape[2], y.shape[3]
     G, Kg, Cg = U.shape[1], U.shape[2], U.shape[3]
@@ -381,28 +393,34 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
             t0 = (blk - n * per_image) * rb
             tc = min(rb, th - t0)
             L = tc * vw
-            V = vbuf[w, :A2 * C * L]
-            M = mbuf[w, :A2 * K * L]
+            if shared:
+                V, M, ld, coff = vbuf[0], mbuf[0], N * L, n * L
+            else:
+                V, M, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, :A2 * K * L], L, 0
             if phases & 1:
-                _block_input(x, V.reshape(A2, C * L), tmp, E, n, t0, tc, tw, m, off_h, off_w,
-                             row_tab, col_tab)
-            if phases & 2:
+                _block_input(x, V.reshape(A2, C * ld), tmp, E, n, t0, tc, tw, m, off_h,
+                             off_w, row_tab, col_tab, ld, coff)
+            if phases & 2 and not shared:
                 V3, M3 = V.reshape(A2, C, L), M.reshape(A2, K, L)
                 for xi in range(A2):
                     for g in range(G):
                         np.dot(U[xi, g], V3[xi, g * Cg:(g + 1) * Cg],
                                M3[xi, g * Kg:(g + 1) * Kg])
             if phases & 4:
-                _block_output(M.reshape(A2, K * L), y, bias, tmp, E, n, t0, tc, tw, m,
-                              first_tab, second_tab)
+                _block_output(M.reshape(A2, K * ld), y, bias, tmp, E, n, t0, tc, tw, m,
+                              first_tab, second_tab, ld, coff)
 
 
 @njit(parallel=True, cache=True)
 def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, tbuf, E,
-                      gbuf, row_tab, col_tab, first_tab, second_tab, phases):
+                      gbuf, row_tab, col_tab, first_tab, second_tab, phases, shared):
     """``part[i] (A*A, G, Kg, Cg)``: the transformed weight gradient of image ``n0 + i``
     (``i < nc``), ``sum over its tiles of Mg[xi] V[xi]^T``, summed block after block in tile
-    order; worker ``w`` takes images ``w, w + nw, ...`` (``gbuf[w]``: one block's product)."""
+    order; worker ``w`` takes images ``w, w + nw, ...`` (``gbuf[w]``: one block's product).
+
+    ``shared``: the transforms only (``rb`` = whole images) into one ``V (A*A, C, nc*L)``
+    (``vbuf[0]``) and ``Mg (A*A, K, nc*L)`` (``mbuf[0]``), image ``n0 + i`` in columns
+    ``[i*L, (i+1)*L)``; the caller multiplies (see :func:`batched_weight_grad`)."""
     C, K = x.shape[1], dy.shape[1]
     P, Q = dy.shape[2], dy.shape[3]
     G, Kg, Cg = part.shape[2], part.shape[3], part.shape[4]
@@ -417,15 +435,17 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
             for t0 in range(0, th, rb):
                 tc = min(rb, th - t0)
                 L = tc * vw
-                V = vbuf[w, :A2 * C * L]
-                Mg = mbuf[w, :A2 * K * L]
+                if shared:
+                    V, Mg, ld, coff = vbuf[0], mbuf[0], nc * L, i * L
+                else:
+                    V, Mg, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, :A2 * K * L], L, 0
                 if phases & 1:
-                    _block_input(x, V.reshape(A2, C * L), tmp, E, n, t0, tc, tw, m, off_h,
-                                 off_w, row_tab, col_tab)
+                    _block_input(x, V.reshape(A2, C * ld), tmp, E, n, t0, tc, tw, m, off_h,
+                                 off_w, row_tab, col_tab, ld, coff)
                 if phases & 4:
-                    _block_grad_output(dy, Mg.reshape(A2, K * L), tmp, E, n, t0, tc, tw, m,
-                                       first_tab, second_tab)
-                if phases & 2:
+                    _block_grad_output(dy, Mg.reshape(A2, K * ld), tmp, E, n, t0, tc, tw, m,
+                                       first_tab, second_tab, ld, coff)
+                if phases & 2 and not shared:
                     V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
                     for xi in range(A2):
                         for g in range(G):
@@ -557,23 +577,83 @@ def plan(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elems: int,
 PASS_ELEMS = 1024
 
 
-def _buffers(C: int, K: int, tw: int, m: int, p: Plan, dtype, bound: int) -> tuple:
-    """Per-worker buffers ``V (A*A * C * L)``, ``M (A*A * K * L)`` for ``L = rb * vw`` and the
-    transforms' temporaries, which hold passes of ``E`` elements (the input transform's
-    planes and row pass, then the output transform's two passes, in the same memory); with
-    ``E`` below the per-row allowance of ``cpu_workspace``
+def _temps(tw: int, m: int, p: Plan, dtype, bound: int) -> tuple:
+    """Per-worker transform temporaries, which hold passes of ``E`` elements (the input
+    transform's planes and row pass, then the output transform's two passes, in the same
+    memory); with ``E`` below the per-row allowance of ``cpu_workspace``
     (``WINOGRAD_TEMP_CHANNELS * A*A * vw`` elements)."""
     A = m + 2
-    vw = row_width(tw)
-    L = p.rb * vw
+    L = p.rb * row_width(tw)
     rows = m * m + A * m
     allowance = (WINOGRAD_TEMP_CHANNELS * A * A * L - m * m) // rows
-    E = max((p.rb + 1) * vw, min(PASS_ELEMS, allowance))
-    vbuf = scratch((p.nw, A * A * C * L), dtype, bound)
-    mbuf = scratch((p.nw, A * A * K * L), dtype, bound)
+    E = max((p.rb + 1) * row_width(tw), min(PASS_ELEMS, allowance))
     tbuf = scratch((p.nw, rows * E + m * m), dtype, bound)
     tbuf[:] = 0      # the planes' last column is read (into padding tiles): keep it finite
-    return vbuf, mbuf, tbuf, E
+    return tbuf, E
+
+
+def _buffers(C: int, K: int, tw: int, m: int, p: Plan, dtype, bound: int) -> tuple:
+    """Per-worker buffers ``V (A*A * C * L)``, ``M (A*A * K * L)`` for ``L = rb * vw`` and the
+    transforms' temporaries (:func:`_temps`)."""
+    A2, L = (m + 2) ** 2, p.rb * row_width(tw)
+    vbuf = scratch((p.nw, A2 * C * L), dtype, bound)
+    mbuf = scratch((p.nw, A2 * K * L), dtype, bound)
+    return (vbuf, mbuf) + _temps(tw, m, p, dtype, bound)
+
+
+def batched_images(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elems: int,
+                   weight_grad: bool, itemsize: int, algo) -> int:
+    """Images per chunk of the batched layout: whole images' ``V`` and ``M`` under the
+    workspace bound and, where possible, under ``algo``'s ``chunk_bytes``; from the geometry
+    and the bound only, never the thread count (so the weight gradient's sum order is fixed).
+    """
+    fixed, per_row = winograd_tile_bytes(m, tw, C + K, filter_elems, weight_grad, itemsize)
+    per_image = th * per_row
+    fit = (workspace_bound(algo) - fixed) // per_image
+    want = int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES)) // per_image
+    return max(1, min(N, fit, want))
+
+
+def _batched_setup(N, C, K, th, tw, m, filter_elems, weight_grad, dtype, algo):
+    """Images per chunk ``nc``, workers, the shared ``V``/``M`` rows and temporaries."""
+    nc = batched_images(N, th, tw, m, C, K, filter_elems, weight_grad,
+                        np.dtype(dtype).itemsize, algo)
+    p = Plan(th, max(1, min(numba.get_num_threads(), nc)), 1)
+    bound = workspace_bound(algo)
+    A2, L = (m + 2) ** 2, th * row_width(tw)
+    vbuf = scratch((1, A2 * C * nc * L), dtype, bound)
+    mbuf = scratch((1, A2 * K * nc * L), dtype, bound)
+    return nc, p, vbuf, mbuf, _temps(tw, m, p, dtype, bound)
+
+
+def batched_conv(x: np.ndarray, U: np.ndarray, b: np.ndarray, y: np.ndarray, m: int,
+                 offsets: tuple[int, int], algo, phases: int = ALL_PHASES) -> None:
+    """``winograd_conv`` for layers whose blocks' GEMMs are too big for BLAS to run inside
+    the workers (see ``layout`` in the dispatch rules): per chunk of ``nc`` whole images, the
+    parallel input transform writes one ``V (A*A, C, nc*L)``, ``A*A`` BLAS-threaded GEMMs
+    (``np.matmul``, from this thread) give ``M (A*A, K, nc*L)``, and the parallel output
+    transform writes ``y``. Each GEMM has all the chunk's tiles as columns, so the filters
+    ``U[xi]`` are read once per chunk rather than once per block."""
+    N, C = x.shape[:2]
+    K, P, Q = y.shape[1:]
+    G, Kg, Cg = U.shape[1:]
+    th, tw = tile_grid(P, Q, m)
+    A2, L = (m + 2) ** 2, th * row_width(tw)
+    nc, p, vbuf, mbuf, (tbuf, E) = _batched_setup(N, C, K, th, tw, m, U[0].size, False,
+                                                  x.dtype, algo)
+    tabs = input_tables(m, tw, x.dtype) + output_tables(m, x.dtype)
+    for n0 in range(0, N, nc):
+        k = min(nc, N - n0)
+        xs, ys = x[n0:n0 + k], y[n0:n0 + k]
+        V, M = vbuf[:, :A2 * C * k * L], mbuf[:, :A2 * K * k * L]
+        fused_conv(xs, U, b, ys, th, m, *offsets, p.nw, V, M, tbuf, E, *tabs,
+                   phases & PHASE_INPUT, True)
+        if phases & PHASE_GEMM:
+            V3, M3 = V.reshape(A2, C, k * L), M.reshape(A2, K, k * L)
+            for g in range(G):
+                np.matmul(U[:, g], V3[:, g * Cg:(g + 1) * Cg], out=M3[:, g * Kg:(g + 1) * Kg])
+        fused_conv(xs, U, b, ys, th, m, *offsets, p.nw, V, M, tbuf, E, *tabs,
+                   phases & PHASE_OUTPUT, True)
 
 
 def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
@@ -589,13 +669,16 @@ def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
     m = int(algo.get("tile", 4))
     th, tw = tile_grid(P, Q, m)
     U = filter_transform(weight, np.array(_G[m], dtype=np.float64), groups, x.dtype)
+    y = np.empty((N, K, P, Q), dtype=x.dtype)
+    b = bias if bias is not None else np.zeros(K, dtype=x.dtype)
+    if algo.get("layout", "fused") == "batched":
+        batched_conv(x, U, b, y, m, offsets, algo, phases)
+        return y
     p = plan(N, th, tw, m, C, K, weight.shape[0] * weight.shape[1], False, x.dtype.itemsize,
              algo)
     bufs = _buffers(C, K, tw, m, p, x.dtype, workspace_bound(algo))
-    y = np.empty((N, K, P, Q), dtype=x.dtype)
-    b = bias if bias is not None else np.zeros(K, dtype=x.dtype)
     fused_conv(x, U, b, y, p.rb, m, *offsets, p.nw, *bufs, *input_tables(m, tw, x.dtype),
-               *output_tables(m, x.dtype), phases)
+               *output_tables(m, x.dtype), phases, False)
     return y
 
 
@@ -622,12 +705,60 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
                          (pt - 2, pl - 2), geom.groups, algo)
 
 
+def batched_weight_grad(x: np.ndarray, grad_output: np.ndarray, dU: np.ndarray, m: int,
+                        offsets: tuple[int, int], algo, phases: int = ALL_PHASES) -> None:
+    """``dU (A*A, G, Kg, Cg)`` in the batched layout: per chunk of whole images, the parallel
+    transforms write ``V (A*A, C, nc*L)`` and ``Mg (A*A, K, nc*L)``, and one BLAS GEMM per
+    transform point and group, ``Mg[xi] V[xi]^T``, sums over the chunk's tiles; the chunks'
+    sums are added in image order."""
+    N, C = x.shape[:2]
+    K, P, Q = grad_output.shape[1:]
+    A2, G, Kg, Cg = dU.shape
+    th, tw = tile_grid(P, Q, m)
+    L = th * row_width(tw)
+    nc, p, vbuf, mbuf, (tbuf, E) = _batched_setup(N, C, K, th, tw, m, G * Kg * Cg, True,
+                                                  x.dtype, algo)
+    tabs = input_tables(m, tw, x.dtype) + grad_output_tables(m, x.dtype)
+    part = dU.reshape((1,) + dU.shape)          # typing only: not written in this layout
+    gbuf = np.empty((p.nw, 1, 1), dtype=x.dtype)
+    prod = np.empty_like(dU) if N > nc else dU
+    for n0 in range(0, N, nc):
+        k = min(nc, N - n0)
+        V, Mg = vbuf[:, :A2 * C * k * L], mbuf[:, :A2 * K * k * L]
+        fused_weight_grad(x, grad_output, part, th, m, *offsets, n0, k, p.nw, V, Mg, tbuf, E,
+                          gbuf, *tabs, phases & (PHASE_INPUT | PHASE_OUTPUT), True)
+        if phases & PHASE_GEMM:
+            V3, M3 = V.reshape(A2, C, k * L), Mg.reshape(A2, K, k * L)
+            dst = dU if n0 == 0 else prod
+            for g in range(G):
+                np.matmul(M3[:, g * Kg:(g + 1) * Kg],
+                          V3[:, g * Cg:(g + 1) * Cg].transpose(0, 2, 1), out=dst[:, g])
+            if n0 > 0:
+                dU += prod
+
+
 def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo,
                 phases: int = ALL_PHASES) -> np.ndarray:
     """Weight gradient ``(K, C/G, 3, 3)`` by the adjoint of the forward transforms: per image,
-    the blocks' products summed in tile order; the images' sums added in image order."""
+    the blocks' products summed in tile order; the images' sums added in image order (in the
+    batched layout, per chunk of images, one GEMM over the chunk's tiles)."""
     N, C, K, G = geom.N, geom.C, geom.K, geom.groups
     m = int(algo.get("tile", 4))
+    A2 = (m + 2) ** 2
+    th, tw = tile_grid(geom.P, geom.Q, m)
+    offsets = (-geom.padding[0], -geom.padding[2])
+    dU = np.zeros((A2, G, K // G, C // G), dtype=x.dtype)
+    if algo.get("layout", "fused") == "batched":
+        batched_weight_grad(x, grad_output, dU, m, offsets, algo, phases)
+    else:
+        _fused_weight_grad(x, grad_output, dU, geom, m, offsets, algo, phases)
+    gw = filter_transform_adjoint(dU, np.array(_G[m], dtype=np.float64))
+    return gw.reshape(geom.weight_shape).astype(x.dtype)
+
+
+def _fused_weight_grad(x, grad_output, dU, geom, m, offsets, algo, phases) -> None:
+    """``dU`` from the fused loop: images' transformed gradients, ``group`` at a time."""
+    N, C, K, G = geom.N, geom.C, geom.K, geom.groups
     A2 = (m + 2) ** 2
     th, tw = tile_grid(geom.P, geom.Q, m)
     p = plan(N, th, tw, m, C, K, K * (C // G), True, x.dtype.itemsize, algo)
@@ -635,14 +766,10 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo,
     vbuf, mbuf, tbuf, E = _buffers(C, K, tw, m, p, x.dtype, bound)
     part = scratch((p.group, A2, G, K // G, C // G), x.dtype, bound)
     gbuf = scratch((p.nw, K // G, C // G), x.dtype, bound)
-    dU = np.zeros((A2, G, K // G, C // G), dtype=x.dtype)
     tabs = input_tables(m, tw, x.dtype) + grad_output_tables(m, x.dtype)
-    offsets = (-geom.padding[0], -geom.padding[2])
     for n0 in range(0, N, p.group):
         nc = min(p.group, N - n0)
         fused_weight_grad(x, grad_output, part, p.rb, m, *offsets, n0, nc, p.nw, vbuf, mbuf,
-                          tbuf, E, gbuf, *tabs, phases)
+                          tbuf, E, gbuf, *tabs, phases, False)
         for i in range(nc):
             dU += part[i]
-    gw = filter_transform_adjoint(dU, np.array(_G[m], dtype=np.float64))
-    return gw.reshape(geom.weight_shape).astype(x.dtype)

@@ -77,12 +77,15 @@ def im2col_bytes(op: str, geom, layout: str, itemsize: int) -> tuple[int, int]:
     return fixed * itemsize, (rows + packed) * Q * itemsize
 
 
-def winograd_bytes(op: str, geom, m: int, itemsize: int) -> tuple[int, int]:
+def winograd_bytes(op: str, geom, m: int, layout: str, itemsize: int) -> tuple[int, int]:
     """Workspace of Winograd F(m x m, 3 x 3) for ``op`` (see :func:`winograd_tile_bytes`); the
-    input gradient tiles the ``H x W`` input instead of the ``P x Q`` output."""
-    tiles_per_row = -(-(geom.W if op == "input_grad" else geom.Q) // m)
-    return winograd_tile_bytes(m, tiles_per_row, geom.C + geom.K,
-                               geom.K * (geom.C // geom.groups), op == "weight_grad", itemsize)
+    input gradient tiles the ``H x W`` input instead of the ``P x Q`` output. The batched
+    layout's smallest chunk is a whole image (all its rows of tiles)."""
+    rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
+    fixed, per_row = winograd_tile_bytes(m, -(-cols // m), geom.C + geom.K,
+                                         geom.K * (geom.C // geom.groups), op == "weight_grad",
+                                         itemsize)
+    return fixed, per_row * (-(-rows // m) if layout == "batched" else 1)
 
 
 # Channels' worth of transformed tiles per row of tiles that the transforms' per-thread

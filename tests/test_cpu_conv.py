@@ -25,6 +25,9 @@ VARIANTS = {
     "winograd2": ("winograd", (("tile", 2),)),
     "winograd4": ("winograd", (("tile", 4),)),
     "winograd4_rows": ("winograd", (("tile", 4), ("chunk_bytes", 1))),
+    "winograd2_batched": ("winograd", (("tile", 2), ("layout", "batched"))),
+    "winograd4_batched_images": ("winograd", (("tile", 4), ("layout", "batched"),
+                                              ("chunk_bytes", 1))),
     "direct": ("direct", ()),
     "direct_rows": ("direct", (("workspace_bytes", 1),)),   # no room for padded planes
 }
@@ -107,6 +110,8 @@ CHUNKED = [
     (ConvCase("rows_winograd4", 2, 16, 24, 19, 16, 3, 3, padding=1), "winograd4"),
     (ConvCase("rows_winograd2", 2, 16, 24, 19, 16, 3, 3, padding=1), "winograd2"),
     (ConvCase("rows_winograd_wide", 2, 16, 20, 41, 16, 3, 3, padding=1), "winograd4"),
+    (ConvCase("images_winograd_batched", 6, 16, 13, 11, 16, 3, 3, padding=1),
+     "winograd2_batched"),
 ]
 
 
@@ -119,7 +124,8 @@ def _smallest_bound(variant: str, geom, itemsize: int) -> int:
         sizes = [cpu_workspace.im2col_bytes(op, geom, p["layout"], itemsize)
                  for op in ("forward", "input_grad", "weight_grad")]
     else:
-        sizes = [cpu_workspace.winograd_bytes(op, geom, p["tile"], itemsize)
+        sizes = [cpu_workspace.winograd_bytes(op, geom, p["tile"], p.get("layout", "fused"),
+                                              itemsize)
                  for op in ("forward", "input_grad", "weight_grad")]
     return max(sum(s) for s in sizes)
 
@@ -224,10 +230,20 @@ def test_winograd_tile_choice():
     algo = rules.choose("forward", big, np.float32, precision="fp32", workspace_bytes=2**28)
     assert (algo.name, algo.get("tile")) == ("winograd", 4)
     small = conv_geometry((1, 16, 28, 28), (16, 16, 3, 3), 1, 1, 1, 1)
-    wide = conv_geometry((1, 256, 40, 40), (256, 256, 3, 3), 1, 1, 1, 1)  # BLAS would thread
-    for geom in (small, wide):
+    one_small = conv_geometry((1, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
+    r3x3_14 = conv_geometry((8, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
+    deep = conv_geometry((8, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1)
+    for geom in (small, one_small, r3x3_14, deep):
         assert rules.choose("forward", geom, np.float32, precision="fp32",
                             workspace_bytes=2**28).name == "im2col"
+    # 128 x 128 channels: a block's GEMM would thread in BLAS inside the workers, so whole
+    # images are transformed and the GEMMs are BLAS-threaded (the batched layout).
+    for hw in (28, 56):
+        geom = conv_geometry((8, 128, hw, hw), (128, 128, 3, 3), 1, 1, 1, 1)
+        for op in ("forward", "input_grad", "weight_grad"):
+            algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
+            assert (algo.name, algo.get("tile"), algo.get("layout")) == ("winograd", 4,
+                                                                           "batched")
     few = conv_geometry((1, 3, 40, 40), (16, 3, 3, 3), 1, 1, 1, 1)   # thin: direct (rule 3)
     assert rules.choose("forward", few, np.float32, precision="fp32",
                         workspace_bytes=2**28).name == "direct"

@@ -73,11 +73,37 @@ def test_same_bits_with_any_thread_count(tile):
             assert np.array_equal(a, c)
 
 
+def test_batched_layout_same_bits_for_any_numba_thread_count():
+    """The batched layout transforms whole images in Numba's workers and runs the GEMMs
+    BLAS-threaded from the caller's thread; the images per chunk come from the geometry and
+    the bound alone, so 1 or 2 Numba workers give the same bits (for a given BLAS thread
+    count: OpenBLAS's result for a GEMM it threads depends on how it splits the GEMM, as for
+    every BLAS-based algorithm; see README). 64 x 64 channels, 4 images of 16 x 18: GEMMs of
+    64 x 64 x 320, past OpenBLAS's threading threshold."""
+    x, w, b, gy, geom = _problem(4, 64, 16, 18, 64, 1, 1, np.float32, seed=5)
+    before = numba.get_num_threads()
+    try:
+        for tile in cpu_winograd.TILE_SIZES:
+            algo = Algo("winograd", (("tile", tile), ("layout", "batched"),
+                                     ("chunk_bytes", 2**30)))
+            results = []
+            for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 1):
+                numba.set_num_threads(threads)
+                results.append(_all_ops(x, w, b, gy, geom, algo))
+            for other in results[1:]:
+                for a, c in zip(results[0], other):
+                    assert np.array_equal(a, c)
+            for a, ref in zip(results[0], _refs(x, w, b, gy, geom)):
+                assert_close(a, ref)
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_workspace_bound_holds_with_several_workers():
     """Under a bound of a few rows, the plan shrinks blocks and workers to fit; the largest
     scratch buffer stays under the bound and the result is still right."""
     x, w, b, gy, geom = _problem(4, 16, 24, 40, 16, 1, 1, np.float32)
-    sizes = [cpu_workspace.winograd_bytes(op, geom, 4, 4)
+    sizes = [cpu_workspace.winograd_bytes(op, geom, 4, "fused", 4)
              for op in ("forward", "input_grad", "weight_grad")]
     bound = max(fixed + 3 * row for fixed, row in sizes)
     algo = Algo("winograd", (("tile", 4), ("workspace_bytes", bound)))

@@ -53,6 +53,17 @@ WINOGRAD_MIN_PIXELS = 1024
 # 56-1180 ms against im2col's 68-76 ms (1 thread: 23 against 25 ms). 64 x 64 channels
 # (r3x3_56: 64*64*105 per block GEMM) stay single-threaded in BLAS.
 WINOGRAD_MAX_CHANNEL_PRODUCT = 64 * 128
+# The batched layout (layers past WINOGRAD_MAX_CHANNEL_PRODUCT): the filter transform's cost
+# per transformed element in GEMM multiply-adds (writing U for 256 x 256 filters took 1.5 ms,
+# about 2 ns per element on 2 cores, the time of ~200 multiply-adds of an SGEMM at 370
+# GFLOP/s), and the share of im2col's multiply-adds under which the layout is taken.
+# Measured, float32, 2 threads, OpenBLAS's SkylakeX kernels (ms, im2col / batched F(2x2) /
+# batched F(4x4), forward and weight gradient): 28x28 x 128, N=8: 7.8 / 7.0 / 7.9 and 8.2 /
+# 8.7 / 7.8; 56x56 x 128: 25.7 / 23.8 / 17.6 and 27.6 / 23.4 / 19.3; im2col stays for
+# r3x3_14 (14x14 x 256: 6.7 / 7.0 / 10.6 and 7.8 / 9.8 / 12.5), for it at N=1 and on
+# 7x7 x 512, where transforming 512 x 512 filters costs more than it saves.
+WINOGRAD_FILTER_COST = 200
+WINOGRAD_BATCHED_GAIN = 0.6
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
@@ -60,8 +71,9 @@ PER_IMAGE_MIN_PIXELS = 1024
 CHUNK_BYTES = 16 * 2**20
 
 
-def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[int]:
-    """The Winograd output tile size (2 or 4) for this op, or None if it does not apply.
+def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
+    """The Winograd output tile size (2 or 4) and layout (``"fused"`` or ``"batched"``) for
+    this op, or None if Winograd does not apply or would not save time.
 
     The input gradient is a correlation of ``grad_output`` (``K`` channels) producing the
     ``C``-channel ``H x W`` input, so the channel roles and the tiled plane change."""
@@ -69,14 +81,27 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[int]:
         return None
     if min(geom.C, geom.K) // geom.groups < WINOGRAD_MIN_CHANNELS:
         return None
-    if (geom.C // geom.groups) * (geom.K // geom.groups) > WINOGRAD_MAX_CHANNEL_PRODUCT:
-        return None
     rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
+    if (geom.C // geom.groups) * (geom.K // geom.groups) > WINOGRAD_MAX_CHANNEL_PRODUCT:
+        m = _batched_tile(geom.N, rows, cols)
+        return None if m is None else (m, "batched")
     if rows * cols < WINOGRAD_MIN_PIXELS:
         return None
     cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
     m = min(cost, key=cost.get)
-    return m if cost[m] < 9 * rows * cols else None
+    return (m, "fused") if cost[m] < 9 * rows * cols else None
+
+
+def _batched_tile(N: int, rows: int, cols: int) -> Optional[int]:
+    """The tile of the batched layout, by its cost per (filter, channel) pair in GEMM
+    multiply-adds: ``A*A`` transform points times the GEMM columns (tiles, each row of tiles
+    with its padding tile) plus the filter transform (``WINOGRAD_FILTER_COST`` per
+    transformed filter element); None unless it undercuts im2col's ``9 N P Q`` by
+    ``WINOGRAD_BATCHED_GAIN``."""
+    cost = {m: (m + 2) ** 2 * (N * -(-rows // m) * (-(-cols // m) + 1) + WINOGRAD_FILTER_COST)
+            for m in (4, 2)}
+    m = min(cost, key=cost.get)
+    return m if cost[m] < WINOGRAD_BATCHED_GAIN * 9 * N * rows * cols else None
 
 
 def _thin_3x3(geom: ConvGeometry) -> bool:
@@ -112,13 +137,17 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
         return Algo("direct", _workspace_params(workspace_bytes),
                     f"3x3 stride-1 layer with {min(geom.C, geom.K)} channels on one side: an "
                     f"im2col GEMM would be too thin; {how}")
-    m = _winograd_tile(op, geom)
-    if m is not None and fits(winograd_bytes(op, geom, m, itemsize), workspace_bytes):
-        return Algo("winograd", (("tile", m),) + _workspace_params(workspace_bytes),
-                    f"3x3 stride-1 layer: fused cache-blocked Winograd F({m}x{m}, 3x3), "
-                    f"{9 * m * m / (m + 2) ** 2:.2f}x fewer multiplies than direct; blocks of "
-                    "tile rows transformed, multiplied (BLAS per block) and inverse-"
-                    "transformed in per-thread buffers")
+    wino = _winograd_tile(op, geom)
+    if wino is not None and fits(winograd_bytes(op, geom, *wino, itemsize), workspace_bytes):
+        m, layout = wino
+        how = ("blocks of tile rows transformed, multiplied (BLAS per block) and inverse-"
+               "transformed in per-thread buffers" if layout == "fused" else
+               "whole images transformed in parallel, one BLAS-threaded GEMM per transform "
+               "point over all their tiles (GEMMs too big to run inside the workers)")
+        return Algo("winograd", (("tile", m), ("layout", layout))
+                    + _workspace_params(workspace_bytes),
+                    f"3x3 stride-1 layer: {layout} Winograd F({m}x{m}, 3x3), "
+                    f"{9 * m * m / (m + 2) ** 2:.2f}x fewer multiplies than direct; {how}")
     layout = "per_image" if geom.P * geom.Q >= PER_IMAGE_MIN_PIXELS else "wide"
     if not fits(im2col_bytes(op, geom, layout, itemsize), workspace_bytes):
         return Algo("direct", _workspace_params(workspace_bytes),
