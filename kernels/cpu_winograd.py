@@ -173,6 +173,14 @@ ALL_PHASES = PHASE_INPUT | PHASE_GEMM | PHASE_OUTPUT
 BLOCK_BYTES = 2 * 2**20
 
 
+# The GEMMs of a block run in Numba's workers and must stay single-threaded in BLAS: OpenBLAS
+# (NumPy's and SciPy's wheels, 0.3.x) gives a GEMM MNK / 262144 threads (interface/gemm.c,
+# SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD), so one under 2 * 262144 multiply-adds runs
+# on the calling thread alone. Larger block GEMMs are cut into pieces of filter rows under
+# that size; threaded inside the workers they collapsed (r3x3_14: 56-1180 ms against 70).
+BLAS_SERIAL_MNK = 2 * 262144
+
+
 def row_width(tw: int) -> int:
     """Tiles per tile row in the transformed blocks: ``tw`` plus one padding tile."""
     return tw + 1
@@ -402,10 +410,13 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
                              off_w, row_tab, col_tab, ld, coff)
             if phases & 2 and not shared:
                 V3, M3 = V.reshape(A2, C, L), M.reshape(A2, K, L)
+                kp = max(1, (BLAS_SERIAL_MNK - 1) // (Cg * L))   # see BLAS_SERIAL_MNK
                 for xi in range(A2):
                     for g in range(G):
-                        np.dot(U[xi, g], V3[xi, g * Cg:(g + 1) * Cg],
-                               M3[xi, g * Kg:(g + 1) * Kg])
+                        for k0 in range(0, Kg, kp):
+                            k1 = min(Kg, k0 + kp)
+                            np.dot(U[xi, g, k0:k1], V3[xi, g * Cg:(g + 1) * Cg],
+                                   M3[xi, g * Kg + k0:g * Kg + k1])
             if phases & 4:
                 _block_output(M.reshape(A2, K * ld), y, bias, tmp, E, n, t0, tc, tw, m,
                               first_tab, second_tab, ld, coff)
@@ -447,14 +458,19 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                                        first_tab, second_tab, ld, coff)
                 if phases & 2 and not shared:
                     V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
+                    kp = max(1, (BLAS_SERIAL_MNK - 1) // (Cg * L))
                     for xi in range(A2):
                         for g in range(G):
                             dst = part[i, xi, g]
                             Vt = V3[xi, g * Cg:(g + 1) * Cg].T
-                            if t0 == 0:
-                                np.dot(M3[xi, g * Kg:(g + 1) * Kg], Vt, dst)
-                            else:
-                                np.dot(M3[xi, g * Kg:(g + 1) * Kg], Vt, prod)
+                            for k0 in range(0, Kg, kp):
+                                k1 = min(Kg, k0 + kp)
+                                Mk = M3[xi, g * Kg + k0:g * Kg + k1]
+                                if t0 == 0:
+                                    np.dot(Mk, Vt, dst[k0:k1])
+                                else:
+                                    np.dot(Mk, Vt, prod[k0:k1])
+                            if t0 > 0:
                                 for a in range(Kg):
                                     for b in range(Cg):
                                         dst[a, b] += prod[a, b]

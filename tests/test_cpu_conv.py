@@ -236,14 +236,16 @@ def test_winograd_tile_choice():
     for geom in (small, one_small, r3x3_14, deep):
         assert rules.choose("forward", geom, np.float32, precision="fp32",
                             workspace_bytes=2**28).name == "im2col"
-    # 128 x 128 channels: a block's GEMM would thread in BLAS inside the workers, so whole
-    # images are transformed and the GEMMs are BLAS-threaded (the batched layout).
-    for hw in (28, 56):
-        geom = conv_geometry((8, 128, hw, hw), (128, 128, 3, 3), 1, 1, 1, 1)
+    # Up to 128 x 128 channels the fused layout (its block GEMMs cut into pieces BLAS keeps
+    # single-threaded), from 28x28 with 64 x 64 and more; past that whole images and
+    # BLAS-threaded GEMMs (the batched layout) where they save enough.
+    for shape, C, want in (((8, 64, 28, 28), 64, "fused"), ((8, 128, 56, 56), 128, "fused"),
+                           ((8, 256, 28, 28), 256, "batched"), ((4, 256, 56, 56), 256,
+                                                                "batched")):
+        geom = conv_geometry(shape, (C, C, 3, 3), 1, 1, 1, 1)
         for op in ("forward", "input_grad", "weight_grad"):
             algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
-            assert (algo.name, algo.get("tile"), algo.get("layout")) == ("winograd", 4,
-                                                                           "batched")
+            assert (algo.name, algo.get("tile"), algo.get("layout")) == ("winograd", 4, want)
     few = conv_geometry((1, 3, 40, 40), (16, 3, 3, 3), 1, 1, 1, 1)   # thin: direct (rule 3)
     assert rules.choose("forward", few, np.float32, precision="fp32",
                         workspace_bytes=2**28).name == "direct"

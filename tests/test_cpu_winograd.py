@@ -73,6 +73,27 @@ def test_same_bits_with_any_thread_count(tile):
             assert np.array_equal(a, c)
 
 
+def test_block_gemms_past_blas_threading_are_cut_into_pieces():
+    """128 x 128 channels, blocks of 48 tiles: each block GEMM (128 x 128 x 48) is past
+    OpenBLAS's threading size, so it runs as pieces of filter rows under
+    ``BLAS_SERIAL_MNK``; right result, same bits for 1 and 2 threads."""
+    x, w, b, gy, geom = _problem(2, 128, 12, 60, 128, 1, 1, np.float32, seed=7)
+    th, tw = cpu_winograd.tile_grid(12, 60, 4)
+    assert 128 * 128 * th * cpu_winograd.row_width(tw) >= cpu_winograd.BLAS_SERIAL_MNK
+    algo = Algo("winograd", (("tile", 4),))
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            results.append(_all_ops(x, w, b, gy, geom, algo))
+    finally:
+        numba.set_num_threads(before)
+    for a, c, ref in zip(*results, _refs(x, w, b, gy, geom)):
+        assert np.array_equal(a, c)
+        assert_close(a, ref)
+
+
 def test_batched_layout_same_bits_for_any_numba_thread_count():
     """The batched layout transforms whole images in Numba's workers and runs the GEMMs
     BLAS-threaded from the caller's thread; the images per chunk come from the geometry and

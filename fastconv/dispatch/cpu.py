@@ -12,15 +12,16 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    single-threaded in BLAS, issued from Numba's workers: a BLAS-threaded GEMM left
    OpenBLAS's threads spinning beside Numba's and slowed the next kernels 1.8x.
 4. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
-   group and an output plane of at least 32x32: F(4x4, 3x3) does 4x fewer multiplies than a
-   direct 3x3, F(2x2, 3x3) 2.25x; the tile that covers the output with the fewest transform
-   points wins. The kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks of
-   tile rows of one image transformed, multiplied and inverse-transformed in a per-thread
-   buffer). With fewer channels the tile transforms dominate; with more than 64 x 128
-   (``Cg * Kg``) a block's GEMM is big enough for BLAS to thread it inside the workers,
-   which collapsed (see WINOGRAD_MAX_CHANNEL_PRODUCT); on small planes (ResNet's 14x14)
-   im2col stays (single-threaded F(2x2) there measured only 5-10% faster, and the layer has
-   256 x 256 channels).
+   group: F(4x4, 3x3) does 4x fewer multiplies than a direct 3x3, F(2x2, 3x3) 2.25x.
+   Up to 128 x 128 channels (``Cg * Kg``) on an output plane of at least 32x32 (28x28 from
+   64 x 64 channels) the kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks
+   of tile rows of one image transformed, multiplied and inverse-transformed in a per-thread
+   buffer; block GEMMs in pieces BLAS keeps single-threaded), with the tile that covers the
+   output with the fewest transform points. With fewer channels the tile transforms
+   dominate. Past 128 x 128 the pieces get thin, and the ``batched`` layout (whole images
+   transformed, BLAS-threaded GEMMs over all their tiles) is taken where a cost model of its
+   GEMM columns and filter transform undercuts im2col by 40% (see _batched_tile): not on
+   ResNet's 14x14 x 256 at batch 8, nor on smaller batches or planes.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
 6. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
@@ -45,23 +46,28 @@ DIRECT_MAX_REDUCTION = 64
 WINOGRAD_MIN_CHANNELS = 8
 # Channels (in or out) below which an ungrouped 3x3 stride-1 layer runs direct (rule 3).
 THIN_3X3_CHANNELS = 8
-# Pixels of the tiled plane from which Winograd beats im2col (see rule 4).
+# Pixels of the tiled plane from which the fused Winograd beats im2col (see rule 4), and from
+# which it does with at least 64 x 64 channels per group. Measured, float32, 2 threads,
+# SkylakeX OpenBLAS, forward and weight gradient, im2col against fused F(4x4) (ms): 28x28 x
+# 64, N=8: 3.9 / 3.1 and 4.2 / 3.3; 28x28 x 128: 11.2 / 7.1 and 13.5 / 7.6.
 WINOGRAD_MIN_PIXELS = 1024
-# Largest Cg * Kg for Winograd: each worker of the fused loop calls BLAS on its block, and a
-# block GEMM big enough for OpenBLAS to thread itself (about 2.6e5 multiply-adds and up)
-# nested in the workers collapsed: r3x3_14 (256 x 256 channels) with F(2x2), 2 threads, took
-# 56-1180 ms against im2col's 68-76 ms (1 thread: 23 against 25 ms). 64 x 64 channels
-# (r3x3_56: 64*64*105 per block GEMM) stay single-threaded in BLAS.
-WINOGRAD_MAX_CHANNEL_PRODUCT = 64 * 128
+WINOGRAD_MIN_PIXELS_WIDE = 784
+# Largest Cg * Kg for the fused layout. Its block GEMMs run in the workers, cut into pieces
+# that BLAS keeps single-threaded (``cpu_winograd.BLAS_SERIAL_MNK``): threaded by OpenBLAS
+# inside the workers they collapsed (r3x3_14, 256 x 256 channels, F(2x2): 56-1180 ms against
+# im2col's 68-76 ms). Past 128 x 128 the pieces get thin (19 filter rows at 256 x 256) and
+# the batched layout does better (28x28 x 256, N=8, weight gradient: 25.9 fused against 21.0
+# batched F(4x4), 26.3 im2col; 56x56 x 128 forward: fused 14.9, batched 21.3, im2col 28.1).
+WINOGRAD_MAX_CHANNEL_PRODUCT = 128 * 128
 # The batched layout (layers past WINOGRAD_MAX_CHANNEL_PRODUCT): the filter transform's cost
 # per transformed element in GEMM multiply-adds (writing U for 256 x 256 filters took 1.5 ms,
 # about 2 ns per element on 2 cores, the time of ~200 multiply-adds of an SGEMM at 370
 # GFLOP/s), and the share of im2col's multiply-adds under which the layout is taken.
 # Measured, float32, 2 threads, OpenBLAS's SkylakeX kernels (ms, im2col / batched F(2x2) /
-# batched F(4x4), forward and weight gradient): 28x28 x 128, N=8: 7.8 / 7.0 / 7.9 and 8.2 /
-# 8.7 / 7.8; 56x56 x 128: 25.7 / 23.8 / 17.6 and 27.6 / 23.4 / 19.3; im2col stays for
-# r3x3_14 (14x14 x 256: 6.7 / 7.0 / 10.6 and 7.8 / 9.8 / 12.5), for it at N=1 and on
-# 7x7 x 512, where transforming 512 x 512 filters costs more than it saves.
+# batched F(4x4)): 28x28 x 256, N=8, forward 22.9 / 17.8 / 18.4, weight gradient 26.3 /
+# 18.8 / 21.0; 56x56 x 256, N=4, forward 46.0 / 36.5 / 29.5; im2col stays for r3x3_14
+# (14x14 x 256: forward 6.7 / 7.0 / 10.6, weight gradient 7.8 / 9.8 / 12.5), for it at N=1
+# and on 7x7 x 512, where transforming 512 x 512 filters costs more than it saves.
 WINOGRAD_FILTER_COST = 200
 WINOGRAD_BATCHED_GAIN = 0.6
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
@@ -85,7 +91,8 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
     if (geom.C // geom.groups) * (geom.K // geom.groups) > WINOGRAD_MAX_CHANNEL_PRODUCT:
         m = _batched_tile(geom.N, rows, cols)
         return None if m is None else (m, "batched")
-    if rows * cols < WINOGRAD_MIN_PIXELS:
+    wide = (geom.C // geom.groups) * (geom.K // geom.groups) >= 64 * 64
+    if rows * cols < (WINOGRAD_MIN_PIXELS_WIDE if wide else WINOGRAD_MIN_PIXELS):
         return None
     cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
     m = min(cost, key=cost.get)
