@@ -39,6 +39,38 @@ def valid_range(Q: int, W: int, sw: int, off: int) -> tuple[int, int]:
     return q_lo, max(q_lo, q_hi)
 
 
+@njit(cache=True, inline="always")
+def _im2col_rows_flat(xf, cf, plane, H, W, dst, h0, pc, q_lo, q_hi, off):
+    """``cf[dst + pp*W + q] = xf[plane + (h0 + pp)*W + q + off]`` for ``pp < pc``, ``q < W``,
+    zero where the row ``h0 + pp`` or the column ``q + off`` is outside the plane (valid
+    columns ``[q_lo, q_hi)``): stride 1 with as many output as input columns, so a run of
+    valid rows is one flat copy (source and destination rows have the same stride), and the
+    columns that copy wrongly took from the neighbouring row are zeroed after it. ResNet's
+    14x14 rows made the row-by-row copies a quarter of the forward (14 elements a loop)."""
+    uW = np.uint64(W)
+    pp_lo = min(pc, max(0, -h0))
+    pp_hi = max(pp_lo, min(pc, H - h0))
+    for pp in range(pc):
+        if pp < pp_lo or pp >= pp_hi:
+            d = dst + np.uint64(pp) * uW
+            for q in range(uW):
+                cf[d + q] = 0
+    if pp_hi == pp_lo:
+        return
+    if q_hi > q_lo:
+        n = (pp_hi - pp_lo - 1) * W + q_hi - q_lo
+        d = dst + np.uint64(pp_lo * W + q_lo)
+        src = np.uint64(plane + (h0 + pp_lo) * W + q_lo + off)
+        for t in range(np.uint64(n)):
+            cf[d + t] = xf[src + t]
+    for pp in range(pp_lo, pp_hi):
+        d = dst + np.uint64(pp) * uW
+        for q in range(np.uint64(q_lo)):
+            cf[d + q] = 0
+        for q in range(np.uint64(max(q_lo, q_hi)), uW):
+            cf[d + q] = 0
+
+
 @njit(parallel=True, cache=True)
 def im2col(x, col, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw, Cg, rows_g):
     """Fill ``col (G * rows_g, nc * pc * Q)`` from ``x (N, C, H, W)`` for images
@@ -62,6 +94,12 @@ def im2col(x, col, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw, Cg, rows_g):
         row = np.uint64((g * rows_g + (c - g * Cg) * RS + rs) * J)
         q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
         w0 = q_lo * sw + s * dw - pl
+        if sh == 1 and sw == 1 and Q == W:
+            for i in range(nc):
+                _im2col_rows_flat(xf, cf, ((n0 + i) * C + c) * H * W, H, W,
+                                  row + np.uint64(i * pc * Q), p0 - pt + r * dh, pc, q_lo,
+                                  q_hi, s * dw - pl)
+            continue
         for i in range(nc):
             for pp in range(pc):
                 dst = row + np.uint64((i * pc + pp) * Q)
@@ -77,6 +115,31 @@ def im2col(x, col, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw, Cg, rows_g):
                     cf[dst + np.uint64(q_lo) + q] = xf[src + q * usw]
                 for q in range(np.uint64(q_hi), np.uint64(Q)):
                     cf[dst + q] = 0
+
+
+@njit(cache=True, inline="always")
+def _col2im_rows_flat(df, gf, plane, H, W, src, h0, pc, q_lo, q_hi, off):
+    """The adjoint of :func:`_im2col_rows_flat`: ``gf[plane + (h0 + pp)*W + q + off] +=
+    df[src + pp*W + q]`` over the valid rows and columns. The entries of ``df`` at invalid
+    columns of the valid rows are zeroed first (``df`` is the caller's scratch), so a run of
+    valid rows is one flat add in which those entries add an exact zero to the neighbouring
+    row's pixel; each pixel still receives the same values in the same order."""
+    uW = np.uint64(W)
+    pp_lo = min(pc, max(0, -h0))
+    pp_hi = max(pp_lo, min(pc, H - h0))
+    if pp_hi == pp_lo or q_hi <= q_lo:
+        return
+    for pp in range(pp_lo, pp_hi):
+        d = src + np.uint64(pp) * uW
+        for q in range(np.uint64(q_lo)):
+            df[d + q] = 0
+        for q in range(np.uint64(q_hi), uW):
+            df[d + q] = 0
+    n = (pp_hi - pp_lo - 1) * W + q_hi - q_lo
+    s0 = src + np.uint64(pp_lo * W + q_lo)
+    g0 = plane + np.uint64((h0 + pp_lo) * W + q_lo + off)
+    for t in range(np.uint64(n)):
+        gf[g0 + t] += df[s0 + t]
 
 
 @njit(parallel=True, cache=True)
@@ -98,6 +161,10 @@ def col2im(dcol, gx, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw):
                 row = np.uint64(((c * R + r) * S + s) * J)
                 q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
                 w0 = q_lo * sw + s * dw - pl
+                if sh == 1 and sw == 1 and Q == W:
+                    _col2im_rows_flat(df, gf, plane, H, W, row + np.uint64(i * pc * Q),
+                                      p0 - pt + r * dh, pc, q_lo, q_hi, s * dw - pl)
+                    continue
                 for pp in range(pc):
                     h = (p0 + pp) * sh - pt + r * dh
                     if h < 0 or h >= H:

@@ -41,6 +41,11 @@ EXTRA_CASES = [
     # Winograd rows of >= 8 tiles carry a padding tile; >= 64 tiles per image are read in place
     ConvCase("wino_wide_rows", 2, 8, 10, 37, 6, 3, 3, padding=1),
     ConvCase("wino_many_tiles", 1, 5, 34, 35, 7, 3, 3, padding=((0, 2), (1, 1))),
+    # im2col's flat row copies (stride 1, as many output as input columns): rows wholly in
+    # the padding, a one-sided column pad, and a dilated kernel
+    ConvCase("flat_rows", 2, 4, 6, 9, 5, 3, 3, padding=((4, 0), (2, 0))),
+    ConvCase("flat_rows_dilated", 2, 3, 7, 8, 4, 3, 3, padding=((2, 2), (0, 4)),
+             dilation=(1, 2)),
 ]
 ALL_CASES = CASES + EXTRA_CASES
 ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
