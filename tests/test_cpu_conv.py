@@ -11,7 +11,7 @@ from fastconv import reference
 from fastconv._args import conv_geometry
 from fastconv._types import Algo
 from fastconv.dispatch import cpu as rules
-from fastconv.kernels import cpu, cpu_workspace, cpu_winograd
+from fastconv.kernels import cpu, cpu_conv, cpu_workspace, cpu_winograd
 
 from conftest import CASE_IDS, CASES, ConvCase, assert_close
 
@@ -46,6 +46,10 @@ EXTRA_CASES = [
     ConvCase("flat_rows", 2, 4, 6, 9, 5, 3, 3, padding=((4, 0), (2, 0))),
     ConvCase("flat_rows_dilated", 2, 3, 7, 8, 4, 3, 3, padding=((2, 2), (0, 4)),
              dilation=(1, 2)),
+    # stride 2 through the phase planes: odd sizes, one-sided pads, a 5x5 kernel, groups
+    ConvCase("phases_odd", 2, 3, 9, 11, 4, 3, 3, stride=2, padding=1),
+    ConvCase("phases_one_sided", 1, 3, 8, 8, 4, 3, 3, stride=2, padding=((1, 0), (0, 2))),
+    ConvCase("phases_5x5_groups", 1, 4, 12, 12, 6, 5, 5, stride=2, padding=2, groups=2),
 ]
 ALL_CASES = CASES + EXTRA_CASES
 ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
@@ -390,3 +394,27 @@ def test_direct_weight_grad_gemm_same_bits_for_any_thread_count(dtype):
         numba.set_num_threads(before)
     np.testing.assert_array_equal(outs[0], outs[1])
     assert_close(outs[0], reference.conv2d_weight_grad(x, gy, geom))
+
+
+@pytest.mark.parametrize("name", ["phases_odd", "phases_one_sided", "phases_5x5_groups"])
+def test_stride2_phase_planes_give_the_same_columns(name):
+    """Stride-2 im2col copies whole rows of the input's phase planes: the same columns, bit
+    for bit, as the strided copies, including rows and columns in the padding."""
+    case = next(c for c in EXTRA_CASES if c.name == name)
+    geom = _case_geometry(case)
+    hw = cpu_conv.phase_planes(geom)
+    assert hw is not None
+    x, _, _ = case.arrays(np.float32)
+    G, Cg = geom.groups, geom.C // geom.groups
+    rows_g = Cg * geom.R * geom.S
+    J = geom.N * geom.P * geom.Q
+    args = (0, geom.N, 0, geom.P, geom.R, geom.S, 2, 2, geom.padding[0], geom.padding[2], 1,
+            1, Cg, rows_g)
+    plain = np.full((G * rows_g, J), np.nan, dtype=np.float32)
+    cpu_conv.im2col(x, plain, *args, np.empty((0, 0, 0, 0, 0), dtype=np.float32))
+    xph = np.full((geom.N, geom.C, 4) + hw, np.nan, dtype=np.float32)
+    cpu_conv.split_phases(x, xph)
+    phased = np.full_like(plain, np.nan)
+    cpu_conv.im2col(x, phased, *args, xph)
+    assert not np.isnan(phased).any()
+    assert np.array_equal(plain, phased)
