@@ -228,8 +228,14 @@ def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab,
     cb = max(1, E // Fr)
     planes = tmp[:m * m * (E + 1)].reshape(m * m, E + 1)
     rows = tmp[m * m * (E + 1):m * m * (E + 1) + A * m * E].reshape(A * m, E)
+    # One channel's input rows, row phases apart (row r = tq*m + hp at hp*(tc + 1) + tq) and
+    # zero-padded to the block's vw*m columns (column b is x's b + off_w): in the row pass's
+    # memory, unused until all channels of the run are split.
+    Wb = vw * m
+    band = tmp[m * m * (E + 1):m * m * (E + 1) + Fr * m * m]
+    b_lo, b_hi = max(0, -off_w), max(max(0, -off_w), min(Wb, W - off_w))
     xf = x.reshape(x.size)
-    mm, uW = np.uint64(m), np.uint64(W)
+    uW = np.uint64(W)
     zero = x.dtype.type(0)
     for c0 in range(0, C, cb):
         cbb = min(cb, C - c0)
@@ -237,18 +243,21 @@ def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab,
             x0 = np.uint64((n * C + c0 + cc) * H) * uW
             for r in range((tc + 1) * m):
                 h = t0 * m + off_h + r
-                hp, tq = r % m, r // m
-                for wp in range(m):
-                    d = planes[hp * m + wp, cc * Fr + tq * vw:cc * Fr + (tq + 1) * vw]
-                    if h < 0 or h >= H:
-                        d[:] = zero
-                        continue
-                    lo, hi = valid_range(vw, W, m, off_w + wp)
-                    d[:lo] = zero
-                    d[hi:] = zero
-                    s0 = x0 + np.uint64(h * W + lo * m + off_w + wp)
-                    for e in range(np.uint64(hi - lo)):
-                        d[lo + e] = xf[s0 + e * mm]
+                brow = band[((r % m) * (tc + 1) + r // m) * Wb:((r % m) * (tc + 1) + r // m + 1)
+                            * Wb]
+                if h < 0 or h >= H:
+                    brow[:] = zero
+                    continue
+                brow[:b_lo] = zero
+                brow[b_hi:] = zero
+                src = xf[x0 + np.uint64(h * W + b_lo + off_w):]
+                dst = brow[b_lo:]
+                for e in range(b_hi - b_lo):
+                    dst[e] = src[e]
+            # the polyphase split: one flat pass per row phase over its whole band
+            for hp in range(m):
+                _deinterleave_row(planes[hp * m:(hp + 1) * m, cc * Fr:], band,
+                                  np.uint64(hp * Fr * m), Fr * m, m)
         for o in range(A * m):
             _lincomb(rows[o], planes, row_tab, o, 0, cbb * Fr, 1, 0, 0)
         for xi in range(A * A):
