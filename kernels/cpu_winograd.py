@@ -45,7 +45,6 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .cpu_conv import valid_range
 from .cpu_workspace import (DEFAULT_CHUNK_BYTES, WINOGRAD_TEMP_CHANNELS, scratch,
                             winograd_tile_bytes, workspace_bound)
 
@@ -216,10 +215,10 @@ def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab,
     """``V[a*A + b, c*ldv + coff + t*vw + j] = (BT d BT^T)[a, b]`` for the input tile
     ``d`` of tile ``(t0 + t, j)`` of image ``n``: rows ``(t0 + t)*m + off_h + [0, A)``, columns
     ``j*m + off_w + [0, A)`` of ``x``, zero outside (``ldv``: a channel's stride in ``V``, ``L =
-    tc * vw`` in a worker's own block, more where several images share ``V``). For a run of channels at a time (``E``
-    elements per plane in ``tmp``), the tile rows' input is split into ``m x m`` polyphase
-    planes of ``(tc + 1) x vw`` per channel, so the row pass and the column pass read whole
-    planes at tile-sized shifts, as flat loops."""
+    tc * vw`` in a worker's own block, more where several images share ``V``). For a run of
+    channels at a time (``E`` elements per plane in ``tmp``), the tile rows' input is split
+    into ``m x m`` polyphase planes of ``(tc + 1) x vw`` per channel, so the row pass and the
+    column pass read whole planes at tile-sized shifts, as flat loops."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     A = m + 2
     vw = tw + 1
@@ -767,12 +766,10 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo,
     """Weight gradient ``(K, C/G, 3, 3)`` by the adjoint of the forward transforms: per image,
     the blocks' products summed in tile order; the images' sums added in image order (in the
     batched layout, per chunk of images, one GEMM over the chunk's tiles)."""
-    N, C, K, G = geom.N, geom.C, geom.K, geom.groups
+    C, K, G = geom.C, geom.K, geom.groups
     m = int(algo.get("tile", 4))
-    A2 = (m + 2) ** 2
-    th, tw = tile_grid(geom.P, geom.Q, m)
     offsets = (-geom.padding[0], -geom.padding[2])
-    dU = np.zeros((A2, G, K // G, C // G), dtype=x.dtype)
+    dU = np.zeros(((m + 2) ** 2, G, K // G, C // G), dtype=x.dtype)
     if algo.get("layout", "fused") == "batched":
         batched_weight_grad(x, grad_output, dU, m, offsets, algo, phases)
     else:
