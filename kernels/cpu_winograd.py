@@ -265,10 +265,10 @@ def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab,
 
 @njit(cache=True, inline="always")
 def _interleave_row(yf, d0, Q, planes, s0, m, b_k):
-    """One output row from the ``m`` planes of a tile row: ``yf[d0 + j*m + v] =
-    planes[v, s0 + j] + b_k`` for ``j*m + v < Q``. The tile sizes are spelt out so that the
-    stores run along the row (LLVM vectorises the interleaved group) rather than ``m`` strided
-    loops of ``Q / m`` elements (the strided loops were half of the output transform)."""
+    """Output from the ``m`` planes of tile rows: ``yf[d0 + j*m + v] = planes[v, s0 + j] +
+    b_k`` for ``j*m + v < Q``. The tile sizes are spelt out so that the stores run along the
+    row (LLVM vectorises the interleaved group) rather than ``m`` strided loops of ``Q / m``
+    elements (the strided loops were half of the output transform)."""
     full = np.uint64(Q // m)
     s = np.uint64(s0)
     if m == 4:
@@ -336,17 +336,25 @@ def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab, l
                 _lincomb(half[o], M, first_tab, o, k0 * ldm + coff, L, kbb, L, ldm)
         for o in range(m * m):
             _lincomb(out[o], half, second_tab, o, 0, kbb * L, 1, 0, 0)
+        band = tmp[:m * L]      # half's memory: free once the second pass has read it
         for kk in range(kbb):
             k = k0 + kk
             b_k = bias[k]
             y0 = np.uint64((n * K + k) * P) * np.uint64(Q)
-            for t in range(tc):
-                for u in range(m):
+            for u in range(m):
+                # row u of every tile row of the block, interleaved in one long pass (rows of
+                # ``tc * vw`` tiles: per-row passes of ``Q / m`` tiles were too short to
+                # vectorise), then copied out row by row
+                _interleave_row(band, np.uint64(0), m * L, out[u * m:(u + 1) * m], kk * L, m,
+                                b_k)
+                for t in range(tc):
                     p = (t0 + t) * m + u
                     if p >= P:
                         break
-                    _interleave_row(yf, y0 + np.uint64(p * Q), Q, out[u * m:(u + 1) * m],
-                                    kk * L + t * vw, m, b_k)
+                    dst = yf[y0 + np.uint64(p * Q):]
+                    src = band[t * vw * m:]
+                    for q in range(Q):
+                        dst[q] = src[q]
 
 
 @njit(cache=True)
@@ -363,17 +371,26 @@ def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab, 
     half = tmp[m * m * E:(m * m + m * A) * E].reshape(m * A, E)
     dyf = dy.reshape(dy.size)
     zero = dy.dtype.type(0)
+    band = tmp[m * m * E:m * m * E + m * L]    # half's memory: free until the first pass
     for k0 in range(0, K, kb):
         kbb = min(kb, K - k0)
         for kk in range(kbb):
             d0 = np.uint64((n * K + k0 + kk) * P) * np.uint64(Q)
-            for t in range(tc):
-                for u in range(m):
+            for u in range(m):
+                # row u of every tile row of the block, copied in (zero beyond P x Q and in
+                # the padding tile) and split into the m planes in one long pass
+                for t in range(tc):
                     p = (t0 + t) * m + u
-                    row = planes[u * m:(u + 1) * m, kk * L + t * vw:kk * L + (t + 1) * vw]
-                    row[:] = zero    # beyond P x Q and the padding tile
-                    if p < P:
-                        _deinterleave_row(row, dyf, d0 + np.uint64(p * Q), Q, m)
+                    brow = band[t * vw * m:(t + 1) * vw * m]
+                    if p >= P:
+                        brow[:] = zero
+                        continue
+                    src = dyf[d0 + np.uint64(p * Q):]
+                    for q in range(Q):
+                        brow[q] = src[q]
+                    brow[Q:] = zero
+                _deinterleave_row(planes[u * m:(u + 1) * m, kk * L:], band, np.uint64(0),
+                                  m * L, m)
         for o in range(m * A):
             _lincomb(half[o], planes, first_tab, o, 0, kbb * L, 1, 0, 0)
         for xi in range(A * A):
