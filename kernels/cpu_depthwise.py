@@ -20,7 +20,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import valid_range
-from .cpu_workspace import DIRECT_LANES as LANES, direct_plane_bytes, workspace_bound
+from .cpu_workspace import (BLAS_SERIAL_MACS, DIRECT_LANES as LANES, direct_plane_bytes,
+                            workspace_bound)
 
 
 @njit(parallel=True, cache=True)
@@ -327,9 +328,6 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw):
 # ---------------------------------------------------------------------------------------------
 # Images per task (fixed, so the sums do not depend on the thread count).
 IMAGES_PER_TASK = 4
-# Multiply-adds per GEMM at most: OpenBLAS threads a GEMM of more than 2 * 65536 * 4 of them
-# on two threads (interface/gemm.c, GEMM_MULTITHREAD_THRESHOLD 4).
-GEMM_SINGLE_THREAD_MACS = 2 * 65536 * 4
 
 
 @njit(cache=True)
@@ -393,7 +391,7 @@ def _gemm_rows(geom, itemsize: int, algo) -> int:
     if geom.groups != 1 or geom.stride != (1, 1):
         return 0
     crs = geom.C * geom.R * geom.S
-    rows = min(geom.P, GEMM_SINGLE_THREAD_MACS // (geom.K * crs * geom.Q))
+    rows = min(geom.P, (BLAS_SERIAL_MACS - 1) // (geom.K * crs * geom.Q))
     need = 2 * ((crs + geom.K) * rows * geom.Q + geom.K * crs) * itemsize
     return rows if rows >= 1 and need <= workspace_bound(algo) else 0
 

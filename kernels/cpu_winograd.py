@@ -45,8 +45,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .cpu_workspace import (DEFAULT_CHUNK_BYTES, WINOGRAD_TEMP_CHANNELS, scratch,
-                            winograd_tile_bytes, workspace_bound)
+from .cpu_workspace import (BLAS_SERIAL_MACS, DEFAULT_CHUNK_BYTES, WINOGRAD_TEMP_CHANNELS,
+                            scratch, winograd_tile_bytes, workspace_bound)
 
 _BT = {
     2: [[1, 0, -1, 0],
@@ -170,14 +170,6 @@ ALL_PHASES = PHASE_INPUT | PHASE_GEMM | PHASE_OUTPUT
 # 4 MB (whole images) 907 ms; the prototype used 98 tiles (1.8 MB). V and M then
 # overflow the 1 MiB L2 a little but the GEMMs get 7 rows of tiles (105 columns).
 BLOCK_BYTES = 2 * 2**20
-
-
-# The GEMMs of a block run in Numba's workers and must stay single-threaded in BLAS: OpenBLAS
-# (NumPy's and SciPy's wheels, 0.3.x) gives a GEMM MNK / 262144 threads (interface/gemm.c,
-# SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD), so one under 2 * 262144 multiply-adds runs
-# on the calling thread alone. Larger block GEMMs are cut into pieces of filter rows under
-# that size; threaded inside the workers they collapsed (r3x3_14: 56-1180 ms against 70).
-BLAS_SERIAL_MNK = 2 * 262144
 
 
 def row_width(tw: int) -> int:
@@ -435,7 +427,7 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
                              off_w, row_tab, col_tab, ld, coff)
             if phases & 2 and not shared:
                 V3, M3 = V.reshape(A2, C, L), M.reshape(A2, K, L)
-                kp = max(1, (BLAS_SERIAL_MNK - 1) // (Cg * L))   # see BLAS_SERIAL_MNK
+                kp = max(1, (BLAS_SERIAL_MACS - 1) // (Cg * L))  # pieces BLAS keeps serial
                 for xi in range(A2):
                     for g in range(G):
                         for k0 in range(0, Kg, kp):
@@ -483,7 +475,7 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                                        first_tab, second_tab, ld, coff)
                 if phases & 2 and not shared:
                     V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
-                    kp = max(1, (BLAS_SERIAL_MNK - 1) // (Cg * L))
+                    kp = max(1, (BLAS_SERIAL_MACS - 1) // (Cg * L))
                     for xi in range(A2):
                         for g in range(G):
                             dst = part[i, xi, g]

@@ -23,6 +23,11 @@ DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 # 2 MiB ones 60 ms (more calls and thread wake-ups) and 64 MiB ones 79 ms (the packed data no
 # longer stays in the caches between the packing pass and the GEMM).
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+# GEMMs issued from Numba's workers must stay single-threaded in BLAS (threaded by OpenBLAS
+# inside the workers they collapsed, r3x3_14: 56-1180 ms against 70): OpenBLAS (NumPy's and
+# SciPy's wheels, 0.3.x; interface/gemm.c, SMP_THRESHOLD_MIN 65536 x GEMM_MULTITHREAD_THRESHOLD
+# 4) runs a GEMM of fewer multiply-adds than this on the calling thread alone.
+BLAS_SERIAL_MACS = 2 * 65536 * 4
 
 _largest = [0]
 

@@ -76,10 +76,10 @@ def test_same_bits_with_any_thread_count(tile):
 def test_block_gemms_past_blas_threading_are_cut_into_pieces():
     """128 x 128 channels, blocks of 48 tiles: each block GEMM (128 x 128 x 48) is past
     OpenBLAS's threading size, so it runs as pieces of filter rows under
-    ``BLAS_SERIAL_MNK``; right result, same bits for 1 and 2 threads."""
+    ``cpu_workspace.BLAS_SERIAL_MACS``; right result, same bits for 1 and 2 threads."""
     x, w, b, gy, geom = _problem(2, 128, 12, 60, 128, 1, 1, np.float32, seed=7)
     th, tw = cpu_winograd.tile_grid(12, 60, 4)
-    assert 128 * 128 * th * cpu_winograd.row_width(tw) >= cpu_winograd.BLAS_SERIAL_MNK
+    assert 128 * 128 * th * cpu_winograd.row_width(tw) >= cpu_workspace.BLAS_SERIAL_MACS
     algo = Algo("winograd", (("tile", 4),))
     before = numba.get_num_threads()
     results = []

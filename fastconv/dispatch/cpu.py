@@ -53,7 +53,7 @@ THIN_3X3_CHANNELS = 8
 WINOGRAD_MIN_PIXELS = 1024
 WINOGRAD_MIN_PIXELS_WIDE = 784
 # Largest Cg * Kg for the fused layout. Its block GEMMs run in the workers, cut into pieces
-# that BLAS keeps single-threaded (``cpu_winograd.BLAS_SERIAL_MNK``): threaded by OpenBLAS
+# that BLAS keeps single-threaded (``cpu_workspace.BLAS_SERIAL_MACS``): threaded by OpenBLAS
 # inside the workers they collapsed (r3x3_14, 256 x 256 channels, F(2x2): 56-1180 ms against
 # im2col's 68-76 ms). Past 128 x 128 the pieces get thin (19 filter rows at 256 x 256) and
 # the batched layout does better (28x28 x 256, N=8, weight gradient: 25.9 fused against 21.0
@@ -88,11 +88,11 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
     if min(geom.C, geom.K) // geom.groups < WINOGRAD_MIN_CHANNELS:
         return None
     rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
-    if (geom.C // geom.groups) * (geom.K // geom.groups) > WINOGRAD_MAX_CHANNEL_PRODUCT:
+    channels = (geom.C // geom.groups) * (geom.K // geom.groups)
+    if channels > WINOGRAD_MAX_CHANNEL_PRODUCT:
         m = _batched_tile(geom.N, rows, cols)
         return None if m is None else (m, "batched")
-    wide = (geom.C // geom.groups) * (geom.K // geom.groups) >= 64 * 64
-    if rows * cols < (WINOGRAD_MIN_PIXELS_WIDE if wide else WINOGRAD_MIN_PIXELS):
+    if rows * cols < (WINOGRAD_MIN_PIXELS_WIDE if channels >= 64 * 64 else WINOGRAD_MIN_PIXELS):
         return None
     cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
     m = min(cost, key=cost.get)
