@@ -166,6 +166,11 @@ def _taps3x3(acc, src, L, row, col, t):
                     + t20 * src[f2]) + t21 * src[f2 + c1]) + t22 * src[f2 + c2]
 
 
+# ``rotated`` as a NumPy bool, not a literal: Numba would compile _add_taps once per literal
+# value (see cpu_winograd.I0).
+UPRIGHT, ROTATED = np.bool_(False), np.bool_(True)
+
+
 @njit(cache=True)
 def _add_taps(acc, src, L, row, dh, dw, wk, rotated):
     """``acc[f] += sum_{r,s} wk[r, s] * src[f + r*dh*row + s*dw]`` for ``f < L``, taps in
@@ -234,7 +239,7 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads):
                     else:
                         _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
                         src = xp
-                    _add_taps(acc, src, L, Wp, dh, dw, weight[k, cl], False)
+                    _add_taps(acc, src, L, Wp, dh, dw, weight[k, cl], UPRIGHT)
                 _copy_rows(acc, Wp, y[n, k])
 
 
@@ -281,7 +286,7 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads):
                     else:
                         _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
                         src = dyp
-                    _add_taps(acc, src, L, Wq, dh, dw, weight[k, cl], True)
+                    _add_taps(acc, src, L, Wq, dh, dw, weight[k, cl], ROTATED)
                 _copy_rows(acc, Wq, gx[n, c])
 
 
