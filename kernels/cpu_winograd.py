@@ -15,10 +15,10 @@ cut into blocks of ``rb`` tile rows of one image; each worker of one parallel lo
 a block into its own ``V (A*A, C, rb * (tw + 1))``, multiplies it into ``M (A*A, K, ...)``
 with ``A*A`` ``np.dot`` calls (BLAS, from the worker's thread) and transforms ``M`` straight
 into the output, so V and M stay in the core's L2 (:data:`BLOCK_BYTES`) and there is one
-thread pool. Rows of tiles carry one padding tile (:func:`row_width`) so that the
-transforms, which work on polyphase planes with the sparse transform matrices turned into
-tables of shifted rows (:func:`_table`), are flat loops; F(2x2) and F(4x4) share all kernels.
-Groups split ``C`` and ``K`` into ``G`` GEMMs per transform point.
+thread pool. Each transform is one vectorised loop over the tiles of a run of channels (or
+filters) that computes whole tiles with the explicit formulas of ``BT``, ``AT`` and ``AT^T``
+(see "The tile transforms" below). Groups split ``C`` and ``K`` into ``G`` GEMMs per
+transform point.
 
 Determinism: ``rb`` depends on the geometry and the workspace bound only, a block's result
 on its data only, and the weight gradient sums the blocks of an image in tile order and the
@@ -45,8 +45,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .cpu_workspace import (BLAS_SERIAL_MACS, DEFAULT_CHUNK_BYTES, WINOGRAD_TEMP_CHANNELS,
-                            scratch, winograd_tile_bytes, workspace_bound)
+from .cpu_workspace import (BLAS_SERIAL_MACS, DEFAULT_CHUNK_BYTES, WINOGRAD_PLANE, scratch,
+                            winograd_temp_elems, winograd_tile_bytes, workspace_bound)
 
 _BT = {
     2: [[1, 0, -1, 0],
@@ -88,69 +88,13 @@ def tile_grid(P: int, Q: int, m: int) -> tuple[int, int]:
     return -(-P // m), -(-Q // m)
 
 
-def _table(entries: list[list[tuple[int, int, float]]], dtype) -> tuple:
-    """Sparse rows of a transform for :func:`_lincomb`: output ``i`` is the sum of
-    ``coef * src[row, off + e]`` over its ``(row, off, coef)`` entries. Each row is padded
-    with zero terms to a multiple of four, the number of sources one pass reads."""
-    Z = 4 * -(-max(len(e) for e in entries) // 4)
-    rows = np.zeros((len(entries), Z), dtype=np.int64)
-    offs = np.zeros((len(entries), Z), dtype=np.int64)
-    coefs = np.zeros((len(entries), Z), dtype=dtype)
-    count = np.array([4 * -(-len(e) // 4) for e in entries], dtype=np.int64)
-    for i, terms in enumerate(entries):
-        for z, (row, off, coef) in enumerate(terms):
-            rows[i, z], offs[i, z], coefs[i, z] = row, off, coef
-    return rows, offs, coefs, count
-
-
-def input_tables(m: int, tw: int, dtype) -> tuple[tuple, tuple]:
-    """Terms of the input transform ``BT d BT^T`` on the polyphase planes of
-    :func:`input_transform`: along rows (output ``b * m + hp`` from plane ``hp * m + j % m``
-    shifted by ``j // m`` tiles) and along columns (output ``a * A + b`` from row-pass output
-    ``b * m + ii % m`` shifted by ``ii // m`` tile rows of ``tw + 1``)."""
-    BT = np.array(_BT[m], dtype=np.float64)
-    A = m + 2
-    rows = [[(hp * m + j % m, j // m, BT[b, j]) for j in range(A) if BT[b, j]]
-            for b in range(A) for hp in range(m)]
-    cols = [[(b * m + ii % m, (ii // m) * (tw + 1), BT[a, ii]) for ii in range(A) if BT[a, ii]]
-            for a in range(A) for b in range(A)]
-    return _table(rows, dtype), _table(cols, dtype)
-
-
-def output_tables(m: int, dtype) -> tuple[tuple, tuple]:
-    """Terms of ``AT M AT^T``: ``Z[u*A + b] = sum_a AT[u, a] M[a*A + b]``, then
-    ``Y[u*m + v] = sum_b AT[v, b] Z[u*A + b]``."""
-    AT = np.array(_AT[m], dtype=np.float64)
-    A = m + 2
-    first = [[(a * A + b, 0, AT[u, a]) for a in range(A) if AT[u, a]]
-             for u in range(m) for b in range(A)]
-    second = [[(u * A + b, 0, AT[v, b]) for b in range(A) if AT[v, b]]
-              for u in range(m) for v in range(m)]
-    return _table(first, dtype), _table(second, dtype)
-
-
-def grad_output_tables(m: int, dtype) -> tuple[tuple, tuple]:
-    """Terms of ``AT^T D AT`` (the adjoint of :func:`output_tables`):
-    ``Z[u*A + b] = sum_v AT[v, b] D[u*m + v]``, then
-    ``Mg[a*A + b] = sum_u AT[u, a] Z[u*A + b]``."""
-    AT = np.array(_AT[m], dtype=np.float64)
-    A = m + 2
-    first = [[(u * m + v, 0, AT[v, b]) for v in range(m) if AT[v, b]]
-             for u in range(m) for b in range(A)]
-    second = [[(u * A + b, 0, AT[u, a]) for u in range(m) if AT[u, a]]
-              for a in range(A) for b in range(A)]
-    return _table(first, dtype), _table(second, dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Numba kernels. The work is cut into blocks of ``rb`` tile rows of one image. One parallel
 # loop runs over workers; worker ``w`` takes blocks ``w, w + nw, ...`` and, for each, transforms
 # the block's input into its own buffer ``V (A*A, C, rb * vw)`` (small enough to stay in its
 # core's L2), multiplies it with ``np.dot`` (BLAS, called from the worker's thread), and
 # transforms the product straight into the output: every byte of V and M is written and read
-# while still in cache, and there is one thread pool. Rows of tiles carry one padding tile
-# (width ``vw = tw + 1``, the width of the polyphase planes), so every transform pass is one
-# flat loop; the padding tiles are computed and never stored.
+# while still in cache, and there is one thread pool.
 #
 # A block's result depends only on its data and on ``rb`` (chosen from the geometry and the
 # workspace bound, never from the thread count), and sums run in a fixed order, so results are
@@ -175,92 +119,6 @@ BLOCK_BYTES = 2 * 2**20
 def row_width(tw: int) -> int:
     """Tiles per tile row in the transformed blocks: ``tw`` plus one padding tile."""
     return tw + 1
-
-
-# Numba compiles a callee once per distinct argument type, and a literal constant is a type
-# of its own. _lincomb's calls keep two forms on purpose: one row (literal ``1, 0, 0``: the
-# weight gradient measured 10-20% slower without that specialisation) and ``nrep`` strided
-# rows; the base column is passed as ``I0`` (int64) rather than a literal 0, which had cost two
-# more compilations per dtype.
-I0 = np.int64(0)
-
-
-@njit(cache=True)     # a call, not Numba-level inlining: ~5% slower, 7 s less to compile
-def _lincomb(dst, src, tab, i, cbase, L, nrep, dstride, sstride):
-    """``dst[r*dstride + e] = sum_z coefs[i, z] * src[rows[i, z], cbase + r*sstride + offs[i, z]
-    + e]`` for ``e < L``, ``r < nrep``; four sources per pass (see :func:`_table`), so ``dst``
-    is written once per four terms."""
-    rows, offs, coefs, count = tab
-    for r in range(nrep):
-        d = dst[r * dstride:r * dstride + L]
-        base = cbase + r * sstride
-        for z in range(0, count[i], 4):
-            o0, o1 = base + offs[i, z], base + offs[i, z + 1]
-            o2, o3 = base + offs[i, z + 2], base + offs[i, z + 3]
-            s0 = src[rows[i, z], o0:o0 + L]
-            s1 = src[rows[i, z + 1], o1:o1 + L]
-            s2 = src[rows[i, z + 2], o2:o2 + L]
-            s3 = src[rows[i, z + 3], o3:o3 + L]
-            c0, c1, c2, c3 = coefs[i, z], coefs[i, z + 1], coefs[i, z + 2], coefs[i, z + 3]
-            if z == 0:
-                for e in range(L):
-                    d[e] = c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
-            else:
-                for e in range(L):
-                    d[e] += c0 * s0[e] + c1 * s1[e] + c2 * s2[e] + c3 * s3[e]
-
-
-@njit(cache=True)
-def _block_input(x, V, tmp, E, n, t0, tc, tw, m, off_h, off_w, row_tab, col_tab, ldv, coff):
-    """``V[a*A + b, c*ldv + coff + t*vw + j] = (BT d BT^T)[a, b]`` for the input tile
-    ``d`` of tile ``(t0 + t, j)`` of image ``n``: rows ``(t0 + t)*m + off_h + [0, A)``, columns
-    ``j*m + off_w + [0, A)`` of ``x``, zero outside (``ldv``: a channel's stride in ``V``, ``L =
-    tc * vw`` in a worker's own block, more where several images share ``V``). For a run of
-    channels at a time (``E`` elements per plane in ``tmp``), the tile rows' input is split
-    into ``m x m`` polyphase planes of ``(tc + 1) x vw`` per channel, so the row pass and the
-    column pass read whole planes at tile-sized shifts, as flat loops."""
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    A = m + 2
-    vw = tw + 1
-    Fr = (tc + 1) * vw
-    L = tc * vw
-    cb = max(1, E // Fr)
-    planes = tmp[:m * m * (E + 1)].reshape(m * m, E + 1)
-    rows = tmp[m * m * (E + 1):m * m * (E + 1) + A * m * E].reshape(A * m, E)
-    # One channel's input rows, row phases apart (row r = tq*m + hp at hp*(tc + 1) + tq) and
-    # zero-padded to the block's vw*m columns (column b is x's b + off_w): in the row pass's
-    # memory, unused until all channels of the run are split.
-    Wb = vw * m
-    band = tmp[m * m * (E + 1):m * m * (E + 1) + Fr * m * m]
-    b_lo, b_hi = max(0, -off_w), max(max(0, -off_w), min(Wb, W - off_w))
-    xf = x.reshape(x.size)
-    uW = np.uint64(W)
-    zero = x.dtype.type(0)
-    for c0 in range(0, C, cb):
-        cbb = min(cb, C - c0)
-        for cc in range(cbb):
-            x0 = np.uint64((n * C + c0 + cc) * H) * uW
-            for r in range((tc + 1) * m):
-                h = t0 * m + off_h + r
-                brow = band[((r % m) * (tc + 1) + r // m) * Wb:((r % m) * (tc + 1) + r // m + 1)
-                            * Wb]
-                if h < 0 or h >= H:
-                    brow[:] = zero
-                    continue
-                brow[:b_lo] = zero
-                brow[b_hi:] = zero
-                src = xf[x0 + np.uint64(h * W + b_lo + off_w):]
-                dst = brow[b_lo:]
-                for e in range(b_hi - b_lo):
-                    dst[e] = src[e]
-            # the polyphase split: one flat pass per row phase over its whole band
-            for hp in range(m):
-                _deinterleave_row(planes[hp * m:(hp + 1) * m, cc * Fr:], band,
-                                  np.uint64(hp * Fr * m), Fr * m, m)
-        for o in range(A * m):
-            _lincomb(rows[o], planes, row_tab, o, I0, cbb * Fr, 1, 0, 0)
-        for xi in range(A * A):
-            _lincomb(V[xi, c0 * ldv + coff:], rows, col_tab, xi, I0, L, cbb, ldv, Fr)
 
 
 @njit(cache=True, inline="always")
@@ -290,119 +148,422 @@ def _interleave_row(yf, d0, Q, planes, s0, m, b_k):
         yf[d0 + q] = planes[q % um, s + q // um] + b_k
 
 
+# ---------------------------------------------------------------------------------------------
+# The tile transforms. Each one runs over a scratch of planes laid ``PLANE`` elements apart
+# (``cpu_workspace.WINOGRAD_PLANE``, a compile-time constant): one loop over tiles reads a
+# whole tile from the planes, transforms it in registers (the explicit formulas below) and
+# writes every transform point to its own plane. Because the planes lie at constant distances
+# from each other, LLVM checks the loop's reads against its writes for overlap as two groups
+# and vectorises it over the tiles; with distances known only at run time (the rows of V or M,
+# or planes sized to the block) it needed one check per pair of rows, gave up at its limit of
+# 8 and left such loops scalar, which is why the transforms used to be passes of four rows at
+# a time. Rows of tiles carry one padding tile (``vw = tw + 1``) so that a run of several
+# channels (or filters) and tile rows is one flat loop; the padding tiles are computed and
+# never stored (the weight gradient's grad_output planes are zero there).
+#
+# Planes of one block: the input (or grad_output) rows are copied into a band, row phase
+# ``hp`` (row ``t*m + hp`` of the run) after row phase, then split by column phase ``wp`` in
+# one flat loop per row phase: plane ``hp*m + wp`` holds ``x[t*m + hp, j*m + wp]`` of tile
+# ``(t, j)`` at ``t*vw + j`` (runs of channels one after another, ``R`` tile rows each).
+# ---------------------------------------------------------------------------------------------
+PLANE = WINOGRAD_PLANE
+_P = np.uint64(WINOGRAD_PLANE)
+_1 = np.uint64(1)
+
+
 @njit(cache=True, inline="always")
-def _deinterleave_row(planes, src, s0, Q, m):
-    """The adjoint copy: ``planes[v, j] = src[s0 + j*m + v]`` for ``j*m + v < Q``, reading
-    along the row."""
-    full = np.uint64(Q // m)
+def _bt4(d, two, four, five):
+    """``BT d`` of F(4x4, 3x3) for six values (rows of BT: 4 0 -5 0 1 0 / 0 -4 -4 1 1 0 /
+    0 4 -4 -1 1 0 / 0 -2 -1 2 1 0 / 0 2 -1 -2 1 0 / 0 4 0 -5 0 1)."""
+    d0, d1, d2, d3, d4, d5 = d
+    e42 = d4 - d2
+    e31 = d3 - d1
+    return (four * d0 - five * d2 + d4, (d3 + d4) - four * (d1 + d2),
+            (d4 - d3) + four * (d1 - d2), e42 + two * e31, e42 - two * e31,
+            four * d1 - five * d3 + d5)
+
+
+@njit(cache=True, inline="always")
+def _bt2(d):
+    """``BT d`` of F(2x2, 3x3) (rows 1 0 -1 0 / 0 1 1 0 / 0 -1 1 0 / 0 1 0 -1)."""
+    d0, d1, d2, d3 = d
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@njit(cache=True, inline="always")
+def _at4(d, two, four, eight):
+    """``AT d`` of F(4x4, 3x3) (rows 1 1 1 1 1 0 / 0 1 -1 2 -2 0 / 0 1 1 4 4 0 /
+    0 1 -1 8 -8 1)."""
+    d0, d1, d2, d3, d4, d5 = d
+    s12, e12, s34, e34 = d1 + d2, d1 - d2, d3 + d4, d3 - d4
+    return d0 + s12 + s34, e12 + two * e34, s12 + four * s34, e12 + eight * e34 + d5
+
+
+@njit(cache=True, inline="always")
+def _at2(d):
+    """``AT d`` of F(2x2, 3x3) (rows 1 1 1 0 / 0 1 -1 -1)."""
+    d0, d1, d2, d3 = d
+    return d0 + d1 + d2, d1 - d2 - d3
+
+
+@njit(cache=True, inline="always")
+def _att4(d, two, four, eight):
+    """``AT^T d`` of F(4x4, 3x3): the adjoint of :func:`_at4`."""
+    d0, d1, d2, d3 = d
+    s02, s13 = d0 + d2, d1 + d3
+    f02, f13 = d0 + four * d2, two * d1 + eight * d3
+    return d0, s02 + s13, s02 - s13, f02 + f13, f02 - f13, d3
+
+
+@njit(cache=True, inline="always")
+def _att2(d):
+    """``AT^T d`` of F(2x2, 3x3)."""
+    d0, d1 = d
+    return d0, d0 + d1, d0 - d1, -d1
+
+
+@njit(cache=True, inline="always")
+def _row6(S, b, u):
+    """Columns 0..5 of a 6x6 input tile's row from its four column-phase planes (``b``: the
+    row phase's first plane, plus a tile row for rows 4 and 5)."""
+    return (S[b + u], S[b + _P + u], S[b + _P + _P + u], S[b + _P + _P + _P + u],
+            S[b + _1 + u], S[b + _P + _1 + u])
+
+
+@njit(cache=True, inline="always")
+def _row4(S, b, u):
+    """Columns 0..3 of a 4x4 input tile's row from its two column-phase planes."""
+    return S[b + u], S[b + _P + u], S[b + _1 + u], S[b + _P + _1 + u]
+
+
+@njit(cache=True, inline="always")
+def _put6(T, o, c):
+    """Six transform points ``c`` to planes ``o``, ``o + 6``, ... (apart by 6 planes)."""
+    s = np.uint64(6 * PLANE)
+    T[o] = c[0]
+    T[o + s] = c[1]
+    T[o + s + s] = c[2]
+    T[o + np.uint64(18 * PLANE)] = c[3]
+    T[o + np.uint64(24 * PLANE)] = c[4]
+    T[o + np.uint64(30 * PLANE)] = c[5]
+
+
+@njit(cache=True, inline="always")
+def _put4(T, o, c, apart):
+    """Four values ``c`` to planes ``o``, ``o + apart``, ``o + 2*apart``, ``o + 3*apart``."""
+    s = np.uint64(apart * PLANE)
+    T[o] = c[0]
+    T[o + s] = c[1]
+    T[o + s + s] = c[2]
+    T[o + s + s + s] = c[3]
+
+
+@njit(cache=True)
+def _input_tiles(S, T, n, vw, m):
+    """``T[(a*A + b)*PLANE + u] = (BT d BT^T)[a, b]`` for the input tile ``d`` of tiles
+    ``u < n`` of the planes ``S`` (rows ``i >= m`` of a tile are row phase ``i - m`` one tile
+    row (``vw``) further; columns ``>= m`` column phase ``- m`` one tile further)."""
+    v = np.uint64(vw)
     if m == 4:
-        a0, a1, a2, a3 = planes[0], planes[1], planes[2], planes[3]
-        for j in range(full):
-            s = s0 + np.uint64(4) * j
-            a0[j] = src[s]
-            a1[j] = src[s + np.uint64(1)]
-            a2[j] = src[s + np.uint64(2)]
-            a3[j] = src[s + np.uint64(3)]
+        dt = S.dtype.type
+        two, four, five = dt(2), dt(4), dt(5)
+        p4 = np.uint64(4 * PLANE)
+        p8 = p4 + p4
+        for u in range(np.uint64(n)):
+            r0 = _bt4(_row6(S, np.uint64(0), u), two, four, five)
+            r1 = _bt4(_row6(S, p4, u), two, four, five)
+            r2 = _bt4(_row6(S, p8, u), two, four, five)
+            r3 = _bt4(_row6(S, p8 + p4, u), two, four, five)
+            r4 = _bt4(_row6(S, v, u), two, four, five)
+            r5 = _bt4(_row6(S, p4 + v, u), two, four, five)
+            # column b of the row pass gives the points (a, b): planes a*6 + b
+            _put6(T, u, _bt4((r0[0], r1[0], r2[0], r3[0], r4[0], r5[0]), two, four, five))
+            _put6(T, u + _P, _bt4((r0[1], r1[1], r2[1], r3[1], r4[1], r5[1]), two, four,
+                                  five))
+            _put6(T, u + _P + _P, _bt4((r0[2], r1[2], r2[2], r3[2], r4[2], r5[2]), two,
+                                       four, five))
+            _put6(T, u + np.uint64(3 * PLANE), _bt4((r0[3], r1[3], r2[3], r3[3], r4[3],
+                                                     r5[3]), two, four, five))
+            _put6(T, u + p4, _bt4((r0[4], r1[4], r2[4], r3[4], r4[4], r5[4]), two, four,
+                                  five))
+            _put6(T, u + np.uint64(5 * PLANE), _bt4((r0[5], r1[5], r2[5], r3[5], r4[5],
+                                                     r5[5]), two, four, five))
     else:
-        a0, a1 = planes[0], planes[1]
-        for j in range(full):
-            s = s0 + np.uint64(2) * j
-            a0[j] = src[s]
-            a1[j] = src[s + np.uint64(1)]
-    um = np.uint64(m)
-    for q in range(full * um, np.uint64(Q)):
-        planes[q % um, q // um] = src[s0 + q]
+        p2 = np.uint64(2 * PLANE)
+        for u in range(np.uint64(n)):
+            r0 = _bt2(_row4(S, np.uint64(0), u))
+            r1 = _bt2(_row4(S, p2, u))
+            r2 = _bt2(_row4(S, v, u))
+            r3 = _bt2(_row4(S, p2 + v, u))
+            _put4(T, u, _bt2((r0[0], r1[0], r2[0], r3[0])), 4)
+            _put4(T, u + _P, _bt2((r0[1], r1[1], r2[1], r3[1])), 4)
+            _put4(T, u + _P + _P, _bt2((r0[2], r1[2], r2[2], r3[2])), 4)
+            _put4(T, u + np.uint64(3 * PLANE), _bt2((r0[3], r1[3], r2[3], r3[3])), 4)
+
+
+@njit(cache=True, inline="always")
+def _col6(T, b, u):
+    """Column ``b`` (rows 0..5) of a 6x6 tile of transform points: planes ``i*6 + b``."""
+    s = np.uint64(6 * PLANE)
+    o = np.uint64(b * PLANE) + u
+    return (T[o], T[o + s], T[o + s + s], T[o + np.uint64(18 * PLANE)],
+            T[o + np.uint64(24 * PLANE)], T[o + np.uint64(30 * PLANE)])
+
+
+@njit(cache=True, inline="always")
+def _get4(T, o, apart):
+    """Four values from planes ``o``, ``o + apart``, ``o + 2*apart``, ``o + 3*apart``."""
+    s = np.uint64(apart * PLANE)
+    return T[o], T[o + s], T[o + s + s], T[o + s + s + s]
 
 
 @njit(cache=True)
-def _block_output(M, y, bias, tmp, E, n, t0, tc, tw, m, first_tab, second_tab, ldm, coff):
-    """``y[n, k, tile] = AT M[:, k*ldm + coff + tile] AT^T + bias[k]`` for the block's tiles,
-    clipped to ``y``'s ``P x Q``, for a run of filters at a time (``E`` elements per pass
-    row; ``ldm``: a filter's stride in ``M``, ``L`` in a worker's own block)."""
-    K, P, Q = y.shape[1], y.shape[2], y.shape[3]
-    A = m + 2
+def _output_tiles(T, O, n, m):
+    """``O[(a*m + v)*PLANE + u] = (AT M AT^T)[a, v]`` for the tile of transform points
+    ``M[i, b] = T[(i*A + b)*PLANE + u]``, ``u < n``."""
+    if m == 4:
+        dt = T.dtype.type
+        two, four, eight = dt(2), dt(4), dt(8)
+        p4 = np.uint64(4 * PLANE)
+        for u in range(np.uint64(n)):
+            c0 = _at4(_col6(T, 0, u), two, four, eight)
+            c1 = _at4(_col6(T, 1, u), two, four, eight)
+            c2 = _at4(_col6(T, 2, u), two, four, eight)
+            c3 = _at4(_col6(T, 3, u), two, four, eight)
+            c4 = _at4(_col6(T, 4, u), two, four, eight)
+            c5 = _at4(_col6(T, 5, u), two, four, eight)
+            _put4(O, u, _at4((c0[0], c1[0], c2[0], c3[0], c4[0], c5[0]), two, four, eight), 1)
+            _put4(O, u + p4, _at4((c0[1], c1[1], c2[1], c3[1], c4[1], c5[1]), two, four,
+                                  eight), 1)
+            _put4(O, u + p4 + p4, _at4((c0[2], c1[2], c2[2], c3[2], c4[2], c5[2]), two,
+                                       four, eight), 1)
+            _put4(O, u + np.uint64(12 * PLANE), _at4((c0[3], c1[3], c2[3], c3[3], c4[3],
+                                                       c5[3]), two, four, eight), 1)
+    else:
+        p2 = np.uint64(2 * PLANE)
+        for u in range(np.uint64(n)):
+            c0 = _at2(_get4(T, u, 4))
+            c1 = _at2(_get4(T, u + _P, 4))
+            c2 = _at2(_get4(T, u + _P + _P, 4))
+            c3 = _at2(_get4(T, u + np.uint64(3 * PLANE), 4))
+            o0 = _at2((c0[0], c1[0], c2[0], c3[0]))
+            o1 = _at2((c0[1], c1[1], c2[1], c3[1]))
+            O[u] = o0[0]
+            O[u + _P] = o0[1]
+            O[u + p2] = o1[0]
+            O[u + p2 + _P] = o1[1]
+
+
+@njit(cache=True)
+def _grad_output_tiles(D, T, n, m):
+    """``T[(a*A + b)*PLANE + f] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d[u, v] =
+    D[(u*m + v)*PLANE + f]``, ``f < n``: the adjoint of :func:`_output_tiles`."""
+    if m == 4:
+        dt = D.dtype.type
+        two, four, eight = dt(2), dt(4), dt(8)
+        p4 = np.uint64(4 * PLANE)
+        for f in range(np.uint64(n)):
+            h0 = _att4(_get4(D, f, 1), two, four, eight)
+            h1 = _att4(_get4(D, f + p4, 1), two, four, eight)
+            h2 = _att4(_get4(D, f + p4 + p4, 1), two, four, eight)
+            h3 = _att4(_get4(D, f + np.uint64(12 * PLANE), 1), two, four, eight)
+            _put6(T, f, _att4((h0[0], h1[0], h2[0], h3[0]), two, four, eight))
+            _put6(T, f + _P, _att4((h0[1], h1[1], h2[1], h3[1]), two, four, eight))
+            _put6(T, f + _P + _P, _att4((h0[2], h1[2], h2[2], h3[2]), two, four, eight))
+            _put6(T, f + np.uint64(3 * PLANE), _att4((h0[3], h1[3], h2[3], h3[3]), two, four,
+                                                     eight))
+            _put6(T, f + p4, _att4((h0[4], h1[4], h2[4], h3[4]), two, four, eight))
+            _put6(T, f + np.uint64(5 * PLANE), _att4((h0[5], h1[5], h2[5], h3[5]), two, four,
+                                                     eight))
+    else:
+        p2 = np.uint64(2 * PLANE)
+        for f in range(np.uint64(n)):
+            h0 = _att2((D[f], D[f + _P]))
+            h1 = _att2((D[f + p2], D[f + p2 + _P]))
+            _put4(T, f, _att2((h0[0], h1[0])), 4)
+            _put4(T, f + _P, _att2((h0[1], h1[1])), 4)
+            _put4(T, f + _P + _P, _att2((h0[2], h1[2])), 4)
+            _put4(T, f + np.uint64(3 * PLANE), _att2((h0[3], h1[3])), 4)
+
+
+@njit(cache=True)
+def _split_planes(band, S, F, m):
+    """``S[(hp*m + wp)*PLANE + f] = band[(hp*F + f)*m + wp]`` for ``f < F``: the band's rows
+    of each row phase split by column phase in one flat pass (an interleaved group of reads,
+    which LLVM vectorises)."""
+    for hp in range(m):
+        s0 = np.uint64(hp * F * m)
+        b0 = np.uint64(hp * m * PLANE)
+        if m == 4:
+            for f in range(np.uint64(F)):
+                s = s0 + np.uint64(4) * f
+                S[b0 + f] = band[s]
+                S[b0 + _P + f] = band[s + _1]
+                S[b0 + _P + _P + f] = band[s + np.uint64(2)]
+                S[b0 + np.uint64(3 * PLANE) + f] = band[s + np.uint64(3)]
+        else:
+            for f in range(np.uint64(F)):
+                s = s0 + np.uint64(2) * f
+                S[b0 + f] = band[s]
+                S[b0 + _P + f] = band[s + _1]
+
+
+@njit(cache=True, inline="always")
+def _scratch(tmp, m):
+    """A worker's transform scratch: ``m*m`` planes (input or grad_output tiles, or the
+    output's pixels), ``A*A`` planes (transform points) and the band (``m*m`` planes' worth).
+    """
+    a = m * m * PLANE
+    b = a + (m + 2) * (m + 2) * PLANE
+    return tmp[:a], tmp[a:b], tmp[b:b + a]
+
+
+@njit(cache=True)
+def _block_input(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff):
+    """``V[a*A + b, c*ld + coff + t*vw + j] = (BT d BT^T)[a, b]`` for the input tile ``d`` of
+    tile ``(t0 + t, j)`` of image ``n``: rows ``(t0 + t)*m + off_h + [0, A)``, columns
+    ``j*m + off_w + [0, A)`` of ``x``, zero outside (``ld``: a channel's stride in ``V``).
+    Runs of channels and tile rows fill the planes (one extra tile row each for the tiles'
+    last two rows)."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    A2 = (m + 2) * (m + 2)
     vw = tw + 1
-    L = tc * vw
-    kb = max(1, E // L)
-    half = tmp[:m * A * E].reshape(m * A, E)
-    out = tmp[m * A * E:(m * A + m * m) * E].reshape(m * m, E)
-    yf = y.reshape(y.size)
-    for k0 in range(0, K, kb):
-        kbb = min(kb, K - k0)
-        for o in range(m * A):
-            if ldm == L:      # the run's filters are contiguous: one long pass
-                _lincomb(half[o], M, first_tab, o, k0 * L, kbb * L, 1, 0, 0)
-            else:
-                _lincomb(half[o], M, first_tab, o, k0 * ldm + coff, L, kbb, L, ldm)
-        for o in range(m * m):
-            _lincomb(out[o], half, second_tab, o, I0, kbb * L, 1, 0, 0)
-        band = tmp[:m * L]      # half's memory: free once the second pass has read it
-        for kk in range(kbb):
-            k = k0 + kk
-            b_k = bias[k]
-            y0 = np.uint64((n * K + k) * P) * np.uint64(Q)
-            for u in range(m):
-                # row u of every tile row of the block, interleaved in one long pass (rows of
-                # ``tc * vw`` tiles: per-row passes of ``Q / m`` tiles were too short to
-                # vectorise), then copied out row by row
-                _interleave_row(band, np.uint64(0), m * L, out[u * m:(u + 1) * m], kk * L, m,
-                                b_k)
-                for t in range(tc):
-                    p = (t0 + t) * m + u
-                    if p >= P:
-                        break
-                    dst = yf[y0 + np.uint64(p * Q):]
-                    src = band[t * vw * m:]
-                    for q in range(Q):
-                        dst[q] = src[q]
+    Wb = vw * m
+    S, T, band = _scratch(tmp, m)
+    xf = x.reshape(x.size)
+    zero = x.dtype.type(0)
+    b_lo = max(0, -off_w)
+    b_hi = max(b_lo, min(Wb, W - off_w))
+    tr = min(tc, (PLANE - 1) // vw - 1)
+    for ts in range(0, tc, tr):
+        trc = min(tr, tc - ts)
+        R = trc + 1
+        F1 = R * vw
+        cb = max(1, (PLANE - 1) // F1)
+        for c0 in range(0, C, cb):
+            cbb = min(cb, C - c0)
+            F = cbb * F1
+            for cc in range(cbb):
+                x0 = np.uint64((n * C + c0 + cc) * H) * np.uint64(W)
+                for r in range(R * m):
+                    tp = r // m
+                    hp = r - tp * m
+                    h = (t0 + ts) * m + off_h + r
+                    o = hp * F * m + (cc * R + tp) * Wb
+                    brow = band[o:o + Wb]
+                    if h < 0 or h >= H:
+                        brow[:] = zero
+                        continue
+                    brow[:b_lo] = zero
+                    brow[b_hi:] = zero
+                    src = xf[x0 + np.uint64(h * W + b_lo + off_w):]
+                    dst = brow[b_lo:]
+                    for e in range(b_hi - b_lo):
+                        dst[e] = src[e]
+            _split_planes(band, S, F, m)
+            for p in range(m * m):      # read by the last tile (a padding tile) only
+                S[p * PLANE + F] = zero
+            _input_tiles(S, T, F - vw, vw, m)    # not the last channel's extra tile row
+            for cc in range(cbb):
+                v0 = (c0 + cc) * ld + coff + ts * vw
+                for xi in range(A2):
+                    dst = V[xi, v0:v0 + trc * vw]
+                    src = T[xi * PLANE + cc * F1:]
+                    for e in range(trc * vw):
+                        dst[e] = src[e]
 
 
 @njit(cache=True)
-def _block_grad_output(dy, Mg, tmp, E, n, t0, tc, tw, m, first_tab, second_tab, ldm, coff):
+def _block_output(M, y, bias, tmp, n, t0, tc, tw, m, ldm, coff):
+    """``y[n, k, tile] = AT M[:, k*ldm + coff + tile] AT^T + bias[k]`` for the block's tiles,
+    clipped to ``y``'s ``P x Q``; runs of filters and tile rows at a time."""
+    K, P, Q = y.shape[1], y.shape[2], y.shape[3]
+    A2 = (m + 2) * (m + 2)
+    vw = tw + 1
+    O, T, band = _scratch(tmp, m)
+    O2 = O.reshape(m * m, PLANE)
+    yf = y.reshape(y.size)
+    tr = min(tc, PLANE // vw)
+    for ts in range(0, tc, tr):
+        trc = min(tr, tc - ts)
+        Lr = trc * vw
+        kb = max(1, PLANE // Lr)
+        for k0 in range(0, K, kb):
+            kbb = min(kb, K - k0)
+            for xi in range(A2):
+                for kk in range(kbb):
+                    s0 = (k0 + kk) * ldm + coff + ts * vw
+                    src = M[xi, s0:s0 + Lr]
+                    dst = T[xi * PLANE + kk * Lr:]
+                    for e in range(Lr):
+                        dst[e] = src[e]
+            _output_tiles(T, O, kbb * Lr, m)
+            for kk in range(kbb):
+                k = k0 + kk
+                b_k = bias[k]
+                y0 = np.uint64((n * K + k) * P) * np.uint64(Q)
+                for a in range(m):
+                    # row a of every tile row, interleaved in one long pass, then copied out
+                    _interleave_row(band, np.uint64(0), m * Lr, O2[a * m:(a + 1) * m],
+                                    kk * Lr, m, b_k)
+                    for t in range(trc):
+                        p = (t0 + ts + t) * m + a
+                        if p >= P:
+                            break
+                        dst = yf[y0 + np.uint64(p * Q):]
+                        src = band[t * vw * m:]
+                        for q in range(Q):
+                            dst[q] = src[q]
+
+
+@njit(cache=True)
+def _block_grad_output(dy, Mg, tmp, n, t0, tc, tw, m, ldm, coff):
     """``Mg[a*A + b, k*ldm + coff + tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
     ``dy (N, K, P, Q)`` (zero beyond ``P x Q`` and in the padding tiles, which therefore add
     nothing to the weight gradient): the adjoint of :func:`_block_output`."""
     K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
-    A = m + 2
+    A2 = (m + 2) * (m + 2)
     vw = tw + 1
-    L = tc * vw
-    kb = max(1, E // L)
-    planes = tmp[:m * m * E].reshape(m * m, E)
-    half = tmp[m * m * E:(m * m + m * A) * E].reshape(m * A, E)
+    Wb = vw * m
+    D, T, band = _scratch(tmp, m)
     dyf = dy.reshape(dy.size)
     zero = dy.dtype.type(0)
-    band = tmp[m * m * E:m * m * E + m * L]    # half's memory: free until the first pass
-    for k0 in range(0, K, kb):
-        kbb = min(kb, K - k0)
-        for kk in range(kbb):
-            d0 = np.uint64((n * K + k0 + kk) * P) * np.uint64(Q)
-            for u in range(m):
-                # row u of every tile row of the block, copied in (zero beyond P x Q and in
-                # the padding tile) and split into the m planes in one long pass
-                for t in range(tc):
-                    p = (t0 + t) * m + u
-                    brow = band[t * vw * m:(t + 1) * vw * m]
-                    if p >= P:
-                        brow[:] = zero
-                        continue
-                    src = dyf[d0 + np.uint64(p * Q):]
-                    for q in range(Q):
-                        brow[q] = src[q]
-                    brow[Q:] = zero
-                _deinterleave_row(planes[u * m:(u + 1) * m, kk * L:], band, np.uint64(0),
-                                  m * L, m)
-        for o in range(m * A):
-            _lincomb(half[o], planes, first_tab, o, I0, kbb * L, 1, 0, 0)
-        for xi in range(A * A):
-            if ldm == L:
-                _lincomb(Mg[xi, k0 * L:], half, second_tab, xi, I0, kbb * L, 1, 0, 0)
-            else:
-                _lincomb(Mg[xi, k0 * ldm + coff:], half, second_tab, xi, I0, L, kbb, ldm, L)
+    tr = min(tc, PLANE // vw)
+    for ts in range(0, tc, tr):
+        trc = min(tr, tc - ts)
+        Lr = trc * vw
+        kb = max(1, PLANE // Lr)
+        for k0 in range(0, K, kb):
+            kbb = min(kb, K - k0)
+            F = kbb * Lr
+            for kk in range(kbb):
+                d0 = np.uint64((n * K + k0 + kk) * P) * np.uint64(Q)
+                for u in range(m):
+                    for t in range(trc):
+                        p = (t0 + ts + t) * m + u
+                        o = u * F * m + (kk * trc + t) * Wb
+                        brow = band[o:o + Wb]
+                        if p >= P:
+                            brow[:] = zero
+                            continue
+                        src = dyf[d0 + np.uint64(p * Q):]
+                        for q in range(Q):
+                            brow[q] = src[q]
+                        brow[Q:] = zero
+            _split_planes(band, D, F, m)
+            _grad_output_tiles(D, T, F, m)
+            for kk in range(kbb):
+                s0 = (k0 + kk) * ldm + coff + ts * vw
+                for xi in range(A2):
+                    dst = Mg[xi, s0:s0 + Lr]
+                    src = T[xi * PLANE + kk * Lr:]
+                    for e in range(Lr):
+                        dst[e] = src[e]
 
 
 @njit(parallel=True, cache=True)
-def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
-               row_tab, col_tab, first_tab, second_tab, phases, shared):
+def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, mo, to, phases,
+               shared):
     """``y (N, K, P, Q)``: 3x3 stride-1 correlation of ``x (N, C, H, W)`` with the
     transformed filters ``U (A*A, G, Kg, Cg)`` plus ``bias``, read at offsets
     ``(off_h, off_w)``; blocks of ``rb`` tile rows on ``nw`` workers (buffers ``*buf[w]``).
@@ -420,7 +581,7 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
     per_image = (th + rb - 1) // rb
     nblocks = N * per_image
     for w in prange(nw):
-        tmp = tbuf[w]
+        tmp = tbuf[w, to:]
         for blk in range(w, nblocks, nw):
             n = blk // per_image
             t0 = (blk - n * per_image) * rb
@@ -429,10 +590,10 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
             if shared:
                 V, M, ld, coff = vbuf[0], mbuf[0], N * L, n * L
             else:
-                V, M, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, :A2 * K * L], L, 0
+                V, M, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, mo:mo + A2 * K * L], L, 0
             if phases & 1:
-                _block_input(x, V.reshape(A2, C * ld), tmp, E, n, t0, tc, tw, m, off_h,
-                             off_w, row_tab, col_tab, ld, coff)
+                _block_input(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h, off_w,
+                             ld, coff)
             if phases & 2 and not shared:
                 V3, M3 = V.reshape(A2, C, L), M.reshape(A2, K, L)
                 kp = max(1, (BLAS_SERIAL_MACS - 1) // (Cg * L))  # pieces BLAS keeps serial
@@ -443,13 +604,13 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, E,
                             np.dot(U[xi, g, k0:k1], V3[xi, g * Cg:(g + 1) * Cg],
                                    M3[xi, g * Kg + k0:g * Kg + k1])
             if phases & 4:
-                _block_output(M.reshape(A2, K * ld), y, bias, tmp, E, n, t0, tc, tw, m,
-                              first_tab, second_tab, ld, coff)
+                _block_output(M.reshape(A2, K * ld), y, bias, tmp, n, t0, tc, tw, m, ld,
+                              coff)
 
 
 @njit(parallel=True, cache=True)
-def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, tbuf, E,
-                      gbuf, row_tab, col_tab, first_tab, second_tab, phases, shared):
+def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, tbuf, mo, to,
+                      gbuf, phases, shared):
     """``part[i] (A*A, G, Kg, Cg)``: the transformed weight gradient of image ``n0 + i``
     (``i < nc``), ``sum over its tiles of Mg[xi] V[xi]^T``, summed block after block in tile
     order; worker ``w`` takes images ``w, w + nw, ...`` (``gbuf[w]``: one block's product).
@@ -465,7 +626,7 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
     th, tw = (P + m - 1) // m, (Q + m - 1) // m
     vw = tw + 1
     for w in prange(nw):
-        tmp, prod = tbuf[w], gbuf[w]
+        tmp, prod = tbuf[w, to:], gbuf[w]
         for i in range(w, nc, nw):
             n = n0 + i
             for t0 in range(0, th, rb):
@@ -474,13 +635,13 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                 if shared:
                     V, Mg, ld, coff = vbuf[0], mbuf[0], nc * L, i * L
                 else:
-                    V, Mg, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, :A2 * K * L], L, 0
+                    V, Mg, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, mo:mo + A2 * K * L], L, 0
                 if phases & 1:
-                    _block_input(x, V.reshape(A2, C * ld), tmp, E, n, t0, tc, tw, m, off_h,
-                                 off_w, row_tab, col_tab, ld, coff)
+                    _block_input(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h,
+                                 off_w, ld, coff)
                 if phases & 4:
-                    _block_grad_output(dy, Mg.reshape(A2, K * ld), tmp, E, n, t0, tc, tw, m,
-                                       first_tab, second_tab, ld, coff)
+                    _block_grad_output(dy, Mg.reshape(A2, K * ld), tmp, n, t0, tc, tw, m,
+                                       ld, coff)
                 if phases & 2 and not shared:
                     V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
                     kp = max(1, (BLAS_SERIAL_MACS - 1) // (Cg * L))
@@ -591,55 +752,36 @@ class Plan(NamedTuple):
 def plan(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elems: int,
          weight_grad: bool, itemsize: int, algo, threads: Optional[int] = None) -> Plan:
     """Block size and worker count under the workspace bound (sizes from ``cpu_workspace``:
-    a worker's buffers for ``rb`` tile rows fit in ``rb`` rows' worth of workspace).
+    a worker needs ``rb`` rows' worth of workspace and its transform scratch).
 
     ``rb`` depends on the geometry and the bound only, so results do not depend on the thread
     count; ``algo``'s ``chunk_bytes`` (tests: 1) can make blocks smaller than
     :data:`BLOCK_BYTES`."""
     fixed, per_row = winograd_tile_bytes(m, tw, C + K, filter_elems, weight_grad, itemsize)
-    rows_fit = max(1, (workspace_bound(algo) - fixed) // per_row)
+    temps = winograd_temp_elems(m) * itemsize
+    free = workspace_bound(algo) - fixed
+    rows_fit = max(1, (free - temps) // per_row)
     want = min(BLOCK_BYTES, int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES)))
-    vm_row = (m + 2) ** 2 * (C + K) * row_width(tw) * itemsize
-    rb = max(1, min(th, rows_fit, want // vm_row))
+    rb = max(1, min(th, rows_fit, want // per_row))
     threads = numba.get_num_threads() if threads is None else threads
     blocks = N * -(-th // rb)
-    nw = max(1, min(threads, rows_fit // rb, N if weight_grad else blocks))
+    nw = max(1, min(threads, free // (rb * per_row + temps), N if weight_grad else blocks))
     group = 1
     if weight_grad:   # each worker needs a partial sum and a product; fixed holds one pair
         filt = filter_elems * (m + 2) ** 2 * itemsize
-        spare = workspace_bound(algo) - fixed - nw * rb * per_row
+        spare = free - nw * (rb * per_row + temps)
         nw = max(1, min(nw, 1 + spare // (2 * filt)))
         group = nw
     return Plan(rb, nw, group)
 
 
-# Elements per row of the transforms' passes: runs of channels (or filters) of a block are
-# transformed together so that each pass is one loop of about this length.
-PASS_ELEMS = 1024
-
-
-def _temps(tw: int, m: int, p: Plan, dtype, bound: int) -> tuple:
-    """Per-worker transform temporaries, which hold passes of ``E`` elements (the input
-    transform's planes and row pass, then the output transform's two passes, in the same
-    memory); with ``E`` below the per-row allowance of ``cpu_workspace``
-    (``WINOGRAD_TEMP_CHANNELS * A*A * vw`` elements)."""
-    A = m + 2
-    L = p.rb * row_width(tw)
-    rows = m * m + A * m
-    allowance = (WINOGRAD_TEMP_CHANNELS * A * A * L - m * m) // rows
-    E = max((p.rb + 1) * row_width(tw), min(PASS_ELEMS, allowance))
-    tbuf = scratch((p.nw, rows * E + m * m), dtype, bound)
-    tbuf[:] = 0      # the planes' last column is read (into padding tiles): keep it finite
-    return tbuf, E
-
-
 def _buffers(C: int, K: int, tw: int, m: int, p: Plan, dtype, bound: int) -> tuple:
-    """Per-worker buffers ``V (A*A * C * L)``, ``M (A*A * K * L)`` for ``L = rb * vw`` and the
-    transforms' temporaries (:func:`_temps`)."""
+    """One row per worker holding its ``V (A*A * C * L)``, ``M (A*A * K * L)`` for
+    ``L = rb * vw`` and its transform scratch (:func:`_scratch`), with the offsets of ``M``
+    and of the scratch in the row."""
     A2, L = (m + 2) ** 2, p.rb * row_width(tw)
-    vbuf = scratch((p.nw, A2 * C * L), dtype, bound)
-    mbuf = scratch((p.nw, A2 * K * L), dtype, bound)
-    return (vbuf, mbuf) + _temps(tw, m, p, dtype, bound)
+    mo, to = A2 * C * L, A2 * (C + K) * L
+    return scratch((p.nw, to + winograd_temp_elems(m)), dtype, bound), mo, to
 
 
 def batched_images(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elems: int,
@@ -649,7 +791,7 @@ def batched_images(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elem
     and the bound only, never the thread count (so the weight gradient's sum order is fixed).
     """
     fixed, per_row = winograd_tile_bytes(m, tw, C + K, filter_elems, weight_grad, itemsize)
-    per_image = th * per_row
+    per_image = th * per_row + winograd_temp_elems(m) * itemsize  # workers: one per image at most
     fit = (workspace_bound(algo) - fixed) // per_image
     want = int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES)) // per_image
     return max(1, min(N, fit, want))
@@ -664,7 +806,7 @@ def _batched_setup(N, C, K, th, tw, m, filter_elems, weight_grad, dtype, algo):
     A2, L = (m + 2) ** 2, th * row_width(tw)
     vbuf = scratch((1, A2 * C * nc * L), dtype, bound)
     mbuf = scratch((1, A2 * K * nc * L), dtype, bound)
-    return nc, p, vbuf, mbuf, _temps(tw, m, p, dtype, bound)
+    return nc, p, vbuf, mbuf, scratch((p.nw, winograd_temp_elems(m)), dtype, bound)
 
 
 def batched_conv(x: np.ndarray, U: np.ndarray, b: np.ndarray, y: np.ndarray, m: int,
@@ -680,20 +822,19 @@ def batched_conv(x: np.ndarray, U: np.ndarray, b: np.ndarray, y: np.ndarray, m: 
     G, Kg, Cg = U.shape[1:]
     th, tw = tile_grid(P, Q, m)
     A2, L = (m + 2) ** 2, th * row_width(tw)
-    nc, p, vbuf, mbuf, (tbuf, E) = _batched_setup(N, C, K, th, tw, m, U[0].size, False,
-                                                  x.dtype, algo)
-    tabs = input_tables(m, tw, x.dtype) + output_tables(m, x.dtype)
+    nc, p, vbuf, mbuf, tbuf = _batched_setup(N, C, K, th, tw, m, U[0].size, False, x.dtype,
+                                             algo)
     for n0 in range(0, N, nc):
         k = min(nc, N - n0)
         xs, ys = x[n0:n0 + k], y[n0:n0 + k]
         V, M = vbuf[:, :A2 * C * k * L], mbuf[:, :A2 * K * k * L]
-        fused_conv(xs, U, b, ys, th, m, *offsets, p.nw, V, M, tbuf, E, *tabs,
+        fused_conv(xs, U, b, ys, th, m, *offsets, p.nw, V, M, tbuf, 0, 0,
                    phases & PHASE_INPUT, True)
         if phases & PHASE_GEMM:
             V3, M3 = V.reshape(A2, C, k * L), M.reshape(A2, K, k * L)
             for g in range(G):
                 np.matmul(U[:, g], V3[:, g * Cg:(g + 1) * Cg], out=M3[:, g * Kg:(g + 1) * Kg])
-        fused_conv(xs, U, b, ys, th, m, *offsets, p.nw, V, M, tbuf, E, *tabs,
+        fused_conv(xs, U, b, ys, th, m, *offsets, p.nw, V, M, tbuf, 0, 0,
                    phases & PHASE_OUTPUT, True)
 
 
@@ -717,9 +858,8 @@ def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
         return y
     p = plan(N, th, tw, m, C, K, weight.shape[0] * weight.shape[1], False, x.dtype.itemsize,
              algo)
-    bufs = _buffers(C, K, tw, m, p, x.dtype, workspace_bound(algo))
-    fused_conv(x, U, b, y, p.rb, m, *offsets, p.nw, *bufs, *input_tables(m, tw, x.dtype),
-               *output_tables(m, x.dtype), phases, False)
+    wbuf, mo, to = _buffers(C, K, tw, m, p, x.dtype, workspace_bound(algo))
+    fused_conv(x, U, b, y, p.rb, m, *offsets, p.nw, wbuf, wbuf, wbuf, mo, to, phases, False)
     return y
 
 
@@ -757,17 +897,16 @@ def batched_weight_grad(x: np.ndarray, grad_output: np.ndarray, dU: np.ndarray, 
     A2, G, Kg, Cg = dU.shape
     th, tw = tile_grid(P, Q, m)
     L = th * row_width(tw)
-    nc, p, vbuf, mbuf, (tbuf, E) = _batched_setup(N, C, K, th, tw, m, G * Kg * Cg, True,
-                                                  x.dtype, algo)
-    tabs = input_tables(m, tw, x.dtype) + grad_output_tables(m, x.dtype)
+    nc, p, vbuf, mbuf, tbuf = _batched_setup(N, C, K, th, tw, m, G * Kg * Cg, True, x.dtype,
+                                             algo)
     part = dU.reshape((1,) + dU.shape)          # typing only: not written in this layout
     gbuf = np.empty((p.nw, 1, 1), dtype=x.dtype)
     prod = np.empty_like(dU) if N > nc else dU
     for n0 in range(0, N, nc):
         k = min(nc, N - n0)
         V, Mg = vbuf[:, :A2 * C * k * L], mbuf[:, :A2 * K * k * L]
-        fused_weight_grad(x, grad_output, part, th, m, *offsets, n0, k, p.nw, V, Mg, tbuf, E,
-                          gbuf, *tabs, phases & (PHASE_INPUT | PHASE_OUTPUT), True)
+        fused_weight_grad(x, grad_output, part, th, m, *offsets, n0, k, p.nw, V, Mg, tbuf, 0,
+                          0, gbuf, phases & (PHASE_INPUT | PHASE_OUTPUT), True)
         if phases & PHASE_GEMM:
             V3, M3 = V.reshape(A2, C, k * L), Mg.reshape(A2, K, k * L)
             dst = dU if n0 == 0 else prod
@@ -802,13 +941,12 @@ def _fused_weight_grad(x, grad_output, dU, geom, m, offsets, algo, phases) -> No
     th, tw = tile_grid(geom.P, geom.Q, m)
     p = plan(N, th, tw, m, C, K, K * (C // G), True, x.dtype.itemsize, algo)
     bound = workspace_bound(algo)
-    vbuf, mbuf, tbuf, E = _buffers(C, K, tw, m, p, x.dtype, bound)
+    wbuf, mo, to = _buffers(C, K, tw, m, p, x.dtype, bound)
     part = scratch((p.group, A2, G, K // G, C // G), x.dtype, bound)
     gbuf = scratch((p.nw, K // G, C // G), x.dtype, bound)
-    tabs = input_tables(m, tw, x.dtype) + grad_output_tables(m, x.dtype)
     for n0 in range(0, N, p.group):
         nc = min(p.group, N - n0)
-        fused_weight_grad(x, grad_output, part, p.rb, m, *offsets, n0, nc, p.nw, vbuf, mbuf,
-                          tbuf, E, gbuf, *tabs, phases, False)
+        fused_weight_grad(x, grad_output, part, p.rb, m, *offsets, n0, nc, p.nw, wbuf, wbuf,
+                          wbuf, mo, to, gbuf, phases, False)
         for i in range(nc):
             dU += part[i]

@@ -90,25 +90,37 @@ def winograd_bytes(op: str, geom, m: int, layout: str, itemsize: int) -> tuple[i
     fixed, per_row = winograd_tile_bytes(m, -(-cols // m), geom.C + geom.K,
                                          geom.K * (geom.C // geom.groups), op == "weight_grad",
                                          itemsize)
-    return fixed, per_row * (-(-rows // m) if layout == "batched" else 1)
+    return (fixed + winograd_temp_elems(m) * itemsize,      # and one worker's scratch
+            per_row * (-(-rows // m) if layout == "batched" else 1))
 
 
-# Channels' worth of transformed tiles per row of tiles that the transforms' per-thread
-# temporaries may use (their passes then run over about 1024 elements: measured 7% faster
-# input and 13% faster output transforms than with 4, r3x3_56, 1 thread).
-WINOGRAD_TEMP_CHANNELS = 12
+# Row stride (elements) of the Winograd transforms' scratch planes: a compile-time constant
+# (see kernels/cpu_winograd.py), 1024 + 8 because rows a multiple of 4 KiB apart fall into the
+# same L1 sets (a transform pass measured 10 against 2.4 ns per tile with 512 against 520).
+WINOGRAD_PLANE = 1032
+
+
+def winograd_temp_elems(m: int) -> int:
+    """Elements of one worker's transform scratch for F(m x m, 3 x 3): ``m*m`` tile planes,
+    ``(m + 2)**2`` transform-point planes and a band of ``m*m`` planes."""
+    return (2 * m * m + (m + 2) ** 2) * WINOGRAD_PLANE
+
+
+def winograd_row_fits(m: int, cols: int) -> bool:
+    """Whether the transforms' planes hold two rows of tiles of a ``cols``-wide plane (plus
+    each row's padding tile and one element): the widest plane they can tile."""
+    return 2 * (-(-cols // m) + 1) + 1 <= WINOGRAD_PLANE
 
 
 def winograd_tile_bytes(m: int, tiles_per_row: int, channels: int, filter_elems: int,
                         weight_grad: bool, itemsize: int) -> tuple[int, int]:
     """Fixed: the transformed filters (and for the weight gradient their gradient and its
     partial sum). Per row of tiles: the transformed input and output tiles of all ``channels``
-    (in plus out; rows may carry one padding tile) and two per-thread transform temporaries,
-    counted for two threads."""
+    (in plus out; rows carry one padding tile). Each worker adds its transform scratch
+    (:func:`winograd_temp_elems`)."""
     A2 = (m + 2) ** 2
     fixed = A2 * filter_elems * (2 if weight_grad else 1)
-    return (fixed * itemsize,
-            A2 * (tiles_per_row + 1) * (channels + WINOGRAD_TEMP_CHANNELS) * itemsize)
+    return fixed * itemsize, A2 * (tiles_per_row + 1) * channels * itemsize
 
 
 def gemm1x1_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:

@@ -21,7 +21,9 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    dominate. Past 128 x 128 the pieces get thin, and the ``batched`` layout (whole images
    transformed, BLAS-threaded GEMMs over all their tiles) is taken where a cost model of its
    GEMM columns and filter transform undercuts im2col by 40% (see _batched_tile): not on
-   ResNet's 14x14 x 256 at batch 8, nor on smaller batches or planes.
+   ResNet's 14x14 x 256 at batch 8, nor on smaller batches or planes. Planes wider than the
+   transforms' scratch rows hold (about 2000 columns with F(4x4), 1000 with F(2x2); see
+   ``cpu_workspace.winograd_row_fits``) take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
 6. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
@@ -38,7 +40,8 @@ from typing import Optional
 import numpy as np
 
 from .._types import Algo, ConvGeometry
-from ..kernels.cpu_workspace import fits, gemm1x1_bytes, im2col_bytes, winograd_bytes
+from ..kernels.cpu_workspace import (fits, gemm1x1_bytes, im2col_bytes, winograd_bytes,
+                                     winograd_row_fits)
 
 # Cg * R * S at or below which grouped layers use direct loops.
 DIRECT_MAX_REDUCTION = 64
@@ -91,12 +94,12 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
     channels = (geom.C // geom.groups) * (geom.K // geom.groups)
     if channels > WINOGRAD_MAX_CHANNEL_PRODUCT:
         m = _batched_tile(geom.N, rows, cols)
-        return None if m is None else (m, "batched")
+        return None if m is None or not winograd_row_fits(m, cols) else (m, "batched")
     if rows * cols < (WINOGRAD_MIN_PIXELS_WIDE if channels >= 64 * 64 else WINOGRAD_MIN_PIXELS):
         return None
     cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
     m = min(cost, key=cost.get)
-    return (m, "fused") if cost[m] < 9 * rows * cols else None
+    return (m, "fused") if cost[m] < 9 * rows * cols and winograd_row_fits(m, cols) else None
 
 
 def _batched_tile(N: int, rows: int, cols: int) -> Optional[int]:
