@@ -120,6 +120,38 @@ def test_batched_layout_same_bits_for_any_numba_thread_count():
         numba.set_num_threads(before)
 
 
+@pytest.mark.parametrize("tile,layout", [(4, "fused"), (2, "fused"), (2, "batched")])
+def test_wide_planes_split_into_runs_of_tile_rows(tile, layout, dtype):
+    """Planes so wide that a block's tile rows do not fit one row of the transforms' scratch
+    (``WINOGRAD_PLANE`` elements): the transforms run over fewer tile rows at a time (with
+    F(2x2), 301 tiles per row: two rows of tiles per input run, three per output run; the
+    batched layout's blocks are whole images of four tile rows)."""
+    x, w, b, gy, geom = _problem(2, 8, 7, 600, 8, 1, 1, dtype, seed=11)
+    th, tw = cpu_winograd.tile_grid(geom.P, geom.Q, tile)
+    vw = cpu_winograd.row_width(tw)
+    plane = cpu_workspace.WINOGRAD_PLANE
+    assert cpu_workspace.winograd_row_fits(tile, geom.Q)
+    if tile == 2:
+        assert th * vw > plane and (th + 1) * vw + 1 > plane
+    algo = Algo("winograd", (("tile", tile), ("layout", layout)))
+    for out, ref in zip(_all_ops(x, w, b, gy, geom, algo), _refs(x, w, b, gy, geom)):
+        assert_close(out, ref)
+
+
+def test_planes_wider_than_the_scratch_rows_take_im2col():
+    """The transforms hold two rows of tiles in a scratch row; wider planes are not tiled."""
+    from fastconv.dispatch import cpu as rules
+    plane = cpu_workspace.WINOGRAD_PLANE
+    widest = {m: max(c for c in range(1, 4 * plane) if cpu_workspace.winograd_row_fits(m, c))
+              for m in cpu_winograd.TILE_SIZES}
+    assert 2 * (-(-widest[4] // 4) + 1) + 1 <= plane < 2 * (-(-(widest[4] + 4) // 4) + 1) + 1
+    for W, want in ((widest[2], "winograd"), (widest[4] + 8, "im2col")):
+        geom = conv_geometry((1, 16, 40, W), (16, 16, 3, 3), 1, 1, 1, 1)
+        algo = rules.choose("forward", geom, np.float32, precision="fp32",
+                            workspace_bytes=256 * 2**20)
+        assert algo.name == want
+
+
 def test_workspace_bound_holds_with_several_workers():
     """Under a bound of a few rows, the plan shrinks blocks and workers to fit; the largest
     scratch buffer stays under the bound and the result is still right."""
