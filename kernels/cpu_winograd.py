@@ -418,31 +418,42 @@ def _scratch(tmp, m):
     return tmp[:a], tmp[a:b], tmp[b:b + a]
 
 
+# ``_block_points``'s transform, as NumPy bools: Numba would compile it once per literal.
+INPUT_TILES, GRAD_OUTPUT_TILES = np.bool_(False), np.bool_(True)
+
+
 @njit(cache=True)
-def _block_input(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff):
-    """``V[a*A + b, c*ld + coff + t*vw + j] = (BT d BT^T)[a, b]`` for the input tile ``d`` of
-    tile ``(t0 + t, j)`` of image ``n``: rows ``(t0 + t)*m + off_h + [0, A)``, columns
-    ``j*m + off_w + [0, A)`` of ``x``, zero outside (``ld``: a channel's stride in ``V``).
-    Runs of channels and tile rows fill the planes (one extra tile row each for the tiles'
-    last two rows)."""
+def _block_points(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff, grad_output):
+    """The transform points of a block's tiles: ``V[a*A + b, c*ld + coff + t*vw + j]`` for
+    tile ``(t0 + t, j)`` of image ``n``'s channel ``c`` (``ld``: a channel's stride in ``V``).
+
+    Input tiles (``INPUT_TILES``): ``(BT d BT^T)[a, b]`` for the ``A x A`` tile ``d`` of rows
+    ``(t0 + t)*m + off_h + [0, A)``, columns ``j*m + off_w + [0, A)`` of ``x``, zero outside;
+    each run of tile rows carries one more tile row in the planes (the tiles' last two rows).
+    grad_output tiles (``GRAD_OUTPUT_TILES``, offsets 0): ``(AT^T d AT)[a, b]`` for the
+    ``m x m`` tile ``d`` of ``x = dy (N, K, P, Q)``, zero beyond ``P x Q`` and in the padding
+    tiles (which therefore add nothing to the weight gradient): the adjoint of
+    :func:`_block_output`. Runs of channels and tile rows share one transform loop."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     A2 = (m + 2) * (m + 2)
     vw = tw + 1
     Wb = vw * m
+    extra = 0 if grad_output else 1
     S, T, band = _scratch(tmp, m)
     xf = x.reshape(x.size)
     zero = x.dtype.type(0)
     b_lo = max(0, -off_w)
     b_hi = max(b_lo, min(Wb, W - off_w))
-    tr = min(tc, (PLANE - 1) // vw - 1)
+    tr = min(tc, (PLANE - 1) // vw - extra)
     for ts in range(0, tc, tr):
         trc = min(tr, tc - ts)
-        R = trc + 1
+        R = trc + extra
         F1 = R * vw
         cb = max(1, (PLANE - 1) // F1)
         for c0 in range(0, C, cb):
             cbb = min(cb, C - c0)
             F = cbb * F1
+            # the runs' image rows, row phase after row phase, zero-padded to vw*m columns
             for cc in range(cbb):
                 x0 = np.uint64((n * C + c0 + cc) * H) * np.uint64(W)
                 for r in range(R * m):
@@ -463,7 +474,10 @@ def _block_input(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff):
             _split_planes(band, S, F, m)
             for p in range(m * m):      # read by the last tile (a padding tile) only
                 S[p * PLANE + F] = zero
-            _input_tiles(S, T, F - vw, vw, m)    # not the last channel's extra tile row
+            if grad_output:
+                _grad_output_tiles(S, T, F, m)
+            else:
+                _input_tiles(S, T, F - vw, vw, m)    # not the last channel's extra tile row
             for cc in range(cbb):
                 v0 = (c0 + cc) * ld + coff + ts * vw
                 for xi in range(A2):
@@ -516,51 +530,6 @@ def _block_output(M, y, bias, tmp, n, t0, tc, tw, m, ldm, coff):
                             dst[q] = src[q]
 
 
-@njit(cache=True)
-def _block_grad_output(dy, Mg, tmp, n, t0, tc, tw, m, ldm, coff):
-    """``Mg[a*A + b, k*ldm + coff + tile] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d`` of
-    ``dy (N, K, P, Q)`` (zero beyond ``P x Q`` and in the padding tiles, which therefore add
-    nothing to the weight gradient): the adjoint of :func:`_block_output`."""
-    K, P, Q = dy.shape[1], dy.shape[2], dy.shape[3]
-    A2 = (m + 2) * (m + 2)
-    vw = tw + 1
-    Wb = vw * m
-    D, T, band = _scratch(tmp, m)
-    dyf = dy.reshape(dy.size)
-    zero = dy.dtype.type(0)
-    tr = min(tc, PLANE // vw)
-    for ts in range(0, tc, tr):
-        trc = min(tr, tc - ts)
-        Lr = trc * vw
-        kb = max(1, PLANE // Lr)
-        for k0 in range(0, K, kb):
-            kbb = min(kb, K - k0)
-            F = kbb * Lr
-            for kk in range(kbb):
-                d0 = np.uint64((n * K + k0 + kk) * P) * np.uint64(Q)
-                for u in range(m):
-                    for t in range(trc):
-                        p = (t0 + ts + t) * m + u
-                        o = u * F * m + (kk * trc + t) * Wb
-                        brow = band[o:o + Wb]
-                        if p >= P:
-                            brow[:] = zero
-                            continue
-                        src = dyf[d0 + np.uint64(p * Q):]
-                        for q in range(Q):
-                            brow[q] = src[q]
-                        brow[Q:] = zero
-            _split_planes(band, D, F, m)
-            _grad_output_tiles(D, T, F, m)
-            for kk in range(kbb):
-                s0 = (k0 + kk) * ldm + coff + ts * vw
-                for xi in range(A2):
-                    dst = Mg[xi, s0:s0 + Lr]
-                    src = T[xi * PLANE + kk * Lr:]
-                    for e in range(Lr):
-                        dst[e] = src[e]
-
-
 @njit(parallel=True, cache=True)
 def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, mo, to, phases,
                shared):
@@ -592,8 +561,8 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, mo, to,
             else:
                 V, M, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, mo:mo + A2 * K * L], L, 0
             if phases & 1:
-                _block_input(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h, off_w,
-                             ld, coff)
+                _block_points(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h, off_w,
+                              ld, coff, INPUT_TILES)
             if phases & 2 and not shared:
                 V3, M3 = V.reshape(A2, C, L), M.reshape(A2, K, L)
                 kp = max(1, (BLAS_SERIAL_MACS - 1) // (Cg * L))  # pieces BLAS keeps serial
@@ -637,11 +606,11 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                 else:
                     V, Mg, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, mo:mo + A2 * K * L], L, 0
                 if phases & 1:
-                    _block_input(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h,
-                                 off_w, ld, coff)
+                    _block_points(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h,
+                                  off_w, ld, coff, INPUT_TILES)
                 if phases & 4:
-                    _block_grad_output(dy, Mg.reshape(A2, K * ld), tmp, n, t0, tc, tw, m,
-                                       ld, coff)
+                    _block_points(dy, Mg.reshape(A2, K * ld), tmp, n, t0, tc, tw, m, 0, 0,
+                                  ld, coff, GRAD_OUTPUT_TILES)
                 if phases & 2 and not shared:
                     V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
                     kp = max(1, (BLAS_SERIAL_MACS - 1) // (Cg * L))
