@@ -418,8 +418,10 @@ def _scratch(tmp, m):
     return tmp[:a], tmp[a:b], tmp[b:b + a]
 
 
-# ``_block_points``'s transform, as NumPy bools: Numba would compile it once per literal.
+# ``_block_points``'s transform, and a zero offset, as NumPy scalars: Numba compiles a callee
+# once per distinct argument type, and a literal (``True``, ``0``) is a type of its own.
 INPUT_TILES, GRAD_OUTPUT_TILES = np.bool_(False), np.bool_(True)
+I0 = np.int64(0)
 
 
 @njit(cache=True)
@@ -609,7 +611,7 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                     _block_points(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h,
                                   off_w, ld, coff, INPUT_TILES)
                 if phases & 4:
-                    _block_points(dy, Mg.reshape(A2, K * ld), tmp, n, t0, tc, tw, m, 0, 0,
+                    _block_points(dy, Mg.reshape(A2, K * ld), tmp, n, t0, tc, tw, m, I0, I0,
                                   ld, coff, GRAD_OUTPUT_TILES)
                 if phases & 2 and not shared:
                     V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
