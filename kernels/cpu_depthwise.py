@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .cpu_conv import valid_range
+from .cpu_conv import _im2col_rows_flat, valid_range
 from .cpu_workspace import (BLAS_SERIAL_MACS, DIRECT_LANES as LANES, direct_plane_bytes,
                             workspace_bound)
 
@@ -341,6 +341,17 @@ def _im2col_rows(x, n, p0, p1, col, R, S, pt, pl, dh, dw, Q):
     output rows ``p0 <= p < p1`` (stride 1), zero outside the image."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     zero = x.dtype.type(0)
+    if Q == W:      # as many output as input columns: a run of rows is one flat copy
+        xf, cf = x.reshape(x.size), col.reshape(col.size)
+        L = (p1 - p0) * Q
+        for c in range(C):
+            for r in range(R):
+                for s in range(S):
+                    q_lo, q_hi = valid_range(Q, W, 1, s * dw - pl)
+                    _im2col_rows_flat(xf, cf, (n * C + c) * H * W, H, W,
+                                      np.uint64(((c * R + r) * S + s) * L), p0 - pt + r * dh,
+                                      p1 - p0, q_lo, q_hi, s * dw - pl)
+        return
     for c in range(C):
         for r in range(R):
             for s in range(S):
