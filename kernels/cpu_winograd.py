@@ -340,7 +340,6 @@ def _output_tiles(T, O, n, m):
             _put4(O, u + np.uint64(12 * PLANE), _at4((c0[3], c1[3], c2[3], c3[3], c4[3],
                                                        c5[3]), two, four, eight), 1)
     else:
-        p2 = np.uint64(2 * PLANE)
         for u in range(np.uint64(n)):
             c0 = _at2(_get4(T, u, 4))
             c1 = _at2(_get4(T, u + _P, 4))
@@ -348,10 +347,7 @@ def _output_tiles(T, O, n, m):
             c3 = _at2(_get4(T, u + np.uint64(3 * PLANE), 4))
             o0 = _at2((c0[0], c1[0], c2[0], c3[0]))
             o1 = _at2((c0[1], c1[1], c2[1], c3[1]))
-            O[u] = o0[0]
-            O[u + _P] = o0[1]
-            O[u + p2] = o1[0]
-            O[u + p2 + _P] = o1[1]
+            _put4(O, u, (o0[0], o0[1], o1[0], o1[1]), 1)
 
 
 @njit(cache=True)
@@ -474,11 +470,11 @@ def _block_points(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff, grad_outp
                     for e in range(b_hi - b_lo):
                         dst[e] = src[e]
             _split_planes(band, S, F, m)
-            for p in range(m * m):      # read by the last tile (a padding tile) only
-                S[p * PLANE + F] = zero
             if grad_output:
                 _grad_output_tiles(S, T, F, m)
             else:
+                for p in range(m * m):      # read by the last tile (a padding tile) only
+                    S[p * PLANE + F] = zero
                 _input_tiles(S, T, F - vw, vw, m)    # not the last channel's extra tile row
             for cc in range(cbb):
                 v0 = (c0 + cc) * ld + coff + ts * vw
