@@ -107,10 +107,10 @@ def instrument(phases: _Phases):
                                        lambda *a: _nbytes(*a), "byte")),
         (cpu_winograd, "filter_transform",
          _timed(phases, "filter transform", cpu_winograd.filter_transform,
-                lambda w, *a: w.nbytes * (1 + 36 / 9), "byte")),
+                lambda w, m, *a: w.nbytes * (1 + (m + 2) ** 2 / 9), "byte")),
         (cpu_winograd, "filter_transform_adjoint",
          _timed(phases, "filter transform", cpu_winograd.filter_transform_adjoint,
-                lambda dU, *a: dU.nbytes * (1 + 9 / 36), "byte")),
+                lambda dU, *a: dU.nbytes * (1 + 9 / dU.shape[0]), "byte")),
     ]
     # The unfused Winograd of earlier versions (separate transform passes and batched
     # matmuls), so that this profiler also shows the code it replaced.
@@ -151,9 +151,8 @@ def _winograd_phase_calls(op: str, geom, algo, x, w, gy) -> dict[str, Callable]:
                                             geom.groups, algo, mask)
         if op == "input_grad":
             pt, pl = geom.padding[0], geom.padding[2]
-            wr = cw.rotated_weight(w, geom)
-            return lambda: cw.winograd_conv(gy, wr, None, (geom.H, geom.W), (pt - 2, pl - 2),
-                                            geom.groups, algo, mask)
+            return lambda: cw.winograd_conv(gy, w, None, (geom.H, geom.W), (pt - 2, pl - 2),
+                                            geom.groups, algo, mask, rotate=True)
         return lambda: cw.weight_grad(x, gy, geom, algo, mask)
 
     out_name = "grad_output transform" if op == "weight_grad" else "output transform"

@@ -629,20 +629,40 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                                         dst[a, b] += prod[a, b]
 
 
+@njit(cache=True, inline="always")
+def _gather_taps(w, wt, k0, n, Kg, Cg, rotate):
+    """``wt[r*3 + s, e]`` = tap ``(r, s)`` of filter ``k0 + e`` of the flat ``w (K*Cg*9,)``:
+    the block's filters tap-major in L1, so the transform loops run along filters. With
+    ``rotate`` the filters are those of the input gradient, ``(G, Cg, Kg)`` in order (channels
+    and filters swapped in each group, taps rotated by 180 degrees), read from ``w`` itself."""
+    for e in range(n):
+        i = k0 + e
+        if rotate:
+            g, rest = i // (Cg * Kg), i % (Cg * Kg)
+            src = ((g * Kg + rest % Kg) * Cg + rest // Kg) * 9
+            for rs in range(9):
+                wt[rs, e] = w[src + 8 - rs]
+        else:
+            for rs in range(9):
+                wt[rs, e] = w[i * 9 + rs]
+
+
 @njit(cache=True)     # serial: little work (K * C * 9 inputs); parallel loops compile slowly
-def _filter_transform(w9, G, U):
-    """``U[a*A + b, kc] = sum_{r, s} G[a, r] w9[r*3 + s, kc] G[b, s]``, separably and with
-    ``kc`` innermost (slices indexed by the loop variable) so the loops vectorise."""
-    A, KC = G.shape[0], w9.shape[1]
+def _filter_transform(w, G, U, Kg, Cg, rotate):
+    """``U[a*A + b, kc] = sum_{r, s} G[a, r] wt[r*3 + s, kc] G[b, s]`` (``wt``: see
+    :func:`_gather_taps`), separably and blocks of filters at a time, filters innermost so the
+    loops vectorise."""
+    A, KC = G.shape[0], U.shape[1]
+    wt = np.empty((9, BLOCK), dtype=U.dtype)
+    half = np.empty((A * 3, BLOCK), dtype=U.dtype)          # (G w)[a, s]
     for blk in range((KC + BLOCK - 1) // BLOCK):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
-        w = w9[:, k0:k0 + n]
-        half = np.empty((A * 3, n), dtype=U.dtype)          # (G w)[a, s]
+        _gather_taps(w, wt, k0, n, Kg, Cg, rotate)
         for a in range(A):
             g0, g1, g2 = G[a, 0], G[a, 1], G[a, 2]
             for s in range(3):
-                h, w0, w1, w2 = half[a * 3 + s], w[s], w[3 + s], w[6 + s]
+                h, w0, w1, w2 = half[a * 3 + s], wt[s], wt[3 + s], wt[6 + s]
                 for e in range(n):
                     h[e] = g0 * w0[e] + g1 * w1[e] + g2 * w2[e]
         for a in range(A):
@@ -655,13 +675,16 @@ def _filter_transform(w9, G, U):
 
 
 @njit(cache=True)
-def _filter_transform_adjoint(dU, G, gw9):
-    """``gw9[r*3 + s, kc] = sum_{a, b} G[a, r] dU[a*A + b, kc] G[b, s]``."""
-    A, KC = G.shape[0], gw9.shape[1]
+def _filter_transform_adjoint(dU, G, gw):
+    """``gw[kc, r*3 + s] = sum_{a, b} G[a, r] dU[a*A + b, kc] G[b, s]``, blocks of filters
+    at a time (written back filter-major from an L1 block)."""
+    A, KC = G.shape[0], gw.shape[0]
+    half = np.empty((3 * A, BLOCK), dtype=gw.dtype)       # (G^T dU)[r, b]
+    out = np.empty((9, BLOCK), dtype=gw.dtype)
     for blk in range((KC + BLOCK - 1) // BLOCK):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
-        half = np.zeros((3 * A, n), dtype=gw9.dtype)       # (G^T dU)[r, b]
+        half[:, :n] = 0
         for a in range(A):
             g0, g1, g2 = G[a, 0], G[a, 1], G[a, 2]
             for b in range(A):
@@ -673,35 +696,41 @@ def _filter_transform_adjoint(dU, G, gw9):
                     h2[e] += g2 * d[e]
         for r in range(3):
             for s in range(3):
-                out = gw9[r * 3 + s, k0:k0 + n]
-                out[:] = 0
+                o = out[r * 3 + s]
+                o[:n] = 0
                 for b in range(A):
                     g = G[b, s]
                     if g != 0:
                         h = half[r * A + b]
                         for e in range(n):
-                            out[e] += h[e] * g
+                            o[e] += h[e] * g
+        for e in range(n):
+            for rs in range(9):
+                gw[k0 + e, rs] = out[rs, e]
 
 
-def filter_transform(weight: np.ndarray, G: np.ndarray, groups: int, dtype) -> np.ndarray:
-    """``U (A*A, groups, Kg, Cg) = G w G^T`` per filter, in ``dtype`` (the rounding of G's
-    1/6, 1/12, 1/24 is far below the algorithm's own error)."""
+def filter_transform(weight: np.ndarray, m: int, groups: int, rotate: bool) -> np.ndarray:
+    """``U (A*A, groups, Kg, Cg) = G w G^T`` per filter of ``weight (K, Cg, 3, 3)`` in its
+    dtype (the rounding of G's 1/6, 1/12, 1/24 is far below the algorithm's own error); with
+    ``rotate``, of the input gradient's kernel (see :func:`rotated_weight`), ``(A*A, groups,
+    Cg, Kg)``."""
     K, Cg = weight.shape[:2]
-    A = G.shape[0]
-    U = np.empty((A * A, K * Cg), dtype=dtype)
-    w9 = np.ascontiguousarray(weight.reshape(K * Cg, 9).T)
-    _filter_transform(w9, G.astype(dtype), U)
-    return U.reshape(A * A, groups, K // groups, Cg)
+    Kg = K // groups
+    A = m + 2
+    U = np.empty((A * A, K * Cg), dtype=weight.dtype)
+    w = np.ascontiguousarray(weight).reshape(-1)
+    _filter_transform(w, np.array(_G[m], dtype=weight.dtype), U, Kg, Cg, np.bool_(rotate))
+    return U.reshape((A * A, groups) + ((Cg, Kg) if rotate else (Kg, Cg)))
 
 
-def filter_transform_adjoint(dU: np.ndarray, G: np.ndarray) -> np.ndarray:
+def filter_transform_adjoint(dU: np.ndarray, m: int) -> np.ndarray:
     """``gw (K*Cg, 3, 3)`` in ``dU``'s dtype from ``dU (A*A, ...)``: the adjoint of
     :func:`filter_transform`."""
-    A = G.shape[0]
+    A = m + 2
     KC = dU[0].size
-    gw9 = np.empty((9, KC), dtype=dU.dtype)
-    _filter_transform_adjoint(dU.reshape(A * A, KC), G.astype(dU.dtype), gw9)
-    return gw9.T.reshape(KC, 3, 3)
+    gw = np.empty((KC, 9), dtype=dU.dtype)
+    _filter_transform_adjoint(dU.reshape(A * A, KC), np.array(_G[m], dtype=dU.dtype), gw)
+    return gw.reshape(KC, 3, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -771,9 +800,10 @@ def _batched_setup(N, C, K, th, tw, m, filter_elems, weight_grad, dtype, algo):
     p = Plan(th, max(1, min(numba.get_num_threads(), nc)), 1)
     bound = workspace_bound(algo)
     A2, L = (m + 2) ** 2, th * row_width(tw)
-    vbuf = scratch((1, A2 * C * nc * L), dtype, bound)
-    mbuf = scratch((1, A2 * K * nc * L), dtype, bound)
-    return nc, p, vbuf, mbuf, scratch((p.nw, winograd_temp_elems(m)), dtype, bound)
+    v, mm, t = A2 * C * nc * L, A2 * K * nc * L, p.nw * winograd_temp_elems(m)
+    buf = scratch((v + mm + t,), dtype, bound)
+    return (nc, p, buf[:v].reshape(1, v), buf[v:v + mm].reshape(1, mm),
+            buf[v + mm:].reshape(p.nw, -1))
 
 
 def batched_conv(x: np.ndarray, U: np.ndarray, b: np.ndarray, y: np.ndarray, m: int,
@@ -807,17 +837,19 @@ def batched_conv(x: np.ndarray, U: np.ndarray, b: np.ndarray, y: np.ndarray, m: 
 
 def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
                   out_hw: tuple[int, int], offsets: tuple[int, int], groups: int,
-                  algo, phases: int = ALL_PHASES) -> np.ndarray:
+                  algo, phases: int = ALL_PHASES, rotate: bool = False) -> np.ndarray:
     """3x3 stride-1 correlation of ``x (N, C, H, W)`` with ``weight (K, C/G, 3, 3)``:
     ``y[n, k, p, q] = sum w[k, c, r, s] x[n, g*Cg + c, p + off_h + r, q + off_w + s]`` (zero
-    outside ``x``) for an output of ``out_hw = (P, Q)``; returns ``(N, K, P, Q)``.
+    outside ``x``) for an output of ``out_hw = (P, Q)``; returns ``(N, K, P, Q)``. With
+    ``rotate``, ``x`` is a ``grad_output`` and the kernel the input gradient's: ``weight``
+    rotated by 180 degrees, channels and filters swapped in each group (``(N, G*Cg, P, Q)``).
     ``phases`` other than ALL_PHASES (benchmark only) skip phases and leave ``y`` partial."""
     N, C = x.shape[:2]
-    K = weight.shape[0]
+    K = weight.shape[1] * groups if rotate else weight.shape[0]
     P, Q = out_hw
     m = int(algo.get("tile", 4))
     th, tw = tile_grid(P, Q, m)
-    U = filter_transform(weight, np.array(_G[m], dtype=np.float64), groups, x.dtype)
+    U = filter_transform(weight.astype(x.dtype, copy=False), m, groups, rotate)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     b = bias if bias is not None else np.zeros(K, dtype=x.dtype)
     if algo.get("layout", "fused") == "batched":
@@ -837,20 +869,12 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
     return winograd_conv(x, weight, bias, (geom.P, geom.Q), (-pt, -pl), geom.groups, algo)
 
 
-def rotated_weight(weight: np.ndarray, geom) -> np.ndarray:
-    """The kernel of the input gradient ``(C, K/G, 3, 3)``: rotated by 180 degrees, input and
-    output channels swapped within each group."""
-    G, K, Cg = geom.groups, geom.K, geom.C // geom.groups
-    return (weight.reshape(G, K // G, Cg, 3, 3)[..., ::-1, ::-1]
-            .transpose(0, 2, 1, 3, 4).reshape(geom.C, K // G, 3, 3))
-
-
 def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Input gradient ``(N, C, H, W)``: ``grad_output`` correlated with the rotated kernel
     (lecture notes 7.5), the forward path with offsets ``pt - 2``, ``pl - 2``."""
     pt, pl = geom.padding[0], geom.padding[2]
-    return winograd_conv(grad_output, rotated_weight(weight, geom), None, (geom.H, geom.W),
-                         (pt - 2, pl - 2), geom.groups, algo)
+    return winograd_conv(grad_output, weight, None, (geom.H, geom.W), (pt - 2, pl - 2),
+                         geom.groups, algo, rotate=True)
 
 
 def batched_weight_grad(x: np.ndarray, grad_output: np.ndarray, dU: np.ndarray, m: int,
@@ -897,8 +921,8 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo,
         batched_weight_grad(x, grad_output, dU, m, offsets, algo, phases)
     else:
         _fused_weight_grad(x, grad_output, dU, geom, m, offsets, algo, phases)
-    gw = filter_transform_adjoint(dU, np.array(_G[m], dtype=np.float64))
-    return gw.reshape(geom.weight_shape).astype(x.dtype)
+    gw = filter_transform_adjoint(dU, m)
+    return gw.reshape(geom.weight_shape)
 
 
 def _fused_weight_grad(x, grad_output, dU, geom, m, offsets, algo, phases) -> None:

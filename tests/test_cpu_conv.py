@@ -242,15 +242,17 @@ def test_winograd_tile_choice():
     one_small = conv_geometry((1, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
     r3x3_14 = conv_geometry((8, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
     deep = conv_geometry((8, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1)
-    for geom in (small, one_small, r3x3_14, deep):
+    one_28 = conv_geometry((1, 256, 28, 28), (256, 256, 3, 3), 1, 1, 1, 1)
+    for geom in (small, one_small, r3x3_14, deep, one_28):
         assert rules.choose("forward", geom, np.float32, precision="fp32",
                             workspace_bytes=2**28).name == "im2col"
     # Up to 128 x 128 channels the fused layout (its block GEMMs cut into pieces BLAS keeps
     # single-threaded), from 28x28 with 64 x 64 and more; past that whole images and
     # BLAS-threaded GEMMs (the batched layout) where they save enough.
     for shape, C, want in (((8, 64, 28, 28), 64, "fused"), ((8, 128, 56, 56), 128, "fused"),
-                           ((8, 256, 28, 28), 256, "batched"), ((4, 256, 56, 56), 256,
-                                                                "batched")):
+                           ((8, 256, 28, 28), 256, "batched"), ((2, 256, 28, 28), 256,
+                                                                "batched"),
+                           ((4, 256, 56, 56), 256, "batched")):
         geom = conv_geometry(shape, (C, C, 3, 3), 1, 1, 1, 1)
         for op in ("forward", "input_grad", "weight_grad"):
             algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)

@@ -63,16 +63,22 @@ WINOGRAD_MIN_PIXELS_WIDE = 784
 # batched F(4x4), 26.3 im2col; 56x56 x 128 forward: fused 14.9, batched 21.3, im2col 28.1).
 WINOGRAD_MAX_CHANNEL_PRODUCT = 128 * 128
 # The batched layout (layers past WINOGRAD_MAX_CHANNEL_PRODUCT): the filter transform's cost
-# per transformed element in GEMM multiply-adds (writing U for 256 x 256 filters took 1.5 ms,
-# about 2 ns per element on 2 cores, the time of ~200 multiply-adds of an SGEMM at 370
-# GFLOP/s), and the share of im2col's multiply-adds under which the layout is taken.
-# Measured, float32, 2 threads, OpenBLAS's SkylakeX kernels (ms, im2col / batched F(2x2) /
-# batched F(4x4)): 28x28 x 256, N=8, forward 22.9 / 17.8 / 18.4, weight gradient 26.3 /
-# 18.8 / 21.0; 56x56 x 256, N=4, forward 46.0 / 36.5 / 29.5; im2col stays for r3x3_14
-# (14x14 x 256: forward 6.7 / 7.0 / 10.6, weight gradient 7.8 / 9.8 / 12.5), for it at N=1
-# and on 7x7 x 512, where transforming 512 x 512 filters costs more than it saves.
-WINOGRAD_FILTER_COST = 200
-WINOGRAD_BATCHED_GAIN = 0.6
+# per transformed element in GEMM multiply-adds (U for 256 x 256 filters: 0.25-0.4 ms for
+# F(2x2), 0.4-0.7 ms for F(4x4), serial, about 0.25 ns per element, the time of ~40
+# multiply-adds of an SGEMM at 300 GFLOP/s on 2 cores), and the share of im2col's
+# multiply-adds under which the layout is taken. Measured, float32, 2 threads, OpenBLAS's
+# SkylakeX kernels, interleaved in one process (ms, im2col / batched F(2x2) / batched F(4x4)):
+# 28x28 x 128 -> 256, N=8, forward 11.5 / 10.0 / 8.5, weight gradient 12.2 / 12.0 / 9.4;
+# 28x28 x 256, N=8, forward 27.4 / 20.4 / 15.5, weight gradient 31.3 / 21.8 / 22.7. Not on
+# r3x3_14 (14x14 x 256, N=8, 0.55 of im2col's multiply-adds with F(2x2)): alternating single
+# calls (25 pairs) put batched F(2x2) at 1.05 / 0.83 / 0.98 of im2col's time for the
+# forward and the two gradients, and 1.1-1.4 at N = 2 or 4: its V and M (7 MB each) cross
+# main memory, which the GEMM's 16% fewer cycles do not pay for. Nor on 7x7 x 512 (forward
+# 5.9 against 10.4 ms), where a row of 4 tiles carries a fifth for padding, on 28x28 x 256 at
+# N=1 (0.49 of the multiply-adds; 1.19 / 1.20 / 0.95 of im2col's time) or 14x14 x 256 at
+# N=16 (0.46; 0.97 / 0.87 / 1.74); taken on 28x28 x 256 from N=2 (0.39; 0.74 / 0.76 / 0.75).
+WINOGRAD_FILTER_COST = 40
+WINOGRAD_BATCHED_GAIN = 0.45
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
