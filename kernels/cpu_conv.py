@@ -186,14 +186,41 @@ def _col2im_rows_flat(df, gf, plane, H, W, src, h0, pc, q_lo, q_hi, off):
 
 
 @njit(parallel=True, cache=True)
-def col2im(dcol, gx, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw):
+def merge_phases(gph, gx):
+    """``gx[n, c, 2u + a, 2v + b] = gph[n, c, 2a + b, u, v]``: the stride-2 phase planes put
+    back together (the inverse of :func:`split_phases`, for the input gradient)."""
+    N, C, H, W = gx.shape
+    half = np.uint64(W // 2)
+    for task in prange(N * C):
+        n = task // C
+        c = task - n * C
+        for h in range(H):
+            a, u = h % 2, h // 2
+            s0, s1, dst = gph[n, c, 2 * a, u], gph[n, c, 2 * a + 1, u], gx[n, c, h]
+            for v in range(half):
+                dst[np.uint64(2) * v] = s0[v]
+                dst[np.uint64(2) * v + np.uint64(1)] = s1[v]
+            if W % 2:
+                dst[W - 1] = s0[W // 2]
+
+
+@njit(parallel=True, cache=True)
+def col2im(dcol, gx, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw, gph):
     """Add ``dcol (C * R * S, nc * pc * Q)`` back onto ``gx (N, C, H, W)``: the adjoint of
-    :func:`im2col`. One thread owns each ``(n, c)`` plane, so no two threads add to one pixel."""
+    :func:`im2col`. One thread owns each ``(n, c)`` plane, so no two threads add to one pixel.
+
+    ``gph``: with stride 2 where :func:`phase_planes` allows, zeroed phase planes
+    ``(N, C, 4, Hh, Wh)`` that take the sums instead of ``gx`` (tap ``(r, s)`` adds to phase
+    ``((r - pt) % 2, (s - pl) % 2)`` at a stride-1 offset, a run of rows as one flat add;
+    :func:`merge_phases` writes ``gx`` after the last chunk), else an empty array. Each pixel
+    gets the same values in the same order either way; the strided adds of one row at a time
+    were half of the stem's input gradient."""
     C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
     J = dcol.shape[1]
     Q = J // (nc * pc)
     df = dcol.reshape(dcol.size)
     gf = gx.reshape(gx.size)
+    gphf = gph.reshape(gph.size)
     usw = np.uint64(sw)
     for task in prange(nc * C):
         i = task // C
@@ -202,6 +229,15 @@ def col2im(dcol, gx, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw):
         for r in range(R):
             for s in range(S):
                 row = np.uint64(((c * R + r) * S + s) * J)
+                if gph.shape[0] > 0:
+                    Hh, Wh = gph.shape[3], gph.shape[4]
+                    ph = ((r - pt) % 2) * 2 + (s - pl) % 2
+                    q_lo, q_hi = valid_range(Q, Wh, 1, (s - pl) // 2)
+                    _col2im_rows_flat(df, gphf, np.uint64((((n0 + i) * C + c) * 4 + ph) * Hh
+                                                          * Wh), Hh, Wh,
+                                      row + np.uint64(i * pc * Q), p0 + (r - pt) // 2, pc,
+                                      q_lo, q_hi, (s - pl) // 2)
+                    continue
                 q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
                 w0 = q_lo * sw + s * dw - pl
                 if sh == 1 and sw == 1 and Q == W:
@@ -310,21 +346,27 @@ def phase_planes(geom) -> Optional[tuple[int, int]]:
     return (Hh, Wh) if geom.Q == Wh else None
 
 
-def _phases_for(op: str, x: np.ndarray, geom, algo, layout: str) -> tuple[np.ndarray, list]:
-    """The phase planes of ``x`` (or an empty array) and the im2col chunks planned with them:
-    they hold a copy of ``x``, so they are used only when that copy, the fixed workspace and
-    one output row fit the bound."""
+def _phases_for(op: str, x: Optional[np.ndarray], geom, algo, layout: str,
+                dtype=None) -> tuple[np.ndarray, list]:
+    """The phase planes (or an empty array) and the im2col chunks planned with them: for the
+    forward and weight gradient, ``x`` split into them; for the input gradient (``x`` None),
+    zeroed planes that col2im adds into. They hold a copy of the input, so they are used only
+    when that copy, the fixed workspace and one output row fit the bound."""
+    dtype = np.dtype(x.dtype if x is not None else dtype)
     hw = phase_planes(geom)
     bound = workspace_bound(algo)
-    fixed, per_row = im2col_bytes(op, geom, layout, x.dtype.itemsize)
+    fixed, per_row = im2col_bytes(op, geom, layout, dtype.itemsize)
     if hw is not None:
-        nbytes = geom.N * geom.C * 4 * hw[0] * hw[1] * x.dtype.itemsize
+        nbytes = geom.N * geom.C * 4 * hw[0] * hw[1] * dtype.itemsize
         if fixed + nbytes + per_row <= bound:
-            xph = scratch((geom.N, geom.C, 4) + hw, x.dtype, bound)
-            split_phases(x, xph)
-            return xph, _chunks(op, geom, algo, layout, x.dtype.itemsize, nbytes)
-    return (np.empty((0, 0, 0, 0, 0), dtype=x.dtype),
-            _chunks(op, geom, algo, layout, x.dtype.itemsize))
+            planes = scratch((geom.N, geom.C, 4) + hw, dtype, bound)
+            if x is None:
+                planes[...] = 0
+            else:
+                split_phases(x, planes)
+            return planes, _chunks(op, geom, algo, layout, dtype.itemsize, nbytes)
+    return (np.empty((0, 0, 0, 0, 0), dtype=dtype),
+            _chunks(op, geom, algo, layout, dtype.itemsize))
 
 
 def _flat_views(chunks, Q: int, per_col: dict[str, int], dtype, bound: int) -> dict:
@@ -380,10 +422,10 @@ def input_grad_col2im(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -
     layout = algo.get("layout", "per_image")
     wide = layout == "wide"
     dtype = grad_output.dtype
-    chunks = _chunks("input_grad", geom, algo, layout, dtype.itemsize)
+    gph, chunks = _phases_for("input_grad", None, geom, algo, layout, dtype)
     bufs = _flat_views(chunks, Q, {"dcol": G * CgRS, "dyw": K if wide else 0}, dtype,
                        workspace_bound(algo))
-    gx = np.zeros(geom.input_shape, dtype=dtype)
+    gx = (np.zeros if gph.size == 0 else np.empty)(geom.input_shape, dtype=dtype)
     dy3 = grad_output.reshape(geom.N, K, P * Q)
     for ch in chunks:
         L = ch.rc * Q
@@ -397,7 +439,9 @@ def input_grad_col2im(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -
             for i in range(ch.nc):
                 src = dy3[ch.n0 + i, :, ch.r0 * Q:ch.r0 * Q + L].reshape(G, Kg, L)
                 np.matmul(w_t, src, out=dcol[:, :, i * L:(i + 1) * L])
-        col2im(dcol.reshape(G * CgRS, J), gx, *_im2col_args(geom, ch))
+        col2im(dcol.reshape(G * CgRS, J), gx, *_im2col_args(geom, ch), gph)
+    if gph.size:
+        merge_phases(gph, gx)
     return gx
 
 

@@ -420,3 +420,36 @@ def test_stride2_phase_planes_give_the_same_columns(name):
     cpu_conv.im2col(x, phased, *args, xph)
     assert not np.isnan(phased).any()
     assert np.array_equal(plain, phased)
+
+
+@pytest.mark.parametrize("name", ["phases_odd", "phases_one_sided", "phases_5x5_groups"])
+def test_stride2_phase_planes_give_the_same_input_grad(name):
+    """Stride-2 col2im adds whole rows into zeroed phase planes that are merged afterwards:
+    every pixel of the input gradient the same bits as with the strided adds, in two chunks
+    of output rows (the planes carry the sums from one chunk to the next)."""
+    case = next(c for c in EXTRA_CASES if c.name == name)
+    geom = _case_geometry(case)
+    hw = cpu_conv.phase_planes(geom)
+    assert hw is not None
+    G, Cg = geom.groups, geom.C // geom.groups
+    rows = G * Cg * geom.R * geom.S
+    dcol = np.random.default_rng(3).standard_normal((rows, geom.N * geom.P * geom.Q))
+    dcol = dcol.astype(np.float32)
+    halves = ((0, geom.P // 2), (geom.P // 2, geom.P - geom.P // 2))
+
+    def run(gph):
+        gx = np.zeros(geom.input_shape, dtype=np.float32)
+        for p0, pc in halves:
+            cols = dcol.reshape(rows, geom.N, geom.P, geom.Q)[:, :, p0:p0 + pc]
+            cols = np.ascontiguousarray(cols).reshape(rows, -1)
+            cpu_conv.col2im(cols, gx, 0, geom.N, p0, pc, geom.R, geom.S, 2, 2,
+                            geom.padding[0], geom.padding[2], 1, 1, gph)
+        if gph.size:
+            gx = np.full(geom.input_shape, np.nan, dtype=np.float32)
+            cpu_conv.merge_phases(gph, gx)
+        return gx
+
+    plain = run(np.empty((0, 0, 0, 0, 0), dtype=np.float32))
+    phased = run(np.zeros((geom.N, geom.C, 4) + hw, dtype=np.float32))
+    assert not np.isnan(phased).any()
+    assert np.array_equal(plain, phased)
