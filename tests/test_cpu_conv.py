@@ -206,7 +206,7 @@ SUITE = {
     "stem7x7s2": ((8, 3, 224, 64, 7, 2, 3, 1), "im2col"),
     "r3x3_56": ((8, 64, 56, 64, 3, 1, 1, 1), "winograd"),
     "r1x1_56": ((8, 256, 56, 64, 1, 1, 0, 1), "gemm1x1"),
-    "r3x3_14": ((8, 256, 14, 256, 3, 1, 1, 1), "im2col"),
+    "r3x3_14": ((8, 256, 14, 256, 3, 1, 1, 1), "winograd"),
     "r3x3s2_28": ((8, 128, 28, 256, 3, 2, 1, 1), "im2col"),
     "cifar3x3": ((64, 3, 32, 32, 3, 1, 1, 1), "direct"),    # thin GEMMs (rule 3)
     "dw3x3_28": ((8, 144, 28, 144, 3, 1, 1, 144), "direct"),
@@ -243,9 +243,14 @@ def test_winograd_tile_choice():
     r3x3_14 = conv_geometry((8, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
     deep = conv_geometry((8, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1)
     one_28 = conv_geometry((1, 256, 28, 28), (256, 256, 3, 3), 1, 1, 1, 1)
-    for geom in (small, one_small, r3x3_14, deep, one_28):
+    half_14 = conv_geometry((4, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
+    for geom in (small, one_small, deep, one_28, half_14):
         assert rules.choose("forward", geom, np.float32, precision="fp32",
                             workspace_bytes=2**28).name == "im2col"
+    # r3x3_14: F(2x2), whose 7x7 tiles cover the 14x14 plane exactly (F(4x4)'s cover 16x16)
+    for op in ("forward", "input_grad", "weight_grad"):
+        algo = rules.choose(op, r3x3_14, np.float32, precision="fp32", workspace_bytes=2**28)
+        assert (algo.name, algo.get("tile"), algo.get("layout")) == ("winograd", 2, "batched")
     # Up to 128 x 128 channels the fused layout (its block GEMMs cut into pieces BLAS keeps
     # single-threaded), from 28x28 with 64 x 64 and more; past that whole images and
     # BLAS-threaded GEMMs (the batched layout) where they save enough.

@@ -20,8 +20,9 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    output with the fewest transform points. With fewer channels the tile transforms
    dominate. Past 128 x 128 the pieces get thin, and the ``batched`` layout (whole images
    transformed, BLAS-threaded GEMMs over all their tiles) is taken where a cost model of its
-   GEMM columns and filter transform undercuts im2col by 40% (see _batched_tile): not on
-   ResNet's 14x14 x 256 at batch 8, nor on smaller batches or planes. Planes wider than the
+   GEMM columns, tile transforms and filter transform undercuts im2col's multiply-adds by 44%
+   (see _batched_tile): ResNet's 14x14 x 256 at batch 8 with F(2x2), not at batch 4 or on
+   7x7 planes. Planes wider than the
    transforms' scratch rows hold (about 2000 columns with F(4x4), 1000 with F(2x2); see
    ``cpu_workspace.winograd_row_fits``) take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
@@ -62,23 +63,22 @@ WINOGRAD_MIN_PIXELS_WIDE = 784
 # the batched layout does better (28x28 x 256, N=8, weight gradient: 25.9 fused against 21.0
 # batched F(4x4), 26.3 im2col; 56x56 x 128 forward: fused 14.9, batched 21.3, im2col 28.1).
 WINOGRAD_MAX_CHANNEL_PRODUCT = 128 * 128
-# The batched layout (layers past WINOGRAD_MAX_CHANNEL_PRODUCT): the filter transform's cost
-# per transformed element in GEMM multiply-adds (U for 256 x 256 filters: 0.25-0.4 ms for
-# F(2x2), 0.4-0.7 ms for F(4x4), serial, about 0.25 ns per element, the time of ~40
-# multiply-adds of an SGEMM at 300 GFLOP/s on 2 cores), and the share of im2col's
-# multiply-adds under which the layout is taken. Measured, float32, 2 threads, OpenBLAS's
-# SkylakeX kernels, interleaved in one process (ms, im2col / batched F(2x2) / batched F(4x4)):
-# 28x28 x 128 -> 256, N=8, forward 11.5 / 10.0 / 8.5, weight gradient 12.2 / 12.0 / 9.4;
-# 28x28 x 256, N=8, forward 27.4 / 20.4 / 15.5, weight gradient 31.3 / 21.8 / 22.7. Not on
-# r3x3_14 (14x14 x 256, N=8, 0.55 of im2col's multiply-adds with F(2x2)): alternating single
-# calls (25 pairs) put batched F(2x2) at 1.05 / 0.83 / 0.98 of im2col's time for the
-# forward and the two gradients, and 1.1-1.4 at N = 2 or 4: its V and M (7 MB each) cross
-# main memory, which the GEMM's 16% fewer cycles do not pay for. Nor on 7x7 x 512 (forward
-# 5.9 against 10.4 ms), where a row of 4 tiles carries a fifth for padding, on 28x28 x 256 at
-# N=1 (0.49 of the multiply-adds; 1.19 / 1.20 / 0.95 of im2col's time) or 14x14 x 256 at
-# N=16 (0.46; 0.97 / 0.87 / 1.74); taken on 28x28 x 256 from N=2 (0.39; 0.74 / 0.76 / 0.75).
+# The batched layout (layers past WINOGRAD_MAX_CHANNEL_PRODUCT), its cost per (filter,
+# channel) pair in GEMM multiply-adds: the GEMM columns, each weighted for its share of the
+# tile transforms (F(4x4)'s: 1.3, heavier than F(2x2)'s per column), plus the filter
+# transform per transformed element (U for 256 x 256 filters: 0.25-0.4 ms for F(2x2), 0.4-0.7
+# ms for F(4x4), serial, about 0.25 ns per element, the time of ~40 multiply-adds of an SGEMM
+# at 300 GFLOP/s on 2 cores). Taken when that undercuts im2col's multiply-adds by the gain
+# factor. Measured, float32, 2 threads, OpenBLAS's SkylakeX kernels, against im2col in
+# alternating calls in one process (time ratio forward / input grad / weight grad; the cost
+# ratio in brackets): 28x28 x 256, N=8, F(4x4) 0.56 / 0.62 / 0.56 (0.40); N=2 0.74 / 0.76 /
+# 0.75 (0.47); 14x14 x 256 (r3x3_14), N=8, F(2x2) 0.90 / 0.82 / 0.92 and 0.87 / 0.76 / 0.88
+# (0.553; F(4x4) there: 0.99-1.1, its 4x4 tiles cover 16x16); not taken on 28x28 x 256 at
+# N=1 (0.567; F(4x4) 1.19 / 1.20 / 0.95), on 7x7 x 512 (0.91; F(2x2) 1.76), where a row of 4
+# tiles carries a fifth for padding, nor on 14x14 x 256 at N=4 (0.60; F(2x2) 0.80-1.15).
 WINOGRAD_FILTER_COST = 40
-WINOGRAD_BATCHED_GAIN = 0.45
+WINOGRAD_TRANSFORM_WEIGHT = {2: 1.0, 4: 1.3}
+WINOGRAD_BATCHED_GAIN = 0.56
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
@@ -111,10 +111,11 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
 def _batched_tile(N: int, rows: int, cols: int) -> Optional[int]:
     """The tile of the batched layout, by its cost per (filter, channel) pair in GEMM
     multiply-adds: ``A*A`` transform points times the GEMM columns (tiles, each row of tiles
-    with its padding tile) plus the filter transform (``WINOGRAD_FILTER_COST`` per
-    transformed filter element); None unless it undercuts im2col's ``9 N P Q`` by
-    ``WINOGRAD_BATCHED_GAIN``."""
-    cost = {m: (m + 2) ** 2 * (N * -(-rows // m) * (-(-cols // m) + 1) + WINOGRAD_FILTER_COST)
+    with its padding tile, weighted by ``WINOGRAD_TRANSFORM_WEIGHT``) plus the filter
+    transform (``WINOGRAD_FILTER_COST`` per transformed filter element); None unless it
+    undercuts im2col's ``9 N P Q`` by ``WINOGRAD_BATCHED_GAIN``."""
+    cost = {m: (m + 2) ** 2 * (N * -(-rows // m) * (-(-cols // m) + 1)
+                               * WINOGRAD_TRANSFORM_WEIGHT[m] + WINOGRAD_FILTER_COST)
             for m in (4, 2)}
     m = min(cost, key=cost.get)
     return m if cost[m] < WINOGRAD_BATCHED_GAIN * 9 * N * rows * cols else None
