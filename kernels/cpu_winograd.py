@@ -449,6 +449,7 @@ def _block_points(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff, grad_outp
     zero = x.dtype.type(0)
     b_lo = max(0, -off_w)
     b_hi = max(b_lo, min(Wb, W - off_w))
+    nv = np.uint64(b_hi - b_lo)
     tr = min(tc, (PLANE - 1) // vw - extra)
     for ts in range(0, tc, tr):
         trc = min(tr, tc - ts)
@@ -458,24 +459,22 @@ def _block_points(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff, grad_outp
         for c0 in range(0, C, cb):
             cbb = min(cb, C - c0)
             F = cbb * F1
-            # the runs' image rows, row phase after row phase, zero-padded to vw*m columns
+            # the runs' image rows, row phase after row phase, zero-padded to vw*m columns:
+            # the band zeroed in one pass, then only the rows' valid spans copied (zeroing
+            # each short row's ends was half of a 14x14 plane's transform)
+            band[:F * m * m] = zero
             for cc in range(cbb):
                 x0 = np.uint64((n * C + c0 + cc) * H) * np.uint64(W)
                 for r in range(R * m):
+                    h = (t0 + ts) * m + off_h + r
+                    if h < 0 or h >= H:
+                        continue
                     tp = r // m
                     hp = r - tp * m
-                    h = (t0 + ts) * m + off_h + r
-                    o = hp * F * m + (cc * R + tp) * Wb
-                    brow = band[o:o + Wb]
-                    if h < 0 or h >= H:
-                        brow[:] = zero
-                        continue
-                    brow[:b_lo] = zero
-                    brow[b_hi:] = zero
-                    src = xf[x0 + np.uint64(h * W + b_lo + off_w):]
-                    dst = brow[b_lo:]
-                    for e in range(b_hi - b_lo):
-                        dst[e] = src[e]
+                    o = np.uint64(hp * F * m + (cc * R + tp) * Wb + b_lo)
+                    src = x0 + np.uint64(h * W + b_lo + off_w)
+                    for e in range(nv):
+                        band[o + e] = xf[src + e]
             _split_planes(band, S, F, m)
             if grad_output:
                 _grad_output_tiles(S, T, F, m)
