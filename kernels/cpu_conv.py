@@ -126,23 +126,26 @@ def im2col(x, col, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw, Cg, rows_g, xph
         s = rs - r * S
         g = c // Cg
         row = np.uint64((g * rows_g + (c - g * Cg) * RS + rs) * J)
+        # whole runs of rows (one call site: each inlined copy is compiled again)
+        flat = True
         if xph.shape[0] > 0:
-            Hh, Wh = xph.shape[3], xph.shape[4]
+            sv, Hs, Ws = xphf, xph.shape[3], xph.shape[4]
             ph = ((r - pt) % 2) * 2 + (s - pl) % 2
-            q_lo, q_hi = valid_range(Q, Wh, 1, (s - pl) // 2)
+            base, step = ((n0 * C + c) * 4 + ph) * Hs * Ws, C * 4 * Hs * Ws
+            h0, off = p0 + (r - pt) // 2, (s - pl) // 2
+        else:
+            sv, Hs, Ws = xf, H, W
+            base, step = (n0 * C + c) * H * W, C * H * W
+            h0, off = p0 - pt + r * dh, s * dw - pl
+            flat = sh == 1 and sw == 1 and Q == W
+        if flat:
+            q_lo, q_hi = valid_range(Q, Ws, 1, off)
             for i in range(nc):
-                _im2col_rows_flat(xphf, cf, (((n0 + i) * C + c) * 4 + ph) * Hh * Wh, Hh, Wh,
-                                  row + np.uint64(i * pc * Q), p0 + (r - pt) // 2, pc, q_lo,
-                                  q_hi, (s - pl) // 2)
+                _im2col_rows_flat(sv, cf, base + i * step, Hs, Ws,
+                                  row + np.uint64(i * pc * Q), h0, pc, q_lo, q_hi, off)
             continue
         q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
         w0 = q_lo * sw + s * dw - pl
-        if sh == 1 and sw == 1 and Q == W:
-            for i in range(nc):
-                _im2col_rows_flat(xf, cf, ((n0 + i) * C + c) * H * W, H, W,
-                                  row + np.uint64(i * pc * Q), p0 - pt + r * dh, pc, q_lo,
-                                  q_hi, s * dw - pl)
-            continue
         for i in range(nc):
             for pp in range(pc):
                 dst = row + np.uint64((i * pc + pp) * Q)
@@ -229,21 +232,24 @@ def col2im(dcol, gx, n0, nc, p0, pc, R, S, sh, sw, pt, pl, dh, dw, gph):
         for r in range(R):
             for s in range(S):
                 row = np.uint64(((c * R + r) * S + s) * J)
+                # whole runs of rows (one call site: each inlined copy is compiled again)
+                flat = True
                 if gph.shape[0] > 0:
-                    Hh, Wh = gph.shape[3], gph.shape[4]
+                    tgt, Hd, Wd = gphf, gph.shape[3], gph.shape[4]
                     ph = ((r - pt) % 2) * 2 + (s - pl) % 2
-                    q_lo, q_hi = valid_range(Q, Wh, 1, (s - pl) // 2)
-                    _col2im_rows_flat(df, gphf, np.uint64((((n0 + i) * C + c) * 4 + ph) * Hh
-                                                          * Wh), Hh, Wh,
-                                      row + np.uint64(i * pc * Q), p0 + (r - pt) // 2, pc,
-                                      q_lo, q_hi, (s - pl) // 2)
+                    base = (((n0 + i) * C + c) * 4 + ph) * Hd * Wd
+                    h0, off = p0 + (r - pt) // 2, (s - pl) // 2
+                else:
+                    tgt, Hd, Wd, base = gf, H, W, ((n0 + i) * C + c) * H * W
+                    h0, off = p0 - pt + r * dh, s * dw - pl
+                    flat = sh == 1 and sw == 1 and Q == W
+                if flat:
+                    q_lo, q_hi = valid_range(Q, Wd, 1, off)
+                    _col2im_rows_flat(df, tgt, np.uint64(base), Hd, Wd,
+                                      row + np.uint64(i * pc * Q), h0, pc, q_lo, q_hi, off)
                     continue
                 q_lo, q_hi = valid_range(Q, W, sw, s * dw - pl)
                 w0 = q_lo * sw + s * dw - pl
-                if sh == 1 and sw == 1 and Q == W:
-                    _col2im_rows_flat(df, gf, plane, H, W, row + np.uint64(i * pc * Q),
-                                      p0 - pt + r * dh, pc, q_lo, q_hi, s * dw - pl)
-                    continue
                 for pp in range(pc):
                     h = (p0 + pp) * sh - pt + r * dh
                     if h < 0 or h >= H:
