@@ -83,7 +83,7 @@ def _make_tbb_loadable() -> Optional[str]:
 TBB_LOADED = _make_tbb_loadable()
 
 from . import cpu_jit  # noqa: E402,F401  (one line on stderr when a process first compiles)
-from . import cpu_conv, cpu_depthwise, cpu_winograd  # noqa: E402
+from . import cpu_conv, cpu_depthwise, cpu_winograd, cpu_workspace  # noqa: E402
 from .cpu_hinge import hinge_loss_rows as _hinge_loss_rows  # noqa: E402
 
 _LAYER: list[Optional[str]] = [None]     # Numba's layer, once its pool has started
@@ -251,8 +251,9 @@ def _serialised(fn):
         gate.enter()
         try:
             if not _must_serialise():
-                return fn(*args, **kwargs)
-            with gate.serial:
+                with cpu_workspace.lease():
+                    return fn(*args, **kwargs)
+            with gate.serial, cpu_workspace.lease():
                 return fn(*args, **kwargs)
         finally:
             gate.leave()

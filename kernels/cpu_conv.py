@@ -352,10 +352,11 @@ PHASE_MERGE_MIN_WIDTH = 16
 
 def phase_planes(geom) -> Optional[tuple[int, int]]:
     """``(Hh, Wh)``, the size of the stride-2 phase planes im2col can copy whole rows from:
-    stride (2, 2), no dilation, and as many output columns as a phase has (``Q == Wh``, as
-    with "same" padding); else None."""
-    if geom.stride != (2, 2) or geom.dilation != (1, 1):
-        return None
+    stride (2, 2), no dilation, a kernel at least 2x2 (so that its taps read all four
+    phases), and as many output columns as a phase has (``Q == Wh``, as with "same"
+    padding); else None."""
+    if geom.stride != (2, 2) or geom.dilation != (1, 1) or min(geom.R, geom.S) < 2:
+        return None     # a 1-wide kernel reads one or two of the four phases: gather those
     Hh, Wh = -(-geom.H // 2), -(-geom.W // 2)
     return (Hh, Wh) if geom.Q == Wh else None
 

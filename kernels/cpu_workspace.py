@@ -13,7 +13,10 @@ module imports nothing but NumPy, so the rules can use it without loading Numba.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -31,6 +34,69 @@ BLAS_SERIAL_MACS = 2 * 65536 * 4
 
 _largest = [0]
 
+# Scratch buffers of at least this many bytes handed out inside a lease (one conv op) go back
+# to the calling thread's cache when the op returns, up to SCRATCH_CACHE_BYTES in all. Fresh
+# buffers every call were fresh pages every call once glibc gave the heap's top back to the
+# system: r3x3_28's forward took about 1960 minor page faults per call, the batched Winograd's
+# separate V and M 1250 (and twice the time).
+SCRATCH_CACHE_MIN_BYTES = 256 * 2**10
+SCRATCH_CACHE_BYTES = int(float(os.environ.get("FASTCONV_SCRATCH_CACHE_MB", "64")) * 2**20)
+
+
+class _Cache(threading.local):
+    """One thread's scratch cache: buffers free for reuse, buffers lent in open leases."""
+
+    def __init__(self) -> None:
+        self.free: list[np.ndarray] = []
+        self.lent: list[np.ndarray] = []
+        self.depth = 0
+
+
+_CACHE = _Cache()
+
+
+@contextlib.contextmanager
+def lease() -> Iterator[None]:
+    """Scratch handed out inside comes from this thread's cache and goes back to it on exit
+    (the caller guarantees no scratch array outlives the block: results are never scratch).
+    Nested leases give back only their own buffers."""
+    cache = _CACHE
+    mark = len(cache.lent)
+    cache.depth += 1
+    try:
+        yield
+    finally:
+        cache.depth -= 1
+        back = cache.lent[mark:]
+        del cache.lent[mark:]
+        # most recent first; what does not fit the cache is released
+        keep, total = [], 0
+        for buf in back[::-1] + cache.free:
+            if total + buf.nbytes <= SCRATCH_CACHE_BYTES:
+                keep.append(buf)
+                total += buf.nbytes
+        cache.free = keep
+
+
+def _bytes(nbytes: int) -> np.ndarray:
+    """``nbytes`` uninitialised bytes: inside a lease the smallest cached buffer that holds
+    them (or a new one, lent until the lease ends), else a new array."""
+    cache = _CACHE
+    if cache.depth == 0 or nbytes < SCRATCH_CACHE_MIN_BYTES or SCRATCH_CACHE_BYTES <= 0:
+        return np.empty(nbytes, dtype=np.uint8)
+    fits = [i for i, b in enumerate(cache.free) if b.nbytes >= nbytes]
+    if fits:
+        buf = cache.free.pop(min(fits, key=lambda i: cache.free[i].nbytes))
+    else:
+        buf = np.empty(nbytes, dtype=np.uint8)
+    cache.lent.append(buf)
+    return buf
+
+
+def cached_scratch_bytes() -> int:
+    """Bytes this thread's scratch cache holds between ops (for tests)."""
+    return sum(b.nbytes for b in _CACHE.free)
+
 
 class Chunk(NamedTuple):
     """Images ``n0 .. n0 + nc`` and rows ``r0 .. r0 + rc`` of each (all rows when nc > 1)."""
@@ -43,6 +109,7 @@ class Chunk(NamedTuple):
 
 def scratch(shape: tuple[int, ...], dtype: np.dtype, bound: int) -> np.ndarray:
     """An uninitialised scratch buffer of ``shape``; raises if it would exceed ``bound`` bytes.
+    Inside a :func:`lease` it is reused memory (see SCRATCH_CACHE_BYTES).
 
     Exceeding the bound is a planning bug (the dispatch rules pick an algorithm whose smallest
     chunk fits), hence an exception rather than a silent allocation.
@@ -52,7 +119,8 @@ def scratch(shape: tuple[int, ...], dtype: np.dtype, bound: int) -> np.ndarray:
         raise MemoryError(f"scratch buffer of {nbytes} bytes exceeds the workspace bound of "
                           f"{bound} bytes; the chunk planner should have prevented this")
     _largest[0] = max(_largest[0], nbytes)
-    return np.empty(shape, dtype=dtype)
+    dtype = np.dtype(dtype)
+    return _bytes(nbytes)[:nbytes].view(dtype).reshape(shape)
 
 
 def largest_scratch_bytes(reset: bool = False) -> int:

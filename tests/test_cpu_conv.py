@@ -175,6 +175,42 @@ def test_scratch_refuses_buffers_above_the_bound():
     assert cpu_workspace.scratch((1000,), np.float32, 4000).nbytes == 4000
 
 
+def test_scratch_is_reused_between_ops_and_never_returned():
+    """Inside an op (a lease) scratch comes from the thread's cache and goes back to it when
+    the op returns: a second op reuses it, the cache stays under its cap, and no result of an
+    op is scratch (a later op would overwrite it)."""
+    big = conv_geometry((4, 64, 30, 30), (64, 64, 3, 3), 1, 1, 1, 1)
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal(big.input_shape).astype(np.float32) for _ in range(2)]
+    wb = rng.standard_normal(big.weight_shape).astype(np.float32)
+    for variant in ("im2col_wide", "winograd4"):
+        algo = _algo(variant)
+        first = cpu.conv2d_forward(xs[0], wb, None, big, algo)
+        kept = first.copy()
+        held = cpu_workspace.cached_scratch_bytes()
+        assert 0 < held <= cpu_workspace.SCRATCH_CACHE_BYTES
+        second = cpu.conv2d_forward(xs[1], wb, None, big, algo)
+        assert cpu_workspace.cached_scratch_bytes() == held       # reused, not grown
+        assert np.array_equal(first, kept) and not np.shares_memory(first, second)
+        assert_close(second, reference.conv2d_forward(xs[1], wb, None, big))
+    with cpu_workspace.lease():
+        a = cpu_workspace.scratch((2**18,), np.float32, 2**30)
+        with cpu_workspace.lease():
+            b_ = cpu_workspace.scratch((2**18,), np.float32, 2**30)
+            assert not np.shares_memory(a, b_)
+        c = cpu_workspace.scratch((2**18,), np.float32, 2**30)      # b_'s, given back
+        assert not np.shares_memory(a, c)
+
+
+def test_scratch_cache_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(cpu_workspace, "SCRATCH_CACHE_BYTES", 0)
+    with cpu_workspace.lease():
+        cpu_workspace.scratch((2**18,), np.float32, 2**30)
+    with cpu_workspace.lease():
+        pass
+    assert cpu_workspace.cached_scratch_bytes() == 0
+
+
 def test_rules_fall_back_to_direct_when_no_row_fits():
     geom = conv_geometry((2, 64, 40, 40), (64, 64, 5, 5), 1, 2, 1, 1)
     assert rules.choose("forward", geom, np.float32, precision="fp32",
