@@ -244,6 +244,72 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads):
 
 
 @njit(parallel=True, cache=True)
+def _forward_s2(x, weight, bias, y, pt, pl, threads):
+    """Stride 2, no dilation: per task (image, filter) the zero-padded input plane of each
+    channel is split into its four phases (``ph[2a + b][u, v] = xpad[2u + a, 2v + b]``), so
+    that tap ``(r, s)`` reads phase ``(r % 2, s % 2)`` at the stride-1 offset
+    ``(r // 2, s // 2)``: one long unit-stride pass per tap, as in :func:`_forward_s1`, where
+    the strided kernel made a strided pass per tap and output row. Taps are added in the same
+    order as there. Buffers per worker; the planes' padding stays zero (every plane of a call
+    writes the same region)."""
+    N, C, H, W = x.shape
+    K, Cg, R, S = weight.shape
+    P, Q = y.shape[2], y.shape[3]
+    Kg = K // (C // Cg)
+    Hh, Wh = P + (R - 1) // 2, Q + (S - 1) // 2
+    PS = Hh * Wh + (S - 1) // 2 + 1     # the flat passes read a little past the last row
+    L = P * Wh
+    xf = x.reshape(x.size)
+    ntask = N * K
+    nw = max(1, min(threads, ntask))
+    for wk in prange(nw):
+        ph = np.zeros(4 * PS, dtype=x.dtype)
+        acc = np.empty(L, dtype=y.dtype)
+        for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
+            n = task // K
+            k = task - n * K
+            c0 = (k // Kg) * Cg
+            acc[:] = bias[k]
+            for cl in range(Cg):
+                x0 = (n * C + c0 + cl) * H * W
+                for a in range(2):
+                    for u in range(Hh):
+                        h = 2 * u + a - pt
+                        if h < 0 or h >= H:
+                            continue
+                        # columns 2v - pl and 2v + 1 - pl to phases b = 0 and 1: pairs of
+                        # neighbours in one loop (LLVM vectorises the interleaved group),
+                        # the ends, where only one of a pair lies in the row, one by one
+                        d0 = (a * 2) * PS + u * Wh
+                        d1 = d0 + PS
+                        src = x0 + h * W - pl
+                        lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
+                        lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
+                        lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
+                        for v in range(lo0, min(lo, hi0)):
+                            ph[d0 + v] = xf[src + 2 * v]
+                        for v in range(lo1, min(lo, hi1)):
+                            ph[d1 + v] = xf[src + 2 * v + 1]
+                        e0, e1 = np.uint64(d0 + lo), np.uint64(d1 + lo)
+                        sp = np.uint64(src + 2 * lo)
+                        for v in range(np.uint64(hi - lo)):
+                            ph[e0 + v] = xf[sp + np.uint64(2) * v]
+                            ph[e1 + v] = xf[sp + np.uint64(2) * v + np.uint64(1)]
+                        for v in range(max(hi, lo0), hi0):
+                            ph[d0 + v] = xf[src + 2 * v]
+                        for v in range(max(hi, lo1), hi1):
+                            ph[d1 + v] = xf[src + 2 * v + 1]
+                for r in range(R):
+                    for s in range(S):
+                        wv = weight[k, cl, r, s]
+                        o = ((r % 2) * 2 + s % 2) * PS + (r // 2) * Wh + s // 2
+                        tap = ph[o:o + L]
+                        for f in range(L):
+                            acc[f] += wv * tap[f]
+            _copy_rows(acc, Wh, y[n, k])
+
+
+@njit(parallel=True, cache=True)
 def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads):
     """Tasks of ``cb`` input channels of one group and one image; with more than one, the
     group's ``Kg`` padded ``grad_output`` planes are made once per task and shared. Buffers
@@ -423,6 +489,16 @@ def _stride1(geom, itemsize: int, algo) -> bool:
             and direct_plane_bytes(geom, itemsize) <= workspace_bound(algo))
 
 
+def _stride2(geom, itemsize: int, algo) -> bool:
+    """Whether the phase-plane forward applies: stride 2, no dilation, and two threads'
+    phase planes and row accumulator fit the bound."""
+    if geom.stride != (2, 2) or geom.dilation != (1, 1):
+        return False
+    Hh, Wh = geom.P + (geom.R - 1) // 2, geom.Q + (geom.S - 1) // 2
+    need = 2 * (4 * (Hh * Wh + geom.S) + geom.P * Wh) * itemsize
+    return need <= workspace_bound(algo)
+
+
 # Outputs (filters, or input channels for the input gradient) per task of the stride-1
 # kernels when a group's padded planes are shared.
 OUTPUTS_PER_TASK = 8
@@ -457,6 +533,8 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         kb = _outputs_per_task("forward", geom, x.dtype.itemsize, algo)
         _forward_s1(x, weight, b, y, pt, pl, dh, dw, kb, numba.get_num_threads())
+    elif _stride2(geom, x.dtype.itemsize, algo):
+        _forward_s2(x, weight, b, y, geom.padding[0], geom.padding[2], numba.get_num_threads())
     else:
         _forward(x, weight, b, y, *_geometry_args(geom))
     return y

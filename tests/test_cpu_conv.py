@@ -50,6 +50,11 @@ EXTRA_CASES = [
     ConvCase("phases_odd", 2, 3, 9, 11, 4, 3, 3, stride=2, padding=1),
     ConvCase("phases_one_sided", 1, 3, 8, 8, 4, 3, 3, stride=2, padding=((1, 0), (0, 2))),
     ConvCase("phases_5x5_groups", 1, 4, 12, 12, 6, 5, 5, stride=2, padding=2, groups=2),
+    # the direct stride-2 kernel's phase planes: depthwise with odd widths and one-sided pads,
+    # and a grouped 4x2 kernel
+    ConvCase("direct_s2_depthwise", 2, 6, 11, 9, 6, 3, 3, stride=2, padding=((0, 1), (1, 0)),
+             groups=6),
+    ConvCase("direct_s2_4x2", 2, 8, 10, 13, 8, 4, 2, stride=2, padding=1, groups=4),
 ]
 ALL_CASES = CASES + EXTRA_CASES
 ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
