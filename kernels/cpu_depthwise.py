@@ -243,6 +243,40 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads):
                 _copy_rows(acc, Wp, y[n, k])
 
 
+@njit(cache=True, inline="always")
+def _phase_planes(xf, x0, H, W, ph, PS, Hh, Wh, pt, pl):
+    """``ph[(2a + b)*PS + u*Wh + v] = xpad[2u + a, 2v + b]`` for the plane of ``xf`` at
+    ``x0``, zero-padded by ``pt`` rows and ``pl`` columns; positions in the padding are not
+    written (zero, as the callers allocate ``ph``; every plane of a call has the same)."""
+    for a in range(2):
+        for u in range(Hh):
+            h = 2 * u + a - pt
+            if h < 0 or h >= H:
+                continue
+            # columns 2v - pl and 2v + 1 - pl to phases b = 0 and 1: pairs of neighbours in
+            # one loop (LLVM vectorises the interleaved group), the ends, where only one of a
+            # pair lies in the row, one by one
+            d0 = (a * 2) * PS + u * Wh
+            d1 = d0 + PS
+            src = x0 + h * W - pl
+            lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
+            lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
+            lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
+            for v in range(lo0, min(lo, hi0)):
+                ph[d0 + v] = xf[src + 2 * v]
+            for v in range(lo1, min(lo, hi1)):
+                ph[d1 + v] = xf[src + 2 * v + 1]
+            e0, e1 = np.uint64(d0 + lo), np.uint64(d1 + lo)
+            sp = np.uint64(src + 2 * lo)
+            for v in range(np.uint64(hi - lo)):
+                ph[e0 + v] = xf[sp + np.uint64(2) * v]
+                ph[e1 + v] = xf[sp + np.uint64(2) * v + np.uint64(1)]
+            for v in range(max(hi, lo0), hi0):
+                ph[d0 + v] = xf[src + 2 * v]
+            for v in range(max(hi, lo1), hi1):
+                ph[d1 + v] = xf[src + 2 * v + 1]
+
+
 @njit(parallel=True, cache=True)
 def _forward_s2(x, weight, bias, y, pt, pl, threads):
     """Stride 2, no dilation: per task (image, filter) the zero-padded input plane of each
@@ -271,34 +305,7 @@ def _forward_s2(x, weight, bias, y, pt, pl, threads):
             c0 = (k // Kg) * Cg
             acc[:] = bias[k]
             for cl in range(Cg):
-                x0 = (n * C + c0 + cl) * H * W
-                for a in range(2):
-                    for u in range(Hh):
-                        h = 2 * u + a - pt
-                        if h < 0 or h >= H:
-                            continue
-                        # columns 2v - pl and 2v + 1 - pl to phases b = 0 and 1: pairs of
-                        # neighbours in one loop (LLVM vectorises the interleaved group),
-                        # the ends, where only one of a pair lies in the row, one by one
-                        d0 = (a * 2) * PS + u * Wh
-                        d1 = d0 + PS
-                        src = x0 + h * W - pl
-                        lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
-                        lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
-                        lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
-                        for v in range(lo0, min(lo, hi0)):
-                            ph[d0 + v] = xf[src + 2 * v]
-                        for v in range(lo1, min(lo, hi1)):
-                            ph[d1 + v] = xf[src + 2 * v + 1]
-                        e0, e1 = np.uint64(d0 + lo), np.uint64(d1 + lo)
-                        sp = np.uint64(src + 2 * lo)
-                        for v in range(np.uint64(hi - lo)):
-                            ph[e0 + v] = xf[sp + np.uint64(2) * v]
-                            ph[e1 + v] = xf[sp + np.uint64(2) * v + np.uint64(1)]
-                        for v in range(max(hi, lo0), hi0):
-                            ph[d0 + v] = xf[src + 2 * v]
-                        for v in range(max(hi, lo1), hi1):
-                            ph[d1 + v] = xf[src + 2 * v + 1]
+                _phase_planes(xf, (n * C + c0 + cl) * H * W, H, W, ph, PS, Hh, Wh, pt, pl)
                 for r in range(R):
                     for s in range(S):
                         wv = weight[k, cl, r, s]
@@ -307,6 +314,43 @@ def _forward_s2(x, weight, bias, y, pt, pl, threads):
                         for f in range(L):
                             acc[f] += wv * tap[f]
             _copy_rows(acc, Wh, y[n, k])
+
+
+@njit(parallel=True, cache=True)
+def _weight_grad_s2(x, grad_output, gw, pt, pl):
+    """Stride 2, no dilation: :func:`_weight_grad` with each input plane split into its four
+    phases (:func:`_phase_planes`) so that every tap reads unit-stride rows. One float64
+    accumulator per (tap, q), summed over images and rows in the same order as there (the
+    padding adds exact zeros), so the same bits."""
+    N, C, H, W = x.shape
+    K, Cg, R, S = gw.shape
+    P, Q = grad_output.shape[2], grad_output.shape[3]
+    Kg = K // (C // Cg)
+    Hh, Wh = P + (R - 1) // 2, Q + (S - 1) // 2
+    PS = Hh * Wh + (S - 1) // 2 + 1
+    xf = x.reshape(x.size)
+    for task in prange(K * Cg):
+        k = task // Cg
+        cl = task - k * Cg
+        c = (k // Kg) * Cg + cl
+        ph = np.zeros(4 * PS, dtype=x.dtype)
+        lanes = np.zeros((R * S, Q))
+        for n in range(N):
+            _phase_planes(xf, (n * C + c) * H * W, H, W, ph, PS, Hh, Wh, pt, pl)
+            dy = grad_output[n, k]
+            for r in range(R):
+                for s in range(S):
+                    # lane q - q_lo takes column q, as in _weight_grad (the same lane sums)
+                    q_lo = valid_range(Q, W, 2, s - pl)[0]
+                    acc = lanes[r * S + s]
+                    o = ((r % 2) * 2 + s % 2) * PS + (r // 2) * Wh + s // 2 + q_lo
+                    for p in range(P):
+                        d, t = dy[p, q_lo:], ph[o + p * Wh:o + p * Wh + Q - q_lo]
+                        for q in range(Q - q_lo):
+                            acc[q] += d[q] * t[q]
+        for r in range(R):
+            for s in range(S):
+                gw[k, cl, r, s] = lanes[r * S + s].sum()
 
 
 @njit(parallel=True, cache=True)
@@ -569,6 +613,8 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarra
     if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw)
+    elif _stride2(geom, x.dtype.itemsize, algo):
+        _weight_grad_s2(x, grad_output, gw, geom.padding[0], geom.padding[2])
     else:
         _weight_grad(x, grad_output, gw, *_geometry_args(geom))
     return gw
