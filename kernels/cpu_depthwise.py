@@ -317,6 +317,72 @@ def _forward_s2(x, weight, bias, y, pt, pl, threads):
 
 
 @njit(parallel=True, cache=True)
+def _input_grad_s2(weight, grad_output, gx, pt, pl, threads):
+    """Stride 2, no dilation: per task (image, channel) the padded input gradient is summed
+    in its four phase planes (``acc[2a + b][u, v]`` for ``xpad[2u + a, 2v + b]``), tap
+    ``(r, s)`` adding ``w[r, s] * dy`` to phase ``(r % 2, s % 2)`` at the stride-1 offset
+    ``(r // 2, s // 2)`` in one unit-stride pass over ``dy`` (copied with the planes' row
+    stride; its extra columns add exact zeros), then the phases are interleaved into ``gx``.
+    Each pixel gets the same terms in the same order as in :func:`_input_grad`."""
+    N, C, H, W = gx.shape
+    K, Cg, R, S = weight.shape
+    P, Q = grad_output.shape[2], grad_output.shape[3]
+    Kg = K // (C // Cg)
+    Hh, Wh = P + (R - 1) // 2, Q + (S - 1) // 2
+    PS = Hh * Wh + (S - 1) // 2 + 1
+    L = P * Wh
+    ntask = N * C
+    nw = max(1, min(threads, ntask))
+    for wk in prange(nw):
+        acc = np.empty(4 * PS, dtype=gx.dtype)
+        dyp = np.zeros(L, dtype=gx.dtype)
+        for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
+            n = task // C
+            c = task - n * C
+            g = c // Cg
+            cl = c - g * Cg
+            acc[:] = 0
+            for kl in range(Kg):
+                k = g * Kg + kl
+                for p in range(P):
+                    row, src = dyp[p * Wh:p * Wh + Q], grad_output[n, k, p]
+                    for q in range(Q):
+                        row[q] = src[q]
+                for r in range(R):
+                    for s in range(S):
+                        wv = weight[k, cl, r, s]
+                        o = ((r % 2) * 2 + s % 2) * PS + (r // 2) * Wh + s // 2
+                        tap = acc[o:o + L]
+                        for f in range(L):
+                            tap[f] += wv * dyp[f]
+            for h in range(H):
+                dst = gx[n, c, h]
+                dst[:] = 0
+                a, u = (h + pt) % 2, (h + pt) // 2
+                if u >= Hh:
+                    continue
+                # phase b = 0 holds columns 2v - pl, b = 1 columns 2v + 1 - pl: pairs in one
+                # loop (an interleaved group LLVM vectorises), the ends one by one
+                s0 = a * 2 * PS + u * Wh
+                lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
+                lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
+                lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
+                for v in range(lo0, min(lo, hi0)):
+                    dst[2 * v - pl] = acc[s0 + v]
+                for v in range(lo1, min(lo, hi1)):
+                    dst[2 * v + 1 - pl] = acc[s0 + PS + v]
+                d = np.uint64(2 * lo - pl)
+                e0, e1 = np.uint64(s0 + lo), np.uint64(s0 + PS + lo)
+                for v in range(np.uint64(hi - lo)):
+                    dst[d + np.uint64(2) * v] = acc[e0 + v]
+                    dst[d + np.uint64(2) * v + np.uint64(1)] = acc[e1 + v]
+                for v in range(max(hi, lo0), hi0):
+                    dst[2 * v - pl] = acc[s0 + v]
+                for v in range(max(hi, lo1), hi1):
+                    dst[2 * v + 1 - pl] = acc[s0 + PS + v]
+
+
+@njit(parallel=True, cache=True)
 def _weight_grad_s2(x, grad_output, gw, pt, pl):
     """Stride 2, no dilation: :func:`_weight_grad` with each input plane split into its four
     phases (:func:`_phase_planes`) so that every tap reads unit-stride rows. One float64
@@ -534,8 +600,8 @@ def _stride1(geom, itemsize: int, algo) -> bool:
 
 
 def _stride2(geom, itemsize: int, algo) -> bool:
-    """Whether the phase-plane forward applies: stride 2, no dilation, and two threads'
-    phase planes and row accumulator fit the bound."""
+    """Whether the phase-plane kernels apply: stride 2, no dilation, and two threads' phase
+    planes and row buffer fit the bound."""
     if geom.stride != (2, 2) or geom.dilation != (1, 1):
         return False
     Hh, Wh = geom.P + (geom.R - 1) // 2, geom.Q + (geom.S - 1) // 2
@@ -591,6 +657,9 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         cb = _outputs_per_task("input_grad", geom, gx.dtype.itemsize, algo)
         _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, numba.get_num_threads())
+    elif _stride2(geom, gx.dtype.itemsize, algo):
+        _input_grad_s2(weight, grad_output, gx, geom.padding[0], geom.padding[2],
+                       numba.get_num_threads())
     else:
         _input_grad(weight, grad_output, gx, *_geometry_args(geom))
     return gx
