@@ -75,34 +75,28 @@ def _im2col_rows_flat(xf, cf, plane, H, W, dst, h0, pc, q_lo, q_hi, off):
 def split_phases(x, xph):
     """``xph[n, c, 2a + b, u, v] = x[n, c, 2u + a, 2v + b]`` (zero past ``x``'s last row or
     column): the four stride-2 phases of each plane, so that a stride-2 layer's im2col
-    copies whole rows of one phase (see :func:`im2col`). Flat unsigned indices, no slices
-    per row: the rows are short (28 pairs on a 56-wide plane)."""
+    copies whole rows of one phase (see :func:`im2col`)."""
     N, C, H, W = x.shape
     Hh, Wh = xph.shape[3], xph.shape[4]
     half = np.uint64(W // 2)
-    xf = x.reshape(x.size)
-    pf = xph.reshape(xph.size)
-    two = np.uint64(2)
     for task in prange(N * C):
-        src0 = np.uint64(task * H * W)
-        dst0 = np.uint64(task * 4 * Hh * Wh)
+        n = task // C
+        c = task - n * C
         for a in range(2):
             for u in range(Hh):
                 h = 2 * u + a
-                d0 = dst0 + np.uint64((2 * a * Hh + u) * Wh)
-                d1 = d0 + np.uint64(Hh * Wh)
+                d0, d1 = xph[n, c, 2 * a, u], xph[n, c, 2 * a + 1, u]
                 if h >= H:
-                    for v in range(np.uint64(Wh)):
-                        pf[d0 + v] = 0
-                        pf[d1 + v] = 0
+                    d0[:] = 0
+                    d1[:] = 0
                     continue
-                sr = src0 + np.uint64(h * W)
+                src = x[n, c, h]
                 for v in range(half):
-                    pf[d0 + v] = xf[sr + two * v]
-                    pf[d1 + v] = xf[sr + two * v + np.uint64(1)]
+                    d0[v] = src[np.uint64(2) * v]
+                    d1[v] = src[np.uint64(2) * v + np.uint64(1)]
                 if W % 2:
-                    pf[d0 + half] = xf[sr + np.uint64(W - 1)]
-                    pf[d1 + half] = 0
+                    d0[Wh - 1] = src[W - 1]
+                    d1[Wh - 1] = 0
 
 
 @njit(parallel=True, cache=True)

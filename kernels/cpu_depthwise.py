@@ -243,38 +243,35 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads):
                 _copy_rows(acc, Wp, y[n, k])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _phase_planes(xf, x0, H, W, ph, PS, Hh, Wh, pt, pl):
     """``ph[(2a + b)*PS + u*Wh + v] = xpad[2u + a, 2v + b]`` for the plane of ``xf`` at
     ``x0``, zero-padded by ``pt`` rows and ``pl`` columns; positions in the padding are not
-    written (zero, as the callers allocate ``ph``; every plane of a call has the same)."""
+    written (zero, as the callers allocate ``ph``; every plane of a call has the same).
+    Columns ``2v - pl`` (phase b = 0) and ``2v + 1 - pl`` (b = 1) are copied as pairs of
+    neighbours in one loop (LLVM vectorises the interleaved group); at most one column at
+    each end of a row has no partner."""
+    lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
+    lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
+    lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
+    two = np.uint64(2)
     for a in range(2):
         for u in range(Hh):
             h = 2 * u + a - pt
             if h < 0 or h >= H:
                 continue
-            # columns 2v - pl and 2v + 1 - pl to phases b = 0 and 1: pairs of neighbours in
-            # one loop (LLVM vectorises the interleaved group), the ends, where only one of a
-            # pair lies in the row, one by one
             d0 = (a * 2) * PS + u * Wh
             d1 = d0 + PS
             src = x0 + h * W - pl
-            lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
-            lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
-            lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
-            for v in range(lo0, min(lo, hi0)):
-                ph[d0 + v] = xf[src + 2 * v]
-            for v in range(lo1, min(lo, hi1)):
-                ph[d1 + v] = xf[src + 2 * v + 1]
+            if lo1 < lo and lo1 < hi1:
+                ph[d1 + lo1] = xf[src + 2 * lo1 + 1]
             e0, e1 = np.uint64(d0 + lo), np.uint64(d1 + lo)
             sp = np.uint64(src + 2 * lo)
             for v in range(np.uint64(hi - lo)):
-                ph[e0 + v] = xf[sp + np.uint64(2) * v]
-                ph[e1 + v] = xf[sp + np.uint64(2) * v + np.uint64(1)]
-            for v in range(max(hi, lo0), hi0):
-                ph[d0 + v] = xf[src + 2 * v]
-            for v in range(max(hi, lo1), hi1):
-                ph[d1 + v] = xf[src + 2 * v + 1]
+                ph[e0 + v] = xf[sp + two * v]
+                ph[e1 + v] = xf[sp + two * v + np.uint64(1)]
+            if hi <= hi0 - 1 and hi0 - 1 >= lo0 and hi1 < hi0:
+                ph[d0 + hi0 - 1] = xf[src + 2 * (hi0 - 1)]
 
 
 @njit(parallel=True, cache=True)
@@ -333,6 +330,9 @@ def _input_grad_s2(weight, grad_output, gx, pt, pl, threads):
     L = P * Wh
     ntask = N * C
     nw = max(1, min(threads, ntask))
+    lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
+    lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
+    lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
     for wk in prange(nw):
         acc = np.empty(4 * PS, dtype=gx.dtype)
         dyp = np.zeros(L, dtype=gx.dtype)
@@ -362,24 +362,18 @@ def _input_grad_s2(weight, grad_output, gx, pt, pl, threads):
                 if u >= Hh:
                     continue
                 # phase b = 0 holds columns 2v - pl, b = 1 columns 2v + 1 - pl: pairs in one
-                # loop (an interleaved group LLVM vectorises), the ends one by one
+                # loop (an interleaved group LLVM vectorises); at most one column at each end
+                # of a row has no partner
                 s0 = a * 2 * PS + u * Wh
-                lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
-                lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
-                lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
-                for v in range(lo0, min(lo, hi0)):
-                    dst[2 * v - pl] = acc[s0 + v]
-                for v in range(lo1, min(lo, hi1)):
-                    dst[2 * v + 1 - pl] = acc[s0 + PS + v]
+                if lo1 < lo and lo1 < hi1:
+                    dst[2 * lo1 + 1 - pl] = acc[s0 + PS + lo1]
                 d = np.uint64(2 * lo - pl)
                 e0, e1 = np.uint64(s0 + lo), np.uint64(s0 + PS + lo)
                 for v in range(np.uint64(hi - lo)):
                     dst[d + np.uint64(2) * v] = acc[e0 + v]
                     dst[d + np.uint64(2) * v + np.uint64(1)] = acc[e1 + v]
-                for v in range(max(hi, lo0), hi0):
-                    dst[2 * v - pl] = acc[s0 + v]
-                for v in range(max(hi, lo1), hi1):
-                    dst[2 * v + 1 - pl] = acc[s0 + PS + v]
+                if hi <= hi0 - 1 and hi0 - 1 >= lo0 and hi1 < hi0:
+                    dst[2 * (hi0 - 1) - pl] = acc[s0 + hi0 - 1]
 
 
 @njit(parallel=True, cache=True)
