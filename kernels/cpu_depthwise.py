@@ -274,6 +274,32 @@ def _phase_planes(xf, x0, H, W, ph, PS, Hh, Wh, pt, pl):
                 ph[d0 + hi0 - 1] = xf[src + 2 * (hi0 - 1)]
 
 
+# ``_phase_taps``' direction as NumPy bools (one compilation; see UPRIGHT).
+GATHER, SCATTER = np.bool_(False), np.bool_(True)
+
+
+@njit(cache=True)
+def _phase_taps(wk, out, src, PS, Wh, L, scatter):
+    """The stride-2 taps of one filter plane ``wk (R, S)`` over phase planes ``PS`` apart
+    (row stride ``Wh``), tap ``(r, s)`` at phase ``(r % 2, s % 2)``, offset
+    ``(r // 2, s // 2)``, in the order (r, then s): the forward gathers
+    ``out[f] += w * src[o + f]``, the input gradient scatters ``out[o + f] += w * src[f]``,
+    ``f < L``."""
+    R, S = wk.shape
+    for r in range(R):
+        for s in range(S):
+            wv = wk[r, s]
+            o = ((r % 2) * 2 + s % 2) * PS + (r // 2) * Wh + s // 2
+            if scatter:
+                dst = out[o:o + L]
+                for f in range(L):
+                    dst[f] += wv * src[f]
+            else:
+                tap = src[o:o + L]
+                for f in range(L):
+                    out[f] += wv * tap[f]
+
+
 @njit(parallel=True, cache=True)
 def _forward_s2(x, weight, bias, y, pt, pl, threads):
     """Stride 2, no dilation: per task (image, filter) the zero-padded input plane of each
@@ -303,13 +329,7 @@ def _forward_s2(x, weight, bias, y, pt, pl, threads):
             acc[:] = bias[k]
             for cl in range(Cg):
                 _phase_planes(xf, (n * C + c0 + cl) * H * W, H, W, ph, PS, Hh, Wh, pt, pl)
-                for r in range(R):
-                    for s in range(S):
-                        wv = weight[k, cl, r, s]
-                        o = ((r % 2) * 2 + s % 2) * PS + (r // 2) * Wh + s // 2
-                        tap = ph[o:o + L]
-                        for f in range(L):
-                            acc[f] += wv * tap[f]
+                _phase_taps(weight[k, cl], acc, ph, PS, Wh, L, GATHER)
             _copy_rows(acc, Wh, y[n, k])
 
 
@@ -348,13 +368,7 @@ def _input_grad_s2(weight, grad_output, gx, pt, pl, threads):
                     row, src = dyp[p * Wh:p * Wh + Q], grad_output[n, k, p]
                     for q in range(Q):
                         row[q] = src[q]
-                for r in range(R):
-                    for s in range(S):
-                        wv = weight[k, cl, r, s]
-                        o = ((r % 2) * 2 + s % 2) * PS + (r // 2) * Wh + s // 2
-                        tap = acc[o:o + L]
-                        for f in range(L):
-                            tap[f] += wv * dyp[f]
+                _phase_taps(weight[k, cl], acc, dyp, PS, Wh, L, SCATTER)
             for h in range(H):
                 dst = gx[n, c, h]
                 dst[:] = 0
