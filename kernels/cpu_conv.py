@@ -345,8 +345,9 @@ def _chunks(op: str, geom, algo, layout: str, itemsize: int, extra_fixed: int = 
 # The input gradient adds into phase planes (and merges them) only when that pays: a 3x3
 # kernel on planes whose phase rows are shorter than this runs the short-row merge at 8 GB/s.
 # Measured, float32, 2 threads, input gradient, strided adds against phase planes (ms):
-# 28x28 x 128 -> 256 (r3x3s2_28) 4.35 / 5.40; 56x56 x 64 -> 128, 3x3, 24.8 / 7.7; 56x56 x
-# 32 -> 64, 5x5, 4.6 / 3.5; the stem (224x224 x 3 -> 64, 7x7) 15.8 / 11.0.
+# 28x28 x 128 -> 256 (r3x3s2_28) 4.35 / 5.40; 56x56 x 64 -> 128, 3x3, 6.7 / 6.5 (24.8 / 7.7
+# in a first run whose strided adds were slowed by something else); 56x56 x 32 -> 64, 5x5,
+# 4.6 / 3.5; the stem (224x224 x 3 -> 64, 7x7) 15.8 / 11.0.
 PHASE_MERGE_MIN_WIDTH = 16
 
 

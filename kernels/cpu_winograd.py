@@ -718,8 +718,8 @@ def _filter_transform_adjoint(dU, G, gw):
 def filter_transform(weight: np.ndarray, m: int, groups: int, rotate: bool) -> np.ndarray:
     """``U (A*A, groups, Kg, Cg) = G w G^T`` per filter of ``weight (K, Cg, 3, 3)`` in its
     dtype (the rounding of G's 1/6, 1/12, 1/24 is far below the algorithm's own error); with
-    ``rotate``, of the input gradient's kernel (see :func:`rotated_weight`), ``(A*A, groups,
-    Cg, Kg)``."""
+    ``rotate``, of the input gradient's kernel (``weight`` rotated by 180 degrees, channels
+    and filters swapped in each group; see :func:`_gather_taps`), ``(A*A, groups, Cg, Kg)``."""
     K, Cg = weight.shape[:2]
     Kg = K // groups
     A = m + 2
