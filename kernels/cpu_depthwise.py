@@ -166,6 +166,29 @@ def _taps3x3(acc, src, L, row, col, t):
                     + t20 * src[f2]) + t21 * src[f2 + c1]) + t22 * src[f2 + c2]
 
 
+@njit(cache=True)
+def _taps3x3_pair(acc, acc2, src, L, row, col, t, u):
+    """:func:`_taps3x3` for two filters over the same plane, ``t`` into ``acc`` and ``u`` into
+    ``acc2``: each ``src`` element is loaded once for both (the pass was bound by its loads),
+    each sum in the same order as alone, so the bits are the same."""
+    t00, t01, t02, t10, t11, t12, t20, t21, t22 = t
+    u00, u01, u02, u10, u11, u12, u20, u21, u22 = u
+    c1 = np.uint64(col)
+    c2 = c1 + c1
+    r1 = np.uint64(row)
+    r2 = r1 + r1
+    for f in range(np.uint64(L)):
+        f1 = f + r1
+        f2 = f + r2
+        a0, a1, a2 = src[f], src[f + c1], src[f + c2]
+        b0, b1, b2 = src[f1], src[f1 + c1], src[f1 + c2]
+        d0, d1, d2 = src[f2], src[f2 + c1], src[f2 + c2]
+        acc[f] = ((((((((acc[f] + t00 * a0) + t01 * a1) + t02 * a2) + t10 * b0) + t11 * b1)
+                     + t12 * b2) + t20 * d0) + t21 * d1) + t22 * d2
+        acc2[f] = ((((((((acc2[f] + u00 * a0) + u01 * a1) + u02 * a2) + u10 * b0) + u11 * b1)
+                      + u12 * b2) + u20 * d0) + u21 * d1) + u22 * d2
+
+
 # ``rotated`` as a NumPy bool, not a literal: Numba would compile _add_taps once per literal
 # value (see cpu_winograd.I0).
 UPRIGHT, ROTATED = np.bool_(False), np.bool_(True)
@@ -186,6 +209,19 @@ def _add_taps(acc, src, L, row, dh, dw, wk, rotated):
             tap = src[r * dh * row + s * dw:]
             for f in range(L):
                 acc[f] += wv * tap[f]
+
+
+@njit(cache=True)
+def _add_taps_pair(acc, acc2, src, L, row, dh, dw, wk, wk2, rotated):
+    """:func:`_add_taps` of two filters over one plane (``wk`` into ``acc``, ``wk2`` into
+    ``acc2``), 3x3 filters in one pass for both; the same bits as two calls."""
+    R, S = wk.shape
+    if R == 3 and S == 3:
+        _taps3x3_pair(acc, acc2, src, L, dh * row, dw, _window3x3(wk, rotated),
+                      _window3x3(wk2, rotated))
+        return
+    _add_taps(acc, src, L, row, dh, dw, wk, rotated)
+    _add_taps(acc2, src, L, row, dh, dw, wk2, rotated)
 
 
 @njit(cache=True)
@@ -220,6 +256,7 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads):
         # the tail is read only into the discarded columns: zero keeps it finite
         xp = np.zeros((Cg if kb > 1 else 1) * plane + (S - 1) * dw, dtype=x.dtype)
         acc = np.empty(L, dtype=y.dtype)
+        acc2 = np.empty(L if kb > 1 else 0, dtype=y.dtype)
         for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
             n = task // (G * nkb)
             g = (task // nkb) % G
@@ -231,16 +268,25 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads):
                 for cl in range(Cg):
                     _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W,
                                xp[cl * plane:(cl + 1) * plane], Hp, Wp, pt, pl)
-            for k in range(k0, k1):
+            for k in range(k0, k1, 2):
+                pair = k + 1 < k1            # two filters a pass share the plane's loads
                 acc[:] = bias[k]
+                if pair:
+                    acc2[:] = bias[k + 1]
                 for cl in range(Cg):
                     if shared:
                         src = xp[cl * plane:]
                     else:
                         _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
                         src = xp
-                    _add_taps(acc, src, L, Wp, dh, dw, weight[k, cl], UPRIGHT)
+                    if pair:
+                        _add_taps_pair(acc, acc2, src, L, Wp, dh, dw, weight[k, cl],
+                                       weight[k + 1, cl], UPRIGHT)
+                    else:
+                        _add_taps(acc, src, L, Wp, dh, dw, weight[k, cl], UPRIGHT)
                 _copy_rows(acc, Wp, y[n, k])
+                if pair:
+                    _copy_rows(acc2, Wp, y[n, k + 1])
 
 
 @njit(cache=True)
@@ -450,6 +496,7 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads):
     for wk in prange(nw):
         dyp = np.zeros((Kg if cb > 1 else 1) * plane + (S - 1) * dw, dtype=gx.dtype)
         acc = np.empty(L, dtype=gx.dtype)
+        acc2 = np.empty(L if cb > 1 else 0, dtype=gx.dtype)
         for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
             n = task // (G * ncb)
             g = (task // ncb) % G
@@ -460,9 +507,12 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads):
                 for kl in range(Kg):
                     _pad_plane(dyf, (n * K + g * Kg + kl) * P * Q, P, Q,
                                dyp[kl * plane:(kl + 1) * plane], Hq, Wq, top, left)
-            for c in range(c0, c1):
+            for c in range(c0, c1, 2):
                 cl = c - g * Cg
+                pair = c + 1 < c1            # two channels a pass share the plane's loads
                 acc[:] = 0
+                if pair:
+                    acc2[:] = 0
                 for kl in range(Kg):
                     k = g * Kg + kl
                     if shared:
@@ -470,8 +520,14 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads):
                     else:
                         _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
                         src = dyp
-                    _add_taps(acc, src, L, Wq, dh, dw, weight[k, cl], ROTATED)
+                    if pair:
+                        _add_taps_pair(acc, acc2, src, L, Wq, dh, dw, weight[k, cl],
+                                       weight[k, cl + 1], ROTATED)
+                    else:
+                        _add_taps(acc, src, L, Wq, dh, dw, weight[k, cl], ROTATED)
                 _copy_rows(acc, Wq, gx[n, c])
+                if pair:
+                    _copy_rows(acc2, Wq, gx[n, c + 1])
 
 
 @njit(parallel=True, cache=True)

@@ -55,6 +55,10 @@ EXTRA_CASES = [
     ConvCase("direct_s2_depthwise", 2, 6, 11, 9, 6, 3, 3, stride=2, padding=((0, 1), (1, 0)),
              groups=6),
     ConvCase("direct_s2_4x2", 2, 8, 10, 13, 8, 4, 2, stride=2, padding=1, groups=4),
+    # the stride-1 direct kernels' filter pairs (two outputs a pass over a shared plane): odd
+    # counts leave one alone; a 5x5 grouped kernel takes the generic taps of the pair
+    ConvCase("direct_pairs_odd", 2, 3, 9, 10, 7, 3, 3, padding=1),
+    ConvCase("direct_pairs_5x5", 2, 6, 9, 9, 9, 5, 5, padding=2, groups=3),
 ]
 ALL_CASES = CASES + EXTRA_CASES
 ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
