@@ -229,6 +229,19 @@ def _median_seconds(fn: Callable, repeats: int) -> float:
     return float(np.median([common.wall_timer(fn) for _ in range(max(1, repeats))]))
 
 
+def _excess_seconds(fn: Callable, base: Callable, repeats: int) -> float:
+    """Median over alternating pairs of ``time(fn) - time(base)``: ``fn`` is ``base`` plus one
+    phase. Paired samples (not two medians taken a second apart) keep the difference from
+    following the machine's drifts, which on a shared VM are larger than a small phase."""
+    for f in (fn, base, fn, base):   # warm-up: thread pools that slept, first-touch faults
+        f()
+    diffs = []
+    for _ in range(max(3, 2 * repeats)):
+        b = common.wall_timer(base)
+        diffs.append(common.wall_timer(fn) - b)
+    return max(0.0, float(np.median(diffs)))
+
+
 def copy_seconds(nbytes: float, repeats: int) -> float:
     """Time of a NumPy copy moving ``nbytes`` (half read, half written)."""
     n = max(1, int(nbytes / 2 / 4))
@@ -294,8 +307,7 @@ def profile_case(case, op: str, repeats: int = 5) -> dict[str, Any]:
 
     if algo.name == "winograd" and hasattr(cpu_winograd, "fused_conv"):
         calls = _winograd_phase_calls(op, geom, algo, x, w, gy)
-        with np.errstate(all="ignore"):
-            base = _median_seconds(calls.pop("_none"), repeats)   # filter transform, buffers
+        base = calls.pop("_none")        # filter transform, buffers: no phase of the mask
         work = _winograd_work(op, geom, algo, 4)
         phases = _Phases()
         with instrument(phases):
@@ -303,7 +315,7 @@ def profile_case(case, op: str, repeats: int = 5) -> dict[str, Any]:
         ft = phases.seconds.get("filter transform", 0.0)
         for name, fn in calls.items():
             with np.errstate(all="ignore"):   # a phase alone leaves garbage in the sums
-                sec = max(0.0, _median_seconds(fn, repeats) - base)
+                sec = _excess_seconds(fn, base, repeats)
             amount, kind = work[name]
             limit = (_winograd_gemm_limit(op, geom, algo, np.float32, repeats)
                      if kind == "flop" else copy_seconds(amount, repeats))
