@@ -67,7 +67,7 @@ def explain(op: Union[str, Callable], *args: Any, backend: Any = None,
     >>> print(fastconv.explain("conv2d", x, w, stride=2))  # doctest: +SKIP
     """
     name = _FUNCTIONS.get(op, op) if callable(op) else op
-    if name not in _PARSERS:
+    if not isinstance(name, str) or name not in _PARSERS:   # an array passed as the op, say
         raise ValueError(f"explain knows the ops {sorted(_PARSERS)}, got {op!r}")
     kind, call = _PARSERS[name](*args, **kwargs)
     geom = getattr(call, "geom", None)

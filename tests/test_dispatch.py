@@ -100,3 +100,5 @@ def test_explain_validates_like_the_op():
         fastconv.explain("conv2d", X, W, stride=0)
     with pytest.raises(ValueError, match="explain knows the ops"):
         fastconv.explain("conv3d", X, W)
+    with pytest.raises(ValueError, match="explain knows the ops"):
+        fastconv.explain(X, W)              # the op forgotten: an array where its name goes
