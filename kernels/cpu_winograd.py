@@ -715,15 +715,19 @@ def _filter_transform_adjoint(dU, G, gw):
                 gw[k0 + e, rs] = out[rs, e]
 
 
-def filter_transform(weight: np.ndarray, m: int, groups: int, rotate: bool) -> np.ndarray:
+def filter_transform(weight: np.ndarray, m: int, groups: int, rotate: bool,
+                     bound: Optional[int] = None) -> np.ndarray:
     """``U (A*A, groups, Kg, Cg) = G w G^T`` per filter of ``weight (K, Cg, 3, 3)`` in its
     dtype (the rounding of G's 1/6, 1/12, 1/24 is far below the algorithm's own error); with
     ``rotate``, of the input gradient's kernel (``weight`` rotated by 180 degrees, channels
-    and filters swapped in each group; see :func:`_gather_taps`), ``(A*A, groups, Cg, Kg)``."""
+    and filters swapped in each group; see :func:`_gather_taps`), ``(A*A, groups, Cg, Kg)``.
+    With ``bound``, ``U`` is scratch (the caller's op must not return it)."""
     K, Cg = weight.shape[:2]
     Kg = K // groups
     A = m + 2
-    U = np.empty((A * A, K * Cg), dtype=weight.dtype)
+    # scratch: a fresh 4 MB (256 x 256, F(2x2)) took new pages every call, 1.1-1.6 ms of faults
+    U = (np.empty((A * A, K * Cg), dtype=weight.dtype) if bound is None
+         else scratch((A * A, K * Cg), weight.dtype, bound))
     w = np.ascontiguousarray(weight).reshape(-1)
     _filter_transform(w, np.array(_G[m], dtype=weight.dtype), U, Kg, Cg, np.bool_(rotate))
     return U.reshape((A * A, groups) + ((Cg, Kg) if rotate else (Kg, Cg)))
@@ -855,7 +859,8 @@ def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
     P, Q = out_hw
     m = int(algo.get("tile", 4))
     th, tw = tile_grid(P, Q, m)
-    U = filter_transform(weight.astype(x.dtype, copy=False), m, groups, rotate)
+    U = filter_transform(weight.astype(x.dtype, copy=False), m, groups, rotate,
+                         workspace_bound(algo))
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     b = bias if bias is not None else np.zeros(K, dtype=x.dtype)
     if algo.get("layout", "fused") == "batched":
@@ -926,10 +931,12 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo,
     C, K, G = geom.C, geom.K, geom.groups
     m = int(algo.get("tile", 4))
     offsets = (-geom.padding[0], -geom.padding[2])
-    dU = np.zeros(((m + 2) ** 2, G, K // G, C // G), dtype=x.dtype)
+    # scratch, like the filters' transform (fresh zeroed pages every call otherwise)
+    dU = scratch(((m + 2) ** 2, G, K // G, C // G), x.dtype, workspace_bound(algo))
     if algo.get("layout", "fused") == "batched":
-        batched_weight_grad(x, grad_output, dU, m, offsets, algo, phases)
+        batched_weight_grad(x, grad_output, dU, m, offsets, algo, phases)  # writes all of dU
     else:
+        dU[...] = 0
         _fused_weight_grad(x, grad_output, dU, geom, m, offsets, algo, phases)
     gw = filter_transform_adjoint(dU, m)
     return gw.reshape(geom.weight_shape)
