@@ -145,25 +145,41 @@ def _window3x3(wk, rotated):
             wk[2, 0], wk[2, 1], wk[2, 2])
 
 
+@njit(cache=True, inline="always")
+def _offsets3x3(row, col):
+    """Flat offsets of a 3x3 window's columns 1, 2 and rows 1, 2. Unsigned: they keep the index
+    arithmetic integer (Numba turns int64 op uint64 into float64) and free of negative-index
+    checks, so the tap loops vectorise."""
+    c1 = np.uint64(col)
+    r1 = np.uint64(row)
+    return c1, c1 + c1, r1, r1 + r1
+
+
+@njit(cache=True, inline="always")
+def _window_at(src, f, c1, c2, r1, r2):
+    """The nine elements of the 3x3 window at flat ``f``, row-major."""
+    f1 = f + r1
+    f2 = f + r2
+    return (src[f], src[f + c1], src[f + c2], src[f1], src[f1 + c1], src[f1 + c2],
+            src[f2], src[f2 + c1], src[f2 + c2])
+
+
+@njit(cache=True, inline="always")
+def _sum9(a, t, v):
+    """``a + t[0]*v[0] + ... + t[8]*v[8]``, added left to right (the order of nine one-tap
+    passes, so every kernel that uses it gives the same bits)."""
+    return ((((((((a + t[0] * v[0]) + t[1] * v[1]) + t[2] * v[2]) + t[3] * v[3])
+                + t[4] * v[4]) + t[5] * v[5]) + t[6] * v[6]) + t[7] * v[7]) + t[8] * v[8]
+
+
 @njit(cache=True)
 def _taps3x3(acc, src, L, row, col, t):
     """``acc[f] += sum_{r,s} t[3r+s] * src[f + r*row + s*col]`` for ``f < L``: all nine taps
     of a 3x3 filter in one pass (one load and store of ``acc`` instead of nine), summed in
-    the same order (r, then s) as the one-tap-per-pass loop, so the bits are the same.
-
-    Unsigned offsets keep the index arithmetic integer (Numba turns int64 op uint64 into
-    float64) and free of negative-index checks, so the loop vectorises."""
-    t00, t01, t02, t10, t11, t12, t20, t21, t22 = t
-    c1 = np.uint64(col)
-    c2 = c1 + c1
-    r1 = np.uint64(row)
-    r2 = r1 + r1
+    the same order (r, then s) as the one-tap-per-pass loop, so the bits are the same."""
+    c1, c2, r1, r2 = _offsets3x3(row, col)
     for f in range(np.uint64(L)):
-        f1 = f + r1
-        f2 = f + r2
-        acc[f] = ((((((((acc[f] + t00 * src[f]) + t01 * src[f + c1]) + t02 * src[f + c2])
-                      + t10 * src[f1]) + t11 * src[f1 + c1]) + t12 * src[f1 + c2])
-                    + t20 * src[f2]) + t21 * src[f2 + c1]) + t22 * src[f2 + c2]
+        acc[f] = _sum9(acc[f], t, _window_at(src, f, c1, c2, r1, r2))
 
 
 @njit(cache=True)
@@ -171,22 +187,11 @@ def _taps3x3_pair(acc, acc2, src, L, row, col, t, u):
     """:func:`_taps3x3` for two filters over the same plane, ``t`` into ``acc`` and ``u`` into
     ``acc2``: each ``src`` element is loaded once for both (the pass was bound by its loads),
     each sum in the same order as alone, so the bits are the same."""
-    t00, t01, t02, t10, t11, t12, t20, t21, t22 = t
-    u00, u01, u02, u10, u11, u12, u20, u21, u22 = u
-    c1 = np.uint64(col)
-    c2 = c1 + c1
-    r1 = np.uint64(row)
-    r2 = r1 + r1
+    c1, c2, r1, r2 = _offsets3x3(row, col)
     for f in range(np.uint64(L)):
-        f1 = f + r1
-        f2 = f + r2
-        a0, a1, a2 = src[f], src[f + c1], src[f + c2]
-        b0, b1, b2 = src[f1], src[f1 + c1], src[f1 + c2]
-        d0, d1, d2 = src[f2], src[f2 + c1], src[f2 + c2]
-        acc[f] = ((((((((acc[f] + t00 * a0) + t01 * a1) + t02 * a2) + t10 * b0) + t11 * b1)
-                     + t12 * b2) + t20 * d0) + t21 * d1) + t22 * d2
-        acc2[f] = ((((((((acc2[f] + u00 * a0) + u01 * a1) + u02 * a2) + u10 * b0) + u11 * b1)
-                      + u12 * b2) + u20 * d0) + u21 * d1) + u22 * d2
+        v = _window_at(src, f, c1, c2, r1, r2)
+        acc[f] = _sum9(acc[f], t, v)
+        acc2[f] = _sum9(acc2[f], u, v)
 
 
 # ``rotated`` as a NumPy bool, not a literal: Numba would compile _add_taps once per literal
