@@ -653,15 +653,26 @@ def _gather_taps(w, wt, k0, n, Kg, Cg, rotate):
                 wt[rs, e] = w[i * 9 + rs]
 
 
-@njit(cache=True)     # serial: little work (K * C * 9 inputs); parallel loops compile slowly
-def _filter_transform(w, G, U, Kg, Cg, rotate):
+@njit(parallel=True, cache=True)
+def _filter_transform(w, G, U, Kg, Cg, rotate, nw):
     """``U[a*A + b, kc] = sum_{r, s} G[a, r] wt[r*3 + s, kc] G[b, s]`` (``wt``: see
     :func:`_gather_taps`), separably and blocks of filters at a time, filters innermost so the
-    loops vectorise."""
+    loops vectorise; ``nw`` workers take contiguous runs of blocks (each element's bits do not
+    depend on which). Parallel: 256 x 256 filters took 0.3-1.0 ms serially, 5-20% of a
+    14 x 14 layer's op; the loop is over a few hundred blocks."""
+    A, KC = G.shape[0], U.shape[1]
+    nblk = (KC + BLOCK - 1) // BLOCK
+    for wk in prange(nw):
+        _filter_blocks(w, G, U, Kg, Cg, rotate, wk * nblk // nw, (wk + 1) * nblk // nw)
+
+
+@njit(cache=True, inline="always")
+def _filter_blocks(w, G, U, Kg, Cg, rotate, b0, b1):
+    """Blocks ``b0 .. b1`` of :func:`_filter_transform`."""
     A, KC = G.shape[0], U.shape[1]
     wt = np.empty((9, BLOCK), dtype=U.dtype)
     half = np.empty((A * 3, BLOCK), dtype=U.dtype)          # (G w)[a, s]
-    for blk in range((KC + BLOCK - 1) // BLOCK):
+    for blk in range(b0, b1):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
         _gather_taps(w, wt, k0, n, Kg, Cg, rotate)
@@ -680,14 +691,24 @@ def _filter_transform(w, G, U, Kg, Cg, rotate):
                     u[e] = h0[e] * g0 + h1[e] * g1 + h2[e] * g2
 
 
-@njit(cache=True)
-def _filter_transform_adjoint(dU, G, gw):
+@njit(parallel=True, cache=True)
+def _filter_transform_adjoint(dU, G, gw, nw):
     """``gw[kc, r*3 + s] = sum_{a, b} G[a, r] dU[a*A + b, kc] G[b, s]``, blocks of filters
-    at a time (written back filter-major from an L1 block)."""
+    at a time (written back filter-major from an L1 block); ``nw`` workers take contiguous
+    runs of blocks, as in :func:`_filter_transform`."""
+    KC = gw.shape[0]
+    nblk = (KC + BLOCK - 1) // BLOCK
+    for wk in prange(nw):
+        _adjoint_blocks(dU, G, gw, wk * nblk // nw, (wk + 1) * nblk // nw)
+
+
+@njit(cache=True, inline="always")
+def _adjoint_blocks(dU, G, gw, b0, b1):
+    """Blocks ``b0 .. b1`` of :func:`_filter_transform_adjoint`."""
     A, KC = G.shape[0], gw.shape[0]
     half = np.empty((3 * A, BLOCK), dtype=gw.dtype)       # (G^T dU)[r, b]
     out = np.empty((9, BLOCK), dtype=gw.dtype)
-    for blk in range((KC + BLOCK - 1) // BLOCK):
+    for blk in range(b0, b1):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
         half[:, :n] = 0
@@ -715,6 +736,12 @@ def _filter_transform_adjoint(dU, G, gw):
                 gw[k0 + e, rs] = out[rs, e]
 
 
+def _filter_workers(filters: int) -> int:
+    """Workers of the filter transforms: one per thread, at most one per four blocks (a
+    small layer's transform is a few microseconds, less than waking a thread)."""
+    return max(1, min(numba.get_num_threads(), filters // (4 * BLOCK)))
+
+
 def filter_transform(weight: np.ndarray, m: int, groups: int, rotate: bool,
                      bound: Optional[int] = None) -> np.ndarray:
     """``U (A*A, groups, Kg, Cg) = G w G^T`` per filter of ``weight (K, Cg, 3, 3)`` in its
@@ -729,7 +756,8 @@ def filter_transform(weight: np.ndarray, m: int, groups: int, rotate: bool,
     U = (np.empty((A * A, K * Cg), dtype=weight.dtype) if bound is None
          else scratch((A * A, K * Cg), weight.dtype, bound))
     w = np.ascontiguousarray(weight).reshape(-1)
-    _filter_transform(w, np.array(_G[m], dtype=weight.dtype), U, Kg, Cg, np.bool_(rotate))
+    _filter_transform(w, np.array(_G[m], dtype=weight.dtype), U, Kg, Cg, np.bool_(rotate),
+                      _filter_workers(K * Cg))
     return U.reshape((A * A, groups) + ((Cg, Kg) if rotate else (Kg, Cg)))
 
 
@@ -739,7 +767,8 @@ def filter_transform_adjoint(dU: np.ndarray, m: int) -> np.ndarray:
     A = m + 2
     KC = dU[0].size
     gw = np.empty((KC, 9), dtype=dU.dtype)
-    _filter_transform_adjoint(dU.reshape(A * A, KC), np.array(_G[m], dtype=dU.dtype), gw)
+    _filter_transform_adjoint(dU.reshape(A * A, KC), np.array(_G[m], dtype=dU.dtype), gw,
+                              _filter_workers(KC))
     return gw.reshape(KC, 3, 3)
 
 
