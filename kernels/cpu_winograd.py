@@ -660,7 +660,7 @@ def _filter_transform(w, G, U, Kg, Cg, rotate, nw):
     loops vectorise; ``nw`` workers take contiguous runs of blocks (each element's bits do not
     depend on which). Parallel: 256 x 256 filters took 0.3-1.0 ms serially, 5-20% of a
     14 x 14 layer's op; the loop is over a few hundred blocks."""
-    A, KC = G.shape[0], U.shape[1]
+    KC = U.shape[1]
     nblk = (KC + BLOCK - 1) // BLOCK
     for wk in prange(nw):
         _filter_blocks(w, G, U, Kg, Cg, rotate, wk * nblk // nw, (wk + 1) * nblk // nw)
