@@ -194,6 +194,42 @@ def _taps3x3_pair(acc, acc2, src, L, row, col, t, u):
         acc2[f] = _sum9(acc2[f], u, v)
 
 
+# Taps per pass of the generic (not 3x3) tap loop: one load and store of the accumulator
+# per run instead of per tap.
+TAP_RUN = 4
+
+
+@njit(cache=True, inline="always")
+def _tap(wk, r, s, rotated):
+    """Tap ``(r, s)`` of a filter plane, rotated by 180 degrees for the input gradient."""
+    R, S = wk.shape
+    return wk[R - 1 - r, S - 1 - s] if rotated else wk[r, s]
+
+
+@njit(cache=True)
+def _tap_run(acc, src, L, off, step, t0, t1, t2, t3, n):
+    """``acc[f] += t0*src[off + f] + t1*src[off + step + f] + ...`` for ``f < L``: the first
+    ``n`` (1 to 4) taps of a run along a kernel row in one pass, added left to right (the order
+    and bits of one pass per tap)."""
+    o0 = np.uint64(off)
+    o1 = o0 + np.uint64(step)
+    o2 = o1 + np.uint64(step)
+    o3 = o2 + np.uint64(step)
+    if n == 4:
+        for f in range(np.uint64(L)):
+            acc[f] = (((acc[f] + t0 * src[o0 + f]) + t1 * src[o1 + f]) + t2 * src[o2 + f]
+                      ) + t3 * src[o3 + f]
+    elif n == 3:
+        for f in range(np.uint64(L)):
+            acc[f] = ((acc[f] + t0 * src[o0 + f]) + t1 * src[o1 + f]) + t2 * src[o2 + f]
+    elif n == 2:
+        for f in range(np.uint64(L)):
+            acc[f] = (acc[f] + t0 * src[o0 + f]) + t1 * src[o1 + f]
+    else:
+        for f in range(np.uint64(L)):
+            acc[f] = acc[f] + t0 * src[o0 + f]
+
+
 # ``rotated`` as a NumPy bool, not a literal: Numba would compile _add_taps once per literal
 # value (see cpu_winograd.I0).
 UPRIGHT, ROTATED = np.bool_(False), np.bool_(True)
@@ -209,11 +245,12 @@ def _add_taps(acc, src, L, row, dh, dw, wk, rotated):
         _taps3x3(acc, src, L, dh * row, dw, _window3x3(wk, rotated))
         return
     for r in range(R):
-        for s in range(S):
-            wv = wk[R - 1 - r, S - 1 - s] if rotated else wk[r, s]
-            tap = src[r * dh * row + s * dw:]
-            for f in range(L):
-                acc[f] += wv * tap[f]
+        for s in range(0, S, TAP_RUN):   # runs of up to TAP_RUN taps along the kernel row
+            last = S - 1
+            _tap_run(acc, src, L, r * dh * row + s * dw, dw, _tap(wk, r, s, rotated),
+                     _tap(wk, r, min(s + 1, last), rotated),
+                     _tap(wk, r, min(s + 2, last), rotated),
+                     _tap(wk, r, min(s + 3, last), rotated), min(TAP_RUN, S - s))
 
 
 @njit(cache=True)
