@@ -59,11 +59,13 @@ EXTRA_CASES = [
     # counts leave one alone; a 5x5 grouped kernel takes the generic taps of the pair
     ConvCase("direct_pairs_odd", 2, 3, 9, 10, 7, 3, 3, padding=1),
     ConvCase("direct_pairs_5x5", 2, 6, 9, 9, 9, 5, 5, padding=2, groups=3),
-    # the generic taps in runs of up to four along a kernel row: 7 = 4 + 3 (depthwise), and
-    # 6 = 4 + 2 with a dilated, one-sided padded kernel and filter pairs
+    # the generic taps in runs along a kernel row: a 7-wide row in one run (depthwise);
+    # 6 = 4 + 2 with a dilated, one-sided padded kernel and filter pairs; 9 = 4 + 4 + 1; 3
     ConvCase("direct_tap_runs_7", 2, 4, 10, 12, 4, 3, 7, padding=(1, 3), groups=4),
     ConvCase("direct_tap_runs_6", 2, 6, 9, 14, 9, 2, 6, padding=((1, 0), (2, 3)),
              dilation=(2, 1), groups=3),
+    ConvCase("direct_tap_runs_9", 1, 4, 5, 13, 6, 2, 9, padding=(0, 4), groups=2),
+    ConvCase("direct_tap_runs_3", 2, 3, 9, 7, 3, 4, 3, padding=(2, 1), groups=3),
 ]
 ALL_CASES = CASES + EXTRA_CASES
 ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
