@@ -5,7 +5,7 @@ Each entry point maps the ``Algo`` chosen by ``fastconv/dispatch/cpu.py`` to a k
 ============  =====================================================  ========================
 ``algo.name`` what                                                   module
 ============  =====================================================  ========================
-gemm1x1       1x1 stride-1 unpadded: plain GEMMs on the input        ``cpu_conv``
+gemm1x1       1x1 unpadded: plain GEMMs on the (subsampled) input    ``cpu_conv``
 im2col        packed patches (chunked) times the weights by BLAS      ``cpu_conv``
 winograd      F(4x4, 3x3) or F(2x2, 3x3) for 3x3 stride-1 layers     ``cpu_winograd``
 direct        loops over taps; depthwise, small groups, no workspace  ``cpu_depthwise``

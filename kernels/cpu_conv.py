@@ -492,7 +492,8 @@ def weight_grad_im2col(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np
 
 
 # ---------------------------------------------------------------------------------------------
-# 1x1, stride 1, no padding: the conv is a GEMM on the input as it lies in memory
+# 1x1, no padding: the conv is a GEMM on the input as it lies in memory (stride 1), or on its
+# subsampled pixels (a strided 1x1 layer reads only every ``sh``-th row and ``sw``-th column)
 # ---------------------------------------------------------------------------------------------
 def _split(a: np.ndarray, G: int) -> np.ndarray:
     """``(N, G * X, H, W) -> (N, G, X, H * W)`` as a view."""
@@ -500,32 +501,59 @@ def _split(a: np.ndarray, G: int) -> np.ndarray:
     return a.reshape(N, G, GX // G, H * W)
 
 
+def _strided(geom) -> bool:
+    return geom.stride != (1, 1)
+
+
+def _subsampled(x: np.ndarray, geom, algo) -> np.ndarray:
+    """``x[:, :, ::sh, ::sw]`` (``(N, C, P, Q)``: a 1x1 unpadded layer's output grid) as a
+    contiguous scratch copy; ``x`` itself at stride 1."""
+    if not _strided(geom):
+        return x
+    (sh, sw) = geom.stride
+    xs = scratch(geom.input_shape[:2] + geom.output_shape[2:], x.dtype, workspace_bound(algo))
+    np.copyto(xs, x[:, :, ::sh, ::sw])
+    return xs
+
+
 def forward_gemm1x1(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
                     algo) -> np.ndarray:
-    """1x1 stride-1 unpadded conv: ``y[n] = W @ x[n]`` per group, no workspace."""
+    """1x1 unpadded conv: ``y[n] = W @ x[n]`` per group (on the subsampled pixels when
+    strided); no workspace at stride 1."""
     G = geom.groups
     y = np.empty(geom.output_shape, dtype=x.dtype)
-    np.matmul(weight.reshape(G, geom.K // G, geom.C // G), _split(x, G), out=_split(y, G))
+    np.matmul(weight.reshape(G, geom.K // G, geom.C // G), _split(_subsampled(x, geom, algo), G),
+              out=_split(y, G))
     if bias is not None:
         add_bias(y.reshape(geom.N, geom.K, geom.P * geom.Q), bias)
     return y
 
 
 def input_grad_gemm1x1(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
-    """1x1 stride-1 unpadded conv input gradient: ``gx[n] = W^T @ dY[n]`` per group."""
+    """1x1 unpadded conv input gradient: ``gx[n] = W^T @ dY[n]`` per group; when strided,
+    computed on the output grid and put on the pixels it was read from (zero elsewhere)."""
     G = geom.groups
-    gx = np.empty(geom.input_shape, dtype=grad_output.dtype)
+    dtype = grad_output.dtype
     w_t = weight.reshape(G, geom.K // G, geom.C // G).transpose(0, 2, 1)
-    np.matmul(w_t, _split(grad_output, G), out=_split(gx, G))
+    if not _strided(geom):
+        gx = np.empty(geom.input_shape, dtype=dtype)
+        np.matmul(w_t, _split(grad_output, G), out=_split(gx, G))
+        return gx
+    (sh, sw) = geom.stride
+    gxs = scratch(geom.input_shape[:2] + geom.output_shape[2:], dtype, workspace_bound(algo))
+    np.matmul(w_t, _split(grad_output, G), out=_split(gxs, G))
+    gx = np.zeros(geom.input_shape, dtype=dtype)
+    gx[:, :, ::sh, ::sw] = gxs
     return gx
 
 
 def weight_grad_gemm1x1(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
-    """1x1 stride-1 unpadded conv weight gradient: ``sum_n dY[n] @ x[n]^T``, in image order."""
+    """1x1 unpadded conv weight gradient: ``sum_n dY[n] @ x[n]^T`` (subsampled when strided),
+    in image order."""
     G = geom.groups
     gw = np.zeros((G, geom.K // G, geom.C // G), dtype=x.dtype)
     part = scratch(gw.shape, x.dtype, workspace_bound(algo))
-    xs, dys = _split(x, G), _split(grad_output, G)
+    xs, dys = _split(_subsampled(x, geom, algo), G), _split(grad_output, G)
     for n in range(geom.N):
         np.matmul(dys[n], xs[n].transpose(0, 2, 1), out=part)
         gw += part

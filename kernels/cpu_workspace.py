@@ -192,8 +192,11 @@ def winograd_tile_bytes(m: int, tiles_per_row: int, channels: int, filter_elems:
 
 
 def gemm1x1_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:
-    """Workspace of the 1x1 GEMMs: the weight gradient's partial sum only."""
+    """Workspace of the 1x1 GEMMs: the weight gradient's partial sum, and when strided the
+    subsampled input (or the input gradient on the output grid)."""
     fixed = geom.K * (geom.C // geom.groups) if op == "weight_grad" else 0
+    if geom.stride != (1, 1):
+        fixed += geom.N * geom.C * geom.P * geom.Q
     return fixed * itemsize, 0
 
 

@@ -36,6 +36,8 @@ EXTRA_CASES = [
     ConvCase("wino_groups2", 2, 16, 9, 11, 16, 3, 3, padding=((0, 2), (1, 2)), groups=2),
     ConvCase("wino_big_pad", 1, 8, 6, 7, 8, 3, 3, padding=((3, 1), (2, 4))),
     ConvCase("1x1_groups4", 2, 8, 5, 6, 12, 1, 1, groups=4),
+    # strided 1x1: the GEMMs on the pixels the stride reads (odd sizes, unequal strides)
+    ConvCase("1x1_strided", 2, 6, 9, 11, 8, 1, 1, stride=(2, 3), groups=2),
     ConvCase("wide_strided", 3, 5, 12, 10, 7, 3, 2, stride=(3, 2), padding=((2, 0), (1, 1)),
              dilation=(2, 1)),
     # Winograd rows of >= 8 tiles carry a padding tile; >= 64 tiles per image are read in place
@@ -73,7 +75,7 @@ ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
 
 def _supports(algo_name: str, geom) -> bool:
     if algo_name == "gemm1x1":
-        return (geom.R, geom.S, geom.stride, geom.padding) == (1, 1, (1, 1), (0, 0, 0, 0))
+        return (geom.R, geom.S, geom.padding) == (1, 1, (0, 0, 0, 0))
     if algo_name == "winograd":
         return (geom.R, geom.S, geom.stride, geom.dilation) == (3, 3, (1, 1), (1, 1))
     return True
@@ -304,6 +306,9 @@ def test_grouped_stride1_layers_run_direct_but_their_weight_gradient():
     assert algos(g32) == ["im2col"] * 3
     assert algos(g8_s2) == ["im2col"] * 3
     assert algos(g_1x1) == ["gemm1x1"] * 3
+    # strided 1x1 (ResNet's downsampling shortcut): GEMMs on the subsampled pixels
+    s2_1x1 = conv_geometry((8, 256, 28, 28), (512, 256, 1, 1), 2, 0, 1, 1)
+    assert algos(s2_1x1) == ["gemm1x1"] * 3
     # the input gradient's reduction runs over the filters of a group
     wide_k = conv_geometry((8, 64, 28, 28), (256, 8, 3, 3), 1, 1, 1, 8)  # 8 in, 32 out
     assert algos(wide_k)[:2] == ["direct", "im2col"]

@@ -39,6 +39,7 @@ WORKER = textwrap.dedent('''
     SHAPES = [
         ("3x3", (2, 8, 12, 13), (6, 8, 3, 3), 1, 1, 1, 1),
         ("1x1", (2, 8, 9, 10), (12, 8, 1, 1), 1, 0, 1, 1),
+        ("1x1_strided", (2, 8, 9, 10), (12, 4, 1, 1), (2, 3), 0, 1, 2),
         ("strided", (2, 6, 11, 13), (4, 3, 3, 2), (2, 1), (1, 0), (1, 2), 2),
         ("depthwise", (2, 8, 10, 10), (8, 1, 3, 3), 1, 1, 1, 8),
         ("wide_rows", (1, 5, 34, 35), (7, 5, 3, 3), 1, ((0, 2), (1, 1)), 1, 1),
@@ -46,7 +47,7 @@ WORKER = textwrap.dedent('''
 
     def supports(name, g):
         if name == "gemm1x1":
-            return (g.R, g.S, g.stride, g.padding) == (1, 1, (1, 1), (0, 0, 0, 0))
+            return (g.R, g.S, g.padding) == (1, 1, (0, 0, 0, 0))
         if name == "winograd":
             return (g.R, g.S, g.stride, g.dilation) == (3, 3, (1, 1), (1, 1))
         return True
