@@ -20,8 +20,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import _im2col_rows_flat, valid_range
-from .cpu_workspace import (BLAS_SERIAL_MACS, DIRECT_LANES as LANES, direct_plane_bytes,
-                            workspace_bound)
+from .cpu_workspace import (BLAS_SERIAL_MACS, DIRECT_LANES as LANES, GEMM_MIN_FILTERS,
+                            GEMM_MIN_REDUCTION, direct_plane_bytes, workspace_bound)
 
 
 @njit(parallel=True, cache=True)
@@ -639,26 +639,27 @@ IMAGES_PER_TASK = 4
 
 
 @njit(cache=True)
-def _im2col_rows(x, n, p0, p1, col, R, S, pt, pl, dh, dw, Q):
-    """``col[(c*R + r)*S + s, (p - p0)*Q + q] = x[n, c, p - pt + r*dh, q - pl + s*dw]`` for
-    output rows ``p0 <= p < p1`` (stride 1), zero outside the image."""
+def _im2col_rows(x, n, c0, c1, p0, p1, col, R, S, pt, pl, dh, dw, Q):
+    """``col[((c - c0)*R + r)*S + s, (p - p0)*Q + q] = x[n, c, p - pt + r*dh, q - pl + s*dw]``
+    for channels ``c0 <= c < c1`` and output rows ``p0 <= p < p1`` (stride 1), zero outside
+    the image."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     zero = x.dtype.type(0)
     if Q == W:      # as many output as input columns: a run of rows is one flat copy
         xf, cf = x.reshape(x.size), col.reshape(col.size)
         L = (p1 - p0) * Q
-        for c in range(C):
+        for c in range(c0, c1):
             for r in range(R):
                 for s in range(S):
                     q_lo, q_hi = valid_range(Q, W, 1, s * dw - pl)
                     _im2col_rows_flat(xf, cf, (n * C + c) * H * W, H, W,
-                                      np.uint64(((c * R + r) * S + s) * L), p0 - pt + r * dh,
-                                      p1 - p0, q_lo, q_hi, s * dw - pl)
+                                      np.uint64((((c - c0) * R + r) * S + s) * L),
+                                      p0 - pt + r * dh, p1 - p0, q_lo, q_hi, s * dw - pl)
         return
-    for c in range(C):
+    for c in range(c0, c1):
         for r in range(R):
             for s in range(S):
-                row = col[(c * R + r) * S + s]
+                row = col[((c - c0) * R + r) * S + s]
                 q_lo, q_hi = valid_range(Q, W, 1, s * dw - pl)
                 for p in range(p0, p1):
                     h = p - pt + r * dh
@@ -675,43 +676,52 @@ def _im2col_rows(x, n, p0, p1, col, R, S, pt, pl, dh, dw, Q):
 
 @njit(parallel=True, cache=True)
 def _weight_grad_s1_gemm(x, grad_output, part, R, S, pt, pl, dh, dw, per, rows):
-    """``part[t] (K, C*R*S)``: the sum over images ``t*per ...`` and their blocks of ``rows``
-    output rows, in that order, of ``dy_block (K, rows*Q) @ col_block^T``."""
-    N = x.shape[0]
+    """``part[t] (K, Cg*R*S)``: the sum over images ``t*per ...`` and their blocks of ``rows``
+    output rows, in that order, of ``dy_block (Kg, rows*Q) @ col_block^T`` per group (the
+    group's channels packed, then its GEMM, group after group)."""
+    N, C = x.shape[0], x.shape[1]
     K, P, Q = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
-    CRS = part.shape[2]
+    CgRS = part.shape[2]
+    Cg = CgRS // (R * S)
+    G = C // Cg
+    Kg = K // G
     for t in prange(part.shape[0]):
-        colf = np.empty(CRS * rows * Q, dtype=x.dtype)
-        dybf = np.empty(K * rows * Q, dtype=x.dtype)
-        prod = np.empty((K, CRS), dtype=x.dtype)
-        acc = part[t]
+        colf = np.empty(CgRS * rows * Q, dtype=x.dtype)
+        dybf = np.empty(Kg * rows * Q, dtype=x.dtype)
+        prod = np.empty((Kg, CgRS), dtype=x.dtype)
         first = True
         for n in range(t * per, min(N, (t + 1) * per)):
             for p0 in range(0, P, rows):
                 p1 = min(P, p0 + rows)
                 L = (p1 - p0) * Q
-                col = colf[:CRS * L].reshape(CRS, L)    # contiguous for BLAS
-                dyb = dybf[:K * L].reshape(K, L)
-                _im2col_rows(x, n, p0, p1, col, R, S, pt, pl, dh, dw, Q)
-                for k in range(K):
-                    dyb[k] = grad_output[n, k, p0:p1].reshape(L)
-                if first:
-                    np.dot(dyb, col.T, acc)
-                    first = False
-                else:
-                    np.dot(dyb, col.T, prod)
-                    acc += prod
+                col = colf[:CgRS * L].reshape(CgRS, L)    # contiguous for BLAS
+                dyb = dybf[:Kg * L].reshape(Kg, L)
+                for g in range(G):
+                    _im2col_rows(x, n, g * Cg, (g + 1) * Cg, p0, p1, col, R, S, pt, pl, dh,
+                                 dw, Q)
+                    for kl in range(Kg):
+                        dyb[kl] = grad_output[n, g * Kg + kl, p0:p1].reshape(L)
+                    acc = part[t, g * Kg:(g + 1) * Kg]
+                    if first:
+                        np.dot(dyb, col.T, acc)
+                    else:
+                        np.dot(dyb, col.T, prod)
+                        acc += prod
+                first = False
 
 
 def _gemm_rows(geom, itemsize: int, algo) -> int:
-    """Output rows per GEMM of the ungrouped stride-1 weight gradient (0: does not apply):
-    as many as keep the GEMM single-threaded in BLAS, with two threads' buffers within the
-    workspace bound."""
-    if geom.groups != 1 or geom.stride != (1, 1):
+    """Output rows per GEMM of the stride-1 weight gradient by im2col rows (0: does not apply,
+    and grouped layers thinner than ``GEMM_MIN_FILTERS`` filters or ``GEMM_MIN_REDUCTION``
+    ``Cg R S`` per group keep the per-tap sums): as many as keep each group's GEMM
+    single-threaded in BLAS, with two threads' buffers within the workspace bound."""
+    if geom.stride != (1, 1):
         return 0
-    crs = geom.C * geom.R * geom.S
-    rows = min(geom.P, (BLAS_SERIAL_MACS - 1) // (geom.K * crs * geom.Q))
-    need = 2 * ((crs + geom.K) * rows * geom.Q + geom.K * crs) * itemsize
+    Kg, crs = geom.K // geom.groups, (geom.C // geom.groups) * geom.R * geom.S
+    if geom.groups > 1 and (Kg < GEMM_MIN_FILTERS or crs < GEMM_MIN_REDUCTION):
+        return 0
+    rows = min(geom.P, (BLAS_SERIAL_MACS - 1) // (Kg * crs * geom.Q))
+    need = 2 * ((crs + Kg) * rows * geom.Q + Kg * crs) * itemsize
     return rows if rows >= 1 and need <= workspace_bound(algo) else 0
 
 
@@ -798,7 +808,8 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarra
     if rows:
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         tasks = -(-geom.N // IMAGES_PER_TASK)
-        part = np.empty((tasks, geom.K, geom.C * geom.R * geom.S), dtype=x.dtype)
+        part = np.empty((tasks, geom.K, geom.C // geom.groups * geom.R * geom.S),
+                        dtype=x.dtype)
         _weight_grad_s1_gemm(x, grad_output, part, geom.R, geom.S, pt, pl, dh, dw,
                              IMAGES_PER_TASK, rows)
         total = part[0].copy()
