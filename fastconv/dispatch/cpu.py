@@ -8,7 +8,7 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    whose reduction per output (``Cg R S``, or ``Kg R S`` for the input gradient) is at most
    144 (16 channels per group at 3x3): the padded-plane passes beat im2col's thin GEMMs and
    the grouped Winograd 1.3-3x; and for their weight gradient with at least 2 filters and a
-   ``Cg R S`` of 16 to 144 per group: im2col rows of one group at a time and its GEMM,
+   ``Cg R S`` of 16 to 100 per group: im2col rows of one group at a time and its GEMM,
    issued from the worker threads (1.5-4x faster than im2col over the whole layer).
 2. ``gemm1x1`` for 1x1 unpadded layers: the input already is the GEMM operand (strided: the
    pixels the stride reads, copied once; its input gradient put back on them). Measured, 8 x
@@ -67,6 +67,12 @@ DIRECT_MAX_REDUCTION = 64
 # 1.0-1.2 / 3.4-5.3 and 1.0-1.7 / 3.0-4.4. At 32 per group (288) the forward ties im2col on
 # 28x28 and the input gradient loses to Winograd on 56x56, so the bound stays at 144.
 DIRECT_GROUPED_MAX_REDUCTION = 144
+# The same for their weight gradient, per-group GEMMs (``Cg R S``): up to 100 it was 1.5-4x
+# faster than im2col and the fused Winograd (see ``cpu_workspace.GEMM_MIN_FILTERS``); at 144
+# (16 per group, 3x3) it tied them alone (28x28 x 256: 6.5-10.9 against im2col 9.4-16.1;
+# 56x56 x 128: 13.7-15.2 against Winograd 13.5-16.3) and lost inside fwd+bwd (56x56: 28.9
+# against 19.9 ms), its GEMMs cut to 4 output rows.
+DIRECT_WGRAD_MAX = 100
 # Channels per group (in and out) from which Winograd's GEMMs outweigh its transforms.
 WINOGRAD_MIN_CHANNELS = 8
 # Channels (in or out) below which an ungrouped 3x3 stride-1 layer runs direct (rule 3).
@@ -146,13 +152,13 @@ def _grouped_direct(op: str, geom: ConvGeometry) -> bool:
     """Whether a grouped stride-1 layer runs direct (rule 1b): the op's reduction per output
     (``Cg R S`` forward, ``Kg R S`` input gradient) is at most ``DIRECT_GROUPED_MAX_REDUCTION``;
     the weight gradient when its per-group GEMMs apply (at least ``GEMM_MIN_FILTERS`` filters
-    and ``GEMM_MIN_REDUCTION`` ``Cg R S`` per group, see ``kernels/cpu_workspace``)."""
+    and ``GEMM_MIN_REDUCTION`` ``Cg R S`` per group, see ``kernels/cpu_workspace``) up to
+    ``DIRECT_WGRAD_MAX``."""
     if geom.groups == 1 or geom.stride != (1, 1) or geom.R * geom.S == 1:
         return False
     Cg, Kg, RS = geom.C // geom.groups, geom.K // geom.groups, geom.R * geom.S
     if op == "weight_grad":
-        return (Kg >= GEMM_MIN_FILTERS
-                and GEMM_MIN_REDUCTION <= Cg * RS <= DIRECT_GROUPED_MAX_REDUCTION)
+        return Kg >= GEMM_MIN_FILTERS and GEMM_MIN_REDUCTION <= Cg * RS <= DIRECT_WGRAD_MAX
     return (Cg if op == "forward" else Kg) * RS <= DIRECT_GROUPED_MAX_REDUCTION
 
 
