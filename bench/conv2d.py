@@ -90,6 +90,22 @@ CASES = [
 ]
 # --quick: one layer per algorithm family (1x1 GEMM, 3x3, depthwise), under a minute in all.
 QUICK = ("r1x1_56", "r3x3_14", "cifar3x3", "dw3x3_28")
+# Layers outside the suite (not in its default run), by name or all with ``--cases more``:
+# the kinds the suite lacks (larger and grouped kernels, strided 1x1 and depthwise, other
+# plane sizes), to check that no kind of layer is left far behind.
+MORE_CASES = [
+    ConvCase("r5x5_28", 8, 32, 28, 64, 5, 1, 2),
+    ConvCase("r7x7_14", 8, 64, 14, 64, 7, 1, 3),
+    ConvCase("g32_3x3_28", 8, 256, 28, 256, 3, 1, 1, groups=32),
+    ConvCase("g8_3x3_56", 8, 128, 56, 128, 3, 1, 1, groups=8),
+    ConvCase("g16_5x5_28", 8, 64, 28, 64, 5, 1, 2, groups=16),
+    ConvCase("dw5x5_14", 8, 240, 14, 240, 5, 1, 2, groups=240),
+    ConvCase("dw7x7_28", 8, 96, 28, 96, 7, 1, 3, groups=96),
+    ConvCase("dw3x3s2_56", 8, 96, 56, 96, 3, 2, 1, groups=96),
+    ConvCase("r1x1s2_28", 8, 256, 28, 512, 1, 2, 0),
+    ConvCase("r3x3_28", 8, 128, 28, 128, 3, 1, 1),
+    ConvCase("r3x3_112_c16", 8, 16, 112, 32, 3, 1, 1),
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,14 +244,16 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def select_cases(args: argparse.Namespace) -> list[ConvCase]:
-    """The cases named by ``--cases``, else the ``--quick`` subset, else all."""
+    """The cases named by ``--cases`` (``more``: all of :data:`MORE_CASES`), else the
+    ``--quick`` subset, else the suite."""
     if args.cases:
-        wanted = args.cases.split(",")
-        unknown = set(wanted) - {c.name for c in CASES}
+        known = CASES + MORE_CASES
+        wanted = [c.name for c in MORE_CASES] if args.cases == "more" else args.cases.split(",")
+        unknown = set(wanted) - {c.name for c in known}
         if unknown:
             raise SystemExit(f"unknown case(s) {sorted(unknown)}; "
-                             f"choose from {[c.name for c in CASES]}")
-        return [c for c in CASES if c.name in wanted]
+                             f"choose from {[c.name for c in known]} or 'more'")
+        return [c for c in known if c.name in wanted]
     return [c for c in CASES if c.name in QUICK] if args.quick else list(CASES)
 
 
@@ -284,7 +302,8 @@ def run(args: argparse.Namespace, torch: Any, threads: int) -> dict[str, Any]:
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """This suite's own options (on top of `common.add_common_args`)."""
     parser.add_argument("--cases", default=None,
-                        help="comma-separated case names (default: all, or the --quick set)")
+                        help="comma-separated case names, or 'more' for the layers outside the "
+                             "suite (default: the suite, or the --quick set)")
     parser.add_argument("--mode", choices=MODES + ("both",), default="both",
                         help="forward alone, forward + all gradients, or both (default)")
     parser.add_argument("--profile", action="store_true",
