@@ -158,8 +158,15 @@ def _grouped_direct(op: str, geom: ConvGeometry) -> bool:
         return False
     Cg, Kg, RS = geom.C // geom.groups, geom.K // geom.groups, geom.R * geom.S
     if op == "weight_grad":
-        return Kg >= GEMM_MIN_FILTERS and GEMM_MIN_REDUCTION <= Cg * RS <= DIRECT_WGRAD_MAX
+        return _group_gemms(geom) and Cg * RS <= DIRECT_WGRAD_MAX
     return (Cg if op == "forward" else Kg) * RS <= DIRECT_GROUPED_MAX_REDUCTION
+
+
+def _group_gemms(geom: ConvGeometry) -> bool:
+    """Whether the direct weight gradient of a grouped stride-1 layer runs per-group GEMMs
+    (the condition of ``kernels/cpu_depthwise._gemm_rows``, workspace aside)."""
+    Kg, CgRS = geom.K // geom.groups, geom.C // geom.groups * geom.R * geom.S
+    return (geom.stride == (1, 1) and Kg >= GEMM_MIN_FILTERS and CgRS >= GEMM_MIN_REDUCTION)
 
 
 def _thin_3x3(geom: ConvGeometry) -> bool:
@@ -181,9 +188,10 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
     Cg = geom.C // G
     if G > 1 and Cg * geom.R * geom.S <= DIRECT_MAX_REDUCTION:
         kind = "depthwise" if Cg == 1 else f"grouped ({Cg} channels per group)"
-        return Algo("direct", _workspace_params(workspace_bytes),
-                    f"{kind} layer: direct loops over the {geom.R}x{geom.S} taps, a GEMM would "
-                    "be too thin")
+        how = (f"direct loops over the {geom.R}x{geom.S} taps, a GEMM would be too thin"
+               if op != "weight_grad" or not _group_gemms(geom) else
+               "one im2col GEMM per group from the worker threads (single-threaded in BLAS)")
+        return Algo("direct", _workspace_params(workspace_bytes), f"{kind} layer: {how}")
     if _grouped_direct(op, geom):
         how = ("one im2col GEMM per group from the worker threads (single-threaded in BLAS)"
                if op == "weight_grad" else "direct passes over zero-padded planes")
