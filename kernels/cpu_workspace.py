@@ -34,10 +34,11 @@ BLAS_SERIAL_MACS = 2 * 65536 * 4
 # The direct weight gradient of a grouped stride-1 layer runs one GEMM per group from the
 # workers (im2col rows of the group, BLAS single-threaded) from this many filters and this
 # reduction (Cg R S) per group; thinner groups (depthwise) keep the per-tap sums. Measured,
-# float32, 2 threads, N=8 (ms, four alternating rounds, against the per-tap sums and im2col):
-# 2 filters, 2 channels x 3x3 per group, 56x56: 1.2-1.9 / 2.3-2.8 / 2.6-5.5; 4 x 4 x 3x3,
-# 28x28: 0.8-1.1 / 2.4-2.9 / 2.3-2.8; 4 x 4 x 5x5: 1.2-1.7 / 3.0-4.2 / 2.3-3.5; 8 x 8 x 3x3,
-# 28x28 x 256: 2.1-5.5 / - / 7.9-11.7 (56x56 x 128: 5.7-7.9, fused Winograd 12.4-15.5).
+# float32, 2 threads, N=8 (ms, four alternating rounds, against the per-tap sums and im2col;
+# im2col's range over two such runs): 2 filters, 2 channels x 3x3 per group, 56x56: 1.2-1.9 /
+# 2.3-2.8 / 2.6-6.7; 4 x 4 x 3x3, 28x28: 0.8-1.1 / 2.4-2.9 / 1.8-2.8; 4 x 4 x 5x5: 1.2-1.7 /
+# 3.0-4.2 / 1.5-3.5; 8 x 8 x 3x3, 28x28 x 256: 2.1-5.5 / - / 7.9-11.7 (56x56 x 128: 5.7-7.9,
+# fused Winograd 12.4-15.5).
 GEMM_MIN_FILTERS = 2
 GEMM_MIN_REDUCTION = 16
 
