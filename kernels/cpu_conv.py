@@ -505,14 +505,24 @@ def _strided(geom) -> bool:
     return geom.stride != (1, 1)
 
 
+def _on_grid(a: np.ndarray, geom) -> np.ndarray:
+    """``a[:, :, ::sh, ::sw]``: the pixels of ``(N, C, H, W)`` a strided 1x1 unpadded layer
+    reads, ``(N, C, P, Q)``, as a view."""
+    sh, sw = geom.stride
+    return a[:, :, ::sh, ::sw]
+
+
+def _grid_scratch(geom, dtype, algo) -> np.ndarray:
+    """A scratch ``(N, C, P, Q)``: the input's channels on the output grid."""
+    return scratch(geom.input_shape[:2] + geom.output_shape[2:], dtype, workspace_bound(algo))
+
+
 def _subsampled(x: np.ndarray, geom, algo) -> np.ndarray:
-    """``x[:, :, ::sh, ::sw]`` (``(N, C, P, Q)``: a 1x1 unpadded layer's output grid) as a
-    contiguous scratch copy; ``x`` itself at stride 1."""
+    """:func:`_on_grid` of ``x`` as a contiguous scratch copy; ``x`` itself at stride 1."""
     if not _strided(geom):
         return x
-    (sh, sw) = geom.stride
-    xs = scratch(geom.input_shape[:2] + geom.output_shape[2:], x.dtype, workspace_bound(algo))
-    np.copyto(xs, x[:, :, ::sh, ::sw])
+    xs = _grid_scratch(geom, x.dtype, algo)
+    np.copyto(xs, _on_grid(x, geom))
     return xs
 
 
@@ -539,11 +549,10 @@ def input_grad_gemm1x1(weight: np.ndarray, grad_output: np.ndarray, geom, algo) 
         gx = np.empty(geom.input_shape, dtype=dtype)
         np.matmul(w_t, _split(grad_output, G), out=_split(gx, G))
         return gx
-    (sh, sw) = geom.stride
-    gxs = scratch(geom.input_shape[:2] + geom.output_shape[2:], dtype, workspace_bound(algo))
+    gxs = _grid_scratch(geom, dtype, algo)
     np.matmul(w_t, _split(grad_output, G), out=_split(gxs, G))
     gx = np.zeros(geom.input_shape, dtype=dtype)
-    gx[:, :, ::sh, ::sw] = gxs
+    _on_grid(gx, geom)[...] = gxs
     return gx
 
 

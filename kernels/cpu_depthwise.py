@@ -20,8 +20,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import _im2col_rows_flat, valid_range
-from .cpu_workspace import (BLAS_SERIAL_MACS, DIRECT_LANES as LANES, GEMM_MIN_FILTERS,
-                            GEMM_MIN_REDUCTION, direct_plane_bytes, workspace_bound)
+from .cpu_workspace import (BLAS_SERIAL_MACS, DIRECT_LANES as LANES, direct_plane_bytes,
+                            group_gemms, workspace_bound)
 
 
 @njit(parallel=True, cache=True)
@@ -712,14 +712,12 @@ def _weight_grad_s1_gemm(x, grad_output, part, R, S, pt, pl, dh, dw, per, rows):
 
 def _gemm_rows(geom, itemsize: int, algo) -> int:
     """Output rows per GEMM of the stride-1 weight gradient by im2col rows (0: does not apply,
-    and grouped layers thinner than ``GEMM_MIN_FILTERS`` filters or ``GEMM_MIN_REDUCTION``
-    ``Cg R S`` per group keep the per-tap sums): as many as keep each group's GEMM
-    single-threaded in BLAS, with two threads' buffers within the workspace bound."""
-    if geom.stride != (1, 1):
+    see ``cpu_workspace.group_gemms``; grouped layers too thin keep the per-tap sums): as many
+    as keep each group's GEMM single-threaded in BLAS, with two threads' buffers within the
+    workspace bound."""
+    if not group_gemms(geom):
         return 0
     Kg, crs = geom.K // geom.groups, (geom.C // geom.groups) * geom.R * geom.S
-    if geom.groups > 1 and (Kg < GEMM_MIN_FILTERS or crs < GEMM_MIN_REDUCTION):
-        return 0
     rows = min(geom.P, (BLAS_SERIAL_MACS - 1) // (Kg * crs * geom.Q))
     need = 2 * ((crs + Kg) * rows * geom.Q + Kg * crs) * itemsize
     return rows if rows >= 1 and need <= workspace_bound(algo) else 0

@@ -42,6 +42,17 @@ BLAS_SERIAL_MACS = 2 * 65536 * 4
 GEMM_MIN_FILTERS = 2
 GEMM_MIN_REDUCTION = 16
 
+
+def group_gemms(geom) -> bool:
+    """Whether the direct weight gradient runs im2col rows and a GEMM per group (workspace
+    aside): stride 1, and for grouped layers at least ``GEMM_MIN_FILTERS`` filters and
+    ``GEMM_MIN_REDUCTION`` of ``Cg R S`` per group. Shared by the kernel and the rules."""
+    if geom.stride != (1, 1):
+        return False
+    Kg, CgRS = geom.K // geom.groups, geom.C // geom.groups * geom.R * geom.S
+    return geom.groups == 1 or (Kg >= GEMM_MIN_FILTERS and CgRS >= GEMM_MIN_REDUCTION)
+
+
 _largest = [0]
 
 # Scratch buffers of at least this many bytes handed out inside a lease (one conv op) go back

@@ -52,9 +52,8 @@ from typing import Optional
 import numpy as np
 
 from .._types import Algo, ConvGeometry
-from ..kernels.cpu_workspace import (GEMM_MIN_FILTERS, GEMM_MIN_REDUCTION, fits,
-                                     gemm1x1_bytes, im2col_bytes, winograd_bytes,
-                                     winograd_row_fits)
+from ..kernels.cpu_workspace import (fits, gemm1x1_bytes, group_gemms, im2col_bytes,
+                                     winograd_bytes, winograd_row_fits)
 
 # Cg * R * S at or below which grouped layers use direct loops.
 DIRECT_MAX_REDUCTION = 64
@@ -151,22 +150,18 @@ def _batched_tile(N: int, rows: int, cols: int) -> Optional[int]:
 def _grouped_direct(op: str, geom: ConvGeometry) -> bool:
     """Whether a grouped stride-1 layer runs direct (rule 1b): the op's reduction per output
     (``Cg R S`` forward, ``Kg R S`` input gradient) is at most ``DIRECT_GROUPED_MAX_REDUCTION``;
-    the weight gradient when its per-group GEMMs apply (at least ``GEMM_MIN_FILTERS`` filters
-    and ``GEMM_MIN_REDUCTION`` ``Cg R S`` per group, see ``kernels/cpu_workspace``) up to
+    the weight gradient when its per-group GEMMs apply (``cpu_workspace.group_gemms``) up to
     ``DIRECT_WGRAD_MAX``."""
     if geom.groups == 1 or geom.stride != (1, 1) or geom.R * geom.S == 1:
         return False
     Cg, Kg, RS = geom.C // geom.groups, geom.K // geom.groups, geom.R * geom.S
     if op == "weight_grad":
-        return _group_gemms(geom) and Cg * RS <= DIRECT_WGRAD_MAX
+        return group_gemms(geom) and Cg * RS <= DIRECT_WGRAD_MAX
     return (Cg if op == "forward" else Kg) * RS <= DIRECT_GROUPED_MAX_REDUCTION
 
 
-def _group_gemms(geom: ConvGeometry) -> bool:
-    """Whether the direct weight gradient of a grouped stride-1 layer runs per-group GEMMs
-    (the condition of ``kernels/cpu_depthwise._gemm_rows``, workspace aside)."""
-    Kg, CgRS = geom.K // geom.groups, geom.C // geom.groups * geom.R * geom.S
-    return (geom.stride == (1, 1) and Kg >= GEMM_MIN_FILTERS and CgRS >= GEMM_MIN_REDUCTION)
+# How the direct weight gradient of a grouped layer runs when ``group_gemms`` holds.
+GROUP_GEMMS = "one im2col GEMM per group from the worker threads (single-threaded in BLAS)"
 
 
 def _thin_3x3(geom: ConvGeometry) -> bool:
@@ -188,13 +183,11 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
     Cg = geom.C // G
     if G > 1 and Cg * geom.R * geom.S <= DIRECT_MAX_REDUCTION:
         kind = "depthwise" if Cg == 1 else f"grouped ({Cg} channels per group)"
-        how = (f"direct loops over the {geom.R}x{geom.S} taps, a GEMM would be too thin"
-               if op != "weight_grad" or not _group_gemms(geom) else
-               "one im2col GEMM per group from the worker threads (single-threaded in BLAS)")
+        how = (GROUP_GEMMS if op == "weight_grad" and group_gemms(geom) else
+               f"direct loops over the {geom.R}x{geom.S} taps, a GEMM would be too thin")
         return Algo("direct", _workspace_params(workspace_bytes), f"{kind} layer: {how}")
     if _grouped_direct(op, geom):
-        how = ("one im2col GEMM per group from the worker threads (single-threaded in BLAS)"
-               if op == "weight_grad" else "direct passes over zero-padded planes")
+        how = GROUP_GEMMS if op == "weight_grad" else "direct passes over zero-padded planes"
         return Algo("direct", _workspace_params(workspace_bytes),
                     f"grouped layer ({Cg} channels, {geom.K // G} filters per group), stride 1: "
                     f"{how} beat a whole-layer GEMM this thin")
