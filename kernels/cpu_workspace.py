@@ -227,11 +227,12 @@ DIRECT_LANES = 256
 
 def direct_plane_bytes(geom, itemsize: int, threads: int = 2) -> int:
     """Scratch of the stride-1 direct kernels, per thread: two zero-padded planes and the
-    weight gradient's per-tap accumulators (counted for two threads)."""
+    weight gradient's per-tap sums, a padded plane's worth and float64 lanes for each tap
+    (counted for two threads)."""
     rows = max(geom.P, geom.H) + (geom.R - 1) * geom.dilation[0]
     cols = max(geom.Q, geom.W) + 2 * (geom.S - 1) * geom.dilation[1]
-    lanes = geom.R * geom.S * DIRECT_LANES * 8
-    return threads * (2 * rows * cols * itemsize + lanes)
+    taps = geom.R * geom.S * (rows * cols * itemsize + DIRECT_LANES * 8)
+    return threads * (2 * rows * cols * itemsize + taps)
 
 
 def fits(sizes: tuple[int, int], bound: int) -> bool:

@@ -464,6 +464,39 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype):
         np.testing.assert_array_equal(gx, gxs[0])
 
 
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_direct_depthwise_weight_grad_batches_of_images(dtype, dilation):
+    """The stride-1 direct weight gradient of a depthwise layer sums each tap's products over
+    batches of images per position, then the batches in float64 lanes: a batch that ends
+    inside the plane loop (17 images: 8 + 8 + 1) and a batch of one image match the
+    reference, and one thread and two give the same bits."""
+    import numba
+
+    from fastconv.kernels import cpu_depthwise
+
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((17, 5, 13, 11)).astype(dtype)
+    w = rng.standard_normal((5, 1, 3, 5)).astype(dtype)
+    geom = conv_geometry(x.shape, w.shape, 1, (1, 2), dilation, 5)
+    gy = rng.standard_normal(geom.output_shape).astype(dtype)
+    ref = reference.conv2d_weight_grad(x, gy, geom)
+    assert cpu_depthwise.WGRAD_IMAGES < x.shape[0]
+    for nb in (1, cpu_depthwise.WGRAD_IMAGES, x.shape[0]):
+        gw = np.full(w.shape, np.nan, dtype)
+        cpu_depthwise._weight_grad_s1(x, gy, gw, 1, 2, dilation, dilation, nb)
+        assert_close(gw, ref)
+    before = numba.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            outs.append(cpu.conv2d_weight_grad(x, gy, geom, _algo("direct")))
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert_close(outs[0], ref)
+
+
 def test_direct_weight_grad_gemm_same_bits_for_any_thread_count(dtype):
     """The ungrouped stride-1 direct weight gradient sums fixed tasks of images (GEMMs from
     the workers) in task order: one thread and two give the same bits, and it matches the
