@@ -21,8 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import _im2col_rows_flat, valid_range
-from .cpu_workspace import (BLAS_SERIAL_MACS, DIRECT_LANES as LANES, direct_plane_bytes,
-                            group_gemms, workspace_bound)
+from .cpu_workspace import (BLAS_SERIAL_MACS, direct_plane_bytes, group_gemms,
+                            workspace_bound)
 
 
 @njit(parallel=True, cache=True)
@@ -607,9 +607,11 @@ WGRAD_IMAGES = 8
 def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw, nb):
     """Per (filter, channel) task: ``part[tap, f]`` sums ``dy[f] * xpad[f + offset of tap]``
     (padded row stride, the data's dtype) over a batch of ``nb`` images in image order; each
-    batch's sums then go into float64 lane ``f % LANES`` of their tap in increasing ``f``, and
-    the lanes are summed in order at the end. A fixed order: the same bits for any thread
-    count."""
+    batch's sums of output column ``q`` then go into the tap's float64 lane ``q``, rows in
+    order, and the lanes are summed in order at the end. A fixed order: the same bits for any
+    thread count. The padded row's extra columns are computed but never summed: there ``dy``
+    is zero and ``xpad`` the next row's pixels, and a zero times an infinite pixel would make
+    the sum NaN."""
     N, C, H, W = x.shape
     K, Cg, R, S = gw.shape
     P, Q = grad_output.shape[2], grad_output.shape[3]
@@ -624,7 +626,7 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw, nb):
         xp = np.zeros(Hp * Wp + (S - 1) * dw, dtype=x.dtype)
         dyp = np.zeros(L, dtype=x.dtype)         # grad_output with x's padded row stride
         part = np.empty((R * S, L), dtype=x.dtype)
-        lanes = np.zeros((R * S, LANES))         # float64, fixed order: reproducible
+        lanes = np.zeros((R * S, Q))             # float64, fixed order: reproducible
         for n0 in range(0, N, nb):
             for n in range(n0, min(N, n0 + nb)):
                 _pad_plane(xf, (n * C + c) * H * W, H, W, xp, Hp, Wp, pt, pl)
@@ -640,11 +642,11 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw, nb):
                                 acc[f] += dyp[f] * v[f]
             for t in range(R * S):
                 tap = lanes[t]
-                for b0 in range(0, L, LANES):
+                for p in range(P):
                     # slices indexed by the bare loop variable: the loop vectorises
-                    a = part[t, b0:b0 + min(LANES, L - b0)]
-                    for e in range(a.shape[0]):
-                        tap[e] += a[e]
+                    a = part[t, p * Wp:p * Wp + Q]
+                    for q in range(Q):
+                        tap[q] += a[q]
         for r in range(R):
             for s in range(S):
                 gw[k, cl, r, s] = lanes[r * S + s].sum()

@@ -159,3 +159,37 @@ def test_inf_pixel(variant):
     assert bad[window].all()
     if not variant.startswith("winograd"):
         np.testing.assert_array_equal(bad, window)
+
+
+@pytest.mark.parametrize("variant", [v.values[0] for v in _cpu_variants()
+                                     if not v.values[0].startswith("winograd")])
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_inf_pixel_weight_grad(variant, groups):
+    """An infinite pixel at the start of a row reaches only the weight gradient's taps that
+    read it: the others stay finite and match the reference (the stride-1 direct kernels run
+    over rows padded past the last column, where a zero times the next row's infinite pixel
+    once made every tap NaN)."""
+    from test_cpu_conv import _algo
+
+    from fastconv import reference
+    from fastconv._args import conv_geometry
+    from fastconv.kernels import cpu
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 8, 9, 7)).astype(np.float32)
+    x[1, 3, 4, 0] = np.inf
+    if variant.startswith("gemm1x1"):
+        w_shape, pad = (8, 8 // groups, 1, 1), 0
+    else:
+        w_shape, pad = (8, 8 // groups, 3, 3), 1
+    geom = conv_geometry(x.shape, w_shape, 1, pad, 1, groups)
+    gy = rng.standard_normal(geom.output_shape).astype(np.float32)
+    try:
+        gw = cpu.conv2d_weight_grad(x, gy, geom, _algo(variant))
+    except ValueError:
+        pytest.skip(f"{variant} does not run groups={groups}")
+    ref = reference.conv2d_weight_grad(x.astype(np.float64), gy.astype(np.float64), geom)
+    np.testing.assert_array_equal(np.isfinite(gw), np.isfinite(ref))
+    assert not np.isfinite(ref).all() and np.isfinite(ref).any()
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(gw[finite], ref[finite], rtol=1e-5, atol=1e-5)
