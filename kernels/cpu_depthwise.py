@@ -599,7 +599,9 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads):
 # about a fifth of the kernel (float32, 2 threads, alternating with the old kernel: depthwise
 # 3x3, 8 x 144 x 28 x 28: 0.77-1.32 -> 0.65-0.89 ms; 7x7, 96 x 28 x 28: 2.6-2.9 -> 2.2-2.3);
 # a float32 sum of 8 products loses little. Four images a pass (one load and store of the
-# sums per four products) measured no faster.
+# sums per four products) measured no faster; nor did the stride-2 kernel with sums per
+# position (its rows are short: 0.73-1.01 -> 0.86-1.25 ms on 8 x 96 x 56 x 56, 3x3), which
+# keeps one float64 lane per output column.
 WGRAD_IMAGES = 8
 
 
