@@ -654,6 +654,60 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw, nb):
                 gw[k, cl, r, s] = lanes[r * S + s].sum()
 
 
+@njit(parallel=True, cache=True)
+def _weight_grad_s1_flat(x, grad_output, gw, pt, pl, dh, dw, nb):
+    """:func:`_weight_grad_s1` for outputs as wide as the input (``Q == W``), without padded
+    copies: ``dy`` and ``x`` planes share their row stride, so tap ``(r, s)`` is one flat
+    product loop over the output rows whose input rows exist, reading ``x`` at a fixed
+    offset. The columns whose input pixel lies in the padding (where the flat read wraps
+    onto a neighbouring row) are computed but never summed: each tap's float64 lanes take
+    only its valid columns. The sums of the padded kernel less its exact zeros: the same
+    bits."""
+    N, C, H, W = x.shape
+    K, Cg, R, S = gw.shape
+    P, Q = grad_output.shape[2], grad_output.shape[3]
+    Kg = K // (C // Cg)
+    L = P * Q
+    xf, dyf = x.reshape(x.size), grad_output.reshape(grad_output.size)
+    for task in prange(K * Cg):
+        k = task // Cg
+        cl = task - k * Cg
+        c = (k // Kg) * Cg + cl
+        part = np.empty((R * S, L), dtype=x.dtype)
+        lanes = np.zeros((R * S, Q))             # float64, fixed order: reproducible
+        for n0 in range(0, N, nb):
+            for n in range(n0, min(N, n0 + nb)):
+                x0, d0 = (n * C + c) * H * W, (n * K + k) * L
+                for r in range(R):
+                    p_lo, p_hi = max(0, pt - r * dh), min(P, H + pt - r * dh)
+                    for s in range(S):
+                        q_lo, q_hi = valid_range(Q, W, 1, s * dw - pl)
+                        if p_lo >= p_hi or q_lo >= q_hi:
+                            continue
+                        f0, f1 = p_lo * Q + q_lo, (p_hi - 1) * Q + q_hi
+                        o = x0 + f0 + (r * dh - pt) * W + s * dw - pl
+                        # slices indexed by the bare loop variable: the loop vectorises
+                        a, d, v = part[r * S + s, f0:f1], dyf[d0 + f0:d0 + f1], xf[o:o + f1 - f0]
+                        if n == n0:
+                            for e in range(f1 - f0):
+                                a[e] = d[e] * v[e]
+                        else:
+                            for e in range(f1 - f0):
+                                a[e] += d[e] * v[e]
+            for r in range(R):
+                p_lo, p_hi = max(0, pt - r * dh), min(P, H + pt - r * dh)
+                for s in range(S):
+                    q_lo, q_hi = valid_range(Q, W, 1, s * dw - pl)
+                    tap = lanes[r * S + s, q_lo:q_hi]
+                    for p in range(p_lo, p_hi):
+                        a = part[r * S + s, p * Q + q_lo:p * Q + q_hi]
+                        for q in range(q_hi - q_lo):
+                            tap[q] += a[q]
+        for r in range(R):
+            for s in range(S):
+                gw[k, cl, r, s] = lanes[r * S + s].sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # Ungrouped stride-1 weight gradient (the thin 3x3 layers): im2col of a few output rows at a
 # time and a small GEMM in BLAS, issued from Numba's worker threads. Called from a worker,
@@ -844,7 +898,8 @@ def weight_grad(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarra
     gw = np.empty(geom.weight_shape, dtype=x.dtype)
     if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
-        _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw, WGRAD_IMAGES)
+        kernel = _weight_grad_s1_flat if geom.Q == geom.W else _weight_grad_s1
+        kernel(x, grad_output, gw, pt, pl, dh, dw, WGRAD_IMAGES)
     elif _stride2(geom, x.dtype.itemsize, algo):
         _weight_grad_s2(x, grad_output, gw, geom.padding[0], geom.padding[2])
     else:

@@ -473,7 +473,8 @@ def test_direct_depthwise_weight_grad_batches_of_images(dtype, dilation):
     """The stride-1 direct weight gradient of a depthwise layer sums each tap's products over
     batches of images per position, then the batches in float64 lanes: a batch that ends
     inside the plane loop (17 images: 8 + 8 + 1) and a batch of one image match the
-    reference, and one thread and two give the same bits."""
+    reference, the kernel without padded copies (outputs as wide as the input: dilation 1
+    here) gives the bits of the padded one, and one thread and two give the same bits."""
     import numba
 
     from fastconv.kernels import cpu_depthwise
@@ -489,6 +490,11 @@ def test_direct_depthwise_weight_grad_batches_of_images(dtype, dilation):
         gw = np.full(w.shape, np.nan, dtype)
         cpu_depthwise._weight_grad_s1(x, gy, gw, 1, 2, dilation, dilation, nb)
         assert_close(gw, ref)
+        if geom.Q == geom.W:
+            flat = np.full(w.shape, np.nan, dtype)
+            cpu_depthwise._weight_grad_s1_flat(x, gy, flat, 1, 2, dilation, dilation, nb)
+            np.testing.assert_array_equal(flat, gw)
+    assert (geom.Q == geom.W) == (dilation == 1)
     before = numba.get_num_threads()
     try:
         outs = []
