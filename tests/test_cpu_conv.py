@@ -333,11 +333,13 @@ def test_winograd_tile_choice():
         assert rules.choose("forward", geom, np.float32, precision="fp32",
                             workspace_bytes=2**28).name == "im2col"
     # r3x3_14: F(2x2), whose 7x7 tiles cover the 14x14 plane exactly (F(4x4)'s cover 16x16);
-    # a small plane fused up to 256 x 256 channels, from 4 images of 14x14; past that batched
-    # where it saves enough
+    # a small plane fused from 64 x 64 up to 256 x 256 channels, from 4 images of 14x14; past
+    # that batched where it saves enough
     wide_14 = conv_geometry((8, 512, 14, 14), (512, 512, 3, 3), 1, 1, 1, 1)
+    narrow_12 = conv_geometry((8, 64, 12, 12), (64, 64, 3, 3), 1, 1, 1, 1)
     for op in ("forward", "input_grad", "weight_grad"):
-        for geom, layout in ((r3x3_14, "fused"), (half_14, "fused"), (wide_14, "batched")):
+        for geom, layout in ((r3x3_14, "fused"), (half_14, "fused"), (wide_14, "batched"),
+                             (narrow_12, "fused")):
             algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
             assert (algo.name, algo.get("tile"), algo.get("layout")) == ("winograd", 2, layout)
     # Up to 128 x 128 channels the fused layout (its block GEMMs cut into pieces BLAS keeps

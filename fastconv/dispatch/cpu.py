@@ -33,10 +33,10 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    transformed, BLAS-threaded GEMMs over all their tiles) is taken where a cost model of its
    GEMM columns, tile transforms and filter transform undercuts im2col's multiply-adds by 44%
    (see _batched_tile): ResNet's 14x14 x 256 at batch 8 with F(2x2), not at batch 4 or on
-   7x7 planes. Except for small planes (10x10 to 20x20, at least 4 images of 14x14) with up
-   to 256 x 256 channels: there all three ops run fused F(2x2) (faster than either, and no
-   BLAS threads left spinning beside the next op; see WINOGRAD_SMALL_PLANE). Planes wider
-   than the
+   7x7 planes. Small planes (10x10 to 20x20, at least 4 images of 14x14) with 64 x 64 to
+   256 x 256 channels run fused F(2x2) instead, all three ops (faster than im2col or the
+   batched layout, and no BLAS threads left spinning beside the next op; see
+   WINOGRAD_SMALL_PLANE). Planes wider than the
    transforms' scratch rows hold (about 2000 columns with F(4x4), 1000 with F(2x2); see
    ``cpu_workspace.winograd_row_fits``) take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
@@ -108,25 +108,29 @@ WINOGRAD_MAX_CHANNEL_PRODUCT = 128 * 128
 WINOGRAD_FILTER_COST = 40
 WINOGRAD_TRANSFORM_WEIGHT = {2: 1.0, 4: 1.3}
 WINOGRAD_BATCHED_GAIN = 0.56
-# From 128 x 128 to 256 x 256 channels, small planes (pixels in this range, at least
+# From 64 x 64 to 256 x 256 channels, small planes (pixels in this range, at least
 # WINOGRAD_SMALL_MIN_PIXELS over the batch) run the fused layout with F(2x2) after all, all
-# three ops: its thin block GEMMs cost less there than the batched layout's threaded GEMMs
-# and whole-batch transforms, and no BLAS thread pool is left spinning beside the next op's
-# workers (a fused forward and input gradient after a batched weight gradient were slower
-# than all three batched). Measured, float32, 2 threads, alternating with the other choices
-# and PyTorch, the suite's pause before each (median ms). Forward / input grad, fused F(2x2)
-# against batched F(2x2), im2col: 14x14 x 256, N=8: 4.5 / 6.0 against 6.7 / 7.1, 8.7 / 8.7;
-# N=16: 10.5 / 10.4 against 14.5 / 14.1, 18.7 / 18.5; N=4: 2.7 / 2.8 against 3.9 / 3.4, 3.9
-# / 5.5; 14x14 x 192: 3.9 / 3.7 against 4.5 / 5.4, 6.6 / 6.3. Forward, input and weight
-# gradient in sequence, all fused against all batched, all im2col (PyTorch): 14x14 x 256,
-# N=8: 17.5 and 20.5 against 20.6 and 27.6, 24.6 (18.5 and 20.6); N=16: 45.1 against 50.5,
-# 53.3 (43.8); N=4: 13.2 against 14.6, 13.4 (11.2); 14x14 x 192: 10.5 against 13.0, 15.9
-# (11.8). Not at 512 x 512 channels (14x14, N=8: 104 against 88 batched), N=2 (forward 2.6
+# three ops: below 128 x 128 its tile transforms cost less than im2col's packing of nine
+# columns per pixel; past it its thin block GEMMs cost less than the batched layout's
+# threaded GEMMs and whole-batch transforms, and no BLAS thread pool is left spinning beside
+# the next op's workers (a fused forward and input gradient after a batched weight gradient
+# were slower than all three batched). Measured, float32, 2 threads, alternating with the
+# other choices and PyTorch, the suite's pause before each (median ms). Forward / input grad,
+# fused F(2x2) against batched F(2x2), im2col: 14x14 x 256, N=8: 4.5 / 6.0 against 6.7 / 7.1,
+# 8.7 / 8.7; N=16: 10.5 / 10.4 against 14.5 / 14.1, 18.7 / 18.5; N=4: 2.7 / 2.8 against 3.9
+# / 3.4, 3.9 / 5.5; 14x14 x 192: 3.9 / 3.7 against 4.5 / 5.4, 6.6 / 6.3; 14x14 x 128, N=8:
+# 2.6 / 2.4 against 3.1 / 4.1, 4.2 / 4.0. Forward, input and weight gradient in sequence, all
+# fused against all batched, all im2col (PyTorch): 14x14 x 256, N=8: 17.5 and 20.5 against
+# 20.6 and 27.6, 24.6 (18.5 and 20.6); N=16: 45.1 against 50.5, 53.3 (43.8); N=4: 13.2
+# against 14.6, 13.4 (11.2); 14x14 x 192: 10.5 against 13.0, 15.9 (11.8); 14x14 x 128, N=8:
+# 5.2 against 8.4, 8.6 (5.3); N=16: 11.5 against 16.1, 22.6 (13.0); 12x12 x 128: 4.4 against
+# 9.0, 7.6 (4.4); 14x14 x 96: 3.2 against 4.8, 6.1 (3.8); 14x14 x 64: 2.6 against 2.9, 2.8
+# (1.9). Not at 512 x 512 channels (14x14, N=8: 104 against 88 batched), N=2 (forward 2.6
 # against 2.4 batched), 7x7 (8 x 256 forward: 2.4 / 3.7 against im2col's 2.9 / 3.0) or 28x28
 # (forward batched F(4x4) 18.6 / 20.8 against 23.7 / 22.1).
 WINOGRAD_SMALL_PLANE = (100, 400)
 WINOGRAD_SMALL_MIN_PIXELS = 784
-WINOGRAD_SMALL_MAX_CHANNEL_PRODUCT = 256 * 256
+WINOGRAD_SMALL_CHANNEL_PRODUCT = (64 * 64, 256 * 256)
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
@@ -146,12 +150,12 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
         return None
     rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
     channels = (geom.C // geom.groups) * (geom.K // geom.groups)
+    if (WINOGRAD_SMALL_CHANNEL_PRODUCT[0] <= channels <= WINOGRAD_SMALL_CHANNEL_PRODUCT[1]
+            and WINOGRAD_SMALL_PLANE[0] <= rows * cols <= WINOGRAD_SMALL_PLANE[1]
+            and geom.N * rows * cols >= WINOGRAD_SMALL_MIN_PIXELS
+            and winograd_row_fits(2, cols)):
+        return 2, "fused"
     if channels > WINOGRAD_MAX_CHANNEL_PRODUCT:
-        if (channels <= WINOGRAD_SMALL_MAX_CHANNEL_PRODUCT
-                and WINOGRAD_SMALL_PLANE[0] <= rows * cols <= WINOGRAD_SMALL_PLANE[1]
-                and geom.N * rows * cols >= WINOGRAD_SMALL_MIN_PIXELS
-                and winograd_row_fits(2, cols)):
-            return 2, "fused"
         m = _batched_tile(geom.N, rows, cols)
         return None if m is None or not winograd_row_fits(m, cols) else (m, "batched")
     if rows * cols < (WINOGRAD_MIN_PIXELS_WIDE if channels >= 64 * 64 else WINOGRAD_MIN_PIXELS):
