@@ -24,8 +24,8 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    OpenBLAS's threads spinning beside Numba's and slowed the next kernels 1.8x.
 4. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
    group: F(4x4, 3x3) does 4x fewer multiplies than a direct 3x3, F(2x2, 3x3) 2.25x.
-   Up to 128 x 128 channels (``Cg * Kg``) on an output plane of at least 32x32 (28x28 from
-   64 x 64 channels) the kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks
+   Up to 128 x 128 channels (``Cg * Kg``) on an output plane of at least 28x28 (32x32
+   with fewer than 16 channels per group on a side) the kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks
    of tile rows of one image transformed, multiplied and inverse-transformed in a per-thread
    buffer; block GEMMs in pieces BLAS keeps single-threaded), with the tile that covers the
    output with the fewest transform points. With fewer channels the tile transforms
@@ -79,12 +79,18 @@ DIRECT_WGRAD_MAX = 100
 WINOGRAD_MIN_CHANNELS = 8
 # Channels (in or out) below which an ungrouped 3x3 stride-1 layer runs direct (rule 3).
 THIN_3X3_CHANNELS = 8
-# Pixels of the tiled plane from which the fused Winograd beats im2col (see rule 4), and from
-# which it does with at least 64 x 64 channels per group. Measured, float32, 2 threads,
-# SkylakeX OpenBLAS, forward and weight gradient, im2col against fused F(4x4) (ms): 28x28 x
-# 64, N=8: 3.9 / 3.1 and 4.2 / 3.3; 28x28 x 128: 11.2 / 7.1 and 13.5 / 7.6.
-WINOGRAD_MIN_PIXELS = 1024
-WINOGRAD_MIN_PIXELS_WIDE = 784
+# Pixels of the tiled plane from which the fused Winograd beats im2col (see rule 4). Measured,
+# float32, 2 threads, SkylakeX OpenBLAS, forward and weight gradient, im2col against fused
+# F(4x4) (ms): 28x28 x 64, N=8: 3.9 / 3.1 and 4.2 / 3.3; 28x28 x 128: 11.2 / 7.1 and 13.5 /
+# 7.6; with fewer channels (median ms, forward / input grad / weight grad, alternating, the
+# suite's pause before each): 28x28 x 32, N=8: 0.95 / 1.02 / 1.22 against 2.24 / 2.13 /
+# 2.45; x 48: 1.59 / 1.64 / 2.11 against 3.34 / 3.28 / 4.07; x 16: 0.57 / 0.50 / 0.55
+# against 0.73 / 1.11 / 0.78; the three in sequence at N=1 and 2 (16 and 32 channels) tie;
+# grouped, 32 x 32 per group (8 x 256 x 28 x 28): 7.0 / 6.7 / 12.2 against 12.6 / 14.7 /
+# 13.7. With fewer than 16 channels per group on one side from 32x32 only (8 in, 32 out per
+# group, 28x28, input gradient: 5.7 against im2col's 5.0).
+WINOGRAD_MIN_PIXELS = 784
+WINOGRAD_MIN_PIXELS_THIN = 1024
 # Largest Cg * Kg for the fused layout. Its block GEMMs run in the workers, cut into pieces
 # that BLAS keeps single-threaded (``cpu_workspace.BLAS_SERIAL_MACS``): threaded by OpenBLAS
 # inside the workers they collapsed (r3x3_14, 256 x 256 channels, F(2x2): 56-1180 ms against
@@ -158,7 +164,8 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
     if channels > WINOGRAD_MAX_CHANNEL_PRODUCT:
         m = _batched_tile(geom.N, rows, cols)
         return None if m is None or not winograd_row_fits(m, cols) else (m, "batched")
-    if rows * cols < (WINOGRAD_MIN_PIXELS_WIDE if channels >= 64 * 64 else WINOGRAD_MIN_PIXELS):
+    thin = min(geom.C, geom.K) // geom.groups < 16
+    if rows * cols < (WINOGRAD_MIN_PIXELS_THIN if thin else WINOGRAD_MIN_PIXELS):
         return None
     cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
     m = min(cost, key=cost.get)
