@@ -309,9 +309,16 @@ def test_grouped_stride1_layers_run_direct():
     # strided 1x1 (ResNet's downsampling shortcut): GEMMs on the subsampled pixels
     s2_1x1 = conv_geometry((8, 256, 28, 28), (512, 256, 1, 1), 2, 0, 1, 1)
     assert algos(s2_1x1) == ["gemm1x1"] * 3
-    # the input gradient's reduction runs over the filters of a group
+    # the input gradient's reduction runs over the filters of a group; with few outputs per
+    # group (8 input channels) it stays direct up to 576, the forward up to 16 filters
     wide_k = conv_geometry((8, 64, 28, 28), (256, 8, 3, 3), 1, 1, 1, 8)  # 8 in, 32 out
-    assert algos(wide_k) == ["direct", "im2col", "direct"]
+    assert algos(wide_k) == ["direct"] * 3
+    wider_k = conv_geometry((8, 64, 28, 28), (1024, 8, 3, 3), 1, 1, 1, 8)  # 8 in, 128 out
+    assert algos(wider_k)[1] != "direct"
+    thin_k = conv_geometry((8, 256, 28, 28), (128, 32, 3, 3), 1, 1, 1, 8)  # 32 in, 16 out
+    assert algos(thin_k)[0] == "direct"
+    wide_c = conv_geometry((8, 128, 28, 28), (256, 16, 3, 3), 1, 1, 1, 8)  # 16 in, 32 out
+    assert algos(wide_c)[1] != "direct"
     # the weight gradient's per-group GEMMs need 2 filters and 16 to 100 of Cg R S per group
     thin = conv_geometry((8, 64, 28, 28), (64, 1, 3, 3), 1, 1, 1, 64)       # depthwise
     wide = conv_geometry((8, 512, 28, 28), (256, 32, 3, 3), 1, 1, 1, 16)    # 288 per group

@@ -6,8 +6,10 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    would multiply matrices too thin to block; loops over the taps need no workspace.
    1b. ``direct`` also for the forward and input gradient of other grouped stride-1 layers
    whose reduction per output (``Cg R S``, or ``Kg R S`` for the input gradient) is at most
-   144 (16 channels per group at 3x3): the padded-plane passes beat im2col's thin GEMMs and
-   the grouped Winograd 1.3-3x; and for their weight gradient with at least 2 filters and a
+   144 (16 channels per group at 3x3), or 576 when the op has few outputs per group (at
+   most 16 filters forward, 8 input channels for the input gradient): the padded-plane
+   passes beat im2col's thin GEMMs and the grouped Winograd 1.3-3x; and for their weight
+   gradient with at least 2 filters and a
    ``Cg R S`` of 16 to 100 per group: im2col rows of one group at a time and its GEMM,
    issued from the worker threads (1.5-4x faster than im2col over the whole layer).
 2. ``gemm1x1`` for 1x1 unpadded layers: the input already is the GEMM operand (strided: the
@@ -69,6 +71,18 @@ DIRECT_MAX_REDUCTION = 64
 # 1.0-1.2 / 3.4-5.3 and 1.0-1.7 / 3.0-4.4. At 32 per group (288) the forward ties im2col on
 # 28x28 and the input gradient loses to Winograd on 56x56, so the bound stays at 144.
 DIRECT_GROUPED_MAX_REDUCTION = 144
+# Beyond it, up to DIRECT_THIN_MAX_REDUCTION, an op whose outputs per group are few (filters
+# forward, input channels for the input gradient; at most DIRECT_THIN_OUTPUTS) still runs
+# direct: the GEMMs of im2col and Winograd are that thin. Measured, float32, 2 threads, N=8,
+# 3x3, 8 groups, alternating, the suite's pause before each (median ms; direct against the
+# fused Winograd F(4x4), im2col). Forward, Cg -> Kg per group at 28x28: 32 -> 8 3.6 against
+# 4.6, 8.7; 64 -> 8 3.9 against 8.0, 17.8; 32 -> 16 4.0 against 4.9, 14.8; 32 -> 8 at 56x56
+# 5.6 against 9.8, 45.7. Input gradient (its outputs Cg): Kg 32 -> Cg 8 at 28x28 3.8 against
+# 4.5, 3.9 (2.2 against 5.7, 5.0 in another run); 64 -> 8 3.8 against 7.6, 5.6; 32 -> 8 at
+# 56x56 5.7 against 10.0, 11.9. Not the input gradient at 16 outputs (32 -> 16 at 28x28: 6.1
+# against Winograd's 3.7).
+DIRECT_THIN_OUTPUTS = {"forward": 16, "input_grad": 8}
+DIRECT_THIN_MAX_REDUCTION = 576
 # The same for their weight gradient, per-group GEMMs (``Cg R S``): up to 100 it was 1.5-4x
 # faster than im2col and the fused Winograd (see ``cpu_workspace.GEMM_MIN_FILTERS``); at 144
 # (16 per group, 3x3) it tied them alone (28x28 x 256: 6.5-10.9 against im2col 9.4-16.1;
@@ -187,7 +201,8 @@ def _batched_tile(N: int, rows: int, cols: int) -> Optional[int]:
 
 def _grouped_direct(op: str, geom: ConvGeometry) -> bool:
     """Whether a grouped stride-1 layer runs direct (rule 1b): the op's reduction per output
-    (``Cg R S`` forward, ``Kg R S`` input gradient) is at most ``DIRECT_GROUPED_MAX_REDUCTION``;
+    (``Cg R S`` forward, ``Kg R S`` input gradient) is at most ``DIRECT_GROUPED_MAX_REDUCTION``,
+    or ``DIRECT_THIN_MAX_REDUCTION`` with few outputs per group (``DIRECT_THIN_OUTPUTS``);
     the weight gradient when its per-group GEMMs apply (``cpu_workspace.group_gemms``) up to
     ``DIRECT_WGRAD_MAX``."""
     if geom.groups == 1 or geom.stride != (1, 1) or geom.R * geom.S == 1:
@@ -195,7 +210,9 @@ def _grouped_direct(op: str, geom: ConvGeometry) -> bool:
     Cg, Kg, RS = geom.C // geom.groups, geom.K // geom.groups, geom.R * geom.S
     if op == "weight_grad":
         return group_gemms(geom) and Cg * RS <= DIRECT_WGRAD_MAX
-    return (Cg if op == "forward" else Kg) * RS <= DIRECT_GROUPED_MAX_REDUCTION
+    ins, outs = (Cg, Kg) if op == "forward" else (Kg, Cg)
+    return (ins * RS <= DIRECT_GROUPED_MAX_REDUCTION
+            or (outs <= DIRECT_THIN_OUTPUTS[op] and ins * RS <= DIRECT_THIN_MAX_REDUCTION))
 
 
 # How the direct weight gradient of a grouped layer runs when ``group_gemms`` holds.
