@@ -87,6 +87,26 @@ def _input_grad(weight, grad_output, gx, sh, sw, pt, pl, dh, dw):
                                 gf[dst + q * usw] += wv * dyf[src + q]
 
 
+@njit(cache=True, inline="always")
+def _wgrad_task(task, Cg, Kg):
+    """Filter ``k``, its channel ``cl`` within the group and the input channel ``c`` of a
+    weight-gradient task (one per filter and channel of its group)."""
+    k = task // Cg
+    cl = task - k * Cg
+    return k, cl, (k // Kg) * Cg + cl
+
+
+@njit(cache=True)
+def _products(a, d, v, first):
+    """``a = d * v`` (``first``) or ``a += d * v``, elementwise over equal-length slices."""
+    if first:
+        for e in range(a.shape[0]):
+            a[e] = d[e] * v[e]
+    else:
+        for e in range(a.shape[0]):
+            a[e] += d[e] * v[e]
+
+
 @njit(parallel=True, cache=True)
 def _weight_grad(x, grad_output, gw, sh, sw, pt, pl, dh, dw):
     N, C, H, W = x.shape
@@ -96,9 +116,7 @@ def _weight_grad(x, grad_output, gw, sh, sw, pt, pl, dh, dw):
     xf, dyf = x.reshape(x.size), grad_output.reshape(grad_output.size)
     usw = np.uint64(sw)
     for task in prange(K * Cg):
-        k = task // Cg
-        cl = task - k * Cg
-        c = (k // Kg) * Cg + cl
+        k, cl, c = _wgrad_task(task, Cg, Kg)
         lanes = np.empty(Q)     # one float64 accumulator per q: vectorises, fixed order
         for r in range(R):
             for s in range(S):
@@ -514,9 +532,7 @@ def _weight_grad_s2(x, grad_output, gw, pt, pl):
     PS = Hh * Wh + (S - 1) // 2 + 1
     xf = x.reshape(x.size)
     for task in prange(K * Cg):
-        k = task // Cg
-        cl = task - k * Cg
-        c = (k // Kg) * Cg + cl
+        k, cl, c = _wgrad_task(task, Cg, Kg)
         ph = np.zeros(4 * PS, dtype=x.dtype)
         lanes = np.zeros((R * S, Q))
         for n in range(N):
@@ -622,9 +638,7 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw, nb):
     L = P * Wp
     xf, dyf = x.reshape(x.size), grad_output.reshape(grad_output.size)
     for task in prange(K * Cg):
-        k = task // Cg
-        cl = task - k * Cg
-        c = (k // Kg) * Cg + cl
+        k, cl, c = _wgrad_task(task, Cg, Kg)
         xp = np.zeros(Hp * Wp + (S - 1) * dw, dtype=x.dtype)
         dyp = np.zeros(L, dtype=x.dtype)         # grad_output with x's padded row stride
         part = np.empty((R * S, L), dtype=x.dtype)
@@ -635,13 +649,8 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw, nb):
                 _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, P, Wp, 0, 0)
                 for r in range(R):
                     for s in range(S):
-                        acc, v = part[r * S + s], xp[r * dh * Wp + s * dw:]
-                        if n == n0:
-                            for f in range(np.uint64(L)):
-                                acc[f] = dyp[f] * v[f]
-                        else:
-                            for f in range(np.uint64(L)):
-                                acc[f] += dyp[f] * v[f]
+                        off = r * dh * Wp + s * dw
+                        _products(part[r * S + s], dyp, xp[off:off + L], n == n0)
             for t in range(R * S):
                 tap = lanes[t]
                 for p in range(P):
@@ -670,9 +679,7 @@ def _weight_grad_s1_flat(x, grad_output, gw, pt, pl, dh, dw, nb):
     L = P * Q
     xf, dyf = x.reshape(x.size), grad_output.reshape(grad_output.size)
     for task in prange(K * Cg):
-        k = task // Cg
-        cl = task - k * Cg
-        c = (k // Kg) * Cg + cl
+        k, cl, c = _wgrad_task(task, Cg, Kg)
         part = np.empty((R * S, L), dtype=x.dtype)
         lanes = np.zeros((R * S, Q))             # float64, fixed order: reproducible
         for n0 in range(0, N, nb):
@@ -686,14 +693,8 @@ def _weight_grad_s1_flat(x, grad_output, gw, pt, pl, dh, dw, nb):
                             continue
                         f0, f1 = p_lo * Q + q_lo, (p_hi - 1) * Q + q_hi
                         o = x0 + f0 + (r * dh - pt) * W + s * dw - pl
-                        # slices indexed by the bare loop variable: the loop vectorises
-                        a, d, v = part[r * S + s, f0:f1], dyf[d0 + f0:d0 + f1], xf[o:o + f1 - f0]
-                        if n == n0:
-                            for e in range(f1 - f0):
-                                a[e] = d[e] * v[e]
-                        else:
-                            for e in range(f1 - f0):
-                                a[e] += d[e] * v[e]
+                        _products(part[r * S + s, f0:f1], dyf[d0 + f0:d0 + f1],
+                                  xf[o:o + f1 - f0], n == n0)
             for r in range(R):
                 p_lo, p_hi = max(0, pt - r * dh), min(P, H + pt - r * dh)
                 for s in range(S):
