@@ -97,6 +97,27 @@ def _wgrad_task(task, Cg, Kg):
 
 
 @njit(cache=True)
+def _add_rows(tap, part, row, p_lo, p_hi, q_lo, q_hi):
+    """``tap[q] += part[p * row + q]`` for rows ``p_lo <= p < p_hi`` in order and columns
+    ``q_lo <= q < q_hi``: one batch's per-position sums of a tap into its float64 lanes."""
+    lanes = tap[q_lo:q_hi]
+    for p in range(p_lo, p_hi):
+        # slices indexed by the bare loop variable: the loop vectorises
+        a = part[p * row + q_lo:p * row + q_hi]
+        for q in range(q_hi - q_lo):
+            lanes[q] += a[q]
+
+
+@njit(cache=True)
+def _tap_sums(gw_kc, lanes):
+    """``gw_kc[r, s]``: the sum, in order, of tap ``(r, s)``'s float64 lanes."""
+    R, S = gw_kc.shape
+    for r in range(R):
+        for s in range(S):
+            gw_kc[r, s] = lanes[r * S + s].sum()
+
+
+@njit(cache=True)
 def _products(a, d, v, first):
     """``a = d * v`` (``first``) or ``a += d * v``, elementwise over equal-length slices."""
     if first:
@@ -548,9 +569,7 @@ def _weight_grad_s2(x, grad_output, gw, pt, pl):
                         d, t = dy[p, q_lo:], ph[o + p * Wh:o + p * Wh + Q - q_lo]
                         for q in range(Q - q_lo):
                             acc[q] += d[q] * t[q]
-        for r in range(R):
-            for s in range(S):
-                gw[k, cl, r, s] = lanes[r * S + s].sum()
+        _tap_sums(gw[k, cl], lanes)
 
 
 @njit(parallel=True, cache=True)
@@ -652,15 +671,8 @@ def _weight_grad_s1(x, grad_output, gw, pt, pl, dh, dw, nb):
                         off = r * dh * Wp + s * dw
                         _products(part[r * S + s], dyp, xp[off:off + L], n == n0)
             for t in range(R * S):
-                tap = lanes[t]
-                for p in range(P):
-                    # slices indexed by the bare loop variable: the loop vectorises
-                    a = part[t, p * Wp:p * Wp + Q]
-                    for q in range(Q):
-                        tap[q] += a[q]
-        for r in range(R):
-            for s in range(S):
-                gw[k, cl, r, s] = lanes[r * S + s].sum()
+                _add_rows(lanes[t], part[t], Wp, 0, P, 0, Q)
+        _tap_sums(gw[k, cl], lanes)
 
 
 @njit(parallel=True, cache=True)
@@ -699,14 +711,8 @@ def _weight_grad_s1_flat(x, grad_output, gw, pt, pl, dh, dw, nb):
                 p_lo, p_hi = max(0, pt - r * dh), min(P, H + pt - r * dh)
                 for s in range(S):
                     q_lo, q_hi = valid_range(Q, W, 1, s * dw - pl)
-                    tap = lanes[r * S + s, q_lo:q_hi]
-                    for p in range(p_lo, p_hi):
-                        a = part[r * S + s, p * Q + q_lo:p * Q + q_hi]
-                        for q in range(q_hi - q_lo):
-                            tap[q] += a[q]
-        for r in range(R):
-            for s in range(S):
-                gw[k, cl, r, s] = lanes[r * S + s].sum()
+                    _add_rows(lanes[r * S + s], part[r * S + s], Q, p_lo, p_hi, q_lo, q_hi)
+        _tap_sums(gw[k, cl], lanes)
 
 
 # ---------------------------------------------------------------------------------------------
