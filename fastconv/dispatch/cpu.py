@@ -26,21 +26,20 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    OpenBLAS's threads spinning beside Numba's and slowed the next kernels 1.8x.
 4. ``winograd`` for 3x3 stride-1 undilated layers with at least 8 channels in and out per
    group: F(4x4, 3x3) does 4x fewer multiplies than a direct 3x3, F(2x2, 3x3) 2.25x.
-   Up to 128 x 128 channels (``Cg * Kg``) on an output plane of at least 28x28 (32x32
-   with fewer than 16 channels per group on a side) the kernel is fused and cache-blocked (``kernels/cpu_winograd``: blocks
-   of tile rows of one image transformed, multiplied and inverse-transformed in a per-thread
-   buffer; block GEMMs in pieces BLAS keeps single-threaded), with the tile that covers the
-   output with the fewest transform points. With fewer channels the tile transforms
-   dominate. Past 128 x 128 the pieces get thin, and the ``batched`` layout (whole images
-   transformed, BLAS-threaded GEMMs over all their tiles) is taken where a cost model of its
-   GEMM columns, tile transforms and filter transform undercuts im2col's multiply-adds by 44%
-   (see _batched_tile): ResNet's 14x14 x 256 at batch 8 with F(2x2), not at batch 4 or on
-   7x7 planes. Small planes (10x10 to 20x20, at least 4 images of 14x14) with 64 x 64 to
-   256 x 256 channels run fused F(2x2) instead, all three ops (faster than im2col or the
-   batched layout, and no BLAS threads left spinning beside the next op; see
-   WINOGRAD_SMALL_PLANE). Planes wider than the
-   transforms' scratch rows hold (about 2000 columns with F(4x4), 1000 with F(2x2); see
-   ``cpu_workspace.winograd_row_fits``) take im2col.
+   Up to 128 x 128 channels (``Cg * Kg``) on an output plane of at least 28x28 (32x32 with
+   fewer than 16 channels per group on a side) the kernel is fused and cache-blocked
+   (``kernels/cpu_winograd``: blocks of tile rows of one image transformed, multiplied and
+   inverse-transformed in a per-thread buffer; block GEMMs in pieces BLAS keeps
+   single-threaded), with the tile that covers the output with the fewest transform points.
+   With fewer channels the tile transforms dominate. Past 128 x 128 the pieces get thin, and
+   the ``batched`` layout (whole images transformed, BLAS-threaded GEMMs over all their tiles)
+   is taken where a cost model of its GEMM columns, tile transforms and filter transform
+   undercuts im2col's multiply-adds by 44% (see _batched_tile): 14x14 x 512 at batch 8 with
+   F(2x2), not on 7x7 planes. Small planes (10x10 to 20x20, at least 4 images of 14x14) with
+   64 x 64 to 256 x 256 channels run fused F(2x2) instead, all three ops (faster than im2col or
+   the batched layout, and no BLAS threads left spinning beside the next op; see
+   WINOGRAD_SMALL_PLANE). Planes wider than the transforms' scratch rows hold (about 2000
+   columns with F(4x4), 1000 with F(2x2); see ``cpu_workspace.winograd_row_fits``) take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
 6. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
@@ -105,6 +104,7 @@ THIN_3X3_CHANNELS = 8
 # group, 28x28, input gradient: 5.7 against im2col's 5.0).
 WINOGRAD_MIN_PIXELS = 784
 WINOGRAD_MIN_PIXELS_THIN = 1024
+WINOGRAD_THIN_CHANNELS = 16
 # Largest Cg * Kg for the fused layout. Its block GEMMs run in the workers, cut into pieces
 # that BLAS keeps single-threaded (``cpu_workspace.BLAS_SERIAL_MACS``): threaded by OpenBLAS
 # inside the workers they collapsed (r3x3_14, 256 x 256 channels, F(2x2): 56-1180 ms against
@@ -178,7 +178,7 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
     if channels > WINOGRAD_MAX_CHANNEL_PRODUCT:
         m = _batched_tile(geom.N, rows, cols)
         return None if m is None or not winograd_row_fits(m, cols) else (m, "batched")
-    thin = min(geom.C, geom.K) // geom.groups < 16
+    thin = min(geom.C, geom.K) // geom.groups < WINOGRAD_THIN_CHANNELS
     if rows * cols < (WINOGRAD_MIN_PIXELS_THIN if thin else WINOGRAD_MIN_PIXELS):
         return None
     cost = {m: (m + 2) ** 2 * -(-rows // m) * -(-cols // m) for m in (4, 2)}
