@@ -168,7 +168,8 @@ def test_inf_pixel_weight_grad(variant, groups):
     """An infinite pixel at the start of a row reaches only the weight gradient's taps that
     read it: the others stay finite and match the reference (the stride-1 direct kernels run
     over rows padded past the last column, where a zero times the next row's infinite pixel
-    once made every tap NaN)."""
+    once made every tap NaN). Two paddings: outputs as wide as the input, and one narrower
+    (a one-sided column pad), which the direct kernels compute on padded copies."""
     from test_cpu_conv import _algo
 
     from fastconv import reference
@@ -179,17 +180,18 @@ def test_inf_pixel_weight_grad(variant, groups):
     x = rng.standard_normal((2, 8, 9, 7)).astype(np.float32)
     x[1, 3, 4, 0] = np.inf
     if variant.startswith("gemm1x1"):
-        w_shape, pad = (8, 8 // groups, 1, 1), 0
+        w_shape, pads = (8, 8 // groups, 1, 1), [0]
     else:
-        w_shape, pad = (8, 8 // groups, 3, 3), 1
-    geom = conv_geometry(x.shape, w_shape, 1, pad, 1, groups)
-    gy = rng.standard_normal(geom.output_shape).astype(np.float32)
-    try:
-        gw = cpu.conv2d_weight_grad(x, gy, geom, _algo(variant))
-    except ValueError:
-        pytest.skip(f"{variant} does not run groups={groups}")
-    ref = reference.conv2d_weight_grad(x.astype(np.float64), gy.astype(np.float64), geom)
-    np.testing.assert_array_equal(np.isfinite(gw), np.isfinite(ref))
-    assert not np.isfinite(ref).all() and np.isfinite(ref).any()
-    finite = np.isfinite(ref)
-    np.testing.assert_allclose(gw[finite], ref[finite], rtol=1e-5, atol=1e-5)
+        w_shape, pads = (8, 8 // groups, 3, 3), [1, ((1, 1), (0, 1))]
+    for pad in pads:
+        geom = conv_geometry(x.shape, w_shape, 1, pad, 1, groups)
+        gy = rng.standard_normal(geom.output_shape).astype(np.float32)
+        try:
+            gw = cpu.conv2d_weight_grad(x, gy, geom, _algo(variant))
+        except ValueError:
+            pytest.skip(f"{variant} does not run groups={groups}")
+        ref = reference.conv2d_weight_grad(x.astype(np.float64), gy.astype(np.float64), geom)
+        np.testing.assert_array_equal(np.isfinite(gw), np.isfinite(ref))
+        assert not np.isfinite(ref).all() and np.isfinite(ref).any()
+        finite = np.isfinite(ref)
+        np.testing.assert_allclose(gw[finite], ref[finite], rtol=1e-5, atol=1e-5)
