@@ -1,6 +1,7 @@
 """fastconv's cpu calls back to back against after a pause, as the suite times them.
 
     python bench/pause.py [--cases cifar3x3,dw3x3_28,r3x3_56] [--pause 0.15] [--repeats 15]
+                          [--probe]
 
 ``bench/conv2d.py`` and ``bench/hinge.py`` precede every timed call with a pause (their
 ``SETTLE_S``) and one untimed call, so that no library runs beside another's spinning thread
@@ -24,15 +25,58 @@ def time_call(fn, pause: float, repeats: int) -> float:
     return common.measure({"fn": fn}, repeats=repeats, settle=pause)["fn"].median
 
 
+def _probe_loop():
+    """A Numba parallel loop that only computes: ``out[i]`` = a chain of ``n`` square roots."""
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def spin(out, n):
+        for i in prange(out.shape[0]):
+            s = 0.0
+            for k in range(n):
+                s += np.sqrt(k + 1.0)
+            out[i] = s
+
+    return spin
+
+
+def probe(pause: float, repeats: int) -> list[dict]:
+    """Rows of the compute-only loop: ms on one thread and on all, and their ratio (the
+    cores a parallel loop gets), back to back and after ``pause``."""
+    import numba
+
+    threads = numba.get_num_threads()
+    spin = _probe_loop()
+    out = np.zeros(8 * threads)
+    n = 2_000_000 // len(out)       # about 2 ms of square roots on one thread
+    spin(out, 10)
+    rows = []
+    for label, p in (("back to back", 0.0), (f"after {pause} s", pause)):
+        numba.set_num_threads(1)
+        one = time_call(lambda: spin(out, n), p, repeats)
+        numba.set_num_threads(threads)
+        every = time_call(lambda: spin(out, n), p, repeats)
+        rows.append({"probe": label, "one_thread_ms": one * 1e3,
+                     f"{threads}_threads_ms": every * 1e3, "cores": one / every})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="cifar3x3,dw3x3_28,r3x3_56")
     parser.add_argument("--pause", type=float, default=suite.SETTLE_S)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--probe", action="store_true",
+                        help="first measure how many cores a compute-only loop gets")
     args = parser.parse_args(argv)
     import numba
 
     import fastconv
+
+    if args.probe:
+        rows = probe(args.pause, args.repeats)
+        print(f"compute-only Numba loop, layer {numba.threading_layer()}")
+        common.print_table(rows, list(rows[0]))
 
     names = args.cases.split(",")
     rows = []
