@@ -48,7 +48,7 @@ def probe(pause: float, repeats: int) -> list[dict]:
     threads = numba.get_num_threads()
     spin = _probe_loop()
     out = np.zeros(8 * threads)
-    n = 2_000_000 // len(out)       # about 2 ms of square roots on one thread
+    n = 2_000_000 // len(out)       # about 4 ms of square roots on one thread (this VM)
     spin(out, 10)
     rows = []
     for label, p in (("back to back", 0.0), (f"after {pause} s", pause)):
