@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 from numba import njit, prange
 
-from .cpu_workspace import (DEFAULT_CHUNK_BYTES, im2col_bytes, plan_chunks,
-                            scratch, workspace_bound)
+from .cpu_workspace import (DEFAULT_CHUNK_BYTES, im2col_bytes, kernel_rows_bytes,
+                            plan_chunks, scratch, workspace_bound)
 
 # Partial sums of the bias gradient per filter (a power of two): 2 KiB of float64 per thread.
 BIAS_GRAD_LANES = 256
@@ -298,6 +298,30 @@ def add_bias(y3, bias):
 
 
 @njit(parallel=True, cache=True)
+def sum_kernel_rows(z, y3, bias, n0, nc, R, step, span):
+    """``y3[n0 + i, k, f] = sum_r z[r*K + k, i*span + r*step + f]`` (``r`` in order, then
+    ``+ bias[k]`` when ``bias`` is not empty) for ``i < nc``, ``f < P*Q``: the products of
+    the ``R`` kernel rows (:func:`forward_kernel_rows`), each shifted down by its row."""
+    K, L = y3.shape[1], y3.shape[2]
+    for task in prange(nc * K):
+        i = task // K
+        k = task - i * K
+        dst = y3[n0 + i, k]
+        src = z[k, i * span:i * span + L]
+        for f in range(L):
+            dst[f] = src[f]
+        for r in range(1, R):
+            o = i * span + r * step
+            src = z[r * K + k, o:o + L]
+            for f in range(L):
+                dst[f] += src[f]
+        if bias.shape[0]:
+            b = bias[k]
+            for f in range(L):
+                dst[f] += b
+
+
+@njit(parallel=True, cache=True)
 def bias_grad(grad_output, out, lanes):
     """``out[k] = sum_{n, p, q} grad_output[n, k, p, q]`` (float64), one thread per ``k``.
 
@@ -398,7 +422,10 @@ def forward_im2col(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]
                    algo) -> np.ndarray:
     """Conv forward by im2col + GEMM. x ``(N, C, H, W)``, weight ``(K, C/G, R, S)``, bias
     ``(K,)`` or None; returns ``(N, K, P, Q)``. ``algo`` param ``layout``: ``"per_image"`` (one
-    GEMM per image, written in place) or ``"wide"`` (one GEMM per chunk, then scattered)."""
+    GEMM per image, written in place), ``"wide"`` (one GEMM per chunk, then scattered) or
+    ``"kernel_rows"`` (stride 1, one group: :func:`forward_kernel_rows`)."""
+    if algo.get("layout") == "kernel_rows":
+        return forward_kernel_rows(x, weight, bias, geom, algo)
     G, K, P, Q = geom.groups, geom.K, geom.P, geom.Q
     Kg, Cg = K // G, geom.C // G
     CgRS = Cg * geom.R * geom.S
@@ -434,6 +461,8 @@ def forward_im2col(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]
 def input_grad_col2im(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Input gradient ``(N, C, H, W)`` as col2im of ``W^T dY``: the GEMM gives the gradient of
     every im2col entry, and col2im adds each back onto the pixel it was copied from."""
+    if algo.get("layout") == "kernel_rows":
+        return input_grad_kernel_rows(weight, grad_output, geom, algo)
     G, K, P, Q = geom.groups, geom.K, geom.P, geom.Q
     Kg, CgRS = K // G, (geom.C // G) * geom.R * geom.S
     w_t = weight.reshape(G, Kg, CgRS).transpose(0, 2, 1)
@@ -489,6 +518,55 @@ def weight_grad_im2col(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np
         if part is not gw:
             gw += part
     return gw.reshape(geom.weight_shape)
+
+
+def _kernel_rows_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
+                      P: int, Q: int, pt: int, pl: int, dh: int, dw: int, algo) -> np.ndarray:
+    """Stride-1 one-group conv ``(N, C, H, W) -> (N, K, P, Q)`` by kernel rows: the im2col of
+    a ``1 x S`` kernel over every padded row (``C*S`` rows, ``Hp = P + (R-1)*dh`` padded rows
+    of ``Q`` columns per image: an R-th of im2col's copies), one GEMM with the ``R`` kernel
+    rows' weights stacked (``R*K`` rows), and the row sums of :func:`sum_kernel_rows` (kernel
+    row ``r`` reads the product ``r*dh`` rows further down)."""
+    N, C = x.shape[0], x.shape[1]
+    K, R, S = weight.shape[0], weight.shape[2], weight.shape[3]
+    Hp = P + (R - 1) * dh
+    span = Hp * Q
+    wmat = np.ascontiguousarray(weight.transpose(2, 0, 1, 3)).reshape(R * K, C * S)
+    bound = workspace_bound(algo)
+    fixed, per_image = R * K * C * S * x.itemsize, (C * S + R * K) * span * x.itemsize
+    chunks = list(plan_chunks(N, 1, (fixed, per_image), bound,
+                              int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES))))
+    most = max(c.nc for c in chunks) * span
+    colf, zf = scratch((C * S * most,), x.dtype, bound), scratch((R * K * most,), x.dtype, bound)
+    y = np.empty((N, K, P, Q), dtype=x.dtype)
+    y3 = y.reshape(N, K, P * Q)
+    b = bias if bias is not None else np.empty(0, dtype=x.dtype)
+    none = np.empty((0, 0, 0, 0, 0), dtype=x.dtype)
+    for ch in chunks:
+        J = ch.nc * span
+        col = colf[:C * S * J].reshape(C * S, J)
+        im2col(x, col, ch.n0, ch.nc, 0, Hp, 1, S, 1, 1, pt, pl, 1, dw, C, C * S, none)
+        z = zf[:R * K * J].reshape(R * K, J)
+        np.matmul(wmat, col, out=z)
+        sum_kernel_rows(z, y3, b, ch.n0, ch.nc, R, dh * Q, span)
+    return y
+
+
+def forward_kernel_rows(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
+                        algo) -> np.ndarray:
+    """Conv forward, stride 1, one group, by kernel rows (:func:`_kernel_rows_conv`)."""
+    return _kernel_rows_conv(x, weight, bias, geom.P, geom.Q, geom.padding[0], geom.padding[2],
+                             *geom.dilation, algo)
+
+
+def input_grad_kernel_rows(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
+    """Input gradient, stride 1, one group: the forward of ``grad_output`` with the rotated,
+    transposed kernel ``(C, K, R, S)`` and padding ``(R-1)*dh - pt`` rows and ``(S-1)*dw - pl``
+    columns (a correlation with the rotated kernel, lecture notes 7.5), by kernel rows."""
+    (dh, dw), pt, pl = geom.dilation, geom.padding[0], geom.padding[2]
+    w_t = weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+    return _kernel_rows_conv(grad_output, w_t, None, geom.H, geom.W, (geom.R - 1) * dh - pt,
+                             (geom.S - 1) * dw - pl, dh, dw, algo)
 
 
 # ---------------------------------------------------------------------------------------------

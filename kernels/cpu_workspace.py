@@ -171,6 +171,19 @@ def im2col_bytes(op: str, geom, layout: str, itemsize: int) -> tuple[int, int]:
     return fixed * itemsize, (rows + packed) * Q * itemsize
 
 
+def kernel_rows_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:
+    """Workspace of im2col's ``kernel_rows`` layout (stride 1, one group; see
+    ``cpu_conv.forward_kernel_rows``) for ``op`` (``"forward"`` or ``"input_grad"``): fixed
+    (the stacked weights) and per image (the kernel-row im2col of its padded plane and the
+    GEMM's product of every kernel row). The input gradient is the forward of ``grad_output``
+    with the rotated kernel: channels ``K -> C`` over the ``H x W`` plane."""
+    ins, outs, rows, cols = ((geom.C, geom.K, geom.P, geom.Q) if op == "forward" else
+                             (geom.K, geom.C, geom.H, geom.W))
+    R, S = geom.R, geom.S
+    padded = rows + (R - 1) * geom.dilation[0]
+    return R * outs * ins * S * itemsize, (ins * S + R * outs) * padded * cols * itemsize
+
+
 def winograd_bytes(op: str, geom, m: int, layout: str, itemsize: int) -> tuple[int, int]:
     """Workspace of Winograd F(m x m, 3 x 3) for ``op`` (see :func:`winograd_tile_bytes`); the
     input gradient tiles the ``H x W`` input instead of the ``P x Q`` output. The batched

@@ -22,6 +22,8 @@ VARIANTS = {
     "im2col": ("im2col", (("layout", "per_image"),)),
     "im2col_wide": ("im2col", (("layout", "wide"),)),
     "im2col_rows": ("im2col", (("layout", "wide"), ("chunk_bytes", 1))),
+    "im2col_kernel_rows": ("im2col", (("layout", "kernel_rows"),)),
+    "im2col_kernel_rows_images": ("im2col", (("layout", "kernel_rows"), ("chunk_bytes", 1))),
     "winograd2": ("winograd", (("tile", 2),)),
     "winograd4": ("winograd", (("tile", 4),)),
     "winograd4_rows": ("winograd", (("tile", 4), ("chunk_bytes", 1))),
@@ -68,12 +70,26 @@ EXTRA_CASES = [
              dilation=(2, 1), groups=3),
     ConvCase("direct_tap_runs_9", 1, 4, 5, 13, 6, 2, 9, padding=(0, 4), groups=2),
     ConvCase("direct_tap_runs_3", 2, 3, 9, 7, 3, 4, 3, padding=(2, 1), groups=3),
+    # im2col's kernel rows (stride 1, one group): 5x5 and 7x7 with one-sided and uneven pads,
+    # a dilated kernel whose rows are two padded rows apart, a plane narrower than the kernel
+    # is wide with its pad, and "valid" (no padded row at all)
+    ConvCase("kernel_rows_5x5", 3, 4, 9, 11, 6, 5, 5, padding=((2, 0), (4, 1))),
+    ConvCase("kernel_rows_7x7", 2, 5, 8, 8, 3, 7, 7, padding=3),
+    ConvCase("kernel_rows_dilated", 2, 3, 12, 10, 4, 5, 3, padding=((4, 8), (1, 0)),
+             dilation=(2, 1)),
+    ConvCase("kernel_rows_narrow", 2, 3, 6, 3, 4, 5, 5, padding=2),
+    ConvCase("kernel_rows_valid", 2, 3, 9, 8, 5, 5, 5, padding="valid"),
 ]
 ALL_CASES = CASES + EXTRA_CASES
 ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
 
 
-def _supports(algo_name: str, geom) -> bool:
+def _supports(algo_name: str, geom, params: tuple = ()) -> bool:
+    if dict(params).get("layout") == "kernel_rows":
+        # stride 1, one group, no padding past the kernel's extent (see dispatch/cpu.py)
+        return (geom.stride == (1, 1) and geom.groups == 1
+                and max(geom.padding[:2]) <= (geom.R - 1) * geom.dilation[0]
+                and max(geom.padding[2:]) <= (geom.S - 1) * geom.dilation[1])
     if algo_name == "gemm1x1":
         return (geom.R, geom.S, geom.padding) == (1, 1, (0, 0, 0, 0))
     if algo_name == "winograd":
@@ -99,8 +115,8 @@ def _algo(variant: str, **extra) -> Algo:
 
 
 FORCED = [pytest.param(variant, case, id=f"{variant}-{case.name}")
-          for variant, (name, _) in VARIANTS.items() for case in ALL_CASES
-          if _supports(name, _case_geometry(case))]
+          for variant, (name, params) in VARIANTS.items() for case in ALL_CASES
+          if _supports(name, _case_geometry(case), params)]
 
 
 @pytest.mark.parametrize("variant,case", FORCED)
@@ -139,6 +155,7 @@ CHUNKED = [
     (ConvCase("rows_winograd_wide", 2, 16, 20, 41, 16, 3, 3, padding=1), "winograd4"),
     (ConvCase("images_winograd_batched", 6, 16, 13, 11, 16, 3, 3, padding=1),
      "winograd2_batched"),
+    (ConvCase("images_kernel_rows", 3, 4, 9, 8, 6, 5, 5, padding=2), "im2col_kernel_rows"),
 ]
 
 
@@ -147,7 +164,11 @@ def _smallest_bound(variant: str, geom, itemsize: int) -> int:
     workspace plus one row, from the same size functions the kernels plan with."""
     name, params = VARIANTS[variant]
     p = dict(params)
-    if name == "im2col":
+    if p.get("layout") == "kernel_rows":     # its weight gradient is im2col's wide layout
+        sizes = [cpu_workspace.kernel_rows_bytes(op, geom, itemsize)
+                 for op in ("forward", "input_grad")]
+        sizes.append(cpu_workspace.im2col_bytes("weight_grad", geom, "wide", itemsize))
+    elif name == "im2col":
         sizes = [cpu_workspace.im2col_bytes(op, geom, p["layout"], itemsize)
                  for op in ("forward", "input_grad", "weight_grad")]
     else:
@@ -285,7 +306,28 @@ def test_rules_pick_an_algorithm_that_supports_the_shape(case):
     x, w, b, gy, geom = _problem(case, np.float32)
     for op in ("forward", "input_grad", "weight_grad"):
         algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
-        assert _supports(algo.name, geom), (op, algo)
+        assert _supports(algo.name, geom, algo.params), (op, algo)
+
+
+def test_kernel_rows_on_small_planes_with_large_kernels():
+    """im2col's kernel_rows layout: forward and input gradient of stride-1 one-group 5x5 and
+    7x7 layers on planes below PER_IMAGE_MIN_PIXELS (the layers r5x5_28 and r7x7_14 of
+    bench/conv2d.py's more cases); never the weight gradient, 3x3, a stride, groups, a large
+    plane or padding past the kernel."""
+    def layouts(x_shape, w_shape, stride=1, pad=2, groups=1):
+        geom = conv_geometry(x_shape, w_shape, stride, pad, 1, groups)
+        return [rules.choose(op, geom, np.float32, precision="fp32",
+                             workspace_bytes=2**28).get("layout")
+                for op in ("forward", "input_grad", "weight_grad")]
+
+    rows = ["kernel_rows", "kernel_rows", "wide"]
+    assert layouts((8, 32, 28, 28), (64, 32, 5, 5)) == rows
+    assert layouts((8, 64, 14, 14), (64, 64, 7, 7), pad=3) == rows
+    assert "kernel_rows" not in layouts((8, 32, 56, 56), (64, 32, 5, 5))
+    assert "kernel_rows" not in layouts((8, 32, 28, 28), (64, 32, 5, 5), stride=2)
+    assert "kernel_rows" not in layouts((8, 32, 28, 28), (64, 16, 5, 5), groups=2)
+    assert "kernel_rows" not in layouts((8, 32, 28, 28), (64, 32, 5, 5), pad=5)
+    assert "kernel_rows" not in layouts((8, 32, 28, 28), (64, 32, 3, 3), pad=1)
 
 
 def test_grouped_stride1_layers_run_direct():

@@ -41,7 +41,9 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    WINOGRAD_SMALL_PLANE). Planes wider than the transforms' scratch rows hold (about 2000
    columns with F(4x4), 1000 with F(2x2); see ``cpu_workspace.winograd_row_fits``) take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
-   for one GEMM per image, else ``"wide"`` (images side by side in one GEMM).
+   for one GEMM per image, else ``"wide"`` (images side by side in one GEMM); for the forward
+   and input gradient of stride-1 one-group layers with kernels of 5x5 and up on such small
+   planes, ``"kernel_rows"`` (see KERNEL_ROWS_MIN_SIDE).
 6. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
    come from ``kernels/cpu_workspace``, the same functions the kernels plan their chunks
    with); Winograd and the 1x1 GEMMs step aside for im2col when they do not fit.
@@ -57,7 +59,7 @@ import numpy as np
 
 from .._types import Algo, ConvGeometry
 from ..kernels.cpu_workspace import (fits, gemm1x1_bytes, group_gemms, im2col_bytes,
-                                     winograd_bytes, winograd_row_fits)
+                                     kernel_rows_bytes, winograd_bytes, winograd_row_fits)
 
 # Cg * R * S at or below which grouped layers use direct loops.
 DIRECT_MAX_REDUCTION = 64
@@ -154,6 +156,18 @@ WINOGRAD_SMALL_CHANNEL_PRODUCT = (64 * 64, 256 * 256)
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
+
+# Smallest kernel side of the ``kernel_rows`` im2col layout (stride 1, one group, planes below
+# PER_IMAGE_MIN_PIXELS): the im2col of a 1 x S kernel over every padded row, one GEMM with the
+# R kernel rows' weights stacked, the R products summed with a shift of one row each. An R-th
+# of im2col's copies for a GEMM of R*K rows. Measured (session 14, float32, 2 threads, N=8,
+# medians of 10 alternating rounds after the suite's pause, im2col wide against kernel_rows,
+# ms): 28x28 32 -> 64 5x5 forward 5.12 / 3.74, input gradient 4.71 / 3.97; 14x14 64 -> 64 7x7
+# 4.29 / 3.51 and 4.11 / 3.51; 28x28 64 -> 128 5x5 13.7 / 11.1 and 13.4 / 13.2. Not on larger
+# planes (56x56 32 -> 64 5x5: per_image forward 11.6 / 11.0, input gradient 10.2 / 11.5: the
+# R products no longer stay in cache) nor on 3x3 (Winograd's, or 28x28 x 128 forward 4.8 /
+# 8.6 against Winograd).
+KERNEL_ROWS_MIN_SIDE = 5
 # Preferred scratch per chunk: the packed operands stay in the caches between packing and GEMM.
 CHUNK_BYTES = 16 * 2**20
 
@@ -219,6 +233,20 @@ def _grouped_direct(op: str, geom: ConvGeometry) -> bool:
 GROUP_GEMMS = "one im2col GEMM per group from the worker threads (single-threaded in BLAS)"
 
 
+def _kernel_rows(op: str, geom: ConvGeometry) -> bool:
+    """Whether ``op`` (forward or input gradient) takes im2col's ``kernel_rows`` layout: stride
+    1, one group, both kernel sides at least KERNEL_ROWS_MIN_SIDE, a plane (``P x Q``; ``H x W``
+    for the input gradient) below PER_IMAGE_MIN_PIXELS, and no padding past the kernel's
+    extent (the input gradient's correlation then pads ``grad_output`` by a non-negative
+    amount)."""
+    pt, pb, pl, pr = geom.padding
+    ext_h, ext_w = (geom.R - 1) * geom.dilation[0], (geom.S - 1) * geom.dilation[1]
+    plane = geom.P * geom.Q if op == "forward" else geom.H * geom.W
+    return (op != "weight_grad" and geom.stride == (1, 1) and geom.groups == 1
+            and min(geom.R, geom.S) >= KERNEL_ROWS_MIN_SIDE and plane < PER_IMAGE_MIN_PIXELS
+            and max(pt, pb) <= ext_h and max(pl, pr) <= ext_w)
+
+
 def _thin_3x3(geom: ConvGeometry) -> bool:
     """Whether a 3x3 stride-1 ungrouped layer has too few channels on one side for im2col:
     its GEMM is ``(K, 9 C) @ (9 C, pixels)``, thin in ``K`` or in ``9 C`` (and the input
@@ -270,6 +298,11 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
                     + _workspace_params(workspace_bytes),
                     f"3x3 stride-1 layer: {layout} Winograd F({m}x{m}, 3x3), "
                     f"{9 * m * m / (m + 2) ** 2:.2f}x fewer multiplies than direct; {how}")
+    if _kernel_rows(op, geom) and fits(kernel_rows_bytes(op, geom, itemsize), workspace_bytes):
+        return Algo("im2col", (("layout", "kernel_rows"),) + _workspace_params(workspace_bytes),
+                    f"stride-1 {geom.R}x{geom.S} layer on a small plane: im2col of the kernel's "
+                    f"rows ({geom.R}x fewer copies), one GEMM with the {geom.R} kernel rows' "
+                    f"weights stacked, their products summed a row apart")
     layout = "per_image" if geom.P * geom.Q >= PER_IMAGE_MIN_PIXELS else "wide"
     if not fits(im2col_bytes(op, geom, layout, itemsize), workspace_bytes):
         return Algo("direct", _workspace_params(workspace_bytes),
