@@ -45,10 +45,15 @@ def _libc_ids():
 
 def _probe_loop(ids):
     """A Numba parallel loop that only computes: ``out[i]`` = a chain of ``n`` square roots;
-    with ``ids`` it also records, per iteration, the CPU it ended on and its thread's id."""
+    with a non-empty ``where`` it also records, per iteration, the CPU it ended on and its
+    thread's id (``ids``; without them, zeros)."""
     from numba import njit, prange
 
-    getcpu, gettid = ids if ids else (None, None)
+    @njit
+    def _zero():
+        return 0
+
+    getcpu, gettid = ids if ids else (_zero, _zero)
 
     @njit(parallel=True)
     def spin(out, n, where):
@@ -61,15 +66,7 @@ def _probe_loop(ids):
                 where[i, 0] = getcpu()
                 where[i, 1] = gettid()
 
-    @njit(parallel=True)
-    def spin_plain(out, n, where):
-        for i in prange(out.shape[0]):
-            s = 0.0
-            for k in range(n):
-                s += np.sqrt(k + 1.0)
-            out[i] = s
-
-    return spin if ids else spin_plain
+    return spin
 
 
 def placement(where: np.ndarray, main_tid: int) -> str:
