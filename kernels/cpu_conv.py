@@ -521,20 +521,21 @@ def weight_grad_im2col(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np
 
 
 def _kernel_rows_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
-                      P: int, Q: int, pt: int, pl: int, dh: int, dw: int, algo) -> np.ndarray:
+                      P: int, Q: int, pt: int, pl: int, dh: int, dw: int, sizes: tuple[int, int],
+                      algo) -> np.ndarray:
     """Stride-1 one-group conv ``(N, C, H, W) -> (N, K, P, Q)`` by kernel rows: the im2col of
     a ``1 x S`` kernel over every padded row (``C*S`` rows, ``Hp = P + (R-1)*dh`` padded rows
     of ``Q`` columns per image: an R-th of im2col's copies), one GEMM with the ``R`` kernel
     rows' weights stacked (``R*K`` rows), and the row sums of :func:`sum_kernel_rows` (kernel
-    row ``r`` reads the product ``r*dh`` rows further down)."""
+    row ``r`` reads the product ``r*dh`` rows further down). ``sizes``: its workspace, fixed
+    and per image (``cpu_workspace.kernel_rows_bytes``), planned in chunks of whole images."""
     N, C = x.shape[0], x.shape[1]
     K, R, S = weight.shape[0], weight.shape[2], weight.shape[3]
     Hp = P + (R - 1) * dh
     span = Hp * Q
     wmat = np.ascontiguousarray(weight.transpose(2, 0, 1, 3)).reshape(R * K, C * S)
     bound = workspace_bound(algo)
-    fixed, per_image = R * K * C * S * x.itemsize, (C * S + R * K) * span * x.itemsize
-    chunks = list(plan_chunks(N, 1, (fixed, per_image), bound,
+    chunks = list(plan_chunks(N, 1, sizes, bound,
                               int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES))))
     most = max(c.nc for c in chunks) * span
     colf, zf = scratch((C * S * most,), x.dtype, bound), scratch((R * K * most,), x.dtype, bound)
@@ -556,7 +557,7 @@ def forward_kernel_rows(x: np.ndarray, weight: np.ndarray, bias: Optional[np.nda
                         algo) -> np.ndarray:
     """Conv forward, stride 1, one group, by kernel rows (:func:`_kernel_rows_conv`)."""
     return _kernel_rows_conv(x, weight, bias, geom.P, geom.Q, geom.padding[0], geom.padding[2],
-                             *geom.dilation, algo)
+                             *geom.dilation, kernel_rows_bytes("forward", geom, x.itemsize), algo)
 
 
 def input_grad_kernel_rows(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
@@ -566,7 +567,8 @@ def input_grad_kernel_rows(weight: np.ndarray, grad_output: np.ndarray, geom, al
     (dh, dw), pt, pl = geom.dilation, geom.padding[0], geom.padding[2]
     w_t = weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
     return _kernel_rows_conv(grad_output, w_t, None, geom.H, geom.W, (geom.R - 1) * dh - pt,
-                             (geom.S - 1) * dw - pl, dh, dw, algo)
+                             (geom.S - 1) * dw - pl, dh, dw,
+                             kernel_rows_bytes("input_grad", geom, grad_output.itemsize), algo)
 
 
 # ---------------------------------------------------------------------------------------------
