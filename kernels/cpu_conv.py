@@ -494,7 +494,10 @@ def input_grad_col2im(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -
 
 def weight_grad_im2col(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
     """Weight gradient ``(K, C/G, R, S)`` as ``dY @ col^T`` per chunk, chunks summed in order.
-    Chunks put images side by side, so each GEMM's inner dimension spans the whole chunk."""
+    Chunks put images side by side, so each GEMM's inner dimension spans the whole chunk.
+    ``layout="kernel_rows"``: :func:`weight_grad_kernel_rows`."""
+    if algo.get("layout") == "kernel_rows":
+        return weight_grad_kernel_rows(x, grad_output, geom, algo)
     G, K, P, Q = geom.groups, geom.K, geom.P, geom.Q
     Kg, Cg = K // G, geom.C // G
     CgRS = Cg * geom.R * geom.S
@@ -542,20 +545,40 @@ def _kernel_rows_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarr
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     y3 = y.reshape(N, K, P * Q)
     b = bias if bias is not None else np.empty(0, dtype=x.dtype)
-    none = np.empty((0, 0, 0, 0, 0), dtype=x.dtype)
     for ch in chunks:
         J = ch.nc * span
         col = colf[:C * S * J].reshape(C * S, J)
-        im2col(x, col, ch.n0, ch.nc, 0, Hp, 1, S, 1, 1, pt, pl, 1, dw, C, C * S, none)
+        _kernel_rows_im2col(x, col, ch.n0, ch.nc, Hp, S, pt, pl, dw)
         z = zf[:R * K * J].reshape(R * K, J)
         np.matmul(wmat, col, out=z)
         sum_kernel_rows(z, y3, b, ch.n0, ch.nc, R, dh * Q, span)
     return y
 
 
+def _check_kernel_rows(geom, op: str) -> None:
+    """The kernel_rows layout's domain: stride 1 and one group; for the input gradient also no
+    padding past the kernel's extent (its correlation would pad by a negative amount)."""
+    pt, pb, pl, pr = geom.padding
+    ext_h, ext_w = (geom.R - 1) * geom.dilation[0], (geom.S - 1) * geom.dilation[1]
+    if (geom.stride != (1, 1) or geom.groups != 1 or op == "input_grad"
+            and (max(pt, pb) > ext_h or max(pl, pr) > ext_w)):
+        raise ValueError(f"im2col's kernel_rows layout does not run this {op}: stride "
+                         f"{geom.stride}, groups {geom.groups}, padding {geom.padding}")
+
+
+def _kernel_rows_im2col(x: np.ndarray, col: np.ndarray, n0: int, nc: int, Hp: int, S: int,
+                        pt: int, pl: int, dw: int) -> None:
+    """``col (C*S, nc*Hp*Q)``: the im2col of a ``1 x S`` kernel (dilation ``dw``) over the
+    ``Hp`` padded rows of images ``n0 .. n0 + nc`` (rows ``-pt .. Hp - 1 - pt``)."""
+    C = x.shape[1]
+    im2col(x, col, n0, nc, 0, Hp, 1, S, 1, 1, pt, pl, 1, dw, C, C * S,
+           np.empty((0, 0, 0, 0, 0), dtype=x.dtype))
+
+
 def forward_kernel_rows(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
                         algo) -> np.ndarray:
     """Conv forward, stride 1, one group, by kernel rows (:func:`_kernel_rows_conv`)."""
+    _check_kernel_rows(geom, "forward")
     return _kernel_rows_conv(x, weight, bias, geom.P, geom.Q, geom.padding[0], geom.padding[2],
                              *geom.dilation, kernel_rows_bytes("forward", geom, x.itemsize), algo)
 
@@ -564,11 +587,44 @@ def input_grad_kernel_rows(weight: np.ndarray, grad_output: np.ndarray, geom, al
     """Input gradient, stride 1, one group: the forward of ``grad_output`` with the rotated,
     transposed kernel ``(C, K, R, S)`` and padding ``(R-1)*dh - pt`` rows and ``(S-1)*dw - pl``
     columns (a correlation with the rotated kernel, lecture notes 7.5), by kernel rows."""
+    _check_kernel_rows(geom, "input_grad")
     (dh, dw), pt, pl = geom.dilation, geom.padding[0], geom.padding[2]
     w_t = weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
     return _kernel_rows_conv(grad_output, w_t, None, geom.H, geom.W, (geom.R - 1) * dh - pt,
                              (geom.S - 1) * dw - pl, dh, dw,
                              kernel_rows_bytes("input_grad", geom, grad_output.itemsize), algo)
+
+
+def weight_grad_kernel_rows(x: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.ndarray:
+    """Weight gradient ``(K, C, R, S)``, stride 1, one group, by kernel rows: the kernel-row
+    im2col of a chunk of images (as the forward's), then for each kernel row ``r`` one GEMM
+    per image, ``dY_n (K, P*Q) @ col_n^T`` with ``col_n`` read ``r*dh`` padded rows down (a
+    strided view, no copy), the images' products added in order. Only the columns of real
+    output pixels are multiplied, so an infinite pixel reaches exactly the taps that read it."""
+    _check_kernel_rows(geom, "weight_grad")
+    N, C, K, R, S = geom.N, geom.C, geom.K, geom.R, geom.S
+    P, Q, (dh, dw) = geom.P, geom.Q, geom.dilation
+    Hp, L = P + (R - 1) * dh, P * Q
+    span = Hp * Q
+    bound = workspace_bound(algo)
+    chunks = list(plan_chunks(N, 1, kernel_rows_bytes("weight_grad", geom, x.itemsize), bound,
+                              int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES))))
+    most = max(c.nc for c in chunks)
+    colf = scratch((C * S * most * span,), x.dtype, bound)
+    prod = scratch((most, K, C * S), x.dtype, bound)
+    gw = np.zeros((R, K, C * S), dtype=x.dtype)
+    dy3 = grad_output.reshape(N, K, L)
+    for ch in chunks:
+        col = colf[:C * S * ch.nc * span].reshape(C * S, ch.nc * span)
+        _kernel_rows_im2col(x, col, ch.n0, ch.nc, Hp, S, geom.padding[0], geom.padding[2], dw)
+        per_image = col.reshape(C * S, ch.nc, span)
+        for r in range(R):
+            o = r * dh * Q
+            np.matmul(dy3[ch.n0:ch.n0 + ch.nc], per_image[:, :, o:o + L].transpose(1, 2, 0),
+                      out=prod[:ch.nc])
+            for i in range(ch.nc):
+                gw[r] += prod[i]
+    return np.ascontiguousarray(gw.reshape(R, K, C, S).transpose(1, 2, 0, 3))
 
 
 # ---------------------------------------------------------------------------------------------

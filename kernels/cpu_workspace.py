@@ -173,14 +173,18 @@ def im2col_bytes(op: str, geom, layout: str, itemsize: int) -> tuple[int, int]:
 
 def kernel_rows_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:
     """Workspace of im2col's ``kernel_rows`` layout (stride 1, one group; see
-    ``cpu_conv.forward_kernel_rows``) for ``op`` (``"forward"`` or ``"input_grad"``): fixed
-    (the stacked weights) and per image (the kernel-row im2col of its padded plane and the
-    GEMM's product of every kernel row). The input gradient is the forward of ``grad_output``
-    with the rotated kernel: channels ``K -> C`` over the ``H x W`` plane."""
-    ins, outs, rows, cols = ((geom.C, geom.K, geom.P, geom.Q) if op == "forward" else
-                             (geom.K, geom.C, geom.H, geom.W))
+    ``cpu_conv._kernel_rows_conv``) for ``op``: fixed (the stacked weights; for the weight
+    gradient its ``R`` kernel rows' sums) and per image (the kernel-row im2col of its padded
+    plane, and the GEMM's product of every kernel row, or for the weight gradient one image's
+    product). The input gradient is the forward of ``grad_output`` with the rotated kernel:
+    channels ``K -> C`` over the ``H x W`` plane."""
+    ins, outs, rows, cols = ((geom.K, geom.C, geom.H, geom.W) if op == "input_grad" else
+                             (geom.C, geom.K, geom.P, geom.Q))
     R, S = geom.R, geom.S
     padded = rows + (R - 1) * geom.dilation[0]
+    if op == "weight_grad":
+        return (R * outs * ins * S * itemsize,
+                (ins * S * padded * cols + outs * ins * S) * itemsize)
     return R * outs * ins * S * itemsize, (ins * S + R * outs) * padded * cols * itemsize
 
 

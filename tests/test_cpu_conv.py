@@ -164,10 +164,9 @@ def _smallest_bound(variant: str, geom, itemsize: int) -> int:
     workspace plus one row, from the same size functions the kernels plan with."""
     name, params = VARIANTS[variant]
     p = dict(params)
-    if p.get("layout") == "kernel_rows":     # its weight gradient is im2col's wide layout
+    if p.get("layout") == "kernel_rows":
         sizes = [cpu_workspace.kernel_rows_bytes(op, geom, itemsize)
-                 for op in ("forward", "input_grad")]
-        sizes.append(cpu_workspace.im2col_bytes("weight_grad", geom, "wide", itemsize))
+                 for op in ("forward", "input_grad", "weight_grad")]
     elif name == "im2col":
         sizes = [cpu_workspace.im2col_bytes(op, geom, p["layout"], itemsize)
                  for op in ("forward", "input_grad", "weight_grad")]
@@ -309,18 +308,35 @@ def test_rules_pick_an_algorithm_that_supports_the_shape(case):
         assert _supports(algo.name, geom, algo.params), (op, algo)
 
 
+def test_kernel_rows_refuses_what_it_cannot_compute():
+    """Forced on a stride, groups or (input gradient) padding past the kernel, the kernel_rows
+    layout raises instead of computing a wrong result."""
+    algo = _algo("im2col_kernel_rows")
+    for stride, pad, groups, ops in ((2, 2, 1, "fiw"), (1, 2, 2, "fiw"), (1, 5, 1, "i")):
+        geom = conv_geometry((2, 4, 9, 9), (6, 4 // groups, 5, 5), stride, pad, 1, groups)
+        x = np.ones(geom.input_shape, np.float32)
+        w = np.ones(geom.weight_shape, np.float32)
+        gy = np.ones(geom.output_shape, np.float32)
+        calls = {"f": lambda: cpu.conv2d_forward(x, w, None, geom, algo),
+                 "i": lambda: cpu.conv2d_input_grad(w, gy, geom, algo),
+                 "w": lambda: cpu.conv2d_weight_grad(x, gy, geom, algo)}
+        for op in ops:
+            with pytest.raises(ValueError, match="kernel_rows"):
+                calls[op]()
+
+
 def test_kernel_rows_on_small_planes_with_large_kernels():
     """im2col's kernel_rows layout: forward and input gradient of stride-1 one-group 5x5 and
     7x7 layers on planes below PER_IMAGE_MIN_PIXELS (the layers r5x5_28 and r7x7_14 of
-    bench/conv2d.py's more cases); never the weight gradient, 3x3, a stride, groups, a large
-    plane or padding past the kernel."""
+    bench/conv2d.py's more cases), all three ops; never 3x3, a stride, groups, a large plane or
+    padding past the kernel."""
     def layouts(x_shape, w_shape, stride=1, pad=2, groups=1):
         geom = conv_geometry(x_shape, w_shape, stride, pad, 1, groups)
         return [rules.choose(op, geom, np.float32, precision="fp32",
                              workspace_bytes=2**28).get("layout")
                 for op in ("forward", "input_grad", "weight_grad")]
 
-    rows = ["kernel_rows", "kernel_rows", "wide"]
+    rows = ["kernel_rows"] * 3
     assert layouts((8, 32, 28, 28), (64, 32, 5, 5)) == rows
     assert layouts((8, 64, 14, 14), (64, 64, 7, 7), pad=3) == rows
     assert "kernel_rows" not in layouts((8, 32, 56, 56), (64, 32, 5, 5))

@@ -46,7 +46,11 @@ WORKER = textwrap.dedent('''
         ("wide_rows", (1, 5, 34, 35), (7, 5, 3, 3), 1, ((0, 2), (1, 1)), 1, 1),
     ]
 
-    def supports(name, g):
+    def supports(name, g, params):
+        if dict(params).get("layout") == "kernel_rows":     # as tests/test_cpu_conv.py
+            return (g.stride == (1, 1) and g.groups == 1
+                    and max(g.padding[:2]) <= (g.R - 1) * g.dilation[0]
+                    and max(g.padding[2:]) <= (g.S - 1) * g.dilation[1])
         if name == "gemm1x1":
             return (g.R, g.S, g.padding) == (1, 1, (0, 0, 0, 0))
         if name == "winograd":
@@ -68,7 +72,7 @@ WORKER = textwrap.dedent('''
             b = rng.standard_normal(ws[0]).astype(dtype)
             gy = rng.standard_normal(g.output_shape).astype(dtype)
             for vname, (name, params) in VARIANTS.items():
-                if not supports(name, g):
+                if not supports(name, g, params):
                     continue
                 algo = Algo(name, params, "forced")
                 key = f"{dn}/{sname}/{vname}"

@@ -109,8 +109,8 @@ def _cpu_variants():
     as the cpu kernel tests force them."""
     from test_cpu_conv import ALL_CASES, VARIANTS, _algo, _case_geometry, _supports
 
-    for variant, (name, _) in VARIANTS.items():
-        case = next(c for c in ALL_CASES if _supports(name, _case_geometry(c))
+    for variant, (name, params) in VARIANTS.items():
+        case = next(c for c in ALL_CASES if _supports(name, _case_geometry(c), params)
                     and c.C // c.groups >= 2)
         yield pytest.param(variant, case, _algo, _case_geometry, id=f"{variant}-{case.name}")
 

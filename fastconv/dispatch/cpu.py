@@ -41,9 +41,9 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    WINOGRAD_SMALL_PLANE). Planes wider than the transforms' scratch rows hold (about 2000
    columns with F(4x4), 1000 with F(2x2); see ``cpu_workspace.winograd_row_fits``) take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
-   for one GEMM per image, else ``"wide"`` (images side by side in one GEMM); for the forward
-   and input gradient of stride-1 one-group layers with kernels of 5x5 and up on such small
-   planes, ``"kernel_rows"`` (see KERNEL_ROWS_MIN_SIDE).
+   for one GEMM per image, else ``"wide"`` (images side by side in one GEMM); for stride-1
+   one-group layers with kernels of 5x5 and up on such small planes, ``"kernel_rows"`` (see
+   KERNEL_ROWS_MIN_SIDE).
 6. ``direct`` when not even one row of an im2col chunk fits ``workspace_bytes`` (the sizes
    come from ``kernels/cpu_workspace``, the same functions the kernels plan their chunks
    with); Winograd and the 1x1 GEMMs step aside for im2col when they do not fit.
@@ -166,8 +166,11 @@ PER_IMAGE_MIN_PIXELS = 1024
 # 4.29 / 3.51 and 4.11 / 3.51; 28x28 64 -> 128 5x5 13.7 / 11.1 and 13.4 / 13.2. Not on larger
 # planes (56x56 32 -> 64 5x5: per_image forward 11.6 / 11.0, input gradient 10.2 / 11.5: the
 # R products no longer stay in cache) nor on 3x3 (Winograd's, or 28x28 x 128 forward 4.8 /
-# 8.6 against Winograd).
+# 8.6 against Winograd). The weight gradient (one GEMM per image and kernel row on strided
+# views of the kernel-row im2col): 28x28 5x5 5.40 / 3.87, 14x14 7x7 5.93 / 4.45, 28x28 64 ->
+# 128 5x5 12.4 / 10.6; 56x56 5x5 15.2 / 15.2.
 KERNEL_ROWS_MIN_SIDE = 5
+
 # Preferred scratch per chunk: the packed operands stay in the caches between packing and GEMM.
 CHUNK_BYTES = 16 * 2**20
 
@@ -234,15 +237,14 @@ GROUP_GEMMS = "one im2col GEMM per group from the worker threads (single-threade
 
 
 def _kernel_rows(op: str, geom: ConvGeometry) -> bool:
-    """Whether ``op`` (forward or input gradient) takes im2col's ``kernel_rows`` layout: stride
-    1, one group, both kernel sides at least KERNEL_ROWS_MIN_SIDE, a plane (``P x Q``; ``H x W``
-    for the input gradient) below PER_IMAGE_MIN_PIXELS, and no padding past the kernel's
-    extent (the input gradient's correlation then pads ``grad_output`` by a non-negative
-    amount)."""
+    """Whether ``op`` takes im2col's ``kernel_rows`` layout: stride 1, one group, both kernel
+    sides at least KERNEL_ROWS_MIN_SIDE, a plane (``P x Q``; ``H x W`` for the input gradient)
+    below PER_IMAGE_MIN_PIXELS, and no padding past the kernel's extent (the input gradient's
+    correlation then pads ``grad_output`` by a non-negative amount)."""
     pt, pb, pl, pr = geom.padding
     ext_h, ext_w = (geom.R - 1) * geom.dilation[0], (geom.S - 1) * geom.dilation[1]
-    plane = geom.P * geom.Q if op == "forward" else geom.H * geom.W
-    return (op != "weight_grad" and geom.stride == (1, 1) and geom.groups == 1
+    plane = geom.H * geom.W if op == "input_grad" else geom.P * geom.Q
+    return (geom.stride == (1, 1) and geom.groups == 1
             and min(geom.R, geom.S) >= KERNEL_ROWS_MIN_SIDE and plane < PER_IMAGE_MIN_PIXELS
             and max(pt, pb) <= ext_h and max(pl, pr) <= ext_w)
 
