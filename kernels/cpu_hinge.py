@@ -61,7 +61,13 @@ Why the code looks as it does (measured with Numba 0.68, LLVM vectoriser):
   (the same expression, so the same bits) and writes it in place, the label's entry last.
   Against storing a transposed gradient and copying it out (session 13, N = 262144, C = 10,
   float32, alternating rounds): 4.3-5.7 -> 3.7-5.1 ms on one thread, 1.8-2.5 ms either way on
-  two.
+  two;
+- every loop spells out the same expression for a term (``m``, ``h``, ``slope``, the entry),
+  on which the bits of a row depend: one helper for all of them (inlined by Numba; the same
+  bits, session 14) made the short rows 3-4% slower (262144 x 10, 1 thread, three rounds:
+  2.92-3.44 -> 3.01-3.54 ms) and the long rows' loss-only pass 25% slower (16384 x 1000, 1
+  thread: 3.46-3.55 -> 4.30-4.53 ms). The tests hold them equal instead (the same bits as a
+  plain loop, the non-finite recomputation).
 
 This module is compute only: it imports nothing from ``fastconv`` and trusts its inputs.
 """
