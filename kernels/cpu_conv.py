@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_workspace import (DEFAULT_CHUNK_BYTES, im2col_bytes, kernel_rows_bytes,
-                            plan_chunks, scratch, workspace_bound)
+                            kernel_rows_runs, plan_chunks, scratch, workspace_bound)
 
 # Partial sums of the bias gradient per filter (a power of two): 2 KiB of float64 per thread.
 BIAS_GRAD_LANES = 256
@@ -556,12 +556,9 @@ def _kernel_rows_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarr
 
 
 def _check_kernel_rows(geom, op: str) -> None:
-    """The kernel_rows layout's domain: stride 1 and one group; for the input gradient also no
-    padding past the kernel's extent (its correlation would pad by a negative amount)."""
-    pt, pb, pl, pr = geom.padding
-    ext_h, ext_w = (geom.R - 1) * geom.dilation[0], (geom.S - 1) * geom.dilation[1]
-    if (geom.stride != (1, 1) or geom.groups != 1 or op == "input_grad"
-            and (max(pt, pb) > ext_h or max(pl, pr) > ext_w)):
+    """Raise unless the kernel_rows layout computes ``op`` of this layer
+    (``cpu_workspace.kernel_rows_runs``)."""
+    if not kernel_rows_runs(geom, op):
         raise ValueError(f"im2col's kernel_rows layout does not run this {op}: stride "
                          f"{geom.stride}, groups {geom.groups}, padding {geom.padding}")
 

@@ -171,6 +171,17 @@ def im2col_bytes(op: str, geom, layout: str, itemsize: int) -> tuple[int, int]:
     return fixed * itemsize, (rows + packed) * Q * itemsize
 
 
+def kernel_rows_runs(geom, op: str) -> bool:
+    """Whether im2col's ``kernel_rows`` layout computes ``op`` of this layer: stride 1 and one
+    group; for the input gradient also no padding past the kernel's extent (its correlation
+    would pad ``grad_output`` by a negative amount). ``op="input_grad"`` is the narrowest, so
+    it answers for every op of the layer."""
+    pt, pb, pl, pr = geom.padding
+    ext_h, ext_w = (geom.R - 1) * geom.dilation[0], (geom.S - 1) * geom.dilation[1]
+    return (geom.stride == (1, 1) and geom.groups == 1
+            and (op != "input_grad" or (max(pt, pb) <= ext_h and max(pl, pr) <= ext_w)))
+
+
 def kernel_rows_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:
     """Workspace of im2col's ``kernel_rows`` layout (stride 1, one group; see
     ``cpu_conv._kernel_rows_conv``) for ``op``: fixed (the stacked weights; for the weight

@@ -85,11 +85,8 @@ ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
 
 
 def _supports(algo_name: str, geom, params: tuple = ()) -> bool:
-    if dict(params).get("layout") == "kernel_rows":
-        # stride 1, one group, no padding past the kernel's extent (see dispatch/cpu.py)
-        return (geom.stride == (1, 1) and geom.groups == 1
-                and max(geom.padding[:2]) <= (geom.R - 1) * geom.dilation[0]
-                and max(geom.padding[2:]) <= (geom.S - 1) * geom.dilation[1])
+    if dict(params).get("layout") == "kernel_rows":     # all three ops run it
+        return cpu_workspace.kernel_rows_runs(geom, "input_grad")
     if algo_name == "gemm1x1":
         return (geom.R, geom.S, geom.padding) == (1, 1, (0, 0, 0, 0))
     if algo_name == "winograd":
@@ -326,10 +323,9 @@ def test_kernel_rows_refuses_what_it_cannot_compute():
 
 
 def test_kernel_rows_on_small_planes_with_large_kernels():
-    """im2col's kernel_rows layout: forward and input gradient of stride-1 one-group 5x5 and
-    7x7 layers on planes below PER_IMAGE_MIN_PIXELS (the layers r5x5_28 and r7x7_14 of
-    bench/conv2d.py's more cases), all three ops; never 3x3, a stride, groups, a large plane or
-    padding past the kernel."""
+    """im2col's kernel_rows layout: all three ops of stride-1 one-group 5x5 and 7x7 layers on
+    planes below PER_IMAGE_MIN_PIXELS (the layers r5x5_28 and r7x7_14 of bench/conv2d.py's
+    more cases); never 3x3, a stride, groups, a large plane or padding past the kernel."""
     def layouts(x_shape, w_shape, stride=1, pad=2, groups=1):
         geom = conv_geometry(x_shape, w_shape, stride, pad, 1, groups)
         return [rules.choose(op, geom, np.float32, precision="fp32",

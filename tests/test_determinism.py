@@ -31,6 +31,7 @@ WORKER = textwrap.dedent('''
     from fastconv._args import conv_geometry
     from fastconv._types import Algo
     from fastconv.kernels import cpu, cpu_conv, cpu_depthwise, cpu_hinge, cpu_winograd
+    from fastconv.kernels.cpu_workspace import kernel_rows_runs
 
     # The forced algorithm variants of tests/test_cpu_conv.py, passed as JSON.
     VARIANTS = {k: (name, tuple(tuple(p) for p in params))
@@ -47,10 +48,8 @@ WORKER = textwrap.dedent('''
     ]
 
     def supports(name, g, params):
-        if dict(params).get("layout") == "kernel_rows":     # as tests/test_cpu_conv.py
-            return (g.stride == (1, 1) and g.groups == 1
-                    and max(g.padding[:2]) <= (g.R - 1) * g.dilation[0]
-                    and max(g.padding[2:]) <= (g.S - 1) * g.dilation[1])
+        if dict(params).get("layout") == "kernel_rows":     # all three ops run it
+            return kernel_rows_runs(g, "input_grad")
         if name == "gemm1x1":
             return (g.R, g.S, g.padding) == (1, 1, (0, 0, 0, 0))
         if name == "winograd":

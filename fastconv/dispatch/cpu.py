@@ -59,7 +59,8 @@ import numpy as np
 
 from .._types import Algo, ConvGeometry
 from ..kernels.cpu_workspace import (fits, gemm1x1_bytes, group_gemms, im2col_bytes,
-                                     kernel_rows_bytes, winograd_bytes, winograd_row_fits)
+                                     kernel_rows_bytes, kernel_rows_runs, winograd_bytes,
+                                     winograd_row_fits)
 
 # Cg * R * S at or below which grouped layers use direct loops.
 DIRECT_MAX_REDUCTION = 64
@@ -237,16 +238,13 @@ GROUP_GEMMS = "one im2col GEMM per group from the worker threads (single-threade
 
 
 def _kernel_rows(op: str, geom: ConvGeometry) -> bool:
-    """Whether ``op`` takes im2col's ``kernel_rows`` layout: stride 1, one group, both kernel
-    sides at least KERNEL_ROWS_MIN_SIDE, a plane (``P x Q``; ``H x W`` for the input gradient)
-    below PER_IMAGE_MIN_PIXELS, and no padding past the kernel's extent (the input gradient's
-    correlation then pads ``grad_output`` by a non-negative amount)."""
-    pt, pb, pl, pr = geom.padding
-    ext_h, ext_w = (geom.R - 1) * geom.dilation[0], (geom.S - 1) * geom.dilation[1]
+    """Whether ``op`` takes im2col's ``kernel_rows`` layout: every op of the layer can run it
+    (stride 1, one group, no padding past the kernel's extent: ``kernel_rows_runs`` of the
+    input gradient, the narrowest), both kernel sides at least KERNEL_ROWS_MIN_SIDE, and a
+    plane (``P x Q``; ``H x W`` for the input gradient) below PER_IMAGE_MIN_PIXELS."""
     plane = geom.H * geom.W if op == "input_grad" else geom.P * geom.Q
-    return (geom.stride == (1, 1) and geom.groups == 1
-            and min(geom.R, geom.S) >= KERNEL_ROWS_MIN_SIDE and plane < PER_IMAGE_MIN_PIXELS
-            and max(pt, pb) <= ext_h and max(pl, pr) <= ext_w)
+    return (kernel_rows_runs(geom, "input_grad")
+            and min(geom.R, geom.S) >= KERNEL_ROWS_MIN_SIDE and plane < PER_IMAGE_MIN_PIXELS)
 
 
 def _thin_3x3(geom: ConvGeometry) -> bool:
