@@ -220,8 +220,11 @@ def test_runs_on_the_current_stream(cupy):
 def test_explain_reports_kernel_tile_and_precision(cupy):
     x = cupy.zeros((8, 64, 56, 56), cupy.float32)
     w = cupy.zeros((64, 64, 3, 3), cupy.float32)
-    plan = fastconv.explain("conv2d", x, w, padding=1)
+    plan = fastconv.explain("conv2d", x, w, padding=1)  # 3x3 stride 1: strict-FP32 Winograd
     assert plan.backend == "cuda"
+    assert plan.algo.name == "winograd" and plan.algo.get("precision") == "fp32"
+    assert plan.algo.get("kernel").startswith("fc::winograd_conv<")
+    plan = fastconv.explain("conv2d", x, w, padding=2, dilation=2)  # no Winograd: implicit GEMM
     assert plan.algo.get("kernel").startswith("fc::conv_simt<float, 0")
     assert len(plan.algo.get("tile")) == 5 and plan.algo.get("precision") == "fp32"
     fastconv.set_precision("tf32")

@@ -339,7 +339,7 @@ def test_cuda_ops_match_cpu_to_second_order():
         half = ft.conv2d(xx.float().bfloat16(), ww.float().bfloat16(), groups=2)
         torch.cuda.synchronize()
         results.append([t.detach().cpu() for t in (y, up, loss, *grads, *second)])
-        halves.append(half.cpu())
+        halves.append(half.detach().cpu())
         assert empty.shape[0] == 0 and empty.device.type == device
     for got, want in zip(results[1], results[0]):
         assert_close(got.numpy(), want.numpy(), np.float64, factor=1e3)
