@@ -5,10 +5,12 @@
 # numba that works with the machine's numpy) are installed into /tmp/site first.
 # Logs go to $OUT when it is set (else to ./device_check_out): device_check.log (everything),
 # gpu_tests.log, gpu_tests.xml, gpu_bench.log, gpu_bench.json, gpu_bench.png and, with
-# FC_PROFILE=1, gpu_profile.txt (bench/gpu_profile.py: host time per call and its cProfile).
+# FC_PROFILE=1, gpu_profile.txt (bench/gpu_profile.py: host time per call and its cProfile);
+# with FC_SANITIZE, sanitize.log: those GPU tests under compute-sanitizer's memcheck, each
+# array in its own allocation (FASTCONV_TEST_CUDA_MALLOC=1), for up to FC_SANITIZE_S seconds.
 #
 #   [FC_BUDGET=300] [FC_BENCH=quick|full|none] [FC_TESTS="tests"] [FC_PROFILE=0|1] \
-#       bash bench/device_check.sh
+#       [FC_SANITIZE="pytest selection"] bash bench/device_check.sh
 #
 # FC_BUDGET bounds the whole script in seconds; the tests get what the benchmark leaves them
 # (FC_BENCH_S, default 90 for quick and 200 for full). Tests run on pytest-xdist workers where
@@ -29,6 +31,7 @@ case "$BENCH" in
     *) BENCH_S=0 ;;
 esac
 PROFILE_S=0; [ "${FC_PROFILE:-0}" = 1 ] && PROFILE_S=60
+SANITIZE_S=0; [ -n "${FC_SANITIZE:-}" ] && SANITIZE_S="${FC_SANITIZE_S:-70}"
 started=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - started) )); }
 
@@ -82,10 +85,19 @@ opts=()
 "$PY" -c "import xdist" 2>/dev/null && opts+=(-n "${FC_WORKERS:-8}")
 "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout=150)
 # shellcheck disable=SC2086  # TESTS is a list of paths or node ids
-timeout $(( $(left) - BENCH_S - PROFILE_S )) "$PY" -m pytest -m gpu -q "${opts[@]}" --tb=short -rfE \
+timeout $(( $(left) - BENCH_S - PROFILE_S - SANITIZE_S )) "$PY" -m pytest -m gpu -q "${opts[@]}" --tb=short -rfE \
     --durations=15 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" $TESTS 2>&1 \
     | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
+
+if [ "$SANITIZE_S" -gt 0 ]; then
+    echo "== compute-sanitizer memcheck: $FC_SANITIZE"
+    # shellcheck disable=SC2086
+    FASTCONV_TEST_CUDA_MALLOC=1 timeout "$SANITIZE_S" compute-sanitizer --tool memcheck \
+        --print-limit 20 --error-exitcode 3 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+        $FC_SANITIZE 2>&1 | tee "$OUT/sanitize.log" | tail -40
+    echo "compute-sanitizer rc=${PIPESTATUS[0]} (3: memcheck errors; 124: time limit)"
+fi
 
 if [ "$PROFILE_S" -gt 0 ]; then
     echo "== host profile (bench/gpu_profile.py)"

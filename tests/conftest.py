@@ -5,6 +5,7 @@ GPU backends carry the ``gpu`` mark and skip where no GPU is present.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,18 @@ import pytest
 
 import fastconv
 from fastconv import dispatch
+
+
+
+def pytest_configure(config):
+    """Under compute-sanitizer (``FASTCONV_TEST_CUDA_MALLOC=1``, see bench/device_check.sh):
+    every CuPy array gets its own cudaMalloc, so a kernel's access past an array's end falls
+    outside any allocation and is reported; CuPy's memory pool would hide it in a larger one."""
+    if os.environ.get("FASTCONV_TEST_CUDA_MALLOC") == "1":
+        import cupy
+
+        cupy.cuda.set_allocator(None)
+
 
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-11}
 DTYPES = (np.float32, np.float64)
