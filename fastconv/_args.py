@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -336,9 +337,16 @@ def _labels(labels: Any, kind: str, N: int, C: int, batched: bool):
                          f"got {tuple(labels.shape)}")
     labels = labels.reshape(N)
     # The range is checked in the labels' own dtype: a uint64 label of 2**63 + 5 cast to int64
-    # first would be reported as a negative number.
+    # first would be reported as a negative number. Every other integer dtype fits int64.
     if kind == "numpy":
         lo, hi = int(labels.min()), int(labels.max())
+    elif labels.dtype != np.uint64:
+        # One small kernel and one read-back of its per-block extremes: CuPy's min, max, stack
+        # and tolist took about 270 us of host time per call on an H200 (bench/gpu_profile.py).
+        from ..kernels import cuda as cuda_kernels  # noqa: PLC0415 -- only with CuPy arrays
+
+        labels = xp.ascontiguousarray(labels, dtype=np.int64)
+        lo, hi = cuda_kernels.label_range(labels)
     else:  # one device-to-host sync, not two
         lo, hi = (int(v) for v in xp.stack((labels.min(), labels.max())).tolist())
     if lo < 0 or hi >= C:
@@ -363,7 +371,34 @@ def _row_scale(grad_loss: Any, reduction: str, N: int, batched: bool, kind: str,
         raise TypeError(f"grad_loss must be a scalar for reduction={reduction!r}, "
                         f"got {type(grad_loss).__name__}")
     scale = float(grad_loss) / (N if reduction == "mean" else 1)
-    return xp.full((1,), scale, dtype=dtype)
+    return _filled(xp, kind, 1, scale, dtype)
+
+
+# Small CuPy arrays of one value (default class weights, the scalar row scale), one per device,
+# length, value and dtype; the oldest goes first beyond _FILLED_MAX. Each CuPy fill cost 25-30 us
+# of host time per call on an H200 (bench/gpu_profile.py); NumPy's cost nothing to make.
+_FILLED: dict[tuple, Any] = {}
+_FILLED_MAX = 64
+_FILLED_MAX_LENGTH = 4096
+_FILLED_LOCK = threading.Lock()
+
+
+def _filled(xp, kind: str, n: int, value: float, dtype) -> Any:
+    """A read-only-by-convention ``(n,)`` array of ``value``: new for NumPy (and long CuPy
+    ones), else made once per device and kept. A kept array is complete before it is handed
+    out (its stream is synchronised once), so a kernel on any stream may read it."""
+    if kind == "numpy" or n > _FILLED_MAX_LENGTH:
+        return xp.full((n,), value, dtype=dtype)
+    key = (xp.cuda.runtime.getDevice(), n, value, np.dtype(dtype).str)
+    arr = _FILLED.get(key)
+    if arr is None:
+        arr = xp.full((n,), value, dtype=dtype)
+        xp.cuda.get_current_stream().synchronize()
+        with _FILLED_LOCK:
+            while len(_FILLED) >= _FILLED_MAX:
+                del _FILLED[next(iter(_FILLED))]
+            _FILLED[key] = arr
+    return arr
 
 
 def hinge_args(scores, labels, margin, p, weight, reduction, grad_loss) -> HingeCall:
@@ -389,7 +424,7 @@ def hinge_args(scores, labels, margin, p, weight, reduction, grad_loss) -> Hinge
                          f"got {tuple(weight.shape)}")
     xp = array_module(kind)
     lab = _labels(labels, kind, N, C, batched)
-    cw = xp.ones(C, dtype=dtype) if weight is None else xp.ascontiguousarray(weight)
+    cw = _filled(xp, kind, C, 1.0, dtype) if weight is None else xp.ascontiguousarray(weight)
     rs = _row_scale(grad_loss, reduction, N, batched, kind, dtype)
     return HingeCall(kind, dtype, batched, reduction, xp.ascontiguousarray(scores.reshape(N, C)),
                      lab, float(margin), int(p), cw, rs)

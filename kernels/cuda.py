@@ -26,6 +26,7 @@ Algorithms (chosen in ``fastconv/dispatch/cuda.py``):
       compact image scattered into grad_input; phases no tap reaches are zeroed.
   ``reduce``      bias gradient: grad_output summed over P*Q, then N.
   ``hinge_rows``  hinge.cu, fused loss and gradient.
+  ``label_range`` hinge.cu, the labels' extremes for the range check before it.
 Imports CuPy only when a function runs.
 """
 from __future__ import annotations
@@ -34,6 +35,8 @@ import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
+
+import numpy as np
 
 from . import cuda_build, cuda_conv, cuda_dgrad, cuda_hinge, cuda_winograd
 from .cuda_build import Launch
@@ -106,6 +109,11 @@ def hinge_loss_rows(scores, labels, margin, p, class_weight, row_scale, want_gra
     """Per-row hinge losses ``(N,)`` and, if ``want_grad``, the scaled gradient ``(N, C)``."""
     return hinge_rows(_gpu(), scores, labels, margin, p, class_weight, row_scale, want_grad,
                       algo)
+
+
+def label_range(labels) -> tuple[int, int]:
+    """``(min, max)`` of int64 labels ``(N,)``, N >= 1: one launch and one small read-back."""
+    return labels_min_max(_gpu(), labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +325,14 @@ def _weight_grad_gemm(ex: Executor, x, grad_output, gw, geom, algo) -> None:
 def bias_grad(ex: Executor, grad_output, algo):
     N, K = grad_output.shape[:2]
     return grad_output.reshape(N, K, -1).sum(axis=2).sum(axis=0)
+
+
+def labels_min_max(ex: Executor, labels) -> tuple[int, int]:
+    grid = cuda_hinge.label_range_grid(labels.shape[0], ex.sm_count)
+    partial = ex.empty((2 * grid[0],), np.int64)
+    ex.run(cuda_hinge.label_range_launch(labels, partial, ex.sm_count))
+    pairs = (partial.get() if hasattr(partial, "get") else partial).reshape(-1, 2)
+    return int(pairs[:, 0].min()), int(pairs[:, 1].max())
 
 
 def hinge_rows(ex: Executor, scores, labels, margin, p, class_weight, row_scale, want_grad,

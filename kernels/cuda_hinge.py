@@ -36,6 +36,9 @@ def row_layout(C: int) -> tuple[int, int]:
     return 32, WARP_ITEMS[-1]
 
 
+RANGE_KERNEL = "fc::label_range"      # per-block extremes of the labels (hinge.cu)
+
+
 def kernel_name(dtype: Any, group: int, items: int) -> str:
     """Name expression of a ``hinge_rows`` instantiation."""
     return f"fc::hinge_rows<{c_type(dtype)}, {group}, {items}>"
@@ -44,7 +47,7 @@ def kernel_name(dtype: Any, group: int, items: int) -> str:
 def all_kernel_names() -> dict[str, list[str]]:
     """Every instantiation `hinge_launch` can request."""
     return {"hinge.cu": [kernel_name(dt, g, i) for dt in ("float32", "float64")
-                         for g, i in LAYOUTS]}
+                         for g, i in LAYOUTS] + [RANGE_KERNEL]}
 
 
 def blocks_per_sm(dtype: Any, group: int, items: int) -> int:
@@ -95,3 +98,31 @@ def hinge_launch(scores: Any, labels: Any, class_weight: Any, row_scale: Any, lo
             np.int64(N), np.int32(C), losses, NULL if grad is None else grad)
     grid = hinge_grid(N, group, sm_count, blocks_per_sm(dtype, group, items))
     return Launch("hinge.cu", kernel_name(dtype, group, items), grid, (THREADS, 1, 1), 0, args)
+
+
+def label_range_grid(N: int, sm_count: int) -> tuple[int, int, int]:
+    """Blocks of ``label_range``: at most 2 per SM and at most one per 256 labels, so that
+    every block sees at least one label (its partial extremes are then real labels)."""
+    if N < 1:
+        raise ValueError("label_range needs at least one label")
+    return (max(1, min(-(-N // THREADS), 2 * sm_count)), 1, 1)
+
+
+def label_range_launch(labels: Any, partial: Any, sm_count: int) -> Launch:
+    """One launch of ``label_range``.
+
+    Parameters
+    ----------
+    labels : int64 array (N,), N >= 1
+    partial : int64 array (2 * blocks,), written: ``(min, max)`` of each block's labels;
+        ``blocks`` is ``label_range_grid(N, sm_count)[0]``.
+    sm_count : int
+    """
+    N = labels.shape[0]
+    grid = label_range_grid(N, sm_count)
+    if np.dtype(labels.dtype) != np.int64 or np.dtype(partial.dtype) != np.int64:
+        raise TypeError("label_range takes int64 labels and an int64 partial buffer")
+    if tuple(partial.shape) != (2 * grid[0],):
+        raise ValueError(f"partial must have shape ({2 * grid[0]},), got {partial.shape}")
+    return Launch("hinge.cu", RANGE_KERNEL, grid, (THREADS, 1, 1), 0,
+                  (labels, np.int64(N), partial))

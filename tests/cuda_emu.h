@@ -279,6 +279,7 @@ template <> struct Code<float*> { static constexpr char value = 'F'; };
 template <> struct Code<const double*> { static constexpr char value = 'D'; };
 template <> struct Code<double*> { static constexpr char value = 'D'; };
 template <> struct Code<const long long*> { static constexpr char value = 'L'; };
+template <> struct Code<long long*> { static constexpr char value = 'L'; };
 
 struct Entry {
     std::string signature;

@@ -465,6 +465,17 @@ def test_hinge_every_layout(ex, layout, dtype):
         assert none is None and rel_err(only, ref_l) < _tol(dtype)
 
 
+@pytest.mark.parametrize("N", [1, 7, 256, 257, 1300])
+def test_label_range(ex, N):
+    """Per-block extremes reduced on the host: one block, a partial block, more blocks than the
+    grid (2 SMs: at most 4 blocks, so 1300 labels wrap) and extremes in every position."""
+    rng = np.random.default_rng(N)
+    for labels in (rng.integers(-2**62, 2**62, N), rng.integers(0, 10, N),
+                   np.full(N, 5), np.arange(N)[::-1].copy()):
+        labels = labels.astype(np.int64)
+        assert backend.labels_min_max(ex, labels) == (labels.min(), labels.max())
+
+
 def test_hinge_kink_takes_zero_subgradient(ex):
     scores = np.array([[0.0, 1.0, 2.0], [3.0, 2.0, 2.0]], np.float32)
     labels = np.array([2, 1], np.int64)  # margins of row 0: -1, 0 (kink); row 1: 2, (0 kink)

@@ -498,6 +498,26 @@ def test_hinge_row_layout_is_instantiated_and_holds_the_row(C):
         assert group == 1 or C > (group // 2) * items  # the fewest lanes
 
 
+@pytest.mark.parametrize("N", [1, 255, 256, 257, 10**6])
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_label_range_grid_gives_every_block_a_label(N, sm_count):
+    blocks = cuda_hinge.label_range_grid(N, sm_count)[0]
+    assert 1 <= blocks <= 2 * sm_count and (blocks - 1) * cuda_hinge.THREADS < N
+    labels = np.zeros(N, np.int64)
+    launch = cuda_hinge.label_range_launch(labels, np.empty(2 * blocks, np.int64), sm_count)
+    assert launch.kernel == cuda_hinge.RANGE_KERNEL and launch.grid == (blocks, 1, 1)
+    assert launch.args[1] == N and launch.args[1].dtype == np.int64
+
+
+def test_label_range_launch_refuses_bad_buffers():
+    with pytest.raises(TypeError, match="int64"):
+        cuda_hinge.label_range_launch(np.zeros(5, np.int32), np.empty(2, np.int64), 4)
+    with pytest.raises(ValueError, match="partial must have shape"):
+        cuda_hinge.label_range_launch(np.zeros(5, np.int64), np.empty(4, np.int64), 4)
+    with pytest.raises(ValueError, match="at least one label"):
+        cuda_hinge.label_range_grid(0, 4)
+
+
 def test_hinge_row_layout_examples():
     assert cuda_hinge.row_layout(3) == (1, 4)
     assert cuda_hinge.row_layout(10) == (4, 4)

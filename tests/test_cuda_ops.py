@@ -191,6 +191,56 @@ def test_hinge(cupy, shape, p, dtype):
         assert_close(grad, ref_grad, dtype)
 
 
+@pytest.mark.parametrize("N", [1, 257, 10**6 + 3])
+def test_label_range_on_the_gpu(cupy, N):
+    from fastconv.kernels import cuda as cuda_kernels
+
+    rng = np.random.default_rng(N)
+    labels = rng.integers(-2**62, 2**62, N)
+    assert cuda_kernels.label_range(cupy.asarray(labels)) == (labels.min(), labels.max())
+
+
+@pytest.mark.parametrize("label_dtype", [np.int8, np.uint8, np.int32, np.uint32, np.int64,
+                                         np.uint64])
+def test_hinge_labels_checked_in_their_dtype(cupy, label_dtype):
+    s = cupy.asarray(np.random.default_rng(0).standard_normal((600, 5)).astype(np.float32))
+    y = np.random.default_rng(1).integers(0, 5, 600).astype(label_dtype)
+    loss = fastconv.hinge_loss(s, cupy.asarray(y), backend="cuda")
+    assert_close(loss, fastconv.hinge_loss(s.get(), y, backend="reference"), np.float32)
+    for bad in (5, 100) + ((-3,) if np.dtype(label_dtype).kind == "i" else ()):
+        y[421] = bad
+        with pytest.raises(ValueError, match=f"found {bad}$"):
+            fastconv.hinge_loss(s, cupy.asarray(y), backend="cuda")
+        y[421] = 0
+    if label_dtype == np.uint64:  # would read as negative if cast to int64 first
+        y[7] = 2**63 + 5
+        with pytest.raises(ValueError, match="found 9223372036854775813"):
+            fastconv.hinge_loss(s, cupy.asarray(y), backend="cuda")
+
+
+def test_filled_arrays_are_kept_per_value_and_bounded(cupy):
+    from fastconv import _args
+
+    a = _args._filled(cupy, "cupy", 10, 1.0, np.float32)
+    assert _args._filled(cupy, "cupy", 10, 1.0, np.float32) is a
+    assert bool((a == 1).all()) and a.dtype == np.float32
+    b = _args._filled(cupy, "cupy", 1, 0.25, np.float64)
+    assert b is not a and float(b[0]) == 0.25
+    for i in range(_args._FILLED_MAX + 5):
+        _args._filled(cupy, "cupy", 1, float(i), np.float32)
+    assert len(_args._FILLED) == _args._FILLED_MAX
+    long = _args._filled(cupy, "cupy", _args._FILLED_MAX_LENGTH + 1, 1.0, np.float32)
+    assert long is not _args._filled(cupy, "cupy", _args._FILLED_MAX_LENGTH + 1, 1.0,
+                                     np.float32)
+    # a mean over another batch size gets its own row scale
+    s = cupy.asarray(np.random.default_rng(0).standard_normal((9, 4)).astype(np.float32))
+    y = cupy.asarray(np.arange(9) % 4)
+    for n in (9, 5, 9):
+        _, grad = fastconv.hinge_loss_and_grad(s[:n], y[:n], backend="cuda")
+        _, ref = fastconv.hinge_loss_and_grad(s[:n].get(), y[:n].get(), backend="reference")
+        assert_close(grad, ref, np.float32)
+
+
 def test_repeatable_bit_for_bit(cupy):
     """Split weight gradients and the hinge reductions repeat exactly (no atomics)."""
     layer = LAYERS[1]
