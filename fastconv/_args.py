@@ -343,7 +343,7 @@ def _labels(labels: Any, kind: str, N: int, C: int, batched: bool):
     elif labels.dtype != np.uint64:
         # One small kernel and one read-back of its per-block extremes: CuPy's min, max, stack
         # and tolist took about 270 us of host time per call on an H200 (bench/gpu_profile.py).
-        from ..kernels import cuda as cuda_kernels  # noqa: PLC0415 -- only with CuPy arrays
+        from .kernels import cuda as cuda_kernels  # noqa: PLC0415 -- only with CuPy arrays
 
         labels = xp.ascontiguousarray(labels, dtype=np.int64)
         lo, hi = cuda_kernels.label_range(labels)
