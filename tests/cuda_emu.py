@@ -179,9 +179,15 @@ def run(launch: cuda_build.Launch) -> None:
                            f"{dll.fc_emu_error().decode()}")
 
 
+def poison(dtype) -> float | int:
+    """What outputs start as, so that unwritten elements cannot pass a comparison: NaN for
+    floats, the most negative value for integers (label_range's per-block extremes)."""
+    dtype = np.dtype(dtype)
+    return np.nan if dtype.kind == "f" else int(np.iinfo(dtype).min)
+
+
 def _nan_empty(shape, dtype):
-    """Outputs start as NaN (float) so that unwritten elements cannot pass a comparison."""
-    return np.full(shape, np.nan, dtype=dtype)
+    return np.full(shape, poison(dtype), dtype=dtype)
 
 
 def executor(sm_count: int = 2) -> Executor:

@@ -38,12 +38,13 @@ def cupy():
 
 @pytest.fixture(autouse=True)
 def poisoned(cupy, monkeypatch):
-    """Outputs of the cuda backend start as NaN."""
+    """Outputs of the cuda backend start poisoned (NaN; integers at their minimum)."""
+    from cuda_emu import poison
     from fastconv.kernels import cuda as backend
 
     real = backend._gpu()
     fake = backend.Executor(cupy, real.run,
-                            lambda shape, dtype: cupy.full(shape, np.nan, dtype=dtype),
+                            lambda shape, dtype: cupy.full(shape, poison(dtype), dtype=dtype),
                             real.sm_count)
     monkeypatch.setattr(backend, "_gpu", lambda: fake)
 
