@@ -507,7 +507,8 @@ def test_direct_3x3_pass_sums_in_tap_order(dilation, dtype):
 def test_direct_outputs_per_task_do_not_change_bits(dtype):
     """The stride-1 direct kernels group outputs into tasks that share padded planes (how
     many depends on the batch and the thread count) and split the tasks among workers that
-    reuse their buffers; every grouping and split gives the same bits."""
+    reuse their buffers; every grouping and split gives the same bits, with two outputs a
+    pass (``PAIRS``, AVX-512 hosts) or one."""
     from fastconv.kernels import cpu_depthwise
 
     rng = np.random.default_rng(12)
@@ -516,11 +517,12 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype):
     b = rng.standard_normal(10).astype(dtype)
     gy = rng.standard_normal((2, 10, 11, 9)).astype(dtype)
     ys, gxs = [], []
-    for per, workers in ((1, 1), (1, 3), (2, 2), (3, 5), (8, 3), (8, 7)):
+    for per, workers, pairs in ((1, 1, True), (1, 3, False), (2, 2, True), (3, 5, True),
+                                (3, 5, False), (8, 3, False), (8, 7, True)):
         y = np.empty((2, 10, 11, 9), dtype)
-        cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per, workers)
+        cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per, workers, pairs)
         gx = np.empty_like(x)
-        cpu_depthwise._input_grad_s1(w, gy, gx, 1, 1, 1, 1, per, workers)
+        cpu_depthwise._input_grad_s1(w, gy, gx, 1, 1, 1, 1, per, workers, pairs)
         ys.append(y)
         gxs.append(gx)
     geom = conv_geometry(x.shape, w.shape, 1, 1, 1, 2)
