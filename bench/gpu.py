@@ -291,6 +291,19 @@ def gpu_time_per_call(cupy, fn, calls: int = 200) -> float:
     return cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls
 
 
+def wall_per_call(cupy, fn, calls: int, warmup: int = 20) -> float:
+    """Wall seconds per call of ``fn`` over ``calls`` back-to-back calls (host-bound when the
+    calls are small), after ``warmup`` calls, the device synchronised before and after."""
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    cupy.cuda.Device().synchronize()
+    return (time.perf_counter() - start) / calls
+
+
 def bench_overhead(fastconv, cupy, torch, progress, calls: int = 2000) -> list[dict]:
     """Wall time per call of back-to-back tiny convs (host-bound) vs their GPU time."""
     progress.step("host overhead")
@@ -303,14 +316,7 @@ def bench_overhead(fastconv, cupy, torch, progress, calls: int = 2000) -> list[d
         cands["torch"] = lambda: torch.nn.functional.conv2d(tx, tw, padding=1)
     rows = []
     for name, fn in cands.items():
-        for _ in range(100):
-            fn()
-        cupy.cuda.Device().synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        cupy.cuda.Device().synchronize()
-        wall = (time.perf_counter() - start) / calls
+        wall = wall_per_call(cupy, fn, calls, warmup=100)
         gpu = statistics.median(gpu_time_per_call(cupy, fn) for _ in range(5))
         rows.append({"case": f"tiny conv ({name})", "wall_us_per_call": wall * 1e6,
                      "gpu_us_per_call": gpu * 1e6,

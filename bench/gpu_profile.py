@@ -19,7 +19,6 @@ import io
 import pstats
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -62,17 +61,6 @@ def syncs(name: str) -> bool:
     return name.startswith("hinge") or "validation" in name
 
 
-def wall_per_call(cupy, fn, calls: int) -> float:
-    for _ in range(20):
-        fn()
-    cupy.cuda.Device().synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    cupy.cuda.Device().synchronize()
-    return (time.perf_counter() - start) / calls
-
-
 def profile(fn, calls: int, top: int) -> str:
     prof = cProfile.Profile()
     prof.enable()
@@ -96,7 +84,7 @@ def main(argv=None) -> int:
     fastconv.set_backend("cuda")
     rows, listings = [], []
     for name, fn in cases(fastconv, cupy).items():
-        wall = wall_per_call(cupy, fn, args.calls)
+        wall = gpu.wall_per_call(cupy, fn, args.calls)
         row = {"case": name, "wall_us": wall * 1e6}
         if not syncs(name):
             gpu_s = statistics.median(gpu.gpu_time_per_call(cupy, fn, 50) for _ in range(3))
