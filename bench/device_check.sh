@@ -77,17 +77,17 @@ if ! "$PY" -c "import fastconv.kernels.cuda" 2>/dev/null; then
         export PYTHONPATH="/tmp/fcsrc:$PYTHONPATH"
     fi
 fi
-"$PY" -c "import fastconv; print('fastconv from', fastconv.__file__, fastconv.available_backends())" \
-    || exit 2
+"$PY" -c "import fastconv; print('fastconv from', fastconv.__file__,
+    fastconv.available_backends())" || exit 2
 
 echo "== GPU tests (pytest -m gpu $TESTS)"
 opts=()
 "$PY" -c "import xdist" 2>/dev/null && opts+=(-n "${FC_WORKERS:-8}")
 "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout=150)
 # shellcheck disable=SC2086  # TESTS is a list of paths or node ids
-timeout $(( $(left) - BENCH_S - PROFILE_S - SANITIZE_S )) "$PY" -m pytest -m gpu -q "${opts[@]}" --tb=short -rfE \
-    --durations=15 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" $TESTS 2>&1 \
-    | tee "$OUT/gpu_tests.log"
+timeout $(( $(left) - BENCH_S - PROFILE_S - SANITIZE_S )) \
+    "$PY" -m pytest -m gpu -q "${opts[@]}" --tb=short -rfE --durations=15 -p no:cacheprovider \
+    --junitxml="$OUT/gpu_tests.xml" $TESTS 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 if [ "$SANITIZE_S" -gt 0 ]; then

@@ -16,7 +16,6 @@ import fastconv
 from fastconv import dispatch
 
 
-
 def pytest_configure(config):
     """Under compute-sanitizer (``FASTCONV_TEST_CUDA_MALLOC=1``, see bench/device_check.sh):
     every CuPy array gets its own cudaMalloc, so a kernel's access past an array's end falls
