@@ -380,7 +380,9 @@ def test_grouped_stride1_layers_run_direct():
     assert algos(wide)[2] == "winograd"     # past 100 of Cg R S: the rules after it
 
 
-def test_winograd_tile_choice():
+@pytest.mark.parametrize("avx512", [True, False])
+def test_winograd_tile_choice(monkeypatch, avx512):
+    monkeypatch.setattr(rules, "host_avx512", lambda: avx512)
     big = conv_geometry((1, 16, 40, 40), (16, 16, 3, 3), 1, 1, 1, 1)
     algo = rules.choose("forward", big, np.float32, precision="fp32", workspace_bytes=2**28)
     assert (algo.name, algo.get("tile")) == ("winograd", 4)
@@ -394,13 +396,15 @@ def test_winograd_tile_choice():
         assert rules.choose("forward", geom, np.float32, precision="fp32",
                             workspace_bytes=2**28).name == "im2col"
     # r3x3_14: F(2x2), whose 7x7 tiles cover the 14x14 plane exactly (F(4x4)'s cover 16x16);
-    # a small plane fused from 64 x 64 up to 256 x 256 channels, from 4 images of 14x14; past
-    # that batched where it saves enough
+    # a small plane fused from 64 x 64 up to 256 x 256 channels (192 x 192 without AVX-512,
+    # batched above), from 4 images of 14x14; past that batched where it saves enough
     wide_14 = conv_geometry((8, 512, 14, 14), (512, 512, 3, 3), 1, 1, 1, 1)
     narrow_12 = conv_geometry((8, 64, 12, 12), (64, 64, 3, 3), 1, 1, 1, 1)
+    mid_14 = conv_geometry((8, 192, 14, 14), (192, 192, 3, 3), 1, 1, 1, 1)
+    small_256 = "fused" if avx512 else "batched"
     for op in ("forward", "input_grad", "weight_grad"):
-        for geom, layout in ((r3x3_14, "fused"), (half_14, "fused"), (wide_14, "batched"),
-                             (narrow_12, "fused")):
+        for geom, layout in ((r3x3_14, small_256), (half_14, small_256), (wide_14, "batched"),
+                             (narrow_12, "fused"), (mid_14, "fused")):
             algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
             assert (algo.name, algo.get("tile"), algo.get("layout")) == ("winograd", 2, layout)
     # Up to 128 x 128 channels the fused layout (its block GEMMs cut into pieces BLAS keeps
@@ -651,3 +655,21 @@ def test_stride2_phase_planes_give_the_same_input_grad(name):
     phased = run(np.zeros((geom.N, geom.C, 4) + hw, dtype=np.float32))
     assert not np.isnan(phased).any()
     assert np.array_equal(plain, phased)
+
+
+def test_host_avx512_is_llvms_view_of_the_host(monkeypatch):
+    import llvmlite.binding
+
+    assert rules.host_avx512() == bool(llvmlite.binding.get_host_cpu_features()["avx512f"])
+
+    def no_features():
+        raise RuntimeError("no feature list here")
+
+    # where LLVM cannot tell, the rules keep the host they were first measured on
+    monkeypatch.setattr(llvmlite.binding, "get_host_cpu_features", no_features)
+    rules.host_avx512.cache_clear()
+    try:
+        assert rules.host_avx512() is True
+    finally:
+        monkeypatch.undo()
+        rules.host_avx512.cache_clear()

@@ -38,7 +38,8 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    F(2x2), not on 7x7 planes. Small planes (10x10 to 20x20, at least 4 images of 14x14) with
    64 x 64 to 256 x 256 channels run fused F(2x2) instead, all three ops (faster than im2col or
    the batched layout, and no BLAS threads left spinning beside the next op; see
-   WINOGRAD_SMALL_PLANE). Planes wider than the transforms' scratch rows hold (about 2000
+   WINOGRAD_SMALL_PLANE); on hosts without AVX-512 only up to 192 x 192, batched F(2x2) above
+   (see WINOGRAD_SMALL_FUSED_MAX_AVX2). Planes wider than the transforms' scratch rows hold (about 2000
    columns with F(4x4), 1000 with F(2x2); see ``cpu_workspace.winograd_row_fits``) take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM); for stride-1
@@ -53,6 +54,7 @@ rule 4 tiles the ``H x W`` input plane for it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -154,6 +156,28 @@ WINOGRAD_BATCHED_GAIN = 0.56
 WINOGRAD_SMALL_PLANE = (100, 400)
 WINOGRAD_SMALL_MIN_PIXELS = 784
 WINOGRAD_SMALL_CHANNEL_PRODUCT = (64 * 64, 256 * 256)
+# The measurements above ran on an AVX-512 host (OpenBLAS's SkylakeX kernels). On a host
+# without AVX-512 (AMD EPYC Zen 3, OpenBLAS's Haswell kernels; session 16) the fused layout's
+# thin block GEMMs ran at 54-59% of NumPy's SGEMM on the same shapes, and in that window the
+# batched F(2x2) layout wins above this channel product. Forward, input and weight gradient
+# in sequence, fused F(2x2) against batched F(2x2), im2col (PyTorch), same protocol: 14x14 x
+# 256, N=8: 55.0 / 47.4 / 55.7 (50.1), again 47.4 / 38.1 (44.0); N=16: 102.5 / 89.7 / 105.1
+# (92.9); N=4: 29.9 / 25.8 / 28.1 (25.4); 12x12 x 256, N=8: 37.7 / 34.2 / 37.7 (35.8); 14x14
+# x 192: 24.1 / 22.6 (27.9); 14x14 x 128: 12.3 / 14.6 / 17.8 (13.7); 14x14 x 64: 5.2 / 5.2 /
+# 5.4 (3.3).
+WINOGRAD_SMALL_FUSED_MAX_AVX2 = 192 * 192
+
+
+@functools.lru_cache(maxsize=None)
+def host_avx512() -> bool:
+    """Whether this CPU has AVX-512 (LLVM's view of the host, as the cpu kernels get it);
+    True where llvmlite cannot tell, the host the rules were first measured on."""
+    try:
+        import llvmlite.binding
+
+        return bool(llvmlite.binding.get_host_cpu_features()["avx512f"])
+    except Exception:  # noqa: BLE001  (no llvmlite, or no feature list on this platform)
+        return True
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
@@ -192,7 +216,8 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
             and WINOGRAD_SMALL_PLANE[0] <= rows * cols <= WINOGRAD_SMALL_PLANE[1]
             and geom.N * rows * cols >= WINOGRAD_SMALL_MIN_PIXELS
             and winograd_row_fits(2, cols)):
-        return 2, "fused"
+        wide = host_avx512() or channels <= WINOGRAD_SMALL_FUSED_MAX_AVX2
+        return 2, "fused" if wide else "batched"
     if channels > WINOGRAD_MAX_CHANNEL_PRODUCT:
         m = _batched_tile(geom.N, rows, cols)
         return None if m is None or not winograd_row_fits(m, cols) else (m, "batched")
