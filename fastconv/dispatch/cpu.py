@@ -179,6 +179,8 @@ def host_avx512() -> bool:
         return bool(llvmlite.binding.get_host_cpu_features()["avx512f"])
     except Exception:  # noqa: BLE001  (no llvmlite, or no feature list on this platform)
         return True
+
+
 # Output pixels per image from which one GEMM per image beats one GEMM over the whole chunk
 # (measured: 32x32 outputs per image, 9.5 against 10.4 ms; 14x14, 16.3 against 14.8 ms).
 PER_IMAGE_MIN_PIXELS = 1024
@@ -217,8 +219,8 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
             and WINOGRAD_SMALL_PLANE[0] <= rows * cols <= WINOGRAD_SMALL_PLANE[1]
             and geom.N * rows * cols >= WINOGRAD_SMALL_MIN_PIXELS
             and winograd_row_fits(2, cols)):
-        wide = host_avx512() or channels <= WINOGRAD_SMALL_FUSED_MAX_AVX2
-        return 2, "fused" if wide else "batched"
+        fused = host_avx512() or channels <= WINOGRAD_SMALL_FUSED_MAX_AVX2
+        return 2, "fused" if fused else "batched"
     if channels > WINOGRAD_MAX_CHANNEL_PRODUCT:
         m = _batched_tile(geom.N, rows, cols)
         return None if m is None or not winograd_row_fits(m, cols) else (m, "batched")
@@ -319,7 +321,8 @@ def _conv_rule(op: str, geom: ConvGeometry, itemsize: int, workspace_bytes: int)
         how = ("blocks of tile rows transformed, multiplied (BLAS per block) and inverse-"
                "transformed in per-thread buffers" if layout == "fused" else
                "whole images transformed in parallel, one BLAS-threaded GEMM per transform "
-               "point over all their tiles (GEMMs too big to run inside the workers)")
+               "point over all their tiles (GEMMs too big to run inside the workers, or "
+               "without AVX-512 too slow there in the pieces BLAS keeps serial)")
         return Algo("winograd", (("tile", m), ("layout", layout))
                     + _workspace_params(workspace_bytes),
                     f"3x3 stride-1 layer: {layout} Winograd F({m}x{m}, 3x3), "
