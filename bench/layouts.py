@@ -23,11 +23,12 @@ import common
 import conv2d as suite
 
 OPS = ("forward", "input_grad", "weight_grad")
-WORKSPACE = (("workspace_bytes", 256 * 2**20), ("chunk_bytes", 16 * 2**20))
+WORKSPACE_PARAMS = ("workspace_bytes", "chunk_bytes")
 
 
-def parse_algo(text: str):
-    """``name``, ``name:layout`` or ``winograd:tile:layout`` -> an ``Algo``."""
+def parse_algo(text: str, workspace: tuple):
+    """``name``, ``name:layout`` or ``winograd:tile:layout`` -> an ``Algo`` with the
+    ``workspace`` params of the library's own choice."""
     from fastconv._types import Algo
 
     name, *rest = text.split(":")
@@ -36,7 +37,7 @@ def parse_algo(text: str):
         params = (("tile", tile), ("layout", rest[1] if len(rest) > 1 else "fused"))
     else:
         params = (("layout", rest[0]),) if rest else ()
-    return Algo(name, params + WORKSPACE)
+    return Algo(name, params + workspace)
 
 
 def op_call(op: str, algo, x, w, b, gy, geom):
@@ -67,8 +68,11 @@ def main() -> int:
     for op, fn, a in (("forward", fastconv.conv2d, (x, w, b)),
                       ("input_grad", fastconv.conv2d_input_grad, (x.shape, w, gy)),
                       ("weight_grad", fastconv.conv2d_weight_grad, (x, w.shape, gy))):
-        print(f"{op}: fastconv chooses {fastconv.explain(fn, *a, **case.kwargs).algo}")
-    algos = {text: parse_algo(text) for text in args.algos.split(",")}
+        chosen = fastconv.explain(fn, *a, **case.kwargs).algo
+        print(f"{op}: fastconv chooses {chosen}")
+    # the forced algorithms get the same workspace bound and chunk size as the library's
+    workspace = tuple(kv for kv in chosen.params if kv[0] in WORKSPACE_PARAMS)
+    algos = {text: parse_algo(text, workspace) for text in args.algos.split(",")}
     print(f"{case.name}, float32, {threads} threads (median ms)")
     for op in OPS:
         calls = {t: op_call(op, a, x, w, b, gy, geom) for t, a in algos.items()}
