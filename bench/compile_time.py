@@ -1,14 +1,17 @@
 """Cold start of the cpu backend: Numba compile time of every kernel family, both dtypes.
 
-Runs a fresh Python process with an empty ``NUMBA_CACHE_DIR`` that calls every cpu kernel
-family (forward, both gradients; the bias reduction; the hinge loss) in float32 and float64 on
-tiny shapes, and reports the seconds each family took on first use, then the same in a second
-process that loads the cache. Target (issue 10): all families, both dtypes, under 20 s.
+Runs a fresh Python process with an empty ``NUMBA_CACHE_DIR`` that warms up every cpu kernel
+family with ``fastconv.warmup`` (every algorithm and layout of the family: forward, both
+gradients; the bias reduction; the hinge loss) in float32 and float64 on tiny shapes, and
+reports the seconds each family took on first use, then the same in a second process that
+loads the cache. Target (issue 10): all families, both dtypes, under 20 s. ``--jobs N`` also
+times ``python -m fastconv.warmup --jobs N`` on another empty cache: the families compiled in
+N processes at once.
 ``--functions N`` also lists the N Numba functions that took longest to compile, from Numba's
 ``numba:compile`` events: how many times each was compiled (once per distinct argument types)
 and its exclusive seconds (its callees' own compilations subtracted).
 
-    python bench/compile_time.py [--json PATH] [--functions N]
+    python bench/compile_time.py [--json PATH] [--functions N] [--jobs N]
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from typing import Optional
 
 import common
 
@@ -45,48 +50,36 @@ class Compiles(event.Listener):
             self.stack[-1][2] += took
 event.register("numba:compile", Compiles())
 t0 = time.perf_counter()
-from fastconv._args import conv_geometry
-from fastconv._types import Algo
+from fastconv.warmup import FAMILIES, warmup
 from fastconv.kernels import cpu
 import_s = time.perf_counter() - t0
-FAMILIES = {
-    "gemm1x1": ((2, 8, 6, 6), (4, 8, 1, 1), 1, 0, 1, Algo("gemm1x1")),
-    "im2col": ((2, 3, 9, 9), (4, 3, 3, 3), 2, 1, 1, Algo("im2col", (("layout", "wide"),))),
-    "winograd": ((1, 8, 10, 10), (8, 8, 3, 3), 1, 1, 1, Algo("winograd", (("tile", 4),))),
-    "direct": ((1, 4, 8, 8), (4, 1, 3, 3), 1, 1, 4, Algo("direct")),
-    "direct_strided": ((1, 4, 8, 8), (4, 1, 3, 3), 2, 1, 4, Algo("direct")),
-}
 out = {"import": import_s}
-for name, (xs, ws, s, p, g, algo) in FAMILIES.items():
-    t = time.perf_counter()
-    for dt in (np.float32, np.float64):
-        x, w = np.ones(xs, dt), np.ones(ws, dt)
-        geom = conv_geometry(xs, ws, s, p, 1, g)
-        gy = np.ones(geom.output_shape, dt)
-        cpu.conv2d_forward(x, w, np.ones(ws[0], dt), geom, algo)
-        cpu.conv2d_input_grad(w, gy, geom, algo)
-        cpu.conv2d_weight_grad(x, gy, geom, algo)
-    out[name] = time.perf_counter() - t
-t = time.perf_counter()
-for dt in (np.float32, np.float64):
-    cpu.conv2d_bias_grad(np.ones((2, 3, 4, 4), dt), Algo("reduce"))
-out["bias_reduce"] = time.perf_counter() - t
-t = time.perf_counter()
-import fastconv
-for dt in (np.float32, np.float64):
-    fastconv.hinge_loss_and_grad(np.ones((4, 5), dt), np.zeros(4, np.int64), backend="cpu")
-out["hinge"] = time.perf_counter() - t
+for name in FAMILIES:              # every code path of each family, as the warm-up runs it
+    out.update(warmup(families=[name]))
 print(json.dumps({"families": out, "functions": FUNCTIONS}))
 """
 
 
-def run_child(cache_dir: str) -> dict:
+def run_child(cache_dir: str, args: Optional[list[str]] = None) -> str:
+    """stdout of ``python -c CHILD`` (or ``python ARGS``) with ``cache_dir`` as Numba's cache."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-    res = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
-                         env=env, timeout=900)
+    res = subprocess.run([sys.executable] + (args or ["-c", CHILD]), capture_output=True,
+                         text=True, env=env, timeout=1800)
     if res.returncode != 0:
         raise SystemExit(res.stderr[-3000:])
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return res.stdout
+
+
+def run_families(cache_dir: str) -> dict:
+    return json.loads(run_child(cache_dir).strip().splitlines()[-1])
+
+
+def time_jobs(jobs: int) -> float:
+    """Wall seconds of ``python -m fastconv.warmup --jobs JOBS`` on an empty cache."""
+    with tempfile.TemporaryDirectory(prefix="fastconv-numba-") as cache:
+        start = time.perf_counter()
+        run_child(cache, ["-m", "fastconv.warmup", "--quiet", "--jobs", str(jobs)])
+        return time.perf_counter() - start
 
 
 def function_rows(functions: dict, top: int) -> list[dict]:
@@ -101,10 +94,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--functions", type=int, default=0, metavar="N",
                         help="also list the N functions with the longest compile times")
+    parser.add_argument("--jobs", type=int, default=0, metavar="N",
+                        help="also time the warm-up command with N jobs on an empty cache")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fastconv-numba-") as cache:
-        cold_run = run_child(cache)
-        warm_run = run_child(cache)
+        cold_run = run_families(cache)
+        warm_run = run_families(cache)
     cold, warm = cold_run["families"], warm_run["families"]
     rows = [{"family": k, "cold_s": cold[k], "cached_s": warm.get(k)} for k in cold]
     total_cold = sum(v for k, v in cold.items() if k != "import")
@@ -118,9 +113,14 @@ def main(argv=None) -> int:
                            "longest Numba compilations of the cold run (numba:compile events)")
     print(f"cold compile of all families: {total_cold:.1f} s (target < {TARGET_S:g} s): "
           f"{'met' if total_cold < TARGET_S else 'NOT met'}")
+    jobs_s = time_jobs(args.jobs) if args.jobs > 0 else None
+    if jobs_s is not None:
+        print(f"python -m fastconv.warmup --jobs {args.jobs} on an empty cache: {jobs_s:.1f} s "
+              f"wall")
     if args.json:
         common.write_json(args.json, {"cold": cold, "cached": warm,
-                                      "functions": cold_run["functions"]})
+                                      "functions": cold_run["functions"],
+                                      "jobs": args.jobs, "jobs_wall_s": jobs_s})
     return 0
 
 
