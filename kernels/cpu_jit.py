@@ -18,8 +18,9 @@ _PACKAGE = __name__.rpartition(".")[0]          # "fastconv.kernels"
 _LOCK = threading.Lock()
 _state = {"announced": False}
 
-MESSAGE = ("fastconv: compiling the cpu kernels for this machine (first use; takes a few "
-           "seconds per kernel family and dtype, then cached)")
+MESSAGE = ("fastconv: compiling the cpu kernels for this machine (first use; seconds to a "
+           "minute per kernel family and dtype, then cached; `python -m fastconv.warmup` "
+           "compiles them all ahead)")
 
 
 class _FirstCompile(event.Listener):
