@@ -1,12 +1,12 @@
 """Cold start of the cpu backend: Numba compile time of every kernel family, both dtypes.
 
 Runs a fresh Python process with an empty ``NUMBA_CACHE_DIR`` that warms up every cpu kernel
-family with ``fastconv.warmup`` (every algorithm and layout of the family: forward, both
+family with ``fastconv.warmup.warmup`` (every algorithm and layout of the family: forward, both
 gradients; the bias reduction; the hinge loss) in float32 and float64 on tiny shapes, and
 reports the seconds each family took on first use, then the same in a second process that
 loads the cache. Target (issue 10): all families, both dtypes, under 20 s. ``--jobs N`` also
-times ``python -m fastconv.warmup --jobs N`` on another empty cache: the families compiled in
-N processes at once.
+times ``python -m fastconv.warmup --jobs N`` on another empty cache: one child process per
+family and dtype, N at a time.
 ``--functions N`` also lists the N Numba functions that took longest to compile, from Numba's
 ``numba:compile`` events: how many times each was compiled (once per distinct argument types)
 and its exclusive seconds (its callees' own compilations subtracted).
