@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import llvmlite.binding
 import numba
 import numpy as np
 from numba import njit, prange
 
 from .cpu_conv import _im2col_rows_flat, valid_range
-from .cpu_workspace import (BLAS_SERIAL_MACS, direct_plane_bytes, group_gemms,
+from .cpu_workspace import (BLAS_SERIAL_MACS, direct_plane_bytes, group_gemms, host_avx512,
                             workspace_bound)
 
 
@@ -837,7 +836,7 @@ def _wide_registers() -> bool:
     """Whether Numba compiles for a host with AVX-512 (32 vector registers, not 16)."""
     if numba.config.CPU_NAME not in (None, "host"):
         return False
-    return bool(llvmlite.binding.get_host_cpu_features()["avx512f"])
+    return host_avx512()
 
 
 # Whether the stride-1 3x3 passes take two filters (input channels for the input gradient)

@@ -296,3 +296,13 @@ def plan_chunks(N: int, rows: int, sizes: tuple[int, int], bound: int,
     for n0 in range(N):
         for r0 in range(0, rows, rc):
             yield Chunk(n0, 1, r0, min(rc, rows - r0))
+
+
+def host_avx512() -> bool:
+    """Whether LLVM reports AVX-512 (``avx512f``) on this host: the vector width the cpu
+    kernels are compiled for when Numba targets the host, its default. One place for the
+    query that the kernels (``cpu_depthwise.PAIRS``) and the dispatch rules both make;
+    llvmlite is imported here, not at the top, so that this module loads with NumPy alone."""
+    import llvmlite.binding
+
+    return bool(llvmlite.binding.get_host_cpu_features()["avx512f"])

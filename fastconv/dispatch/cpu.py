@@ -61,6 +61,7 @@ from typing import Optional
 import numpy as np
 
 from .._types import Algo, ConvGeometry
+from ..kernels import cpu_workspace
 from ..kernels.cpu_workspace import (fits, gemm1x1_bytes, group_gemms, im2col_bytes,
                                      kernel_rows_bytes, kernel_rows_runs, winograd_bytes,
                                      winograd_row_fits)
@@ -174,9 +175,7 @@ def host_avx512() -> bool:
     """Whether this CPU has AVX-512 (LLVM's view of the host, as the cpu kernels get it);
     True where llvmlite cannot tell, the host the rules were first measured on."""
     try:
-        import llvmlite.binding
-
-        return bool(llvmlite.binding.get_host_cpu_features()["avx512f"])
+        return cpu_workspace.host_avx512()
     except Exception:  # noqa: BLE001  (no llvmlite, or no feature list on this platform)
         return True
 
