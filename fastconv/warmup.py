@@ -98,9 +98,11 @@ def _bias_reduce(dtype: np.dtype) -> None:
 
 def _hinge(dtype: np.dtype) -> None:
     """Short and long rows (and, in float32, rows long enough to sum in float64)."""
+    from .dispatch.cpu import HINGE_NATIVE_SUM_MAX_C
     from .hinge import hinge_loss, hinge_loss_and_grad
+    from .kernels.cpu_hinge import SHORT_ROW
 
-    for C in (5, 70, 2100):
+    for C in (SHORT_ROW - 1, SHORT_ROW, HINGE_NATIVE_SUM_MAX_C + 1):
         scores, labels = np.ones((3, C), dtype), np.zeros(3, np.int64)
         hinge_loss_and_grad(scores, labels, backend="cpu")
         hinge_loss(scores, labels, backend="cpu")
