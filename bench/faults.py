@@ -48,9 +48,8 @@ def main() -> int:
           "to back; faults: minor page faults per call)")
     print(f"{'case':<10}  {'state':<18}  {'fastconv_ms':>11}  {'faults':>7}  {'torch_ms':>8}  "
           f"{'faults':>7}")
-    cases = {c.name: c for c in suite.CASES + suite.MORE_CASES}
-    for name in args.cases.split(","):
-        case = cases[name]
+    for case in suite.select_cases(argparse.Namespace(cases=args.cases, quick=False)):
+        name = case.name
         x, w, b, gy = case.arrays()
         ours = suite.fastconv_step(case, args.mode, "cpu", x, w, b, gy)
         theirs = suite.torch_step(torch, case, args.mode, x, w, b, gy)

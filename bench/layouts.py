@@ -62,7 +62,7 @@ def main() -> int:
     import fastconv
     from fastconv._args import conv_geometry
 
-    case = {c.name: c for c in suite.CASES + suite.MORE_CASES}[args.case]
+    case, = suite.select_cases(argparse.Namespace(cases=args.case, quick=False))
     x, w, b, gy = case.arrays()
     geom = conv_geometry(x.shape, w.shape, case.stride, case.pad, 1, case.groups)
     for op, fn, a in (("forward", fastconv.conv2d, (x, w, b)),
