@@ -2,9 +2,11 @@
 
     python bench/layouts.py --case r3x3_14 [--algos winograd:2:fused,winograd:2:batched,im2col]
                             [--sequence] [--repeats 9]
+    python bench/layouts.py --case 1,256,28,256,3,1,1 ...    (N,C,HW,K,kernel,stride,pad[,groups])
 
 For checking a dispatch rule on this machine: each named algorithm is forced on the layer
-(``--case``: a layer of ``bench/conv2d.py``'s suite or its held-out set), checked against the
+(``--case``: a layer of ``bench/conv2d.py``'s suite or its held-out set, or any layer as
+``N,C,HW,K,kernel,stride,pad[,groups]``), checked against the
 first one, and timed per op (forward, input gradient, weight gradient) with the suite's
 protocol (candidates interleaved, a pause and an untimed call before each timed call). With
 ``--sequence`` the three ops run one after the other as one candidate, PyTorch's forward +
@@ -40,6 +42,15 @@ def parse_algo(text: str, workspace: tuple):
     return Algo(name, params + workspace)
 
 
+def _case(text: str):
+    """A layer of the suite or its held-out set by name, or any layer written
+    ``N,C,HW,K,kernel,stride,pad[,groups]``."""
+    if text[:1].isdigit():
+        return suite.ConvCase("x".join(text.split(",")), *map(int, text.split(",")))
+    case, = suite.select_cases(argparse.Namespace(cases=text, quick=False))
+    return case
+
+
 def op_call(op: str, algo, x, w, b, gy, geom):
     """A zero-argument call of one op of the cpu backend with ``algo`` forced."""
     from fastconv.kernels import cpu
@@ -62,7 +73,7 @@ def main() -> int:
     import fastconv
     from fastconv._args import conv_geometry
 
-    case, = suite.select_cases(argparse.Namespace(cases=args.case, quick=False))
+    case = _case(args.case)
     x, w, b, gy = case.arrays()
     geom = conv_geometry(x.shape, w.shape, case.stride, case.pad, 1, case.groups)
     for op, fn, a in (("forward", fastconv.conv2d, (x, w, b)),

@@ -177,21 +177,21 @@ def _gemm_label(algo) -> str:
 
 
 def _winograd_dims(op: str, geom, algo) -> tuple[int, int, int, int, int]:
-    """``A*A``, the tiled plane's ``rows * cols``, the tiles ``T`` of the batch (padding tiles
-    included), and the channels in and out of the op's correlation."""
+    """``A*A``, the tiled plane's ``rows * cols``, the tiles ``T`` of the batch, and the
+    channels in and out of the op's correlation."""
     from fastconv.kernels import cpu_winograd as cw
 
     m = int(algo.get("tile", 4))
     A2 = (m + 2) ** 2
     rows, cols = (geom.H, geom.W) if op == "input_grad" else (geom.P, geom.Q)
     th, tw = cw.tile_grid(rows, cols, m)
-    T = geom.N * th * cw.row_width(tw)
+    T = geom.N * th * tw
     cin, cout = (geom.K, geom.C) if op == "input_grad" else (geom.C, geom.K)
     return A2, rows * cols, T, cin, cout
 
 
 def _winograd_work(op: str, geom, algo, itemsize: int) -> dict[str, tuple[float, str]]:
-    """Flops of the block GEMMs (padding tiles included) and bytes of the transforms."""
+    """Flops of the GEMMs and bytes of the transforms."""
     A2, plane, T, cin, cout = _winograd_dims(op, geom, algo)
     flops = 2.0 * A2 * T * cout * (cin // geom.groups)
     in_bytes = geom.N * cin * (geom.P * geom.Q if op == "input_grad" else geom.H * geom.W)

@@ -12,13 +12,19 @@ so the ``m * m * 9`` multiplies of a direct tile become ``A * A`` (F(2x2): 2.25x
 
 Fused and cache-blocked (as in NNPACK, oneDNN and Jia et al., PPoPP 2018): the tiles are
 cut into blocks of ``rb`` tile rows of one image; each worker of one parallel loop transforms
-a block into its own ``V (A*A, C, rb * (tw + 1))``, multiplies it into ``M (A*A, K, ...)``
+a block into its own ``V (A*A, C, rb * tw)``, multiplies it into ``M (A*A, K, rb * tw)``
 with ``A*A`` ``np.dot`` calls (BLAS, from the worker's thread) and transforms ``M`` straight
 into the output, so V and M stay in the core's L2 (:data:`BLOCK_BYTES`) and there is one
 thread pool. Each transform is one vectorised loop over the tiles of a run of channels (or
 filters) that computes whole tiles with the explicit formulas of ``BT``, ``AT`` and ``AT^T``
 (see "The tile transforms" below). Groups split ``C`` and ``K`` into ``G`` GEMMs per
-transform point.
+transform point. Only real tiles are multiplied: ``V`` and ``M`` hold no padding tiles.
+
+Batched (for many channels on small planes, where a block's GEMMs are too thin): per chunk of
+whole images, channels last: ``V (A*A, tiles, C)``, BLAS-threaded GEMMs
+``M[xi] = V[xi] U[xi]^T`` over all the chunk's tiles, and transforms that run along the
+channels of one tile at a time (the same tile formulas, channels in the place of tiles; see
+"The batched layout, channels last" below).
 
 Determinism: ``rb`` depends on the geometry and the workspace bound only, a block's result
 on its data only, and the weight gradient sums the blocks of an image in tile order and the
@@ -46,7 +52,8 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_workspace import (BLAS_SERIAL_MACS, DEFAULT_CHUNK_BYTES, WINOGRAD_PLANE, scratch,
-                            winograd_temp_elems, winograd_tile_bytes, workspace_bound)
+                            winograd_batched_bytes, winograd_temp_elems, winograd_tile_bytes,
+                            workspace_bound)
 
 _BT = {
     2: [[1, 0, -1, 0],
@@ -91,7 +98,7 @@ def tile_grid(P: int, Q: int, m: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Numba kernels. The work is cut into blocks of ``rb`` tile rows of one image. One parallel
 # loop runs over workers; worker ``w`` takes blocks ``w, w + nw, ...`` and, for each, transforms
-# the block's input into its own buffer ``V (A*A, C, rb * vw)`` (small enough to stay in its
+# the block's input into its own buffer ``V (A*A, C, rb * tw)`` (small enough to stay in its
 # core's L2), multiplies it with ``np.dot`` (BLAS, called from the worker's thread), and
 # transforms the product straight into the output: every byte of V and M is written and read
 # while still in cache, and there is one thread pool.
@@ -118,14 +125,10 @@ BLOCK_BYTES = 2 * 2**20
 # threads, against im2col in alternating calls (time ratio forward / input grad / weight
 # grad): 14x14 x 256, N=8, F(2x2), chunks of 8 images (14.6 MB) 1.06 / 0.88 / 0.92, of 2
 # (3.6 MB) 0.90 / 0.82 / 0.92; 28x28 x 256, N=8, F(4x4), chunks of 3 (12.3 MB) 0.58 / 0.64 /
-# 0.60, of 2 0.56 / 0.62 / 0.56, of 1 0.58 / 0.70 / 0.75. 9 MB: 2 images there (4.4 MB each
-# with the workers' scratch), 4 of 14x14 x 256.
+# 0.60, of 2 0.56 / 0.62 / 0.56, of 1 0.58 / 0.70 / 0.75 (sessions 11-12, the layout then
+# channels first). 9 MB: 2 images of 28x28 x 256 (with F(4x4), the input channels last and
+# a worker's scratch), 4 of 14x14 x 256.
 BATCHED_BYTES = 9 * 2**20
-
-
-def row_width(tw: int) -> int:
-    """Tiles per tile row in the transformed blocks: ``tw`` plus one padding tile."""
-    return tw + 1
 
 
 @njit(cache=True, inline="always")
@@ -164,14 +167,18 @@ def _interleave_row(yf, d0, Q, planes, s0, m, b_k):
 # and vectorises it over the tiles; with distances known only at run time (the rows of V or M,
 # or planes sized to the block) it needed one check per pair of rows, gave up at its limit of
 # 8 and left such loops scalar, which is why the transforms used to be passes of four rows at
-# a time. Rows of tiles carry one padding tile (``vw = tw + 1``) so that a run of several
-# channels (or filters) and tile rows is one flat loop; the padding tiles are computed and
-# never stored (the weight gradient's grad_output planes are zero there).
+# a time. A run of several channels (or filters) and tile rows is one flat loop over their
+# tiles, ``tw`` a tile row.
 #
 # Planes of one block: the input (or grad_output) rows are copied into a band, row phase
-# ``hp`` (row ``t*m + hp`` of the run) after row phase, then split by column phase ``wp`` in
-# one flat loop per row phase: plane ``hp*m + wp`` holds ``x[t*m + hp, j*m + wp]`` of tile
-# ``(t, j)`` at ``t*vw + j`` (runs of channels one after another, ``R`` tile rows each).
+# ``hp`` (row ``t*m + hp`` of the run) after row phase, then split by column phase ``wp``:
+# plane ``hp*m + wp`` holds ``x[t*m + hp, j*m + wp]`` of tile ``(t, j)`` at ``t*tw + j``
+# (runs of channels one after another, ``R`` tile rows each). An input tile also reads the
+# first two columns of the tile after it: the band's rows carry one more tile (``tw + 1`` a
+# row: the image's next pixels or zeros), and :func:`_split_tiles` copies those columns of
+# the next tile into ``2*m`` neighbour planes at the tile's own index, so that no padding
+# tile is transformed or multiplied (session 18: padding tiles were 1/8 of r3x3_14's GEMMs
+# with F(2x2)). grad_output tiles do not overlap: their band has no extra tile.
 # ---------------------------------------------------------------------------------------------
 PLANE = WINOGRAD_PLANE
 _P = np.uint64(WINOGRAD_PLANE)
@@ -230,17 +237,19 @@ def _att2(d):
 
 
 @njit(cache=True, inline="always")
-def _row6(S, b, u):
-    """Columns 0..5 of a 6x6 input tile's row from its four column-phase planes (``b``: the
-    row phase's first plane, plus a tile row for rows 4 and 5)."""
+def _row6(S, b, nb, u):
+    """Columns 0..5 of a 6x6 input tile's row: 0..3 from its four column-phase planes (``b``:
+    the row phase's first plane, plus a tile row for rows 4 and 5), 4 and 5 from the two
+    neighbour planes of that row phase (``nb``, likewise)."""
     return (S[b + u], S[b + _P + u], S[b + _P + _P + u], S[b + _P + _P + _P + u],
-            S[b + _1 + u], S[b + _P + _1 + u])
+            S[nb + u], S[nb + _P + u])
 
 
 @njit(cache=True, inline="always")
-def _row4(S, b, u):
-    """Columns 0..3 of a 4x4 input tile's row from its two column-phase planes."""
-    return S[b + u], S[b + _P + u], S[b + _1 + u], S[b + _P + _1 + u]
+def _row4(S, b, nb, u):
+    """Columns 0..3 of a 4x4 input tile's row: its two column-phase planes and the two
+    neighbour planes."""
+    return S[b + u], S[b + _P + u], S[nb + u], S[nb + _P + u]
 
 
 @njit(cache=True, inline="always")
@@ -266,23 +275,27 @@ def _put4(T, o, c, apart):
 
 
 @njit(cache=True)
-def _input_tiles(S, T, n, vw, m):
+def _input_tiles(S, T, n, down, m):
     """``T[(a*A + b)*PLANE + u] = (BT d BT^T)[a, b]`` for the input tile ``d`` of tiles
-    ``u < n`` of the planes ``S`` (rows ``i >= m`` of a tile are row phase ``i - m`` one tile
-    row (``vw``) further; columns ``>= m`` column phase ``- m`` one tile further)."""
-    v = np.uint64(vw)
+    ``u < n`` of the planes ``S`` (:func:`_split_tiles`): columns ``>= m`` of a tile's row are
+    its neighbour planes, rows ``i >= m`` row phase ``i - m`` ``down`` elements further (the
+    next tile row, ``tw`` tiles on, in a block's planes; the window's second set of planes in
+    the batched layout's, :func:`_cl_input_points`)."""
+    v = np.uint64(down)
+    q2 = np.uint64(2 * PLANE)
     if m == 4:
         dt = S.dtype.type
         two, four, five = dt(2), dt(4), dt(5)
         p4 = np.uint64(4 * PLANE)
         p8 = p4 + p4
+        nb = np.uint64(16 * PLANE)
         for u in range(np.uint64(n)):
-            r0 = _bt4(_row6(S, np.uint64(0), u), two, four, five)
-            r1 = _bt4(_row6(S, p4, u), two, four, five)
-            r2 = _bt4(_row6(S, p8, u), two, four, five)
-            r3 = _bt4(_row6(S, p8 + p4, u), two, four, five)
-            r4 = _bt4(_row6(S, v, u), two, four, five)
-            r5 = _bt4(_row6(S, p4 + v, u), two, four, five)
+            r0 = _bt4(_row6(S, np.uint64(0), nb, u), two, four, five)
+            r1 = _bt4(_row6(S, p4, nb + q2, u), two, four, five)
+            r2 = _bt4(_row6(S, p8, nb + q2 + q2, u), two, four, five)
+            r3 = _bt4(_row6(S, p8 + p4, nb + q2 + q2 + q2, u), two, four, five)
+            r4 = _bt4(_row6(S, v, nb + v, u), two, four, five)
+            r5 = _bt4(_row6(S, p4 + v, nb + q2 + v, u), two, four, five)
             # column b of the row pass gives the points (a, b): planes a*6 + b
             _put6(T, u, _bt4((r0[0], r1[0], r2[0], r3[0], r4[0], r5[0]), two, four, five))
             _put6(T, u + _P, _bt4((r0[1], r1[1], r2[1], r3[1], r4[1], r5[1]), two, four,
@@ -296,12 +309,12 @@ def _input_tiles(S, T, n, vw, m):
             _put6(T, u + np.uint64(5 * PLANE), _bt4((r0[5], r1[5], r2[5], r3[5], r4[5],
                                                      r5[5]), two, four, five))
     else:
-        p2 = np.uint64(2 * PLANE)
+        nb = np.uint64(4 * PLANE)
         for u in range(np.uint64(n)):
-            r0 = _bt2(_row4(S, np.uint64(0), u))
-            r1 = _bt2(_row4(S, p2, u))
-            r2 = _bt2(_row4(S, v, u))
-            r3 = _bt2(_row4(S, p2 + v, u))
+            r0 = _bt2(_row4(S, np.uint64(0), nb, u))
+            r1 = _bt2(_row4(S, q2, nb + q2, u))
+            r2 = _bt2(_row4(S, v, nb + v, u))
+            r3 = _bt2(_row4(S, q2 + v, nb + q2 + v, u))
             _put4(T, u, _bt2((r0[0], r1[0], r2[0], r3[0])), 4)
             _put4(T, u + _P, _bt2((r0[1], r1[1], r2[1], r3[1])), 4)
             _put4(T, u + _P + _P, _bt2((r0[2], r1[2], r2[2], r3[2])), 4)
@@ -411,12 +424,47 @@ def _split_planes(band, S, F, m):
                 S[b0 + _P + f] = band[s + _1]
 
 
+@njit(cache=True)
+def _split_tiles(band, S, rows, tw, m):
+    """The band's input tiles split into compact planes (no padding tile): for tile ``f = row
+    * tw + j``, ``S[(hp*m + wp)*PLANE + f]`` is column phase ``wp`` of band tile ``row*(tw +
+    1) + j`` of row phase ``hp``, and the neighbour planes ``S[(m*m + hp*2 + wp)*PLANE + f]``
+    (``wp < 2``) column phase ``wp`` of the band tile after it: the tile's columns ``m`` and
+    ``m + 1``, so that the transform reads every column of a tile at the tile's own index."""
+    vw = tw + 1
+    Fb = rows * vw
+    for hp in range(m):
+        b0 = np.uint64(hp * m * PLANE)
+        n0 = np.uint64((m * m + hp * 2) * PLANE)
+        for row in range(rows):
+            s0 = np.uint64((hp * Fb + row * vw) * m)
+            f0 = np.uint64(row * tw)
+            if m == 4:
+                for j in range(np.uint64(tw)):
+                    s = s0 + np.uint64(4) * j
+                    f = f0 + j
+                    S[b0 + f] = band[s]
+                    S[b0 + _P + f] = band[s + _1]
+                    S[b0 + _P + _P + f] = band[s + np.uint64(2)]
+                    S[b0 + np.uint64(3 * PLANE) + f] = band[s + np.uint64(3)]
+                    S[n0 + f] = band[s + np.uint64(4)]
+                    S[n0 + _P + f] = band[s + np.uint64(5)]
+            else:
+                for j in range(np.uint64(tw)):
+                    s = s0 + np.uint64(2) * j
+                    f = f0 + j
+                    S[b0 + f] = band[s]
+                    S[b0 + _P + f] = band[s + _1]
+                    S[n0 + f] = band[s + np.uint64(2)]
+                    S[n0 + _P + f] = band[s + np.uint64(3)]
+
+
 @njit(cache=True, inline="always")
 def _scratch(tmp, m):
-    """A worker's transform scratch: ``m*m`` planes (input or grad_output tiles, or the
-    output's pixels), ``A*A`` planes (transform points) and the band (``m*m`` planes' worth).
-    """
-    a = m * m * PLANE
+    """A worker's transform scratch: ``m*m + 2*m`` planes (input tiles and their neighbour
+    planes, grad_output tiles, or the output's pixels), ``A*A`` planes (transform points) and
+    the band (``m*m`` planes' worth)."""
+    a = (m * m + 2 * m) * PLANE
     b = a + (m + 2) * (m + 2) * PLANE
     return tmp[:a], tmp[a:b], tmp[b:b + a]
 
@@ -428,22 +476,23 @@ I0 = np.int64(0)
 
 
 @njit(cache=True)
-def _block_points(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff, grad_output):
-    """The transform points of a block's tiles: ``V[a*A + b, c*ld + coff + t*vw + j]`` for
-    tile ``(t0 + t, j)`` of image ``n``'s channel ``c`` (``ld``: a channel's stride in ``V``).
+def _block_points(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, grad_output):
+    """The transform points of a block's tiles: ``V[a*A + b, c*L + t*tw + j]`` for tile
+    ``(t0 + t, j)`` of image ``n``'s channel ``c`` (``L = tc*tw``: the block's tiles).
 
     Input tiles (``INPUT_TILES``): ``(BT d BT^T)[a, b]`` for the ``A x A`` tile ``d`` of rows
     ``(t0 + t)*m + off_h + [0, A)``, columns ``j*m + off_w + [0, A)`` of ``x``, zero outside;
     each run of tile rows carries one more tile row in the planes (the tiles' last two rows).
     grad_output tiles (``GRAD_OUTPUT_TILES``, offsets 0): ``(AT^T d AT)[a, b]`` for the
-    ``m x m`` tile ``d`` of ``x = dy (N, K, P, Q)``, zero beyond ``P x Q`` and in the padding
-    tiles (which therefore add nothing to the weight gradient): the adjoint of
+    ``m x m`` tile ``d`` of ``x = dy (N, K, P, Q)``, zero beyond ``P x Q``: the adjoint of
     :func:`_block_output`. Runs of channels and tile rows share one transform loop."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     A2 = (m + 2) * (m + 2)
-    vw = tw + 1
-    Wb = vw * m
+    # input tiles overlap the next tile's first two columns and rows: the band's tile rows
+    # carry one more tile, and each run one more tile row; grad_output tiles do not overlap
     extra = 0 if grad_output else 1
+    vw = tw + extra
+    Wb = vw * m
     S, T, band = _scratch(tmp, m)
     xf = x.reshape(x.size)
     zero = x.dtype.type(0)
@@ -454,15 +503,16 @@ def _block_points(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff, grad_outp
     for ts in range(0, tc, tr):
         trc = min(tr, tc - ts)
         R = trc + extra
-        F1 = R * vw
-        cb = max(1, (PLANE - 1) // F1)
+        F1 = R * tw                 # a channel's tiles in the planes (and T)
+        cb = max(1, (PLANE - 1) // (R * vw))
         for c0 in range(0, C, cb):
             cbb = min(cb, C - c0)
             F = cbb * F1
+            Fb = cbb * R * vw       # tiles of a row phase in the band
             # the runs' image rows, row phase after row phase, zero-padded to vw*m columns:
             # the band zeroed in one pass, then only the rows' valid spans copied (zeroing
             # each short row's ends was half of a 14x14 plane's transform)
-            band[:F * m * m] = zero
+            band[:Fb * m * m] = zero
             for cc in range(cbb):
                 x0 = np.uint64((n * C + c0 + cc) * H) * np.uint64(W)
                 for r in range(R * m):
@@ -471,46 +521,44 @@ def _block_points(x, V, tmp, n, t0, tc, tw, m, off_h, off_w, ld, coff, grad_outp
                         continue
                     tp = r // m
                     hp = r - tp * m
-                    o = np.uint64(hp * F * m + (cc * R + tp) * Wb + b_lo)
+                    o = np.uint64(hp * Fb * m + (cc * R + tp) * Wb + b_lo)
                     src = x0 + np.uint64(h * W + b_lo + off_w)
                     for e in range(nv):
                         band[o + e] = xf[src + e]
-            _split_planes(band, S, F, m)
             if grad_output:
+                _split_planes(band, S, F, m)        # Fb == F: no padding tiles
                 _grad_output_tiles(S, T, F, m)
             else:
-                for p in range(m * m):      # read by the last tile (a padding tile) only
-                    S[p * PLANE + F] = zero
-                _input_tiles(S, T, F - vw, vw, m)    # not the last channel's extra tile row
+                _split_tiles(band, S, cbb * R, tw, m)
+                _input_tiles(S, T, F - tw, tw, m)   # not the last channel's extra tile row
             for cc in range(cbb):
-                v0 = (c0 + cc) * ld + coff + ts * vw
+                v0 = (c0 + cc) * tc * tw + ts * tw
                 for xi in range(A2):
-                    dst = V[xi, v0:v0 + trc * vw]
+                    dst = V[xi, v0:v0 + trc * tw]
                     src = T[xi * PLANE + cc * F1:]
-                    for e in range(trc * vw):
+                    for e in range(trc * tw):
                         dst[e] = src[e]
 
 
 @njit(cache=True)
-def _block_output(M, y, bias, tmp, n, t0, tc, tw, m, ldm, coff):
-    """``y[n, k, tile] = AT M[:, k*ldm + coff + tile] AT^T + bias[k]`` for the block's tiles,
+def _block_output(M, y, bias, tmp, n, t0, tc, tw, m):
+    """``y[n, k, tile] = AT M[:, k*tc*tw + tile] AT^T + bias[k]`` for the block's tiles,
     clipped to ``y``'s ``P x Q``; runs of filters and tile rows at a time."""
     K, P, Q = y.shape[1], y.shape[2], y.shape[3]
     A2 = (m + 2) * (m + 2)
-    vw = tw + 1
     O, T, band = _scratch(tmp, m)
-    O2 = O.reshape(m * m, PLANE)
+    O2 = O[:m * m * PLANE].reshape(m * m, PLANE)
     yf = y.reshape(y.size)
-    tr = min(tc, PLANE // vw)
+    tr = min(tc, PLANE // tw)
     for ts in range(0, tc, tr):
         trc = min(tr, tc - ts)
-        Lr = trc * vw
+        Lr = trc * tw
         kb = max(1, PLANE // Lr)
         for k0 in range(0, K, kb):
             kbb = min(kb, K - k0)
             for xi in range(A2):
                 for kk in range(kbb):
-                    s0 = (k0 + kk) * ldm + coff + ts * vw
+                    s0 = (k0 + kk) * tc * tw + ts * tw
                     src = M[xi, s0:s0 + Lr]
                     dst = T[xi * PLANE + kk * Lr:]
                     for e in range(Lr):
@@ -529,28 +577,22 @@ def _block_output(M, y, bias, tmp, n, t0, tc, tw, m, ldm, coff):
                         if p >= P:
                             break
                         dst = yf[y0 + np.uint64(p * Q):]
-                        src = band[t * vw * m:]
+                        src = band[t * tw * m:]
                         for q in range(Q):
                             dst[q] = src[q]
 
 
 @njit(parallel=True, cache=True)
-def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, mo, to, phases,
-               shared):
+def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, mo, to, phases):
     """``y (N, K, P, Q)``: 3x3 stride-1 correlation of ``x (N, C, H, W)`` with the
     transformed filters ``U (A*A, G, Kg, Cg)`` plus ``bias``, read at offsets
-    ``(off_h, off_w)``; blocks of ``rb`` tile rows on ``nw`` workers (buffers ``*buf[w]``).
-
-    ``shared``: the transforms only (``rb`` = whole images), into one ``V (A*A, C, N*L)`` in
-    ``vbuf[0]`` and out of one ``M (A*A, K, N*L)`` in ``mbuf[0]``, image ``n`` in columns
-    ``[n*L, (n+1)*L)``; the caller multiplies in between (see :func:`batched_conv`)."""
+    ``(off_h, off_w)``; blocks of ``rb`` tile rows on ``nw`` workers (buffers ``*buf[w]``)."""
     N, C = x.shape[0], x.shape[1]
     K, P, Q = y.shape[1], y.shape[2], y.shape[3]
     G, Kg, Cg = U.shape[1], U.shape[2], U.shape[3]
     A = m + 2
     A2 = A * A
     th, tw = (P + m - 1) // m, (Q + m - 1) // m
-    vw = tw + 1
     per_image = (th + rb - 1) // rb
     nblocks = N * per_image
     for w in prange(nw):
@@ -559,15 +601,12 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, mo, to,
             n = blk // per_image
             t0 = (blk - n * per_image) * rb
             tc = min(rb, th - t0)
-            L = tc * vw
-            if shared:
-                V, M, ld, coff = vbuf[0], mbuf[0], N * L, n * L
-            else:
-                V, M, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, mo:mo + A2 * K * L], L, 0
+            L = tc * tw
+            V, M = vbuf[w, :A2 * C * L], mbuf[w, mo:mo + A2 * K * L]
             if phases & 1:
-                _block_points(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h, off_w,
-                              ld, coff, INPUT_TILES)
-            if phases & 2 and not shared:
+                _block_points(x, V.reshape(A2, C * L), tmp, n, t0, tc, tw, m, off_h, off_w,
+                              INPUT_TILES)
+            if phases & 2:
                 V3, M3 = V.reshape(A2, C, L), M.reshape(A2, K, L)
                 kp = max(1, (BLAS_SERIAL_MACS - 1) // (Cg * L))  # pieces BLAS keeps serial
                 for xi in range(A2):
@@ -577,45 +616,36 @@ def fused_conv(x, U, bias, y, rb, m, off_h, off_w, nw, vbuf, mbuf, tbuf, mo, to,
                             np.dot(U[xi, g, k0:k1], V3[xi, g * Cg:(g + 1) * Cg],
                                    M3[xi, g * Kg + k0:g * Kg + k1])
             if phases & 4:
-                _block_output(M.reshape(A2, K * ld), y, bias, tmp, n, t0, tc, tw, m, ld,
-                              coff)
+                _block_output(M.reshape(A2, K * L), y, bias, tmp, n, t0, tc, tw, m)
 
 
 @njit(parallel=True, cache=True)
 def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, tbuf, mo, to,
-                      gbuf, phases, shared):
+                      gbuf, phases):
     """``part[i] (A*A, G, Kg, Cg)``: the transformed weight gradient of image ``n0 + i``
     (``i < nc``), ``sum over its tiles of Mg[xi] V[xi]^T``, summed block after block in tile
-    order; worker ``w`` takes images ``w, w + nw, ...`` (``gbuf[w]``: one block's product).
-
-    ``shared``: the transforms only (``rb`` = whole images) into one ``V (A*A, C, nc*L)``
-    (``vbuf[0]``) and ``Mg (A*A, K, nc*L)`` (``mbuf[0]``), image ``n0 + i`` in columns
-    ``[i*L, (i+1)*L)``; the caller multiplies (see :func:`batched_weight_grad`)."""
+    order; worker ``w`` takes images ``w, w + nw, ...`` (``gbuf[w]``: one block's product)."""
     C, K = x.shape[1], dy.shape[1]
     P, Q = dy.shape[2], dy.shape[3]
     G, Kg, Cg = part.shape[2], part.shape[3], part.shape[4]
     A = m + 2
     A2 = A * A
     th, tw = (P + m - 1) // m, (Q + m - 1) // m
-    vw = tw + 1
     for w in prange(nw):
         tmp, prod = tbuf[w, to:], gbuf[w]
         for i in range(w, nc, nw):
             n = n0 + i
             for t0 in range(0, th, rb):
                 tc = min(rb, th - t0)
-                L = tc * vw
-                if shared:
-                    V, Mg, ld, coff = vbuf[0], mbuf[0], nc * L, i * L
-                else:
-                    V, Mg, ld, coff = vbuf[w, :A2 * C * L], mbuf[w, mo:mo + A2 * K * L], L, 0
+                L = tc * tw
+                V, Mg = vbuf[w, :A2 * C * L], mbuf[w, mo:mo + A2 * K * L]
                 if phases & 1:
-                    _block_points(x, V.reshape(A2, C * ld), tmp, n, t0, tc, tw, m, off_h,
-                                  off_w, ld, coff, INPUT_TILES)
+                    _block_points(x, V.reshape(A2, C * L), tmp, n, t0, tc, tw, m, off_h,
+                                  off_w, INPUT_TILES)
                 if phases & 4:
-                    _block_points(dy, Mg.reshape(A2, K * ld), tmp, n, t0, tc, tw, m, I0, I0,
-                                  ld, coff, GRAD_OUTPUT_TILES)
-                if phases & 2 and not shared:
+                    _block_points(dy, Mg.reshape(A2, K * L), tmp, n, t0, tc, tw, m, I0, I0,
+                                  GRAD_OUTPUT_TILES)
+                if phases & 2:
                     V3, M3 = V.reshape(A2, C, L), Mg.reshape(A2, K, L)
                     kp = max(1, (BLAS_SERIAL_MACS - 1) // (Cg * L))
                     for xi in range(A2):
@@ -633,6 +663,171 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
                                 for a in range(Kg):
                                     for b in range(Cg):
                                         dst[a, b] += prod[a, b]
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched layout, channels last. The transforms of small planes run along channels: a
+# worker copies a tile's A x A window (every channel of a run of channels, from the chunk's
+# channels-last copy of the input) into planes of its scratch laid out as the fused layout's
+# tile planes (input: the row phases' column-phase and neighbour planes, the last two rows a
+# second set ``_cl_second(m)`` further), and runs the same tile transforms with channels in
+# place of tiles; the transform points then go to ``V[xi, tile, channels]`` in contiguous
+# runs. The output transform likewise takes ``M[xi, tile, filters]`` into planes and scatters
+# the tile's ``m x m`` pixels of each filter into ``y``.
+# ---------------------------------------------------------------------------------------------
+# Channels per pass of the channels-last transforms (at most PLANE).
+CL_CHANNELS = 128
+
+
+@njit(parallel=True, cache=True)
+def _channels_last(x, xt, off_h, off_w):
+    """``xt[n, i, j, c] = x[n, c, i + off_h, j + off_w]``, zero outside ``x``: a chunk of
+    images channels last, with the padding the tiles read. The loop stores along channels
+    (contiguous) and loads across planes."""
+    N, C, H, W = x.shape
+    Hp, Wp = xt.shape[1], xt.shape[2]
+    zero = x.dtype.type(0)
+    xf = x.reshape(x.size)
+    HW = np.uint64(H * W)
+    for task in prange(N * Hp):
+        n = task // Hp
+        i = task - n * Hp
+        h = i + off_h
+        row = xt[n, i]
+        if h < 0 or h >= H:
+            row[:, :] = zero
+            continue
+        j_lo = min(Wp, max(0, -off_w))
+        j_hi = max(j_lo, min(Wp, W - off_w))
+        row[:j_lo, :] = zero
+        row[j_hi:, :] = zero
+        base = np.uint64(n * C) * HW + np.uint64(h * W + off_w)
+        for j in range(j_lo, j_hi):
+            r = row[j]
+            b = base + np.uint64(j)
+            for c in range(np.uint64(C)):
+                r[c] = xf[b + c * HW]
+
+
+@njit(cache=True, inline="always")
+def _cl_second(m):
+    """Offset of the second set of input planes (a tile's rows ``m`` and ``m + 1``)."""
+    return np.uint64((m * m + 2 * m) * PLANE)
+
+
+@njit(cache=True, inline="always")
+def _cl_input_plane(i, l, m):
+    """The plane of a tile's pixel ``(i, l)`` in the input transform's layout (see
+    :func:`_split_tiles` and :func:`_input_tiles`)."""
+    base = _cl_second(m) if i >= m else np.uint64(0)
+    hp = i - m if i >= m else i
+    p = hp * m + l if l < m else m * m + hp * 2 + l - m
+    return base + np.uint64(p * PLANE)
+
+
+@njit(parallel=True, cache=True)
+def _cl_input_points(xt, V, m, th, tw, tbuf):
+    """``V[a*A + b, (n*th + t)*tw + j, c] = (BT d BT^T)[a, b]`` for the ``A x A`` window ``d``
+    of ``xt[n, t*m + [0, A), j*m + [0, A), c]``; rows of tiles on ``tbuf.shape[0]`` workers,
+    ``PLANE`` channels at a time."""
+    N, C = xt.shape[0], xt.shape[3]
+    A = m + 2
+    A2 = A * A
+    nw = tbuf.shape[0]
+    second = _cl_second(m)
+    for w in prange(nw):
+        D = tbuf[w]
+        T = D[second + second:]
+        for task in range(w, N * th, nw):
+            n = task // th
+            t = task - n * th
+            for j in range(tw):
+                tile = task * tw + j
+                for c0 in range(0, C, CL_CHANNELS):
+                    cb = min(CL_CHANNELS, C - c0)
+                    for i in range(A):
+                        for l in range(A):
+                            src = xt[n, t * m + i, j * m + l, c0:c0 + cb]
+                            dst = D[_cl_input_plane(i, l, m):]
+                            for c in range(cb):
+                                dst[c] = src[c]
+                    _input_tiles(D, T, cb, second, m)
+                    for xi in range(A2):
+                        dst = V[xi, tile, c0:c0 + cb]
+                        src = T[xi * PLANE:]
+                        for c in range(cb):
+                            dst[c] = src[c]
+
+
+@njit(parallel=True, cache=True)
+def _cl_grad_output_points(dyt, Mg, m, th, tw, tbuf):
+    """``Mg[a*A + b, (n*th + t)*tw + j, k] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d``
+    of ``dyt[n, t*m + [0, m), j*m + [0, m), k]`` (zero beyond the output): the adjoint of
+    :func:`_cl_output`."""
+    N, K = dyt.shape[0], dyt.shape[3]
+    A2 = (m + 2) * (m + 2)
+    nw = tbuf.shape[0]
+    for w in prange(nw):
+        D = tbuf[w]
+        T = D[m * m * PLANE:]
+        for task in range(w, N * th, nw):
+            n = task // th
+            t = task - n * th
+            for j in range(tw):
+                tile = task * tw + j
+                for k0 in range(0, K, CL_CHANNELS):
+                    kb = min(CL_CHANNELS, K - k0)
+                    for u in range(m):
+                        for v in range(m):
+                            src = dyt[n, t * m + u, j * m + v, k0:k0 + kb]
+                            dst = D[(u * m + v) * PLANE:]
+                            for k in range(kb):
+                                dst[k] = src[k]
+                    _grad_output_tiles(D, T, kb, m)
+                    for xi in range(A2):
+                        dst = Mg[xi, tile, k0:k0 + kb]
+                        src = T[xi * PLANE:]
+                        for k in range(kb):
+                            dst[k] = src[k]
+
+
+@njit(parallel=True, cache=True)
+def _cl_output(M, y, bias, m, th, tw, tbuf):
+    """``y[n, k, t*m + a, j*m + v] = (AT M[:, tile, k] AT^T)[a, v] + bias[k]`` for tile
+    ``tile = (n*th + t)*tw + j``, clipped to ``y``'s ``P x Q``."""
+    N, K, P, Q = y.shape
+    A2 = (m + 2) * (m + 2)
+    nw = tbuf.shape[0]
+    yf = y.reshape(y.size)
+    PQ = np.uint64(P * Q)
+    for w in prange(nw):
+        O = tbuf[w]
+        T = O[m * m * PLANE:]
+        for task in range(w, N * th, nw):
+            n = task // th
+            t = task - n * th
+            for j in range(tw):
+                tile = task * tw + j
+                for k0 in range(0, K, CL_CHANNELS):
+                    kb = min(CL_CHANNELS, K - k0)
+                    for xi in range(A2):
+                        src = M[xi, tile, k0:k0 + kb]
+                        dst = T[xi * PLANE:]
+                        for k in range(kb):
+                            dst[k] = src[k]
+                    _output_tiles(T, O, kb, m)
+                    for a in range(m):
+                        p = t * m + a
+                        if p >= P:
+                            break
+                        for v in range(m):
+                            q = j * m + v
+                            if q >= Q:
+                                break
+                            o = O[(a * m + v) * PLANE:]
+                            d = np.uint64((n * K + k0) * P * Q + p * Q + q)
+                            for k in range(np.uint64(kb)):
+                                yf[d + k * PQ] = o[k] + bias[k0 + k]
 
 
 @njit(cache=True, inline="always")
@@ -813,66 +1008,85 @@ def plan(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elems: int,
 
 def _buffers(C: int, K: int, tw: int, m: int, p: Plan, dtype, bound: int) -> tuple:
     """One row per worker holding its ``V (A*A * C * L)``, ``M (A*A * K * L)`` for
-    ``L = rb * vw`` and its transform scratch (:func:`_scratch`), with the offsets of ``M``
+    ``L = rb * tw`` and its transform scratch (:func:`_scratch`), with the offsets of ``M``
     and of the scratch in the row."""
-    A2, L = (m + 2) ** 2, p.rb * row_width(tw)
+    A2, L = (m + 2) ** 2, p.rb * tw
     mo, to = A2 * C * L, A2 * (C + K) * L
     return scratch((p.nw, to + winograd_temp_elems(m)), dtype, bound), mo, to
 
 
 def batched_images(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elems: int,
                    weight_grad: bool, itemsize: int, algo) -> int:
-    """Images per chunk of the batched layout: whole images' ``V`` and ``M`` under the
-    workspace bound and, where possible, under ``algo``'s ``chunk_bytes``; from the geometry
-    and the bound only, never the thread count (so the weight gradient's sum order is fixed).
-    """
-    fixed, per_row = winograd_tile_bytes(m, tw, C + K, filter_elems, weight_grad, itemsize)
-    per_image = th * per_row + winograd_temp_elems(m) * itemsize  # workers: one per image at most
+    """Images per chunk of the batched layout: whole images' buffers (``winograd_batched_bytes``)
+    under the workspace bound and, where possible, under ``algo``'s ``chunk_bytes``; from the
+    geometry and the bound only, never the thread count (so the weight gradient's sum order is
+    fixed)."""
+    fixed = (m + 2) ** 2 * filter_elems * (2 if weight_grad else 1) * itemsize
+    # and one worker's transform scratch per image (more workers only where the bound allows)
+    per_image = (winograd_batched_bytes(m, th, tw, C, K, weight_grad, itemsize)
+                 + winograd_temp_elems(m) * itemsize)
     fit = (workspace_bound(algo) - fixed) // per_image
     want = min(BATCHED_BYTES, int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES))) // per_image
     return max(1, min(N, fit, want))
 
 
-def _batched_setup(N, C, K, th, tw, m, filter_elems, weight_grad, dtype, algo):
-    """Images per chunk ``nc``, workers, the shared ``V``/``M`` rows and temporaries."""
-    nc = batched_images(N, th, tw, m, C, K, filter_elems, weight_grad,
-                        np.dtype(dtype).itemsize, algo)
-    p = Plan(th, max(1, min(numba.get_num_threads(), nc)), 1)
-    bound = workspace_bound(algo)
-    A2, L = (m + 2) ** 2, th * row_width(tw)
-    v, mm, t = A2 * C * nc * L, A2 * K * nc * L, p.nw * winograd_temp_elems(m)
-    buf = scratch((v + mm + t,), dtype, bound)
-    return (nc, p, buf[:v].reshape(1, v), buf[v:v + mm].reshape(1, mm),
-            buf[v + mm:].reshape(p.nw, -1))
+def _batched_setup(x_shape, K, th, tw, m, filter_elems, weight_grad, dtype, algo):
+    """Images per chunk ``nc``, workers and one flat scratch for a chunk's channels-last
+    input (and grad_output) planes, ``V``, ``M`` and the workers' transform scratch."""
+    N, C = x_shape[:2]
+    itemsize = np.dtype(dtype).itemsize
+    nc = batched_images(N, th, tw, m, C, K, filter_elems, weight_grad, itemsize, algo)
+    A2, T = (m + 2) ** 2, nc * th * tw
+    sizes = {"xt": nc * (th * m + 2) * (tw * m + 2) * C, "V": A2 * T * C, "M": A2 * T * K,
+             "dyt": nc * th * m * tw * m * K if weight_grad else 0}
+    bound, temp = workspace_bound(algo), winograd_temp_elems(m)
+    room = (bound // itemsize - sum(sizes.values())) // temp
+    nw = max(1, min(numba.get_num_threads(), nc * th, room))
+    sizes["tmp"] = nw * temp
+    buf = scratch((sum(sizes.values()),), dtype, bound)
+    views, o = {}, 0
+    for name, size in sizes.items():
+        views[name] = buf[o:o + size]
+        o += size
+    views["tmp"] = views["tmp"].reshape(nw, -1)
+    return nc, views
+
+
+def _chunk(flat: np.ndarray, shape: tuple) -> np.ndarray:
+    """The leading ``prod(shape)`` elements of a flat scratch, shaped (C-contiguous)."""
+    return flat[:int(np.prod(shape))].reshape(shape)
 
 
 def batched_conv(x: np.ndarray, U: np.ndarray, b: np.ndarray, y: np.ndarray, m: int,
                  offsets: tuple[int, int], algo, phases: int = ALL_PHASES) -> None:
     """``winograd_conv`` for layers whose blocks' GEMMs are too big for BLAS to run inside
-    the workers (see ``layout`` in the dispatch rules): per chunk of ``nc`` whole images, the
-    parallel input transform writes one ``V (A*A, C, nc*L)``, ``A*A`` BLAS-threaded GEMMs
-    (``np.matmul``, from this thread) give ``M (A*A, K, nc*L)``, and the parallel output
-    transform writes ``y``. Each GEMM has all the chunk's tiles as columns, so the filters
-    ``U[xi]`` are read once per chunk rather than once per block."""
+    the workers (see ``layout`` in the dispatch rules), channels last: per chunk of ``nc``
+    whole images, ``x`` is laid out ``(nc, rows, cols, C)`` with its zero padding, the
+    parallel input transform writes ``V (A*A, nc*T, C)`` (``T = th*tw`` tiles an image),
+    ``A*A`` BLAS-threaded GEMMs (``np.matmul``, from this thread) give
+    ``M[xi] (nc*T, K) = V[xi] U[xi]^T``, and the parallel output transform writes ``y``.
+    Every transform loop runs along channels (hundreds of them in these layers) instead of
+    along the few tiles of a small plane."""
     N, C = x.shape[:2]
     K, P, Q = y.shape[1:]
     G, Kg, Cg = U.shape[1:]
     th, tw = tile_grid(P, Q, m)
-    A2, L = (m + 2) ** 2, th * row_width(tw)
-    nc, p, vbuf, mbuf, tbuf = _batched_setup(N, C, K, th, tw, m, U[0].size, False, x.dtype,
-                                             algo)
+    A2 = (m + 2) ** 2
+    nc, bufs = _batched_setup(x.shape, K, th, tw, m, U[0].size, False, x.dtype, algo)
     for n0 in range(0, N, nc):
         k = min(nc, N - n0)
-        xs, ys = x[n0:n0 + k], y[n0:n0 + k]
-        V, M = vbuf[:, :A2 * C * k * L], mbuf[:, :A2 * K * k * L]
-        fused_conv(xs, U, b, ys, th, m, *offsets, p.nw, V, M, tbuf, 0, 0,
-                   phases & PHASE_INPUT, True)
+        T = k * th * tw
+        xt = _chunk(bufs["xt"], (k, th * m + 2, tw * m + 2, C))
+        V, M = _chunk(bufs["V"], (A2, T, C)), _chunk(bufs["M"], (A2, T, K))
+        if phases & PHASE_INPUT:
+            _channels_last(x[n0:n0 + k], xt, *offsets)
+            _cl_input_points(xt, V, m, th, tw, bufs["tmp"])
         if phases & PHASE_GEMM:
-            V3, M3 = V.reshape(A2, C, k * L), M.reshape(A2, K, k * L)
             for g in range(G):
-                np.matmul(U[:, g], V3[:, g * Cg:(g + 1) * Cg], out=M3[:, g * Kg:(g + 1) * Kg])
-        fused_conv(xs, U, b, ys, th, m, *offsets, p.nw, V, M, tbuf, 0, 0,
-                   phases & PHASE_OUTPUT, True)
+                np.matmul(V[:, :, g * Cg:(g + 1) * Cg], U[:, g].transpose(0, 2, 1),
+                          out=M[:, :, g * Kg:(g + 1) * Kg])
+        if phases & PHASE_OUTPUT:
+            _cl_output(M, y[n0:n0 + k], b, m, th, tw, bufs["tmp"])
 
 
 def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
@@ -899,7 +1113,7 @@ def winograd_conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
     p = plan(N, th, tw, m, C, K, weight.shape[0] * weight.shape[1], False, x.dtype.itemsize,
              algo)
     wbuf, mo, to = _buffers(C, K, tw, m, p, x.dtype, workspace_bound(algo))
-    fused_conv(x, U, b, y, p.rb, m, *offsets, p.nw, wbuf, wbuf, wbuf, mo, to, phases, False)
+    fused_conv(x, U, b, y, p.rb, m, *offsets, p.nw, wbuf, wbuf, wbuf, mo, to, phases)
     return y
 
 
@@ -920,36 +1134,39 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
 
 def batched_weight_grad(x: np.ndarray, grad_output: np.ndarray, dU: np.ndarray, m: int,
                         offsets: tuple[int, int], algo, phases: int = ALL_PHASES) -> None:
-    """``dU (A*A, G, Kg, Cg)`` in the batched layout: per chunk of whole images, the parallel
-    transforms write ``V (A*A, C, nc*L)`` and ``Mg (A*A, K, nc*L)``, and one BLAS GEMM per
-    transform point and group, ``Mg[xi] V[xi]^T``, sums over the chunk's tiles; the chunks'
-    sums are added in image order."""
+    """``dU (A*A, G, Kg, Cg)`` in the batched layout, channels last: per chunk of whole
+    images, the parallel transforms write ``V (A*A, nc*T, C)`` and ``Mg (A*A, nc*T, K)``, and
+    one BLAS GEMM per transform point and group, ``Mg[xi]^T V[xi]``, sums over the chunk's
+    tiles; the chunks' sums are added in image order."""
     N, C = x.shape[:2]
     K, P, Q = grad_output.shape[1:]
     A2, G, Kg, Cg = dU.shape
     th, tw = tile_grid(P, Q, m)
-    L = th * row_width(tw)
-    nc, p, vbuf, mbuf, tbuf = _batched_setup(N, C, K, th, tw, m, G * Kg * Cg, True, x.dtype,
-                                             algo)
-    part = dU.reshape((1,) + dU.shape)          # typing only: not written in this layout
-    gbuf = np.empty((p.nw, 1, 1), dtype=x.dtype)
+    nc, bufs = _batched_setup(x.shape, K, th, tw, m, G * Kg * Cg, True, x.dtype, algo)
     # a later chunk's product, one transform point at a time: small enough to stay in cache
     # (a whole second dU, 16 MB at 512 x 512 channels, was fresh pages every call)
     prod = np.empty((Kg, Cg), dtype=x.dtype)
     for n0 in range(0, N, nc):
         k = min(nc, N - n0)
-        V, Mg = vbuf[:, :A2 * C * k * L], mbuf[:, :A2 * K * k * L]
-        fused_weight_grad(x, grad_output, part, th, m, *offsets, n0, k, p.nw, V, Mg, tbuf, 0,
-                          0, gbuf, phases & (PHASE_INPUT | PHASE_OUTPUT), True)
+        T = k * th * tw
+        V, Mg = _chunk(bufs["V"], (A2, T, C)), _chunk(bufs["M"], (A2, T, K))
+        if phases & PHASE_INPUT:
+            xt = _chunk(bufs["xt"], (k, th * m + 2, tw * m + 2, C))
+            _channels_last(x[n0:n0 + k], xt, *offsets)
+            _cl_input_points(xt, V, m, th, tw, bufs["tmp"])
+        if phases & PHASE_OUTPUT:
+            dyt = _chunk(bufs["dyt"], (k, th * m, tw * m, K))
+            _channels_last(grad_output[n0:n0 + k], dyt, I0, I0)
+            _cl_grad_output_points(dyt, Mg, m, th, tw, bufs["tmp"])
         if phases & PHASE_GEMM:
-            V3, M3 = V.reshape(A2, C, k * L), Mg.reshape(A2, K, k * L)
             for g in range(G):
-                Mk, Vt = M3[:, g * Kg:(g + 1) * Kg], V3[:, g * Cg:(g + 1) * Cg].transpose(0, 2, 1)
+                Mk = Mg[:, :, g * Kg:(g + 1) * Kg].transpose(0, 2, 1)
+                Vg = V[:, :, g * Cg:(g + 1) * Cg]
                 if n0 == 0:
-                    np.matmul(Mk, Vt, out=dU[:, g])
+                    np.matmul(Mk, Vg, out=dU[:, g])
                     continue
                 for xi in range(A2):
-                    np.matmul(Mk[xi], Vt[xi], out=prod)
+                    np.matmul(Mk[xi], Vg[xi], out=prod)
                     dU[xi, g] += prod
 
 
@@ -985,6 +1202,6 @@ def _fused_weight_grad(x, grad_output, dU, geom, m, offsets, algo, phases) -> No
     for n0 in range(0, N, p.group):
         nc = min(p.group, N - n0)
         fused_weight_grad(x, grad_output, part, p.rb, m, *offsets, n0, nc, p.nw, wbuf, wbuf,
-                          wbuf, mo, to, gbuf, phases, False)
+                          wbuf, mo, to, gbuf, phases)
         for i in range(nc):
             dU += part[i]

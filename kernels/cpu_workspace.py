@@ -207,8 +207,12 @@ def winograd_bytes(op: str, geom, m: int, layout: str, itemsize: int) -> tuple[i
     fixed, per_row = winograd_tile_bytes(m, -(-cols // m), geom.C + geom.K,
                                          geom.K * (geom.C // geom.groups), op == "weight_grad",
                                          itemsize)
-    return (fixed + winograd_temp_elems(m) * itemsize,      # and one worker's scratch
-            per_row * (-(-rows // m) if layout == "batched" else 1))
+    fixed += winograd_temp_elems(m) * itemsize              # and one worker's scratch
+    if layout == "batched":
+        cin, cout = (geom.K, geom.C) if op == "input_grad" else (geom.C, geom.K)
+        return fixed, winograd_batched_bytes(m, -(-rows // m), -(-cols // m), cin, cout,
+                                             op == "weight_grad", itemsize)
+    return fixed, per_row
 
 
 # Row stride (elements) of the Winograd transforms' scratch planes: a compile-time constant
@@ -218,9 +222,23 @@ WINOGRAD_PLANE = 1032
 
 
 def winograd_temp_elems(m: int) -> int:
-    """Elements of one worker's transform scratch for F(m x m, 3 x 3): ``m*m`` tile planes,
-    ``(m + 2)**2`` transform-point planes and a band of ``m*m`` planes."""
-    return (2 * m * m + (m + 2) ** 2) * WINOGRAD_PLANE
+    """Elements of one worker's transform scratch for F(m x m, 3 x 3), the larger of the two
+    layouts': fused, ``m*m`` tile planes and ``2*m`` neighbour planes, ``(m + 2)**2``
+    transform-point planes and a band of ``m*m`` planes; batched, two sets of tile and
+    neighbour planes (a window's first ``m`` and last two rows) and the transform points."""
+    return (2 * (m * m + 2 * m) + (m + 2) ** 2) * WINOGRAD_PLANE
+
+
+def winograd_batched_bytes(m: int, th: int, tw: int, C: int, K: int, weight_grad: bool,
+                           itemsize: int) -> int:
+    """Bytes per image of the batched (channels-last) layout for ``th x tw`` tiles: the input
+    with its padding, channels last, ``V`` and ``M`` (``(m + 2)**2`` points of every tile, of
+    ``C`` and ``K`` channels) and for the weight gradient ``grad_output`` channels last."""
+    A2 = (m + 2) ** 2
+    elems = (th * m + 2) * (tw * m + 2) * C + A2 * th * tw * (C + K)
+    if weight_grad:
+        elems += th * m * tw * m * K
+    return elems * itemsize
 
 
 def winograd_row_fits(m: int, cols: int) -> bool:
@@ -233,11 +251,11 @@ def winograd_tile_bytes(m: int, tiles_per_row: int, channels: int, filter_elems:
                         weight_grad: bool, itemsize: int) -> tuple[int, int]:
     """Fixed: the transformed filters (and for the weight gradient their gradient and its
     partial sum). Per row of tiles: the transformed input and output tiles of all ``channels``
-    (in plus out; rows carry one padding tile). Each worker adds its transform scratch
+    (in plus out) of the fused layout's blocks. Each worker adds its transform scratch
     (:func:`winograd_temp_elems`)."""
     A2 = (m + 2) ** 2
     fixed = A2 * filter_elems * (2 if weight_grad else 1)
-    return fixed * itemsize, A2 * (tiles_per_row + 1) * channels * itemsize
+    return fixed * itemsize, A2 * tiles_per_row * channels * itemsize
 
 
 def gemm1x1_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:

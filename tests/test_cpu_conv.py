@@ -390,29 +390,31 @@ def test_winograd_tile_choice(monkeypatch, avx512):
     one_small = conv_geometry((1, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
     r3x3_14 = conv_geometry((8, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
     deep = conv_geometry((8, 512, 7, 7), (512, 512, 3, 3), 1, 1, 1, 1)
-    one_28 = conv_geometry((1, 256, 28, 28), (256, 256, 3, 3), 1, 1, 1, 1)
     half_14 = conv_geometry((4, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, 1)
-    for geom in (small, one_small, deep, one_28):
+    for geom in (small, one_small, deep):
         assert rules.choose("forward", geom, np.float32, precision="fp32",
                             workspace_bytes=2**28).name == "im2col"
-    # r3x3_14: F(2x2), whose 7x7 tiles cover the 14x14 plane exactly (F(4x4)'s cover 16x16);
-    # a small plane fused from 64 x 64 up to 256 x 256 channels (192 x 192 without AVX-512,
-    # batched above), from 4 images of 14x14; past that batched where it saves enough
+    # a small plane fused with F(2x2) from 64 x 64 up to 256 x 256 channels (192 x 192 without
+    # AVX-512, batched above), from 4 images of 14x14; past that batched where it saves enough,
+    # with the tile of fewer weighted GEMM columns: F(4x4) at 8 images of 14x14 (16 tiles of 36
+    # points against 49 of 16), F(2x2) at 4 (where the cost model alone would keep im2col)
     wide_14 = conv_geometry((8, 512, 14, 14), (512, 512, 3, 3), 1, 1, 1, 1)
     narrow_12 = conv_geometry((8, 64, 12, 12), (64, 64, 3, 3), 1, 1, 1, 1)
     mid_14 = conv_geometry((8, 192, 14, 14), (192, 192, 3, 3), 1, 1, 1, 1)
-    small_256 = "fused" if avx512 else "batched"
+    small_256 = (2, "fused") if avx512 else (4, "batched")
+    half_256 = (2, "fused") if avx512 else (2, "batched")
     for op in ("forward", "input_grad", "weight_grad"):
-        for geom, layout in ((r3x3_14, small_256), (half_14, small_256), (wide_14, "batched"),
-                             (narrow_12, "fused"), (mid_14, "fused")):
+        for geom, want in ((r3x3_14, small_256), (half_14, half_256), (wide_14, (4, "batched")),
+                           (narrow_12, (2, "fused")), (mid_14, (2, "fused"))):
             algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
-            assert (algo.name, algo.get("tile"), algo.get("layout")) == ("winograd", 2, layout)
+            assert (algo.name, algo.get("tile"), algo.get("layout")) == ("winograd",) + want
     # Up to 128 x 128 channels the fused layout (its block GEMMs cut into pieces BLAS keeps
     # single-threaded), from 28x28 with 64 x 64 and more; past that whole images and
     # BLAS-threaded GEMMs (the batched layout) where they save enough.
     for shape, C, want in (((8, 64, 28, 28), 64, "fused"), ((8, 128, 56, 56), 128, "fused"),
                            ((8, 256, 28, 28), 256, "batched"), ((2, 256, 28, 28), 256,
                                                                 "batched"),
+                           ((1, 256, 28, 28), 256, "batched"),
                            ((4, 256, 56, 56), 256, "batched")):
         geom = conv_geometry(shape, (C, C, 3, 3), 1, 1, 1, 1)
         for op in ("forward", "input_grad", "weight_grad"):

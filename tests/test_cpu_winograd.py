@@ -79,7 +79,7 @@ def test_block_gemms_past_blas_threading_are_cut_into_pieces():
     ``cpu_workspace.BLAS_SERIAL_MACS``; right result, same bits for 1 and 2 threads."""
     x, w, b, gy, geom = _problem(2, 128, 12, 60, 128, 1, 1, np.float32, seed=7)
     th, tw = cpu_winograd.tile_grid(12, 60, 4)
-    assert 128 * 128 * th * cpu_winograd.row_width(tw) >= cpu_workspace.BLAS_SERIAL_MACS
+    assert 128 * 128 * th * tw >= cpu_workspace.BLAS_SERIAL_MACS
     algo = Algo("winograd", (("tile", 4),))
     before = numba.get_num_threads()
     results = []
@@ -124,11 +124,12 @@ def test_batched_layout_same_bits_for_any_numba_thread_count():
 def test_wide_planes_split_into_runs_of_tile_rows(tile, layout, dtype):
     """Planes so wide that a block's tile rows do not fit one row of the transforms' scratch
     (``WINOGRAD_PLANE`` elements): the transforms run over fewer tile rows at a time (with
-    F(2x2), 301 tiles per row: two rows of tiles per input run, three per output run; the
-    batched layout's blocks are whole images of four tile rows)."""
+    F(2x2), 300 tiles per row (301 in the band): two rows of tiles per input run, three per
+    output run; the batched layout transforms tile by tile, channels last, whatever the
+    width)."""
     x, w, b, gy, geom = _problem(2, 8, 7, 600, 8, 1, 1, dtype, seed=11)
     th, tw = cpu_winograd.tile_grid(geom.P, geom.Q, tile)
-    vw = cpu_winograd.row_width(tw)
+    vw = tw + 1     # a band row's tiles: the input tiles' overlap carries one more
     plane = cpu_workspace.WINOGRAD_PLANE
     assert cpu_workspace.winograd_row_fits(tile, geom.Q)
     if tile == 2:

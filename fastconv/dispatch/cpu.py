@@ -34,12 +34,12 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    With fewer channels the tile transforms dominate. Past 128 x 128 the pieces get thin, and
    the ``batched`` layout (whole images transformed, BLAS-threaded GEMMs over all their tiles)
    is taken where a cost model of its GEMM columns, tile transforms and filter transform
-   undercuts im2col's multiply-adds by 44% (see _batched_tile): 14x14 x 512 at batch 8 with
-   F(2x2), not on 7x7 planes. Small planes (10x10 to 20x20, at least 4 images of 14x14) with
+   undercuts im2col's multiply-adds by half (see _batched_tile): 14x14 x 512 at batch 8 with
+   F(4x4), not on 7x7 planes. Small planes (10x10 to 20x20, at least 4 images of 14x14) with
    64 x 64 to 256 x 256 channels run fused F(2x2) instead, all three ops (faster than im2col or
    the batched layout, and no BLAS threads left spinning beside the next op; see
-   WINOGRAD_SMALL_PLANE); on hosts without AVX-512 only up to 192 x 192, batched F(2x2) above
-   (see WINOGRAD_SMALL_FUSED_MAX_AVX2). Planes wider than the transforms' scratch rows hold
+   WINOGRAD_SMALL_PLANE); on hosts without AVX-512 only up to 192 x 192, batched above (the
+   tile by the same cost model, else F(2x2); see WINOGRAD_SMALL_FUSED_MAX_AVX2). Planes wider than the transforms' scratch rows hold
    (about 2000 columns with F(4x4), 1000 with F(2x2); see ``cpu_workspace.winograd_row_fits``)
    take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
@@ -132,9 +132,17 @@ WINOGRAD_MAX_CHANNEL_PRODUCT = 128 * 128
 # (0.553; F(4x4) there: 0.99-1.1, its 4x4 tiles cover 16x16); not taken on 28x28 x 256 at
 # N=1 (0.567; F(4x4) 1.19 / 1.20 / 0.95), on 7x7 x 512 (0.91; F(2x2) 1.76), where a row of 4
 # tiles carries a fifth for padding, nor on 14x14 x 256 at N=4 (0.60; F(2x2) 0.80-1.15).
+# Session 18 (AMD EPYC Zen 3, AVX2): the layout went channels last and lost its padding tiles
+# (the costs above counted one per row of tiles), and F(4x4)'s transforms got cheaper per
+# column: weight 1.1 (was 1.3), gain 0.5 (was 0.56; the same decisions on the layers above but
+# 28x28 x 256 at N=1). Forward / input grad / weight grad, median ms, the suite's protocol,
+# against im2col and fused F(4x4): 28x28 x 256, N=1: batched F(4x4) 5.33 / 4.46 / 4.34, im2col
+# 6.90 / 5.82 / 6.03, fused 7.06 / 6.93 / 8.63 (cost ratio 0.48). 14x14 x 256, N=8, the three
+# ops in sequence: batched F(4x4) 26.0, batched F(2x2) 29.1, fused F(2x2) 35.8, PyTorch 35.4
+# (`bench/layouts.py --case r3x3_14 --sequence`).
 WINOGRAD_FILTER_COST = 40
-WINOGRAD_TRANSFORM_WEIGHT = {2: 1.0, 4: 1.3}
-WINOGRAD_BATCHED_GAIN = 0.56
+WINOGRAD_TRANSFORM_WEIGHT = {2: 1.0, 4: 1.1}
+WINOGRAD_BATCHED_GAIN = 0.5
 # From 64 x 64 to 256 x 256 channels, small planes (pixels in this range, at least
 # WINOGRAD_SMALL_MIN_PIXELS over the batch) run the fused layout with F(2x2) after all, all
 # three ops: below 128 x 128 its tile transforms cost less than im2col's packing of nine
@@ -218,8 +226,9 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
             and WINOGRAD_SMALL_PLANE[0] <= rows * cols <= WINOGRAD_SMALL_PLANE[1]
             and geom.N * rows * cols >= WINOGRAD_SMALL_MIN_PIXELS
             and winograd_row_fits(2, cols)):
-        fused = host_avx512() or channels <= WINOGRAD_SMALL_FUSED_MAX_AVX2
-        return 2, "fused" if fused else "batched"
+        if host_avx512() or channels <= WINOGRAD_SMALL_FUSED_MAX_AVX2:
+            return 2, "fused"
+        return _batched_tile(geom.N, rows, cols) or 2, "batched"
     if channels > WINOGRAD_MAX_CHANNEL_PRODUCT:
         m = _batched_tile(geom.N, rows, cols)
         return None if m is None or not winograd_row_fits(m, cols) else (m, "batched")
@@ -233,11 +242,11 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
 
 def _batched_tile(N: int, rows: int, cols: int) -> Optional[int]:
     """The tile of the batched layout, by its cost per (filter, channel) pair in GEMM
-    multiply-adds: ``A*A`` transform points times the GEMM columns (tiles, each row of tiles
-    with its padding tile, weighted by ``WINOGRAD_TRANSFORM_WEIGHT``) plus the filter
+    multiply-adds: ``A*A`` transform points times the GEMM columns (tiles, weighted by
+    ``WINOGRAD_TRANSFORM_WEIGHT``) plus the filter
     transform (``WINOGRAD_FILTER_COST`` per transformed filter element); None unless it
     undercuts im2col's ``9 N P Q`` by ``WINOGRAD_BATCHED_GAIN``."""
-    cost = {m: (m + 2) ** 2 * (N * -(-rows // m) * (-(-cols // m) + 1)
+    cost = {m: (m + 2) ** 2 * (N * -(-rows // m) * -(-cols // m)
                                * WINOGRAD_TRANSFORM_WEIGHT[m] + WINOGRAD_FILTER_COST)
             for m in (4, 2)}
     m = min(cost, key=cost.get)
