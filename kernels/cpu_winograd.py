@@ -280,7 +280,7 @@ def _input_tiles(S, T, n, down, m):
     ``u < n`` of the planes ``S`` (:func:`_split_tiles`): columns ``>= m`` of a tile's row are
     its neighbour planes, rows ``i >= m`` row phase ``i - m`` ``down`` elements further (the
     next tile row, ``tw`` tiles on, in a block's planes; the window's second set of planes in
-    the batched layout's, :func:`_cl_input_points`)."""
+    the batched layout's, :func:`_cl_points`)."""
     v = np.uint64(down)
     q2 = np.uint64(2 * PLANE)
     if m == 4:
@@ -667,9 +667,8 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
 
 # ---------------------------------------------------------------------------------------------
 # The batched layout, channels last. The transforms of small planes run along channels: a
-# worker copies a tile's A x A window (every channel of a run of channels, from the chunk's
-# channels-last copy of the input) into planes of its scratch laid out as the fused layout's
-# tile planes (input: the row phases' column-phase and neighbour planes, the last two rows a
+# worker gathers a tile's A x A window (every channel of a run of channels, each pixel a
+# plane apart in NCHW) into planes of its scratch laid out as the fused layout's tile planes (input: the row phases' column-phase and neighbour planes, the last two rows a
 # second set ``_cl_second(m)`` further), and runs the same tile transforms with channels in
 # place of tiles; the transform points then go to ``V[xi, tile, channels]`` in contiguous
 # runs. The output transform likewise takes ``M[xi, tile, filters]`` into planes and scatters
@@ -677,36 +676,6 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
 # ---------------------------------------------------------------------------------------------
 # Channels per pass of the channels-last transforms (at most PLANE).
 CL_CHANNELS = 128
-
-
-@njit(parallel=True, cache=True)
-def _channels_last(x, xt, off_h, off_w):
-    """``xt[n, i, j, c] = x[n, c, i + off_h, j + off_w]``, zero outside ``x``: a chunk of
-    images channels last, with the padding the tiles read. The loop stores along channels
-    (contiguous) and loads across planes."""
-    N, C, H, W = x.shape
-    Hp, Wp = xt.shape[1], xt.shape[2]
-    zero = x.dtype.type(0)
-    xf = x.reshape(x.size)
-    HW = np.uint64(H * W)
-    for task in prange(N * Hp):
-        n = task // Hp
-        i = task - n * Hp
-        h = i + off_h
-        row = xt[n, i]
-        if h < 0 or h >= H:
-            row[:, :] = zero
-            continue
-        j_lo = min(Wp, max(0, -off_w))
-        j_hi = max(j_lo, min(Wp, W - off_w))
-        row[:j_lo, :] = zero
-        row[j_hi:, :] = zero
-        base = np.uint64(n * C) * HW + np.uint64(h * W + off_w)
-        for j in range(j_lo, j_hi):
-            r = row[j]
-            b = base + np.uint64(j)
-            for c in range(np.uint64(C)):
-                r[c] = xf[b + c * HW]
 
 
 @njit(cache=True, inline="always")
@@ -726,18 +695,29 @@ def _cl_input_plane(i, l, m):
 
 
 @njit(parallel=True, cache=True)
-def _cl_input_points(xt, V, m, th, tw, tbuf):
-    """``V[a*A + b, (n*th + t)*tw + j, c] = (BT d BT^T)[a, b]`` for the ``A x A`` window ``d``
-    of ``xt[n, t*m + [0, A), j*m + [0, A), c]``; rows of tiles on ``tbuf.shape[0]`` workers,
-    ``PLANE`` channels at a time."""
-    N, C = xt.shape[0], xt.shape[3]
+def _cl_points(x, V, m, th, tw, off_h, off_w, tbuf, grad_output):
+    """The transform points of every tile of ``x (N, C, H, W)``, channels last: ``V[a*A + b,
+    (n*th + t)*tw + j, c]`` for channel ``c`` of tile ``(t, j)`` of image ``n``; rows of tiles
+    on ``tbuf.shape[0]`` workers, ``CL_CHANNELS`` channels at a time.
+
+    Input tiles (``INPUT_TILES``): ``(BT d BT^T)[a, b]`` for the ``A x A`` window ``d`` of rows
+    ``t*m + off_h + [0, A)``, columns ``j*m + off_w + [0, A)`` of ``x``, zero outside.
+    grad_output tiles (``GRAD_OUTPUT_TILES``, offsets 0): ``(AT^T d AT)[a, b]`` for the
+    ``m x m`` tile ``d`` of ``x = dy (N, K, P, Q)``, zero beyond ``P x Q``: the adjoint of
+    :func:`_cl_output`. A window's pixel is gathered across channels (a plane apart) straight
+    into its plane of the worker's scratch."""
+    N, C, H, W = x.shape
     A = m + 2
     A2 = A * A
+    side = m if grad_output else A
     nw = tbuf.shape[0]
     second = _cl_second(m)
+    xf = x.reshape(x.size)
+    HW = np.uint64(H * W)
+    zero = x.dtype.type(0)
     for w in prange(nw):
         D = tbuf[w]
-        T = D[second + second:]
+        T = D[m * m * PLANE:] if grad_output else D[second + second:]
         for task in range(w, N * th, nw):
             n = task // th
             t = task - n * th
@@ -745,50 +725,29 @@ def _cl_input_points(xt, V, m, th, tw, tbuf):
                 tile = task * tw + j
                 for c0 in range(0, C, CL_CHANNELS):
                     cb = min(CL_CHANNELS, C - c0)
-                    for i in range(A):
-                        for l in range(A):
-                            src = xt[n, t * m + i, j * m + l, c0:c0 + cb]
-                            dst = D[_cl_input_plane(i, l, m):]
-                            for c in range(cb):
-                                dst[c] = src[c]
-                    _input_tiles(D, T, cb, second, m)
+                    base = np.uint64(n * C + c0) * HW
+                    for i in range(side):
+                        h = t * m + off_h + i
+                        for l in range(side):
+                            q = j * m + off_w + l
+                            o = (np.uint64((i * m + l) * PLANE) if grad_output
+                                 else _cl_input_plane(i, l, m))
+                            dst = D[o:o + np.uint64(cb)]
+                            if h < 0 or h >= H or q < 0 or q >= W:
+                                dst[:] = zero
+                                continue
+                            src = base + np.uint64(h * W + q)
+                            for c in range(np.uint64(cb)):
+                                dst[c] = xf[src + c * HW]
+                    if grad_output:
+                        _grad_output_tiles(D, T, cb, m)
+                    else:
+                        _input_tiles(D, T, cb, np.int64(second), m)   # one signature
                     for xi in range(A2):
                         dst = V[xi, tile, c0:c0 + cb]
                         src = T[xi * PLANE:]
                         for c in range(cb):
                             dst[c] = src[c]
-
-
-@njit(parallel=True, cache=True)
-def _cl_grad_output_points(dyt, Mg, m, th, tw, tbuf):
-    """``Mg[a*A + b, (n*th + t)*tw + j, k] = (AT^T d AT)[a, b]`` for the ``m x m`` tile ``d``
-    of ``dyt[n, t*m + [0, m), j*m + [0, m), k]`` (zero beyond the output): the adjoint of
-    :func:`_cl_output`."""
-    N, K = dyt.shape[0], dyt.shape[3]
-    A2 = (m + 2) * (m + 2)
-    nw = tbuf.shape[0]
-    for w in prange(nw):
-        D = tbuf[w]
-        T = D[m * m * PLANE:]
-        for task in range(w, N * th, nw):
-            n = task // th
-            t = task - n * th
-            for j in range(tw):
-                tile = task * tw + j
-                for k0 in range(0, K, CL_CHANNELS):
-                    kb = min(CL_CHANNELS, K - k0)
-                    for u in range(m):
-                        for v in range(m):
-                            src = dyt[n, t * m + u, j * m + v, k0:k0 + kb]
-                            dst = D[(u * m + v) * PLANE:]
-                            for k in range(kb):
-                                dst[k] = src[k]
-                    _grad_output_tiles(D, T, kb, m)
-                    for xi in range(A2):
-                        dst = Mg[xi, tile, k0:k0 + kb]
-                        src = T[xi * PLANE:]
-                        for k in range(kb):
-                            dst[k] = src[k]
 
 
 @njit(parallel=True, cache=True)
@@ -1023,7 +982,7 @@ def batched_images(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elem
     fixed)."""
     fixed = (m + 2) ** 2 * filter_elems * (2 if weight_grad else 1) * itemsize
     # and one worker's transform scratch per image (more workers only where the bound allows)
-    per_image = (winograd_batched_bytes(m, th, tw, C, K, weight_grad, itemsize)
+    per_image = (winograd_batched_bytes(m, th, tw, C, K, itemsize)
                  + winograd_temp_elems(m) * itemsize)
     fit = (workspace_bound(algo) - fixed) // per_image
     want = min(BATCHED_BYTES, int(algo.get("chunk_bytes", DEFAULT_CHUNK_BYTES))) // per_image
@@ -1031,14 +990,13 @@ def batched_images(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elem
 
 
 def _batched_setup(x_shape, K, th, tw, m, filter_elems, weight_grad, dtype, algo):
-    """Images per chunk ``nc``, workers and one flat scratch for a chunk's channels-last
-    input (and grad_output) planes, ``V``, ``M`` and the workers' transform scratch."""
+    """Images per chunk ``nc``, workers and one flat scratch for a chunk's ``V``, ``M`` and
+    the workers' transform scratch."""
     N, C = x_shape[:2]
     itemsize = np.dtype(dtype).itemsize
     nc = batched_images(N, th, tw, m, C, K, filter_elems, weight_grad, itemsize, algo)
     A2, T = (m + 2) ** 2, nc * th * tw
-    sizes = {"xt": nc * (th * m + 2) * (tw * m + 2) * C, "V": A2 * T * C, "M": A2 * T * K,
-             "dyt": nc * th * m * tw * m * K if weight_grad else 0}
+    sizes = {"V": A2 * T * C, "M": A2 * T * K}
     bound, temp = workspace_bound(algo), winograd_temp_elems(m)
     room = (bound // itemsize - sum(sizes.values())) // temp
     nw = max(1, min(numba.get_num_threads(), nc * th, room))
@@ -1061,8 +1019,8 @@ def batched_conv(x: np.ndarray, U: np.ndarray, b: np.ndarray, y: np.ndarray, m: 
                  offsets: tuple[int, int], algo, phases: int = ALL_PHASES) -> None:
     """``winograd_conv`` for layers whose blocks' GEMMs are too big for BLAS to run inside
     the workers (see ``layout`` in the dispatch rules), channels last: per chunk of ``nc``
-    whole images, ``x`` is laid out ``(nc, rows, cols, C)`` with its zero padding, the
-    parallel input transform writes ``V (A*A, nc*T, C)`` (``T = th*tw`` tiles an image),
+    whole images, the parallel input transform writes ``V (A*A, nc*T, C)`` (``T = th*tw``
+    tiles an image),
     ``A*A`` BLAS-threaded GEMMs (``np.matmul``, from this thread) give
     ``M[xi] (nc*T, K) = V[xi] U[xi]^T``, and the parallel output transform writes ``y``.
     Every transform loop runs along channels (hundreds of them in these layers) instead of
@@ -1076,11 +1034,9 @@ def batched_conv(x: np.ndarray, U: np.ndarray, b: np.ndarray, y: np.ndarray, m: 
     for n0 in range(0, N, nc):
         k = min(nc, N - n0)
         T = k * th * tw
-        xt = _chunk(bufs["xt"], (k, th * m + 2, tw * m + 2, C))
         V, M = _chunk(bufs["V"], (A2, T, C)), _chunk(bufs["M"], (A2, T, K))
         if phases & PHASE_INPUT:
-            _channels_last(x[n0:n0 + k], xt, *offsets)
-            _cl_input_points(xt, V, m, th, tw, bufs["tmp"])
+            _cl_points(x[n0:n0 + k], V, m, th, tw, *offsets, bufs["tmp"], INPUT_TILES)
         if phases & PHASE_GEMM:
             for g in range(G):
                 np.matmul(V[:, :, g * Cg:(g + 1) * Cg], U[:, g].transpose(0, 2, 1),
@@ -1151,13 +1107,10 @@ def batched_weight_grad(x: np.ndarray, grad_output: np.ndarray, dU: np.ndarray, 
         T = k * th * tw
         V, Mg = _chunk(bufs["V"], (A2, T, C)), _chunk(bufs["M"], (A2, T, K))
         if phases & PHASE_INPUT:
-            xt = _chunk(bufs["xt"], (k, th * m + 2, tw * m + 2, C))
-            _channels_last(x[n0:n0 + k], xt, *offsets)
-            _cl_input_points(xt, V, m, th, tw, bufs["tmp"])
+            _cl_points(x[n0:n0 + k], V, m, th, tw, *offsets, bufs["tmp"], INPUT_TILES)
         if phases & PHASE_OUTPUT:
-            dyt = _chunk(bufs["dyt"], (k, th * m, tw * m, K))
-            _channels_last(grad_output[n0:n0 + k], dyt, I0, I0)
-            _cl_grad_output_points(dyt, Mg, m, th, tw, bufs["tmp"])
+            _cl_points(grad_output[n0:n0 + k], Mg, m, th, tw, I0, I0, bufs["tmp"],
+                       GRAD_OUTPUT_TILES)
         if phases & PHASE_GEMM:
             for g in range(G):
                 Mk = Mg[:, :, g * Kg:(g + 1) * Kg].transpose(0, 2, 1)

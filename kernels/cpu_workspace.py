@@ -211,7 +211,7 @@ def winograd_bytes(op: str, geom, m: int, layout: str, itemsize: int) -> tuple[i
     if layout == "batched":
         cin, cout = (geom.K, geom.C) if op == "input_grad" else (geom.C, geom.K)
         return fixed, winograd_batched_bytes(m, -(-rows // m), -(-cols // m), cin, cout,
-                                             op == "weight_grad", itemsize)
+                                             itemsize)
     return fixed, per_row
 
 
@@ -229,16 +229,11 @@ def winograd_temp_elems(m: int) -> int:
     return (2 * (m * m + 2 * m) + (m + 2) ** 2) * WINOGRAD_PLANE
 
 
-def winograd_batched_bytes(m: int, th: int, tw: int, C: int, K: int, weight_grad: bool,
-                           itemsize: int) -> int:
-    """Bytes per image of the batched (channels-last) layout for ``th x tw`` tiles: the input
-    with its padding, channels last, ``V`` and ``M`` (``(m + 2)**2`` points of every tile, of
-    ``C`` and ``K`` channels) and for the weight gradient ``grad_output`` channels last."""
-    A2 = (m + 2) ** 2
-    elems = (th * m + 2) * (tw * m + 2) * C + A2 * th * tw * (C + K)
-    if weight_grad:
-        elems += th * m * tw * m * K
-    return elems * itemsize
+def winograd_batched_bytes(m: int, th: int, tw: int, C: int, K: int, itemsize: int) -> int:
+    """Bytes per image of the batched (channels-last) layout for ``th x tw`` tiles: ``V`` and
+    ``M``, the ``(m + 2)**2`` transform points of every tile, of ``C`` and ``K`` channels (the
+    weight gradient's transformed grad_output takes M's place)."""
+    return (m + 2) ** 2 * th * tw * (C + K) * itemsize
 
 
 def winograd_row_fits(m: int, cols: int) -> bool:
