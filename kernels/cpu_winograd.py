@@ -668,8 +668,9 @@ def fused_weight_grad(x, dy, part, rb, m, off_h, off_w, n0, nc, nw, vbuf, mbuf, 
 # ---------------------------------------------------------------------------------------------
 # The batched layout, channels last. The transforms of small planes run along channels: a
 # worker gathers a tile's A x A window (every channel of a run of channels, each pixel a
-# plane apart in NCHW) into planes of its scratch laid out as the fused layout's tile planes (input: the row phases' column-phase and neighbour planes, the last two rows a
-# second set ``_cl_second(m)`` further), and runs the same tile transforms with channels in
+# plane apart in NCHW) into planes of its scratch laid out as the fused layout's tile planes
+# (input: the row phases' column-phase and neighbour planes, the last two rows a second set
+# ``_cl_second(m)`` further), and runs the same tile transforms with channels in
 # place of tiles; the transform points then go to ``V[xi, tile, channels]`` in contiguous
 # runs. The output transform likewise takes ``M[xi, tile, filters]`` into planes and scatters
 # the tile's ``m x m`` pixels of each filter into ``y``.

@@ -39,9 +39,9 @@ Rules, in order, for the conv ops (``G`` groups, ``Cg = C / G``, ``Kg = K / G``)
    64 x 64 to 256 x 256 channels run fused F(2x2) instead, all three ops (faster than im2col or
    the batched layout, and no BLAS threads left spinning beside the next op; see
    WINOGRAD_SMALL_PLANE); on hosts without AVX-512 only up to 192 x 192, batched above (the
-   tile by the same cost model, else F(2x2); see WINOGRAD_SMALL_FUSED_MAX_AVX2). Planes wider than the transforms' scratch rows hold
-   (about 2000 columns with F(4x4), 1000 with F(2x2); see ``cpu_workspace.winograd_row_fits``)
-   take im2col.
+   tile by the same cost model, else F(2x2); see WINOGRAD_SMALL_FUSED_MAX_AVX2). Planes wider
+   than the transforms' scratch rows hold (about 2000 columns with F(4x4), 1000 with F(2x2);
+   see ``cpu_workspace.winograd_row_fits``) take im2col.
 5. ``im2col`` otherwise; ``layout="per_image"`` when an image's output plane is large enough
    for one GEMM per image, else ``"wide"`` (images side by side in one GEMM); for stride-1
    one-group layers with kernels of 5x5 and up on such small planes, ``"kernel_rows"`` (see
