@@ -981,7 +981,7 @@ def batched_images(N: int, th: int, tw: int, m: int, C: int, K: int, filter_elem
     under the workspace bound and, where possible, under ``algo``'s ``chunk_bytes``; from the
     geometry and the bound only, never the thread count (so the weight gradient's sum order is
     fixed)."""
-    fixed = (m + 2) ** 2 * filter_elems * (2 if weight_grad else 1) * itemsize
+    fixed = winograd_tile_bytes(m, tw, C + K, filter_elems, weight_grad, itemsize)[0]
     # and one worker's transform scratch per image (more workers only where the bound allows)
     per_image = (winograd_batched_bytes(m, th, tw, C, K, itemsize)
                  + winograd_temp_elems(m) * itemsize)
