@@ -1,6 +1,6 @@
 """The cpu algorithms and layouts fastconv could run on one layer, timed against each other.
 
-    python bench/layouts.py --case r3x3_14 [--algos winograd:2:fused,winograd:2:batched,im2col]
+    python bench/layouts.py --case r3x3_14 [--algos winograd:4:batched,winograd:2:fused,im2col]
                             [--sequence] [--repeats 9]
     python bench/layouts.py --case 1,256,28,256,3,1,1 ...    (N,C,HW,K,kernel,stride,pad[,groups])
 
@@ -51,6 +51,21 @@ def _case(text: str):
     return case
 
 
+def winograd_applies(case) -> bool:
+    """Whether the cpu Winograd kernels compute ``case``: a 3x3 kernel at stride 1 (forced on
+    any other layer they would return a wrong result, not an error: the backend trusts the
+    dispatch rules, which never choose them there)."""
+    return case.kernel == 3 and case.stride == 1
+
+
+def default_algos(case) -> str:
+    """The candidates worth timing on ``case`` when ``--algos`` is not given."""
+    if winograd_applies(case):
+        return "winograd:4:batched,winograd:2:batched,winograd:2:fused,im2col"
+    algos = "im2col:kernel_rows,im2col:wide,im2col:per_image"
+    return algos + ",direct" if case.groups > 1 or case.C < 8 else algos
+
+
 def op_call(op: str, algo, x, w, b, gy, geom):
     """A zero-argument call of one op of the cpu backend with ``algo`` forced."""
     from fastconv.kernels import cpu
@@ -65,7 +80,9 @@ def op_call(op: str, algo, x, w, b, gy, geom):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", required=True)
-    parser.add_argument("--algos", default="winograd:2:fused,winograd:2:batched,im2col")
+    parser.add_argument("--algos", default=None,
+                        help="comma-separated; default: the candidates for the layer's kind "
+                             "(Winograd ones only for a 3x3 stride-1 layer)")
     parser.add_argument("--sequence", action="store_true")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
@@ -83,7 +100,12 @@ def main() -> int:
         print(f"{op}: fastconv chooses {chosen}")
     # the forced algorithms get the same workspace bound and chunk size as the library's
     workspace = tuple(kv for kv in chosen.params if kv[0] in WORKSPACE_PARAMS)
-    algos = {text: parse_algo(text, workspace) for text in args.algos.split(",")}
+    texts = (args.algos or default_algos(case)).split(",")
+    for text in texts:
+        if text.startswith("winograd") and not winograd_applies(case):
+            raise SystemExit(f"{text}: Winograd computes 3x3 stride-1 layers only, not "
+                             f"{case.name} ({case.kernel}x{case.kernel}, stride {case.stride})")
+    algos = {text: parse_algo(text, workspace) for text in texts}
     print(f"{case.name}, float32, {threads} threads (median ms)")
     for op in OPS:
         calls = {t: op_call(op, a, x, w, b, gy, geom) for t, a in algos.items()}
