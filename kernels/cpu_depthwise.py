@@ -327,6 +327,78 @@ def _add_taps_pair(acc, acc2, src, L, row, dh, dw, wk, wk2, rotated):
     _add_taps(acc2, src, L, row, dh, dw, wk2, rotated)
 
 
+# Outputs (filters; input channels for the input gradient) a pass of the stride-1 kernels
+# accumulates over one shared padded plane. 3x3 filters: two outputs pass the nine taps
+# together (``_add_taps_pair``): the pair's nine window values, eighteen taps and two sums fit
+# AVX-512's 32 vector registers, not AVX2's 16; four (or three) outputs pass one kernel row at
+# a time (``_row_taps``): three window values, twelve taps and four sums fit 16 registers, and
+# each window load serves four outputs. Same bits either way: every sum keeps its order
+# (bias, then channels, each in tap order), and a kernel row's three taps end where the next
+# row's begin. Measured, cifar3x3 forward (64 x 3 -> 32, 32x32), float32, alternating:
+# AVX-512 (session 10, 1 thread) pairs 1.31-1.41 ms against 1.66-1.99 single; AMD EPYC Zen 3
+# AVX2 (session 15) pairs 1.79 against 1.54 single; (session 19) see README.
+def _outputs_per_pass() -> int:
+    return 2 if _wide_registers() else 4
+
+
+@njit(cache=True)
+def _row_taps(acc, nk, src, L, off, col, t):
+    """``acc[j, f] += t[3j]*src[off + f] + t[3j+1]*src[off + col + f] + t[3j+2]*src[off +
+    2 col + f]`` for ``j < nk`` (3 or 4) and ``f < L``: one kernel row of ``nk`` filters, each
+    window value loaded once for all of them, added left to right."""
+    o0 = np.uint64(off)
+    o1 = o0 + np.uint64(col)
+    o2 = o1 + np.uint64(col)
+    a0, a1, a2 = acc[0], acc[1], acc[2]
+    if nk == 4:
+        a3 = acc[3]
+        for f in range(np.uint64(L)):
+            v0, v1, v2 = src[o0 + f], src[o1 + f], src[o2 + f]
+            a0[f] = ((a0[f] + t[0] * v0) + t[1] * v1) + t[2] * v2
+            a1[f] = ((a1[f] + t[3] * v0) + t[4] * v1) + t[5] * v2
+            a2[f] = ((a2[f] + t[6] * v0) + t[7] * v1) + t[8] * v2
+            a3[f] = ((a3[f] + t[9] * v0) + t[10] * v1) + t[11] * v2
+    else:
+        for f in range(np.uint64(L)):
+            v0, v1, v2 = src[o0 + f], src[o1 + f], src[o2 + f]
+            a0[f] = ((a0[f] + t[0] * v0) + t[1] * v1) + t[2] * v2
+            a1[f] = ((a1[f] + t[3] * v0) + t[4] * v1) + t[5] * v2
+            a2[f] = ((a2[f] + t[6] * v0) + t[7] * v1) + t[8] * v2
+
+
+@njit(cache=True, inline="always")
+def _filter_of(weight, k, cl, j, along_k):
+    """Output ``j`` of a group: filter ``k + j`` at channel ``cl`` (forward), or filter ``k``
+    at channel ``cl + j`` (input gradient)."""
+    return weight[k + j, cl] if along_k else weight[k, cl + j]
+
+
+@njit(cache=True)
+def _add_taps_group(acc, nk, src, L, row, dh, dw, weight, k, cl, along_k, rotated, per_pass):
+    """``acc[j] +=`` the taps of output ``j < nk`` (:func:`_filter_of`) over the plane ``src``,
+    ``per_pass`` outputs a pass (see ``_outputs_per_pass``); the same bits for any grouping."""
+    R, S = weight.shape[2], weight.shape[3]
+    if per_pass == 4 and nk >= 3 and R == 3 and S == 3:
+        f0 = _filter_of(weight, k, cl, 0, along_k)
+        f1 = _filter_of(weight, k, cl, 1, along_k)
+        f2 = _filter_of(weight, k, cl, 2, along_k)
+        f3 = _filter_of(weight, k, cl, min(3, nk - 1), along_k)
+        for r in range(3):
+            t = (_tap(f0, r, 0, rotated), _tap(f0, r, 1, rotated), _tap(f0, r, 2, rotated),
+                 _tap(f1, r, 0, rotated), _tap(f1, r, 1, rotated), _tap(f1, r, 2, rotated),
+                 _tap(f2, r, 0, rotated), _tap(f2, r, 1, rotated), _tap(f2, r, 2, rotated),
+                 _tap(f3, r, 0, rotated), _tap(f3, r, 1, rotated), _tap(f3, r, 2, rotated))
+            _row_taps(acc, nk, src, L, r * dh * row, dw, t)
+    elif per_pass == 2 and nk == 2:
+        _add_taps_pair(acc[0], acc[1], src, L, row, dh, dw,
+                       _filter_of(weight, k, cl, 0, along_k),
+                       _filter_of(weight, k, cl, 1, along_k), rotated)
+    else:
+        for j in range(nk):
+            _add_taps(acc[j], src, L, row, dh, dw, _filter_of(weight, k, cl, j, along_k),
+                      rotated)
+
+
 @njit(cache=True)
 def _copy_rows(acc, row, out):
     """``out[p, q] = acc[p * row + q]``: a plane computed with a padded row stride."""
@@ -337,10 +409,11 @@ def _copy_rows(acc, row, out):
 
 
 @njit(parallel=True, cache=True)
-def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads, pairs):
+def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads, per_pass):
     """Tasks of ``kb`` filters of one group and one image: the group's ``Cg`` input planes
     are zero-padded once per task and shared by its filters (with one filter per task,
-    ``kb = 1``, only one padded plane is held at a time). Each of ``threads`` workers takes a
+    ``kb = 1``, only one padded plane is held at a time), ``per_pass`` filters a pass over a
+    plane (1, 2 or 4: see ``_outputs_per_pass``). Each of ``threads`` workers takes a
     contiguous run of tasks with its own buffers (allocated, and their padding zeroed, once
     per call); a task computes the same bits whichever worker runs it."""
     N, C, H, W = x.shape
@@ -358,8 +431,7 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads, pairs):
     for wk in prange(nw):
         # the tail is read only into the discarded columns: zero keeps it finite
         xp = np.zeros((Cg if kb > 1 else 1) * plane + (S - 1) * dw, dtype=x.dtype)
-        acc = np.empty(L, dtype=y.dtype)
-        acc2 = np.empty(L if kb > 1 else 0, dtype=y.dtype)
+        acc = np.empty((min(kb, per_pass), L), dtype=y.dtype)
         for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
             n = task // (G * nkb)
             g = (task // nkb) % G
@@ -371,25 +443,20 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads, pairs):
                 for cl in range(Cg):
                     _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W,
                                xp[cl * plane:(cl + 1) * plane], Hp, Wp, pt, pl)
-            for k in range(k0, k1, 2 if pairs else 1):
-                pair = pairs and k + 1 < k1  # two filters a pass share the plane's loads
-                acc[:] = bias[k]
-                if pair:
-                    acc2[:] = bias[k + 1]
+            for k in range(k0, k1, acc.shape[0]):
+                nk = min(acc.shape[0], k1 - k)
+                for j in range(nk):
+                    acc[j, :] = bias[k + j]
                 for cl in range(Cg):
                     if shared:
                         src = xp[cl * plane:]
                     else:
                         _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
                         src = xp
-                    if pair:
-                        _add_taps_pair(acc, acc2, src, L, Wp, dh, dw, weight[k, cl],
-                                       weight[k + 1, cl], UPRIGHT)
-                    else:
-                        _add_taps(acc, src, L, Wp, dh, dw, weight[k, cl], UPRIGHT)
-                _copy_rows(acc, Wp, y[n, k])
-                if pair:
-                    _copy_rows(acc2, Wp, y[n, k + 1])
+                    _add_taps_group(acc, nk, src, L, Wp, dh, dw, weight, k, cl, True,
+                                    UPRIGHT, per_pass)
+                for j in range(nk):
+                    _copy_rows(acc[j], Wp, y[n, k + j])
 
 
 @njit(cache=True)
@@ -573,10 +640,10 @@ def _weight_grad_s2(x, grad_output, gw, pt, pl):
 
 
 @njit(parallel=True, cache=True)
-def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads, pairs):
+def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads, per_pass):
     """Tasks of ``cb`` input channels of one group and one image; with more than one, the
-    group's ``Kg`` padded ``grad_output`` planes are made once per task and shared. Buffers
-    per thread, as in :func:`_forward_s1`."""
+    group's ``Kg`` padded ``grad_output`` planes are made once per task and shared;
+    ``per_pass`` channels a pass. Buffers per thread, as in :func:`_forward_s1`."""
     N, C, H, W = gx.shape
     K, Cg, R, S = weight.shape
     P, Q = grad_output.shape[2], grad_output.shape[3]
@@ -594,8 +661,7 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads, pairs):
     nw = max(1, min(threads, ntask))
     for wk in prange(nw):
         dyp = np.zeros((Kg if cb > 1 else 1) * plane + (S - 1) * dw, dtype=gx.dtype)
-        acc = np.empty(L, dtype=gx.dtype)
-        acc2 = np.empty(L if cb > 1 else 0, dtype=gx.dtype)
+        acc = np.empty((min(cb, per_pass), L), dtype=gx.dtype)
         for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
             n = task // (G * ncb)
             g = (task // ncb) % G
@@ -606,12 +672,10 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads, pairs):
                 for kl in range(Kg):
                     _pad_plane(dyf, (n * K + g * Kg + kl) * P * Q, P, Q,
                                dyp[kl * plane:(kl + 1) * plane], Hq, Wq, top, left)
-            for c in range(c0, c1, 2 if pairs else 1):
+            for c in range(c0, c1, acc.shape[0]):
                 cl = c - g * Cg
-                pair = pairs and c + 1 < c1  # two channels a pass share the plane's loads
-                acc[:] = 0
-                if pair:
-                    acc2[:] = 0
+                nc = min(acc.shape[0], c1 - c)
+                acc[:nc] = 0
                 for kl in range(Kg):
                     k = g * Kg + kl
                     if shared:
@@ -619,14 +683,10 @@ def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads, pairs):
                     else:
                         _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
                         src = dyp
-                    if pair:
-                        _add_taps_pair(acc, acc2, src, L, Wq, dh, dw, weight[k, cl],
-                                       weight[k, cl + 1], ROTATED)
-                    else:
-                        _add_taps(acc, src, L, Wq, dh, dw, weight[k, cl], ROTATED)
-                _copy_rows(acc, Wq, gx[n, c])
-                if pair:
-                    _copy_rows(acc2, Wq, gx[n, c + 1])
+                    _add_taps_group(acc, nc, src, L, Wq, dh, dw, weight, k, cl, False,
+                                    ROTATED, per_pass)
+                for j in range(nc):
+                    _copy_rows(acc[j], Wq, gx[n, c + j])
 
 
 # Images whose products the stride-1 direct weight gradient sums per position in the data's
@@ -839,13 +899,7 @@ def _wide_registers() -> bool:
     return host_avx512()
 
 
-# Whether the stride-1 3x3 passes take two filters (input channels for the input gradient)
-# at a time, sharing each window's loads: the pair's nine window values, eighteen taps and
-# two sums fit AVX-512's 32 vector registers but not AVX2's 16. Same bits either way (each
-# sum keeps its order). Measured, cifar3x3 forward (64 x 3 -> 32, 32x32), float32, 2 threads,
-# alternating: AVX-512 (session 10, 1 thread) 1.31-1.41 ms paired against 1.66-1.99 single;
-# AMD EPYC Zen 3, AVX2 (session 15): 1.79 paired against 1.54 single (medians of 15).
-PAIRS = _wide_registers()
+OUTPUTS_PER_PASS = _outputs_per_pass()
 
 # Outputs (filters, or input channels for the input gradient) per task of the stride-1
 # kernels when a group's padded planes are shared.
@@ -880,7 +934,8 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
     if _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         kb = _outputs_per_task("forward", geom, x.dtype.itemsize, algo)
-        _forward_s1(x, weight, b, y, pt, pl, dh, dw, kb, numba.get_num_threads(), PAIRS)
+        _forward_s1(x, weight, b, y, pt, pl, dh, dw, kb, numba.get_num_threads(),
+                    OUTPUTS_PER_PASS)
     elif _stride2(geom, x.dtype.itemsize, algo):
         _forward_s2(x, weight, b, y, geom.padding[0], geom.padding[2], numba.get_num_threads())
     else:
@@ -895,7 +950,7 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         cb = _outputs_per_task("input_grad", geom, gx.dtype.itemsize, algo)
         _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, numba.get_num_threads(),
-                       PAIRS)
+                       OUTPUTS_PER_PASS)
     elif _stride2(geom, gx.dtype.itemsize, algo):
         _input_grad_s2(weight, grad_output, gx, geom.padding[0], geom.padding[2],
                        numba.get_num_threads())

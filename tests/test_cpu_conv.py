@@ -513,8 +513,9 @@ def test_direct_3x3_pass_sums_in_tap_order(dilation, dtype):
 def test_direct_outputs_per_task_do_not_change_bits(dtype):
     """The stride-1 direct kernels group outputs into tasks that share padded planes (how
     many depends on the batch and the thread count) and split the tasks among workers that
-    reuse their buffers; every grouping and split gives the same bits, with two outputs a
-    pass (``PAIRS``, AVX-512 hosts) or one."""
+    reuse their buffers; every grouping and split gives the same bits, with one output a
+    pass, two (AVX-512 hosts) or up to four by kernel rows (AVX2 hosts; ``OUTPUTS_PER_PASS``),
+    including the remainders of three, two and one output."""
     from fastconv.kernels import cpu_depthwise
 
     rng = np.random.default_rng(12)
@@ -523,12 +524,13 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype):
     b = rng.standard_normal(10).astype(dtype)
     gy = rng.standard_normal((2, 10, 11, 9)).astype(dtype)
     ys, gxs = [], []
-    for per, workers, pairs in ((1, 1, True), (1, 3, False), (2, 2, True), (3, 5, True),
-                                (3, 5, False), (8, 3, False), (8, 7, True)):
+    for per, workers, per_pass in ((1, 1, 2), (1, 3, 1), (2, 2, 2), (3, 5, 2), (3, 5, 1),
+                                   (8, 3, 1), (8, 7, 2), (8, 2, 4), (5, 3, 4), (3, 1, 4),
+                                   (2, 2, 4), (4, 1, 4)):
         y = np.empty((2, 10, 11, 9), dtype)
-        cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per, workers, pairs)
+        cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per, workers, per_pass)
         gx = np.empty_like(x)
-        cpu_depthwise._input_grad_s1(w, gy, gx, 1, 1, 1, 1, per, workers, pairs)
+        cpu_depthwise._input_grad_s1(w, gy, gx, 1, 1, 1, 1, per, workers, per_pass)
         ys.append(y)
         gxs.append(gx)
     geom = conv_geometry(x.shape, w.shape, 1, 1, 1, 2)
