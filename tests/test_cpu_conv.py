@@ -510,7 +510,8 @@ def test_direct_3x3_pass_sums_in_tap_order(dilation, dtype):
                                   cpu.conv2d_input_grad(w4l, gy, g4l, algo))
 
 
-def test_direct_outputs_per_task_do_not_change_bits(dtype):
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_direct_outputs_per_task_do_not_change_bits(dtype, dilation):
     """The stride-1 direct kernels group outputs into tasks that share padded planes (how
     many depends on the batch and the thread count) and split the tasks among workers that
     reuse their buffers; every grouping and split gives the same bits, with one output a
@@ -528,12 +529,13 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype):
                                    (8, 3, 1), (8, 7, 2), (8, 2, 4), (5, 3, 4), (3, 1, 4),
                                    (2, 2, 4), (4, 1, 4)):
         y = np.empty((2, 10, 11, 9), dtype)
-        cpu_depthwise._forward_s1(x, w, b, y, 1, 1, 1, 1, per, workers, per_pass)
+        d = dilation
+        cpu_depthwise._forward_s1(x, w, b, y, d, d, d, d, per, workers, per_pass)
         gx = np.empty_like(x)
-        cpu_depthwise._input_grad_s1(w, gy, gx, 1, 1, 1, 1, per, workers, per_pass)
+        cpu_depthwise._input_grad_s1(w, gy, gx, d, d, d, d, per, workers, per_pass)
         ys.append(y)
         gxs.append(gx)
-    geom = conv_geometry(x.shape, w.shape, 1, 1, 1, 2)
+    geom = conv_geometry(x.shape, w.shape, 1, dilation, dilation, 2)
     assert_close(ys[0], reference.conv2d_forward(x, w, b, geom))
     assert_close(gxs[0], reference.conv2d_input_grad(w, gy, geom))
     for y, gx in zip(ys[1:], gxs[1:]):
