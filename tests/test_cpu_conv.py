@@ -543,6 +543,36 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype, dilation):
         np.testing.assert_array_equal(gx, gxs[0])
 
 
+@pytest.mark.parametrize("groups, K", [(2, 4), (4, 8), (1, 3), (1, 80)])
+def test_direct_weight_grad_group_gemms(dtype, groups, K):
+    """The stride-1 direct weight gradient by per-group im2col GEMMs: images in tasks of
+    ``IMAGES_PER_TASK`` (5 images: a full task and one of one image), output rows in blocks
+    (1, 2 and all 7 rows a GEMM), each GEMM the way round chosen by ``weight_grad`` or the
+    other (``trans``): every combination matches the reference, and the chosen one is what
+    ``weight_grad`` returns."""
+    from fastconv.kernels import cpu_depthwise
+
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((5, 8, 7, 6)).astype(dtype)
+    w = rng.standard_normal((K, 8 // groups, 3, 3)).astype(dtype)
+    geom = conv_geometry(x.shape, w.shape, 1, ((1, 2), (0, 1)), (1, 2), groups)
+    gy = rng.standard_normal(geom.output_shape).astype(dtype)
+    ref = reference.conv2d_weight_grad(x, gy, geom)
+    Kg, crs = K // groups, 8 // groups * 9
+    tasks = -(-5 // cpu_depthwise.IMAGES_PER_TASK)
+    for trans in (False, True):
+        for rows in (1, 2, geom.P):
+            part = np.full((tasks, groups) + ((crs, Kg) if trans else (Kg, crs)), np.nan, dtype)
+            cpu_depthwise._weight_grad_s1_gemm(x, gy, part, 3, 3, 1, 0, 1, 2,
+                                               cpu_depthwise.IMAGES_PER_TASK, rows, trans)
+            total = part.sum(axis=0)
+            total = total.transpose(0, 2, 1) if trans else total
+            assert_close(total.reshape(geom.weight_shape), ref)
+    algo = Algo("direct", (("workspace_bytes", 2**28), ("chunk_bytes", 2**24)))
+    if cpu_depthwise._gemm_rows(geom, np.dtype(dtype).itemsize, algo):
+        assert_close(cpu_depthwise.weight_grad(x, gy, geom, algo), ref)
+
+
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_direct_depthwise_weight_grad_batches_of_images(dtype, dilation):
     """The stride-1 direct weight gradient of a depthwise layer sums each tap's products over
