@@ -327,20 +327,6 @@ def _add_taps_pair(acc, acc2, src, L, row, dh, dw, wk, wk2, rotated):
     _add_taps(acc2, src, L, row, dh, dw, wk2, rotated)
 
 
-# Outputs (filters; input channels for the input gradient) a pass of the stride-1 kernels
-# accumulates over one shared padded plane. 3x3 filters: two outputs pass the nine taps
-# together (``_add_taps_pair``): the pair's nine window values, eighteen taps and two sums fit
-# AVX-512's 32 vector registers, not AVX2's 16; four (or three) outputs pass one kernel row at
-# a time (``_row_taps``): three window values, twelve taps and four sums fit 16 registers, and
-# each window load serves four outputs. Same bits either way: every sum keeps its order
-# (bias, then channels, each in tap order), and a kernel row's three taps end where the next
-# row's begin. Measured, cifar3x3 forward (64 x 3 -> 32, 32x32), float32, alternating:
-# AVX-512 (session 10, 1 thread) pairs 1.31-1.41 ms against 1.66-1.99 single; AMD EPYC Zen 3
-# AVX2 (session 15) pairs 1.79 against 1.54 single; (session 19) see README.
-def _outputs_per_pass() -> int:
-    return 2 if _wide_registers() else 4
-
-
 @njit(cache=True)
 def _row_taps(acc, nk, src, L, off, col, t):
     """``acc[j, f] += t[3j]*src[off + f] + t[3j+1]*src[off + col + f] + t[3j+2]*src[off +
@@ -376,7 +362,7 @@ def _filter_of(weight, k, cl, j, along_k):
 @njit(cache=True)
 def _add_taps_group(acc, nk, src, L, row, dh, dw, weight, k, cl, along_k, rotated, per_pass):
     """``acc[j] +=`` the taps of output ``j < nk`` (:func:`_filter_of`) over the plane ``src``,
-    ``per_pass`` outputs a pass (see ``_outputs_per_pass``); the same bits for any grouping."""
+    ``per_pass`` outputs a pass (see ``OUTPUTS_PER_PASS``); the same bits for any grouping."""
     R, S = weight.shape[2], weight.shape[3]
     if per_pass == 4 and nk >= 3 and R == 3 and S == 3:
         f0 = _filter_of(weight, k, cl, 0, along_k)
@@ -413,7 +399,7 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads, per_pass):
     """Tasks of ``kb`` filters of one group and one image: the group's ``Cg`` input planes
     are zero-padded once per task and shared by its filters (with one filter per task,
     ``kb = 1``, only one padded plane is held at a time), ``per_pass`` filters a pass over a
-    plane (1, 2 or 4: see ``_outputs_per_pass``). Each of ``threads`` workers takes a
+    plane (1, 2 or 4: see ``OUTPUTS_PER_PASS``). Each of ``threads`` workers takes a
     contiguous run of tasks with its own buffers (allocated, and their padding zeroed, once
     per call); a task computes the same bits whichever worker runs it."""
     N, C, H, W = x.shape
@@ -902,7 +888,17 @@ def _wide_registers() -> bool:
     return host_avx512()
 
 
-OUTPUTS_PER_PASS = _outputs_per_pass()
+# Outputs (filters; input channels for the input gradient) a pass of the stride-1 kernels
+# accumulates over one shared padded plane. 3x3 filters: two outputs pass the nine taps
+# together (``_add_taps_pair``): the pair's nine window values, eighteen taps and two sums fit
+# AVX-512's 32 vector registers, not AVX2's 16; four (or three) outputs pass one kernel row at
+# a time (``_row_taps``): three window values, twelve taps and four sums fit 16 registers, and
+# each window load serves four outputs. Same bits either way: every sum keeps its order
+# (bias, then channels, each in tap order), and a kernel row's three taps end where the next
+# row's begin. Measured, cifar3x3 forward (64 x 3 -> 32, 32x32), float32, alternating:
+# AVX-512 (session 10, 1 thread) pairs 1.31-1.41 ms against 1.66-1.99 single; AMD EPYC Zen 3
+# AVX2 (session 15) pairs 1.79 against 1.54 single; (session 19) see README.
+OUTPUTS_PER_PASS = 2 if _wide_registers() else 4
 
 # Outputs (filters, or input channels for the input gradient) per task of the stride-1
 # kernels when a group's padded planes are shared.
