@@ -130,6 +130,7 @@ def instrument(phases: _Phases):
     if not hasattr(cpu_winograd, "fused_conv"):
         patches.append((cpu_winograd, "np", _TimedNumpy(phases)))
     for name in ("_forward", "_input_grad", "_weight_grad", "_forward_s1", "_input_grad_s1",
+                 "_depthwise_same3x3",
                  "_weight_grad_s1", "_weight_grad_s1_flat", "_weight_grad_s1_gemm",
                  "_forward_s2", "_input_grad_s2", "_weight_grad_s2"):
         if not hasattr(cpu_depthwise, name):     # the kernels of other versions

@@ -543,6 +543,45 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype, dilation):
         np.testing.assert_array_equal(gx, gxs[0])
 
 
+@pytest.mark.parametrize("H, W, pt, pb", [(7, 9, 1, 1), (6, 2, 1, 1), (5, 1, 1, 1),
+                                         (1, 1, 1, 1), (5, 6, 0, 2), (4, 5, 2, 0)])
+@pytest.mark.parametrize("workers", [1, 2, 7])
+def test_depthwise_same_width_kernel_bits(dtype, H, W, pt, pb, workers):
+    """Depthwise 3x3 layers with one padding column each side run ``_depthwise_same3x3``
+    (the plane as it lies, its edge columns computed again with zeros): every output written
+    (poisoned first), the reference's values, and the same bits as the padded-plane kernels,
+    forward and input gradient, with non-finite inputs too."""
+    from fastconv.kernels import cpu_depthwise as dw
+
+    rng = np.random.default_rng(31)
+    N, C = 2, 5
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((C, 1, 3, 3)).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    geom = conv_geometry(x.shape, w.shape, 1, ((pt, pb), (1, 1)), 1, C)
+    gy = rng.standard_normal(geom.output_shape).astype(dtype)
+    assert dw._same3x3(geom)
+
+    def run(x, w):
+        y = np.full(geom.output_shape, np.nan, dtype)
+        dw._depthwise_same3x3(x, w, b, y, pt, dw.UPRIGHT, workers)
+        gx = np.full_like(x, np.nan)
+        dw._depthwise_same3x3(gy, w, np.zeros(C, dtype), gx, 2 - pt, dw.ROTATED, workers)
+        y0, gx0 = np.empty_like(y), np.empty_like(x)
+        dw._forward_s1(x, w, b, y0, pt, 1, 1, 1, 1, 1, 1)
+        dw._input_grad_s1(w, gy, gx0, pt, 1, 1, 1, 1, 1, 1)
+        np.testing.assert_array_equal(y, y0)
+        np.testing.assert_array_equal(gx, gx0)
+        return y, gx
+
+    y, gx = run(x, w)
+    assert_close(y, reference.conv2d_forward(x, w, b, geom))
+    assert_close(gx, reference.conv2d_input_grad(w, gy, geom))
+    x[1, 2, 0, -1] = np.inf
+    w[3, 0, 1, 0] = np.nan
+    run(x, w)
+
+
 @pytest.mark.parametrize("groups, K", [(2, 4), (4, 8), (1, 3), (1, 80)])
 def test_direct_weight_grad_group_gemms(dtype, groups, K):
     """The stride-1 direct weight gradient by per-group im2col GEMMs: images in tasks of
