@@ -572,6 +572,22 @@ def _phase_taps(wk, out, src, PS, Wh, L, scatter):
                     out[f] += wv * tap[f]
 
 
+@njit(cache=True)
+def _phase_taps3x3(t, out, src, PS, Wh, L):
+    """:func:`_phase_taps` (gather) of a 3x3 filter's taps ``t`` (row-major) in one pass:
+    the nine reads at their phases' offsets, summed in the same order (so the same bits),
+    one load and store of ``out`` instead of nine. Measured against one pass per tap
+    (``_forward_s2``, float32, 2 threads, 20 alternating rounds, min / median ms): 8 x 96 x
+    56 x 56 depthwise 0.88 / 0.95 -> 0.74 / 0.86; 8 x 64 x 28 x 28 in 8 groups 1.17 / 1.54 ->
+    1.01 / 1.27."""
+    ps, wh, one = np.uint64(PS), np.uint64(Wh), np.uint64(1)
+    for f in range(np.uint64(L)):
+        g = f + wh
+        out[f] = _sum9(out[f], t, (src[f], src[f + ps], src[f + one],
+                                   src[f + ps + ps], src[f + ps + ps + ps], src[f + ps + ps + one],
+                                   src[g], src[g + ps], src[g + one]))
+
+
 @njit(parallel=True, cache=True)
 def _forward_s2(x, weight, bias, y, pt, pl, threads):
     """Stride 2, no dilation: per task (image, filter) the zero-padded input plane of each
@@ -601,7 +617,10 @@ def _forward_s2(x, weight, bias, y, pt, pl, threads):
             acc[:] = bias[k]
             for cl in range(Cg):
                 _phase_planes(xf, (n * C + c0 + cl) * H * W, H, W, ph, PS, Hh, Wh, pt, pl)
-                _phase_taps(weight[k, cl], acc, ph, PS, Wh, L, GATHER)
+                if R == 3 and S == 3:
+                    _phase_taps3x3(_window3x3(weight[k, cl], UPRIGHT), acc, ph, PS, Wh, L)
+                else:
+                    _phase_taps(weight[k, cl], acc, ph, PS, Wh, L, GATHER)
             _copy_rows(acc, Wh, y[n, k])
 
 

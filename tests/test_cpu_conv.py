@@ -675,6 +675,32 @@ def test_direct_weight_grad_gemm_same_bits_for_any_thread_count(dtype):
     assert_close(outs[0], reference.conv2d_weight_grad(x, gy, geom))
 
 
+@pytest.mark.parametrize("H, W, pt, pl", [(11, 9, 1, 1), (8, 8, 1, 0), (9, 12, 0, 1),
+                                         (3, 2, 1, 1)])
+def test_direct_stride2_3x3_pass_sums_in_tap_order(dtype, H, W, pt, pl):
+    """The stride-2 direct forward adds a 3x3 filter's nine taps in one pass over the phase
+    planes (``_phase_taps3x3``): the same bits as one pass per tap (``_phase_taps``),
+    non-finite values and the planes' zero padding included."""
+    from fastconv.kernels import cpu_depthwise as dw
+
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((1, 1, H, W)).astype(dtype)
+    x[0, 0, H // 2, W // 2] = np.inf
+    P, Q = (H + 2 * pt - 3) // 2 + 1, (W + 2 * pl - 3) // 2 + 1
+    Hh, Wh = P + 1, Q + 1
+    PS = Hh * Wh + 2
+    ph = np.zeros(4 * PS, dtype)
+    dw._phase_planes(x.reshape(-1), 0, H, W, ph, PS, Hh, Wh, pt, pl)
+    for wk in (rng.standard_normal((3, 3)).astype(dtype),
+               np.array([[1, np.nan, 0], [0, -0.0, 2], [np.inf, 1, 1]], dtype)):
+        one_pass = np.full(P * Wh, 0.5, dtype)
+        per_tap = one_pass.copy()
+        taps = tuple(dtype.type(t) for t in dw._window3x3(wk, dw.UPRIGHT))  # not floats
+        dw._phase_taps3x3(taps, one_pass, ph, PS, Wh, P * Wh)
+        dw._phase_taps(wk, per_tap, ph, PS, Wh, P * Wh, dw.GATHER)
+        np.testing.assert_array_equal(one_pass, per_tap)
+
+
 @pytest.mark.parametrize("name", ["phases_odd", "phases_one_sided", "phases_5x5_groups"])
 def test_stride2_phase_planes_give_the_same_columns(name):
     """Stride-2 im2col copies whole rows of the input's phase planes: the same columns, bit
