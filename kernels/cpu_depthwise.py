@@ -128,6 +128,29 @@ def _products(a, d, v, first):
             a[e] += d[e] * v[e]
 
 
+@njit(cache=True)
+def _products8(a, dyf, db, ds, xf, xb, xs):
+    """``a[e] = sum_{i < 8} dyf[db + i*ds + e] * xf[xb + i*xs + e]``, added in image order:
+    eight images' :func:`_products` in one pass (the same expression, so the same bits), one
+    store of ``a`` instead of eight loads and stores. Measured in ``_weight_grad_s1_flat``
+    against the pass per image (float32, 15 alternating rounds, medians, 2 threads / 1):
+    depthwise 3x3 8 x 144 x 28 x 28 0.94 -> 0.79 / 1.40 -> 1.14 ms; 5x5 8 x 240 x 14 x 14 1.79
+    -> 0.97 / 2.23 -> 1.23; 7x7 8 x 96 x 28 x 28 3.11 -> 2.43 / 4.77 -> 3.65."""
+    d, x = np.uint64(db), np.uint64(xb)
+    ds, xs = np.uint64(ds), np.uint64(xs)
+    d2, x2 = d + ds + ds, x + xs + xs
+    d4, x4 = d2 + ds + ds, x2 + xs + xs
+    d6, x6 = d4 + ds + ds, x4 + xs + xs
+    for e in range(np.uint64(a.shape[0])):
+        t = dyf[d + e] * xf[x + e] + dyf[d + ds + e] * xf[x + xs + e]
+        t = t + dyf[d2 + e] * xf[x2 + e]
+        t = t + dyf[d2 + ds + e] * xf[x2 + xs + e]
+        t = t + dyf[d4 + e] * xf[x4 + e]
+        t = t + dyf[d4 + ds + e] * xf[x4 + xs + e]
+        t = t + dyf[d6 + e] * xf[x6 + e]
+        a[e] = t + dyf[d6 + ds + e] * xf[x6 + xs + e]
+
+
 @njit(parallel=True, cache=True)
 def _weight_grad(x, grad_output, gw, sh, sw, pt, pl, dh, dw):
     N, C, H, W = x.shape
@@ -830,7 +853,8 @@ def _weight_grad_s1_flat(x, grad_output, gw, pt, pl, dh, dw, nb):
         part = np.empty((R * S, L), dtype=x.dtype)
         lanes = np.zeros((R * S, Q))             # float64, fixed order: reproducible
         for n0 in range(0, N, nb):
-            for n in range(n0, min(N, n0 + nb)):
+            eight = min(N, n0 + nb) - n0 == 8
+            for n in range(n0, n0 + 1 if eight else min(N, n0 + nb)):
                 x0, d0 = (n * C + c) * H * W, (n * K + k) * L
                 for r in range(R):
                     p_lo, p_hi = max(0, pt - r * dh), min(P, H + pt - r * dh)
@@ -840,8 +864,12 @@ def _weight_grad_s1_flat(x, grad_output, gw, pt, pl, dh, dw, nb):
                             continue
                         f0, f1 = p_lo * Q + q_lo, (p_hi - 1) * Q + q_hi
                         o = x0 + f0 + (r * dh - pt) * W + s * dw - pl
-                        _products(part[r * S + s, f0:f1], dyf[d0 + f0:d0 + f1],
-                                  xf[o:o + f1 - f0], n == n0)
+                        if eight:
+                            _products8(part[r * S + s, f0:f1], dyf, d0 + f0, K * L, xf, o,
+                                       C * H * W)
+                        else:
+                            _products(part[r * S + s, f0:f1], dyf[d0 + f0:d0 + f1],
+                                      xf[o:o + f1 - f0], n == n0)
             for r in range(R):
                 p_lo, p_hi = max(0, pt - r * dh), min(P, H + pt - r * dh)
                 for s in range(S):

@@ -618,7 +618,8 @@ def test_direct_depthwise_weight_grad_batches_of_images(dtype, dilation):
     batches of images per position, then the batches in float64 lanes: a batch that ends
     inside the plane loop (17 images: 8 + 8 + 1) and a batch of one image match the
     reference, the kernel without padded copies (outputs as wide as the input: dilation 1
-    here) gives the bits of the padded one, and one thread and two give the same bits."""
+    here; batches of eight images in one pass, ``_products8``) gives the bits of the padded
+    one, and one thread and two give the same bits."""
     import numba
 
     from fastconv.kernels import cpu_depthwise
