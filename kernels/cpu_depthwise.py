@@ -480,11 +480,9 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads, per_pass):
 # cost 0.12 ms of 0.46 (1 thread); gathering them into rows for one vectorised loop measured
 # no faster.
 @njit(cache=True, inline="always")
-def _edge_window(b, f, Ws, at_left, at_right, zero):
-    """:func:`_window_at` for an output in the first (``at_left``) or last (``at_right``)
-    column of a plane of row stride ``Ws``: the taps outside the row read zero."""
-    c1, c2, r1, r2 = _offsets3x3(Ws, 1)
-    v = _window_at(b, f, c1, c2, r1, r2)
+def _edge_window(v, at_left, at_right, zero):
+    """The window ``v`` (:func:`_window_at`) of an output in the first (``at_left``) or last
+    (``at_right``) column of a plane: the taps outside the row read zero."""
     return ((zero if at_left else v[0]), v[1], (zero if at_right else v[2]),
             (zero if at_left else v[3]), v[4], (zero if at_right else v[5]),
             (zero if at_left else v[6]), v[7], (zero if at_right else v[8]))
@@ -506,16 +504,15 @@ def _depthwise_same3x3(src, weight, bias, dst, top, rotated, threads):
     ntask = N * C
     nw = max(1, min(threads, ntask))
     c1, c2, r1, r2 = _offsets3x3(Ws, 1)
+    h_lo, h_hi = max(0, -top), min(Hs, Hd + 2 - top)     # the source rows the buffer holds
+    o = np.uint64(1 + (h_lo + top) * Ws)
     for wk in prange(nw):
         # one element, then Hd + 2 rows of Ws (rows top .. top + Hs - 1 hold the plane), then
         # one: the flat window of output f starts at f, its rows Ws apart
         b = np.zeros((Hd + 2) * Ws + 2, dtype=src.dtype)
         for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
             c = task % C
-            s0 = np.uint64(task) * np.uint64(Hs * Ws)
-            h_lo, h_hi = max(0, -top), min(Hs, Hd + 2 - top)
-            o = np.uint64(1 + (h_lo + top) * Ws)
-            s1 = s0 + np.uint64(h_lo * Ws)
+            s1 = np.uint64(task) * np.uint64(Hs * Ws) + np.uint64(h_lo * Ws)
             for e in range(np.uint64((h_hi - h_lo) * Ws)):
                 b[o + e] = sf[s1 + e]
             t = _window3x3(weight[c, 0], rotated)
@@ -525,9 +522,11 @@ def _depthwise_same3x3(src, weight, bias, dst, top, rotated, threads):
                 out[f] = _sum9(a, t, _window_at(b, f, c1, c2, r1, r2))
             for p in range(Hd):
                 f = np.uint64(p * Ws)
-                out[f] = _sum9(a, t, _edge_window(b, f, Ws, True, Ws == 1, zero))
+                v = _window_at(b, f, c1, c2, r1, r2)
+                out[f] = _sum9(a, t, _edge_window(v, True, Ws == 1, zero))
                 f = np.uint64(p * Ws + Ws - 1)
-                out[f] = _sum9(a, t, _edge_window(b, f, Ws, Ws == 1, True, zero))
+                v = _window_at(b, f, c1, c2, r1, r2)
+                out[f] = _sum9(a, t, _edge_window(v, Ws == 1, True, zero))
 
 
 def _same3x3(geom) -> bool:
