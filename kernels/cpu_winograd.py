@@ -126,9 +126,14 @@ BLOCK_BYTES = 2 * 2**20
 # grad): 14x14 x 256, N=8, F(2x2), chunks of 8 images (14.6 MB) 1.06 / 0.88 / 0.92, of 2
 # (3.6 MB) 0.90 / 0.82 / 0.92; 28x28 x 256, N=8, F(4x4), chunks of 3 (12.3 MB) 0.58 / 0.64 /
 # 0.60, of 2 0.56 / 0.62 / 0.56, of 1 0.58 / 0.70 / 0.75 (sessions 11-12, the layout then
-# channels first). 9 MB: 2 images of 28x28 x 256 (with F(4x4), the input channels last and
-# a worker's scratch), 4 of 14x14 x 256.
-BATCHED_BYTES = 9 * 2**20
+# channels first). Session 21, r3x3_14 (8 images of 14x14 x 256, F(4x4): 1.2 MB an image),
+# the three ops one after the other, 2 threads, three runs of 9-15 alternating rounds, medians
+# (ms, forward / input grad / weight grad): chunks of 6 + 2 images (9 MB) 7.82 / 8.27 / 9.21,
+# 8.35 / 8.91 / 9.83, 6.75 / 7.44 / 7.92; one chunk of 8 (12 MB) 8.01 / 8.61 / 8.09, 7.69 /
+# 8.10 / 7.90, 6.68 / 7.06 / 6.97: a later chunk's weight gradient is a second product added
+# into dU, and its GEMMs are thin. 12 MB: 2 images of 28x28 x 256 (with F(4x4), the input
+# channels last and a worker's scratch), 8 of 14x14 x 256.
+BATCHED_BYTES = 12 * 2**20
 
 
 @njit(cache=True, inline="always")
