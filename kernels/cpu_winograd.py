@@ -801,16 +801,26 @@ def _gather_taps(w, wt, k0, n, Kg, Cg, rotate):
     the block's filters tap-major in L1, so the transform loops run along filters. With
     ``rotate`` the filters are those of the input gradient, ``(G, Cg, Kg)`` in order (channels
     and filters swapped in each group, taps rotated by 180 degrees), read from ``w`` itself."""
-    for e in range(n):
-        i = k0 + e
-        if rotate:
-            g, rest = i // (Cg * Kg), i % (Cg * Kg)
-            src = ((g * Kg + rest % Kg) * Cg + rest // Kg) * 9
+    if rotate:
+        # filter k0 + e is (g, c, k) of the rotated order, k fastest: stepped, not divided
+        g = k0 // (Cg * Kg)
+        c = (k0 - g * Cg * Kg) // Kg
+        k = k0 - (g * Cg + c) * Kg
+        for e in range(n):
+            src = ((g * Kg + k) * Cg + c) * 9
             for rs in range(9):
                 wt[rs, e] = w[src + 8 - rs]
-        else:
+            k += 1
+            if k == Kg:
+                k = 0
+                c += 1
+                if c == Cg:
+                    c = 0
+                    g += 1
+    else:
+        for e in range(n):
             for rs in range(9):
-                wt[rs, e] = w[i * 9 + rs]
+                wt[rs, e] = w[(k0 + e) * 9 + rs]
 
 
 @njit(parallel=True, cache=True)
@@ -864,36 +874,76 @@ def _filter_transform_adjoint(dU, G, gw, nw):
 
 @njit(cache=True, inline="always")
 def _adjoint_blocks(dU, G, gw, b0, b1):
-    """Blocks ``b0 .. b1`` of :func:`_filter_transform_adjoint`."""
+    """Blocks ``b0 .. b1`` of :func:`_filter_transform_adjoint`: per column ``b`` of the
+    block's ``dU`` tiles, ``(G^T dU)[r, b]`` for the three ``r`` from the ``A`` rows loaded
+    once; then per ``r`` the three taps ``(G^T dU G)[r, s]``, written filter-major. Each sum
+    runs over the points in order (``a``, then ``b``), terms of zero coefficients included."""
     A, KC = G.shape[0], gw.shape[0]
     half = np.empty((3 * A, BLOCK), dtype=gw.dtype)       # (G^T dU)[r, b]
-    out = np.empty((9, BLOCK), dtype=gw.dtype)
+    gwf = gw.reshape(gw.size)
+    # G's columns as scalars (held in registers; read from G inside the loops they were
+    # reloaded after every store)
+    c0, c1, c2 = G[:, 0].copy(), G[:, 1].copy(), G[:, 2].copy()
     for blk in range(b0, b1):
         k0 = blk * BLOCK
         n = min(KC, k0 + BLOCK) - k0
-        half[:, :n] = 0
-        for a in range(A):
-            g0, g1, g2 = G[a, 0], G[a, 1], G[a, 2]
-            for b in range(A):
-                d = dU[a * A + b, k0:k0 + n]
-                h0, h1, h2 = half[b], half[A + b], half[2 * A + b]
-                for e in range(n):
-                    h0[e] += g0 * d[e]
-                    h1[e] += g1 * d[e]
-                    h2[e] += g2 * d[e]
+        for b in range(A):
+            h0, h1, h2 = half[b], half[A + b], half[2 * A + b]
+            if A == 6:
+                _points6(dU, b, k0, n, c0, h0)
+                _points6(dU, b, k0, n, c1, h1)
+                _points6(dU, b, k0, n, c2, h2)
+            else:
+                _points4(dU, b, k0, n, c0, h0)
+                _points4(dU, b, k0, n, c1, h1)
+                _points4(dU, b, k0, n, c2, h2)
         for r in range(3):
-            for s in range(3):
-                o = out[r * 3 + s]
-                o[:n] = 0
-                for b in range(A):
-                    g = G[b, s]
-                    if g != 0:
-                        h = half[r * A + b]
-                        for e in range(n):
-                            o[e] += h[e] * g
-        for e in range(n):
-            for rs in range(9):
-                gw[k0 + e, rs] = out[rs, e]
+            for s, c in enumerate((c0, c1, c2)):
+                o = np.uint64(k0 * 9 + r * 3 + s)
+                if A == 6:
+                    _taps6(half, r * A, n, c, gwf, o)
+                else:
+                    _taps4(half, r * A, n, c, gwf, o)
+
+
+@njit(cache=True, inline="always")
+def _points6(dU, b, k0, n, c, h):
+    """``h[e] = sum_a c[a] dU[a*6 + b, k0 + e]`` in order of ``a``."""
+    g0, g1, g2, g3, g4, g5 = c[0], c[1], c[2], c[3], c[4], c[5]
+    x0, x1, x2 = dU[b, k0:k0 + n], dU[6 + b, k0:k0 + n], dU[12 + b, k0:k0 + n]
+    x3, x4, x5 = dU[18 + b, k0:k0 + n], dU[24 + b, k0:k0 + n], dU[30 + b, k0:k0 + n]
+    for e in range(n):
+        h[e] = g0 * x0[e] + g1 * x1[e] + g2 * x2[e] + g3 * x3[e] + g4 * x4[e] + g5 * x5[e]
+
+
+@njit(cache=True, inline="always")
+def _points4(dU, b, k0, n, c, h):
+    """``h[e] = sum_a c[a] dU[a*4 + b, k0 + e]`` in order of ``a``."""
+    g0, g1, g2, g3 = c[0], c[1], c[2], c[3]
+    x0, x1, x2, x3 = dU[b, k0:k0 + n], dU[4 + b, k0:k0 + n], dU[8 + b, k0:k0 + n], \
+        dU[12 + b, k0:k0 + n]
+    for e in range(n):
+        h[e] = g0 * x0[e] + g1 * x1[e] + g2 * x2[e] + g3 * x3[e]
+
+
+@njit(cache=True, inline="always")
+def _taps6(half, r0, n, c, gwf, o):
+    """``gwf[o + 9 e] = sum_b half[r0 + b, e] c[b]`` in order of ``b``."""
+    g0, g1, g2, g3, g4, g5 = c[0], c[1], c[2], c[3], c[4], c[5]
+    y0, y1, y2, y3, y4, y5 = (half[r0], half[r0 + 1], half[r0 + 2], half[r0 + 3],
+                              half[r0 + 4], half[r0 + 5])
+    for e in range(np.uint64(n)):
+        gwf[o + np.uint64(9) * e] = (y0[e] * g0 + y1[e] * g1 + y2[e] * g2 + y3[e] * g3
+                                     + y4[e] * g4 + y5[e] * g5)
+
+
+@njit(cache=True, inline="always")
+def _taps4(half, r0, n, c, gwf, o):
+    """``gwf[o + 9 e] = sum_b half[r0 + b, e] c[b]`` in order of ``b``."""
+    g0, g1, g2, g3 = c[0], c[1], c[2], c[3]
+    y0, y1, y2, y3 = half[r0], half[r0 + 1], half[r0 + 2], half[r0 + 3]
+    for e in range(np.uint64(n)):
+        gwf[o + np.uint64(9) * e] = y0[e] * g0 + y1[e] * g1 + y2[e] * g2 + y3[e] * g3
 
 
 def _filter_workers(filters: int) -> int:
