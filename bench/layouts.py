@@ -51,16 +51,12 @@ def _case(text: str):
     return case
 
 
-def winograd_applies(case) -> bool:
-    """Whether the cpu Winograd kernels compute ``case``: a 3x3 kernel at stride 1 (forced on
-    any other layer they would return a wrong result, not an error: the backend trusts the
-    dispatch rules, which never choose them there)."""
-    return case.kernel == 3 and case.stride == 1
+def default_algos(case, geom) -> str:
+    """The candidates worth timing on ``case`` (``geom``: its geometry) when ``--algos`` is not
+    given."""
+    from fastconv.kernels.cpu_workspace import winograd_applies
 
-
-def default_algos(case) -> str:
-    """The candidates worth timing on ``case`` when ``--algos`` is not given."""
-    if winograd_applies(case):
+    if winograd_applies(geom):
         return "winograd:4:batched,winograd:2:batched,winograd:2:fused,im2col"
     algos = "im2col:kernel_rows,im2col:wide,im2col:per_image"
     return algos + ",direct" if case.groups > 1 or case.C < 8 else algos
@@ -89,6 +85,7 @@ def main() -> int:
     torch, threads = common.setup(argparse.Namespace(threads=None, no_torch=False))
     import fastconv
     from fastconv._args import conv_geometry
+    from fastconv.kernels.cpu_workspace import winograd_applies
 
     case = _case(args.case)
     x, w, b, gy = case.arrays()
@@ -100,9 +97,9 @@ def main() -> int:
         print(f"{op}: fastconv chooses {chosen}")
     # the forced algorithms get the same workspace bound and chunk size as the library's
     workspace = tuple(kv for kv in chosen.params if kv[0] in WORKSPACE_PARAMS)
-    texts = (args.algos or default_algos(case)).split(",")
+    texts = (args.algos or default_algos(case, geom)).split(",")
     for text in texts:
-        if text.startswith("winograd") and not winograd_applies(case):
+        if text.startswith("winograd") and not winograd_applies(geom):
             raise SystemExit(f"{text}: Winograd computes 3x3 stride-1 layers only, not "
                              f"{case.name} ({case.kernel}x{case.kernel}, stride {case.stride})")
     algos = {text: parse_algo(text, workspace) for text in texts}

@@ -236,6 +236,13 @@ def winograd_batched_bytes(m: int, th: int, tw: int, C: int, K: int, itemsize: i
     return (m + 2) ** 2 * th * tw * (C + K) * itemsize
 
 
+def winograd_applies(geom) -> bool:
+    """Whether the cpu Winograd kernels compute the layer ``geom``: a 3x3 kernel at stride 1,
+    undilated (any padding and groups). Anywhere else they would return a wrong result, not an
+    error (the backend trusts the dispatch rules, which ask this first)."""
+    return (geom.R, geom.S, tuple(geom.stride), tuple(geom.dilation)) == (3, 3, (1, 1), (1, 1))
+
+
 def winograd_row_fits(m: int, cols: int) -> bool:
     """Whether the transforms' planes hold two rows of tiles of a ``cols``-wide plane (plus
     each row's padding tile and one element): the widest plane they can tile."""

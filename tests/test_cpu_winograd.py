@@ -153,6 +153,25 @@ def test_planes_wider_than_the_scratch_rows_take_im2col():
         assert algo.name == want
 
 
+@pytest.mark.parametrize("kernel,stride,dilation,want", [
+    (3, 1, 1, True), (3, 2, 1, False), (3, 1, 2, False), (5, 1, 1, False), (1, 1, 1, False)])
+def test_winograd_applies_only_where_the_kernels_compute(kernel, stride, dilation, want):
+    """One statement of the kernels' domain: the rules never choose Winograd outside it, for
+    any op, and inside it the kernels give the reference's result."""
+    from fastconv.dispatch import cpu as rules
+    geom = conv_geometry((8, 64, 28, 28), (64, 64, kernel, kernel), stride, 1, dilation, 1)
+    assert cpu_workspace.winograd_applies(geom) is want
+    for op in ("forward", "input_grad", "weight_grad"):
+        algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
+        assert want or algo.name != "winograd", op
+    if want:
+        x, w, b, gy, g = _problem(2, 8, 9, 11, 8, ((2, 0), (1, 3)), 1, np.float64)
+        assert cpu_workspace.winograd_applies(g)
+        algo = Algo("winograd", (("tile", 4),))
+        for out, ref in zip(_all_ops(x, w, b, gy, g, algo), _refs(x, w, b, gy, g)):
+            assert_close(out, ref)
+
+
 def test_workspace_bound_holds_with_several_workers():
     """Under a bound of a few rows, the plan shrinks blocks and workers to fit; the largest
     scratch buffer stays under the bound and the result is still right."""

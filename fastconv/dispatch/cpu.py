@@ -63,8 +63,8 @@ import numpy as np
 from .._types import Algo, ConvGeometry
 from ..kernels import cpu_workspace
 from ..kernels.cpu_workspace import (fits, gemm1x1_bytes, group_gemms, im2col_bytes,
-                                     kernel_rows_bytes, kernel_rows_runs, winograd_bytes,
-                                     winograd_row_fits)
+                                     kernel_rows_bytes, kernel_rows_runs, winograd_applies,
+                                     winograd_bytes, winograd_row_fits)
 
 # Cg * R * S at or below which grouped layers use direct loops.
 DIRECT_MAX_REDUCTION = 64
@@ -216,7 +216,7 @@ def _winograd_tile(op: str, geom: ConvGeometry) -> Optional[tuple[int, str]]:
 
     The input gradient is a correlation of ``grad_output`` (``K`` channels) producing the
     ``C``-channel ``H x W`` input, so the channel roles and the tiled plane change."""
-    if (geom.R, geom.S, geom.stride, geom.dilation) != (3, 3, (1, 1), (1, 1)):
+    if not winograd_applies(geom):
         return None
     if min(geom.C, geom.K) // geom.groups < WINOGRAD_MIN_CHANNELS:
         return None
