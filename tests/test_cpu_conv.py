@@ -90,7 +90,7 @@ def _supports(algo_name: str, geom, params: tuple = ()) -> bool:
     if algo_name == "gemm1x1":
         return (geom.R, geom.S, geom.padding) == (1, 1, (0, 0, 0, 0))
     if algo_name == "winograd":
-        return (geom.R, geom.S, geom.stride, geom.dilation) == (3, 3, (1, 1), (1, 1))
+        return cpu_workspace.winograd_applies(geom)
     return True
 
 
