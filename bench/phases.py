@@ -129,7 +129,8 @@ def instrument(phases: _Phases):
                 lambda *a, i=arg: 2.0 * a[i].nbytes, "byte")))
     if not hasattr(cpu_winograd, "fused_conv"):
         patches.append((cpu_winograd, "np", _TimedNumpy(phases)))
-    for name in ("_forward", "_input_grad", "_weight_grad", "_forward_s1", "_input_grad_s1",
+    for name in ("_forward", "_input_grad", "_weight_grad", "_direct_s1", "_forward_s1",
+                 "_input_grad_s1",
                  "_depthwise_same3x3",
                  "_weight_grad_s1", "_weight_grad_s1_flat", "_weight_grad_s1_gemm",
                  "_forward_s2", "_input_grad_s2", "_weight_grad_s2"):

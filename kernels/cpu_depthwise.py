@@ -418,54 +418,65 @@ def _copy_rows(acc, row, out):
 
 
 @njit(parallel=True, cache=True)
-def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads, per_pass):
-    """Tasks of ``kb`` filters of one group and one image: the group's ``Cg`` input planes
-    are zero-padded once per task and shared by its filters (with one filter per task,
-    ``kb = 1``, only one padded plane is held at a time), ``per_pass`` filters a pass over a
-    plane (1, 2 or 4: see ``OUTPUTS_PER_PASS``). Each of ``threads`` workers takes a
-    contiguous run of tasks with its own buffers (allocated, and their padding zeroed, once
-    per call); a task computes the same bits whichever worker runs it."""
-    N, C, H, W = x.shape
+def _direct_s1(src, weight, bias, out, top, left, dh, dw, per_task, threads, per_pass,
+               rotated):
+    """``out[n, o] = bias[o] + sum_i taps(o, i) * src[n, i]`` over each group's input planes
+    ``i`` (zero-padded by ``top``, ``left``), as a stride-1 correlation: the forward (``src`` =
+    x, ``out`` = y, ``rotated`` False: output ``o`` is filter ``k``, input ``i`` channel
+    ``c``) or the input gradient (``src`` = grad_output, ``out`` = gx, ``rotated`` True: the
+    roles swap and the kernel turns by 180 degrees; ``bias`` zeros).
+
+    Tasks of ``per_task`` outputs of one group and one image: the group's input planes are
+    zero-padded once per task and shared by its outputs (with one output per task, only one
+    padded plane is held at a time), ``per_pass`` outputs a pass over a plane (1, 2 or 4:
+    see ``OUTPUTS_PER_PASS``). Each of ``threads`` workers takes a contiguous run of tasks
+    with its own buffers (allocated, and their padding zeroed, once per call); a task
+    computes the same bits whichever worker runs it."""
+    N, I, Hs, Ws = src.shape
+    O, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     K, Cg, R, S = weight.shape
-    P, Q = y.shape[2], y.shape[3]
-    G = C // Cg
-    Kg = K // G
-    Hp, Wp = P + (R - 1) * dh, Q + (S - 1) * dw
-    L = P * Wp
+    G = (O if rotated else I) // Cg         # C // Cg: C is out's channels for the gradient
+    ins, outs = I // G, O // G
+    Hp, Wp = Ho + (R - 1) * dh, Wo + (S - 1) * dw
+    L = Ho * Wp
     plane = Hp * Wp
-    nkb = (Kg + kb - 1) // kb
-    xf = x.reshape(x.size)
-    ntask = N * G * nkb
+    nob = (outs + per_task - 1) // per_task
+    sf = src.reshape(src.size)
+    ntask = N * G * nob
     nw = max(1, min(threads, ntask))
     for wk in prange(nw):
         # the tail is read only into the discarded columns: zero keeps it finite
-        xp = np.zeros((Cg if kb > 1 else 1) * plane + (S - 1) * dw, dtype=x.dtype)
-        acc = np.empty((min(kb, per_pass), L), dtype=y.dtype)
+        sp = np.zeros((ins if per_task > 1 else 1) * plane + (S - 1) * dw, dtype=src.dtype)
+        acc = np.empty((min(per_task, per_pass), L), dtype=out.dtype)
         for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
-            n = task // (G * nkb)
-            g = (task // nkb) % G
-            k0 = g * Kg + (task % nkb) * kb
-            k1 = min(k0 + kb, (g + 1) * Kg)
-            c0 = g * Cg
-            shared = k1 - k0 > 1
+            n = task // (G * nob)
+            g = (task // nob) % G
+            o0 = g * outs + (task % nob) * per_task
+            o1 = min(o0 + per_task, (g + 1) * outs)
+            i0 = g * ins
+            shared = o1 - o0 > 1
             if shared:
-                for cl in range(Cg):
-                    _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W,
-                               xp[cl * plane:(cl + 1) * plane], Hp, Wp, pt, pl)
-            for k in range(k0, k1, acc.shape[0]):
-                nk = min(acc.shape[0], k1 - k)
-                for j in range(nk):
-                    acc[j, :] = bias[k + j]
-                for cl in range(Cg):
+                for il in range(ins):
+                    _pad_plane(sf, (n * I + i0 + il) * Hs * Ws, Hs, Ws,
+                               sp[il * plane:(il + 1) * plane], Hp, Wp, top, left)
+            for o in range(o0, o1, acc.shape[0]):
+                no = min(acc.shape[0], o1 - o)
+                for j in range(no):
+                    acc[j, :] = bias[o + j]
+                for il in range(ins):
                     if shared:
-                        src = xp[cl * plane:]
+                        plane_i = sp[il * plane:]
                     else:
-                        _pad_plane(xf, (n * C + c0 + cl) * H * W, H, W, xp, Hp, Wp, pt, pl)
-                        src = xp
-                    _add_taps_group(acc, nk, src, L, Wp, dh, dw, weight, k, cl, True,
-                                    UPRIGHT, per_pass)
-                for j in range(nk):
-                    _copy_rows(acc[j], Wp, y[n, k + j])
+                        _pad_plane(sf, (n * I + i0 + il) * Hs * Ws, Hs, Ws, sp, Hp, Wp, top,
+                                   left)
+                        plane_i = sp
+                    # forward: filters o.. at channel il; input gradient: filter i0 + il at
+                    # the group's channels o - g*Cg..
+                    k, cl = (i0 + il, o - g * Cg) if rotated else (o, il)
+                    _add_taps_group(acc, no, plane_i, L, Wp, dh, dw, weight, k, cl,
+                                    not rotated, rotated, per_pass)
+                for j in range(no):
+                    _copy_rows(acc[j], Wp, out[n, o + j])
 
 
 # Depthwise 3x3, stride 1, "same" width (one column of padding each side): the plane is
@@ -473,12 +484,12 @@ def _forward_s1(x, weight, bias, y, pt, pl, dh, dw, kb, threads, per_pass):
 # nine-tap pass runs over the output plane as it lies in ``y`` (no copy out of a padded row
 # stride). Its first and last columns read a neighbouring row's end where the padding
 # column would be; they are computed again with zeros there, the same expression (so every
-# output has the bits of the padded-plane kernels). Measured against ``_forward_s1`` /
-# ``_input_grad_s1`` (dw3x3_28: 8 x 144 x 28 x 28, float32, back to back, one process,
-# session 20): 1 thread forward 1.06-1.29 -> 0.62-0.68 ms, input gradient 1.11-1.32 ->
-# 0.65-0.76; 2 threads 0.52-0.64 -> 0.31-0.35 and 0.54-0.64 -> 0.31-0.33. The edge columns
-# cost 0.12 ms of 0.46 (1 thread); gathering them into rows for one vectorised loop measured
-# no faster.
+# output has the bits of the padded-plane kernels). Measured against the padded-plane
+# kernels, forward and input gradient (dw3x3_28: 8 x 144 x 28 x 28, float32, back to back,
+# one process, session 20): 1 thread forward 1.06-1.29 -> 0.62-0.68 ms, input gradient
+# 1.11-1.32 -> 0.65-0.76; 2 threads 0.52-0.64 -> 0.31-0.35 and 0.54-0.64 -> 0.31-0.33. The
+# edge columns cost 0.12 ms of 0.46 (1 thread); gathering them into rows for one vectorised
+# loop measured no faster.
 @njit(cache=True, inline="always")
 def _edge_window(v, at_left, at_right, zero):
     """The window ``v`` (:func:`_window_at`) of an output in the first (``at_left``) or last
@@ -615,7 +626,7 @@ def _forward_s2(x, weight, bias, y, pt, pl, threads):
     """Stride 2, no dilation: per task (image, filter) the zero-padded input plane of each
     channel is split into its four phases (``ph[2a + b][u, v] = xpad[2u + a, 2v + b]``), so
     that tap ``(r, s)`` reads phase ``(r % 2, s % 2)`` at the stride-1 offset
-    ``(r // 2, s // 2)``: one long unit-stride pass per tap, as in :func:`_forward_s1`, where
+    ``(r // 2, s // 2)``: one long unit-stride pass per tap, as in :func:`_direct_s1`, where
     the strided kernel made a strided pass per tap and output row. Taps are added in the same
     order as there. Buffers per worker; the planes' padding stays zero (every plane of a call
     writes the same region)."""
@@ -734,56 +745,6 @@ def _weight_grad_s2(x, grad_output, gw, pt, pl):
                         for q in range(Q - q_lo):
                             acc[q] += d[q] * t[q]
         _tap_sums(gw[k, cl], lanes)
-
-
-@njit(parallel=True, cache=True)
-def _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, threads, per_pass):
-    """Tasks of ``cb`` input channels of one group and one image; with more than one, the
-    group's ``Kg`` padded ``grad_output`` planes are made once per task and shared;
-    ``per_pass`` channels a pass. Buffers per thread, as in :func:`_forward_s1`."""
-    N, C, H, W = gx.shape
-    K, Cg, R, S = weight.shape
-    P, Q = grad_output.shape[2], grad_output.shape[3]
-    G = C // Cg
-    Kg = K // G
-    # gx[h, w] = sum w[R-1-r, S-1-s] * dyp[h + r*dh, w + s*dw], dyp = dy shifted by the
-    # dilated kernel extent minus the forward padding (lecture notes 7.5)
-    Hq, Wq = H + (R - 1) * dh, W + (S - 1) * dw
-    top, left = (R - 1) * dh - pt, (S - 1) * dw - pl
-    L = H * Wq
-    plane = Hq * Wq
-    ncb = (Cg + cb - 1) // cb
-    dyf = grad_output.reshape(grad_output.size)
-    ntask = N * G * ncb
-    nw = max(1, min(threads, ntask))
-    for wk in prange(nw):
-        dyp = np.zeros((Kg if cb > 1 else 1) * plane + (S - 1) * dw, dtype=gx.dtype)
-        acc = np.empty((min(cb, per_pass), L), dtype=gx.dtype)
-        for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
-            n = task // (G * ncb)
-            g = (task // ncb) % G
-            c0 = g * Cg + (task % ncb) * cb
-            c1 = min(c0 + cb, (g + 1) * Cg)
-            shared = c1 - c0 > 1
-            if shared:
-                for kl in range(Kg):
-                    _pad_plane(dyf, (n * K + g * Kg + kl) * P * Q, P, Q,
-                               dyp[kl * plane:(kl + 1) * plane], Hq, Wq, top, left)
-            for c in range(c0, c1, acc.shape[0]):
-                cl = c - g * Cg
-                nc = min(acc.shape[0], c1 - c)
-                acc[:nc] = 0
-                for kl in range(Kg):
-                    k = g * Kg + kl
-                    if shared:
-                        src = dyp[kl * plane:]
-                    else:
-                        _pad_plane(dyf, (n * K + k) * P * Q, P, Q, dyp, Hq, Wq, top, left)
-                        src = dyp
-                    _add_taps_group(acc, nc, src, L, Wq, dh, dw, weight, k, cl, False,
-                                    ROTATED, per_pass)
-                for j in range(nc):
-                    _copy_rows(acc[j], Wq, gx[n, c + j])
 
 
 # Images whose products the stride-1 direct weight gradient sums per position in the data's
@@ -1051,8 +1012,8 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], geom,
     elif _stride1(geom, x.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         kb = _outputs_per_task("forward", geom, x.dtype.itemsize, algo)
-        _forward_s1(x, weight, b, y, pt, pl, dh, dw, kb, numba.get_num_threads(),
-                    OUTPUTS_PER_PASS)
+        _direct_s1(x, weight, b, y, pt, pl, dh, dw, kb, numba.get_num_threads(),
+                   OUTPUTS_PER_PASS, UPRIGHT)
     elif _stride2(geom, x.dtype.itemsize, algo):
         _forward_s2(x, weight, b, y, geom.padding[0], geom.padding[2], numba.get_num_threads())
     else:
@@ -1069,8 +1030,11 @@ def input_grad(weight: np.ndarray, grad_output: np.ndarray, geom, algo) -> np.nd
     elif _stride1(geom, gx.dtype.itemsize, algo):
         pt, pl, (dh, dw) = geom.padding[0], geom.padding[2], geom.dilation
         cb = _outputs_per_task("input_grad", geom, gx.dtype.itemsize, algo)
-        _input_grad_s1(weight, grad_output, gx, pt, pl, dh, dw, cb, numba.get_num_threads(),
-                       OUTPUTS_PER_PASS)
+        # gx[h, w] = sum w[R-1-r, S-1-s] * dyp[h + r*dh, w + s*dw], dyp = dy shifted by the
+        # dilated kernel extent minus the forward padding (lecture notes 7.5)
+        top, left = (geom.R - 1) * dh - pt, (geom.S - 1) * dw - pl
+        _direct_s1(grad_output, weight, np.zeros(geom.C, dtype=gx.dtype), gx, top, left, dh,
+                   dw, cb, numba.get_num_threads(), OUTPUTS_PER_PASS, ROTATED)
     elif _stride2(geom, gx.dtype.itemsize, algo):
         _input_grad_s2(weight, grad_output, gx, geom.padding[0], geom.padding[2],
                        numba.get_num_threads())

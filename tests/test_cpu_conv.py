@@ -530,9 +530,11 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype, dilation):
                                    (2, 2, 4), (4, 1, 4)):
         y = np.empty((2, 10, 11, 9), dtype)
         d = dilation
-        cpu_depthwise._forward_s1(x, w, b, y, d, d, d, d, per, workers, per_pass)
+        cpu_depthwise._direct_s1(x, w, b, y, d, d, d, d, per, workers, per_pass,
+                                 cpu_depthwise.UPRIGHT)
         gx = np.empty_like(x)
-        cpu_depthwise._input_grad_s1(w, gy, gx, d, d, d, d, per, workers, per_pass)
+        cpu_depthwise._direct_s1(gy, w, np.zeros(6, dtype), gx, d, d, d, d, per, workers,
+                                 per_pass, cpu_depthwise.ROTATED)
         ys.append(y)
         gxs.append(gx)
     geom = conv_geometry(x.shape, w.shape, 1, dilation, dilation, 2)
@@ -568,8 +570,8 @@ def test_depthwise_same_width_kernel_bits(dtype, H, W, pt, pb, workers):
         gx = np.full_like(x, np.nan)
         dw._depthwise_same3x3(gy, w, np.zeros(C, dtype), gx, 2 - pt, dw.ROTATED, workers)
         y0, gx0 = np.empty_like(y), np.empty_like(x)
-        dw._forward_s1(x, w, b, y0, pt, 1, 1, 1, 1, 1, 1)
-        dw._input_grad_s1(w, gy, gx0, pt, 1, 1, 1, 1, 1, 1)
+        dw._direct_s1(x, w, b, y0, pt, 1, 1, 1, 1, 1, 1, dw.UPRIGHT)
+        dw._direct_s1(gy, w, np.zeros(C, dtype), gx0, 2 - pt, 1, 1, 1, 1, 1, 1, dw.ROTATED)
         np.testing.assert_array_equal(y, y0)
         np.testing.assert_array_equal(gx, gx0)
         return y, gx
