@@ -14,25 +14,7 @@ from fastconv.dispatch import cpu as rules
 from fastconv.kernels import cpu, cpu_conv, cpu_workspace, cpu_winograd
 
 from conftest import CASE_IDS, CASES, ConvCase, assert_close
-
-# Every code path of the backend: (algorithm name, params); chunk_bytes=1 forces one row (of
-# output pixels or of Winograd tiles) per chunk, the most chunked a computation can get.
-VARIANTS = {
-    "gemm1x1": ("gemm1x1", ()),
-    "im2col": ("im2col", (("layout", "per_image"),)),
-    "im2col_wide": ("im2col", (("layout", "wide"),)),
-    "im2col_rows": ("im2col", (("layout", "wide"), ("chunk_bytes", 1))),
-    "im2col_kernel_rows": ("im2col", (("layout", "kernel_rows"),)),
-    "im2col_kernel_rows_images": ("im2col", (("layout", "kernel_rows"), ("chunk_bytes", 1))),
-    "winograd2": ("winograd", (("tile", 2),)),
-    "winograd4": ("winograd", (("tile", 4),)),
-    "winograd4_rows": ("winograd", (("tile", 4), ("chunk_bytes", 1))),
-    "winograd2_batched": ("winograd", (("tile", 2), ("layout", "batched"))),
-    "winograd4_batched_images": ("winograd", (("tile", 4), ("layout", "batched"),
-                                              ("chunk_bytes", 1))),
-    "direct": ("direct", ()),
-    "direct_rows": ("direct", (("workspace_bytes", 1),)),   # no room for padded planes
-}
+from cpu_variants import VARIANTS, supports
 
 EXTRA_CASES = [
     ConvCase("wino_groups2", 2, 16, 9, 11, 16, 3, 3, padding=((0, 2), (1, 2)), groups=2),
@@ -84,16 +66,6 @@ ALL_CASES = CASES + EXTRA_CASES
 ALL_IDS = CASE_IDS + [c.name for c in EXTRA_CASES]
 
 
-def _supports(algo_name: str, geom, params: tuple = ()) -> bool:
-    if dict(params).get("layout") == "kernel_rows":     # all three ops run it
-        return cpu_workspace.kernel_rows_runs(geom, "input_grad")
-    if algo_name == "gemm1x1":
-        return (geom.R, geom.S, geom.padding) == (1, 1, (0, 0, 0, 0))
-    if algo_name == "winograd":
-        return cpu_workspace.winograd_applies(geom)
-    return True
-
-
 def _case_geometry(case: ConvCase):
     return conv_geometry(case.x_shape, case.w_shape, case.stride, case.padding, case.dilation,
                          case.groups)
@@ -113,7 +85,7 @@ def _algo(variant: str, **extra) -> Algo:
 
 FORCED = [pytest.param(variant, case, id=f"{variant}-{case.name}")
           for variant, (name, params) in VARIANTS.items() for case in ALL_CASES
-          if _supports(name, _case_geometry(case), params)]
+          if supports(name, _case_geometry(case), params)]
 
 
 @pytest.mark.parametrize("variant,case", FORCED)
@@ -302,7 +274,7 @@ def test_rules_pick_an_algorithm_that_supports_the_shape(case):
     x, w, b, gy, geom = _problem(case, np.float32)
     for op in ("forward", "input_grad", "weight_grad"):
         algo = rules.choose(op, geom, np.float32, precision="fp32", workspace_bytes=2**28)
-        assert _supports(algo.name, geom, algo.params), (op, algo)
+        assert supports(algo.name, geom, algo.params), (op, algo)
 
 
 def test_kernel_rows_refuses_what_it_cannot_compute():

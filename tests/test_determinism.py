@@ -23,7 +23,6 @@ import sys
 import textwrap
 
 import pytest
-from test_cpu_conv import VARIANTS
 
 WORKER = textwrap.dedent('''
     import hashlib, json, sys
@@ -31,11 +30,9 @@ WORKER = textwrap.dedent('''
     from fastconv._args import conv_geometry
     from fastconv._types import Algo
     from fastconv.kernels import cpu, cpu_conv, cpu_depthwise, cpu_hinge, cpu_winograd
-    from fastconv.kernels.cpu_workspace import kernel_rows_runs, winograd_applies
 
-    # The forced algorithm variants of tests/test_cpu_conv.py, passed as JSON.
-    VARIANTS = {k: (name, tuple(tuple(p) for p in params))
-                for k, (name, params) in json.loads(sys.argv[1]).items()}
+    sys.path.insert(0, sys.argv[1])    # the tests folder: the variants the kernel tests force
+    from cpu_variants import VARIANTS, supports
     # (name, x shape, weight shape, stride, padding, dilation, groups)
     SHAPES = [
         ("3x3", (2, 8, 12, 13), (6, 8, 3, 3), 1, 1, 1, 1),
@@ -46,15 +43,6 @@ WORKER = textwrap.dedent('''
         ("grouped_5x5", (2, 6, 9, 10), (9, 2, 5, 5), 1, 2, 1, 3),   # tap runs, group GEMMs
         ("wide_rows", (1, 5, 34, 35), (7, 5, 3, 3), 1, ((0, 2), (1, 1)), 1, 1),
     ]
-
-    def supports(name, g, params):
-        if dict(params).get("layout") == "kernel_rows":     # all three ops run it
-            return kernel_rows_runs(g, "input_grad")
-        if name == "gemm1x1":
-            return (g.R, g.S, g.padding) == (1, 1, (0, 0, 0, 0))
-        if name == "winograd":
-            return winograd_applies(g)
-        return True
 
     def digest(a):
         a = np.ascontiguousarray(a)
@@ -111,7 +99,8 @@ def _run(cache_dir: str, **env_extra: str) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, **env_extra)
     if "NUMBA_NUM_THREADS" not in env_extra:
         env.pop("NUMBA_NUM_THREADS", None)
-    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(VARIANTS)], env=env,
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", WORKER, tests], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -107,10 +107,11 @@ def test_hinge_infinite_score_follows_ieee(backend):
 def _cpu_variants():
     """Every cpu code path (algorithm, params) and the test case list's shapes it supports,
     as the cpu kernel tests force them."""
-    from test_cpu_conv import ALL_CASES, VARIANTS, _algo, _case_geometry, _supports
+    from test_cpu_conv import ALL_CASES, _algo, _case_geometry
+    from cpu_variants import VARIANTS, supports
 
     for variant, (name, params) in VARIANTS.items():
-        case = next(c for c in ALL_CASES if _supports(name, _case_geometry(c), params)
+        case = next(c for c in ALL_CASES if supports(name, _case_geometry(c), params)
                     and c.C // c.groups >= 2)
         yield pytest.param(variant, case, _algo, _case_geometry, id=f"{variant}-{case.name}")
 
