@@ -269,14 +269,14 @@ def gemm1x1_bytes(op: str, geom, itemsize: int) -> tuple[int, int]:
     return fixed * itemsize, 0
 
 
-def direct_plane_bytes(geom, itemsize: int, threads: int = 2) -> int:
-    """Scratch of the stride-1 direct kernels, per thread: two zero-padded planes and the
-    weight gradient's per-tap sums, a padded plane's worth and a row of float64 lanes for
-    each tap (counted for two threads)."""
+def direct_plane_bytes(geom, itemsize: int, threads: int = 2, images: int = 1) -> int:
+    """Scratch of the stride-1 direct kernels, per thread: two zero-padded planes (of
+    ``images`` images side by side) and the weight gradient's per-tap sums, a padded plane's
+    worth and a row of float64 lanes for each tap (counted for two threads)."""
     rows = max(geom.P, geom.H) + (geom.R - 1) * geom.dilation[0]
     cols = max(geom.Q, geom.W) + 2 * (geom.S - 1) * geom.dilation[1]
     taps = geom.R * geom.S * cols * (rows * itemsize + 8)
-    return threads * (2 * rows * cols * itemsize + taps)
+    return threads * (2 * rows * cols * images * itemsize + taps)
 
 
 def fits(sizes: tuple[int, int], bound: int) -> bool:

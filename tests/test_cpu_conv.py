@@ -488,7 +488,8 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype, dilation):
     many depends on the batch and the thread count) and split the tasks among workers that
     reuse their buffers; every grouping and split gives the same bits, with one output a
     pass, two (AVX-512 hosts) or up to four by kernel rows (AVX2 hosts; ``OUTPUTS_PER_PASS``),
-    including the remainders of three, two and one output."""
+    including the remainders of three, two and one output, and with one output a task,
+    images side by side in the passes (every output written: poisoned first)."""
     from fastconv.kernels import cpu_depthwise
 
     rng = np.random.default_rng(12)
@@ -497,16 +498,17 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype, dilation):
     b = rng.standard_normal(10).astype(dtype)
     gy = rng.standard_normal((2, 10, 11, 9)).astype(dtype)
     ys, gxs = [], []
-    for per, workers, per_pass in ((1, 1, 2), (1, 3, 1), (2, 2, 2), (3, 5, 2), (3, 5, 1),
-                                   (8, 3, 1), (8, 7, 2), (8, 2, 4), (5, 3, 4), (3, 1, 4),
-                                   (2, 2, 4), (4, 1, 4)):
-        y = np.empty((2, 10, 11, 9), dtype)
+    for per, workers, per_pass, images in (
+            (1, 1, 2, 1), (1, 3, 1, 1), (2, 2, 2, 1), (3, 5, 2, 1), (3, 5, 1, 2), (8, 3, 1, 1),
+            (8, 7, 2, 1), (8, 2, 4, 1), (5, 3, 4, 1), (3, 1, 4, 1), (2, 2, 4, 1), (4, 1, 4, 1),
+            (1, 1, 2, 2), (1, 3, 4, 2), (1, 2, 1, 3)):
+        y = np.full((2, 10, 11, 9), np.nan, dtype)
         d = dilation
         cpu_depthwise._direct_s1(x, w, b, y, d, d, d, d, per, workers, per_pass,
-                                 cpu_depthwise.UPRIGHT)
-        gx = np.empty_like(x)
+                                 cpu_depthwise.UPRIGHT, images)
+        gx = np.full_like(x, np.nan)
         cpu_depthwise._direct_s1(gy, w, np.zeros(6, dtype), gx, d, d, d, d, per, workers,
-                                 per_pass, cpu_depthwise.ROTATED)
+                                 per_pass, cpu_depthwise.ROTATED, images)
         ys.append(y)
         gxs.append(gx)
     geom = conv_geometry(x.shape, w.shape, 1, dilation, dilation, 2)
@@ -515,6 +517,48 @@ def test_direct_outputs_per_task_do_not_change_bits(dtype, dilation):
     for y, gx in zip(ys[1:], gxs[1:]):
         np.testing.assert_array_equal(y, ys[0])
         np.testing.assert_array_equal(gx, gxs[0])
+
+
+@pytest.mark.parametrize("R, padding, dilation", [
+    (5, ((2, 2), (2, 2)), 1), (5, ((0, 3), (4, 1)), 1), (3, ((1, 1), (3, 0)), 2),
+    (5, ((1, 1), (0, 6)), 1), (7, ((3, 3), (3, 3)), 1)])
+def test_direct_images_side_by_side_same_bits(dtype, R, padding, dilation):
+    """Depthwise layers on small planes run the stride-1 direct passes over several images
+    side by side (``_direct_s1``'s ``images``; ``cpu_depthwise._side_by_side`` picks how
+    many): any count, one that does not divide the batch or exceeds it, gives the bits of one
+    image a pass, forward and input gradient, every output written (poisoned first) and equal
+    to the reference; padding past the kernel's extent on the right included (the input
+    gradient's planes then clip the copied columns)."""
+    from fastconv.kernels import cpu_depthwise as dw
+
+    rng = np.random.default_rng(41)
+    N, C, H, W = 5, 3, 9, 7
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((C, 1, R, R)).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    geom = conv_geometry(x.shape, w.shape, 1, padding, dilation, C)
+    gy = rng.standard_normal(geom.output_shape).astype(dtype)
+    (pt, _), (pl, _) = padding
+    top, left = (R - 1) * dilation - pt, (R - 1) * dilation - pl
+    outs = []
+    for images, workers in ((1, 1), (2, 2), (3, 1), (4, 3), (8, 2)):
+        y = np.full(geom.output_shape, np.nan, dtype)
+        dw._direct_s1(x, w, b, y, pt, pl, dilation, dilation, 1, workers, 1, dw.UPRIGHT,
+                      images)
+        gx = np.full(x.shape, np.nan, dtype)
+        dw._direct_s1(gy, w, np.zeros(C, dtype), gx, top, left, dilation, dilation, 1,
+                      workers, 1, dw.ROTATED, images)
+        outs.append((y, gx))
+    assert_close(outs[0][0], reference.conv2d_forward(x, w, b, geom))
+    assert_close(outs[0][1], reference.conv2d_input_grad(w, gy, geom))
+    for y, gx in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0][0])
+        np.testing.assert_array_equal(gx, outs[0][1])
+    algo = _algo("direct")
+    assert dw._side_by_side("forward", geom, 1, x.itemsize, algo) == N   # rows under 64
+    assert dw._side_by_side("forward", geom, 2, x.itemsize, algo) == 1   # shared planes
+    np.testing.assert_array_equal(cpu.conv2d_forward(x, w, b, geom, algo), outs[0][0])
+    np.testing.assert_array_equal(cpu.conv2d_input_grad(w, gy, geom, algo), outs[0][1])
 
 
 @pytest.mark.parametrize("H, W, pt, pb", [(7, 9, 1, 1), (6, 2, 1, 1), (5, 1, 1, 1),
@@ -542,8 +586,8 @@ def test_depthwise_same_width_kernel_bits(dtype, H, W, pt, pb, workers):
         gx = np.full_like(x, np.nan)
         dw._depthwise_same3x3(gy, w, np.zeros(C, dtype), gx, 2 - pt, dw.ROTATED, workers)
         y0, gx0 = np.empty_like(y), np.empty_like(x)
-        dw._direct_s1(x, w, b, y0, pt, 1, 1, 1, 1, 1, 1, dw.UPRIGHT)
-        dw._direct_s1(gy, w, np.zeros(C, dtype), gx0, 2 - pt, 1, 1, 1, 1, 1, 1, dw.ROTATED)
+        dw._direct_s1(x, w, b, y0, pt, 1, 1, 1, 1, 1, 1, dw.UPRIGHT, 1)
+        dw._direct_s1(gy, w, np.zeros(C, dtype), gx0, 2 - pt, 1, 1, 1, 1, 1, 1, dw.ROTATED, 1)
         np.testing.assert_array_equal(y, y0)
         np.testing.assert_array_equal(gx, gx0)
         return y, gx
