@@ -443,34 +443,33 @@ def _direct_s1(src, weight, bias, out, top, left, dh, dw, per_task, threads, per
     with its own buffers (allocated, and their padding zeroed, once per call); a task
     computes the same bits whichever worker runs it.
 
-    With one output a task (``per_task`` 1), ``images`` images side by side: a task's planes
-    hold the same input plane of ``images`` consecutive images in one row of ``images * Wp``
-    columns, so that every pass runs that many times longer (small planes spent as much time
-    entering passes as in them). An output still reads only its own image's padded window
-    (its columns end inside its image's ``Wp``); the columns in between, and the images a
-    short last block leaves out, feed only discarded outputs. The same bits for any
-    ``images``."""
+    ``images`` images side by side (the callers' :func:`_side_by_side` asks for more than one
+    only with one output a task): a task's planes hold the same input plane of ``images``
+    consecutive images in one row of ``images * Wp`` columns, so that every pass runs that
+    many times longer (small planes spent as much time entering passes as in them). An
+    output still reads only its own image's padded window (its columns end inside its image's
+    ``Wp``); the columns in between, and the images a short last block leaves out, feed only
+    discarded outputs. The same bits for any ``images``."""
     N, I, Hs, Ws = src.shape
     O, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     K, Cg, R, S = weight.shape
     G = (O if rotated else I) // Cg         # C // Cg: C is out's channels for the gradient
     ins, outs = I // G, O // G
-    nb = images if per_task == 1 else 1
     Hp, Wp = Ho + (R - 1) * dh, Wo + (S - 1) * dw
-    Wall = nb * Wp
+    Wall = images * Wp
     L = Ho * Wall
     plane = Hp * Wall
     nob = (outs + per_task - 1) // per_task
     sf = src.reshape(src.size)
-    ntask = (N + nb - 1) // nb * G * nob
+    ntask = (N + images - 1) // images * G * nob
     nw = max(1, min(threads, ntask))
     for wk in prange(nw):
         # the tail is read only into the discarded columns: zero keeps it finite
         sp = np.zeros((ins if per_task > 1 else 1) * plane + (S - 1) * dw, dtype=src.dtype)
         acc = np.empty((min(per_task, per_pass), L), dtype=out.dtype)
         for task in range(wk * ntask // nw, (wk + 1) * ntask // nw):
-            n0 = task // (G * nob) * nb
-            cnt = min(nb, N - n0)
+            n0 = task // (G * nob) * images
+            cnt = min(images, N - n0)
             g = (task // nob) % G
             o0 = g * outs + (task % nob) * per_task
             o1 = min(o0 + per_task, (g + 1) * outs)
