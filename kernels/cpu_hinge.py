@@ -52,16 +52,19 @@ Why the code looks as it does (measured with Numba 0.68, LLVM vectoriser):
   ms after, a copy of the scores 1.4 ms): per-task ``np.empty`` of the scratch cost about 1 ms
   when tasks were single 256-row blocks, so a task now runs ``SHORT_BLOCKS_PER_TASK`` blocks
   through one allocation; int64 labels halve the vector lanes of the label test (int32 lanes
-  saved about 1 ms); blocks of 32 rows measured as fast as 64 and faster than 256. What is
-  left is mostly the transpose of the scores (scalar: about 1 ms, near a copy's time on its
-  own) and the per-row gather of the label score (0.5 ms). Column selects in vector lanes
-  instead of those gathers measured slower (6.6 ms);
-- the short rows' gradient is not transposed back: the block pass keeps only each row's sum
-  of gradient entries, and a second pass over the block in row layout forms every entry again
-  (the same expression, so the same bits) and writes it in place, the label's entry last.
-  Against storing a transposed gradient and copying it out (session 13, N = 262144, C = 10,
-  float32, alternating rounds): 4.3-5.7 -> 3.7-5.1 ms on one thread, 1.8-2.5 ms either way on
-  two;
+  saved about 1 ms); blocks of 32 rows measured as fast as 64 and faster than 256. Column
+  selects in vector lanes instead of the per-row gathers of the label score measured slower;
+- the block is transposed in and its gradient out by 8 x 8 register transposes
+  (:func:`_transpose8`, LLVM shuffles built with ``numba.extending.intrinsic``: Numba's own
+  loops over a row of 10 stayed scalar, about 1.2 ms each way for 262144 x 10 on one thread);
+  a row of ``C`` columns is covered by 8-column tiles at ``0, 8, ...`` and one at ``C - 8``,
+  8-row tiles likewise (overlapping tiles write the same values twice); blocks with fewer than
+  8 rows or columns take plain loops. The column pass stores each gradient entry in a
+  transposed scratch as it forms it (one column a pass: with two columns and their entries
+  the loop had too many arrays for LLVM's run-time alias checks and stayed scalar), the
+  labels' entries go in last, and the scratch is transposed into the gradient. Session 24
+  (262144 x 10, float32, 1 thread, alternating in one process): 4.35-4.57 -> 2.73-2.86 ms;
+  before, a second pass in row layout formed every entry again (2.0 ms of the 4.4);
 - every loop spells out the same expression for a term (``m``, ``h``, ``slope``, the entry),
   on which the bits of a row depend: one helper for all of them (inlined by Numba; the same
   bits, session 14) made the short rows 3-4% slower (262144 x 10, 1 thread, three rounds:
@@ -74,7 +77,9 @@ This module is compute only: it imports nothing from ``fastconv`` and trusts its
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 ALGORITHM = "fused"
 ACCUMULATORS = ("native", "float64")
@@ -88,6 +93,61 @@ ROWS_PER_TASK = 64
 # parallel task (the task's scratch is allocated once for all of them).
 SHORT_BLOCK = 32
 SHORT_BLOCKS_PER_TASK = 64
+
+
+# Shuffle masks of an 8 x 8 transpose in three steps: interleave 32-bit elements of row pairs,
+# then 64-bit pairs, then 128-bit halves (the AVX pattern; LLVM lowers it for any target).
+_LO32 = (0, 8, 1, 9, 4, 12, 5, 13)
+_HI32 = (2, 10, 3, 11, 6, 14, 7, 15)
+_LO64 = (0, 1, 8, 9, 4, 5, 12, 13)
+_HI64 = (2, 3, 10, 11, 6, 7, 14, 15)
+_LO128 = (0, 1, 2, 3, 8, 9, 10, 11)
+_HI128 = (4, 5, 6, 7, 12, 13, 14, 15)
+
+
+@intrinsic
+def _transpose8(typingctx, src, src_start, src_step, dst, dst_start, dst_step):
+    """``dst[dst_start + c * dst_step + i] = src[src_start + i * src_step + c]`` for ``i, c``
+    in ``0..7``: an 8 x 8 tile of a row-major 1-D ``src`` transposed into ``dst`` (same float
+    dtype), through registers. No bounds checks: the caller keeps the 64 reads and writes in
+    range. A transpose only moves values, so the bits are the same at any vector width."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+            and src.ndim == 1 and dst.ndim == 1 and src.dtype == dst.dtype
+            and src.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        s, s0, ss, d, d0, ds = args
+        sdata = context.make_array(signature.args[0])(context, builder, s).data
+        ddata = context.make_array(signature.args[3])(context, builder, d).data
+        elt = context.get_data_type(signature.args[0].dtype)
+        size = elt.get_abi_size(context.target_data)
+        vty = ir.VectorType(elt, 8)
+        mask_ty = ir.VectorType(ir.IntType(32), 8)
+
+        def row(data, start, step, i):
+            off = builder.add(start, builder.mul(step, ir.Constant(step.type, i)))
+            return builder.bitcast(builder.gep(data, [off]), vty.as_pointer())
+
+        def shuffle(a, b, mask):
+            return builder.shuffle_vector(a, b, ir.Constant(mask_ty, list(mask)))
+
+        v = [builder.load(row(sdata, s0, ss, i), align=size) for i in range(8)]
+        a = []                  # a[2k], a[2k+1]: rows 2k, 2k+1 of columns (0,1,4,5), (2,3,6,7)
+        for i in range(0, 8, 2):
+            a += [shuffle(v[i], v[i + 1], _LO32), shuffle(v[i], v[i + 1], _HI32)]
+        b = []                  # b[c], b[4 + c]: rows 0-3, 4-7 of columns c and c + 4
+        for base in (0, 4):
+            lo, hi = a[base:base + 2], a[base + 2:base + 4]
+            b += [shuffle(lo[0], hi[0], _LO64), shuffle(lo[0], hi[0], _HI64),
+                  shuffle(lo[1], hi[1], _LO64), shuffle(lo[1], hi[1], _HI64)]
+        for c in range(4):
+            builder.store(shuffle(b[c], b[4 + c], _LO128), row(ddata, d0, ds, c), align=size)
+            builder.store(shuffle(b[c], b[4 + c], _HI128), row(ddata, d0, ds, c + 4),
+                          align=size)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @njit(cache=True)
@@ -146,7 +206,7 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
                       block, losses, grad):
     """``_hinge_rows`` for rows of ``C < SHORT_ROW`` columns: blocks of ``block`` rows,
     transposed, one running sum per row in column order (the same bits as a plain loop); the
-    gradient entries are written by a second pass over the block in row layout.
+    gradient entries are formed transposed and the block is transposed back into ``grad``.
 
     A parallel task runs ``SHORT_BLOCKS_PER_TASK`` blocks through scratch allocated once.
     """
@@ -158,8 +218,13 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
     rs_step = 1 if row_scale.shape[0] == N else 0
     nblocks = (N + block - 1) // block
     ntasks = (nblocks + SHORT_BLOCKS_PER_TASK - 1) // SHORT_BLOCKS_PER_TASK
+    flat_scores = scores.reshape(N * C)
+    flat_grad = grad.reshape(grad.size)
     for task in prange(ntasks):
         st = np.empty((C, block), dtype=scores.dtype)       # a block's scores, transposed
+        gt = np.empty((C, block), dtype=scores.dtype)       # its gradient entries, transposed
+        flat_st = st.reshape(C * block)
+        flat_gt = gt.reshape(C * block)
         sy = np.empty(block, dtype=scores.dtype)
         wy = np.empty(block, dtype=scores.dtype)            # class_weight[y]
         coef = np.empty(block, dtype=scores.dtype)
@@ -184,48 +249,25 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
                 w = class_weight[y]
                 wy[r] = w
                 coef[r] = row_scale[(i0 + r) * rs_step] * w * dtype(p)
-            j = 0
-            while j + 1 < C:                                # transpose two columns a pass
-                s0 = st[j]
-                s1 = st[j + 1]
-                for r in range(R):
-                    s0[r] = sb[r, j]
-                    s1[r] = sb[r, j + 1]
-                j += 2
-            if j < C:
+            # 8 x 8 tiles at 0, 8, ... and at R - 8 (C - 8): the last ones overlap the others
+            tiles = R >= 8 and C >= 8
+            if tiles:
+                for rt in range((R + 7) // 8):
+                    r0 = min(8 * rt, R - 8)
+                    for jt in range((C + 7) // 8):
+                        j0 = min(8 * jt, C - 8)
+                        _transpose8(flat_scores, (i0 + r0) * C + j0, C, flat_st,
+                                    j0 * block + r0, block)
+            else:
+                for j in range(C):
+                    sj = st[j]
+                    for r in range(R):
+                        sj[r] = sb[r, j]
+            # One column a pass (rows are the vector lanes): each row's terms added in column
+            # order as by a plain loop; the gradient entries stored as they are formed.
+            for j in range(C):
                 sj = st[j]
-                for r in range(R):
-                    sj[r] = sb[r, j]
-            # Two columns a pass (rows are the vector lanes): the row's sums stay in registers
-            # between the two terms, each added in column order as by a plain loop.
-            j = 0
-            while j + 1 < C:
-                s0 = st[j]
-                s1 = st[j + 1]
-                j0 = np.int32(j)
-                j1 = np.int32(j + 1)
-                for r in range(R):
-                    syr = sy[r]
-                    yr = yb[r]
-                    cr = coef[r]
-                    m0 = (s0[r] - syr) + margin
-                    m1 = (s1[r] - syr) + margin
-                    a0 = (m0 > zero) & (j0 != yr)
-                    a1 = (m1 > zero) & (j1 != yr)
-                    h0 = m0 if a0 else zero
-                    h1 = m1 if a1 else zero
-                    sl0 = one if p == 1 else h0
-                    sl1 = one if p == 1 else h1
-                    e0 = cr * (sl0 if a0 else zero)
-                    e1 = cr * (sl1 if a1 else zero)
-                    lr = loss[r] + h0 * sl0
-                    loss[r] = lr + h1 * sl1
-                    gr = gsum[r] + e0
-                    gsum[r] = gr + e1
-                    chk[r] += (m0 - m0) + (m1 - m1)
-                j += 2
-            if j < C:
-                sj = st[j]
+                gj = gt[j]
                 jj = np.int32(j)
                 for r in range(R):
                     m = (sj[r] - sy[r]) + margin
@@ -235,22 +277,24 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
                     loss[r] += h * slope
                     e = coef[r] * (slope if active else zero)
                     gsum[r] += e
+                    gj[r] = e
                     chk[r] += m - m
             if want_grad:
-                gb = grad[i0:i0 + R]
                 for r in range(R):
-                    syr = sy[r]
-                    yr = yb[r]
-                    cr = coef[r]
-                    sr = sb[r]
-                    gr = gb[r]
-                    for j in range(C):
-                        m = (sr[j] - syr) + margin
-                        a = (m > zero) & (np.int32(j) != yr)
-                        h = m if a else zero
-                        sl = one if p == 1 else h
-                        gr[j] = cr * (sl if a else zero)
-                    gr[yr] = dtype(-gsum[r])
+                    gt[yb[r], r] = dtype(-gsum[r])
+                if tiles:
+                    for rt in range((R + 7) // 8):
+                        r0 = min(8 * rt, R - 8)
+                        for jt in range((C + 7) // 8):
+                            j0 = min(8 * jt, C - 8)
+                            _transpose8(flat_gt, j0 * block + r0, block, flat_grad,
+                                        (i0 + r0) * C + j0, C)
+                else:
+                    gb = grad[i0:i0 + R]
+                    for r in range(R):
+                        gr = gb[r]
+                        for j in range(C):
+                            gr[j] = gt[j, r]
             lo = losses[i0:i0 + R]
             for r in range(R):
                 lo[r] = dtype(wy[r] * loss[r])

@@ -308,3 +308,55 @@ def test_short_rows_non_finite_across_blocks_and_tasks(dtype, p):
                           _algo("native"))
     for a, b in zip(got, ref):
         assert a[clean].tobytes() == b[clean].tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transpose8_moves_one_tile_exactly(dtype):
+    """The register transpose of the short-row blocks: the 8 x 8 tile at any start and row
+    steps lands transposed, and nothing else in the destination is written."""
+    from fastconv.kernels.cpu_hinge import _transpose8
+
+    @numba.njit
+    def call(src, s0, ss, dst, d0, ds):
+        _transpose8(src, s0, ss, dst, d0, ds)
+
+    rng = np.random.default_rng(8)
+    src = rng.standard_normal(400).astype(dtype)
+    for s0, ss, d0, ds in [(0, 8, 0, 8), (3, 10, 5, 12), (17, 41, 1, 9), (0, 10, 40, 32)]:
+        dst = np.full(400, np.nan, dtype=dtype)
+        call(src, s0, ss, dst, d0, ds)
+        tile = np.array([[src[s0 + i * ss + c] for c in range(8)] for i in range(8)])
+        got = np.array([[dst[d0 + c * ds + i] for i in range(8)] for c in range(8)])
+        assert got.tobytes() == tile.T.tobytes()
+        assert np.count_nonzero(~np.isnan(dst)) == 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", ACCUMULATORS)
+@pytest.mark.parametrize("C", [3, 8, 9, 10, 17, 63])
+@pytest.mark.parametrize("N", [5, 8, 37, 2 * SHORT_BLOCK * SHORT_BLOCKS_PER_TASK + 13])
+def test_short_rows_same_bits_as_row_loop(dtype, accumulate, C, N):
+    """Short rows through the blocks (8 x 8 register transposes in and out where a block has
+    8 rows and columns, overlapping tiles at its edges; plain loops otherwise): every loss and
+    gradient entry has the bits of the scalar row loop ``_short_row_again``, which sums in
+    column order, and every entry of the gradient is written."""
+    from fastconv.kernels.cpu_hinge import _short_row_again
+
+    scores, labels, class_weight, row_scale = make_problem(
+        N, C, dtype, weighted=True, per_row_scale=True, seed=N + C)
+    acc_zero = dtype(0) if accumulate == "native" else np.float64(0)
+    for p in (1, 2):
+        losses, grad = hinge_loss_rows(scores, labels, 0.3, p, class_weight, row_scale, True,
+                                       _algo(accumulate))
+        want_grad = np.full((N, C), np.nan, dtype=dtype)
+        want_losses = np.empty(N, dtype=dtype)
+        for i in range(N):
+            y = labels[i]
+            coef = row_scale[i] * class_weight[y] * dtype(p)
+            loss, grad_sum, _ = _short_row_again(scores[i], y, dtype(0.3), p, coef, acc_zero,
+                                                 want_grad[i], True)
+            want_grad[i, y] = dtype(-grad_sum)
+            acc = type(acc_zero)             # the kernel's product w[y] * loss, then rounded
+            want_losses[i] = dtype(acc(class_weight[y]) * acc(loss))
+        assert losses.tobytes() == want_losses.tobytes()
+        assert grad.tobytes() == want_grad.tobytes()
