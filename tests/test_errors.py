@@ -108,6 +108,12 @@ HINGE_ERRORS = [
     (dict(scores=S.tolist()), TypeError, "scores must be a NumPy or CuPy array"),
     (dict(labels=[0, 4, 2]), TypeError, "labels must be a NumPy or CuPy array"),
     (dict(labels=np.array([0, 2**63 + 5, 1], np.uint64)), ValueError, "found 9223372036854775813"),
+    # the range check reads labels as unsigned integers of their own size and byte order
+    (dict(labels=np.array([0, -3, 1], np.int8)), ValueError, "found -3"),
+    (dict(labels=np.array([0, -128, 1], np.int8)), ValueError, "found -128"),
+    (dict(labels=np.array([0, 1, -2], ">i4")), ValueError, "found -2"),
+    (dict(labels=np.array([0, 1, 300], ">u2")), ValueError, "found 300"),
+    (dict(labels=np.array([2, 0, -1, 5, 1], np.int16)[::2]), ValueError, "found -1"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(weight=np.ones(4, np.float32)), ValueError, "weight must have shape \\(5,\\)"),
     (dict(weight=np.ones(5, np.float64)), TypeError, "share one dtype"),
