@@ -22,11 +22,10 @@ columns is summed in ``LANES`` (64) partial sums, column ``j`` going to lane ``j
 increasing ``j``, and the lanes are then combined pairwise (lane ``l`` += lane ``l + w`` for
 ``w = 32, 16, ..., 1``); shorter rows are one running sum in column order, computed for a block
 of ``SHORT_BLOCK`` rows at once (the block is transposed so that the rows are the vector lanes:
-one column step adds one term to every row's own running sum; two columns are added per pass,
-one after the other, so the sums stay in registers in between). Both loops are elementwise, so
-LLVM vectorises them at any width without changing a single rounding. The
-loss-only pass forms every term exactly as the fused pass, so both give the same losses. For
-float32 the rounding error of a lane grows with ``C / 64``, so long float32 rows need
+one column step adds one term to every row's own running sum). Both loops are elementwise, so
+LLVM vectorises them at any width without changing a single rounding. The loss-only pass
+forms every term exactly as the fused pass, so both give the same losses. For float32 the
+rounding error of a lane grows with ``C / 64``, so long float32 rows need
 ``"float64"`` (the dispatch rules choose it above C = 2048).
 
 Non-finite scores (the rule of the reference backend): a row holding a NaN score has a NaN
