@@ -150,6 +150,18 @@ def _transpose8(typingctx, src, src_start, src_step, dst, dst_start, dst_step):
 
 
 @njit(cache=True)
+def _transpose_tiles(src, s0, s_step, rows, cols, dst, d0, d_step):
+    """``dst[d0 + j * d_step + i] = src[s0 + i * s_step + j]`` for ``i < rows``, ``j < cols``
+    (both at least 8), by 8 x 8 tiles at ``0, 8, ...`` and one at ``rows - 8`` (``cols - 8``):
+    the last tiles overlap the others and write the same values again."""
+    for it in range((rows + 7) // 8):
+        i = min(8 * it, rows - 8)
+        for jt in range((cols + 7) // 8):
+            j = min(8 * jt, cols - 8)
+            _transpose8(src, s0 + i * s_step + j, s_step, dst, d0 + j * d_step + i, d_step)
+
+
+@njit(cache=True)
 def _nonfinite_row(s, y, p, acc_zero, nan, grad_row, want_grad):
     """The non-finite rules of the module docstring for a row with a NaN margin or label
     score: ``(nan_score, loss, grad_sum)``; writes NaN into ``grad_row`` where they say so."""
@@ -248,15 +260,9 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
                 w = class_weight[y]
                 wy[r] = w
                 coef[r] = row_scale[(i0 + r) * rs_step] * w * dtype(p)
-            # 8 x 8 tiles at 0, 8, ... and at R - 8 (C - 8): the last ones overlap the others
-            tiles = R >= 8 and C >= 8
+            tiles = R >= 8 and C >= 8                       # 8 x 8 register transposes
             if tiles:
-                for rt in range((R + 7) // 8):
-                    r0 = min(8 * rt, R - 8)
-                    for jt in range((C + 7) // 8):
-                        j0 = min(8 * jt, C - 8)
-                        _transpose8(flat_scores, (i0 + r0) * C + j0, C, flat_st,
-                                    j0 * block + r0, block)
+                _transpose_tiles(flat_scores, i0 * C, C, R, C, flat_st, 0, block)
             else:
                 for j in range(C):
                     sj = st[j]
@@ -282,12 +288,7 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
                 for r in range(R):
                     gt[yb[r], r] = dtype(-gsum[r])
                 if tiles:
-                    for rt in range((R + 7) // 8):
-                        r0 = min(8 * rt, R - 8)
-                        for jt in range((C + 7) // 8):
-                            j0 = min(8 * jt, C - 8)
-                            _transpose8(flat_gt, j0 * block + r0, block, flat_grad,
-                                        (i0 + r0) * C + j0, C)
+                    _transpose_tiles(flat_gt, 0, block, C, R, flat_grad, i0 * C, C)
                 else:
                     gb = grad[i0:i0 + R]
                     for r in range(R):
