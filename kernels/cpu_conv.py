@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .cpu_workspace import (DEFAULT_CHUNK_BYTES, im2col_bytes, kernel_rows_bytes,
                             kernel_rows_runs, plan_chunks, scratch, workspace_bound)
@@ -71,32 +73,134 @@ def _im2col_rows_flat(xf, cf, plane, H, W, dst, h0, pc, q_lo, q_hi, off):
             cf[d + q] = 0
 
 
+# Shuffle masks of the stride-2 (de)interleave of 16 elements: even and odd ones of two
+# 8-vectors, and the inverse. LLVM lowers them to the target's shuffles; moving values only,
+# so the bits do not depend on the vector width.
+_EVEN = tuple(range(0, 16, 2))
+_ODD = tuple(range(1, 16, 2))
+_ZIP_LO = (0, 8, 1, 9, 2, 10, 3, 11)
+_ZIP_HI = (4, 12, 5, 13, 6, 14, 7, 15)
+
+
+def _vectors(context, builder, signature, args, arrays):
+    """Data pointers of the array arguments at ``arrays`` and a ``(pointer, offset) -> 8-vector
+    pointer`` helper, for the (de)interleave intrinsics."""
+    data = [context.make_array(signature.args[i])(context, builder, args[i]).data
+            for i in arrays]
+    elt = context.get_data_type(signature.args[arrays[0]].dtype)
+    vty = ir.VectorType(elt, 8)
+    size = elt.get_abi_size(context.target_data)
+
+    def at(ptr, off):
+        return builder.bitcast(builder.gep(ptr, [off]), vty.as_pointer())
+
+    def shuffle(a, b, mask):
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 8),
+                                                        list(mask)))
+    return data, at, shuffle, size
+
+
+def _same_float_arrays(*arrays) -> bool:
+    return (all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays)
+            and len({a.dtype for a in arrays}) == 1
+            and arrays[0].dtype in (types.float32, types.float64))
+
+
+@intrinsic
+def _deinterleave16(typingctx, src, s0, even, e0, odd, o0):
+    """``even[e0 + i] = src[s0 + 2i]``, ``odd[o0 + i] = src[s0 + 2i + 1]`` for ``i < 8``
+    through registers (1-D arrays of one float dtype; no bounds checks)."""
+    if not _same_float_arrays(src, even, odd):
+        return None
+    sig = types.void(src, types.intp, even, types.intp, odd, types.intp)
+
+    def codegen(context, builder, signature, args):
+        (s, e, o), at, shuffle, size = _vectors(context, builder, signature, args, (0, 2, 4))
+        start = args[1]
+        lo = builder.load(at(s, start), align=size)
+        hi = builder.load(at(s, builder.add(start, ir.Constant(start.type, 8))), align=size)
+        builder.store(shuffle(lo, hi, _EVEN), at(e, args[3]), align=size)
+        builder.store(shuffle(lo, hi, _ODD), at(o, args[5]), align=size)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _interleave16(typingctx, even, e0, odd, o0, dst, d0):
+    """``dst[d0 + 2i] = even[e0 + i]``, ``dst[d0 + 2i + 1] = odd[o0 + i]`` for ``i < 8``, the
+    inverse of :func:`_deinterleave16`."""
+    if not _same_float_arrays(even, odd, dst):
+        return None
+    sig = types.void(even, types.intp, odd, types.intp, dst, types.intp)
+
+    def codegen(context, builder, signature, args):
+        (e, o, d), at, shuffle, size = _vectors(context, builder, signature, args, (0, 2, 4))
+        ev = builder.load(at(e, args[1]), align=size)
+        od = builder.load(at(o, args[3]), align=size)
+        start = args[5]
+        builder.store(shuffle(ev, od, _ZIP_LO), at(d, start), align=size)
+        builder.store(shuffle(ev, od, _ZIP_HI),
+                      at(d, builder.add(start, ir.Constant(start.type, 8))), align=size)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _split_row(xf, s0, pf, e0, o0, half):
+    """``pf[e0 + v] = xf[s0 + 2v]``, ``pf[o0 + v] = xf[s0 + 2v + 1]`` for ``v < half``: by 16
+    elements through registers (the last block overlapping the one before, writing the same
+    values again), scalar below 8 pairs."""
+    if half < 8:
+        for v in range(half):
+            pf[e0 + v] = xf[s0 + 2 * v]
+            pf[o0 + v] = xf[s0 + 2 * v + 1]
+        return
+    for b in range((half + 7) // 8):
+        v = min(8 * b, half - 8)
+        _deinterleave16(xf, s0 + 2 * v, pf, e0 + v, pf, o0 + v)
+
+
+@njit(cache=True, inline="always")
+def _merge_row(pf, e0, o0, gf, d0, half):
+    """``gf[d0 + 2v] = pf[e0 + v]``, ``gf[d0 + 2v + 1] = pf[o0 + v]`` for ``v < half`` (the
+    inverse of :func:`_split_row`)."""
+    if half < 8:
+        for v in range(half):
+            gf[d0 + 2 * v] = pf[e0 + v]
+            gf[d0 + 2 * v + 1] = pf[o0 + v]
+        return
+    for b in range((half + 7) // 8):
+        v = min(8 * b, half - 8)
+        _interleave16(pf, e0 + v, pf, o0 + v, gf, d0 + 2 * v)
+
+
 @njit(parallel=True, cache=True)
 def split_phases(x, xph):
     """``xph[n, c, 2a + b, u, v] = x[n, c, 2u + a, 2v + b]`` (zero past ``x``'s last row or
     column): the four stride-2 phases of each plane, so that a stride-2 layer's im2col
-    copies whole rows of one phase (see :func:`im2col`)."""
+    copies whole rows of one phase (see :func:`im2col`). Both C-contiguous; flat offsets (a
+    view per row cost as much as its 16-element shuffles)."""
     N, C, H, W = x.shape
     Hh, Wh = xph.shape[3], xph.shape[4]
-    half = np.uint64(W // 2)
+    half = W // 2
+    xf = x.reshape(x.size)
+    pf = xph.reshape(xph.size)
+    pp = Hh * Wh
     for task in prange(N * C):
-        n = task // C
-        c = task - n * C
         for a in range(2):
             for u in range(Hh):
                 h = 2 * u + a
-                d0, d1 = xph[n, c, 2 * a, u], xph[n, c, 2 * a + 1, u]
+                e0 = (task * 4 + 2 * a) * pp + u * Wh
+                o0 = e0 + pp
                 if h >= H:
-                    d0[:] = 0
-                    d1[:] = 0
+                    pf[e0:e0 + Wh] = 0
+                    pf[o0:o0 + Wh] = 0
                     continue
-                src = x[n, c, h]
-                for v in range(half):
-                    d0[v] = src[np.uint64(2) * v]
-                    d1[v] = src[np.uint64(2) * v + np.uint64(1)]
+                s0 = (task * H + h) * W
+                _split_row(xf, s0, pf, e0, o0, half)
                 if W % 2:
-                    d0[Wh - 1] = src[W - 1]
-                    d1[Wh - 1] = 0
+                    pf[e0 + Wh - 1] = xf[s0 + W - 1]
+                    pf[o0 + Wh - 1] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -193,18 +297,19 @@ def merge_phases(gph, gx):
     """``gx[n, c, 2u + a, 2v + b] = gph[n, c, 2a + b, u, v]``: the stride-2 phase planes put
     back together (the inverse of :func:`split_phases`, for the input gradient)."""
     N, C, H, W = gx.shape
-    half = np.uint64(W // 2)
+    Hh, Wh = gph.shape[3], gph.shape[4]
+    half = W // 2
+    pf = gph.reshape(gph.size)
+    gf = gx.reshape(gx.size)
+    pp = Hh * Wh
     for task in prange(N * C):
-        n = task // C
-        c = task - n * C
         for h in range(H):
             a, u = h % 2, h // 2
-            s0, s1, dst = gph[n, c, 2 * a, u], gph[n, c, 2 * a + 1, u], gx[n, c, h]
-            for v in range(half):
-                dst[np.uint64(2) * v] = s0[v]
-                dst[np.uint64(2) * v + np.uint64(1)] = s1[v]
+            e0 = (task * 4 + 2 * a) * pp + u * Wh
+            d0 = (task * H + h) * W
+            _merge_row(pf, e0, e0 + pp, gf, d0, half)
             if W % 2:
-                dst[W - 1] = s0[W // 2]
+                gf[d0 + W - 1] = pf[e0 + half]
 
 
 @njit(parallel=True, cache=True)

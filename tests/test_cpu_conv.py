@@ -744,6 +744,28 @@ def test_stride2_phase_planes_give_the_same_columns(name):
     assert np.array_equal(plain, phased)
 
 
+@pytest.mark.parametrize("H, W", [(5, 7), (6, 14), (9, 16), (8, 17), (11, 31), (4, 34),
+                                  (3, 60)])
+def test_split_and_merge_phases_match_slicing(dtype, H, W):
+    """The phase planes by 16-element register shuffles (the last block of a row overlapping
+    the one before; rows of fewer than 8 pairs scalar) hold exactly ``x[..., a::2, b::2]``,
+    zero past an odd last row or column, and merging them gives ``x`` back; every element
+    written (poisoned first)."""
+    rng = np.random.default_rng(H * 100 + W)
+    x = rng.standard_normal((2, 3, H, W)).astype(dtype)
+    Hh, Wh = -(-H // 2), -(-W // 2)
+    xph = np.full((2, 3, 4, Hh, Wh), np.nan, dtype=dtype)
+    cpu_conv.split_phases(x, xph)
+    padded = np.zeros((2, 3, 2 * Hh, 2 * Wh), dtype=dtype)
+    padded[:, :, :H, :W] = x
+    for a in range(2):
+        for b in range(2):
+            np.testing.assert_array_equal(xph[:, :, 2 * a + b], padded[:, :, a::2, b::2])
+    back = np.full_like(x, np.nan)
+    cpu_conv.merge_phases(xph, back)
+    np.testing.assert_array_equal(back, x)
+
+
 @pytest.mark.parametrize("name", ["phases_odd", "phases_one_sided", "phases_5x5_groups"])
 def test_stride2_phase_planes_give_the_same_input_grad(name):
     """Stride-2 col2im adds whole rows into zeroed phase planes that are merged afterwards:
