@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
+from .cpu_simd import deinterleave16, interleave16
 from .cpu_workspace import (DEFAULT_CHUNK_BYTES, im2col_bytes, kernel_rows_bytes,
                             kernel_rows_runs, plan_chunks, scratch, workspace_bound)
 
@@ -73,78 +72,6 @@ def _im2col_rows_flat(xf, cf, plane, H, W, dst, h0, pc, q_lo, q_hi, off):
             cf[d + q] = 0
 
 
-# Shuffle masks of the stride-2 (de)interleave of 16 elements: even and odd ones of two
-# 8-vectors, and the inverse. LLVM lowers them to the target's shuffles; moving values only,
-# so the bits do not depend on the vector width.
-_EVEN = tuple(range(0, 16, 2))
-_ODD = tuple(range(1, 16, 2))
-_ZIP_LO = (0, 8, 1, 9, 2, 10, 3, 11)
-_ZIP_HI = (4, 12, 5, 13, 6, 14, 7, 15)
-
-
-def _vectors(context, builder, signature, args, arrays):
-    """Data pointers of the array arguments at ``arrays`` and a ``(pointer, offset) -> 8-vector
-    pointer`` helper, for the (de)interleave intrinsics."""
-    data = [context.make_array(signature.args[i])(context, builder, args[i]).data
-            for i in arrays]
-    elt = context.get_data_type(signature.args[arrays[0]].dtype)
-    vty = ir.VectorType(elt, 8)
-    size = elt.get_abi_size(context.target_data)
-
-    def at(ptr, off):
-        return builder.bitcast(builder.gep(ptr, [off]), vty.as_pointer())
-
-    def shuffle(a, b, mask):
-        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 8),
-                                                        list(mask)))
-    return data, at, shuffle, size
-
-
-def _same_float_arrays(*arrays) -> bool:
-    return (all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays)
-            and len({a.dtype for a in arrays}) == 1
-            and arrays[0].dtype in (types.float32, types.float64))
-
-
-@intrinsic
-def _deinterleave16(typingctx, src, s0, even, e0, odd, o0):
-    """``even[e0 + i] = src[s0 + 2i]``, ``odd[o0 + i] = src[s0 + 2i + 1]`` for ``i < 8``
-    through registers (1-D arrays of one float dtype; no bounds checks)."""
-    if not _same_float_arrays(src, even, odd):
-        return None
-    sig = types.void(src, types.intp, even, types.intp, odd, types.intp)
-
-    def codegen(context, builder, signature, args):
-        (s, e, o), at, shuffle, size = _vectors(context, builder, signature, args, (0, 2, 4))
-        start = args[1]
-        lo = builder.load(at(s, start), align=size)
-        hi = builder.load(at(s, builder.add(start, ir.Constant(start.type, 8))), align=size)
-        builder.store(shuffle(lo, hi, _EVEN), at(e, args[3]), align=size)
-        builder.store(shuffle(lo, hi, _ODD), at(o, args[5]), align=size)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def _interleave16(typingctx, even, e0, odd, o0, dst, d0):
-    """``dst[d0 + 2i] = even[e0 + i]``, ``dst[d0 + 2i + 1] = odd[o0 + i]`` for ``i < 8``, the
-    inverse of :func:`_deinterleave16`."""
-    if not _same_float_arrays(even, odd, dst):
-        return None
-    sig = types.void(even, types.intp, odd, types.intp, dst, types.intp)
-
-    def codegen(context, builder, signature, args):
-        (e, o, d), at, shuffle, size = _vectors(context, builder, signature, args, (0, 2, 4))
-        ev = builder.load(at(e, args[1]), align=size)
-        od = builder.load(at(o, args[3]), align=size)
-        start = args[5]
-        builder.store(shuffle(ev, od, _ZIP_LO), at(d, start), align=size)
-        builder.store(shuffle(ev, od, _ZIP_HI),
-                      at(d, builder.add(start, ir.Constant(start.type, 8))), align=size)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
 @njit(cache=True, inline="always")
 def _split_row(xf, s0, pf, e0, o0, half):
     """``pf[e0 + v] = xf[s0 + 2v]``, ``pf[o0 + v] = xf[s0 + 2v + 1]`` for ``v < half``: by 16
@@ -157,7 +84,7 @@ def _split_row(xf, s0, pf, e0, o0, half):
         return
     for b in range((half + 7) // 8):
         v = min(8 * b, half - 8)
-        _deinterleave16(xf, s0 + 2 * v, pf, e0 + v, pf, o0 + v)
+        deinterleave16(xf, s0 + 2 * v, pf, e0 + v, pf, o0 + v)
 
 
 @njit(cache=True, inline="always")
@@ -171,7 +98,7 @@ def _merge_row(pf, e0, o0, gf, d0, half):
         return
     for b in range((half + 7) // 8):
         v = min(8 * b, half - 8)
-        _interleave16(pf, e0 + v, pf, o0 + v, gf, d0 + 2 * v)
+        interleave16(pf, e0 + v, pf, o0 + v, gf, d0 + 2 * v)
 
 
 @njit(parallel=True, cache=True)

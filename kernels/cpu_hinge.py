@@ -54,7 +54,7 @@ Why the code looks as it does (measured with Numba 0.68, LLVM vectoriser):
   saved about 1 ms); blocks of 32 rows measured as fast as 64 and faster than 256. Column
   selects in vector lanes instead of the per-row gathers of the label score measured slower;
 - the block is transposed in and its gradient out by 8 x 8 register transposes
-  (:func:`_transpose8`, LLVM shuffles built with ``numba.extending.intrinsic``: Numba's own
+  (``cpu_simd.transpose8``, LLVM shuffles built with ``numba.extending.intrinsic``: Numba's own
   loops over a row of 10 stayed scalar, about 1.2 ms each way for 262144 x 10 on one thread);
   a row of ``C`` columns is covered by 8-column tiles at ``0, 8, ...`` and one at ``C - 8``,
   8-row tiles likewise (overlapping tiles write the same values twice); blocks with fewer than
@@ -76,9 +76,9 @@ This module is compute only: it imports nothing from ``fastconv`` and trusts its
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from .cpu_simd import transpose8
 
 ALGORITHM = "fused"
 ACCUMULATORS = ("native", "float64")
@@ -94,61 +94,6 @@ SHORT_BLOCK = 32
 SHORT_BLOCKS_PER_TASK = 64
 
 
-# Shuffle masks of an 8 x 8 transpose in three steps: interleave 32-bit elements of row pairs,
-# then 64-bit pairs, then 128-bit halves (the AVX pattern; LLVM lowers it for any target).
-_LO32 = (0, 8, 1, 9, 4, 12, 5, 13)
-_HI32 = (2, 10, 3, 11, 6, 14, 7, 15)
-_LO64 = (0, 1, 8, 9, 4, 5, 12, 13)
-_HI64 = (2, 3, 10, 11, 6, 7, 14, 15)
-_LO128 = (0, 1, 2, 3, 8, 9, 10, 11)
-_HI128 = (4, 5, 6, 7, 12, 13, 14, 15)
-
-
-@intrinsic
-def _transpose8(typingctx, src, src_start, src_step, dst, dst_start, dst_step):
-    """``dst[dst_start + c * dst_step + i] = src[src_start + i * src_step + c]`` for ``i, c``
-    in ``0..7``: an 8 x 8 tile of a row-major 1-D ``src`` transposed into ``dst`` (same float
-    dtype), through registers. No bounds checks: the caller keeps the 64 reads and writes in
-    range. A transpose only moves values, so the bits are the same at any vector width."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
-            and src.ndim == 1 and dst.ndim == 1 and src.dtype == dst.dtype
-            and src.dtype in (types.float32, types.float64)):
-        return None
-    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        s, s0, ss, d, d0, ds = args
-        sdata = context.make_array(signature.args[0])(context, builder, s).data
-        ddata = context.make_array(signature.args[3])(context, builder, d).data
-        elt = context.get_data_type(signature.args[0].dtype)
-        size = elt.get_abi_size(context.target_data)
-        vty = ir.VectorType(elt, 8)
-        mask_ty = ir.VectorType(ir.IntType(32), 8)
-
-        def row(data, start, step, i):
-            off = builder.add(start, builder.mul(step, ir.Constant(step.type, i)))
-            return builder.bitcast(builder.gep(data, [off]), vty.as_pointer())
-
-        def shuffle(a, b, mask):
-            return builder.shuffle_vector(a, b, ir.Constant(mask_ty, list(mask)))
-
-        v = [builder.load(row(sdata, s0, ss, i), align=size) for i in range(8)]
-        a = []                  # a[2k], a[2k+1]: rows 2k, 2k+1 of columns (0,1,4,5), (2,3,6,7)
-        for i in range(0, 8, 2):
-            a += [shuffle(v[i], v[i + 1], _LO32), shuffle(v[i], v[i + 1], _HI32)]
-        b = []                  # b[c], b[4 + c]: rows 0-3, 4-7 of columns c and c + 4
-        for base in (0, 4):
-            lo, hi = a[base:base + 2], a[base + 2:base + 4]
-            b += [shuffle(lo[0], hi[0], _LO64), shuffle(lo[0], hi[0], _HI64),
-                  shuffle(lo[1], hi[1], _LO64), shuffle(lo[1], hi[1], _HI64)]
-        for c in range(4):
-            builder.store(shuffle(b[c], b[4 + c], _LO128), row(ddata, d0, ds, c), align=size)
-            builder.store(shuffle(b[c], b[4 + c], _HI128), row(ddata, d0, ds, c + 4),
-                          align=size)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
 @njit(cache=True)
 def _transpose_tiles(src, s0, s_step, rows, cols, dst, d0, d_step):
     """``dst[d0 + j * d_step + i] = src[s0 + i * s_step + j]`` for ``i < rows``, ``j < cols``
@@ -158,7 +103,7 @@ def _transpose_tiles(src, s0, s_step, rows, cols, dst, d0, d_step):
         i = min(8 * it, rows - 8)
         for jt in range((cols + 7) // 8):
             j = min(8 * jt, cols - 8)
-            _transpose8(src, s0 + i * s_step + j, s_step, dst, d0 + j * d_step + i, d_step)
+            transpose8(src, s0 + i * s_step + j, s_step, dst, d0 + j * d_step + i, d_step)
 
 
 @njit(cache=True)

@@ -314,11 +314,11 @@ def test_short_rows_non_finite_across_blocks_and_tasks(dtype, p):
 def test_transpose8_moves_one_tile_exactly(dtype):
     """The register transpose of the short-row blocks: the 8 x 8 tile at any start and row
     steps lands transposed, and nothing else in the destination is written."""
-    from fastconv.kernels.cpu_hinge import _transpose8
+    from fastconv.kernels.cpu_simd import transpose8
 
     @numba.njit
     def call(src, s0, ss, dst, d0, ds):
-        _transpose8(src, s0, ss, dst, d0, ds)
+        transpose8(src, s0, ss, dst, d0, ds)
 
     rng = np.random.default_rng(8)
     src = rng.standard_normal(400).astype(dtype)
