@@ -59,11 +59,18 @@ Why the code looks as it does (measured with Numba 0.68, LLVM vectoriser):
   a row of ``C`` columns is covered by 8-column tiles at ``0, 8, ...`` and one at ``C - 8``,
   8-row tiles likewise (overlapping tiles write the same values twice); blocks with fewer than
   8 rows or columns take plain loops. The column pass stores each gradient entry in a
-  transposed scratch as it forms it (one column a pass: with two columns and their entries
-  the loop had too many arrays for LLVM's run-time alias checks and stayed scalar), the
-  labels' entries go in last, and the scratch is transposed into the gradient. Session 24
-  (262144 x 10, float32, 1 thread, alternating in one process): 4.35-4.57 -> 2.73-2.86 ms;
-  before, a second pass in row layout formed every entry again (2.0 ms of the 4.4);
+  transposed scratch as it forms it, the labels' entries go in last, and the scratch is
+  transposed into the gradient. Session 24 (262144 x 10, float32, 1 thread, alternating in
+  one process): 4.35-4.57 -> 2.73-2.86 ms; before, a second pass in row layout formed every
+  entry again (2.0 ms of the 4.4);
+- the column pass is an intrinsic (``_column_pass8``) that runs 8 rows (one vector) down all
+  ``C`` columns with the three running sums in registers. As a Numba loop over the block's
+  rows, one column a pass, it loaded and stored every sum at every column (two columns a pass
+  had too many arrays for LLVM's run-time alias checks and stayed scalar). Session 26, same
+  setting: 2.67-2.68 -> 2.41-2.47 ms (C = 30: 8.2-9.3 -> 7.4-8.3 ms). Not kept: the transposes
+  fused into it (8 x 8 tiles transposed in registers and the entries transposed back straight
+  into the gradient, the last tile's columns seen before left out of the sums): 3.16-3.27 ms,
+  the sixteen columns of math for C = 10 and the registers spilled;
 - every loop spells out the same expression for a term (``m``, ``h``, ``slope``, the entry),
   on which the bits of a row depend: one helper for all of them (inlined by Numba; the same
   bits, session 14) made the short rows 3-4% slower (262144 x 10, 1 thread, three rounds:
@@ -76,9 +83,12 @@ This module is compute only: it imports nothing from ``fastconv`` and trusts its
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from .cpu_simd import transpose8
+from .cpu_simd import LANES as VECTOR, Vectors, transpose8
 
 ALGORITHM = "fused"
 ACCUMULATORS = ("native", "float64")
@@ -92,6 +102,65 @@ ROWS_PER_TASK = 64
 # parallel task (the task's scratch is allocated once for all of them).
 SHORT_BLOCK = 32
 SHORT_BLOCKS_PER_TASK = 64
+
+
+@intrinsic
+def _column_pass8(typingctx, st, gt, step, C, sy, coef, yb, r0, margin, p, loss, gsum, chk):
+    """The column pass of ``_hinge_short_rows`` for the 8 rows (vector lanes) ``r0 .. r0 + 7``
+    of a transposed block, their running sums in registers across the ``C`` columns.
+
+    ``st`` / ``gt``: the block's scores / gradient entries, flat (column ``j`` of row ``r`` at
+    ``j * step + r``); per row (at ``r0``): ``sy`` the label score, ``coef`` the gradient
+    coefficient, ``yb`` the label (int32); ``loss``, ``gsum`` (the accumulator's dtype) and
+    ``chk`` receive the rows' sums of the loss terms, the gradient entries and ``m - m``. Each
+    sum runs from zero in column order with every term spelled as the plain loop of the module
+    docstring (LLVM instructions without fast-math flags: no reordering, no fused
+    multiply-add): the same bits as that loop. Writes lanes ``r0 .. r0 + 7`` whole, so a call
+    on overlapping lanes writes the same values again.
+    """
+    floats = (st, gt, sy, coef, loss, gsum, chk)
+    if not (all(isinstance(a, types.Array) and a.ndim == 1
+                and a.dtype in (types.float32, types.float64) for a in floats)
+            and isinstance(yb, types.Array) and yb.ndim == 1 and yb.dtype == types.int32
+            and st.dtype == gt.dtype == sy.dtype == coef.dtype == chk.dtype == margin
+            and loss.dtype == gsum.dtype and loss.dtype.bitwidth >= sy.dtype.bitwidth):
+        return None
+    sig = types.void(st, gt, types.intp, types.intp, sy, coef, yb, types.intp, margin,
+                     types.intp, loss, gsum, chk)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        vec = Vectors(context, b, signature, args, (0, 1, 4, 5, 12))   # st gt sy coef chk
+        acc = Vectors(context, b, signature, args, (10, 11))           # loss gsum
+        ints = Vectors(context, b, signature, args, (6,))              # yb
+        (d_st, d_gt, d_sy, d_coef, d_chk), (d_loss, d_gsum) = vec.data, acc.data
+        step, ncols, r0, margin, p = args[2], args[3], args[7], args[8], args[9]
+        zero = ir.Constant(vec.vty, None)
+        one = vec.splat(ir.Constant(vec.vty.element, 1.0))
+        sy_v, coef_v, margin_v = vec.load(d_sy, r0), vec.load(d_coef, r0), vec.splat(margin)
+        yb_v = ints.load(ints.data[0], r0)
+        p_is_one = b.icmp_signed("==", p, ir.Constant(p.type, 1))
+        sums = [cgutils.alloca_once_value(b, ir.Constant(t, None))
+                for t in (acc.vty, acc.vty, vec.vty)]            # loss, gsum, chk
+
+        def widen(x):
+            return x if acc.vty == vec.vty else b.fpext(x, acc.vty)
+
+        with cgutils.for_range(b, ncols) as loop:
+            off = b.add(b.mul(loop.index, step), r0)
+            jj = ints.splat(b.trunc(loop.index, ints.vty.element))
+            m = b.fadd(b.fsub(vec.load(d_st, off), sy_v), margin_v)
+            active = b.and_(b.fcmp_ordered(">", m, zero), b.icmp_signed("!=", jj, yb_v))
+            h = b.select(active, m, zero)
+            slope = b.select(p_is_one, one, h)
+            e = b.fmul(coef_v, b.select(active, slope, zero))
+            vec.store(e, d_gt, off)
+            for slot, term in zip(sums, (widen(b.fmul(h, slope)), widen(e), b.fsub(m, m))):
+                b.store(b.fadd(b.load(slot), term), slot)
+        for slot, (vectors, data) in zip(sums, ((acc, d_loss), (acc, d_gsum), (vec, d_chk))):
+            vectors.store(b.load(slot), data, r0)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @njit(cache=True)
@@ -169,7 +238,6 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
     N, C = scores.shape
     dtype = scores.dtype.type
     zero = dtype(0)
-    one = dtype(1)
     nan = dtype(np.nan)
     rs_step = 1 if row_scale.shape[0] == N else 0
     nblocks = (N + block - 1) // block
@@ -177,14 +245,15 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
     flat_scores = scores.reshape(N * C)
     flat_grad = grad.reshape(grad.size)
     for task in prange(ntasks):
-        st = np.empty((C, block), dtype=scores.dtype)       # a block's scores, transposed
+        # Zeroed once: a block of fewer than 8 rows reads spare lanes (see below).
+        st = np.zeros((C, block), dtype=scores.dtype)       # a block's scores, transposed
         gt = np.empty((C, block), dtype=scores.dtype)       # its gradient entries, transposed
         flat_st = st.reshape(C * block)
         flat_gt = gt.reshape(C * block)
-        sy = np.empty(block, dtype=scores.dtype)
+        sy = np.zeros(block, dtype=scores.dtype)
         wy = np.empty(block, dtype=scores.dtype)            # class_weight[y]
-        coef = np.empty(block, dtype=scores.dtype)
-        yb = np.empty(block, dtype=np.int32)                # labels < C < 64: 8 lanes, not 4
+        coef = np.zeros(block, dtype=scores.dtype)
+        yb = np.zeros(block, dtype=np.int32)                # labels < C < 64: 8 lanes, not 4
         loss = np.empty(block, dtype=type(acc_zero))
         gsum = np.empty(block, dtype=type(acc_zero))
         chk = np.empty(block, dtype=scores.dtype)           # NaN iff a margin is not finite
@@ -196,9 +265,6 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
             lb = labels[i0:i0 + R]
             for r in range(R):                              # elementwise: vectorised
                 yb[r] = lb[r]
-                loss[r] = acc_zero
-                gsum[r] = acc_zero
-                chk[r] = zero
             for r in range(R):
                 y = yb[r]
                 sy[r] = sb[r, y]
@@ -213,22 +279,13 @@ def _hinge_short_rows(scores, labels, margin, p, class_weight, row_scale, want_g
                     sj = st[j]
                     for r in range(R):
                         sj[r] = sb[r, j]
-            # One column a pass (rows are the vector lanes): each row's terms added in column
-            # order as by a plain loop; the gradient entries stored as they are formed.
-            for j in range(C):
-                sj = st[j]
-                gj = gt[j]
-                jj = np.int32(j)
-                for r in range(R):
-                    m = (sj[r] - sy[r]) + margin
-                    active = (m > zero) & (jj != yb[r])
-                    h = m if active else zero
-                    slope = one if p == 1 else h
-                    loss[r] += h * slope
-                    e = coef[r] * (slope if active else zero)
-                    gsum[r] += e
-                    gj[r] = e
-                    chk[r] += m - m
+            # Eight rows (the vector lanes) at a time, their sums in registers across the
+            # columns; the last group overlaps the one before (it writes the same values),
+            # and a block of fewer than 8 rows computes the scratch's spare lanes unread.
+            for v in range((R + VECTOR - 1) // VECTOR):
+                r0 = max(0, min(VECTOR * v, R - VECTOR))
+                _column_pass8(flat_st, flat_gt, block, C, sy, coef, yb, r0, margin, p, loss,
+                              gsum, chk)
             if want_grad:
                 for r in range(R):
                     gt[yb[r], r] = dtype(-gsum[r])

@@ -1,5 +1,6 @@
 """Register shuffles for the cpu kernels: ``numba.extending.intrinsic``s that emit LLVM
-``shufflevector``s on 8-element vectors, where Numba's own loops over short rows stay scalar.
+``shufflevector``s on 8-element vectors, where Numba's own loops over short rows stay scalar
+(and :class:`Vectors`, their code generation, which ``cpu_hinge``'s column pass uses too).
 
 * :func:`transpose8`: an 8 x 8 tile transposed (the hinge loss's short-row blocks);
 * :func:`deinterleave16` / :func:`interleave16`: 16 elements split into their even and odd
@@ -40,7 +41,7 @@ def _float_vectors(*arrays) -> bool:
             and arrays[0].dtype in (types.float32, types.float64))
 
 
-class _Vectors:
+class Vectors:
     """Code generation shared by the intrinsics: the arrays' data pointers, vector loads and
     stores at an element offset (element alignment: unaligned is fine) and shuffles."""
 
@@ -68,6 +69,12 @@ class _Vectors:
     def store(self, value, ptr, off):
         self.builder.store(value, self._ptr(ptr, off), align=self.size)
 
+    def splat(self, value):
+        """A vector of ``LANES`` copies of the scalar ``value`` (of the element type)."""
+        b = self.builder
+        one = b.insert_element(ir.Constant(self.vty, None), value, ir.Constant(ir.IntType(32), 0))
+        return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
+
     def shuffle(self, a, b, mask):
         return self.builder.shuffle_vector(
             a, b, ir.Constant(ir.VectorType(ir.IntType(32), LANES), list(mask)))
@@ -90,7 +97,7 @@ def transpose8(typingctx, src, src_start, src_step, dst, dst_start, dst_step):
     sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        vec = _Vectors(context, builder, signature, args, (0, 3))
+        vec = Vectors(context, builder, signature, args, (0, 3))
         (s, d), (s0, ss, d0, ds) = vec.data, (args[1], args[2], args[4], args[5])
         shuffle = vec.shuffle
         v = [vec.load(s, vec.offset(s0, ss, i)) for i in range(8)]
@@ -118,7 +125,7 @@ def deinterleave16(typingctx, src, s0, even, e0, odd, o0):
     sig = types.void(src, types.intp, even, types.intp, odd, types.intp)
 
     def codegen(context, builder, signature, args):
-        vec = _Vectors(context, builder, signature, args, (0, 2, 4))
+        vec = Vectors(context, builder, signature, args, (0, 2, 4))
         s, e, o = vec.data
         vec.two_to_two([(s, args[1]), (s, vec.offset(args[1], None, LANES))], (_EVEN, _ODD),
                        [(e, args[3]), (o, args[5])])
@@ -135,7 +142,7 @@ def interleave16(typingctx, even, e0, odd, o0, dst, d0):
     sig = types.void(even, types.intp, odd, types.intp, dst, types.intp)
 
     def codegen(context, builder, signature, args):
-        vec = _Vectors(context, builder, signature, args, (0, 2, 4))
+        vec = Vectors(context, builder, signature, args, (0, 2, 4))
         e, o, d = vec.data
         vec.two_to_two([(e, args[1]), (o, args[3])], (_ZIP_LO, _ZIP_HI),
                        [(d, args[5]), (d, vec.offset(args[5], None, LANES))])
