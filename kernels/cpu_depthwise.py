@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .cpu_conv import _im2col_rows_flat, valid_range
+from .cpu_conv import _im2col_rows_flat, _merge_row, _split_row, valid_range
 from .cpu_workspace import (BLAS_SERIAL_MACS, direct_plane_bytes, group_gemms, host_avx512,
                             workspace_bound)
 
@@ -574,13 +574,12 @@ def _phase_planes(xf, x0, H, W, ph, PS, Hh, Wh, pt, pl):
     """``ph[(2a + b)*PS + u*Wh + v] = xpad[2u + a, 2v + b]`` for the plane of ``xf`` at
     ``x0``, zero-padded by ``pt`` rows and ``pl`` columns; positions in the padding are not
     written (zero, as the callers allocate ``ph``; every plane of a call has the same).
-    Columns ``2v - pl`` (phase b = 0) and ``2v + 1 - pl`` (b = 1) are copied as pairs of
-    neighbours in one loop (LLVM vectorises the interleaved group); at most one column at
-    each end of a row has no partner."""
+    Columns ``2v - pl`` (phase b = 0) and ``2v + 1 - pl`` (b = 1) are split as pairs of
+    neighbours through registers (``cpu_conv._split_row``); at most one column at each end of
+    a row has no partner."""
     lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
     lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
     lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
-    two = np.uint64(2)
     for a in range(2):
         for u in range(Hh):
             h = 2 * u + a - pt
@@ -591,11 +590,7 @@ def _phase_planes(xf, x0, H, W, ph, PS, Hh, Wh, pt, pl):
             src = x0 + h * W - pl
             if lo1 < lo and lo1 < hi1:
                 ph[d1 + lo1] = xf[src + 2 * lo1 + 1]
-            e0, e1 = np.uint64(d0 + lo), np.uint64(d1 + lo)
-            sp = np.uint64(src + 2 * lo)
-            for v in range(np.uint64(hi - lo)):
-                ph[e0 + v] = xf[sp + two * v]
-                ph[e1 + v] = xf[sp + two * v + np.uint64(1)]
+            _split_row(xf, src + 2 * lo, ph, d0 + lo, d1 + lo, hi - lo)
             if hi <= hi0 - 1 and hi0 - 1 >= lo0 and hi1 < hi0:
                 ph[d0 + hi0 - 1] = xf[src + 2 * (hi0 - 1)]
 
@@ -698,6 +693,7 @@ def _input_grad_s2(weight, grad_output, gx, pt, pl, threads):
     lo0, hi0 = max(0, (pl + 1) // 2), min(Wh, (W + pl + 1) // 2)
     lo1, hi1 = max(0, pl // 2), min(Wh, (W + pl) // 2)
     lo, hi = max(lo0, lo1), max(max(lo0, lo1), min(hi0, hi1))
+    gxf = gx.reshape(gx.size)
     for wk in prange(nw):
         acc = np.empty(4 * PS, dtype=gx.dtype)
         dyp = np.zeros(L, dtype=gx.dtype)
@@ -720,17 +716,14 @@ def _input_grad_s2(weight, grad_output, gx, pt, pl, threads):
                 a, u = (h + pt) % 2, (h + pt) // 2
                 if u >= Hh:
                     continue
-                # phase b = 0 holds columns 2v - pl, b = 1 columns 2v + 1 - pl: pairs in one
-                # loop (an interleaved group LLVM vectorises); at most one column at each end
-                # of a row has no partner
+                # phase b = 0 holds columns 2v - pl, b = 1 columns 2v + 1 - pl: interleaved
+                # as pairs (register shuffles); at most one column at each end of a row has
+                # no partner
                 s0 = a * 2 * PS + u * Wh
                 if lo1 < lo and lo1 < hi1:
                     dst[2 * lo1 + 1 - pl] = acc[s0 + PS + lo1]
-                d = np.uint64(2 * lo - pl)
-                e0, e1 = np.uint64(s0 + lo), np.uint64(s0 + PS + lo)
-                for v in range(np.uint64(hi - lo)):
-                    dst[d + np.uint64(2) * v] = acc[e0 + v]
-                    dst[d + np.uint64(2) * v + np.uint64(1)] = acc[e1 + v]
+                _merge_row(acc, s0 + lo, s0 + PS + lo, gxf, ((n * C + c) * H + h) * W
+                           + 2 * lo - pl, hi - lo)
                 if hi <= hi0 - 1 and hi0 - 1 >= lo0 and hi1 < hi0:
                     dst[2 * (hi0 - 1) - pl] = acc[s0 + hi0 - 1]
 

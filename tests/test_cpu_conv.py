@@ -41,6 +41,10 @@ EXTRA_CASES = [
     ConvCase("direct_s2_depthwise", 2, 6, 11, 9, 6, 3, 3, stride=2, padding=((0, 1), (1, 0)),
              groups=6),
     ConvCase("direct_s2_4x2", 2, 8, 10, 13, 8, 4, 2, stride=2, padding=1, groups=4),
+    # rows of 8 or more column pairs: split and merged 16 elements at a time, the last block
+    # overlapping the one before (odd width, unequal pads)
+    ConvCase("direct_s2_wide", 2, 4, 7, 37, 4, 3, 3, stride=2, padding=((1, 0), (1, 2)),
+             groups=4),
     # the stride-1 direct kernels' filter pairs (two outputs a pass over a shared plane): odd
     # counts leave one alone; a 5x5 grouped kernel takes the generic taps of the pair
     ConvCase("direct_pairs_odd", 2, 3, 9, 10, 7, 3, 3, padding=1),
