@@ -118,6 +118,11 @@ def instrument(phases: _Phases):
          _timed(phases, "filter transform", cpu_winograd.filter_transform_adjoint,
                 lambda dU, *a: dU.nbytes * (1 + 9 / dU.shape[0]), "byte")),
     ]
+    for name in ("to_grid", "from_grid"):     # strided 1x1: the pixels on the output grid
+        if hasattr(cpu_conv, name):
+            patches.append((cpu_conv, name, _timed(phases, "layout copies",
+                                                   getattr(cpu_conv, name),
+                                                   lambda *a: _nbytes(*a[:2]), "byte")))
     # The unfused Winograd of earlier versions (separate transform passes and batched
     # matmuls), so that this profiler also shows the code it replaced.
     for name, label, arg in (("input_transform", "input transform", 1),

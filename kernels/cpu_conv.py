@@ -670,24 +670,72 @@ def _strided(geom) -> bool:
     return geom.stride != (1, 1)
 
 
-def _on_grid(a: np.ndarray, geom) -> np.ndarray:
-    """``a[:, :, ::sh, ::sw]``: the pixels of ``(N, C, H, W)`` a strided 1x1 unpadded layer
-    reads, ``(N, C, P, Q)``, as a view."""
-    sh, sw = geom.stride
-    return a[:, :, ::sh, ::sw]
-
-
 def _grid_scratch(geom, dtype, algo) -> np.ndarray:
     """A scratch ``(N, C, P, Q)``: the input's channels on the output grid."""
     return scratch(geom.input_shape[:2] + geom.output_shape[2:], dtype, workspace_bound(algo))
 
 
+@njit(parallel=True, cache=True)
+def to_grid(x, xs, sh, sw):
+    """``xs[n, c, p, q] = x[n, c, p*sh, q*sw]``, both C-contiguous; parallel over planes.
+    Stride 2 along the rows reads with a constant stride, which LLVM vectorises (NumPy's
+    strided copy of ``x[:, :, ::2, ::2]`` took 0.26-0.43 ms against 0.16-0.18 on 8 x 256 x 28
+    x 28, 2 threads)."""
+    N, C, H, W = x.shape
+    P, Q = xs.shape[2], xs.shape[3]
+    xf = x.reshape(x.size)
+    sf = xs.reshape(xs.size)
+    for t in prange(N * C):
+        for p in range(P):
+            s0 = np.uint64((t * H + p * sh) * W)
+            d0 = np.uint64((t * P + p) * Q)
+            if sw == 2:
+                for q in range(np.uint64(Q)):
+                    sf[d0 + q] = xf[s0 + np.uint64(2) * q]
+            else:
+                for q in range(Q):
+                    sf[d0 + q] = xf[s0 + q * sw]
+
+
+@njit(parallel=True, cache=True)
+def from_grid(gs, gx, sh, sw):
+    """``gx[n, c, p*sh, q*sw] = gs[n, c, p, q]``, zero at every other pixel of ``gx``: the
+    inverse of :func:`to_grid` for the input gradient, each row written once (no zero-filled
+    array first); both C-contiguous, parallel over planes."""
+    N, C, H, W = gx.shape
+    P, Q = gs.shape[2], gs.shape[3]
+    gf = gx.reshape(gx.size)
+    sf = gs.reshape(gs.size)
+    zero = gx.dtype.type(0)
+    for t in prange(N * C):
+        for h in range(H):
+            d0 = np.uint64((t * H + h) * W)
+            p = h // sh
+            if h - p * sh != 0 or p >= P:
+                for w in range(np.uint64(W)):
+                    gf[d0 + w] = zero
+                continue
+            s0 = np.uint64((t * P + p) * Q)
+            if sw == 2:
+                pairs = np.uint64(min(Q, W // 2))
+                for q in range(pairs):              # an interleaved pair of stores
+                    gf[d0 + np.uint64(2) * q] = sf[s0 + q]
+                    gf[d0 + np.uint64(2) * q + np.uint64(1)] = zero
+                if W % 2 == 1:
+                    gf[d0 + np.uint64(W - 1)] = sf[s0 + np.uint64(Q - 1)]
+            else:
+                for w in range(W):
+                    q = w // sw
+                    gf[d0 + np.uint64(w)] = sf[s0 + np.uint64(q)] if w - q * sw == 0 else zero
+
+
 def _subsampled(x: np.ndarray, geom, algo) -> np.ndarray:
-    """:func:`_on_grid` of ``x`` as a contiguous scratch copy; ``x`` itself at stride 1."""
+    """``x[:, :, ::sh, ::sw]``, the pixels a strided 1x1 unpadded layer reads, as a contiguous
+    scratch ``(N, C, P, Q)`` (:func:`to_grid`); ``x`` itself at stride 1."""
     if not _strided(geom):
         return x
     xs = _grid_scratch(geom, x.dtype, algo)
-    np.copyto(xs, _on_grid(x, geom))
+    to_grid(np.ascontiguousarray(x), xs, *geom.stride)
     return xs
 
 
@@ -716,8 +764,8 @@ def input_grad_gemm1x1(weight: np.ndarray, grad_output: np.ndarray, geom, algo) 
         return gx
     gxs = _grid_scratch(geom, dtype, algo)
     np.matmul(w_t, _split(grad_output, G), out=_split(gxs, G))
-    gx = np.zeros(geom.input_shape, dtype=dtype)
-    _on_grid(gx, geom)[...] = gxs
+    gx = np.empty(geom.input_shape, dtype=dtype)
+    from_grid(gxs, gx, *geom.stride)
     return gx
 
 

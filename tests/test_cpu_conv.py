@@ -22,6 +22,9 @@ EXTRA_CASES = [
     ConvCase("1x1_groups4", 2, 8, 5, 6, 12, 1, 1, groups=4),
     # strided 1x1: the GEMMs on the pixels the stride reads (odd sizes, unequal strides)
     ConvCase("1x1_strided", 2, 6, 9, 11, 8, 1, 1, stride=(2, 3), groups=2),
+    # stride 2 along the rows (the vectorised grid copies), odd and even widths
+    ConvCase("1x1_stride2_odd", 2, 4, 7, 21, 6, 1, 1, stride=2),
+    ConvCase("1x1_stride2_even", 1, 3, 8, 18, 5, 1, 1, stride=(3, 2)),
     ConvCase("wide_strided", 3, 5, 12, 10, 7, 3, 2, stride=(3, 2), padding=((2, 0), (1, 1)),
              dilation=(2, 1)),
     # Winograd rows of >= 8 tiles carry a padding tile; >= 64 tiles per image are read in place
