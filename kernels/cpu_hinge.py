@@ -98,7 +98,8 @@ LANES = 64
 SHORT_ROW = 64
 # Rows per parallel task: the lane buffers are allocated once per task.
 ROWS_PER_TASK = 64
-# Rows of a short-row block (transposed so that rows are the vector lanes), and blocks per
+# Rows of a short-row block (transposed so that rows are the vector lanes; at least 8, the
+# lanes ``_column_pass8`` reads and writes even in a shorter last block), and blocks per
 # parallel task (the task's scratch is allocated once for all of them).
 SHORT_BLOCK = 32
 SHORT_BLOCKS_PER_TASK = 64
